@@ -1,0 +1,24 @@
+{
+  # The build `npm install` runs (through node-gyp-build). CMakeLists.txt builds the
+  # same sources, listed once in native/sources.txt, for native tests and fuzzing.
+  "targets": [
+    {
+      "target_name": "qcow2img",
+      "sources": [
+        "native/binding.cc",
+        "<!@(node -p \"require('fs').readFileSync('native/sources.txt','utf8').trim().split(/\\s+/).join(' ')\")"
+      ],
+      "include_dirs": ["<!(node -p \"require('node-addon-api').include_dir\")"],
+      "defines": [
+        # Errors cross as rejected promises and thrown Napi::Error, never C++ exceptions.
+        "NAPI_DISABLE_CPP_EXCEPTIONS",
+        # Oldest Node-API version with everything used here (BigUint64Array: 6).
+        "NAPI_VERSION=8"
+      ],
+      "cflags_cc": ["-std=c++17", "-O3", "-fvisibility=hidden", "-Wall", "-Wextra"],
+      "cflags_cc!": ["-fno-exceptions", "-std=gnu++17"],
+      "libraries": ["-ldeflate", "-lzstd"],
+      "ldflags": ["-Wl,--as-needed"]
+    }
+  ]
+}

@@ -1,0 +1,191 @@
+// The only Node-API file: argument unpacking, buffers in place, AsyncWorkers.
+// Everything it calls lives in native/core and knows nothing of Node.
+#include <napi.h>
+
+#include <memory>
+#include <vector>
+
+#include "core/copy_engine.h"
+#include "core/file_ops.h"
+#include "core/l2_walk.h"
+
+namespace {
+
+using namespace qcow2img;
+
+double numberField(const Napi::Object& object, const char* name, double fallback = 0) {
+  Napi::Value value = object.Get(name);
+  return value.IsNumber() ? value.As<Napi::Number>().DoubleValue() : fallback;
+}
+
+// walkL2(table, firstEntry, entryCount, clusterBits, extendedL2, externalDataFile)
+//   -> { runs: Float64Array (5 per run), defect: number, defectEntry: number }
+// Synchronous: one table is at most 2 MiB and walks in well under a millisecond.
+Napi::Value WalkL2(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (info.Length() < 6 || !info[0].IsBuffer()) {
+    throw Napi::TypeError::New(env, "walkL2(table, firstEntry, entryCount, clusterBits, extendedL2, externalDataFile)");
+  }
+  auto table = info[0].As<Napi::Buffer<uint8_t>>();
+  L2WalkParams params;
+  params.table = table.Data();
+  params.firstEntry = info[1].As<Napi::Number>().Int64Value();
+  params.entryCount = info[2].As<Napi::Number>().Int64Value();
+  params.clusterBits = info[3].As<Napi::Number>().Uint32Value();
+  params.extendedL2 = info[4].ToBoolean();
+  params.externalDataFile = info[5].ToBoolean();
+  size_t entryBytes = params.extendedL2 ? 16 : 8;
+  if (params.clusterBits < 9 || params.clusterBits > 21 ||
+      (params.firstEntry + params.entryCount) * entryBytes > table.Length()) {
+    throw Napi::RangeError::New(env, "walkL2: entries outside the table");
+  }
+  size_t capacity = params.entryCount * (params.extendedL2 ? 32 : 1);
+  std::vector<double> runs(capacity * kL2RunFields);
+  L2WalkResult result = walkL2(params, runs.data(), capacity);
+  auto out = Napi::Float64Array::New(env, result.runCount * kL2RunFields);
+  std::copy(runs.begin(), runs.begin() + result.runCount * kL2RunFields, out.Data());
+  Napi::Object object = Napi::Object::New(env);
+  object.Set("runs", out);
+  object.Set("defect", static_cast<double>(result.defect));
+  object.Set("defectEntry", static_cast<double>(result.defectEntry));
+  if (result.defect != L2Defect::None) object.Set("defectName", l2DefectName(result.defect));
+  return object;
+}
+
+class CopyWorker : public Napi::AsyncWorker {
+ public:
+  CopyWorker(Napi::Env env, const Napi::Object& spec)
+      : Napi::AsyncWorker(env, "qcow2img:copy"), deferred_(Napi::Promise::Deferred::New(env)) {
+    // The plan, memory target and counters are used in place; the references
+    // keep their ArrayBuffers alive until the worker completes.
+    auto runs = spec.Get("runs").As<Napi::Float64Array>();
+    keep_.push_back(Napi::Persistent(runs.As<Napi::Object>()));
+    job_.runs = runs.Data();
+    job_.runCount = runs.ElementLength() / kPlanRunFields;
+    auto sources = spec.Get("sources").As<Napi::Array>();
+    for (uint32_t i = 0; i < sources.Length(); i++) {
+      Napi::Object s = sources.Get(i).As<Napi::Object>();
+      job_.sources.push_back(Source{static_cast<int>(numberField(s, "fd", -1)),
+                                    static_cast<uint64_t>(numberField(s, "size")),
+                                    static_cast<Codec>(static_cast<int>(numberField(s, "codec"))),
+                                    static_cast<uint64_t>(numberField(s, "clusterSize", 65536))});
+    }
+    job_.targetFd = static_cast<int>(numberField(spec, "targetFd", -1));
+    job_.targetTailFd = static_cast<int>(numberField(spec, "targetTailFd", -1));
+    Napi::Value memory = spec.Get("memory");
+    if (memory.IsBuffer()) {
+      auto buffer = memory.As<Napi::Buffer<uint8_t>>();
+      keep_.push_back(Napi::Persistent(buffer.As<Napi::Object>()));
+      job_.memory = buffer.Data();
+      job_.memoryLength = buffer.Length();
+      job_.memoryGuestOffset = static_cast<uint64_t>(numberField(spec, "memoryGuestOffset"));
+    }
+    job_.targetBase = static_cast<uint64_t>(numberField(spec, "targetBase"));
+    job_.limitStart = static_cast<uint64_t>(numberField(spec, "limitStart"));
+    job_.limitEnd = static_cast<uint64_t>(numberField(spec, "limitEnd"));
+    job_.alignment = static_cast<uint32_t>(numberField(spec, "alignment"));
+    job_.zeroMode = static_cast<ZeroMode>(static_cast<int>(numberField(spec, "zeroMode")));
+    job_.threads = static_cast<uint32_t>(numberField(spec, "threads", 4));
+    job_.windowSize = static_cast<uint64_t>(numberField(spec, "windowSize", 1 << 20));
+    Napi::Value counters = spec.Get("counters");
+    if (counters.IsTypedArray()) {
+      auto array = counters.As<Napi::TypedArray>();
+      if (array.TypedArrayType() == napi_biguint64_array && array.ElementLength() >= 4) {
+        keep_.push_back(Napi::Persistent(array.As<Napi::Object>()));
+        job_.counters = reinterpret_cast<CopyCounters*>(
+            static_cast<uint8_t*>(array.ArrayBuffer().Data()) + array.ByteOffset());
+      }
+    }
+  }
+
+  Napi::Promise promise() { return deferred_.Promise(); }
+
+  void Execute() override { result_ = runCopyJob(job_); }
+
+  void OnOK() override {
+    Napi::Env env = Env();
+    if (!result_.failed) {
+      deferred_.Resolve(env.Undefined());
+      return;
+    }
+    Napi::Error error = Napi::Error::New(env, result_.message);
+    Napi::Object object = error.Value();
+    object.Set("operation", result_.operation);
+    object.Set("errno", result_.errnoValue);
+    object.Set("sourceIndex", result_.sourceIndex);
+    object.Set("guestOffset", static_cast<double>(result_.guestOffset));
+    object.Set("hostOffset", static_cast<double>(result_.hostOffset));
+    object.Set("cancelled", result_.cancelled);
+    deferred_.Reject(object);
+  }
+
+  void OnError(const Napi::Error& error) override { deferred_.Reject(error.Value()); }
+
+ private:
+  Napi::Promise::Deferred deferred_;
+  std::vector<Napi::ObjectReference> keep_;
+  CopyJob job_;
+  CopyError result_;
+};
+
+Napi::Value Copy(const Napi::CallbackInfo& info) {
+  if (info.Length() < 1 || !info[0].IsObject() ||
+      !info[0].As<Napi::Object>().Get("runs").IsTypedArray()) {
+    throw Napi::TypeError::New(info.Env(), "copy(job) needs a job with runs: Float64Array");
+  }
+  auto* worker = new CopyWorker(info.Env(), info[0].As<Napi::Object>());
+  Napi::Promise promise = worker->promise();
+  worker->Queue();
+  return promise;
+}
+
+Napi::Value SeekData(const Napi::CallbackInfo& info) {
+  int fd = info[0].As<Napi::Number>().Int32Value();
+  int64_t offset = info[1].As<Napi::Number>().Int64Value();
+  int64_t result = seekData(fd, offset);
+  if (result < 0 && errno != ENXIO) throw Napi::Error::New(info.Env(), strerror(errno));
+  return Napi::Number::New(info.Env(), static_cast<double>(result));
+}
+
+Napi::Value SeekHole(const Napi::CallbackInfo& info) {
+  int fd = info[0].As<Napi::Number>().Int32Value();
+  int64_t offset = info[1].As<Napi::Number>().Int64Value();
+  int64_t result = seekHole(fd, offset);
+  if (result < 0 && errno != ENXIO) throw Napi::Error::New(info.Env(), strerror(errno));
+  return Napi::Number::New(info.Env(), static_cast<double>(result));
+}
+
+Napi::Value BlockDevice(const Napi::CallbackInfo& info) {
+  int fd = info[0].As<Napi::Number>().Int32Value();
+  BlockDeviceInfo device;
+  int err = blockDeviceInfo(fd, &device);
+  if (err != 0) {
+    Napi::Error error = Napi::Error::New(info.Env(), strerror(err));
+    error.Set("errno", Napi::Number::New(info.Env(), err));
+    throw error;
+  }
+  Napi::Object object = Napi::Object::New(info.Env());
+  object.Set("sizeBytes", static_cast<double>(device.sizeBytes));
+  object.Set("logicalBlockSize", device.logicalBlockSize);
+  object.Set("physicalBlockSize", device.physicalBlockSize);
+  return object;
+}
+
+Napi::Value DirectIoAlignment(const Napi::CallbackInfo& info) {
+  int fd = info[0].As<Napi::Number>().Int32Value();
+  return Napi::Number::New(info.Env(), directIoAlignment(fd));
+}
+
+Napi::Object Init(Napi::Env env, Napi::Object exports) {
+  exports.Set("walkL2", Napi::Function::New(env, WalkL2, "walkL2"));
+  exports.Set("copy", Napi::Function::New(env, Copy, "copy"));
+  exports.Set("seekData", Napi::Function::New(env, SeekData, "seekData"));
+  exports.Set("seekHole", Napi::Function::New(env, SeekHole, "seekHole"));
+  exports.Set("blockDeviceInfo", Napi::Function::New(env, BlockDevice, "blockDeviceInfo"));
+  exports.Set("directIoAlignment", Napi::Function::New(env, DirectIoAlignment, "directIoAlignment"));
+  return exports;
+}
+
+}  // namespace
+
+NODE_API_MODULE(qcow2img, Init)

@@ -1,0 +1,505 @@
+#include "copy_engine.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/falloc.h>
+#include <linux/fs.h>
+#include <sys/ioctl.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <thread>
+
+namespace qcow2img {
+namespace {
+
+constexpr uint64_t kZeroChunk = 64ULL << 20;        // one zero task
+constexpr uint64_t kZeroBufferSize = 1ULL << 20;    // written-zeros buffer
+constexpr uint64_t kMaxCompressedGroup = 4ULL << 20;// one coalesced compressed read
+constexpr uint64_t kCompressedGap = 4096;           // gap still worth reading through
+constexpr uint64_t kMaxClusterSize = 2ULL << 20;
+
+struct PlanRun {
+  uint64_t guest;
+  uint64_t length;
+  RunKind kind;
+  int source;
+  uint64_t host;
+  uint64_t compressedBytes;
+  uint64_t offsetInCluster;
+};
+
+PlanRun runAt(const CopyJob& job, size_t index) {
+  const double* r = job.runs + index * kPlanRunFields;
+  return PlanRun{static_cast<uint64_t>(r[0]), static_cast<uint64_t>(r[1]),
+                 static_cast<RunKind>(static_cast<int>(r[2])), static_cast<int>(r[3]),
+                 static_cast<uint64_t>(r[4]), static_cast<uint64_t>(r[5]),
+                 static_cast<uint64_t>(r[6])};
+}
+
+uint64_t alignDown(uint64_t value, uint64_t unit) { return unit ? value / unit * unit : value; }
+uint64_t alignUp(uint64_t value, uint64_t unit) {
+  return unit ? (value + unit - 1) / unit * unit : value;
+}
+
+struct Task {
+  bool zero;              // a zero range rather than a data window
+  uint64_t start;         // guest
+  uint64_t end;           // guest
+  size_t firstRun;        // data windows: first run that overlaps
+};
+
+struct AlignedBuffer {
+  uint8_t* data = nullptr;
+  size_t size = 0;
+  explicit AlignedBuffer(size_t bytes) : size(bytes) {
+    if (bytes && posix_memalign(reinterpret_cast<void**>(&data), 4096, bytes) != 0) data = nullptr;
+  }
+  ~AlignedBuffer() { free(data); }
+  AlignedBuffer(const AlignedBuffer&) = delete;
+  AlignedBuffer& operator=(const AlignedBuffer&) = delete;
+};
+
+class Engine {
+ public:
+  explicit Engine(const CopyJob& job) : job_(job) {}
+
+  CopyError run() {
+    if (!validate()) return error_;
+    buildTasks();
+    if (job_.counters && job_.zeroMode == ZeroMode::Skip && job_.memory == nullptr) {
+      __atomic_fetch_add(&job_.counters->zeroBytes, skippedZeroBytes_, __ATOMIC_RELAXED);
+    }
+    if (needsZeroBuffer()) {
+      zeroBuffer_ = std::make_unique<AlignedBuffer>(kZeroBufferSize);
+      if (!zeroBuffer_->data) return outOfMemory();
+      memset(zeroBuffer_->data, 0, kZeroBufferSize);
+    }
+    uint32_t threadCount = std::max<uint32_t>(1, std::min<uint32_t>(job_.threads, 64));
+    if (tasks_.size() < threadCount) threadCount = std::max<size_t>(1, tasks_.size());
+    std::vector<std::thread> threads;
+    threads.reserve(threadCount);
+    for (uint32_t i = 0; i < threadCount; i++) threads.emplace_back([this] { worker(); });
+    for (auto& t : threads) t.join();
+    if (!error_.failed && cancelled()) {
+      error_.failed = true;
+      error_.cancelled = true;
+      error_.operation = "cancel";
+      error_.message = "cancelled";
+    }
+    return error_;
+  }
+
+ private:
+  bool toMemory() const { return job_.memory != nullptr; }
+  bool needsZeroBuffer() const { return !toMemory() && job_.zeroMode != ZeroMode::Skip; }
+  bool cancelled() const {
+    return job_.counters && __atomic_load_n(&job_.counters->cancel, __ATOMIC_RELAXED) != 0;
+  }
+  bool stopping() const { return failed_.load(std::memory_order_relaxed) || cancelled(); }
+
+  CopyError outOfMemory() {
+    fail("memory", "out of memory", ENOMEM, -1, 0, 0);
+    return error_;
+  }
+
+  void fail(const char* operation, const std::string& message, int err, int source,
+            uint64_t guest, uint64_t host) {
+    std::lock_guard<std::mutex> lock(errorMutex_);
+    if (error_.failed) return;
+    error_.failed = true;
+    error_.operation = operation;
+    error_.message = message;
+    error_.errnoValue = err;
+    error_.sourceIndex = source;
+    error_.guestOffset = guest;
+    error_.hostOffset = host;
+    failed_.store(true, std::memory_order_relaxed);
+  }
+
+  bool validate() {
+    if (job_.windowSize == 0 || (job_.alignment && job_.windowSize % job_.alignment) ||
+        (job_.alignment & (job_.alignment - 1))) {
+      fail("plan", "window size must be a non-zero multiple of the alignment", EINVAL, -1, 0, 0);
+      return false;
+    }
+    uint64_t previousEnd = 0;
+    for (size_t i = 0; i < job_.runCount; i++) {
+      PlanRun r = runAt(job_, i);
+      bool badSource = r.kind != RunKind::Zero &&
+                       (r.source < 0 || static_cast<size_t>(r.source) >= job_.sources.size());
+      uint64_t clusterSize = badSource ? 0 : job_.sources[static_cast<size_t>(r.source)].clusterSize;
+      bool badCompressed = r.kind == RunKind::Compressed &&
+                           (clusterSize == 0 || clusterSize > kMaxClusterSize ||
+                            r.offsetInCluster + r.length > clusterSize ||
+                            r.compressedBytes > 2 * clusterSize + 1024);
+      if (r.length == 0 || r.guest < previousEnd || badSource || badCompressed) {
+        fail("plan", "malformed plan run", EINVAL, -1, r.guest, r.host);
+        return false;
+      }
+      previousEnd = r.guest + r.length;
+      if (r.kind == RunKind::Compressed) maxClusterSize_ = std::max(maxClusterSize_, clusterSize);
+      if (toMemory() && (r.guest < job_.memoryGuestOffset ||
+                         r.guest + r.length > job_.memoryGuestOffset + job_.memoryLength)) {
+        fail("bounds", "plan run outside the destination buffer", ERANGE, -1, r.guest, 0);
+        return false;
+      }
+    }
+    return true;
+  }
+
+  void buildTasks() {
+    const uint64_t window = job_.windowSize;
+    uint64_t lastWindow = UINT64_MAX;
+    for (size_t i = 0; i < job_.runCount; i++) {
+      PlanRun r = runAt(job_, i);
+      if (r.kind == RunKind::Zero && !toMemory()) {
+        if (job_.zeroMode == ZeroMode::Skip) {
+          skippedZeroBytes_ += r.length;
+          continue;
+        }
+        for (uint64_t s = r.guest; s < r.guest + r.length; s += kZeroChunk) {
+          tasks_.push_back(Task{true, s, std::min(r.guest + r.length, s + kZeroChunk), i});
+        }
+        continue;
+      }
+      // One task per window a run touches; a window's task starts at the first
+      // run that overlaps it, and runs are in guest order.
+      for (uint64_t w = alignDown(r.guest, window); w < r.guest + r.length; w += window) {
+        if (w == lastWindow) continue;
+        tasks_.push_back(Task{false, w, w + window, i});
+        lastWindow = w;
+      }
+    }
+    // Zero chunks and data windows interleave: sorting keeps writes near-sequential.
+    std::stable_sort(tasks_.begin(), tasks_.end(),
+                     [](const Task& a, const Task& b) { return a.start < b.start; });
+  }
+
+  void worker() {
+    Scratch scratch;
+    for (;;) {
+      if (stopping()) return;
+      size_t index = nextTask_.fetch_add(1, std::memory_order_relaxed);
+      if (index >= tasks_.size()) return;
+      const Task& task = tasks_[index];
+      if (task.zero) {
+        zeroRange(task.start, task.end);
+      } else if (!scratch.ready(job_, maxClusterSize_)) {
+        fail("memory", "out of memory", ENOMEM, -1, task.start, 0);
+      } else {
+        copyWindow(task, scratch);
+      }
+    }
+  }
+
+  struct Scratch {
+    std::unique_ptr<AlignedBuffer> window;
+    std::unique_ptr<AlignedBuffer> cluster;
+    std::vector<uint8_t> compressed;
+    std::unique_ptr<ClusterDecompressor> decompressor;
+    bool ready(const CopyJob& job, uint64_t clusterSize) {
+      if (!decompressor) {
+        decompressor = std::make_unique<ClusterDecompressor>();
+        cluster = std::make_unique<AlignedBuffer>(clusterSize);
+        if (job.memory == nullptr) window = std::make_unique<AlignedBuffer>(job.windowSize);
+      }
+      return cluster->data && (job.memory != nullptr || window->data);
+    }
+  };
+
+  // Reads exactly `length` bytes unless the file ends first; returns bytes read or -1.
+  static int64_t preadFully(int fd, uint8_t* buffer, uint64_t length, uint64_t offset) {
+    uint64_t done = 0;
+    while (done < length) {
+      ssize_t n = pread(fd, buffer + done, length - done, static_cast<off_t>(offset + done));
+      if (n < 0) {
+        if (errno == EINTR) continue;
+        return -1;
+      }
+      if (n == 0) break;
+      done += static_cast<uint64_t>(n);
+    }
+    return static_cast<int64_t>(done);
+  }
+
+  static bool pwriteFully(int fd, const uint8_t* buffer, uint64_t length, uint64_t offset) {
+    uint64_t done = 0;
+    while (done < length) {
+      ssize_t n = pwrite(fd, buffer + done, length - done, static_cast<off_t>(offset + done));
+      if (n < 0) {
+        if (errno == EINTR) continue;
+        return false;
+      }
+      if (n == 0) {
+        errno = EIO;
+        return false;
+      }
+      done += static_cast<uint64_t>(n);
+    }
+    return true;
+  }
+
+  uint8_t* destinationFor(uint64_t guest, uint64_t windowStart, Scratch& scratch) {
+    if (toMemory()) return job_.memory + (guest - job_.memoryGuestOffset);
+    return scratch.window->data + (guest - windowStart);
+  }
+
+  struct Piece {
+    PlanRun run;
+    uint64_t start;  // guest, clipped to the window
+    uint64_t end;
+  };
+
+  void copyWindow(const Task& task, Scratch& scratch) {
+    std::vector<Piece> pieces;
+    for (size_t i = task.firstRun; i < job_.runCount; i++) {
+      PlanRun r = runAt(job_, i);
+      if (r.guest >= task.end) break;
+      if (r.kind == RunKind::Zero && !toMemory()) continue;
+      uint64_t start = std::max(r.guest, task.start);
+      uint64_t end = std::min(r.guest + r.length, task.end);
+      if (start < end) pieces.push_back(Piece{r, start, end});
+    }
+    if (pieces.empty()) return;
+    if (!fillPieces(pieces, task.start, scratch)) return;
+    if (toMemory()) {
+      addProgress(pieces);
+      return;
+    }
+
+    // Spans to write: pieces rounded out to the O_DIRECT unit, within the window.
+    struct Span { uint64_t start, end; };
+    std::vector<Span> spans;
+    for (const Piece& p : pieces) {
+      uint64_t s = std::max(alignDown(p.start, job_.alignment), task.start);
+      uint64_t e = std::min(alignUp(p.end, job_.alignment), task.end);
+      if (!spans.empty() && s <= spans.back().end) {
+        spans.back().end = std::max(spans.back().end, e);
+      } else {
+        spans.push_back(Span{s, e});
+      }
+    }
+    // Bytes of a span that no piece fills are zeros (the target must read zeros there).
+    uint8_t* window = scratch.window->data;
+    size_t pieceIndex = 0;
+    for (const Span& span : spans) {
+      uint64_t cursor = span.start;
+      while (pieceIndex < pieces.size() && pieces[pieceIndex].start < span.end) {
+        const Piece& p = pieces[pieceIndex++];
+        if (p.start > cursor) memset(window + (cursor - task.start), 0, p.start - cursor);
+        cursor = p.end;
+      }
+      if (cursor < span.end) memset(window + (cursor - task.start), 0, span.end - cursor);
+      if (!writeSpan(span.start, span.end, window + (span.start - task.start))) return;
+    }
+    addProgress(pieces);
+  }
+
+  void addProgress(const std::vector<Piece>& pieces) {
+    if (!job_.counters) return;
+    uint64_t data = 0, zero = 0;
+    for (const Piece& p : pieces) (p.run.kind == RunKind::Zero ? zero : data) += p.end - p.start;
+    if (data) __atomic_fetch_add(&job_.counters->dataBytes, data, __ATOMIC_RELAXED);
+    if (zero) __atomic_fetch_add(&job_.counters->zeroBytes, zero, __ATOMIC_RELAXED);
+  }
+
+  bool fillPieces(const std::vector<Piece>& pieces, uint64_t windowStart, Scratch& scratch) {
+    size_t i = 0;
+    while (i < pieces.size()) {
+      const Piece& p = pieces[i];
+      uint8_t* out = destinationFor(p.start, windowStart, scratch);
+      if (p.run.kind == RunKind::Zero) {
+        memset(out, 0, p.end - p.start);
+        i++;
+      } else if (p.run.kind == RunKind::Data) {
+        if (!readData(p, out)) return false;
+        i++;
+      } else {
+        size_t groupEnd = i + 1;
+        uint64_t groupStart = p.run.host;
+        uint64_t groupLimit = p.run.host + p.run.compressedBytes;
+        while (groupEnd < pieces.size()) {
+          const PlanRun& n = pieces[groupEnd].run;
+          if (n.kind != RunKind::Compressed || n.source != p.run.source || n.host < groupStart ||
+              n.host > groupLimit + kCompressedGap ||
+              n.host + n.compressedBytes - groupStart > kMaxCompressedGroup) {
+            break;
+          }
+          groupLimit = std::max(groupLimit, n.host + n.compressedBytes);
+          groupEnd++;
+        }
+        if (!decompressGroup(pieces, i, groupEnd, groupStart, groupLimit, windowStart, scratch)) {
+          return false;
+        }
+        i = groupEnd;
+      }
+    }
+    return true;
+  }
+
+  bool readData(const Piece& p, uint8_t* out) {
+    const Source& source = job_.sources[static_cast<size_t>(p.run.source)];
+    uint64_t host = p.run.host + (p.start - p.run.guest);
+    uint64_t length = p.end - p.start;
+    if (host > source.sizeBytes || length > source.sizeBytes - host) {
+      fail("read", "data beyond the end of the file", 0, p.run.source, p.start, host);
+      return false;
+    }
+    int64_t n = preadFully(source.fd, out, length, host);
+    if (n < 0 || static_cast<uint64_t>(n) != length) {
+      fail("read", n < 0 ? strerror(errno) : "unexpected end of file", n < 0 ? errno : 0,
+           p.run.source, p.start, host);
+      return false;
+    }
+    return true;
+  }
+
+  bool decompressGroup(const std::vector<Piece>& pieces, size_t first, size_t last,
+                       uint64_t groupStart, uint64_t groupEnd, uint64_t windowStart,
+                       Scratch& scratch) {
+    const int sourceIndex = pieces[first].run.source;
+    const Source& source = job_.sources[static_cast<size_t>(sourceIndex)];
+    if (groupStart >= source.sizeBytes) {
+      fail("read", "compressed cluster beyond the end of the file", 0, sourceIndex,
+           pieces[first].start, groupStart);
+      return false;
+    }
+    // The last compressed cluster's sector range may run past the end of the
+    // file: the stream itself ends before it, so a short read is expected.
+    uint64_t readLength = std::min(groupEnd, source.sizeBytes) - groupStart;
+    scratch.compressed.resize(readLength);
+    int64_t n = preadFully(source.fd, scratch.compressed.data(), readLength, groupStart);
+    if (n < 0) {
+      fail("read", strerror(errno), errno, sourceIndex, pieces[first].start, groupStart);
+      return false;
+    }
+    const uint64_t available = static_cast<uint64_t>(n);
+    for (size_t i = first; i < last; i++) {
+      const Piece& p = pieces[i];
+      uint64_t at = p.run.host - groupStart;
+      if (at >= available) {
+        fail("read", "compressed cluster beyond the end of the file", 0, sourceIndex, p.start,
+             p.run.host);
+        return false;
+      }
+      uint64_t inputSize = std::min(p.run.compressedBytes, available - at);
+      uint64_t offsetInCluster = p.run.offsetInCluster + (p.start - p.run.guest);
+      uint64_t length = p.end - p.start;
+      bool whole = offsetInCluster == 0 && length == source.clusterSize;
+      uint8_t* out = destinationFor(p.start, windowStart, scratch);
+      uint8_t* target = whole ? out : scratch.cluster->data;
+      DecompressStatus status = scratch.decompressor->decompress(
+          source.codec, scratch.compressed.data() + at, inputSize, target, source.clusterSize);
+      if (status != DecompressStatus::Ok) {
+        fail("decompress", decompressStatusName(status), 0, sourceIndex, p.start, p.run.host);
+        return false;
+      }
+      if (!whole) memcpy(out, scratch.cluster->data + offsetInCluster, length);
+    }
+    return true;
+  }
+
+  // Writes guest [start, end) from `data` to the target, clamped to the limit; the
+  // part of the last O_DIRECT unit past limitEnd is never written, and the bytes
+  // before it inside that unit go through the buffered tail fd.
+  bool writeSpan(uint64_t start, uint64_t end, const uint8_t* data) {
+    uint64_t targetStart = job_.targetBase + start;
+    uint64_t targetEnd = std::min(job_.targetBase + end, job_.limitEnd);
+    if (targetStart < job_.limitStart || targetStart >= targetEnd) {
+      fail("bounds", "write outside the target range", ERANGE, -1, start, targetStart);
+      return false;
+    }
+    uint64_t directEnd = targetEnd;
+    if (job_.alignment) directEnd = alignDown(targetEnd, job_.alignment);
+    if (directEnd > targetStart &&
+        !pwriteFully(job_.targetFd, data, directEnd - targetStart, targetStart)) {
+      fail("write", strerror(errno), errno, -1, start, targetStart);
+      return false;
+    }
+    if (directEnd < targetEnd) {
+      uint64_t tailStart = std::max(directEnd, targetStart);
+      int fd = job_.targetTailFd >= 0 ? job_.targetTailFd : job_.targetFd;
+      if (!pwriteFully(fd, data + (tailStart - targetStart), targetEnd - tailStart, tailStart)) {
+        fail("write", strerror(errno), errno, -1, start + (tailStart - targetStart), tailStart);
+        return false;
+      }
+    }
+    return true;
+  }
+
+  // Zeroes guest [start, end) of an fd target. With O_DIRECT, only whole units
+  // are touched here: a partial unit at either edge also holds data, and the data
+  // window that writes it fills its zeros, so no unit is written twice.
+  void zeroRange(uint64_t start, uint64_t end) {
+    uint64_t targetStart = job_.targetBase + start;
+    uint64_t targetEnd = std::min(job_.targetBase + end, job_.limitEnd);
+    if (targetStart < job_.limitStart) {
+      fail("bounds", "zeroing outside the target range", ERANGE, -1, start, targetStart);
+      return;
+    }
+    if (targetStart < targetEnd) {
+      uint64_t a = job_.alignment;
+      uint64_t innerStart = alignUp(targetStart, a);
+      uint64_t innerEnd = alignDown(targetEnd, a);
+      bool tailIsOurs = a && targetEnd == job_.limitEnd && targetEnd % a != 0 &&
+                        alignDown(targetEnd, a) >= targetStart;
+      if (innerStart < innerEnd && !zeroTarget(innerStart, innerEnd, job_.targetFd)) return;
+      // Buffered (a == 0): zeroTarget above covered [targetStart, targetEnd) exactly.
+      if (tailIsOurs) {
+        uint64_t tailStart = std::max(innerEnd, targetStart);
+        int fd = job_.targetTailFd >= 0 ? job_.targetTailFd : job_.targetFd;
+        if (!writeZeros(fd, tailStart, targetEnd)) return;
+      }
+    }
+    if (job_.counters) __atomic_fetch_add(&job_.counters->zeroBytes, end - start, __ATOMIC_RELAXED);
+  }
+
+  bool zeroTarget(uint64_t start, uint64_t end, int fd) {
+    if (job_.zeroMode == ZeroMode::ZeroOut && start % 512 == 0 && end % 512 == 0) {
+      uint64_t range[2] = {start, end - start};
+      if (ioctl(fd, BLKZEROOUT, &range) == 0) return true;
+    } else if (job_.zeroMode == ZeroMode::PunchHole) {
+      if (fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, static_cast<off_t>(start),
+                    static_cast<off_t>(end - start)) == 0) {
+        return true;
+      }
+    }
+    return writeZeros(fd, start, end);
+  }
+
+  bool writeZeros(int fd, uint64_t start, uint64_t end) {
+    for (uint64_t at = start; at < end;) {
+      uint64_t n = std::min(end - at, kZeroBufferSize);
+      if (!pwriteFully(fd, zeroBuffer_->data, n, at)) {
+        fail("zero", strerror(errno), errno, -1, at - job_.targetBase, at);
+        return false;
+      }
+      at += n;
+    }
+    return true;
+  }
+
+  const CopyJob& job_;
+  std::vector<Task> tasks_;
+  uint64_t skippedZeroBytes_ = 0;
+  uint64_t maxClusterSize_ = 512;
+  std::atomic<size_t> nextTask_{0};
+  std::atomic<bool> failed_{false};
+  std::mutex errorMutex_;
+  CopyError error_;
+  std::unique_ptr<AlignedBuffer> zeroBuffer_;
+};
+
+}  // namespace
+
+CopyError runCopyJob(const CopyJob& job) {
+  Engine engine(job);
+  return engine.run();
+}
+
+}  // namespace qcow2img

@@ -1,0 +1,85 @@
+// The copy engine: turns a plan of guest runs into bytes at a target (a file
+// descriptor or a memory buffer), with a pool of native threads that read,
+// decompress and write windows of the guest address space out of order.
+// It knows nothing of qcow2 beyond "compressed run = one cluster of codec X".
+#pragma once
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "decompress.h"
+
+namespace qcow2img {
+
+enum class RunKind : int { Zero = 0, Data = 1, Compressed = 2 };
+
+// One planned run, 7 doubles:
+// [guestOffset, length, kind, sourceIndex, hostOffset, compressedBytes, offsetInCluster]
+// Data: `length` bytes at hostOffset of source. Compressed: the cluster stored at
+// hostOffset (compressedBytes an upper bound) decompresses to the source's clusterSize bytes, of
+// which `length` bytes from offsetInCluster belong here. Runs are in guest order.
+constexpr size_t kPlanRunFields = 7;
+
+enum class ZeroMode : int {
+  Skip = 0,      // target already reads zeros there (new file, known-zero device)
+  Write = 1,     // write zeros (memory targets, devices without BLKZEROOUT)
+  ZeroOut = 2,   // BLKZEROOUT on a block device, written zeros where refused
+  PunchHole = 3, // fallocate(PUNCH_HOLE) on a file, written zeros where refused
+};
+
+struct Source {
+  int fd = -1;
+  uint64_t sizeBytes = 0;  // reads past it are errors, except compressed tails
+  Codec codec = Codec::Deflate;   // of its compressed clusters
+  uint64_t clusterSize = 65536;   // decompressed size of its compressed clusters
+};
+
+// Counters shared with JavaScript, which polls them for progress and sets cancel.
+struct CopyCounters {
+  uint64_t dataBytes;     // guest bytes of data and compressed runs written
+  uint64_t zeroBytes;     // guest bytes of zero runs handled
+  uint64_t cancel;        // set non-zero by JavaScript to stop
+  uint64_t reserved;
+};
+
+struct CopyJob {
+  const double* runs = nullptr;
+  size_t runCount = 0;
+  std::vector<Source> sources;
+
+  // Target: an fd, or memory when memory != nullptr.
+  int targetFd = -1;
+  int targetTailFd = -1;     // buffered fd of the same target, for sub-alignment tails
+  uint8_t* memory = nullptr;
+  uint64_t memoryGuestOffset = 0;  // guest offset of memory[0]
+  uint64_t memoryLength = 0;
+  // Guest offset g is written at targetBase + g; writes must stay inside
+  // [limitStart, limitEnd) of the target, whatever the plan says.
+  uint64_t targetBase = 0;
+  uint64_t limitStart = 0;
+  uint64_t limitEnd = 0;
+  uint32_t alignment = 0;    // O_DIRECT unit of targetFd; 0 for buffered
+  ZeroMode zeroMode = ZeroMode::Skip;
+
+  uint32_t threads = 4;
+  uint64_t windowSize = 1 << 20;
+  CopyCounters* counters = nullptr;
+};
+
+struct CopyError {
+  bool failed = false;
+  std::string operation;   // "read", "write", "decompress", "bounds", "zero", ...
+  std::string message;
+  int errnoValue = 0;
+  int sourceIndex = -1;    // which source, for read and decompress errors
+  uint64_t guestOffset = 0;
+  uint64_t hostOffset = 0;
+  bool cancelled = false;
+};
+
+// Runs the job on `job.threads` threads and returns when all are done.
+CopyError runCopyJob(const CopyJob& job);
+
+}  // namespace qcow2img

@@ -1,0 +1,43 @@
+#include "file_ops.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/fs.h>
+#include <sys/ioctl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+namespace qcow2img {
+
+int64_t seekData(int fd, int64_t offset) { return lseek(fd, offset, SEEK_DATA); }
+int64_t seekHole(int fd, int64_t offset) { return lseek(fd, offset, SEEK_HOLE); }
+
+int blockDeviceInfo(int fd, BlockDeviceInfo* info) {
+  uint64_t size = 0;
+  int logical = 0;
+  unsigned int physical = 0;
+  if (ioctl(fd, BLKGETSIZE64, &size) != 0) return errno;
+  if (ioctl(fd, BLKSSZGET, &logical) != 0) return errno;
+  if (ioctl(fd, BLKPBSZGET, &physical) != 0) physical = static_cast<unsigned int>(logical);
+  info->sizeBytes = size;
+  info->logicalBlockSize = static_cast<uint32_t>(logical);
+  info->physicalBlockSize = physical;
+  return 0;
+}
+
+uint32_t directIoAlignment(int fd) {
+#ifdef STATX_DIOALIGN
+  struct statx sx {};
+  if (statx(fd, "", AT_EMPTY_PATH, STATX_DIOALIGN, &sx) == 0 && (sx.stx_mask & STATX_DIOALIGN) &&
+      sx.stx_dio_offset_align != 0) {
+    uint32_t memory = sx.stx_dio_mem_align;
+    uint32_t offset = sx.stx_dio_offset_align;
+    return memory > offset ? memory : offset;
+  }
+#else
+  (void)fd;
+#endif
+  return 0;
+}
+
+}  // namespace qcow2img

@@ -1,0 +1,24 @@
+// Small file-descriptor helpers Node's fs does not offer.
+#pragma once
+#include <cstdint>
+
+namespace qcow2img {
+
+// Next data / hole at or after `offset` (lseek SEEK_DATA / SEEK_HOLE).
+// Returns -1 with errno ENXIO past the last data; -1 and errno on other errors.
+int64_t seekData(int fd, int64_t offset);
+int64_t seekHole(int fd, int64_t offset);
+
+struct BlockDeviceInfo {
+  uint64_t sizeBytes = 0;
+  uint32_t logicalBlockSize = 0;
+  uint32_t physicalBlockSize = 0;
+};
+// 0 on success, else errno.
+int blockDeviceInfo(int fd, BlockDeviceInfo* info);
+
+// O_DIRECT alignment the filesystem asks for (statx STATX_DIOALIGN, Linux 6.1+):
+// 0 when unknown, else the larger of the memory and offset alignments.
+uint32_t directIoAlignment(int fd);
+
+}  // namespace qcow2img

@@ -1,0 +1,189 @@
+#!/usr/bin/env node
+/** The qcow2img command line: a thin shell over the library API. */
+import { parseArgs } from 'node:util';
+import { Qcow2Error } from '../errors';
+import { open } from '../qcow2/open';
+import type { OpenOptions } from '../qcow2/image';
+import { load } from '../load/index';
+import type { Progress } from '../load/progress';
+import type { DirectMode } from '../load/file';
+import { formatInfo, formatMap, humanBytes, progressLine } from './format';
+
+const usage = `usage: qcow2img <command> [options]
+
+commands:
+  info IMAGE [--json] [--backing-chain]        describe an image (like qemu-img info)
+  map IMAGE [--json]                           allocation map (like qemu-img map)
+  load IMAGE TARGET [options]                  write the raw virtual disk to TARGET
+      --snapshot ID|NAME    read the disk as it was at an internal snapshot
+      --threads N           native worker threads
+      --overwrite           replace an existing target file
+      --direct=auto|always|never   O_DIRECT (default auto)
+      --progress=bar|json|none     progress on stderr (bar on a TTY) or JSON lines on stdout
+
+options for every command that opens an image:
+  --allow-path DIR          follow backing/data file names into DIR (repeatable)
+  --allow-any-path          follow backing/data file names anywhere
+`;
+
+class UsageError extends Error {}
+
+function openOptions(values: ParsedValues): OpenOptions {
+  const options: OpenOptions = {
+    onWarning: (message) => process.stderr.write(`qcow2img: warning: ${message}\n`),
+  };
+  if (values['allow-path']) options.allowPaths = values['allow-path'] as string[];
+  if (values['allow-any-path']) options.allowAnyPath = true;
+  return options;
+}
+
+const common = {
+  'allow-path': { type: 'string', multiple: true },
+  'allow-any-path': { type: 'boolean' },
+  json: { type: 'boolean' },
+  help: { type: 'boolean', short: 'h' },
+} as const;
+
+type OptionSpec = Record<string, { type: 'string' | 'boolean'; multiple?: boolean; short?: string }>;
+type ParsedValues = Record<string, string | boolean | string[] | undefined>;
+
+function parse(args: string[], extra: OptionSpec = {}): { values: ParsedValues; positionals: string[] } {
+  try {
+    const { values, positionals } = parseArgs({ args, options: { ...common, ...extra }, allowPositionals: true, strict: true });
+    return { values: values as ParsedValues, positionals };
+  } catch (error) {
+    throw new UsageError((error as Error).message);
+  }
+}
+
+function needPositionals(positionals: string[], count: number, names: string): void {
+  if (positionals.length !== count) throw new UsageError(`expected ${names}`);
+}
+
+async function info(args: string[]): Promise<void> {
+  const { values, positionals } = parse(args, { 'backing-chain': { type: 'boolean' } });
+  needPositionals(positionals, 1, 'IMAGE');
+  const image = await open(positionals[0]!, openOptions(values));
+  try {
+    const infos = values['backing-chain'] ? [image.info, ...image.backingChain] : [image.info];
+    if (values.json) {
+      process.stdout.write(JSON.stringify(values['backing-chain'] ? infos : infos[0], null, 2) + '\n');
+    } else {
+      process.stdout.write(infos.map(formatInfo).join('\n\n') + '\n');
+    }
+  } finally {
+    await image.close();
+  }
+}
+
+async function map(args: string[]): Promise<void> {
+  const { values, positionals } = parse(args);
+  needPositionals(positionals, 1, 'IMAGE');
+  const image = await open(positionals[0]!, openOptions(values));
+  try {
+    const entries = await image.extents();
+    process.stdout.write((values.json ? JSON.stringify(entries, null, 2) : formatMap(entries)) + '\n');
+  } finally {
+    await image.close();
+  }
+}
+
+function progressReporter(mode: string): ((p: Progress) => void) | undefined {
+  if (mode === 'json') return (p) => process.stdout.write(JSON.stringify(p) + '\n');
+  if (mode === 'bar' || (mode === 'auto' && process.stderr.isTTY)) {
+    return (p) => process.stderr.write(`\r${progressLine(p)}\x1b[K`);
+  }
+  return undefined;
+}
+
+async function loadCommand(args: string[]): Promise<void> {
+  const { values, positionals } = parse(args, {
+    snapshot: { type: 'string' },
+    threads: { type: 'string' },
+    overwrite: { type: 'boolean' },
+    direct: { type: 'string' },
+    progress: { type: 'string' },
+  });
+  needPositionals(positionals, 2, 'IMAGE TARGET');
+  const direct = (values.direct as string | undefined) ?? 'auto';
+  if (!['auto', 'always', 'never'].includes(direct)) throw new UsageError('--direct must be auto, always or never');
+  const progressMode = (values.progress as string | undefined) ?? 'auto';
+  if (!['auto', 'bar', 'json', 'none'].includes(progressMode)) throw new UsageError('--progress must be bar, json or none');
+  let threads: number | undefined;
+  if (values.threads !== undefined) {
+    threads = Number(values.threads);
+    if (!Number.isInteger(threads) || threads < 1 || threads > 64) throw new UsageError('--threads must be an integer from 1 to 64');
+  }
+  const controller = new AbortController();
+  const onSignal = () => controller.abort();
+  process.once('SIGINT', onSignal);
+  process.once('SIGTERM', onSignal);
+  const onProgress = progressReporter(progressMode);
+  try {
+    const result = await load(positionals[0]!, positionals[1]!, {
+      ...openOptions(values),
+      ...(values.snapshot !== undefined ? { snapshot: values.snapshot as string } : {}),
+      ...(threads !== undefined ? { threads } : {}),
+      ...(onProgress ? { onProgress } : {}),
+      overwrite: values.overwrite === true,
+      direct: direct as DirectMode,
+      signal: controller.signal,
+      onNotice: (message) => process.stderr.write(`qcow2img: ${message}\n`),
+    });
+    if (onProgress && progressMode !== 'json') process.stderr.write('\n');
+    if (progressMode === 'json') {
+      process.stdout.write(JSON.stringify({ phase: 'done', ...result }) + '\n');
+    } else {
+      const rate = result.seconds > 0 ? result.virtualSize / result.seconds : 0;
+      process.stderr.write(
+        `qcow2img: loaded ${humanBytes(result.virtualSize)} into ${result.target} in ${result.seconds.toFixed(2)} s (${humanBytes(rate)}/s; ${humanBytes(result.dataBytes)} data, ${humanBytes(result.zeroBytes)} zero${result.direct ? ', O_DIRECT' : ''})\n`,
+      );
+    }
+  } finally {
+    process.off('SIGINT', onSignal);
+    process.off('SIGTERM', onSignal);
+  }
+}
+
+const commands: Record<string, (args: string[]) => Promise<void>> = { info, map, load: loadCommand };
+
+export async function main(argv: string[]): Promise<number> {
+  const [command, ...rest] = argv;
+  if (command === undefined || command === '--help' || command === '-h' || command === 'help') {
+    process.stdout.write(usage);
+    return command === undefined ? 1 : 0;
+  }
+  if (command === '--version') {
+    // eslint-disable-next-line @typescript-eslint/no-require-imports
+    process.stdout.write(`${(require('../../package.json') as { version: string }).version}\n`);
+    return 0;
+  }
+  const run = commands[command];
+  try {
+    if (!run) throw new UsageError(`unknown command "${command}"`);
+    if (rest.includes('--help') || rest.includes('-h')) {
+      process.stdout.write(usage);
+      return 0;
+    }
+    await run(rest);
+    return 0;
+  } catch (error) {
+    if (error instanceof UsageError) {
+      process.stderr.write(`qcow2img: ${error.message}\n${usage}`);
+      return 2;
+    }
+    if (error instanceof Qcow2Error) {
+      process.stderr.write(`qcow2img: ${error.message}\n`);
+      return error.code === 'CANCELLED' ? 130 : 1;
+    }
+    const message = error instanceof Error ? error.message : String(error);
+    process.stderr.write(`qcow2img: ${message.split('\n')[0]}\n`);
+    return 1;
+  }
+}
+
+if (require.main === module) {
+  main(process.argv.slice(2)).then((code) => {
+    process.exitCode = code;
+  });
+}

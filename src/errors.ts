@@ -1,0 +1,95 @@
+/**
+ * The one error class of qcow2img. `code` is stable: scripts match on it.
+ * The message is one line that names the file and the problem.
+ */
+export type Qcow2ErrorCode =
+  // header and structure
+  | 'BAD_MAGIC'
+  | 'UNSUPPORTED_VERSION'
+  | 'BAD_CLUSTER_BITS'
+  | 'BAD_HEADER_LENGTH'
+  | 'BAD_HEADER_FIELD'
+  | 'BAD_EXTENSION'
+  | 'BAD_BACKING_NAME'
+  | 'BAD_REFCOUNT_ORDER'
+  | 'BAD_COMPRESSION_TYPE'
+  | 'UNKNOWN_INCOMPATIBLE_FEATURE'
+  | 'ENCRYPTED'
+  | 'MISSING_DATA_FILE'
+  | 'VIRTUAL_SIZE_TOO_LARGE'
+  | 'L1_TOO_LARGE'
+  | 'L1_TOO_SMALL'
+  | 'REFCOUNT_TABLE_TOO_LARGE'
+  | 'TOO_MANY_SNAPSHOTS'
+  | 'BAD_SNAPSHOT_TABLE'
+  | 'UNALIGNED_OFFSET'
+  | 'OFFSET_BEYOND_FILE'
+  | 'BAD_L1_ENTRY'
+  | 'BAD_L2_ENTRY'
+  | 'BAD_COMPRESSED_CLUSTER'
+  | 'TRUNCATED'
+  // chains and external files
+  | 'BACKING_CHAIN_LOOP'
+  | 'BACKING_CHAIN_TOO_DEEP'
+  | 'BACKING_FILE_NOT_FOUND'
+  | 'UNSUPPORTED_BACKING_FORMAT'
+  | 'UNSUPPORTED_PROTOCOL'
+  | 'PATH_NOT_ALLOWED'
+  | 'NOT_A_REGULAR_FILE'
+  // use
+  | 'SNAPSHOT_NOT_FOUND'
+  | 'TARGET_EXISTS'
+  | 'TARGET_TOO_SMALL'
+  | 'TARGET_IS_SOURCE'
+  | 'INVALID_ARGUMENT'
+  | 'CLOSED'
+  | 'CANCELLED'
+  | 'IO_ERROR';
+
+const brand = Symbol.for('qcow2img.Qcow2Error');
+
+export interface Qcow2ErrorDetails {
+  /** The file the problem is in. */
+  path?: string;
+  /** Byte offset in that file (or guest offset, as the message says) where it was found. */
+  offset?: number;
+  /** The underlying OS error, if any. */
+  cause?: unknown;
+  /** errno name of the OS error (ENOENT, EBUSY, ...). */
+  syscallCode?: string;
+}
+
+export class Qcow2Error extends Error {
+  readonly code: Qcow2ErrorCode;
+  readonly path: string | undefined;
+  readonly offset: number | undefined;
+  readonly syscallCode: string | undefined;
+
+  constructor(code: Qcow2ErrorCode, message: string, details: Qcow2ErrorDetails = {}) {
+    const where = details.path !== undefined ? `${details.path}: ` : '';
+    super(`${where}${message}`, details.cause !== undefined ? { cause: details.cause } : undefined);
+    this.name = 'Qcow2Error';
+    this.code = code;
+    this.path = details.path;
+    this.offset = details.offset;
+    this.syscallCode = details.syscallCode;
+  }
+
+  /** True for a Qcow2Error from any copy of this package loaded in the process. */
+  static override [Symbol.hasInstance](value: unknown): boolean {
+    return typeof value === 'object' && value !== null && (value as Record<symbol, unknown>)[brand] === true;
+  }
+
+  get [brand](): boolean {
+    return true;
+  }
+}
+
+/** Wraps an fs error as a Qcow2Error naming the file. */
+export function ioError(error: unknown, path: string, what: string): Qcow2Error {
+  if (error instanceof Qcow2Error) return error;
+  const err = error as NodeJS.ErrnoException;
+  const code = err?.code;
+  const reason = code === 'ENOENT' ? 'no such file' : code === 'EACCES' ? 'permission denied' : err?.message ?? String(error);
+  return new Qcow2Error('IO_ERROR', `${what}: ${reason}`, { path, cause: error, ...(code ? { syscallCode: code } : {}) });
+}

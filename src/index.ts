@@ -1,0 +1,12 @@
+/**
+ * qcow2img: host-side qcow2 tooling. Read images (info, map, read), load them
+ * onto files and disks at disk speed.
+ */
+export { Qcow2Error, type Qcow2ErrorCode, type Qcow2ErrorDetails } from './errors';
+export { limits } from './limits';
+export { open } from './qcow2/open';
+export { Image, type ImageInfo, type MapEntry, type OpenOptions, type ReadStreamOptions, type SnapshotInfo } from './qcow2/image';
+export type { PathPolicy } from './qcow2/paths';
+export type { CompressionType } from './qcow2/header';
+export { load, type LoadOptions, type LoadResult, type Progress, type ProgressCallback } from './load/index';
+export type { DirectMode } from './load/file';

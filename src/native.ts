@@ -1,0 +1,77 @@
+/** The one place the addon is loaded: a prebuild first, then the local build. */
+import * as path from 'node:path';
+
+/** What the native side of `copy` reports when a job fails. */
+export interface NativeCopyError extends Error {
+  operation: string;
+  errno: number;
+  sourceIndex: number;
+  guestOffset: number;
+  hostOffset: number;
+  cancelled: boolean;
+}
+
+export interface NativeSource {
+  fd: number;
+  size: number;
+  /** Codec of its compressed clusters: 0 deflate, 1 zstd. */
+  codec: number;
+  /** Decompressed size of its compressed clusters. */
+  clusterSize: number;
+}
+
+export interface NativeCopyJob {
+  /** 7 numbers per run: guestOffset, length, kind (0 zero, 1 data, 2 compressed), source, hostOffset, compressedBytes, offsetInCluster. */
+  runs: Float64Array;
+  sources: NativeSource[];
+  targetFd?: number;
+  targetTailFd?: number;
+  memory?: Buffer;
+  memoryGuestOffset?: number;
+  targetBase?: number;
+  limitStart?: number;
+  limitEnd?: number;
+  alignment?: number;
+  /** 0 skip, 1 write, 2 BLKZEROOUT, 3 punch hole. */
+  zeroMode?: number;
+  threads?: number;
+  windowSize?: number;
+  /** [dataBytes, zeroBytes, cancel, reserved], shared with the native threads. */
+  counters?: BigUint64Array;
+}
+
+export interface NativeAddon {
+  walkL2(
+    table: Buffer,
+    firstEntry: number,
+    entryCount: number,
+    clusterBits: number,
+    extendedL2: boolean,
+    externalDataFile: boolean,
+  ): { runs: Float64Array; defect: number; defectEntry: number; defectName?: string };
+  copy(job: NativeCopyJob): Promise<void>;
+  seekData(fd: number, offset: number): number;
+  seekHole(fd: number, offset: number): number;
+  blockDeviceInfo(fd: number): { sizeBytes: number; logicalBlockSize: number; physicalBlockSize: number };
+  directIoAlignment(fd: number): number;
+}
+
+/** Run kinds of the copy plan (native/core/copy_engine.h RunKind). */
+export const PlanKind = { Zero: 0, Data: 1, Compressed: 2 } as const;
+/** Fields per plan run. */
+export const planRunFields = 7;
+/** Unit kinds of walkL2 output (native/core/l2_walk.h UnitKind). */
+export const UnitKind = { Unallocated: 0, Zero: 1, ZeroAllocated: 2, Data: 3, Compressed: 4 } as const;
+export const l2RunFields = 5;
+export const ZeroMode = { Skip: 0, Write: 1, ZeroOut: 2, PunchHole: 3 } as const;
+
+let addon: NativeAddon | undefined;
+
+export function native(): NativeAddon {
+  if (addon === undefined) {
+    // eslint-disable-next-line @typescript-eslint/no-require-imports
+    const load = require('node-gyp-build') as (dir: string) => NativeAddon;
+    addon = load(path.join(__dirname, '..'));
+  }
+  return addon;
+}

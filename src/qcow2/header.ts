@@ -1,0 +1,394 @@
+/**
+ * The qcow2 header, its feature bits and header extensions.
+ * Layout: docs/formats/qcow2.md; QEMU docs/interop/qcow2.rst.
+ */
+import { Qcow2Error } from '../errors';
+import { limits } from '../limits';
+import { u32, u64BigInt, u64Safe } from './bytes';
+
+export const QCOW2_MAGIC = 0x514649fb;
+
+export const IncompatibleFeature = {
+  dirty: 0n,
+  corrupt: 1n,
+  externalDataFile: 2n,
+  compressionType: 3n,
+  extendedL2: 4n,
+} as const;
+const knownIncompatibleMask = 0b11111n;
+
+export const CompatibleFeature = { lazyRefcounts: 0n } as const;
+export const AutoclearFeature = { bitmaps: 0n, dataFileRaw: 1n } as const;
+
+export const ExtensionType = {
+  end: 0,
+  backingFormat: 0xe2792aca,
+  featureNameTable: 0x6803f857,
+  bitmaps: 0x23852875,
+  fullDiskEncryption: 0x0537be77,
+  externalDataFile: 0x44415441,
+} as const;
+
+export type CompressionType = 'zlib' | 'zstd';
+
+export interface FeatureName {
+  type: 'incompatible' | 'compatible' | 'autoclear';
+  bit: number;
+  name: string;
+}
+
+export interface BitmapsExtension {
+  count: number;
+  directorySize: number;
+  directoryOffset: number;
+}
+
+export interface HeaderExtension {
+  type: number;
+  offset: number;
+  length: number;
+}
+
+export interface Qcow2Header {
+  version: 2 | 3;
+  backingFileOffset: number;
+  backingFileSize: number;
+  backingFile: string | undefined;
+  clusterBits: number;
+  clusterSize: number;
+  /** As QEMU sees it: the header's size rounded down to whole 512-byte sectors. */
+  virtualSize: number;
+  /** The header's own size field. */
+  headerSize: number;
+  cryptMethod: number;
+  l1Size: number;
+  l1TableOffset: number;
+  refcountTableOffset: number;
+  refcountTableClusters: number;
+  snapshotCount: number;
+  snapshotsOffset: number;
+  incompatibleFeatures: bigint;
+  compatibleFeatures: bigint;
+  autoclearFeatures: bigint;
+  refcountOrder: number;
+  refcountBits: number;
+  headerLength: number;
+  compressionType: CompressionType;
+  extendedL2: boolean;
+  dirty: boolean;
+  corrupt: boolean;
+  lazyRefcounts: boolean;
+  hasExternalDataFile: boolean;
+  dataFileRaw: boolean;
+  backingFormat: string | undefined;
+  externalDataFile: string | undefined;
+  featureNames: FeatureName[];
+  bitmaps: BitmapsExtension | undefined;
+  /** Full-disk encryption header pointer (LUKS), if present. */
+  encryptionHeader: { offset: number; length: number } | undefined;
+  extensions: HeaderExtension[];
+  /** Bytes per L2 entry: 8, or 16 with extended L2. */
+  l2EntryBytes: number;
+  /** Entries per L2 table (one cluster). */
+  l2EntryCount: number;
+  /** L1 entries the virtual size needs. */
+  l1EntriesNeeded: number;
+}
+
+const bit = (features: bigint, index: bigint) => ((features >> index) & 1n) === 1n;
+
+/** Bytes of cluster 0 that parseHeader needs at most. */
+export const headerReadSize = 1 << limits.maxClusterBits;
+
+/**
+ * Parses and validates the header from the first bytes of the file
+ * (`start` holds at least min(fileSize, clusterSize) bytes, or all of cluster 0).
+ */
+export function parseHeader(start: Buffer, path: string, fileSize: number): Qcow2Header {
+  const need = (length: number, what: string) => {
+    if (start.length < length) {
+      throw new Qcow2Error('TRUNCATED', `file ends inside the ${what} (${start.length} of ${length} bytes)`, { path, offset: start.length });
+    }
+  };
+  need(72, 'qcow2 header');
+  if (u32(start, 0) !== QCOW2_MAGIC) {
+    throw new Qcow2Error('BAD_MAGIC', 'not a qcow2 image (bad magic)', { path, offset: 0 });
+  }
+  const version = u32(start, 4);
+  if (version !== 2 && version !== 3) {
+    throw new Qcow2Error('UNSUPPORTED_VERSION', `unsupported qcow2 version ${version} (2 and 3 are supported)`, { path, offset: 4 });
+  }
+  const clusterBits = u32(start, 20);
+  if (clusterBits < limits.minClusterBits || clusterBits > limits.maxClusterBits) {
+    throw new Qcow2Error('BAD_CLUSTER_BITS', `cluster_bits ${clusterBits} is outside 9..21 (512 B to 2 MiB clusters)`, { path, offset: 20 });
+  }
+  const clusterSize = 2 ** clusterBits;
+  const backingFileOffset = u64Safe(start, 8, path, 'backing file offset', 'BAD_BACKING_NAME');
+  const backingFileSize = u32(start, 16);
+  const headerSize = u64Safe(start, 24, path, 'virtual size', 'VIRTUAL_SIZE_TOO_LARGE');
+  const cryptMethod = u32(start, 32);
+  const l1Size = u32(start, 36);
+  const l1TableOffset = u64Safe(start, 40, path, 'L1 table offset', 'OFFSET_BEYOND_FILE');
+  const refcountTableOffset = u64Safe(start, 48, path, 'refcount table offset', 'OFFSET_BEYOND_FILE');
+  const refcountTableClusters = u32(start, 56);
+  const snapshotCount = u32(start, 60);
+  const snapshotsOffset = u64Safe(start, 64, path, 'snapshot table offset', 'OFFSET_BEYOND_FILE');
+
+  let incompatibleFeatures = 0n;
+  let compatibleFeatures = 0n;
+  let autoclearFeatures = 0n;
+  let refcountOrder = 4;
+  let headerLength = 72;
+  let compressionByte = 0;
+  if (version === 3) {
+    need(104, 'version 3 header');
+    incompatibleFeatures = u64BigInt(start, 72);
+    compatibleFeatures = u64BigInt(start, 80);
+    autoclearFeatures = u64BigInt(start, 88);
+    refcountOrder = u32(start, 96);
+    headerLength = u32(start, 100);
+    if (headerLength < 104) {
+      throw new Qcow2Error('BAD_HEADER_LENGTH', `header length ${headerLength} is shorter than 104 bytes`, { path, offset: 100 });
+    }
+    if (headerLength > clusterSize) {
+      throw new Qcow2Error('BAD_HEADER_LENGTH', `header length ${headerLength} exceeds the cluster size ${clusterSize}`, { path, offset: 100 });
+    }
+    need(Math.min(headerLength, 112), 'version 3 header');
+    if (headerLength > 104) compressionByte = start[104]!;
+  }
+  if (refcountOrder > limits.maxRefcountOrder) {
+    throw new Qcow2Error('BAD_REFCOUNT_ORDER', `refcount_order ${refcountOrder} is larger than 6 (64-bit refcounts)`, { path, offset: 96 });
+  }
+
+  // Extensions sit between the header and the backing name (or the end of cluster 0).
+  const extensionsEnd = backingFileOffset !== 0 ? backingFileOffset : clusterSize;
+  if (backingFileOffset !== 0) {
+    if (backingFileOffset > clusterSize || backingFileOffset < headerLength) {
+      throw new Qcow2Error('BAD_BACKING_NAME', `backing file name offset ${backingFileOffset} is outside the header cluster`, { path, offset: 8 });
+    }
+    if (backingFileSize > limits.maxBackingNameLength || backingFileSize > clusterSize - backingFileOffset) {
+      throw new Qcow2Error('BAD_BACKING_NAME', `backing file name length ${backingFileSize} is too long`, { path, offset: 16 });
+    }
+  }
+  const parsed = parseExtensions(start, path, headerLength, Math.min(extensionsEnd, start.length));
+
+  let backingFile: string | undefined;
+  if (backingFileOffset !== 0 && backingFileSize > 0) {
+    need(backingFileOffset + backingFileSize, 'backing file name');
+    backingFile = start.toString('utf8', backingFileOffset, backingFileOffset + backingFileSize);
+    if (backingFile.includes('\0')) {
+      throw new Qcow2Error('BAD_BACKING_NAME', 'backing file name contains a NUL byte', { path, offset: backingFileOffset });
+    }
+  }
+
+  // Incompatible features: refuse what we cannot read correctly.
+  const unknown = incompatibleFeatures & ~knownIncompatibleMask;
+  if (unknown !== 0n) {
+    const names: string[] = [];
+    for (let b = 0n; b < 64n; b++) {
+      if (!bit(unknown, b)) continue;
+      const named = parsed.featureNames.find((f) => f.type === 'incompatible' && BigInt(f.bit) === b);
+      names.push(named ? `bit ${b} "${named.name}"` : `bit ${b}`);
+    }
+    throw new Qcow2Error('UNKNOWN_INCOMPATIBLE_FEATURE', `unsupported incompatible feature ${names.join(', ')}`, { path, offset: 72 });
+  }
+  const extendedL2 = bit(incompatibleFeatures, IncompatibleFeature.extendedL2);
+  if (extendedL2 && clusterBits < limits.minClusterBitsExtendedL2) {
+    throw new Qcow2Error('BAD_CLUSTER_BITS', `extended L2 entries need clusters of at least 16 KiB (cluster_bits ${clusterBits})`, { path, offset: 20 });
+  }
+  const compressionBit = bit(incompatibleFeatures, IncompatibleFeature.compressionType);
+  let compressionType: CompressionType;
+  if (compressionByte === 0) {
+    if (compressionBit) {
+      throw new Qcow2Error('BAD_COMPRESSION_TYPE', 'compression type feature bit is set but the type is zlib', { path, offset: 104 });
+    }
+    compressionType = 'zlib';
+  } else if (compressionByte === 1) {
+    if (!compressionBit) {
+      throw new Qcow2Error('BAD_COMPRESSION_TYPE', 'compression type zstd without its incompatible feature bit', { path, offset: 104 });
+    }
+    compressionType = 'zstd';
+  } else {
+    throw new Qcow2Error('BAD_COMPRESSION_TYPE', `unknown compression type ${compressionByte}`, { path, offset: 104 });
+  }
+  if (cryptMethod !== 0) {
+    const kind = cryptMethod === 1 ? 'AES' : cryptMethod === 2 ? 'LUKS' : `method ${cryptMethod}`;
+    throw new Qcow2Error('ENCRYPTED', `image is encrypted (${kind}); encrypted images are not supported`, { path, offset: 32 });
+  }
+  const hasExternalDataFile = bit(incompatibleFeatures, IncompatibleFeature.externalDataFile);
+  if (hasExternalDataFile && parsed.externalDataFile === undefined) {
+    throw new Qcow2Error('MISSING_DATA_FILE', 'image uses an external data file but does not name it', { path, offset: 72 });
+  }
+  const dataFileRaw = bit(autoclearFeatures, AutoclearFeature.dataFileRaw);
+
+  // Sizes and tables, checked before anything is allocated from them.
+  const virtualSize = Math.floor(headerSize / 512) * 512;
+  if (virtualSize > limits.maxVirtualSize) {
+    throw new Qcow2Error('VIRTUAL_SIZE_TOO_LARGE', `virtual size ${headerSize} is too large`, { path, offset: 24 });
+  }
+  const l2EntryBytes = extendedL2 ? 16 : 8;
+  const l2EntryCount = clusterSize / l2EntryBytes;
+  const bytesPerL1Entry = l2EntryCount * clusterSize;
+  const l1EntriesNeeded = Math.ceil(virtualSize / bytesPerL1Entry);
+  if (l1Size * 8 > limits.maxL1Bytes) {
+    throw new Qcow2Error('L1_TOO_LARGE', `L1 table of ${l1Size} entries exceeds ${limits.maxL1Bytes / 8}`, { path, offset: 36 });
+  }
+  if (l1EntriesNeeded * 8 > limits.maxL1Bytes) {
+    throw new Qcow2Error('VIRTUAL_SIZE_TOO_LARGE', `virtual size ${headerSize} needs an L1 table larger than QEMU allows`, { path, offset: 24 });
+  }
+  if (l1Size < l1EntriesNeeded) {
+    throw new Qcow2Error('L1_TOO_SMALL', `L1 table of ${l1Size} entries is too small for the virtual size (needs ${l1EntriesNeeded})`, { path, offset: 36 });
+  }
+  if (l1Size > 0) checkTable(path, 'L1 table', l1TableOffset, l1Size * 8, clusterSize, fileSize, 40);
+  if (refcountTableClusters * clusterSize > limits.maxRefcountTableBytes) {
+    throw new Qcow2Error('REFCOUNT_TABLE_TOO_LARGE', `refcount table of ${refcountTableClusters} clusters exceeds ${limits.maxRefcountTableBytes} bytes`, { path, offset: 56 });
+  }
+  if (refcountTableClusters === 0) {
+    throw new Qcow2Error('BAD_HEADER_FIELD', 'image has no refcount table', { path, offset: 56 });
+  }
+  checkTable(path, 'refcount table', refcountTableOffset, refcountTableClusters * clusterSize, clusterSize, fileSize, 48);
+  if (snapshotCount > limits.maxSnapshots) {
+    throw new Qcow2Error('TOO_MANY_SNAPSHOTS', `${snapshotCount} snapshots exceed the limit of ${limits.maxSnapshots}`, { path, offset: 60 });
+  }
+  if (snapshotCount > 0) checkTable(path, 'snapshot table', snapshotsOffset, 40, clusterSize, fileSize, 64);
+
+  return {
+    version,
+    backingFileOffset,
+    backingFileSize,
+    backingFile,
+    clusterBits,
+    clusterSize,
+    virtualSize,
+    headerSize,
+    cryptMethod,
+    l1Size,
+    l1TableOffset,
+    refcountTableOffset,
+    refcountTableClusters,
+    snapshotCount,
+    snapshotsOffset,
+    incompatibleFeatures,
+    compatibleFeatures,
+    autoclearFeatures,
+    refcountOrder,
+    refcountBits: 2 ** refcountOrder,
+    headerLength,
+    compressionType,
+    extendedL2,
+    dirty: bit(incompatibleFeatures, IncompatibleFeature.dirty),
+    corrupt: bit(incompatibleFeatures, IncompatibleFeature.corrupt),
+    lazyRefcounts: bit(compatibleFeatures, CompatibleFeature.lazyRefcounts),
+    hasExternalDataFile,
+    dataFileRaw,
+    backingFormat: parsed.backingFormat,
+    externalDataFile: hasExternalDataFile ? parsed.externalDataFile : undefined,
+    featureNames: parsed.featureNames,
+    bitmaps: parsed.bitmaps,
+    encryptionHeader: parsed.encryptionHeader,
+    extensions: parsed.extensions,
+    l2EntryBytes,
+    l2EntryCount,
+    l1EntriesNeeded,
+  };
+}
+
+/** A table must be cluster aligned and lie inside the file. */
+export function checkTable(path: string, what: string, offset: number, length: number, clusterSize: number, fileSize: number, fieldOffset?: number): void {
+  const at = fieldOffset ?? offset;
+  if (offset % clusterSize !== 0) {
+    throw new Qcow2Error('UNALIGNED_OFFSET', `${what} offset ${offset} is not cluster aligned`, { path, offset: at });
+  }
+  if (offset === 0) {
+    throw new Qcow2Error('BAD_HEADER_FIELD', `${what} overlaps the header at offset 0`, { path, offset: at });
+  }
+  if (offset + length > fileSize) {
+    throw new Qcow2Error('OFFSET_BEYOND_FILE', `${what} at ${offset} (+${length} bytes) lies beyond the end of the file (${fileSize} bytes)`, { path, offset: at });
+  }
+}
+
+interface ParsedExtensions {
+  backingFormat: string | undefined;
+  externalDataFile: string | undefined;
+  featureNames: FeatureName[];
+  bitmaps: BitmapsExtension | undefined;
+  encryptionHeader: { offset: number; length: number } | undefined;
+  extensions: HeaderExtension[];
+}
+
+function parseExtensions(start: Buffer, path: string, from: number, end: number): ParsedExtensions {
+  const result: ParsedExtensions = {
+    backingFormat: undefined,
+    externalDataFile: undefined,
+    featureNames: [],
+    bitmaps: undefined,
+    encryptionHeader: undefined,
+    extensions: [],
+  };
+  const seen = new Set<number>();
+  let offset = from;
+  while (offset < end) {
+    if (offset + 8 > end) {
+      throw new Qcow2Error('BAD_EXTENSION', `header extension at ${offset} runs past the end of the header area`, { path, offset });
+    }
+    const type = u32(start, offset);
+    const length = u32(start, offset + 4);
+    const dataStart = offset + 8;
+    if (type === ExtensionType.end) break;
+    if (length > end - dataStart) {
+      throw new Qcow2Error('BAD_EXTENSION', `header extension 0x${type.toString(16)} at ${offset} is too large (${length} bytes)`, { path, offset });
+    }
+    if (seen.has(type)) {
+      throw new Qcow2Error('BAD_EXTENSION', `header extension 0x${type.toString(16)} appears twice`, { path, offset });
+    }
+    seen.add(type);
+    result.extensions.push({ type, offset, length });
+    const data = start.subarray(dataStart, dataStart + length);
+    switch (type) {
+      case ExtensionType.backingFormat:
+        if (length > limits.maxBackingFormatLength) {
+          throw new Qcow2Error('BAD_EXTENSION', `backing format name of ${length} bytes is too long`, { path, offset });
+        }
+        result.backingFormat = data.toString('latin1').replace(/\0+$/, '');
+        break;
+      case ExtensionType.externalDataFile:
+        if (length > limits.maxExternalDataFileNameLength) {
+          throw new Qcow2Error('BAD_EXTENSION', `external data file name of ${length} bytes is too long`, { path, offset });
+        }
+        result.externalDataFile = data.toString('utf8').replace(/\0+$/, '');
+        break;
+      case ExtensionType.featureNameTable:
+        for (let at = 0; at + 48 <= length; at += 48) {
+          const kind = data[at]!;
+          const name = data.toString('utf8', at + 2, at + 48).replace(/\0.*$/s, '');
+          if (kind <= 2) {
+            result.featureNames.push({ type: (['incompatible', 'compatible', 'autoclear'] as const)[kind]!, bit: data[at + 1]!, name });
+          }
+        }
+        break;
+      case ExtensionType.bitmaps:
+        if (length !== 24) {
+          throw new Qcow2Error('BAD_EXTENSION', `bitmaps extension has ${length} bytes, not 24`, { path, offset });
+        }
+        result.bitmaps = {
+          count: u32(data, 0),
+          directorySize: u64Safe(data, 8, path, 'bitmap directory size', 'BAD_EXTENSION'),
+          directoryOffset: u64Safe(data, 16, path, 'bitmap directory offset', 'BAD_EXTENSION'),
+        };
+        break;
+      case ExtensionType.fullDiskEncryption:
+        if (length !== 16) {
+          throw new Qcow2Error('BAD_EXTENSION', `encryption header extension has ${length} bytes, not 16`, { path, offset });
+        }
+        result.encryptionHeader = {
+          offset: u64Safe(data, 0, path, 'encryption header offset', 'BAD_EXTENSION'),
+          length: u64Safe(data, 8, path, 'encryption header length', 'BAD_EXTENSION'),
+        };
+        break;
+      default:
+        break; // unknown extensions are skipped
+    }
+    offset = dataStart + Math.ceil(length / 8) * 8;
+  }
+  return result;
+}

@@ -1,0 +1,329 @@
+/**
+ * An opened qcow2 image with its backing chain: info, allocation map, reads.
+ */
+import { Readable } from 'node:stream';
+import { Qcow2Error } from '../errors';
+import { type NativeCopyJob, type NativeSource, native, planRunFields, PlanKind } from '../native';
+import type { CompressionType } from './header';
+import { type Layer, type LayerRun, type OpenFile, Qcow2Layer } from './layers';
+import type { PathPolicy } from './paths';
+
+export interface OpenOptions extends PathPolicy {
+  /** Read the disk as it was at this internal snapshot (id or name). */
+  snapshot?: string;
+  /** Deepest backing chain accepted (default 32). */
+  maxChainDepth?: number;
+  /** Called with warnings (corrupt bit, probed backing format); default: ignored. */
+  onWarning?: (message: string) => void;
+}
+
+export interface SnapshotInfo {
+  id: string;
+  name: string;
+  vmStateSize: number;
+  /** ISO 8601 time the snapshot was taken. */
+  date: string;
+  dateSec: number;
+  dateNsec: number;
+  vmClockNsec: number;
+  icount: number;
+  virtualSize: number;
+}
+
+export interface ImageInfo {
+  format: 'qcow2' | 'raw';
+  filename: string;
+  /** qcow2 version: 2 (compat 0.10) or 3 (compat 1.1). */
+  version?: 2 | 3;
+  virtualSize: number;
+  clusterSize?: number;
+  /** Bytes in the image file. */
+  fileSize: number;
+  /** Bytes the image file occupies on disk (qemu-img's actual-size). */
+  allocatedBytes: number;
+  compressionType?: CompressionType;
+  extendedL2?: boolean;
+  refcountBits?: number;
+  lazyRefcounts?: boolean;
+  dirty?: boolean;
+  corrupt?: boolean;
+  encrypted?: boolean;
+  backingFile?: string;
+  /** The backing file as resolved against the image's folder. */
+  fullBackingFile?: string;
+  backingFormat?: string;
+  dataFile?: string;
+  dataFileRaw?: boolean;
+  snapshots?: SnapshotInfo[];
+}
+
+/** One run of the allocation map, as `qemu-img map --output=json` reports it. */
+export interface MapEntry {
+  start: number;
+  length: number;
+  /** Index in the backing chain of the file that decided this range (0 = the image). */
+  depth: number;
+  /** Allocated in some file of the chain (qemu-img's "present"). */
+  present: boolean;
+  zero: boolean;
+  data: boolean;
+  /** Host offset in the file at `depth`, where one exists (not for compressed clusters). */
+  offset?: number;
+  /** The file holding the bytes at `offset`. */
+  filename?: string;
+}
+
+/** A run of the guest disk resolved through the backing chain. */
+export interface ResolvedRun extends LayerRun {
+  depth: number;
+  present: boolean;
+}
+
+export interface ReadStreamOptions {
+  start?: number;
+  /** Exclusive end; default the virtual size. */
+  end?: number;
+  highWaterMark?: number;
+}
+
+const compressionCodec = { zlib: 0, zstd: 1 } as const;
+
+export class Image {
+  /** @internal */
+  constructor(
+    readonly path: string,
+    /** @internal */ readonly layers: readonly Layer[],
+    readonly info: ImageInfo,
+    /** Info for each backing file, nearest first. */
+    readonly backingChain: readonly ImageInfo[],
+    private readonly options: OpenOptions,
+  ) {}
+
+  private closed = false;
+
+  get virtualSize(): number {
+    return this.layers[0]!.virtualSize;
+  }
+
+  /** Every file the image reads from (image, backing files, data files). */
+  get files(): readonly OpenFile[] {
+    const files: OpenFile[] = [];
+    for (const layer of this.layers) {
+      files.push(layer.file);
+      if (layer instanceof Qcow2Layer && layer.dataFile) files.push(layer.dataFile);
+    }
+    return files;
+  }
+
+  private check(): void {
+    if (this.closed) throw new Qcow2Error('CLOSED', 'image is closed', { path: this.path });
+  }
+
+  /** The runs of guest [start, end), each resolved to the file and depth that decides it. */
+  async resolve(start: number, end: number): Promise<ResolvedRun[]> {
+    this.check();
+    const out: ResolvedRun[] = [];
+    await this.resolveAt(0, Math.max(0, start), Math.min(end, this.virtualSize), out);
+    return out;
+  }
+
+  private async resolveAt(depth: number, start: number, end: number, out: ResolvedRun[]): Promise<void> {
+    if (start >= end) return;
+    const layer = this.layers[depth]!;
+    const runs: LayerRun[] = [];
+    await layer.status(start, end, runs);
+    const backing = this.layers[depth + 1];
+    for (const run of runs) {
+      if (run.kind !== 'unallocated') {
+        out.push({ ...run, depth, present: true });
+        continue;
+      }
+      const runEnd = run.start + run.length;
+      // QEMU: unallocated with no backing file, or past its end, reads as zeros here.
+      const insideBacking = backing ? Math.min(runEnd, backing.virtualSize) : run.start;
+      if (backing && run.start < insideBacking) await this.resolveAt(depth + 1, run.start, insideBacking, out);
+      const zeroFrom = Math.max(run.start, insideBacking);
+      if (zeroFrom < runEnd) {
+        out.push({ start: zeroFrom, length: runEnd - zeroFrom, kind: 'zero', hostOffset: 0, compressedBytes: 0, clusterStart: 0, depth, present: false });
+      }
+    }
+  }
+
+  /** The allocation map, with the same run boundaries as `qemu-img map --output=json`. */
+  async extents(): Promise<MapEntry[]> {
+    const entries: MapEntry[] = [];
+    const step = 1024 * this.mapStep();
+    for (let start = 0; start < this.virtualSize; start += step) {
+      for (const run of await this.resolve(start, Math.min(this.virtualSize, start + step))) appendMapEntry(entries, toMapEntry(run));
+    }
+    return entries;
+  }
+
+  /** Guest bytes covered by one L2 table of the top image: the natural unit of work. */
+  private mapStep(): number {
+    const top = this.layers[0]!;
+    if (top instanceof Qcow2Layer) return top.header.l2EntryCount * top.header.clusterSize;
+    return 64 * 1024 * 1024;
+  }
+
+  /**
+   * Reads guest bytes at `offset` into `buffer` (all of it, or up to the virtual
+   * size); resolves to the number of bytes read.
+   */
+  async read(buffer: Buffer | Uint8Array, offset: number): Promise<number> {
+    this.check();
+    if (!Number.isSafeInteger(offset) || offset < 0) {
+      throw new Qcow2Error('INVALID_ARGUMENT', `read offset ${offset} is not a non-negative integer`, { path: this.path });
+    }
+    const end = Math.min(this.virtualSize, offset + buffer.length);
+    if (end <= offset) return 0;
+    const runs = await this.resolve(offset, end);
+    const target = Buffer.isBuffer(buffer) ? buffer : Buffer.from(buffer.buffer, buffer.byteOffset, buffer.byteLength);
+    const plan = this.plan(runs);
+    await this.runCopy({
+      runs: plan.runs,
+      sources: plan.sources,
+      memory: target.subarray(0, end - offset),
+      memoryGuestOffset: offset,
+      threads: Math.min(4, Math.max(1, Math.ceil((end - offset) / (1 << 20)))),
+    });
+    return end - offset;
+  }
+
+  /** A readable stream of guest bytes [start, end). */
+  createReadStream(options: ReadStreamOptions = {}): Readable {
+    const image = this;
+    const start = options.start ?? 0;
+    const end = Math.min(options.end ?? this.virtualSize, this.virtualSize);
+    const chunk = options.highWaterMark ?? 4 * 1024 * 1024;
+    let position = start;
+    return new Readable({
+      highWaterMark: chunk,
+      read() {
+        if (position >= end) {
+          this.push(null);
+          return;
+        }
+        const buffer = Buffer.allocUnsafe(Math.min(chunk, end - position));
+        image.read(buffer, position).then(
+          (n) => {
+            position += n;
+            this.push(buffer.subarray(0, n));
+          },
+          (error: unknown) => this.destroy(error as Error),
+        );
+      },
+    });
+  }
+
+  /**
+   * Turns resolved runs into the native copy plan: 7 numbers a run, zeros merged,
+   * data from one file merged where host offsets continue.
+   * @internal
+   */
+  plan(runs: readonly ResolvedRun[]): { runs: Float64Array; sources: NativeSource[] } {
+    const files = this.files;
+    const sourceIndex = new Map<OpenFile, number>(files.map((f, i) => [f, i]));
+    const codecOf = new Map<OpenFile, { codec: number; clusterSize: number }>();
+    for (const layer of this.layers) {
+      if (layer instanceof Qcow2Layer) {
+        codecOf.set(layer.file, { codec: compressionCodec[layer.header.compressionType], clusterSize: layer.header.clusterSize });
+      }
+    }
+    const sources = files.map((f) => ({ fd: f.handle.fd, size: f.size, codec: codecOf.get(f)?.codec ?? 0, clusterSize: codecOf.get(f)?.clusterSize ?? 512 }));
+    const out = new Float64Array(runs.length * planRunFields);
+    let count = 0;
+    for (const run of runs) {
+      const kind = run.kind === 'data' ? PlanKind.Data : run.kind === 'compressed' ? PlanKind.Compressed : PlanKind.Zero;
+      const source = kind === PlanKind.Zero ? 0 : sourceIndex.get(run.file!)!;
+      if (count > 0) {
+        const last = (count - 1) * planRunFields;
+        const lastEnd = out[last]! + out[last + 1]!;
+        const continues =
+          lastEnd === run.start &&
+          out[last + 2] === kind &&
+          (kind === PlanKind.Zero || (kind === PlanKind.Data && out[last + 3] === source && out[last + 4]! + out[last + 1]! === run.hostOffset));
+        if (continues) {
+          out[last + 1]! += run.length;
+          continue;
+        }
+      }
+      const at = count * planRunFields;
+      out[at] = run.start;
+      out[at + 1] = run.length;
+      out[at + 2] = kind;
+      out[at + 3] = source;
+      out[at + 4] = run.hostOffset;
+      out[at + 5] = run.compressedBytes;
+      out[at + 6] = kind === PlanKind.Compressed ? run.start - run.clusterStart : 0;
+      count++;
+    }
+    return { runs: out.subarray(0, count * planRunFields), sources };
+  }
+
+  /** Runs a native copy job and turns its failure into a Qcow2Error naming the file. @internal */
+  async runCopy(job: NativeCopyJob): Promise<void> {
+    try {
+      await native().copy(job);
+    } catch (error) {
+      throw this.copyError(error);
+    }
+  }
+
+  /** @internal */
+  copyError(error: unknown): Qcow2Error {
+    const e = error as { message?: string; operation?: string; sourceIndex?: number; guestOffset?: number; hostOffset?: number; cancelled?: boolean; errno?: number };
+    if (e.cancelled) return new Qcow2Error('CANCELLED', 'cancelled', { path: this.path });
+    const file = e.sourceIndex !== undefined && e.sourceIndex >= 0 ? this.files[e.sourceIndex] : undefined;
+    const where = `guest offset ${e.guestOffset}, host offset ${e.hostOffset}`;
+    switch (e.operation) {
+      case 'decompress':
+        return new Qcow2Error('BAD_COMPRESSED_CLUSTER', `compressed cluster at ${where}: ${e.message}`, { path: file?.path ?? this.path, offset: e.hostOffset });
+      case 'read':
+        return new Qcow2Error(e.errno ? 'IO_ERROR' : 'OFFSET_BEYOND_FILE', `reading ${where}: ${e.message}`, { path: file?.path ?? this.path, offset: e.hostOffset });
+      default:
+        return new Qcow2Error('IO_ERROR', `${e.operation ?? 'copy'} failed at ${where}: ${e.message}`, { path: this.path, offset: e.hostOffset });
+    }
+  }
+
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    for (const layer of this.layers) await layer.close();
+  }
+}
+
+export function toMapEntry(run: ResolvedRun): MapEntry {
+  const entry: MapEntry = {
+    start: run.start,
+    length: run.length,
+    depth: run.depth,
+    present: run.present,
+    zero: run.kind === 'zero' || run.kind === 'zeroAllocated',
+    data: run.kind === 'data' || run.kind === 'compressed',
+  };
+  if ((run.kind === 'data' || run.kind === 'zeroAllocated') && run.file) {
+    entry.offset = run.hostOffset;
+    entry.filename = run.file.path;
+  }
+  return entry;
+}
+
+/** qemu-img map merges runs that agree in every field and continue in the host file. */
+export function appendMapEntry(entries: MapEntry[], entry: MapEntry): void {
+  const last = entries[entries.length - 1];
+  if (
+    last &&
+    last.start + last.length === entry.start &&
+    last.depth === entry.depth &&
+    last.present === entry.present &&
+    last.zero === entry.zero &&
+    last.data === entry.data &&
+    last.filename === entry.filename &&
+    (last.offset === undefined ? entry.offset === undefined : entry.offset === last.offset + last.length)
+  ) {
+    last.length += entry.length;
+    return;
+  }
+  entries.push(entry);
+}

@@ -1,0 +1,336 @@
+/**
+ * One file of a backing chain, seen as "what is at guest range [start, end) in
+ * this file alone": a qcow2 image (through its L1/L2 tables) or a raw file.
+ */
+import type { FileHandle } from 'node:fs/promises';
+import * as fs from 'node:fs/promises';
+import { Qcow2Error, ioError } from '../errors';
+import { limits } from '../limits';
+import { native, UnitKind, l2RunFields } from '../native';
+import { type Qcow2Header, headerReadSize, parseHeader, checkTable } from './header';
+import { type Qcow2Snapshot, parseSnapshotTable, snapshotTableReadSize } from './snapshots';
+
+export type LayerRunKind = 'unallocated' | 'zero' | 'zeroAllocated' | 'data' | 'compressed';
+
+/** An open file the reader takes bytes from. */
+export interface OpenFile {
+  path: string;
+  handle: FileHandle;
+  size: number;
+  device: number;
+  inode: number;
+}
+
+export interface LayerRun {
+  start: number;
+  length: number;
+  kind: LayerRunKind;
+  /** The file holding the bytes (data, zeroAllocated, compressed). */
+  file?: OpenFile;
+  hostOffset: number;
+  /** Compressed: upper bound of the stream's length. */
+  compressedBytes: number;
+  /** Compressed: guest offset where the compressed cluster begins. */
+  clusterStart: number;
+}
+
+export interface Layer {
+  readonly format: 'qcow2' | 'raw';
+  readonly file: OpenFile;
+  readonly virtualSize: number;
+  /** Appends the runs of [start, end) (end <= virtualSize) in guest order. */
+  status(start: number, end: number, out: LayerRun[]): Promise<void>;
+  close(): Promise<void>;
+}
+
+export async function openFile(path: string, what: string): Promise<OpenFile> {
+  let handle: FileHandle;
+  try {
+    handle = await fs.open(path, 'r');
+  } catch (error) {
+    throw ioError(error, path, `cannot open ${what}`);
+  }
+  try {
+    const stats = await handle.stat();
+    let size = stats.size;
+    if (stats.isBlockDevice()) size = native().blockDeviceInfo(handle.fd).sizeBytes;
+    else if (!stats.isFile()) throw new Qcow2Error('NOT_A_REGULAR_FILE', `${what} is not a regular file or block device`, { path });
+    return { path, handle, size, device: stats.dev, inode: stats.ino };
+  } catch (error) {
+    await handle.close();
+    throw ioError(error, path, `cannot open ${what}`);
+  }
+}
+
+export async function readExactly(file: OpenFile, offset: number, length: number, what: string): Promise<Buffer> {
+  if (offset + length > file.size) {
+    throw new Qcow2Error('OFFSET_BEYOND_FILE', `${what} at ${offset} (+${length} bytes) lies beyond the end of the file (${file.size} bytes)`, {
+      path: file.path,
+      offset,
+    });
+  }
+  const buffer = Buffer.allocUnsafe(length);
+  let done = 0;
+  try {
+    while (done < length) {
+      const { bytesRead } = await file.handle.read(buffer, done, length - done, offset + done);
+      if (bytesRead === 0) break;
+      done += bytesRead;
+    }
+  } catch (error) {
+    throw ioError(error, file.path, `cannot read ${what}`);
+  }
+  if (done !== length) {
+    throw new Qcow2Error('TRUNCATED', `file ends inside the ${what} at ${offset + done}`, { path: file.path, offset: offset + done });
+  }
+  return buffer;
+}
+
+/** Bounded LRU of L2 tables by host offset; concurrent misses share one read. */
+class L2Cache {
+  private readonly tables = new Map<number, Promise<Buffer>>();
+  private readonly maxTables: number;
+  constructor(tableBytes: number) {
+    this.maxTables = Math.max(4, Math.floor(limits.l2CacheBytes / tableBytes));
+  }
+  get(offset: number, load: () => Promise<Buffer>): Promise<Buffer> {
+    const hit = this.tables.get(offset);
+    if (hit) {
+      this.tables.delete(offset);
+      this.tables.set(offset, hit);
+      return hit;
+    }
+    const pending = load();
+    pending.catch(() => this.tables.delete(offset));
+    this.tables.set(offset, pending);
+    if (this.tables.size > this.maxTables) {
+      const oldest = this.tables.keys().next().value as number;
+      this.tables.delete(oldest);
+    }
+    return pending;
+  }
+}
+
+export class Qcow2Layer implements Layer {
+  readonly format = 'qcow2' as const;
+  readonly virtualSize: number;
+  private l1: Float64Array | undefined;
+  private readonly l2Cache: L2Cache;
+  private readonly l1Offset: number;
+  private readonly l1Size: number;
+
+  private constructor(
+    readonly file: OpenFile,
+    readonly header: Qcow2Header,
+    readonly snapshots: Qcow2Snapshot[],
+    readonly dataFile: OpenFile | undefined,
+    readonly snapshot: Qcow2Snapshot | undefined,
+  ) {
+    this.l2Cache = new L2Cache(header.clusterSize);
+    this.virtualSize = snapshot ? Math.floor(snapshot.virtualSize / 512) * 512 : header.virtualSize;
+    this.l1Offset = snapshot ? snapshot.l1TableOffset : header.l1TableOffset;
+    this.l1Size = snapshot ? snapshot.l1Size : header.l1Size;
+  }
+
+  /** Reads and validates the header and snapshot table of an open qcow2 file. */
+  static async readHeader(file: OpenFile): Promise<{ header: Qcow2Header; snapshots: Qcow2Snapshot[] }> {
+    const first = await readExactly(file, 0, Math.min(file.size, 112), 'qcow2 header');
+    // Cluster 0 holds the header, extensions and backing name: read it whole.
+    const clusterBits = first.length >= 24 ? first.readUInt32BE(20) : 0;
+    const clusterBytes = clusterBits >= 9 && clusterBits <= 21 ? 2 ** clusterBits : 0;
+    const start = clusterBytes > first.length ? await readExactly(file, 0, Math.min(file.size, clusterBytes, headerReadSize), 'qcow2 header') : first;
+    const header = parseHeader(start, file.path, file.size);
+    let snapshots: Qcow2Snapshot[] = [];
+    if (header.snapshotCount > 0) {
+      const table = await readExactly(file, header.snapshotsOffset, snapshotTableReadSize(header, file.size), 'snapshot table');
+      snapshots = parseSnapshotTable(table, header, file.path);
+    }
+    return { header, snapshots };
+  }
+
+  static async open(file: OpenFile, header: Qcow2Header, snapshots: Qcow2Snapshot[], dataFile: OpenFile | undefined, snapshot?: Qcow2Snapshot): Promise<Qcow2Layer> {
+    if (snapshot) {
+      if (header.hasExternalDataFile) {
+        throw new Qcow2Error('BAD_SNAPSHOT_TABLE', 'internal snapshots cannot be read from an image with an external data file', { path: file.path });
+      }
+      const needed = Math.ceil(Math.floor(snapshot.virtualSize / 512) * 512 / (header.l2EntryCount * header.clusterSize));
+      if (snapshot.l1Size * 8 > limits.maxL1Bytes) {
+        throw new Qcow2Error('L1_TOO_LARGE', `L1 table of snapshot "${snapshot.name}" has ${snapshot.l1Size} entries`, { path: file.path });
+      }
+      if (snapshot.l1Size < needed) {
+        throw new Qcow2Error('L1_TOO_SMALL', `L1 table of snapshot "${snapshot.name}" is too small for its disk size`, { path: file.path });
+      }
+      if (snapshot.l1Size > 0) checkTable(file.path, `L1 table of snapshot "${snapshot.name}"`, snapshot.l1TableOffset, snapshot.l1Size * 8, header.clusterSize, file.size);
+    }
+    return new Qcow2Layer(file, header, snapshots, dataFile, snapshot);
+  }
+
+  private async loadL1(): Promise<Float64Array> {
+    if (this.l1) return this.l1;
+    const entries = Math.min(this.l1Size, this.header.l1EntriesNeeded > 0 ? Math.ceil(this.virtualSize / (this.header.l2EntryCount * this.header.clusterSize)) : 0);
+    const raw = entries > 0 ? await readExactly(this.file, this.l1Offset, entries * 8, 'L1 table') : Buffer.alloc(0);
+    const l1 = new Float64Array(entries);
+    for (let i = 0; i < entries; i++) {
+      const hi = raw.readUInt32BE(i * 8);
+      const lo = raw.readUInt32BE(i * 8 + 4);
+      // Reserved: bits 56-62 and 0-8; the offset is bits 9-55.
+      if ((hi & 0x7f000000) !== 0 || (lo & 0x1ff) !== 0) {
+        throw new Qcow2Error('BAD_L1_ENTRY', `L1 entry ${i} has reserved bits set`, { path: this.file.path, offset: this.l1Offset + i * 8 });
+      }
+      const offset = (hi & 0x00ffffff) * 2 ** 32 + (lo >>> 0);
+      if (offset % this.header.clusterSize !== 0) {
+        throw new Qcow2Error('UNALIGNED_OFFSET', `L1 entry ${i} points at L2 table offset ${offset}, not cluster aligned`, {
+          path: this.file.path,
+          offset: this.l1Offset + i * 8,
+        });
+      }
+      if (offset !== 0 && offset + this.header.clusterSize > this.file.size) {
+        throw new Qcow2Error('OFFSET_BEYOND_FILE', `L1 entry ${i} points at L2 table offset ${offset}, beyond the end of the file`, {
+          path: this.file.path,
+          offset: this.l1Offset + i * 8,
+        });
+      }
+      l1[i] = offset;
+    }
+    this.l1 = l1;
+    return l1;
+  }
+
+  private l2Table(offset: number): Promise<Buffer> {
+    return this.l2Cache.get(offset, () => readExactly(this.file, offset, this.header.clusterSize, 'L2 table'));
+  }
+
+  async status(start: number, end: number, out: LayerRun[]): Promise<void> {
+    if (this.header.cryptMethod !== 0) {
+      throw new Qcow2Error('ENCRYPTED', 'image is encrypted; encrypted images cannot be read', { path: this.file.path });
+    }
+    const l1 = await this.loadL1();
+    const { clusterSize, clusterBits, l2EntryCount, extendedL2, hasExternalDataFile, l2EntryBytes } = this.header;
+    const tableSpan = l2EntryCount * clusterSize;
+    const unitSize = extendedL2 ? clusterSize / 32 : clusterSize;
+    const dataFile = this.dataFile ?? this.file;
+    for (let l1Index = Math.floor(start / tableSpan); l1Index * tableSpan < end; l1Index++) {
+      const tableStart = l1Index * tableSpan;
+      const rangeStart = Math.max(start, tableStart);
+      const rangeEnd = Math.min(end, tableStart + tableSpan);
+      const l2Offset = l1[l1Index] ?? 0;
+      if (l2Offset === 0) {
+        pushRun(out, { start: rangeStart, length: rangeEnd - rangeStart, kind: 'unallocated', hostOffset: 0, compressedBytes: 0, clusterStart: 0 });
+        continue;
+      }
+      const table = await this.l2Table(l2Offset);
+      const firstEntry = Math.floor((rangeStart - tableStart) / clusterSize);
+      const lastEntry = Math.ceil((rangeEnd - tableStart) / clusterSize);
+      const walk = native().walkL2(table, firstEntry, lastEntry - firstEntry, clusterBits, extendedL2, hasExternalDataFile);
+      if (walk.defect !== 0) {
+        throw new Qcow2Error('BAD_L2_ENTRY', `L2 entry ${walk.defectEntry} of the table at ${l2Offset}: ${walk.defectName}`, {
+          path: this.file.path,
+          offset: l2Offset + walk.defectEntry * l2EntryBytes,
+        });
+      }
+      const runs = walk.runs;
+      for (let r = 0; r < runs.length; r += l2RunFields) {
+        const unitStart = tableStart + runs[r]! * unitSize;
+        const unitEnd = unitStart + runs[r + 1]! * unitSize;
+        const runStart = Math.max(unitStart, rangeStart);
+        const runEnd = Math.min(unitEnd, rangeEnd);
+        if (runStart >= runEnd) continue;
+        const kindCode = runs[r + 2]!;
+        const host = runs[r + 3]!;
+        const skip = runStart - unitStart;
+        switch (kindCode) {
+          case UnitKind.Unallocated:
+            pushRun(out, { start: runStart, length: runEnd - runStart, kind: 'unallocated', hostOffset: 0, compressedBytes: 0, clusterStart: 0 });
+            break;
+          case UnitKind.Zero:
+            pushRun(out, { start: runStart, length: runEnd - runStart, kind: 'zero', hostOffset: 0, compressedBytes: 0, clusterStart: 0 });
+            break;
+          case UnitKind.ZeroAllocated:
+          case UnitKind.Data:
+            pushRun(out, {
+              start: runStart,
+              length: runEnd - runStart,
+              kind: kindCode === UnitKind.Data ? 'data' : 'zeroAllocated',
+              file: dataFile,
+              hostOffset: host + skip,
+              compressedBytes: 0,
+              clusterStart: 0,
+            });
+            break;
+          case UnitKind.Compressed:
+            if (host >= this.file.size) {
+              throw new Qcow2Error('BAD_COMPRESSED_CLUSTER', `compressed cluster at guest offset ${unitStart} points at ${host}, beyond the end of the file`, {
+                path: this.file.path,
+                offset: l2Offset,
+              });
+            }
+            out.push({ start: runStart, length: runEnd - runStart, kind: 'compressed', file: this.file, hostOffset: host, compressedBytes: runs[r + 4]!, clusterStart: unitStart });
+            break;
+          default:
+            throw new Qcow2Error('BAD_L2_ENTRY', `unexpected L2 run kind ${kindCode}`, { path: this.file.path, offset: l2Offset });
+        }
+      }
+    }
+  }
+
+  async close(): Promise<void> {
+    await this.file.handle.close();
+    if (this.dataFile) await this.dataFile.handle.close();
+  }
+}
+
+/** Appends a run, merging it into the previous one when it continues it. */
+export function pushRun(out: LayerRun[], run: LayerRun): void {
+  const last = out[out.length - 1];
+  if (
+    last &&
+    run.kind !== 'compressed' &&
+    last.kind === run.kind &&
+    last.start + last.length === run.start &&
+    last.file === run.file &&
+    (run.kind === 'unallocated' || run.kind === 'zero' || last.hostOffset + last.length === run.hostOffset)
+  ) {
+    last.length += run.length;
+    return;
+  }
+  out.push(run);
+}
+
+/**
+ * A raw file in a backing chain. QEMU sizes it in whole sectors, so the last
+ * partial sector reads as zeros; holes (SEEK_HOLE) read as zeros too.
+ */
+export class RawLayer implements Layer {
+  readonly format = 'raw' as const;
+  readonly virtualSize: number;
+  constructor(readonly file: OpenFile) {
+    this.virtualSize = Math.ceil(file.size / 512) * 512;
+  }
+
+  async status(start: number, end: number, out: LayerRun[]): Promise<void> {
+    const fd = this.file.handle.fd;
+    const addon = native();
+    let position = start;
+    const hole = (from: number, to: number) =>
+      pushRun(out, { start: from, length: to - from, kind: 'zeroAllocated', file: this.file, hostOffset: from, compressedBytes: 0, clusterStart: 0 });
+    while (position < end) {
+      const dataAt = position < this.file.size ? addon.seekData(fd, position) : -1;
+      if (dataAt < 0 || dataAt >= end) {
+        hole(position, end);
+        break;
+      }
+      if (dataAt > position) {
+        hole(position, dataAt);
+        position = dataAt;
+        continue;
+      }
+      const holeAt = Math.min(addon.seekHole(fd, position), end, this.file.size);
+      pushRun(out, { start: position, length: holeAt - position, kind: 'data', file: this.file, hostOffset: position, compressedBytes: 0, clusterStart: 0 });
+      position = holeAt;
+    }
+  }
+
+  async close(): Promise<void> {
+    await this.file.handle.close();
+  }
+}

@@ -1,0 +1,152 @@
+/** Opening an image: header, snapshot choice, the backing chain and its files. */
+import * as fs from 'node:fs/promises';
+import * as nodePath from 'node:path';
+import { Qcow2Error } from '../errors';
+import { limits } from '../limits';
+import { QCOW2_MAGIC } from './header';
+import { Image, type ImageInfo, type OpenOptions, type SnapshotInfo } from './image';
+import { type Layer, type OpenFile, Qcow2Layer, RawLayer, openFile, readExactly } from './layers';
+import { resolveExternalFile } from './paths';
+import type { Qcow2Snapshot } from './snapshots';
+
+/**
+ * Opens a qcow2 image and its backing chain, read-only.
+ *
+ * @example
+ * const image = await open('disk.qcow2');
+ * console.log(image.info.virtualSize);
+ * await image.close();
+ */
+export async function open(path: string, options: OpenOptions = {}): Promise<Image> {
+  const layers: Layer[] = [];
+  const infos: ImageInfo[] = [];
+  try {
+    const seen = new Set<string>();
+    const maxDepth = options.maxChainDepth ?? limits.maxChainDepth;
+    let current: { path: string; format: 'qcow2' | 'raw' } | undefined = { path, format: 'qcow2' };
+    while (current) {
+      if (layers.length > maxDepth) {
+        throw new Qcow2Error('BACKING_CHAIN_TOO_DEEP', `backing chain is deeper than ${maxDepth} files`, { path });
+      }
+      const file = await openFile(current.path, layers.length === 0 ? 'image' : 'backing file');
+      const identity = `${file.device}:${file.inode}`;
+      if (seen.has(identity)) {
+        await file.handle.close();
+        throw new Qcow2Error('BACKING_CHAIN_LOOP', `backing chain loops back to ${current.path}`, { path: layers[layers.length - 1]?.file.path ?? path });
+      }
+      seen.add(identity);
+      if (current.format === 'raw') {
+        const layer = new RawLayer(file);
+        layers.push(layer);
+        infos.push(await rawInfo(file, layer.virtualSize));
+        current = undefined;
+        continue;
+      }
+      const layer = await openQcow2Layer(file, layers.length === 0 ? options.snapshot : undefined, options, seen);
+      layers.push(layer);
+      infos.push(await qcow2Info(layer));
+      current = await nextInChain(layer, options);
+    }
+  } catch (error) {
+    for (const layer of layers) await layer.close().catch(() => {});
+    throw error;
+  }
+  const [info, ...backingChain] = infos;
+  return new Image(path, layers, info!, backingChain, options);
+}
+
+async function openQcow2Layer(file: OpenFile, snapshotName: string | undefined, options: OpenOptions, seen: Set<string>): Promise<Qcow2Layer> {
+  try {
+    const { header, snapshots } = await Qcow2Layer.readHeader(file);
+    if (header.corrupt) options.onWarning?.(`${file.path}: image is marked corrupt; reading it anyway`);
+    let snapshot: Qcow2Snapshot | undefined;
+    if (snapshotName !== undefined) {
+      snapshot = snapshots.find((s) => s.id === snapshotName) ?? snapshots.find((s) => s.name === snapshotName);
+      if (!snapshot) throw new Qcow2Error('SNAPSHOT_NOT_FOUND', `no snapshot with id or name "${snapshotName}"`, { path: file.path });
+    }
+    let dataFile: OpenFile | undefined;
+    if (header.externalDataFile !== undefined) {
+      const dataPath = await resolveExternalFile(file.path, header.externalDataFile, 'external data file', options);
+      dataFile = await openFile(dataPath, 'external data file');
+      seen.add(`${dataFile.device}:${dataFile.inode}`);
+    }
+    return await Qcow2Layer.open(file, header, snapshots, dataFile, snapshot);
+  } catch (error) {
+    await file.handle.close().catch(() => {});
+    throw error;
+  }
+}
+
+async function nextInChain(layer: Qcow2Layer, options: OpenOptions): Promise<{ path: string; format: 'qcow2' | 'raw' } | undefined> {
+  const { backingFile, backingFormat } = layer.header;
+  if (backingFile === undefined) return undefined;
+  const backingPath = await resolveExternalFile(layer.file.path, backingFile, 'backing file', options);
+  if (backingFormat === 'qcow2' || backingFormat === 'raw') return { path: backingPath, format: backingFormat };
+  if (backingFormat !== undefined) {
+    throw new Qcow2Error('UNSUPPORTED_BACKING_FORMAT', `backing file format "${backingFormat}" is not supported (qcow2 and raw are)`, { path: layer.file.path });
+  }
+  // Unrecorded: probe between qcow2 and raw only, and say so.
+  const probe = await openFile(backingPath, 'backing file');
+  try {
+    const magic = probe.size >= 4 ? (await readExactly(probe, 0, 4, 'backing file header')).readUInt32BE(0) : 0;
+    const format = magic === QCOW2_MAGIC ? 'qcow2' : 'raw';
+    options.onWarning?.(`${layer.file.path}: backing file format not recorded in the image; probed ${backingPath} as ${format}`);
+    return { path: backingPath, format };
+  } finally {
+    await probe.handle.close();
+  }
+}
+
+async function allocatedBytes(path: string): Promise<number> {
+  const stats = await fs.stat(path);
+  return stats.blocks * 512;
+}
+
+async function rawInfo(file: OpenFile, virtualSize: number): Promise<ImageInfo> {
+  return { format: 'raw', filename: file.path, virtualSize, fileSize: file.size, allocatedBytes: await allocatedBytes(file.path) };
+}
+
+function snapshotInfo(snapshot: Qcow2Snapshot): SnapshotInfo {
+  return {
+    id: snapshot.id,
+    name: snapshot.name,
+    vmStateSize: snapshot.vmStateSize,
+    date: new Date(snapshot.dateSec * 1000 + Math.floor(snapshot.dateNsec / 1e6)).toISOString(),
+    dateSec: snapshot.dateSec,
+    dateNsec: snapshot.dateNsec,
+    vmClockNsec: snapshot.vmClockNsec,
+    icount: snapshot.icount,
+    virtualSize: snapshot.virtualSize,
+  };
+}
+
+async function qcow2Info(layer: Qcow2Layer): Promise<ImageInfo> {
+  const h = layer.header;
+  const info: ImageInfo = {
+    format: 'qcow2',
+    filename: layer.file.path,
+    version: h.version,
+    virtualSize: layer.virtualSize,
+    clusterSize: h.clusterSize,
+    fileSize: layer.file.size,
+    allocatedBytes: await allocatedBytes(layer.file.path),
+    compressionType: h.compressionType,
+    extendedL2: h.extendedL2,
+    refcountBits: h.refcountBits,
+    lazyRefcounts: h.lazyRefcounts,
+    dirty: h.dirty,
+    corrupt: h.corrupt,
+    encrypted: h.cryptMethod !== 0,
+    snapshots: layer.snapshots.map(snapshotInfo),
+  };
+  if (h.backingFile !== undefined) {
+    info.backingFile = h.backingFile;
+    info.fullBackingFile = nodePath.resolve(nodePath.dirname(layer.file.path), h.backingFile);
+  }
+  if (h.backingFormat !== undefined) info.backingFormat = h.backingFormat;
+  if (h.externalDataFile !== undefined) {
+    info.dataFile = h.externalDataFile;
+    info.dataFileRaw = h.dataFileRaw;
+  }
+  return info;
+}
