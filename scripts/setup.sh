@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# One-step setup on Debian/Ubuntu: system packages (as root), npm dependencies and
+# the native addon, the TypeScript build, and the demo image examples/demo.qcow2.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+packages=(libdeflate-dev libzstd-dev qemu-utils g++ make python3)
+missing=()
+for pkg in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "qcow2img setup: missing ${missing[*]}; run as root or: sudo apt-get install ${missing[*]}" >&2
+    exit 1
+  fi
+  echo "qcow2img setup: installing ${missing[*]}" >&2
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+npm ci --no-audit --no-fund --loglevel=error
+npm run --silent build
+bash examples/make-demo.sh
