@@ -52,6 +52,34 @@ Napi::Value WalkL2(const Napi::CallbackInfo& info) {
   return object;
 }
 
+// A BigUint64Array field used in place by native threads (counters, hashes);
+// the reference keeps it alive until the worker completes.
+uint64_t* bigUint64Field(const Napi::Object& spec, const char* name, size_t minimumLength,
+                         std::vector<Napi::ObjectReference>& keep, size_t* length) {
+  Napi::Value value = spec.Get(name);
+  if (!value.IsTypedArray()) return nullptr;
+  auto array = value.As<Napi::TypedArray>();
+  if (array.TypedArrayType() != napi_biguint64_array || array.ElementLength() < minimumLength) {
+    return nullptr;
+  }
+  keep.push_back(Napi::Persistent(array.As<Napi::Object>()));
+  if (length) *length = array.ElementLength();
+  return reinterpret_cast<uint64_t*>(static_cast<uint8_t*>(array.ArrayBuffer().Data()) +
+                                     array.ByteOffset());
+}
+
+Napi::Object copyErrorObject(Napi::Env env, const CopyError& failure) {
+  Napi::Error error = Napi::Error::New(env, failure.message);
+  Napi::Object object = error.Value();
+  object.Set("operation", failure.operation);
+  object.Set("errno", failure.errnoValue);
+  object.Set("sourceIndex", failure.sourceIndex);
+  object.Set("guestOffset", static_cast<double>(failure.guestOffset));
+  object.Set("hostOffset", static_cast<double>(failure.hostOffset));
+  object.Set("cancelled", failure.cancelled);
+  return object;
+}
+
 class CopyWorker : public Napi::AsyncWorker {
  public:
   CopyWorker(Napi::Env env, const Napi::Object& spec)
@@ -87,15 +115,11 @@ class CopyWorker : public Napi::AsyncWorker {
     job_.zeroMode = static_cast<ZeroMode>(static_cast<int>(numberField(spec, "zeroMode")));
     job_.threads = static_cast<uint32_t>(numberField(spec, "threads", 4));
     job_.windowSize = static_cast<uint64_t>(numberField(spec, "windowSize", 1 << 20));
-    Napi::Value counters = spec.Get("counters");
-    if (counters.IsTypedArray()) {
-      auto array = counters.As<Napi::TypedArray>();
-      if (array.TypedArrayType() == napi_biguint64_array && array.ElementLength() >= 4) {
-        keep_.push_back(Napi::Persistent(array.As<Napi::Object>()));
-        job_.counters = reinterpret_cast<CopyCounters*>(
-            static_cast<uint8_t*>(array.ArrayBuffer().Data()) + array.ByteOffset());
-      }
-    }
+    job_.counters = reinterpret_cast<CopyCounters*>(bigUint64Field(spec, "counters", 4, keep_, nullptr));
+    size_t hashWords = 0;
+    job_.windowHashes = bigUint64Field(spec, "windowHashes", 2, keep_, &hashWords);
+    job_.windowHashCount = hashWords / 2;
+    job_.hashedSize = static_cast<uint64_t>(numberField(spec, "hashedSize"));
   }
 
   Napi::Promise promise() { return deferred_.Promise(); }
@@ -108,15 +132,7 @@ class CopyWorker : public Napi::AsyncWorker {
       deferred_.Resolve(env.Undefined());
       return;
     }
-    Napi::Error error = Napi::Error::New(env, result_.message);
-    Napi::Object object = error.Value();
-    object.Set("operation", result_.operation);
-    object.Set("errno", result_.errnoValue);
-    object.Set("sourceIndex", result_.sourceIndex);
-    object.Set("guestOffset", static_cast<double>(result_.guestOffset));
-    object.Set("hostOffset", static_cast<double>(result_.hostOffset));
-    object.Set("cancelled", result_.cancelled);
-    deferred_.Reject(object);
+    deferred_.Reject(copyErrorObject(env, result_));
   }
 
   void OnError(const Napi::Error& error) override { deferred_.Reject(error.Value()); }
@@ -134,6 +150,50 @@ Napi::Value Copy(const Napi::CallbackInfo& info) {
     throw Napi::TypeError::New(info.Env(), "copy(job) needs a job with runs: Float64Array");
   }
   auto* worker = new CopyWorker(info.Env(), info[0].As<Napi::Object>());
+  Napi::Promise promise = worker->promise();
+  worker->Queue();
+  return promise;
+}
+
+class VerifyWorker : public Napi::AsyncWorker {
+ public:
+  VerifyWorker(Napi::Env env, const Napi::Object& spec)
+      : Napi::AsyncWorker(env, "qcow2img:verify"), deferred_(Napi::Promise::Deferred::New(env)) {
+    job_.fd = static_cast<int>(numberField(spec, "fd", -1));
+    job_.base = static_cast<uint64_t>(numberField(spec, "base"));
+    job_.size = static_cast<uint64_t>(numberField(spec, "size"));
+    job_.windowSize = static_cast<uint64_t>(numberField(spec, "windowSize", 1 << 20));
+    job_.alignment = static_cast<uint32_t>(numberField(spec, "alignment"));
+    job_.threads = static_cast<uint32_t>(numberField(spec, "threads", 4));
+    size_t hashWords = 0;
+    job_.windowHashes = bigUint64Field(spec, "windowHashes", 2, keep_, &hashWords);
+    job_.windowHashCount = hashWords / 2;
+    job_.counters = reinterpret_cast<CopyCounters*>(bigUint64Field(spec, "counters", 4, keep_, nullptr));
+  }
+  Napi::Promise promise() { return deferred_.Promise(); }
+  void Execute() override { result_ = runVerifyJob(job_); }
+  void OnOK() override {
+    if (result_.error.failed) {
+      deferred_.Reject(copyErrorObject(Env(), result_.error));
+      return;
+    }
+    deferred_.Resolve(Napi::Number::New(Env(), static_cast<double>(result_.firstBadWindow)));
+  }
+  void OnError(const Napi::Error& error) override { deferred_.Reject(error.Value()); }
+
+ private:
+  Napi::Promise::Deferred deferred_;
+  std::vector<Napi::ObjectReference> keep_;
+  VerifyJob job_;
+  VerifyResult result_;
+};
+
+// verify(job) -> Promise<number>: the first window whose bytes differ, or -1.
+Napi::Value Verify(const Napi::CallbackInfo& info) {
+  if (info.Length() < 1 || !info[0].IsObject()) {
+    throw Napi::TypeError::New(info.Env(), "verify(job) needs a job object");
+  }
+  auto* worker = new VerifyWorker(info.Env(), info[0].As<Napi::Object>());
   Napi::Promise promise = worker->promise();
   worker->Queue();
   return promise;
@@ -176,12 +236,21 @@ Napi::Value DirectIoAlignment(const Napi::CallbackInfo& info) {
   return Napi::Number::New(info.Env(), directIoAlignment(fd));
 }
 
+Napi::Value DropCache(const Napi::CallbackInfo& info) {
+  int fd = info[0].As<Napi::Number>().Int32Value();
+  int err = dropCache(fd, static_cast<uint64_t>(info[1].As<Napi::Number>().Int64Value()),
+                      static_cast<uint64_t>(info[2].As<Napi::Number>().Int64Value()));
+  return Napi::Number::New(info.Env(), err);
+}
+
 Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("walkL2", Napi::Function::New(env, WalkL2, "walkL2"));
   exports.Set("copy", Napi::Function::New(env, Copy, "copy"));
+  exports.Set("verify", Napi::Function::New(env, Verify, "verify"));
   exports.Set("seekData", Napi::Function::New(env, SeekData, "seekData"));
   exports.Set("seekHole", Napi::Function::New(env, SeekHole, "seekHole"));
   exports.Set("blockDeviceInfo", Napi::Function::New(env, BlockDevice, "blockDeviceInfo"));
+  exports.Set("dropCache", Napi::Function::New(env, DropCache, "dropCache"));
   exports.Set("directIoAlignment", Napi::Function::New(env, DirectIoAlignment, "directIoAlignment"));
   return exports;
 }

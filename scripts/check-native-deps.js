@@ -11,6 +11,7 @@ if (fs.existsSync(prebuilt) && fs.readdirSync(prebuilt).some((f) => f.endsWith('
 const needed = [
   { header: 'libdeflate.h', pkg: 'libdeflate-dev' },
   { header: 'zstd.h', pkg: 'libzstd-dev' },
+  { header: 'xxhash.h', pkg: 'libxxhash-dev' },
 ];
 const includeDirs = ['/usr/include', '/usr/local/include', ...(process.env.CPATH || '').split(':').filter(Boolean)];
 const missing = needed.filter(({ header }) => !includeDirs.some((dir) => fs.existsSync(path.join(dir, header))));

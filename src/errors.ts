@@ -41,6 +41,8 @@ export type Qcow2ErrorCode =
   | 'TARGET_EXISTS'
   | 'TARGET_TOO_SMALL'
   | 'TARGET_IS_SOURCE'
+  | 'TARGET_IN_USE'
+  | 'VERIFY_FAILED'
   | 'INVALID_ARGUMENT'
   | 'CLOSED'
   | 'CANCELLED'

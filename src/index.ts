@@ -8,5 +8,4 @@ export { open } from './qcow2/open';
 export { Image, type ImageInfo, type MapEntry, type OpenOptions, type ReadStreamOptions, type SnapshotInfo } from './qcow2/image';
 export type { PathPolicy } from './qcow2/paths';
 export type { CompressionType } from './qcow2/header';
-export { load, type LoadOptions, type LoadResult, type Progress, type ProgressCallback } from './load/index';
-export type { DirectMode } from './load/file';
+export { load, type LoadOptions, type LoadResult, type Progress, type ProgressCallback, type DirectMode, type TargetOptions } from './load/index';

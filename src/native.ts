@@ -38,6 +38,21 @@ export interface NativeCopyJob {
   windowSize?: number;
   /** [dataBytes, zeroBytes, cancel, reserved], shared with the native threads. */
   counters?: BigUint64Array;
+  /** Two words per window of the guest disk: [written, xxh3-64], for verification. */
+  windowHashes?: BigUint64Array;
+  /** Guest bytes the hashes cover (the virtual size). */
+  hashedSize?: number;
+}
+
+export interface NativeVerifyJob {
+  fd: number;
+  base: number;
+  size: number;
+  windowSize: number;
+  alignment: number;
+  threads: number;
+  windowHashes: BigUint64Array;
+  counters?: BigUint64Array;
 }
 
 export interface NativeAddon {
@@ -50,10 +65,14 @@ export interface NativeAddon {
     externalDataFile: boolean,
   ): { runs: Float64Array; defect: number; defectEntry: number; defectName?: string };
   copy(job: NativeCopyJob): Promise<void>;
+  /** Resolves to the first window whose read-back hash differs, or -1. */
+  verify(job: NativeVerifyJob): Promise<number>;
   seekData(fd: number, offset: number): number;
   seekHole(fd: number, offset: number): number;
   blockDeviceInfo(fd: number): { sizeBytes: number; logicalBlockSize: number; physicalBlockSize: number };
   directIoAlignment(fd: number): number;
+  /** Drops cached pages of the range (and a block device's buffer cache); 0 or errno. */
+  dropCache(fd: number, offset: number, length: number): number;
 }
 
 /** Run kinds of the copy plan (native/core/copy_engine.h RunKind). */

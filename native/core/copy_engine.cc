@@ -14,6 +14,9 @@
 #include <mutex>
 #include <thread>
 
+#define XXH_INLINE_ALL
+#include <xxhash.h>
+
 namespace qcow2img {
 namespace {
 
@@ -271,6 +274,7 @@ class Engine {
       addProgress(pieces);
       return;
     }
+    if (job_.windowHashes) hashWindow(task, pieces, scratch.window->data);
 
     // Spans to write: pieces rounded out to the O_DIRECT unit, within the window.
     struct Span { uint64_t start, end; };
@@ -298,6 +302,21 @@ class Engine {
       if (!writeSpan(span.start, span.end, window + (span.start - task.start))) return;
     }
     addProgress(pieces);
+  }
+
+  // The whole window as the target must read it: pieces, zeros elsewhere.
+  void hashWindow(const Task& task, const std::vector<Piece>& pieces, uint8_t* window) {
+    uint64_t end = std::min(task.end, job_.hashedSize);
+    size_t index = static_cast<size_t>(task.start / job_.windowSize);
+    if (task.start >= end || index >= job_.windowHashCount) return;
+    uint64_t cursor = task.start;
+    for (const Piece& p : pieces) {
+      if (p.start > cursor) memset(window + (cursor - task.start), 0, p.start - cursor);
+      cursor = p.end;
+    }
+    if (cursor < end) memset(window + (cursor - task.start), 0, end - cursor);
+    job_.windowHashes[index * 2] = 1;
+    job_.windowHashes[index * 2 + 1] = XXH3_64bits(window, end - task.start);
   }
 
   void addProgress(const std::vector<Piece>& pieces) {
@@ -495,11 +514,108 @@ class Engine {
   std::unique_ptr<AlignedBuffer> zeroBuffer_;
 };
 
+class Verifier {
+ public:
+  explicit Verifier(const VerifyJob& job) : job_(job) {}
+
+  VerifyResult run() {
+    if (job_.windowSize == 0 || (job_.alignment && job_.windowSize % job_.alignment)) {
+      result_.error.failed = true;
+      result_.error.operation = "verify";
+      result_.error.message = "window size must be a multiple of the alignment";
+      return result_;
+    }
+    windows_ = (job_.size + job_.windowSize - 1) / job_.windowSize;
+    // The hash of a window that was never written, which must read back as zeros.
+    std::vector<uint8_t> zeros(job_.windowSize, 0);
+    zeroHash_ = XXH3_64bits(zeros.data(), job_.windowSize);
+    uint64_t lastLength = job_.size - (windows_ ? (windows_ - 1) * job_.windowSize : 0);
+    lastZeroHash_ = XXH3_64bits(zeros.data(), lastLength);
+    uint32_t threadCount = std::max<uint32_t>(1, std::min<uint32_t>(job_.threads, 64));
+    std::vector<std::thread> threads;
+    for (uint32_t i = 0; i < threadCount; i++) threads.emplace_back([this] { worker(); });
+    for (auto& t : threads) t.join();
+    if (!result_.error.failed && job_.counters &&
+        __atomic_load_n(&job_.counters->cancel, __ATOMIC_RELAXED)) {
+      result_.error.failed = true;
+      result_.error.cancelled = true;
+      result_.error.operation = "cancel";
+      result_.error.message = "cancelled";
+    }
+    result_.firstBadWindow = firstBad_.load() == INT64_MAX ? -1 : firstBad_.load();
+    return result_;
+  }
+
+ private:
+  void worker() {
+    AlignedBuffer buffer(job_.windowSize);
+    if (!buffer.data) return fail("out of memory", ENOMEM, 0);
+    for (;;) {
+      if (stop_.load(std::memory_order_relaxed)) return;
+      if (job_.counters && __atomic_load_n(&job_.counters->cancel, __ATOMIC_RELAXED)) return;
+      uint64_t w = next_.fetch_add(1, std::memory_order_relaxed);
+      if (w >= windows_) return;
+      // Windows past a known mismatch cannot lower the answer.
+      if (static_cast<int64_t>(w) > firstBad_.load(std::memory_order_relaxed)) return;
+      uint64_t start = w * job_.windowSize;
+      uint64_t length = std::min(job_.windowSize, job_.size - start);
+      uint64_t readLength = job_.alignment ? alignUp(length, job_.alignment) : length;
+      uint64_t done = 0;
+      while (done < length) {
+        ssize_t n = pread(job_.fd, buffer.data + done, readLength - done,
+                          static_cast<off_t>(job_.base + start + done));
+        if (n < 0 && errno == EINTR) continue;
+        if (n < 0) return fail(strerror(errno), errno, start + done);
+        if (n == 0) return fail("target ends before the image", 0, start + done);
+        done += static_cast<uint64_t>(n);
+      }
+      uint64_t actual = XXH3_64bits(buffer.data, length);
+      bool written = w < job_.windowHashCount && job_.windowHashes[w * 2] != 0;
+      uint64_t expected = written ? job_.windowHashes[w * 2 + 1]
+                                  : (length == job_.windowSize ? zeroHash_ : lastZeroHash_);
+      if (actual != expected) {
+        int64_t current = firstBad_.load();
+        while (static_cast<int64_t>(w) < current &&
+               !firstBad_.compare_exchange_weak(current, static_cast<int64_t>(w))) {
+        }
+      }
+      if (job_.counters) __atomic_fetch_add(&job_.counters->dataBytes, length, __ATOMIC_RELAXED);
+    }
+  }
+
+  void fail(const char* message, int err, uint64_t guest) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (result_.error.failed) return;
+    result_.error.failed = true;
+    result_.error.operation = "verify";
+    result_.error.message = message;
+    result_.error.errnoValue = err;
+    result_.error.guestOffset = guest;
+    result_.error.hostOffset = job_.base + guest;
+    stop_.store(true);
+  }
+
+  const VerifyJob& job_;
+  uint64_t windows_ = 0;
+  uint64_t zeroHash_ = 0;
+  uint64_t lastZeroHash_ = 0;
+  std::atomic<uint64_t> next_{0};
+  std::atomic<int64_t> firstBad_{INT64_MAX};
+  std::atomic<bool> stop_{false};
+  std::mutex mutex_;
+  VerifyResult result_;
+};
+
 }  // namespace
 
 CopyError runCopyJob(const CopyJob& job) {
   Engine engine(job);
   return engine.run();
+}
+
+VerifyResult runVerifyJob(const VerifyJob& job) {
+  Verifier verifier(job);
+  return verifier.run();
 }
 
 }  // namespace qcow2img

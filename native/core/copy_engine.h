@@ -65,6 +65,12 @@ struct CopyJob {
 
   uint32_t threads = 4;
   uint64_t windowSize = 1 << 20;
+  // Optional, for read-back verification: two words per window of the guest disk,
+  // [1, xxh3-64 of the window's bytes], set for every window holding data (windows
+  // never written hold zeros). Guest [0, hashedSize) is covered.
+  uint64_t* windowHashes = nullptr;
+  size_t windowHashCount = 0;
+  uint64_t hashedSize = 0;
   CopyCounters* counters = nullptr;
 };
 
@@ -81,5 +87,25 @@ struct CopyError {
 
 // Runs the job on `job.threads` threads and returns when all are done.
 CopyError runCopyJob(const CopyJob& job);
+
+struct VerifyJob {
+  int fd = -1;               // the target, opened for reading (O_DIRECT where possible)
+  uint64_t base = 0;         // target offset of guest 0
+  uint64_t size = 0;         // guest bytes to check
+  uint64_t windowSize = 1 << 20;
+  uint32_t alignment = 0;    // O_DIRECT unit of fd, 0 when buffered
+  const uint64_t* windowHashes = nullptr;  // as CopyJob::windowHashes
+  size_t windowHashCount = 0;
+  uint32_t threads = 4;
+  CopyCounters* counters = nullptr;  // dataBytes counts bytes read back
+};
+
+struct VerifyResult {
+  CopyError error;
+  int64_t firstBadWindow = -1;  // lowest window whose bytes differ, or -1
+};
+
+// Reads guest [0, size) back from the target and compares window hashes.
+VerifyResult runVerifyJob(const VerifyJob& job);
 
 }  // namespace qcow2img

@@ -40,4 +40,11 @@ uint32_t directIoAlignment(int fd) {
   return 0;
 }
 
+int dropCache(int fd, uint64_t offset, uint64_t length) {
+  struct stat st {};
+  if (fstat(fd, &st) == 0 && S_ISBLK(st.st_mode)) ioctl(fd, BLKFLSBUF, 0);
+  return posix_fadvise(fd, static_cast<off_t>(offset), static_cast<off_t>(length),
+                       POSIX_FADV_DONTNEED);
+}
+
 }  // namespace qcow2img

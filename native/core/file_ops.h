@@ -21,4 +21,8 @@ int blockDeviceInfo(int fd, BlockDeviceInfo* info);
 // 0 when unknown, else the larger of the memory and offset alignments.
 uint32_t directIoAlignment(int fd);
 
+// Drops cached pages of [offset, offset + length) so a read-back sees the device
+// (posix_fadvise DONTNEED; BLKFLSBUF as well on block devices). 0 or errno.
+int dropCache(int fd, uint64_t offset, uint64_t length);
+
 }  // namespace qcow2img

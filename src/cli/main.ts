@@ -6,7 +6,7 @@ import { open } from '../qcow2/open';
 import type { OpenOptions } from '../qcow2/image';
 import { load } from '../load/index';
 import type { Progress } from '../load/progress';
-import type { DirectMode } from '../load/file';
+import type { DirectMode } from '../load/target';
 import { formatInfo, formatMap, humanBytes, progressLine } from './format';
 
 const usage = `usage: qcow2img <command> [options]
@@ -15,6 +15,13 @@ commands:
   info IMAGE [--json] [--backing-chain]        describe an image (like qemu-img info)
   map IMAGE [--json]                           allocation map (like qemu-img map)
   load IMAGE TARGET [options]                  write the raw virtual disk to TARGET
+      TARGET is a file (written under a temporary name, then renamed), a block
+      device, or a disk / disk image with --partition N or --offset BYTES
+      --partition N         write into partition N (GPT or MBR) of TARGET
+      --offset BYTES        write starting at this byte of TARGET
+      --verify              read the target back and compare (O_DIRECT)
+      --target-is-zero      the target already reads zeros: skip zeroing
+      --force               write to a mounted or in-use device (never the root disk)
       --snapshot ID|NAME    read the disk as it was at an internal snapshot
       --threads N           native worker threads
       --overwrite           replace an existing target file
@@ -96,6 +103,15 @@ function progressReporter(mode: string): ((p: Progress) => void) | undefined {
   return undefined;
 }
 
+function integerOption(value: string | boolean | string[] | undefined, name: string, minimum: number): number | undefined {
+  if (value === undefined) return undefined;
+  const parsed = Number(value);
+  if (typeof value !== 'string' || !/^\d+$/.test(value) || !Number.isSafeInteger(parsed) || parsed < minimum) {
+    throw new UsageError(`${name} must be an integer of at least ${minimum}`);
+  }
+  return parsed;
+}
+
 async function loadCommand(args: string[]): Promise<void> {
   const { values, positionals } = parse(args, {
     snapshot: { type: 'string' },
@@ -103,6 +119,11 @@ async function loadCommand(args: string[]): Promise<void> {
     overwrite: { type: 'boolean' },
     direct: { type: 'string' },
     progress: { type: 'string' },
+    partition: { type: 'string' },
+    offset: { type: 'string' },
+    verify: { type: 'boolean' },
+    'target-is-zero': { type: 'boolean' },
+    force: { type: 'boolean' },
   });
   needPositionals(positionals, 2, 'IMAGE TARGET');
   const direct = (values.direct as string | undefined) ?? 'auto';
@@ -114,6 +135,8 @@ async function loadCommand(args: string[]): Promise<void> {
     threads = Number(values.threads);
     if (!Number.isInteger(threads) || threads < 1 || threads > 64) throw new UsageError('--threads must be an integer from 1 to 64');
   }
+  const partition = integerOption(values.partition, '--partition', 1);
+  const offset = integerOption(values.offset, '--offset', 0);
   const controller = new AbortController();
   const onSignal = () => controller.abort();
   process.once('SIGINT', onSignal);
@@ -125,6 +148,11 @@ async function loadCommand(args: string[]): Promise<void> {
       ...(values.snapshot !== undefined ? { snapshot: values.snapshot as string } : {}),
       ...(threads !== undefined ? { threads } : {}),
       ...(onProgress ? { onProgress } : {}),
+      ...(partition !== undefined ? { partition } : {}),
+      ...(offset !== undefined ? { offset } : {}),
+      verify: values.verify === true,
+      targetIsZero: values['target-is-zero'] === true,
+      force: values.force === true,
       overwrite: values.overwrite === true,
       direct: direct as DirectMode,
       signal: controller.signal,
@@ -136,7 +164,7 @@ async function loadCommand(args: string[]): Promise<void> {
     } else {
       const rate = result.seconds > 0 ? result.virtualSize / result.seconds : 0;
       process.stderr.write(
-        `qcow2img: loaded ${humanBytes(result.virtualSize)} into ${result.target} in ${result.seconds.toFixed(2)} s (${humanBytes(rate)}/s; ${humanBytes(result.dataBytes)} data, ${humanBytes(result.zeroBytes)} zero${result.direct ? ', O_DIRECT' : ''})\n`,
+        `qcow2img: loaded ${humanBytes(result.virtualSize)} into ${result.target}${result.offset ? ` at offset ${result.offset}` : ''} in ${result.seconds.toFixed(2)} s (${humanBytes(rate)}/s; ${humanBytes(result.dataBytes)} data, ${humanBytes(result.zeroBytes)} zero${result.direct ? ', O_DIRECT' : ''}${result.verified ? ', verified' : ''})\n`,
       );
     }
   } finally {

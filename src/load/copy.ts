@@ -22,6 +22,8 @@ export interface CopyTarget {
   alignment: number;
   /** 0 skip (target reads zeros), 1 write zeros, 2 BLKZEROOUT, 3 punch holes. */
   zeroMode: number;
+  /** Filled with [written, xxh3] per window of copyWindowSize() bytes, for verification. */
+  windowHashes?: BigUint64Array;
 }
 
 export interface CopyOptions {
@@ -35,6 +37,12 @@ export function defaultThreads(): number {
   return Math.max(8, os.availableParallelism() * 4);
 }
 
+/** Guest bytes per native task: 1 MiB, or a whole cluster or O_DIRECT unit if larger. */
+export function copyWindowSize(image: Image, alignment: number): number {
+  const maxCluster = Math.max(...image.layers.map((l) => (l instanceof Qcow2Layer ? l.header.clusterSize : 0)));
+  return Math.max(1 << 20, maxCluster, alignment);
+}
+
 export async function copyImage(image: Image, target: CopyTarget, options: CopyOptions = {}): Promise<{ dataBytes: number; zeroBytes: number; seconds: number }> {
   const size = image.virtualSize;
   const counters = new BigUint64Array(4);
@@ -44,8 +52,7 @@ export async function copyImage(image: Image, target: CopyTarget, options: CopyO
   };
   if (options.signal?.aborted) throw new Qcow2Error('CANCELLED', 'cancelled before the first byte', { path: image.path });
   options.signal?.addEventListener('abort', abort, { once: true });
-  const maxCluster = Math.max(...image.layers.map((l) => (l instanceof Qcow2Layer ? l.header.clusterSize : 0)), 1 << 20);
-  const windowSize = Math.max(maxCluster, target.alignment);
+  const windowSize = copyWindowSize(image, target.alignment);
   sampler.start();
   try {
     let pending: Promise<void> | undefined;
@@ -67,6 +74,7 @@ export async function copyImage(image: Image, target: CopyTarget, options: CopyO
         threads: options.threads ?? defaultThreads(),
         windowSize,
         counters,
+        ...(target.windowHashes ? { windowHashes: target.windowHashes, hashedSize: size } : {}),
       });
       // A rejection is awaited on the next turn or below; do not let it go unhandled meanwhile.
       pending.catch(() => {});

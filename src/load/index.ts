@@ -1,31 +1,129 @@
-/** `load`: write an image's virtual disk onto a target. */
+/** `load`: write an image's virtual disk onto a file, a device or a partition. */
 import * as fs from 'node:fs/promises';
-import * as nodePath from 'node:path';
 import { Qcow2Error } from '../errors';
-import { Image, type OpenOptions } from '../qcow2/image';
+import { native } from '../native';
+import type { Image, OpenOptions } from '../qcow2/image';
 import { open } from '../qcow2/open';
-import { loadToFile, type LoadResult, type LoadToFileOptions } from './file';
+import { copyImage, copyWindowSize, defaultThreads, type CopyOptions } from './copy';
+import { openTarget, type OpenTarget, type TargetOptions } from './target';
 
-export type { LoadResult } from './file';
 export type { Progress, ProgressCallback } from './progress';
+export type { DirectMode, TargetOptions } from './target';
 
-export interface LoadOptions extends LoadToFileOptions, OpenOptions {}
+export interface LoadOptions extends OpenOptions, TargetOptions, CopyOptions {
+  /** Read the target back (O_DIRECT) and compare with hashes taken while writing. */
+  verify?: boolean;
+  /** Called after the data is flushed and before it is read back (tests, inspection). */
+  beforeVerify?: () => Promise<void> | void;
+}
+
+export interface LoadResult {
+  /** What was written: the file, or the device (or partition node). */
+  target: string;
+  kind: 'file' | 'file-region' | 'device';
+  /** Target byte where the disk starts. */
+  offset: number;
+  virtualSize: number;
+  dataBytes: number;
+  zeroBytes: number;
+  /** Writing and flushing, without the read-back. */
+  seconds: number;
+  direct: boolean;
+  verified: boolean;
+}
 
 /**
- * Loads the raw virtual disk of `source` (a path or an open Image) into `target`.
+ * Loads the raw virtual disk of `source` (a path or an open Image) onto `target`:
+ * a regular file (made under a temporary name and renamed when complete), a block
+ * device, `partition` N of a disk or disk image, or `offset` bytes into either.
  *
  * @example
- * await load('disk.qcow2', '/var/lib/vm/disk.raw', { onProgress: (p) => console.log(p.bytesDone) });
+ * await load('disk.qcow2', '/dev/sdb', { partition: 2, verify: true, onProgress: (p) => console.log(p.bytesDone) });
  */
 export async function load(source: string | Image, target: string, options: LoadOptions = {}): Promise<LoadResult> {
-  const stats = await fs.stat(nodePath.resolve(target)).catch(() => undefined);
-  if (stats?.isBlockDevice()) {
-    throw new Qcow2Error('INVALID_ARGUMENT', 'block device targets are not supported yet', { path: target });
-  }
   const image = typeof source === 'string' ? await open(source, options) : source;
   try {
-    return await loadToFile(image, target, options);
+    const opened = await openTarget(image, target, options);
+    try {
+      const windowSize = copyWindowSize(image, opened.alignment);
+      const windowHashes = options.verify ? new BigUint64Array(Math.ceil(image.virtualSize / windowSize) * 2) : undefined;
+      const copied = await copyImage(
+        image,
+        { fd: opened.fd, tailFd: opened.tailFd, base: opened.base, alignment: opened.alignment, zeroMode: opened.zeroMode, ...(windowHashes ? { windowHashes } : {}) },
+        options,
+      );
+      options.onProgress?.({ phase: 'flush', bytesDone: image.virtualSize, bytesTotal: image.virtualSize, dataBytes: copied.dataBytes, zeroBytes: copied.zeroBytes, elapsedSeconds: copied.seconds, bytesPerSecond: 0, etaSeconds: 0 });
+      const flushStart = process.hrtime.bigint();
+      if (windowHashes) {
+        // Verify before the rename, so a bad copy never appears under the final name.
+        await opened.flush();
+        await options.beforeVerify?.();
+        await verifyTarget(image, opened, windowHashes, windowSize, options);
+      }
+      await opened.finish();
+      const seconds = copied.seconds + Number(process.hrtime.bigint() - flushStart) / 1e9;
+      return { target: opened.path, kind: opened.kind, offset: opened.base, virtualSize: image.virtualSize, dataBytes: copied.dataBytes, zeroBytes: copied.zeroBytes, seconds, direct: opened.direct, verified: windowHashes !== undefined };
+    } catch (error) {
+      await opened.abort();
+      throw error;
+    }
   } finally {
     if (typeof source === 'string') await image.close();
   }
+}
+
+async function verifyTarget(image: Image, target: OpenTarget, windowHashes: BigUint64Array, windowSize: number, options: LoadOptions): Promise<void> {
+  const reader = await target.openForVerify();
+  try {
+    const counters = new BigUint64Array(4);
+    const abort = () => {
+      counters[2] = 1n;
+    };
+    options.signal?.addEventListener('abort', abort, { once: true });
+    let firstBad: number;
+    try {
+      firstBad = await native().verify({
+        fd: reader.fd,
+        base: target.base,
+        size: image.virtualSize,
+        windowSize,
+        alignment: reader.alignment,
+        threads: options.threads ?? defaultThreads(),
+        windowHashes,
+        counters,
+      });
+    } catch (error) {
+      const e = error as { cancelled?: boolean; message?: string; hostOffset?: number };
+      if (e.cancelled) throw new Qcow2Error('CANCELLED', 'cancelled during verification; the target is written but unverified', { path: target.path });
+      throw new Qcow2Error('IO_ERROR', `reading the target back failed: ${e.message}`, { path: target.path, ...(e.hostOffset !== undefined ? { offset: e.hostOffset } : {}) });
+    } finally {
+      options.signal?.removeEventListener('abort', abort);
+    }
+    if (firstBad >= 0) {
+      const offset = await firstDifference(image, reader.fd, target.base, firstBad * windowSize, windowSize);
+      throw new Qcow2Error('VERIFY_FAILED', `verification failed: the target differs from the image at byte ${offset} of the disk (target offset ${target.base + offset})`, {
+        path: target.path,
+        offset: target.base + offset,
+      });
+    }
+  } finally {
+    await reader.close();
+  }
+}
+
+/** The exact first differing byte inside a window whose hash did not match. */
+async function firstDifference(image: Image, fd: number, base: number, windowStart: number, windowSize: number): Promise<number> {
+  const length = Math.min(windowSize, image.virtualSize - windowStart);
+  const expected = Buffer.alloc(length);
+  await image.read(expected, windowStart);
+  // Buffered read (the O_DIRECT fd needs aligned buffers): cache was dropped or bypassed.
+  const actual = Buffer.alloc(length);
+  const handle = await fs.open(`/proc/self/fd/${fd}`, 'r');
+  try {
+    await handle.read(actual, 0, length, base + windowStart);
+  } finally {
+    await handle.close();
+  }
+  for (let i = 0; i < length; i++) if (expected[i] !== actual[i]) return windowStart + i;
+  return windowStart;
 }

@@ -1,0 +1,74 @@
+/**
+ * Refusals before the first byte reaches a block device: mounted (itself or one of
+ * its partitions), active swap, held by device-mapper or md, holding the root
+ * filesystem, or backed by one of the image's own files (loop devices).
+ */
+import * as fs from 'node:fs/promises';
+import * as nodePath from 'node:path';
+import { Qcow2Error } from '../errors';
+
+export interface DeviceUse {
+  /** Why the device is in use, for the error message; undefined when it is free. */
+  reason: string | undefined;
+  /** The device holds the root filesystem: refused even with --force. */
+  holdsRoot: boolean;
+}
+
+function majorMinor(rdev: number): string {
+  // Linux dev_t: major in bits 8-19 (and 32+), minor in bits 0-7 and 20-31.
+  const major = ((rdev >> 8) & 0xfff) | (Math.floor(rdev / 2 ** 32) & ~0xfff);
+  const minor = (rdev & 0xff) | ((rdev >> 12) & ~0xff);
+  return `${major}:${minor}`;
+}
+
+/** maj:min of the device and of each of its partitions (sysfs). */
+async function deviceFamily(rdev: number): Promise<{ self: string; all: Set<string>; sysfs: string | undefined }> {
+  const self = majorMinor(rdev);
+  const all = new Set([self]);
+  let sysfs: string | undefined;
+  try {
+    sysfs = await fs.realpath(`/sys/dev/block/${self}`);
+    for (const entry of await fs.readdir(sysfs)) {
+      const dev = await fs.readFile(nodePath.join(sysfs, entry, 'dev'), 'utf8').catch(() => undefined);
+      if (dev && (await fs.stat(nodePath.join(sysfs, entry, 'partition')).catch(() => undefined))) all.add(dev.trim());
+    }
+  } catch {
+    // No sysfs entry: only the device itself can be checked.
+  }
+  return { self, all, sysfs };
+}
+
+function unescapeMount(path: string): string {
+  return path.replace(/\\([0-7]{3})/g, (_m, octal: string) => String.fromCharCode(parseInt(octal, 8)));
+}
+
+export async function deviceInUse(devicePath: string, rdev: number, imageFiles: readonly string[]): Promise<DeviceUse> {
+  const family = await deviceFamily(rdev);
+  const mountinfo = await fs.readFile('/proc/self/mountinfo', 'utf8').catch(() => '');
+  let reason: string | undefined;
+  let holdsRoot = false;
+  for (const line of mountinfo.split('\n')) {
+    const fields = line.split(' ');
+    if (fields.length < 5 || !family.all.has(fields[2]!)) continue;
+    const mountPoint = unescapeMount(fields[4]!);
+    if (mountPoint === '/') holdsRoot = true;
+    reason ??= `mounted at ${mountPoint}${fields[2] === family.self ? '' : ' (a partition of it)'}`;
+  }
+  if (holdsRoot) return { reason: 'holds the root filesystem', holdsRoot };
+  const swaps = await fs.readFile('/proc/swaps', 'utf8').catch(() => '');
+  for (const line of swaps.split('\n').slice(1)) {
+    const name = line.split(/\s+/)[0];
+    if (!name) continue;
+    const stats = await fs.stat(unescapeMount(name)).catch(() => undefined);
+    if (stats?.isBlockDevice() && family.all.has(majorMinor(stats.rdev))) reason ??= `active swap (${name})`;
+  }
+  if (family.sysfs) {
+    const holders = await fs.readdir(nodePath.join(family.sysfs, 'holders')).catch(() => []);
+    if (holders.length > 0) reason ??= `held by ${holders.join(', ')} (device-mapper or md)`;
+    const backing = await fs.readFile(nodePath.join(family.sysfs, 'loop', 'backing_file'), 'utf8').catch(() => undefined);
+    if (backing && imageFiles.includes(backing.trim())) {
+      throw new Qcow2Error('TARGET_IS_SOURCE', `loop device is backed by ${backing.trim()}, which the image reads from`, { path: devicePath });
+    }
+  }
+  return { reason, holdsRoot };
+}

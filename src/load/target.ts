@@ -1,0 +1,326 @@
+/**
+ * Where `load` writes: a new regular file (temporary name, renamed when done), a
+ * region of an existing file (--offset, --partition of a disk image), or a block
+ * device (whole, a partition, or an offset), with every refusal made before the
+ * first byte is written.
+ */
+import { randomBytes } from 'node:crypto';
+import { constants as fsConstants } from 'node:fs';
+import * as fs from 'node:fs/promises';
+import * as nodePath from 'node:path';
+import { Qcow2Error, ioError } from '../errors';
+import { native, ZeroMode } from '../native';
+import type { Image } from '../qcow2/image';
+import { findPartition } from './partitions';
+import { deviceInUse } from './safety';
+
+export type DirectMode = 'auto' | 'always' | 'never';
+
+export interface TargetOptions {
+  /** Replace an existing regular file (default: refuse). */
+  overwrite?: boolean;
+  /** O_DIRECT where the target allows it (auto, the default), required, or never. */
+  direct?: DirectMode;
+  /** Write into partition N of the disk or disk image (GPT or MBR). */
+  partition?: number;
+  /** Write starting at this byte of the device or file. */
+  offset?: number;
+  /** Write to a device even when it is mounted or in use (never when it holds /). */
+  force?: boolean;
+  /** The target already reads as zeros: skip zero ranges instead of zeroing them. */
+  targetIsZero?: boolean;
+  /** Notices such as "O_DIRECT refused, writing buffered". */
+  onNotice?: (message: string) => void;
+}
+
+export interface OpenTarget {
+  kind: 'file' | 'file-region' | 'device';
+  /** The target as the user named it (resolved). */
+  path: string;
+  fd: number;
+  tailFd: number;
+  /** Target byte where guest offset 0 lands. */
+  base: number;
+  alignment: number;
+  zeroMode: number;
+  direct: boolean;
+  /** Opens the target for reading back what was written. */
+  openForVerify(): Promise<{ fd: number; alignment: number; close(): Promise<void> }>;
+  /** fdatasync: the bytes written so far are on the device. */
+  flush(): Promise<void>;
+  /** Flushes and, for new files, renames into place. */
+  finish(): Promise<void>;
+  /** Closes and removes what a new file left behind. */
+  abort(): Promise<void>;
+}
+
+const O_DIRECT = fsConstants.O_DIRECT;
+/** O_EXCL on a block device: the kernel refuses it while mounted or claimed. */
+const O_EXCL = fsConstants.O_EXCL;
+
+async function openMaybeDirect(path: string, flags: number, mode: DirectMode, notice: (m: string) => void, why: string): Promise<{ handle: fs.FileHandle; direct: boolean }> {
+  if (mode !== 'never') {
+    try {
+      return { handle: await fs.open(path, flags | O_DIRECT, 0o644), direct: true };
+    } catch (error) {
+      if (mode === 'always' || (error as NodeJS.ErrnoException).code !== 'EINVAL') throw error;
+      notice(`${path}: O_DIRECT refused (${why}); writing through the page cache`);
+    }
+  }
+  return { handle: await fs.open(path, flags, 0o644), direct: false };
+}
+
+function checkOffset(offset: number | undefined, path: string): void {
+  if (offset !== undefined && (!Number.isSafeInteger(offset) || offset < 0)) {
+    throw new Qcow2Error('INVALID_ARGUMENT', `offset ${offset} is not a non-negative integer`, { path });
+  }
+}
+
+export async function openTarget(image: Image, targetPath: string, options: TargetOptions): Promise<OpenTarget> {
+  const path = nodePath.resolve(targetPath);
+  checkOffset(options.offset, path);
+  if (options.offset !== undefined && options.partition !== undefined) {
+    throw new Qcow2Error('INVALID_ARGUMENT', '--offset and --partition cannot be combined', { path });
+  }
+  const stats = await fs.stat(path).catch(() => undefined);
+  if (stats && image.files.some((f) => f.device === stats.dev && f.inode === stats.ino)) {
+    throw new Qcow2Error('TARGET_IS_SOURCE', 'target is the image itself or one of its backing or data files', { path });
+  }
+  if (stats?.isBlockDevice()) return openDevice(image, path, stats.rdev, options);
+  if (stats && !stats.isFile()) throw new Qcow2Error('INVALID_ARGUMENT', 'target is neither a regular file nor a block device', { path });
+  if (options.partition !== undefined || options.offset !== undefined) return openFileRegion(image, path, stats !== undefined, options);
+  if (stats && !options.overwrite) {
+    throw new Qcow2Error('TARGET_EXISTS', 'target exists; pass --overwrite (overwrite: true) to replace it', { path });
+  }
+  return openNewFile(image, path, options);
+}
+
+async function openNewFile(image: Image, path: string, options: TargetOptions): Promise<OpenTarget> {
+  const temporary = nodePath.join(nodePath.dirname(path), `.${nodePath.basename(path)}.qcow2img-${process.pid}-${randomBytes(4).toString('hex')}.tmp`);
+  const notice = options.onNotice ?? (() => {});
+  let main: fs.FileHandle | undefined;
+  let tail: fs.FileHandle | undefined;
+  let direct = false;
+  try {
+    ({ handle: main, direct } = await openMaybeDirect(temporary, fsConstants.O_WRONLY | fsConstants.O_CREAT | fsConstants.O_EXCL, options.direct ?? 'auto', notice, 'filesystem'));
+    tail = await fs.open(temporary, fsConstants.O_WRONLY);
+    // A new file of the exact size reads zeros everywhere: zero ranges stay holes.
+    await main.truncate(image.virtualSize);
+  } catch (error) {
+    await tail?.close().catch(() => {});
+    await main?.close().catch(() => {});
+    await fs.unlink(temporary).catch(() => {});
+    throw ioError(error, path, 'cannot create the target file');
+  }
+  const mainHandle = main;
+  const tailHandle = tail;
+  let closed = false;
+  const close = async () => {
+    if (closed) return;
+    closed = true;
+    await tailHandle.close().catch(() => {});
+    await mainHandle.close().catch(() => {});
+  };
+  return {
+    kind: 'file',
+    path,
+    fd: mainHandle.fd,
+    tailFd: tailHandle.fd,
+    base: 0,
+    alignment: direct ? Math.max(native().directIoAlignment(mainHandle.fd), 512) : 0,
+    zeroMode: ZeroMode.Skip,
+    direct,
+    openForVerify: () => openReadBack(temporary, direct, image.virtualSize, 0),
+    flush: () => flushBoth(mainHandle, tailHandle, path),
+    async finish() {
+      await flushBoth(mainHandle, tailHandle, path);
+      await close();
+      await fs.rename(temporary, path).catch((error) => {
+        throw ioError(error, path, 'cannot rename the finished file into place');
+      });
+    },
+    async abort() {
+      await close();
+      await fs.unlink(temporary).catch(() => {});
+    },
+  };
+}
+
+async function flushBoth(main: fs.FileHandle, tail: fs.FileHandle, path: string): Promise<void> {
+  try {
+    await tail.datasync();
+    await main.datasync();
+  } catch (error) {
+    // A failed fdatasync leaves the data in doubt; it is never retried into a success.
+    throw ioError(error, path, 'flushing the target failed');
+  }
+}
+
+async function openReadBack(path: string, direct: boolean, length: number, base: number) {
+  const { handle, direct: readDirect } = await openMaybeDirect(path, fsConstants.O_RDONLY, direct ? 'auto' : 'never', () => {}, 'read-back');
+  // Without O_DIRECT a read-back could be served from the page cache and prove nothing.
+  if (!readDirect) native().dropCache(handle.fd, base, length);
+  const stats = await handle.stat();
+  const alignment = readDirect ? (stats.isBlockDevice() ? native().blockDeviceInfo(handle.fd).logicalBlockSize : Math.max(native().directIoAlignment(handle.fd), 512)) : 0;
+  return { fd: handle.fd, alignment, close: () => handle.close() };
+}
+
+/** Shared by file regions and devices: a target written in place, flushed at the end. */
+function inPlaceTarget(kind: 'file-region' | 'device', path: string, main: fs.FileHandle, tail: fs.FileHandle, base: number, alignment: number, zeroMode: number, direct: boolean, length: number): OpenTarget {
+  let closed = false;
+  const close = async () => {
+    if (closed) return;
+    closed = true;
+    await tail.close().catch(() => {});
+    await main.close().catch(() => {});
+  };
+  return {
+    kind,
+    path,
+    fd: main.fd,
+    tailFd: tail.fd,
+    base,
+    alignment,
+    zeroMode,
+    direct,
+    openForVerify: () => openReadBack(path, direct, length, base),
+    flush: () => flushBoth(main, tail, path),
+    async finish() {
+      await flushBoth(main, tail, path);
+      await close();
+    },
+    abort: close,
+  };
+}
+
+async function openFileRegion(image: Image, path: string, exists: boolean, options: TargetOptions): Promise<OpenTarget> {
+  const notice = options.onNotice ?? (() => {});
+  if (options.partition !== undefined && !exists) {
+    throw new Qcow2Error('INVALID_ARGUMENT', 'target does not exist; --partition needs a disk image', { path });
+  }
+  let base = options.offset ?? 0;
+  if (options.partition !== undefined) {
+    const handle = await fs.open(path, 'r');
+    try {
+      const size = (await handle.stat()).size;
+      const partition = await findPartition(handle, size, options.partition, path);
+      if (partition.sizeBytes < image.virtualSize) {
+        throw new Qcow2Error('TARGET_TOO_SMALL', `partition ${options.partition} (${partition.sizeBytes} bytes) is smaller than the image's virtual size (${image.virtualSize} bytes)`, { path });
+      }
+      base = partition.start;
+    } finally {
+      await handle.close();
+    }
+  }
+  const flags = fsConstants.O_WRONLY | (exists ? 0 : fsConstants.O_CREAT);
+  let main: fs.FileHandle | undefined;
+  try {
+    const direct = options.direct ?? 'auto';
+    const opened = await openMaybeDirect(path, flags, direct, notice, 'filesystem');
+    main = opened.handle;
+    let alignment = opened.direct ? Math.max(native().directIoAlignment(main.fd), 512) : 0;
+    if (alignment && base % alignment !== 0) {
+      if (direct === 'always') throw new Qcow2Error('INVALID_ARGUMENT', `offset ${base} is not a multiple of the O_DIRECT unit ${alignment}`, { path });
+      notice(`${path}: offset ${base} is not a multiple of ${alignment}; writing through the page cache`);
+      await main.close();
+      main = await fs.open(path, flags, 0o644);
+      alignment = 0;
+    }
+    const tail = await fs.open(path, fsConstants.O_WRONLY);
+    // Old bytes in the region must read back as zeros where the image has none.
+    const zeroMode = options.targetIsZero ? ZeroMode.Skip : ZeroMode.PunchHole;
+    return inPlaceTarget('file-region', path, main, tail, base, alignment, zeroMode, alignment !== 0, image.virtualSize);
+  } catch (error) {
+    await main?.close().catch(() => {});
+    throw ioError(error, path, 'cannot open the target file');
+  }
+}
+
+/** The partition's own device node (sda2, nvme0n1p2), when the kernel made one. */
+async function partitionNode(diskRdev: number, number: number): Promise<string | undefined> {
+  const major = (diskRdev >> 8) & 0xfff;
+  const minor = (diskRdev & 0xff) | ((diskRdev >> 12) & ~0xff);
+  try {
+    const sysfs = await fs.realpath(`/sys/dev/block/${major}:${minor}`);
+    for (const entry of await fs.readdir(sysfs)) {
+      const value = await fs.readFile(nodePath.join(sysfs, entry, 'partition'), 'utf8').catch(() => undefined);
+      if (value?.trim() === String(number)) {
+        const node = `/dev/${entry}`;
+        const stats = await fs.stat(node).catch(() => undefined);
+        if (stats?.isBlockDevice()) return node;
+      }
+    }
+  } catch {
+    // no sysfs: fall back to the whole disk and an offset
+  }
+  return undefined;
+}
+
+async function openDevice(image: Image, path: string, rdev: number, options: TargetOptions): Promise<OpenTarget> {
+  const notice = options.onNotice ?? (() => {});
+  let devicePath = path;
+  let deviceRdev = rdev;
+  let base = options.offset ?? 0;
+  let limit: number | undefined;
+  let what = 'device';
+  const probe = await fs.open(path, 'r').catch((error) => {
+    throw ioError(error, path, 'cannot open the target device');
+  });
+  try {
+    const device = native().blockDeviceInfo(probe.fd);
+    limit = device.sizeBytes;
+    if (options.partition !== undefined) {
+      const partition = await findPartition(probe, device.sizeBytes, options.partition, path, device.logicalBlockSize);
+      what = `partition ${options.partition}`;
+      if (partition.sizeBytes < image.virtualSize) {
+        throw new Qcow2Error('TARGET_TOO_SMALL', `${what} (${partition.sizeBytes} bytes) is smaller than the image's virtual size (${image.virtualSize} bytes)`, { path });
+      }
+      const node = await partitionNode(rdev, options.partition);
+      if (node) {
+        devicePath = node;
+        deviceRdev = (await fs.stat(node)).rdev;
+        base = 0;
+        limit = partition.sizeBytes;
+      } else {
+        base = partition.start;
+        limit = partition.start + partition.sizeBytes;
+      }
+    }
+  } finally {
+    await probe.close();
+  }
+  if (base + image.virtualSize > limit) {
+    throw new Qcow2Error('TARGET_TOO_SMALL', `${what} (${limit - base} bytes from offset ${base}) is smaller than the image's virtual size (${image.virtualSize} bytes)`, { path });
+  }
+  const use = await deviceInUse(devicePath, deviceRdev, image.files.map((f) => f.path));
+  if (use.holdsRoot) throw new Qcow2Error('TARGET_IN_USE', `refusing to write: ${devicePath} holds the root filesystem`, { path: devicePath });
+  if (use.reason && !options.force) {
+    throw new Qcow2Error('TARGET_IN_USE', `refusing to write: ${devicePath} is ${use.reason}; pass --force to write anyway`, { path: devicePath });
+  }
+  const direct = options.direct ?? 'auto';
+  const exclusive = options.force ? 0 : O_EXCL;
+  let main: fs.FileHandle | undefined;
+  try {
+    const opened = await openMaybeDirect(devicePath, fsConstants.O_WRONLY | exclusive, direct, notice, 'device');
+    main = opened.handle;
+    let alignment = opened.direct ? native().blockDeviceInfo(main.fd).logicalBlockSize : 0;
+    if (alignment && base % alignment !== 0) {
+      if (direct === 'always') throw new Qcow2Error('INVALID_ARGUMENT', `offset ${base} is not a multiple of the logical block size ${alignment}`, { path });
+      notice(`${devicePath}: offset ${base} is not a multiple of ${alignment}; writing through the page cache`);
+      await main.close();
+      main = await fs.open(devicePath, fsConstants.O_WRONLY | exclusive);
+      alignment = 0;
+    }
+    // A second, buffered descriptor for the bytes of a last partial block; not
+    // exclusive, since the first one already holds the claim.
+    const tail = await fs.open(devicePath, fsConstants.O_WRONLY);
+    const zeroMode = options.targetIsZero ? ZeroMode.Skip : ZeroMode.ZeroOut;
+    return inPlaceTarget('device', devicePath, main, tail, base, alignment, zeroMode, alignment !== 0, image.virtualSize);
+  } catch (error) {
+    await main?.close().catch(() => {});
+    if ((error as NodeJS.ErrnoException).code === 'EBUSY') {
+      throw new Qcow2Error('TARGET_IN_USE', 'refusing to write: the kernel reports the device busy (mounted or claimed)', { path: devicePath, cause: error });
+    }
+    throw ioError(error, devicePath, 'cannot open the target device');
+  }
+}
