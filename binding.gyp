@@ -17,7 +17,7 @@
       ],
       "cflags_cc": ["-std=c++17", "-O3", "-fvisibility=hidden", "-Wall", "-Wextra"],
       "cflags_cc!": ["-fno-exceptions", "-std=gnu++17"],
-      "libraries": ["-ldeflate", "-lzstd"],
+      "libraries": ["-ldeflate", "-lzstd", "-lisal"],
       "ldflags": ["-Wl,--as-needed"]
     }
   ]

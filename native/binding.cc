@@ -5,6 +5,7 @@
 #include <memory>
 #include <vector>
 
+#include "core/capture_engine.h"
 #include "core/copy_engine.h"
 #include "core/file_ops.h"
 #include "core/l2_walk.h"
@@ -199,6 +200,82 @@ Napi::Value Verify(const Napi::CallbackInfo& info) {
   return promise;
 }
 
+class CaptureWorker : public Napi::AsyncWorker {
+ public:
+  CaptureWorker(Napi::Env env, const Napi::Object& spec)
+      : Napi::AsyncWorker(env, "qcow2img:capture"), deferred_(Napi::Promise::Deferred::New(env)) {
+    job_.sourceFd = static_cast<int>(numberField(spec, "sourceFd", -1));
+    job_.sourceAlignment = static_cast<uint32_t>(numberField(spec, "sourceAlignment"));
+    job_.sourceSize = static_cast<uint64_t>(numberField(spec, "sourceSize"));
+    job_.guestStart = static_cast<uint64_t>(numberField(spec, "guestStart"));
+    job_.clusterCount = static_cast<uint64_t>(numberField(spec, "clusterCount"));
+    job_.clusterSize = static_cast<uint64_t>(numberField(spec, "clusterSize", 65536));
+    job_.zeroAsData = spec.Get("zeroAsData").ToBoolean();
+    job_.codec = static_cast<CompressCodec>(static_cast<int>(numberField(spec, "codec")));
+    job_.level = static_cast<int>(numberField(spec, "level"));
+    job_.outputFd = static_cast<int>(numberField(spec, "outputFd", -1));
+    job_.outputPosition = static_cast<uint64_t>(numberField(spec, "outputPosition"));
+    job_.threads = static_cast<uint32_t>(numberField(spec, "threads", 2));
+    auto results = spec.Get("results").As<Napi::Float64Array>();
+    keep_.push_back(Napi::Persistent(results.As<Napi::Object>()));
+    job_.results = results.Data();
+    resultCapacity_ = results.ElementLength() / kCaptureResultFields;
+    job_.holes = bytesField(spec, "holes", &holesLength_);
+    job_.base = bytesField(spec, "base", &baseLength_);
+    job_.counters = reinterpret_cast<CopyCounters*>(bigUint64Field(spec, "counters", 4, keep_, nullptr));
+  }
+
+  bool valid() const {
+    return resultCapacity_ >= job_.clusterCount && job_.clusterSize >= 512 &&
+           (!job_.holes || holesLength_ >= job_.clusterCount) &&
+           (!job_.base || baseLength_ >= job_.clusterCount * job_.clusterSize);
+  }
+  Napi::Promise promise() { return deferred_.Promise(); }
+  void Execute() override { result_ = runCaptureJob(job_); }
+  void OnOK() override {
+    if (result_.error.failed) {
+      deferred_.Reject(copyErrorObject(Env(), result_.error));
+      return;
+    }
+    deferred_.Resolve(Napi::Number::New(Env(), static_cast<double>(result_.outputPosition)));
+  }
+  void OnError(const Napi::Error& error) override { deferred_.Reject(error.Value()); }
+
+ private:
+  const uint8_t* bytesField(const Napi::Object& spec, const char* name, size_t* length) {
+    Napi::Value value = spec.Get(name);
+    if (!value.IsTypedArray()) return nullptr;
+    auto array = value.As<Napi::Uint8Array>();
+    keep_.push_back(Napi::Persistent(array.As<Napi::Object>()));
+    *length = array.ByteLength();
+    return array.Data();
+  }
+
+  Napi::Promise::Deferred deferred_;
+  std::vector<Napi::ObjectReference> keep_;
+  CaptureJob job_;
+  CaptureResult result_;
+  size_t resultCapacity_ = 0;
+  size_t holesLength_ = 0;
+  size_t baseLength_ = 0;
+};
+
+// capture(job) -> Promise<number>: the output position after the stored bytes.
+Napi::Value Capture(const Napi::CallbackInfo& info) {
+  if (info.Length() < 1 || !info[0].IsObject() ||
+      !info[0].As<Napi::Object>().Get("results").IsTypedArray()) {
+    throw Napi::TypeError::New(info.Env(), "capture(job) needs a job with results: Float64Array");
+  }
+  auto* worker = new CaptureWorker(info.Env(), info[0].As<Napi::Object>());
+  if (!worker->valid()) {
+    delete worker;
+    throw Napi::RangeError::New(info.Env(), "capture: results, holes or base shorter than the cluster range");
+  }
+  Napi::Promise promise = worker->promise();
+  worker->Queue();
+  return promise;
+}
+
 Napi::Value SeekData(const Napi::CallbackInfo& info) {
   int fd = info[0].As<Napi::Number>().Int32Value();
   int64_t offset = info[1].As<Napi::Number>().Int64Value();
@@ -247,6 +324,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("walkL2", Napi::Function::New(env, WalkL2, "walkL2"));
   exports.Set("copy", Napi::Function::New(env, Copy, "copy"));
   exports.Set("verify", Napi::Function::New(env, Verify, "verify"));
+  exports.Set("capture", Napi::Function::New(env, Capture, "capture"));
   exports.Set("seekData", Napi::Function::New(env, SeekData, "seekData"));
   exports.Set("seekHole", Napi::Function::New(env, SeekHole, "seekHole"));
   exports.Set("blockDeviceInfo", Napi::Function::New(env, BlockDevice, "blockDeviceInfo"));

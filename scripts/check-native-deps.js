@@ -12,6 +12,7 @@ const needed = [
   { header: 'libdeflate.h', pkg: 'libdeflate-dev' },
   { header: 'zstd.h', pkg: 'libzstd-dev' },
   { header: 'xxhash.h', pkg: 'libxxhash-dev' },
+  { header: 'isa-l/igzip_lib.h', pkg: 'libisal-dev' },
 ];
 const includeDirs = ['/usr/include', '/usr/local/include', ...(process.env.CPATH || '').split(':').filter(Boolean)];
 const missing = needed.filter(({ header }) => !includeDirs.some((dir) => fs.existsSync(path.join(dir, header))));

@@ -55,6 +55,31 @@ export interface NativeVerifyJob {
   counters?: BigUint64Array;
 }
 
+export interface NativeCaptureJob {
+  sourceFd: number;
+  /** O_DIRECT unit of sourceFd, 0 when buffered. */
+  sourceAlignment: number;
+  sourceSize: number;
+  guestStart: number;
+  clusterCount: number;
+  clusterSize: number;
+  /** One byte per cluster: 1 = a hole of the source, zero without reading it. */
+  holes?: Uint8Array;
+  /** The base's bytes for the range, for incremental captures. */
+  base?: Uint8Array;
+  /** qcow2 v2 has no zero flag: store zeros that hide base data as data. */
+  zeroAsData: boolean;
+  /** 0 none, 1 deflate (4 KiB window), 2 zstd. */
+  codec: number;
+  level: number;
+  outputFd: number;
+  outputPosition: number;
+  threads: number;
+  /** 3 numbers per cluster: kind (0 unallocated, 1 zero, 2 data, 3 compressed), hostOffset, compressedBytes. */
+  results: Float64Array;
+  counters?: BigUint64Array;
+}
+
 export interface NativeAddon {
   walkL2(
     table: Buffer,
@@ -65,6 +90,8 @@ export interface NativeAddon {
     externalDataFile: boolean,
   ): { runs: Float64Array; defect: number; defectEntry: number; defectName?: string };
   copy(job: NativeCopyJob): Promise<void>;
+  /** Stores a range of source clusters; resolves to the output position after them. */
+  capture(job: NativeCaptureJob): Promise<number>;
   /** Resolves to the first window whose read-back hash differs, or -1. */
   verify(job: NativeVerifyJob): Promise<number>;
   seekData(fd: number, offset: number): number;

@@ -5,6 +5,7 @@ import { Qcow2Error } from '../errors';
 import { open } from '../qcow2/open';
 import type { OpenOptions } from '../qcow2/image';
 import { load } from '../load/index';
+import { capture } from '../capture/index';
 import type { Progress } from '../load/progress';
 import type { DirectMode } from '../load/target';
 import { formatInfo, formatMap, humanBytes, progressLine } from './format';
@@ -27,6 +28,15 @@ commands:
       --overwrite           replace an existing target file
       --direct=auto|always|never   O_DIRECT (default auto)
       --progress=bar|json|none     progress on stderr (bar on a TTY) or JSON lines on stdout
+
+  capture SOURCE OUT.qcow2 [options]           raw file or block device to a qcow2 image
+      --compress zlib|zstd  compressed clusters (zlib: raw deflate as QEMU writes it)
+      --level N             zlib 0-3 (default 3), zstd 1-19 (default 3)
+      --cluster-size BYTES  512 to 2M (default 64k; k and M suffixes accepted)
+      --compat 0.10|1.1     qcow2 version 2 or 3 (default 1.1)
+      --backing BASE        store only clusters that differ from BASE (its backing file)
+      --backing-format qcow2|raw
+      --threads N, --overwrite, --progress=bar|json|none
 
 options for every command that opens an image:
   --allow-path DIR          follow backing/data file names into DIR (repeatable)
@@ -130,11 +140,7 @@ async function loadCommand(args: string[]): Promise<void> {
   if (!['auto', 'always', 'never'].includes(direct)) throw new UsageError('--direct must be auto, always or never');
   const progressMode = (values.progress as string | undefined) ?? 'auto';
   if (!['auto', 'bar', 'json', 'none'].includes(progressMode)) throw new UsageError('--progress must be bar, json or none');
-  let threads: number | undefined;
-  if (values.threads !== undefined) {
-    threads = Number(values.threads);
-    if (!Number.isInteger(threads) || threads < 1 || threads > 64) throw new UsageError('--threads must be an integer from 1 to 64');
-  }
+  const threads = threadsOption(values.threads);
   const partition = integerOption(values.partition, '--partition', 1);
   const offset = integerOption(values.offset, '--offset', 0);
   const controller = new AbortController();
@@ -173,7 +179,82 @@ async function loadCommand(args: string[]): Promise<void> {
   }
 }
 
-const commands: Record<string, (args: string[]) => Promise<void>> = { info, map, load: loadCommand };
+function sizeOption(value: string | boolean | string[] | undefined, name: string): number | undefined {
+  if (value === undefined) return undefined;
+  const match = typeof value === 'string' ? /^(\d+)([kKmM]?)$/.exec(value) : null;
+  if (!match) throw new UsageError(`${name} must be a size in bytes (k and M suffixes accepted)`);
+  const unit = { '': 1, k: 1024, K: 1024, m: 1024 * 1024, M: 1024 * 1024 }[match[2]!]!;
+  return Number(match[1]) * unit;
+}
+
+function threadsOption(value: string | boolean | string[] | undefined): number | undefined {
+  if (value === undefined) return undefined;
+  const threads = Number(value);
+  if (!Number.isInteger(threads) || threads < 1 || threads > 64) throw new UsageError('--threads must be an integer from 1 to 64');
+  return threads;
+}
+
+async function captureCommand(args: string[]): Promise<void> {
+  const { values, positionals } = parse(args, {
+    compress: { type: 'string' },
+    level: { type: 'string' },
+    'cluster-size': { type: 'string' },
+    compat: { type: 'string' },
+    backing: { type: 'string' },
+    'backing-format': { type: 'string' },
+    threads: { type: 'string' },
+    overwrite: { type: 'boolean' },
+    progress: { type: 'string' },
+  });
+  needPositionals(positionals, 2, 'SOURCE OUT.qcow2');
+  const compress = values.compress as string | undefined;
+  if (compress !== undefined && compress !== 'zlib' && compress !== 'zstd') throw new UsageError('--compress must be zlib or zstd');
+  const compat = values.compat as string | undefined;
+  if (compat !== undefined && compat !== '0.10' && compat !== '1.1') throw new UsageError('--compat must be 0.10 or 1.1');
+  const backingFormat = values['backing-format'] as string | undefined;
+  if (backingFormat !== undefined && backingFormat !== 'qcow2' && backingFormat !== 'raw') throw new UsageError('--backing-format must be qcow2 or raw');
+  let level: number | undefined;
+  if (values.level !== undefined) {
+    level = Number(values.level);
+    if (!Number.isInteger(level)) throw new UsageError('--level must be an integer');
+  }
+  const progressMode = (values.progress as string | undefined) ?? 'auto';
+  const onProgress = progressReporter(progressMode);
+  const clusterSize = sizeOption(values['cluster-size'], '--cluster-size');
+  const threads = threadsOption(values.threads);
+  const controller = new AbortController();
+  const onSignal = () => controller.abort();
+  process.once('SIGINT', onSignal);
+  process.once('SIGTERM', onSignal);
+  try {
+    const result = await capture(positionals[0]!, positionals[1]!, {
+      ...openOptions(values),
+      ...(compress ? { compress: compress as 'zlib' | 'zstd' } : {}),
+      ...(level !== undefined ? { level } : {}),
+      ...(clusterSize !== undefined ? { clusterSize } : {}),
+      ...(compat ? { compat: compat as '0.10' | '1.1' } : {}),
+      ...(values.backing !== undefined ? { backing: values.backing as string } : {}),
+      ...(backingFormat ? { backingFormat: backingFormat as 'qcow2' | 'raw' } : {}),
+      ...(threads !== undefined ? { threads } : {}),
+      ...(onProgress ? { onProgress } : {}),
+      overwrite: values.overwrite === true,
+      signal: controller.signal,
+    });
+    if (onProgress && progressMode !== 'json') process.stderr.write('\n');
+    if (progressMode === 'json') {
+      process.stdout.write(JSON.stringify({ phase: 'done', ...result }) + '\n');
+    } else {
+      process.stderr.write(
+        `qcow2img: captured ${humanBytes(result.virtualSize)} into ${result.output} (${humanBytes(result.fileSize)}; ${result.dataClusters} data, ${result.compressedClusters} compressed, ${result.zeroClusters} zero clusters) in ${result.seconds.toFixed(2)} s\n`,
+      );
+    }
+  } finally {
+    process.off('SIGINT', onSignal);
+    process.off('SIGTERM', onSignal);
+  }
+}
+
+const commands: Record<string, (args: string[]) => Promise<void>> = { info, map, load: loadCommand, capture: captureCommand };
 
 export async function main(argv: string[]): Promise<number> {
   const [command, ...rest] = argv;

@@ -1,0 +1,38 @@
+// Cluster compression for qcow2 writers: raw deflate with a 4 KiB window (ISA-L,
+// as QEMU's own deflateInit2(-12) produces: every reader can inflate it), or zstd.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+struct ZSTD_CCtx_s;
+
+namespace qcow2img {
+
+enum class CompressCodec : int { None = 0, Deflate = 1, Zstd = 2 };
+
+class ClusterCompressor {
+ public:
+  // level: deflate 0..3 (ISA-L levels), zstd 1..19 (negative: fast modes).
+  ClusterCompressor(CompressCodec codec, int level);
+  ~ClusterCompressor();
+  ClusterCompressor(const ClusterCompressor&) = delete;
+  ClusterCompressor& operator=(const ClusterCompressor&) = delete;
+
+  bool ok() const { return ok_; }
+  // Compressed length, or 0 when the result would not be shorter than `limit`
+  // (the caller then stores the cluster uncompressed).
+  size_t compress(const uint8_t* input, size_t inputSize, uint8_t* output, size_t limit);
+
+ private:
+  CompressCodec codec_;
+  int level_;
+  bool ok_ = true;
+  std::vector<uint8_t> deflateLevelBuffer_;
+  ::ZSTD_CCtx_s* zstd_ = nullptr;
+};
+
+// True when all `length` bytes are zero.
+bool isAllZero(const uint8_t* data, size_t length);
+
+}  // namespace qcow2img

@@ -1,0 +1,376 @@
+/**
+ * `capture`: a raw disk (file or block device) back into a qcow2 image that QEMU
+ * trusts. Native workers read, drop zero clusters (holes of a sparse file are not
+ * even read) and clusters equal to a base image, and compress; this module lays
+ * out the file: data first, then L2 tables, L1, refcount structures, and the
+ * header last, all under a temporary name that is renamed when complete.
+ */
+import { randomBytes } from 'node:crypto';
+import { constants as fsConstants } from 'node:fs';
+import * as fs from 'node:fs/promises';
+import * as nodePath from 'node:path';
+import { Qcow2Error, ioError } from '../errors';
+import { native } from '../native';
+import type { Image, OpenOptions } from '../qcow2/image';
+import { open } from '../qcow2/open';
+import { COPIED, compressedClusters, compressedEntry, encodeHeaderCluster, refcountLayout } from '../qcow2/writer';
+import { defaultThreads } from '../load/copy';
+import { ProgressSampler, type ProgressCallback } from '../load/progress';
+
+export interface CaptureOptions extends OpenOptions {
+  /** Compress clusters (zlib = raw deflate as QEMU writes it). Default: none. */
+  compress?: 'zlib' | 'zstd';
+  /** Compression level: zlib 0-3 (ISA-L levels, default 3), zstd 1-19 (default 3). */
+  level?: number;
+  /** 512 B to 2 MiB, a power of two (default 64 KiB). */
+  clusterSize?: number;
+  /** qcow2 compatibility level: '1.1' (version 3, default) or '0.10' (version 2). */
+  compat?: '0.10' | '1.1';
+  /** Store only clusters that differ from this image, which becomes the backing file. */
+  backing?: string;
+  /** Format of the backing file (default: probed between qcow2 and raw). */
+  backingFormat?: 'qcow2' | 'raw';
+  /** Replace an existing output file. */
+  overwrite?: boolean;
+  threads?: number;
+  onProgress?: ProgressCallback;
+  signal?: AbortSignal;
+}
+
+export interface CaptureResult {
+  output: string;
+  virtualSize: number;
+  fileSize: number;
+  dataClusters: number;
+  compressedClusters: number;
+  zeroClusters: number;
+  seconds: number;
+}
+
+const batchBytes = 64 * 1024 * 1024;
+const codecs = { none: 0, zlib: 1, zstd: 2 } as const;
+
+/** What the capture compares with: qcow2 (through the reader) or raw. */
+interface BaseReader {
+  read(buffer: Buffer, offset: number): Promise<void>;
+  close(): Promise<void>;
+}
+
+async function openBase(path: string, format: 'qcow2' | 'raw' | undefined, options: OpenOptions): Promise<{ reader: BaseReader; format: 'qcow2' | 'raw' }> {
+  let detected = format;
+  if (detected === undefined) {
+    const handle = await fs.open(path, 'r').catch((error) => {
+      throw ioError(error, path, 'cannot open the backing file');
+    });
+    const magic = Buffer.alloc(4);
+    await handle.read(magic, 0, 4, 0);
+    await handle.close();
+    detected = magic.readUInt32BE(0) === 0x514649fb ? 'qcow2' : 'raw';
+  }
+  if (detected === 'qcow2') {
+    const image: Image = await open(path, options);
+    return {
+      format: detected,
+      reader: {
+        async read(buffer, offset) {
+          const n = await image.read(buffer, offset);
+          buffer.fill(0, n);
+        },
+        close: () => image.close(),
+      },
+    };
+  }
+  const handle = await fs.open(path, 'r').catch((error) => {
+    throw ioError(error, path, 'cannot open the backing file');
+  });
+  return {
+    format: detected,
+    reader: {
+      async read(buffer, offset) {
+        let done = 0;
+        while (done < buffer.length) {
+          const { bytesRead } = await handle.read(buffer, done, buffer.length - done, offset + done);
+          if (bytesRead === 0) break;
+          done += bytesRead;
+        }
+        buffer.fill(0, done);
+      },
+      close: () => handle.close(),
+    },
+  };
+}
+
+function validate(options: CaptureOptions, output: string): { clusterBits: number; version: 2 | 3; level: number } {
+  const clusterSize = options.clusterSize ?? 65536;
+  const clusterBits = Math.log2(clusterSize);
+  if (!Number.isInteger(clusterBits) || clusterBits < 9 || clusterBits > 21) {
+    throw new Qcow2Error('INVALID_ARGUMENT', `cluster size ${clusterSize} is not a power of two from 512 to 2097152`, { path: output });
+  }
+  const version = options.compat === '0.10' ? 2 : 3;
+  if (version === 2 && options.compress === 'zstd') {
+    throw new Qcow2Error('INVALID_ARGUMENT', 'zstd compression needs compat 1.1 (qcow2 version 3)', { path: output });
+  }
+  const level = options.level ?? 3;
+  const range = options.compress === 'zstd' ? [-7, 19] : [0, 3];
+  if (options.compress && (!Number.isInteger(level) || level < range[0]! || level > range[1]!)) {
+    throw new Qcow2Error('INVALID_ARGUMENT', `${options.compress} level ${level} is outside ${range[0]}..${range[1]}`, { path: output });
+  }
+  return { clusterBits, version, level };
+}
+
+/** Marks clusters that lie wholly inside holes of a sparse file (SEEK_DATA/SEEK_HOLE). */
+function holeMap(fd: number, start: number, clusterCount: number, clusterSize: number, sourceSize: number): Uint8Array {
+  const holes = new Uint8Array(clusterCount);
+  const end = start + clusterCount * clusterSize;
+  const addon = native();
+  let position = start;
+  while (position < end) {
+    const data = position < sourceSize ? addon.seekData(fd, position) : -1;
+    const holeEnd = data < 0 ? end : Math.min(data, end);
+    // Clusters fully inside [position, holeEnd) are holes.
+    for (let c = Math.ceil((position - start) / clusterSize); (c + 1) * clusterSize + start <= holeEnd; c++) holes[c] = 1;
+    if (data < 0 || data >= end) break;
+    position = Math.min(addon.seekHole(fd, data), end);
+  }
+  return holes;
+}
+
+/**
+ * Captures `source` (raw file or block device) into the qcow2 file `output`.
+ *
+ * @example
+ * await capture('/dev/vg/guest-disk', 'snapshot.qcow2', { compress: 'zstd' });
+ */
+export async function capture(source: string, output: string, options: CaptureOptions = {}): Promise<CaptureResult> {
+  const outputPath = nodePath.resolve(output);
+  const { clusterBits, version, level } = validate(options, outputPath);
+  const clusterSize = 2 ** clusterBits;
+  const sourcePath = nodePath.resolve(source);
+
+  let sourceHandle: fs.FileHandle;
+  let direct = false;
+  const sourceStats = await fs.stat(sourcePath).catch((error) => {
+    throw ioError(error, sourcePath, 'cannot open the source');
+  });
+  if (!sourceStats.isFile() && !sourceStats.isBlockDevice()) {
+    throw new Qcow2Error('INVALID_ARGUMENT', 'source is neither a regular file nor a block device', { path: sourcePath });
+  }
+  try {
+    sourceHandle = await fs.open(sourcePath, fsConstants.O_RDONLY | (sourceStats.isBlockDevice() ? fsConstants.O_DIRECT : 0));
+    direct = sourceStats.isBlockDevice();
+  } catch (error) {
+    if (!sourceStats.isBlockDevice()) throw ioError(error, sourcePath, 'cannot open the source');
+    sourceHandle = await fs.open(sourcePath, 'r');
+  }
+  const existing = await fs.stat(outputPath).catch(() => undefined);
+  if (existing && existing.dev === sourceStats.dev && existing.ino === sourceStats.ino) {
+    await sourceHandle.close();
+    throw new Qcow2Error('TARGET_IS_SOURCE', 'output is the source itself', { path: outputPath });
+  }
+  if (existing && !options.overwrite) {
+    await sourceHandle.close();
+    throw new Qcow2Error('TARGET_EXISTS', 'output exists; pass --overwrite (overwrite: true) to replace it', { path: outputPath });
+  }
+
+  const temporary = nodePath.join(nodePath.dirname(outputPath), `.${nodePath.basename(outputPath)}.qcow2img-${process.pid}-${randomBytes(4).toString('hex')}.tmp`);
+  let base: { reader: BaseReader; format: 'qcow2' | 'raw' } | undefined;
+  let out: fs.FileHandle | undefined;
+  let renamed = false;
+  const counters = new BigUint64Array(4);
+  const abort = () => {
+    counters[2] = 1n;
+  };
+  options.signal?.addEventListener('abort', abort, { once: true });
+  try {
+    const sourceSize = sourceStats.isBlockDevice() ? native().blockDeviceInfo(sourceHandle.fd).sizeBytes : sourceStats.size;
+    let sourceAlignment = direct ? native().blockDeviceInfo(sourceHandle.fd).logicalBlockSize : 0;
+    if (sourceAlignment > clusterSize) {
+      // Clusters smaller than the device's sector cannot be read with O_DIRECT one by one.
+      await sourceHandle.close();
+      sourceHandle = await fs.open(sourcePath, 'r');
+      sourceAlignment = 0;
+    }
+    // QEMU sees a raw disk in whole sectors; the image has that size.
+    const virtualSize = Math.ceil(sourceSize / 512) * 512;
+    if (options.backing !== undefined) base = await openBase(nodePath.resolve(options.backing), options.backingFormat, options);
+
+    out = await fs.open(temporary, fsConstants.O_RDWR | fsConstants.O_CREAT | fsConstants.O_EXCL, 0o644).catch((error) => {
+      throw ioError(error, outputPath, 'cannot create the output file');
+    });
+    const l2EntryCount = clusterSize / 8;
+    const l2Span = l2EntryCount * clusterSize;
+    const l1Size = Math.max(1, Math.ceil(virtualSize / l2Span));
+    const l1 = new Array<number>(l1Size).fill(0);
+    // Native jobs of batchBytes; tables are emitted a group at a time, a group
+    // being one L2 table's span or, with small clusters, many tables.
+    const clustersPerBatch = Math.max(1, batchBytes / clusterSize);
+    const groupClusters = Math.max(l2EntryCount, clustersPerBatch);
+    const groupResults = new Float64Array(groupClusters * 3);
+    // Host clusters touched by compressed streams, with how many streams touch each.
+    let touches = new Uint16Array(1024);
+    const touch = (cluster: number) => {
+      if (cluster >= touches.length) {
+        const grown = new Uint16Array(Math.max(cluster + 1, touches.length * 2));
+        grown.set(touches);
+        touches = grown;
+      }
+      touches[cluster]! += 1;
+    };
+    let position = clusterSize; // cluster 0 is the header, written last
+    let dataClusters = 0;
+    let compressed = 0;
+    let zeroClusters = 0;
+    const sampler = new ProgressSampler(counters, virtualSize, options.onProgress);
+    sampler.start();
+    const baseBuffer = base ? Buffer.alloc(clustersPerBatch * clusterSize) : undefined;
+    const alignUp = (value: number) => Math.ceil(value / clusterSize) * clusterSize;
+    const writeAt = async (buffer: Buffer, at: number) => {
+      await out!.write(buffer, 0, buffer.length, at);
+    };
+    try {
+      const clusterTotal = Math.ceil(virtualSize / clusterSize);
+      for (let groupFirst = 0; groupFirst < clusterTotal; groupFirst += groupClusters) {
+        const groupCount = Math.min(groupClusters, clusterTotal - groupFirst);
+        groupResults.fill(0);
+        for (let done = 0; done < groupCount; done += clustersPerBatch) {
+          const count = Math.min(clustersPerBatch, groupCount - done);
+          const guestStart = (groupFirst + done) * clusterSize;
+          const holes = sourceStats.isFile() ? holeMap(sourceHandle.fd, guestStart, count, clusterSize, sourceSize) : undefined;
+          let baseBytes: Buffer | undefined;
+          if (base && baseBuffer) {
+            baseBytes = baseBuffer.subarray(0, count * clusterSize);
+            await base.reader.read(baseBytes, guestStart);
+          }
+          try {
+            position = await native().capture({
+              sourceFd: sourceHandle.fd,
+              sourceAlignment,
+              sourceSize,
+              guestStart,
+              clusterCount: count,
+              clusterSize,
+              ...(holes ? { holes } : {}),
+              ...(baseBytes ? { base: baseBytes } : {}),
+              zeroAsData: version === 2,
+              codec: codecs[options.compress ?? 'none'],
+              level,
+              outputFd: out.fd,
+              outputPosition: position,
+              threads: options.threads ?? defaultThreads(),
+              results: groupResults.subarray(done * 3, (done + count) * 3),
+              counters,
+            });
+          } catch (error) {
+            const e = error as { cancelled?: boolean; operation?: string; message?: string; guestOffset?: number };
+            if (e.cancelled) throw new Qcow2Error('CANCELLED', 'cancelled; no image was written', { path: outputPath });
+            const path = e.operation === 'read' ? sourcePath : outputPath;
+            throw new Qcow2Error('IO_ERROR', `${e.operation} failed at offset ${e.guestOffset}: ${e.message}`, { path, ...(e.guestOffset !== undefined ? { offset: e.guestOffset } : {}) });
+          }
+        }
+        // Each table's entries, and the refcounts compressed streams add.
+        for (let first = 0; first < groupCount; first += l2EntryCount) {
+          const tableIndex = (groupFirst + first) / l2EntryCount;
+          const tableClusters = Math.min(l2EntryCount, groupCount - first);
+          const table = Buffer.alloc(clusterSize);
+          let used = false;
+          for (let i = 0; i < tableClusters; i++) {
+            const at = (first + i) * 3;
+            const kind = groupResults[at]!;
+            const host = groupResults[at + 1]!;
+            if (kind === 0) continue;
+            used = true;
+            if (kind === 1) {
+              table.writeBigUInt64BE(1n, i * 8); // reads as zero, hides the backing file
+              zeroClusters++;
+            } else if (kind === 2) {
+              table.writeBigUInt64BE(BigInt(host) | COPIED, i * 8);
+              dataClusters++;
+            } else {
+              const bytes = groupResults[at + 2]!;
+              table.writeBigUInt64BE(compressedEntry(clusterBits, host, bytes), i * 8);
+              const [firstTouched, lastTouched] = compressedClusters(clusterSize, host, bytes);
+              for (let c = firstTouched; c <= lastTouched; c++) touch(c);
+              compressed++;
+            }
+          }
+          if (used) {
+            position = alignUp(position);
+            await writeAt(table, position);
+            l1[tableIndex] = position;
+            position += clusterSize;
+          }
+        }
+      }
+    } finally {
+      sampler.stop();
+    }
+    sampler.emit('write');
+
+    // L1, then the refcount table and blocks, which count themselves.
+    const l1Offset = alignUp(position);
+    const l1Buffer = Buffer.alloc(alignUp(l1Size * 8));
+    l1.forEach((offset, i) => {
+      if (offset !== 0) l1Buffer.writeBigUInt64BE(BigInt(offset) | COPIED, i * 8);
+    });
+    await writeAt(l1Buffer, l1Offset);
+    const firstFree = (l1Offset + l1Buffer.length) / clusterSize;
+    const layout = refcountLayout(firstFree, clusterSize, 16);
+    const tableOffset = firstFree * clusterSize;
+    const blocksOffset = tableOffset + layout.tableClusters * clusterSize;
+    const entriesPerBlock = clusterSize / 2;
+    const refcountTable = Buffer.alloc(layout.tableClusters * clusterSize);
+    for (let block = 0; block < layout.blockCount; block++) {
+      const buffer = Buffer.alloc(clusterSize);
+      for (let i = 0; i < entriesPerBlock; i++) {
+        const cluster = block * entriesPerBlock + i;
+        if (cluster >= layout.totalClusters) break;
+        // Every cluster up to the end is in use once, except those holding compressed streams.
+        buffer.writeUInt16BE(cluster < touches.length && touches[cluster]! > 0 ? touches[cluster]! : 1, i * 2);
+      }
+      const blockOffset = blocksOffset + block * clusterSize;
+      await writeAt(buffer, blockOffset);
+      refcountTable.writeBigUInt64BE(BigInt(blockOffset), block * 8);
+    }
+    await writeAt(refcountTable, tableOffset);
+
+    let backingFile: string | undefined;
+    if (options.backing !== undefined) {
+      const absolute = nodePath.resolve(options.backing);
+      const relative = nodePath.relative(nodePath.dirname(outputPath), absolute);
+      backingFile = relative.startsWith('..') ? absolute : relative;
+    }
+    const header = encodeHeaderCluster({
+      version,
+      clusterBits,
+      virtualSize,
+      l1Size,
+      l1TableOffset: l1Offset,
+      refcountTableOffset: tableOffset,
+      refcountTableClusters: layout.tableClusters,
+      compressionType: options.compress === 'zstd' ? 'zstd' : 'zlib',
+      ...(backingFile !== undefined ? { backingFile, backingFormat: base!.format } : {}),
+    });
+    await out.datasync();
+    await writeAt(header, 0);
+    await out.datasync();
+    await out.close();
+    out = undefined;
+    await fs.rename(temporary, outputPath);
+    renamed = true;
+    return {
+      output: outputPath,
+      virtualSize,
+      fileSize: layout.totalClusters * clusterSize,
+      dataClusters,
+      compressedClusters: compressed,
+      zeroClusters,
+      seconds: sampler.elapsedSeconds(),
+    };
+  } finally {
+    options.signal?.removeEventListener('abort', abort);
+    await out?.close().catch(() => {});
+    if (!renamed) await fs.unlink(temporary).catch(() => {});
+    await sourceHandle.close().catch(() => {});
+    await base?.reader.close().catch(() => {});
+  }
+}
