@@ -6,6 +6,7 @@ import { open } from '../qcow2/open';
 import type { OpenOptions } from '../qcow2/image';
 import { load } from '../load/index';
 import { capture } from '../capture/index';
+import { check, checkExitCode } from '../check/index';
 import type { Progress } from '../load/progress';
 import type { DirectMode } from '../load/target';
 import { formatInfo, formatMap, humanBytes, progressLine } from './format';
@@ -29,6 +30,7 @@ commands:
       --direct=auto|always|never   O_DIRECT (default auto)
       --progress=bar|json|none     progress on stderr (bar on a TTY) or JSON lines on stdout
 
+  check IMAGE [--json]                         consistency check (exit 0 clean, 2 corrupt, 3 leaks, 1 failed)
   capture SOURCE OUT.qcow2 [options]           raw file or block device to a qcow2 image
       --compress zlib|zstd  compressed clusters (zlib: raw deflate as QEMU writes it)
       --level N             zlib 0-3 (default 3), zstd 1-19 (default 3)
@@ -254,7 +256,32 @@ async function captureCommand(args: string[]): Promise<void> {
   }
 }
 
-const commands: Record<string, (args: string[]) => Promise<void>> = { info, map, load: loadCommand, capture: captureCommand };
+async function checkCommand(args: string[]): Promise<number> {
+  const { values, positionals } = parse(args);
+  needPositionals(positionals, 1, 'IMAGE');
+  const result = await check(positionals[0]!);
+  const exitCode = checkExitCode(result);
+  if (values.json) {
+    process.stdout.write(JSON.stringify(result, null, 2) + '\n');
+    return exitCode;
+  }
+  const lines = result.issues.map((issue) => `${issue.kind === 'leak' ? 'Leaked' : 'ERROR'}: ${issue.message}`);
+  if (result.issueCount > result.issues.length) lines.push(`... and ${result.issueCount - result.issues.length} more`);
+  if (lines.length) lines.push('');
+  if (exitCode === 0) lines.push('No errors were found on the image.');
+  if (result.corruptions > 0) lines.push(`${result.corruptions} errors were found on the image.`, 'Data may be corrupted, or further writes to the image may corrupt it.');
+  if (result.leaks > 0) lines.push(`${result.leaks} leaked clusters were found on the image.`, 'This means waste of disk space, but no harm to data.');
+  if (result.checkErrors > 0) lines.push(`${result.checkErrors} internal errors have occurred during the check.`);
+  const percent = (n: number) => (result.totalClusters > 0 ? ((100 * n) / result.totalClusters).toFixed(2) : '0.00');
+  lines.push(
+    `${result.allocatedClusters}/${result.totalClusters} = ${percent(result.allocatedClusters)}% allocated, ${percent(result.fragmentedClusters)}% fragmented, ${percent(result.compressedClusters)}% compressed clusters`,
+    `Image end offset: ${result.imageEndOffset}`,
+  );
+  process.stdout.write(lines.join('\n') + '\n');
+  return exitCode;
+}
+
+const commands: Record<string, (args: string[]) => Promise<void | number>> = { info, map, load: loadCommand, capture: captureCommand, check: checkCommand };
 
 export async function main(argv: string[]): Promise<number> {
   const [command, ...rest] = argv;
@@ -274,8 +301,7 @@ export async function main(argv: string[]): Promise<number> {
       process.stdout.write(usage);
       return 0;
     }
-    await run(rest);
-    return 0;
+    return (await run(rest)) ?? 0;
   } catch (error) {
     if (error instanceof UsageError) {
       process.stderr.write(`qcow2img: ${error.message}\n${usage}`);

@@ -104,7 +104,17 @@ export const headerReadSize = 1 << limits.maxClusterBits;
  * Parses and validates the header from the first bytes of the file
  * (`start` holds at least min(fileSize, clusterSize) bytes, or all of cluster 0).
  */
-export function parseHeader(start: Buffer, path: string, fileSize: number): Qcow2Header {
+export interface ParseHeaderOptions {
+  /**
+   * Check that the L1, refcount and snapshot tables lie inside the file and off
+   * the header (default). The checker turns this off to open what QEMU opens and
+   * report such damage as corruption instead.
+   */
+  checkTableLocations?: boolean;
+}
+
+export function parseHeader(start: Buffer, path: string, fileSize: number, options: ParseHeaderOptions = {}): Qcow2Header {
+  const locate = options.checkTableLocations ?? true;
   const need = (length: number, what: string) => {
     if (start.length < length) {
       throw new Qcow2Error('TRUNCATED', `file ends inside the ${what} (${start.length} of ${length} bytes)`, { path, offset: start.length });
@@ -239,18 +249,27 @@ export function parseHeader(start: Buffer, path: string, fileSize: number): Qcow
   if (l1Size < l1EntriesNeeded) {
     throw new Qcow2Error('L1_TOO_SMALL', `L1 table of ${l1Size} entries is too small for the virtual size (needs ${l1EntriesNeeded})`, { path, offset: 36 });
   }
-  if (l1Size > 0) checkTable(path, 'L1 table', l1TableOffset, l1Size * 8, clusterSize, fileSize, 40);
+  if (l1Size > 0 && locate) checkTable(path, 'L1 table', l1TableOffset, l1Size * 8, clusterSize, fileSize, 40);
+  if (!locate && l1TableOffset % clusterSize !== 0) {
+    throw new Qcow2Error('UNALIGNED_OFFSET', `L1 table offset ${l1TableOffset} is not cluster aligned`, { path, offset: 40 });
+  }
   if (refcountTableClusters * clusterSize > limits.maxRefcountTableBytes) {
     throw new Qcow2Error('REFCOUNT_TABLE_TOO_LARGE', `refcount table of ${refcountTableClusters} clusters exceeds ${limits.maxRefcountTableBytes} bytes`, { path, offset: 56 });
   }
   if (refcountTableClusters === 0) {
     throw new Qcow2Error('BAD_HEADER_FIELD', 'image has no refcount table', { path, offset: 56 });
   }
-  checkTable(path, 'refcount table', refcountTableOffset, refcountTableClusters * clusterSize, clusterSize, fileSize, 48);
+  if (locate) checkTable(path, 'refcount table', refcountTableOffset, refcountTableClusters * clusterSize, clusterSize, fileSize, 48);
+  else if (refcountTableOffset % clusterSize !== 0) {
+    throw new Qcow2Error('UNALIGNED_OFFSET', `refcount table offset ${refcountTableOffset} is not cluster aligned`, { path, offset: 48 });
+  }
   if (snapshotCount > limits.maxSnapshots) {
     throw new Qcow2Error('TOO_MANY_SNAPSHOTS', `${snapshotCount} snapshots exceed the limit of ${limits.maxSnapshots}`, { path, offset: 60 });
   }
-  if (snapshotCount > 0) checkTable(path, 'snapshot table', snapshotsOffset, 40, clusterSize, fileSize, 64);
+  if (snapshotCount > 0 && locate) checkTable(path, 'snapshot table', snapshotsOffset, 40, clusterSize, fileSize, 64);
+  else if (snapshotCount > 0 && snapshotsOffset % clusterSize !== 0) {
+    throw new Qcow2Error('UNALIGNED_OFFSET', `snapshot table offset ${snapshotsOffset} is not cluster aligned`, { path, offset: 64 });
+  }
 
   return {
     version,

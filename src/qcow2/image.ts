@@ -144,7 +144,9 @@ export class Image {
       if (backing && run.start < insideBacking) await this.resolveAt(depth + 1, run.start, insideBacking, out);
       const zeroFrom = Math.max(run.start, insideBacking);
       if (zeroFrom < runEnd) {
-        out.push({ start: zeroFrom, length: runEnd - zeroFrom, kind: 'zero', hostOffset: 0, compressedBytes: 0, clusterStart: 0, depth, present: false });
+        // Unallocated subclusters of an allocated cluster keep its host offset in the map, as in QEMU.
+        const host = run.file ? { file: run.file, hostOffset: run.hostOffset + (zeroFrom - run.start) } : { hostOffset: 0 };
+        out.push({ start: zeroFrom, length: runEnd - zeroFrom, kind: 'zero', ...host, compressedBytes: 0, clusterStart: 0, depth, present: false });
       }
     }
   }
@@ -154,7 +156,32 @@ export class Image {
     const entries: MapEntry[] = [];
     const step = 1024 * this.mapStep();
     for (let start = 0; start < this.virtualSize; start += step) {
-      for (const run of await this.resolve(start, Math.min(this.virtualSize, start + step))) appendMapEntry(entries, toMapEntry(run));
+      for (const run of await this.resolve(start, Math.min(this.virtualSize, start + step))) {
+        for (const entry of await this.mapEntries(run)) appendMapEntry(entries, entry);
+      }
+    }
+    return entries;
+  }
+
+  /**
+   * Map entries of one run. For an image QEMU takes for preallocation=metadata, qemu-img map
+   * asks the file about data clusters: holes and bytes past its end read as zeros (data and zero).
+   */
+  private async mapEntries(run: ResolvedRun): Promise<MapEntry[]> {
+    const layer = this.layers[run.depth];
+    if (run.kind !== 'data' || !run.file || !(layer instanceof Qcow2Layer) || !(await layer.metadataPreallocated())) return [toMapEntry(run)];
+    const fd = run.file.handle.fd;
+    const size = run.file.size;
+    const entries: MapEntry[] = [];
+    const end = run.hostOffset + run.length;
+    for (let host = run.hostOffset; host < end; ) {
+      const dataAt = host < size ? native().seekData(fd, host) : -1;
+      const hole = dataAt !== host;
+      const pieceEnd = hole ? (dataAt < 0 ? end : Math.min(end, dataAt)) : Math.min(end, Math.max(host + 1, native().seekHole(fd, host)));
+      const entry = toMapEntry({ ...run, start: run.start + (host - run.hostOffset), length: pieceEnd - host, hostOffset: host });
+      entry.zero = hole;
+      entries.push(entry);
+      host = pieceEnd;
     }
     return entries;
   }
@@ -302,7 +329,7 @@ export function toMapEntry(run: ResolvedRun): MapEntry {
     zero: run.kind === 'zero' || run.kind === 'zeroAllocated',
     data: run.kind === 'data' || run.kind === 'compressed',
   };
-  if ((run.kind === 'data' || run.kind === 'zeroAllocated') && run.file) {
+  if (run.kind !== 'compressed' && run.file) {
     entry.offset = run.hostOffset;
     entry.filename = run.file.path;
   }

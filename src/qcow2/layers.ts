@@ -25,7 +25,7 @@ export interface LayerRun {
   start: number;
   length: number;
   kind: LayerRunKind;
-  /** The file holding the bytes (data, zeroAllocated, compressed). */
+  /** The file holding the bytes (data, zeroAllocated, compressed), or the host cluster of unallocated subclusters. */
   file?: OpenFile;
   hostOffset: number;
   /** Compressed: upper bound of the stream's length. */
@@ -240,7 +240,8 @@ export class Qcow2Layer implements Layer {
         const skip = runStart - unitStart;
         switch (kindCode) {
           case UnitKind.Unallocated:
-            pushRun(out, { start: runStart, length: runEnd - runStart, kind: 'unallocated', hostOffset: 0, compressedBytes: 0, clusterStart: 0 });
+            if (extendedL2) this.pushUnallocatedSubclusters(out, table, tableStart, runStart, runEnd, dataFile);
+            else pushRun(out, { start: runStart, length: runEnd - runStart, kind: 'unallocated', hostOffset: 0, compressedBytes: 0, clusterStart: 0 });
             break;
           case UnitKind.Zero:
             pushRun(out, { start: runStart, length: runEnd - runStart, kind: 'zero', hostOffset: 0, compressedBytes: 0, clusterStart: 0 });
@@ -273,6 +274,72 @@ export class Qcow2Layer implements Layer {
     }
   }
 
+  private preallocation: Promise<boolean> | undefined;
+
+  /**
+   * Whether QEMU takes this image for one made with preallocation=metadata: more clusters have a
+   * refcount than the file has blocks for (qcow2_detect_metadata_preallocation). Its map then
+   * reports data clusters over holes of the file as zeros. Any failure counts as no.
+   */
+  metadataPreallocated(): Promise<boolean> {
+    this.preallocation ??= this.detectMetadataPreallocation().catch(() => false);
+    return this.preallocation;
+  }
+
+  private async detectMetadataPreallocation(): Promise<boolean> {
+    const { clusterSize, refcountBits, refcountTableOffset, refcountTableClusters } = this.header;
+    const stats = await this.file.handle.stat();
+    if (!stats.isFile()) return false;
+    const realClusters = Math.floor((stats.blocks * 512) / clusterSize);
+    const threshold = Math.max(Math.floor((realClusters * 10) / 9), realClusters + 2);
+    const endCluster = Math.ceil(this.file.size / clusterSize);
+    const perBlock = (clusterSize * 8) / refcountBits;
+    const table = await readExactly(this.file, refcountTableOffset, refcountTableClusters * clusterSize, 'refcount table');
+    let count = 0;
+    for (let index = 0; index * perBlock < endCluster && index * 8 < table.length && count <= threshold; index++) {
+      const blockOffset = (table.readUInt32BE(index * 8) & 0x00ffffff) * 2 ** 32 + ((table.readUInt32BE(index * 8 + 4) & 0xfffffe00) >>> 0);
+      if (blockOffset === 0) continue;
+      const block = await readExactly(this.file, blockOffset, clusterSize, 'refcount block');
+      const entries = Math.min(perBlock, endCluster - index * perBlock);
+      for (let i = 0; i < entries && count <= threshold; i++) {
+        if (refcountBits >= 8) {
+          const width = refcountBits / 8;
+          if (block.subarray(i * width, (i + 1) * width).some((b) => b !== 0)) count++;
+        } else {
+          const perByte = 8 / refcountBits;
+          if (((block[Math.floor(i / perByte)]! >> ((i % perByte) * refcountBits)) & ((1 << refcountBits) - 1)) !== 0) count++;
+        }
+      }
+    }
+    return count > threshold;
+  }
+
+  /**
+   * Unallocated subclusters of a cluster that has a host cluster keep its offset: QEMU's map
+   * reports it (QCOW2_SUBCLUSTER_UNALLOCATED_ALLOC) where no backing file decides the range.
+   */
+  private pushUnallocatedSubclusters(out: LayerRun[], table: Buffer, tableStart: number, start: number, end: number, dataFile: OpenFile): void {
+    const { clusterSize, l2EntryBytes, hasExternalDataFile } = this.header;
+    for (let at = start; at < end; ) {
+      const index = Math.floor((at - tableStart) / clusterSize);
+      const clusterStart = tableStart + index * clusterSize;
+      const pieceEnd = Math.min(end, clusterStart + clusterSize);
+      const hi = table.readUInt32BE(index * l2EntryBytes);
+      const lo = table.readUInt32BE(index * l2EntryBytes + 4);
+      const host = (hi & 0x00ffffff) * 2 ** 32 + ((lo & 0xfffffe00) >>> 0);
+      const hasHost = host !== 0 || (hasExternalDataFile && (hi & 0x80000000) !== 0);
+      pushRun(out, {
+        start: at,
+        length: pieceEnd - at,
+        kind: 'unallocated',
+        ...(hasHost ? { file: dataFile, hostOffset: host + (at - clusterStart) } : { hostOffset: 0 }),
+        compressedBytes: 0,
+        clusterStart: 0,
+      });
+      at = pieceEnd;
+    }
+  }
+
   async close(): Promise<void> {
     await this.file.handle.close();
     if (this.dataFile) await this.dataFile.handle.close();
@@ -288,7 +355,7 @@ export function pushRun(out: LayerRun[], run: LayerRun): void {
     last.kind === run.kind &&
     last.start + last.length === run.start &&
     last.file === run.file &&
-    (run.kind === 'unallocated' || run.kind === 'zero' || last.hostOffset + last.length === run.hostOffset)
+    (run.file === undefined || last.hostOffset + last.length === run.hostOffset)
   ) {
     last.length += run.length;
     return;

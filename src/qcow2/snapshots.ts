@@ -17,6 +17,8 @@ export interface Qcow2Snapshot {
   virtualSize: number;
   /** Instruction count, or -1 when record/replay was off. */
   icount: number;
+  /** Bytes of this entry in the table, without the padding after it. */
+  entryBytes: number;
 }
 
 const entryHeaderBytes = 40;
@@ -58,10 +60,18 @@ export function parseSnapshotTable(table: Buffer, header: Qcow2Header, path: str
     const idStart = extra + extraDataSize;
     const id = table.toString('utf8', idStart, idStart + idLength);
     const name = table.toString('utf8', idStart + idLength, idStart + idLength + nameLength);
-    snapshots.push({ id, name, l1TableOffset, l1Size, dateSec, dateNsec, vmClockNsec, vmStateSize, virtualSize, icount });
+    const entryBytes = idStart + idLength + nameLength - offset;
+    snapshots.push({ id, name, l1TableOffset, l1Size, dateSec, dateNsec, vmClockNsec, vmStateSize, virtualSize, icount, entryBytes });
     offset = idStart + idLength + nameLength;
   }
   return snapshots;
+}
+
+/** Bytes the table occupies: entries padded to 8 bytes, the last one unpadded (QEMU's snapshots_size). */
+export function snapshotTableBytes(snapshots: readonly Qcow2Snapshot[]): number {
+  let bytes = 0;
+  for (const snapshot of snapshots) bytes = Math.ceil(bytes / 8) * 8 + snapshot.entryBytes;
+  return bytes;
 }
 
 /** Upper bound on the bytes the table can occupy, for reading it in one go. */
