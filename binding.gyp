@@ -17,7 +17,7 @@
       ],
       "cflags_cc": ["-std=c++17", "-O3", "-fvisibility=hidden", "-Wall", "-Wextra"],
       "cflags_cc!": ["-fno-exceptions", "-std=gnu++17"],
-      "libraries": ["-ldeflate", "-lzstd", "-lisal"],
+      "libraries": ["-ldeflate", "-lzstd", "-lisal", "-luring"],
       "ldflags": ["-Wl,--as-needed"]
     }
   ]

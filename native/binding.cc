@@ -9,6 +9,7 @@
 #include "core/copy_engine.h"
 #include "core/file_ops.h"
 #include "core/l2_walk.h"
+#include "core/write_bench.h"
 
 namespace {
 
@@ -276,6 +277,59 @@ Napi::Value Capture(const Napi::CallbackInfo& info) {
   return promise;
 }
 
+class WriteBenchWorker : public Napi::AsyncWorker {
+ public:
+  WriteBenchWorker(Napi::Env env, const Napi::Object& spec)
+      : Napi::AsyncWorker(env, "qcow2img:bench"), deferred_(Napi::Promise::Deferred::New(env)) {
+    job_.fd = static_cast<int>(numberField(spec, "fd", -1));
+    job_.offset = static_cast<uint64_t>(numberField(spec, "offset"));
+    job_.size = static_cast<uint64_t>(numberField(spec, "size"));
+    job_.blockSize = static_cast<uint32_t>(numberField(spec, "blockSize", 1 << 20));
+    job_.queueDepth = static_cast<uint32_t>(numberField(spec, "queueDepth", 16));
+    job_.random = spec.Get("random").ToBoolean();
+    job_.seconds = numberField(spec, "seconds");
+    job_.engine = static_cast<BenchEngine>(static_cast<int>(numberField(spec, "engine")));
+    job_.seed = static_cast<uint64_t>(numberField(spec, "seed", 1));
+    job_.counters = reinterpret_cast<CopyCounters*>(bigUint64Field(spec, "counters", 4, keep_, nullptr));
+  }
+  Napi::Promise promise() { return deferred_.Promise(); }
+  void Execute() override { result_ = runWriteBench(job_); }
+  void OnOK() override {
+    Napi::Env env = Env();
+    if (result_.error.failed) {
+      deferred_.Reject(copyErrorObject(env, result_.error));
+      return;
+    }
+    Napi::Object out = Napi::Object::New(env);
+    out.Set("bytes", static_cast<double>(result_.bytes));
+    out.Set("writes", static_cast<double>(result_.writes));
+    out.Set("seconds", result_.seconds);
+    out.Set("p50Us", result_.p50Us);
+    out.Set("p99Us", result_.p99Us);
+    out.Set("p999Us", result_.p999Us);
+    out.Set("engine", result_.engine);
+    deferred_.Resolve(out);
+  }
+  void OnError(const Napi::Error& error) override { deferred_.Reject(error.Value()); }
+
+ private:
+  Napi::Promise::Deferred deferred_;
+  std::vector<Napi::ObjectReference> keep_;
+  WriteBenchJob job_;
+  WriteBenchResult result_;
+};
+
+// writeBench(job) -> Promise<{bytes, writes, seconds, p50Us, p99Us, p999Us, engine}>
+Napi::Value WriteBench(const Napi::CallbackInfo& info) {
+  if (info.Length() < 1 || !info[0].IsObject()) {
+    throw Napi::TypeError::New(info.Env(), "writeBench(job) needs a job object");
+  }
+  auto* worker = new WriteBenchWorker(info.Env(), info[0].As<Napi::Object>());
+  Napi::Promise promise = worker->promise();
+  worker->Queue();
+  return promise;
+}
+
 Napi::Value SeekData(const Napi::CallbackInfo& info) {
   int fd = info[0].As<Napi::Number>().Int32Value();
   int64_t offset = info[1].As<Napi::Number>().Int64Value();
@@ -320,14 +374,23 @@ Napi::Value DropCache(const Napi::CallbackInfo& info) {
   return Napi::Number::New(info.Env(), err);
 }
 
+Napi::Value Allocate(const Napi::CallbackInfo& info) {
+  int fd = info[0].As<Napi::Number>().Int32Value();
+  int err = allocate(fd, static_cast<uint64_t>(info[1].As<Napi::Number>().Int64Value()),
+                     static_cast<uint64_t>(info[2].As<Napi::Number>().Int64Value()));
+  return Napi::Number::New(info.Env(), err);
+}
+
 Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("walkL2", Napi::Function::New(env, WalkL2, "walkL2"));
   exports.Set("copy", Napi::Function::New(env, Copy, "copy"));
   exports.Set("verify", Napi::Function::New(env, Verify, "verify"));
   exports.Set("capture", Napi::Function::New(env, Capture, "capture"));
+  exports.Set("writeBench", Napi::Function::New(env, WriteBench, "writeBench"));
   exports.Set("seekData", Napi::Function::New(env, SeekData, "seekData"));
   exports.Set("seekHole", Napi::Function::New(env, SeekHole, "seekHole"));
   exports.Set("blockDeviceInfo", Napi::Function::New(env, BlockDevice, "blockDeviceInfo"));
+  exports.Set("allocate", Napi::Function::New(env, Allocate, "allocate"));
   exports.Set("dropCache", Napi::Function::New(env, DropCache, "dropCache"));
   exports.Set("directIoAlignment", Napi::Function::New(env, DirectIoAlignment, "directIoAlignment"));
   return exports;

@@ -11,3 +11,4 @@ export type { CompressionType } from './qcow2/header';
 export { load, type LoadOptions, type LoadResult, type Progress, type ProgressCallback, type DirectMode, type TargetOptions } from './load/index';
 export { capture, type CaptureOptions, type CaptureResult } from './capture/index';
 export { check, checkExitCode, type CheckIssue, type CheckResult } from './check/index';
+export { bench, type BenchOptions, type BenchResult } from './bench/index';

@@ -80,6 +80,31 @@ export interface NativeCaptureJob {
   counters?: BigUint64Array;
 }
 
+export interface NativeWriteBenchJob {
+  fd: number;
+  offset: number;
+  size: number;
+  blockSize: number;
+  queueDepth: number;
+  random: boolean;
+  /** > 0: keep writing until this much time has run. */
+  seconds: number;
+  /** 0 auto (io_uring, else threads), 1 io_uring, 2 threads. */
+  engine: number;
+  seed?: number;
+  counters?: BigUint64Array;
+}
+
+export interface NativeWriteBenchResult {
+  bytes: number;
+  writes: number;
+  seconds: number;
+  p50Us: number;
+  p99Us: number;
+  p999Us: number;
+  engine: 'io_uring' | 'threads';
+}
+
 export interface NativeAddon {
   walkL2(
     table: Buffer,
@@ -92,12 +117,16 @@ export interface NativeAddon {
   copy(job: NativeCopyJob): Promise<void>;
   /** Stores a range of source clusters; resolves to the output position after them. */
   capture(job: NativeCaptureJob): Promise<number>;
+  /** Timed writes with a queue of writes in flight (fio-like). */
+  writeBench(job: NativeWriteBenchJob): Promise<NativeWriteBenchResult>;
   /** Resolves to the first window whose read-back hash differs, or -1. */
   verify(job: NativeVerifyJob): Promise<number>;
   seekData(fd: number, offset: number): number;
   seekHole(fd: number, offset: number): number;
   blockDeviceInfo(fd: number): { sizeBytes: number; logicalBlockSize: number; physicalBlockSize: number };
   directIoAlignment(fd: number): number;
+  /** fallocate(mode 0) of the range; 0 or errno. */
+  allocate(fd: number, offset: number, length: number): number;
   /** Drops cached pages of the range (and a block device's buffer cache); 0 or errno. */
   dropCache(fd: number, offset: number, length: number): number;
 }

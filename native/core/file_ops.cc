@@ -40,6 +40,10 @@ uint32_t directIoAlignment(int fd) {
   return 0;
 }
 
+int allocate(int fd, uint64_t offset, uint64_t length) {
+  return fallocate(fd, 0, static_cast<off_t>(offset), static_cast<off_t>(length)) == 0 ? 0 : errno;
+}
+
 int dropCache(int fd, uint64_t offset, uint64_t length) {
   struct stat st {};
   if (fstat(fd, &st) == 0 && S_ISBLK(st.st_mode)) ioctl(fd, BLKFLSBUF, 0);

@@ -7,6 +7,7 @@ import type { OpenOptions } from '../qcow2/image';
 import { load } from '../load/index';
 import { capture } from '../capture/index';
 import { check, checkExitCode } from '../check/index';
+import { bench } from '../bench/index';
 import type { Progress } from '../load/progress';
 import type { DirectMode } from '../load/target';
 import { formatInfo, formatMap, humanBytes, progressLine } from './format';
@@ -34,11 +35,18 @@ commands:
   capture SOURCE OUT.qcow2 [options]           raw file or block device to a qcow2 image
       --compress zlib|zstd  compressed clusters (zlib: raw deflate as QEMU writes it)
       --level N             zlib 0-3 (default 3), zstd 1-19 (default 3)
-      --cluster-size BYTES  512 to 2M (default 64k; k and M suffixes accepted)
+      --cluster-size BYTES  512 to 2M (default 64k; k, M, G suffixes accepted)
       --compat 0.10|1.1     qcow2 version 2 or 3 (default 1.1)
       --backing BASE        store only clusters that differ from BASE (its backing file)
       --backing-format qcow2|raw
       --threads N, --overwrite, --progress=bar|json|none
+
+  bench TARGET [options]                       write bandwidth, IOPS and latency, as fio measures them
+      TARGET is a block device, a folder, or a new file name (files are removed after)
+      --size S, --block-size B (default 1M), --queue-depth Q (default 16)
+      --pattern seq|rand, --time SECONDS, --direct=always|never
+      --engine auto|io_uring|threads, --force, --json
+      --image IMAGE         also load IMAGE onto TARGET and report its throughput as a ratio
 
 options for every command that opens an image:
   --allow-path DIR          follow backing/data file names into DIR (repeatable)
@@ -183,9 +191,9 @@ async function loadCommand(args: string[]): Promise<void> {
 
 function sizeOption(value: string | boolean | string[] | undefined, name: string): number | undefined {
   if (value === undefined) return undefined;
-  const match = typeof value === 'string' ? /^(\d+)([kKmM]?)$/.exec(value) : null;
-  if (!match) throw new UsageError(`${name} must be a size in bytes (k and M suffixes accepted)`);
-  const unit = { '': 1, k: 1024, K: 1024, m: 1024 * 1024, M: 1024 * 1024 }[match[2]!]!;
+  const match = typeof value === 'string' ? /^(\d+)([kKmMgGtT]?)$/.exec(value) : null;
+  if (!match) throw new UsageError(`${name} must be a size in bytes (k, M, G, T suffixes accepted)`);
+  const unit = ({ '': 1, K: 2 ** 10, M: 2 ** 20, G: 2 ** 30, T: 2 ** 40 } as Record<string, number>)[match[2]!.toUpperCase()]!;
   return Number(match[1]) * unit;
 }
 
@@ -281,7 +289,77 @@ async function checkCommand(args: string[]): Promise<number> {
   return exitCode;
 }
 
-const commands: Record<string, (args: string[]) => Promise<void | number>> = { info, map, load: loadCommand, capture: captureCommand, check: checkCommand };
+async function benchCommand(args: string[]): Promise<void> {
+  const { values, positionals } = parse(args, {
+    size: { type: 'string' },
+    'block-size': { type: 'string' },
+    'queue-depth': { type: 'string' },
+    pattern: { type: 'string' },
+    time: { type: 'string' },
+    direct: { type: 'string' },
+    engine: { type: 'string' },
+    force: { type: 'boolean' },
+    image: { type: 'string' },
+    progress: { type: 'string' },
+  });
+  needPositionals(positionals, 1, 'TARGET');
+  const pattern = (values.pattern as string | undefined) ?? 'seq';
+  if (pattern !== 'seq' && pattern !== 'rand') throw new UsageError('--pattern must be seq or rand');
+  const direct = (values.direct as string | undefined) ?? 'always';
+  if (direct !== 'always' && direct !== 'never') throw new UsageError('--direct must be always or never');
+  const engine = (values.engine as string | undefined) ?? 'auto';
+  if (!['auto', 'io_uring', 'threads'].includes(engine)) throw new UsageError('--engine must be auto, io_uring or threads');
+  let time: number | undefined;
+  if (values.time !== undefined) {
+    time = Number(values.time);
+    if (!(time > 0)) throw new UsageError('--time must be a positive number of seconds');
+  }
+  const size = sizeOption(values.size, '--size');
+  const blockSize = sizeOption(values['block-size'], '--block-size');
+  const queueDepth = integerOption(values['queue-depth'], '--queue-depth', 1);
+  const progressMode = (values.progress as string | undefined) ?? (values.json ? 'none' : 'auto');
+  const onProgress = progressReporter(progressMode);
+  const controller = new AbortController();
+  const onSignal = () => controller.abort();
+  process.once('SIGINT', onSignal);
+  try {
+    const result = await bench(positionals[0]!, {
+      ...openOptions(values),
+      ...(size !== undefined ? { size } : {}),
+      ...(blockSize !== undefined ? { blockSize } : {}),
+      ...(queueDepth !== undefined ? { queueDepth } : {}),
+      ...(time !== undefined ? { time } : {}),
+      ...(values.image !== undefined ? { image: values.image as string } : {}),
+      ...(onProgress ? { onProgress } : {}),
+      pattern: pattern as 'seq' | 'rand',
+      direct: direct as 'always' | 'never',
+      engine: engine as 'auto' | 'io_uring' | 'threads',
+      force: values.force === true,
+      signal: controller.signal,
+    });
+    if (onProgress && progressMode !== 'json') process.stderr.write('\n');
+    if (values.json) {
+      process.stdout.write(JSON.stringify(result, null, 2) + '\n');
+      return;
+    }
+    const lines = [
+      `target: ${result.target} (${result.direct ? 'O_DIRECT' : 'buffered'}, ${result.engine})`,
+      `${result.pattern === 'seq' ? 'sequential' : 'random'} writes of ${humanBytes(result.blockSize)}, queue depth ${result.queueDepth}: ${humanBytes(result.bytes)} in ${result.seconds.toFixed(2)} s`,
+      `bandwidth: ${(result.bandwidthBytesPerSec / 1e6).toFixed(1)} MB/s (${humanBytes(result.bandwidthBytesPerSec)}/s), ${Math.round(result.iops)} IOPS`,
+      `latency: p50 ${result.latencyUs.p50.toFixed(0)} us, p99 ${result.latencyUs.p99.toFixed(0)} us, p99.9 ${result.latencyUs.p999.toFixed(0)} us`,
+    ];
+    if (result.load) {
+      lines.push(
+        `image load: ${humanBytes(result.load.dataBytes)} of data in ${result.load.seconds.toFixed(2)} s = ${(result.load.bytesPerSec / 1e6).toFixed(1)} MB/s, ${(100 * result.load.ratio).toFixed(1)}% of the raw bandwidth`,
+      );
+    }
+    process.stdout.write(lines.join('\n') + '\n');
+  } finally {
+    process.off('SIGINT', onSignal);
+  }
+}
+
+const commands: Record<string, (args: string[]) => Promise<void | number>> = { info, map, load: loadCommand, capture: captureCommand, check: checkCommand, bench: benchCommand };
 
 export async function main(argv: string[]): Promise<number> {
   const [command, ...rest] = argv;
@@ -304,7 +382,7 @@ export async function main(argv: string[]): Promise<number> {
     return (await run(rest)) ?? 0;
   } catch (error) {
     if (error instanceof UsageError) {
-      process.stderr.write(`qcow2img: ${error.message}\n${usage}`);
+      process.stderr.write(`qcow2img: ${error.message} (see qcow2img --help)\n`);
       return 2;
     }
     if (error instanceof Qcow2Error) {

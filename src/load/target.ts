@@ -292,23 +292,16 @@ async function openDevice(image: Image, path: string, rdev: number, options: Tar
   if (base + image.virtualSize > limit) {
     throw new Qcow2Error('TARGET_TOO_SMALL', `${what} (${limit - base} bytes from offset ${base}) is smaller than the image's virtual size (${image.virtualSize} bytes)`, { path });
   }
-  const use = await deviceInUse(devicePath, deviceRdev, image.files.map((f) => f.path));
-  if (use.holdsRoot) throw new Qcow2Error('TARGET_IN_USE', `refusing to write: ${devicePath} holds the root filesystem`, { path: devicePath });
-  if (use.reason && !options.force) {
-    throw new Qcow2Error('TARGET_IN_USE', `refusing to write: ${devicePath} is ${use.reason}; pass --force to write anyway`, { path: devicePath });
-  }
+  const claimed = await claimDevice(devicePath, deviceRdev, options, image.files.map((f) => f.path));
+  let main: fs.FileHandle | undefined = claimed.handle;
   const direct = options.direct ?? 'auto';
-  const exclusive = options.force ? 0 : O_EXCL;
-  let main: fs.FileHandle | undefined;
   try {
-    const opened = await openMaybeDirect(devicePath, fsConstants.O_WRONLY | exclusive, direct, notice, 'device');
-    main = opened.handle;
-    let alignment = opened.direct ? native().blockDeviceInfo(main.fd).logicalBlockSize : 0;
+    let alignment = claimed.direct ? native().blockDeviceInfo(main.fd).logicalBlockSize : 0;
     if (alignment && base % alignment !== 0) {
       if (direct === 'always') throw new Qcow2Error('INVALID_ARGUMENT', `offset ${base} is not a multiple of the logical block size ${alignment}`, { path });
       notice(`${devicePath}: offset ${base} is not a multiple of ${alignment}; writing through the page cache`);
       await main.close();
-      main = await fs.open(devicePath, fsConstants.O_WRONLY | exclusive);
+      main = await fs.open(devicePath, fsConstants.O_WRONLY | (options.force ? 0 : O_EXCL));
       alignment = 0;
     }
     // A second, buffered descriptor for the bytes of a last partial block; not
@@ -318,6 +311,30 @@ async function openDevice(image: Image, path: string, rdev: number, options: Tar
     return inPlaceTarget('device', devicePath, main, tail, base, alignment, zeroMode, alignment !== 0, image.virtualSize);
   } catch (error) {
     await main?.close().catch(() => {});
+    throw ioError(error, devicePath, 'cannot open the target device');
+  }
+}
+
+/**
+ * Opens a block device for writing after every refusal: mounted, swap, held,
+ * the root disk, backed by one of `sourceFiles`. Exclusive (O_EXCL) unless forced,
+ * so the kernel refuses a device that is mounted or claimed at this moment.
+ */
+export async function claimDevice(
+  devicePath: string,
+  rdev: number,
+  options: Pick<TargetOptions, 'force' | 'direct' | 'onNotice'>,
+  sourceFiles: readonly string[],
+): Promise<{ handle: fs.FileHandle; direct: boolean }> {
+  const use = await deviceInUse(devicePath, rdev, sourceFiles);
+  if (use.holdsRoot) throw new Qcow2Error('TARGET_IN_USE', `refusing to write: ${devicePath} holds the root filesystem`, { path: devicePath });
+  if (use.reason && !options.force) {
+    throw new Qcow2Error('TARGET_IN_USE', `refusing to write: ${devicePath} is ${use.reason}; pass --force to write anyway`, { path: devicePath });
+  }
+  const exclusive = options.force ? 0 : O_EXCL;
+  try {
+    return await openMaybeDirect(devicePath, fsConstants.O_WRONLY | exclusive, options.direct ?? 'auto', options.onNotice ?? (() => {}), 'device');
+  } catch (error) {
     if ((error as NodeJS.ErrnoException).code === 'EBUSY') {
       throw new Qcow2Error('TARGET_IN_USE', 'refusing to write: the kernel reports the device busy (mounted or claimed)', { path: devicePath, cause: error });
     }
