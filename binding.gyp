@@ -17,8 +17,11 @@
       ],
       "cflags_cc": ["-std=c++17", "-O3", "-fvisibility=hidden", "-Wall", "-Wextra"],
       "cflags_cc!": ["-fno-exceptions", "-std=gnu++17"],
-      "libraries": ["-ldeflate", "-lzstd", "-lisal", "-luring"],
-      "ldflags": ["-Wl,--as-needed"]
+      # Static, so the addon (and its prebuild) needs none of them installed; their
+      # symbols stay inside it (--exclude-libs), away from Node's own zlib and zstd.
+      # ISA-L and zlib are loaded at run time by native/core/compress.cc.
+      "libraries": ["-l:libdeflate.a", "-l:libzstd.a", "-l:liburing.a", "-ldl"],
+      "ldflags": ["-Wl,--as-needed", "-Wl,--exclude-libs,ALL", "-Wl,-z,noexecstack,-z,relro,-z,now"]
     }
   ]
 }

@@ -1,13 +1,74 @@
 #include "compress.h"
 
+#include <dlfcn.h>
 #include <isa-l/igzip_lib.h>
 #include <zstd.h>
 
+#include <cstdlib>
 #include <cstring>
+#include <mutex>
 
 namespace qcow2img {
 
 namespace {
+
+// The few entry points used, resolved once per process.
+struct DeflateLibraries {
+  void (*isalInit)(isal_zstream*) = nullptr;
+  int (*isalStateless)(isal_zstream*) = nullptr;
+  // zlib, declared by hand so that no zlib headers are needed to build.
+  int (*zlibInit2)(void*, int, int, int, int, int, const char*, int) = nullptr;
+  int (*zlibDeflate)(void*, int) = nullptr;
+  int (*zlibReset)(void*) = nullptr;
+  int (*zlibEnd)(void*) = nullptr;
+  const char* zlibVersion = nullptr;
+};
+
+const DeflateLibraries& deflateLibraries() {
+  static DeflateLibraries libraries;
+  static std::once_flag once;
+  std::call_once(once, [] {
+    // QCOW2IMG_DEFLATE=zlib forces the fallback (tests; a system whose ISA-L misbehaves).
+    const char* forced = getenv("QCOW2IMG_DEFLATE");
+    bool allowIsal = forced == nullptr || strcmp(forced, "zlib") != 0;
+    if (void* isal = allowIsal ? dlopen("libisal.so.2", RTLD_NOW | RTLD_LOCAL) : nullptr) {
+      libraries.isalInit = reinterpret_cast<void (*)(isal_zstream*)>(dlsym(isal, "isal_deflate_stateless_init"));
+      libraries.isalStateless = reinterpret_cast<int (*)(isal_zstream*)>(dlsym(isal, "isal_deflate_stateless"));
+    }
+    // DEEPBIND: Node exports a zlib of its own, whose symbols would otherwise win.
+    if (void* zlib = dlopen("libz.so.1", RTLD_NOW | RTLD_LOCAL | RTLD_DEEPBIND)) {
+      libraries.zlibInit2 = reinterpret_cast<int (*)(void*, int, int, int, int, int, const char*, int)>(dlsym(zlib, "deflateInit2_"));
+      libraries.zlibDeflate = reinterpret_cast<int (*)(void*, int)>(dlsym(zlib, "deflate"));
+      libraries.zlibReset = reinterpret_cast<int (*)(void*)>(dlsym(zlib, "deflateReset"));
+      libraries.zlibEnd = reinterpret_cast<int (*)(void*)>(dlsym(zlib, "deflateEnd"));
+      auto version = reinterpret_cast<const char* (*)()>(dlsym(zlib, "zlibVersion"));
+      libraries.zlibVersion = version ? version() : nullptr;
+    }
+  });
+  return libraries;
+}
+
+bool haveIsal() { return deflateLibraries().isalInit && deflateLibraries().isalStateless; }
+
+// zlib's z_stream, as laid out on every LP64 Linux (zlib.h).
+struct ZStream {
+  const uint8_t* next_in;
+  unsigned avail_in;
+  unsigned long total_in;
+  uint8_t* next_out;
+  unsigned avail_out;
+  unsigned long total_out;
+  const char* msg;
+  void* state;
+  void* zalloc;
+  void* zfree;
+  void* opaque;
+  int data_type;
+  unsigned long adler;
+  unsigned long reserved;
+};
+constexpr int kZFinish = 4, kZStreamEnd = 1, kZDeflated = 8, kZDefaultStrategy = 0;
+
 size_t deflateLevelBufferSize(int level) {
   switch (level) {
     case 1: return ISAL_DEF_LVL1_DEFAULT;
@@ -16,12 +77,26 @@ size_t deflateLevelBufferSize(int level) {
     default: return 0;
   }
 }
+
 }  // namespace
 
 ClusterCompressor::ClusterCompressor(CompressCodec codec, int level) : codec_(codec), level_(level) {
   if (codec_ == CompressCodec::Deflate) {
     if (level_ < 0 || level_ > 3) level_ = 3;
-    deflateLevelBuffer_.resize(deflateLevelBufferSize(level_));
+    if (haveIsal()) {
+      deflateLevelBuffer_.resize(deflateLevelBufferSize(level_));
+    } else {
+      const DeflateLibraries& z = deflateLibraries();
+      ok_ = z.zlibInit2 && z.zlibDeflate && z.zlibReset && z.zlibEnd && z.zlibVersion;
+      if (ok_) {
+        auto* stream = new ZStream();
+        // ISA-L levels 0-3 map onto zlib 1, 2, 4, 6; windowBits -12: raw deflate, 4 KiB window.
+        static const int zlibLevels[] = {1, 2, 4, 6};
+        ok_ = z.zlibInit2(stream, zlibLevels[level_], kZDeflated, -12, 8, kZDefaultStrategy,
+                          z.zlibVersion, static_cast<int>(sizeof(ZStream))) == 0;
+        zlibStream_ = stream;
+      }
+    }
   } else if (codec_ == CompressCodec::Zstd) {
     zstd_ = ZSTD_createCCtx();
     ok_ = zstd_ != nullptr &&
@@ -33,13 +108,36 @@ ClusterCompressor::ClusterCompressor(CompressCodec codec, int level) : codec_(co
 
 ClusterCompressor::~ClusterCompressor() {
   if (zstd_ != nullptr) ZSTD_freeCCtx(zstd_);
+  if (zlibStream_ != nullptr) {
+    deflateLibraries().zlibEnd(zlibStream_);
+    delete static_cast<ZStream*>(zlibStream_);
+  }
+}
+
+const char* ClusterCompressor::encoder() const {
+  switch (codec_) {
+    case CompressCodec::Deflate: return zlibStream_ ? "zlib" : "isa-l";
+    case CompressCodec::Zstd: return "zstd";
+    default: return "none";
+  }
 }
 
 size_t ClusterCompressor::compress(const uint8_t* input, size_t inputSize, uint8_t* output,
                                    size_t limit) {
+  if (codec_ == CompressCodec::Deflate && zlibStream_ != nullptr) {
+    const DeflateLibraries& z = deflateLibraries();
+    auto* stream = static_cast<ZStream*>(zlibStream_);
+    z.zlibReset(stream);
+    stream->next_in = input;
+    stream->avail_in = static_cast<unsigned>(inputSize);
+    stream->next_out = output;
+    stream->avail_out = static_cast<unsigned>(limit);
+    if (z.zlibDeflate(stream, kZFinish) != kZStreamEnd) return 0;  // did not fit
+    return stream->total_out < limit ? stream->total_out : 0;
+  }
   if (codec_ == CompressCodec::Deflate) {
     isal_zstream stream;
-    isal_deflate_stateless_init(&stream);
+    deflateLibraries().isalInit(&stream);
     stream.next_in = const_cast<uint8_t*>(input);
     stream.avail_in = static_cast<uint32_t>(inputSize);
     stream.next_out = output;
@@ -52,7 +150,7 @@ size_t ClusterCompressor::compress(const uint8_t* input, size_t inputSize, uint8
     stream.gzip_flag = IGZIP_DEFLATE;
     // A 4 KiB window, like QEMU's writer: readers that inflate in pieces need it.
     stream.hist_bits = 12;
-    if (isal_deflate_stateless(&stream) != COMP_OK) return 0;
+    if (deflateLibraries().isalStateless(&stream) != COMP_OK) return 0;
     return stream.total_out < limit ? stream.total_out : 0;
   }
   if (codec_ == CompressCodec::Zstd) {

@@ -1,5 +1,8 @@
-// Cluster compression for qcow2 writers: raw deflate with a 4 KiB window (ISA-L,
-// as QEMU's own deflateInit2(-12) produces: every reader can inflate it), or zstd.
+// Cluster compression for qcow2 writers: raw deflate with a 4 KiB window (as
+// QEMU's own deflateInit2(-12) produces: every reader can inflate it), or zstd.
+// Deflate comes from ISA-L when libisal.so.2 is installed (about 10x faster),
+// else from the system zlib (libz.so.1); both are loaded at run time, so the
+// prebuilt addon needs neither to load.
 #pragma once
 #include <cstddef>
 #include <cstdint>
@@ -20,6 +23,8 @@ class ClusterCompressor {
   ClusterCompressor& operator=(const ClusterCompressor&) = delete;
 
   bool ok() const { return ok_; }
+  // "isa-l", "zlib", "zstd" or "none": which encoder this compressor uses.
+  const char* encoder() const;
   // Compressed length, or 0 when the result would not be shorter than `limit`
   // (the caller then stores the cluster uncompressed).
   size_t compress(const uint8_t* input, size_t inputSize, uint8_t* output, size_t limit);
@@ -29,6 +34,7 @@ class ClusterCompressor {
   int level_;
   bool ok_ = true;
   std::vector<uint8_t> deflateLevelBuffer_;
+  void* zlibStream_ = nullptr;  // z_stream, when deflate falls back to zlib
   ::ZSTD_CCtx_s* zstd_ = nullptr;
 };
 
