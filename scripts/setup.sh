@@ -20,5 +20,5 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 npm ci --no-audit --no-fund --loglevel=error
-npm run --silent build
+npm run --silent compile
 bash examples/make-demo.sh

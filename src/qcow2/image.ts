@@ -105,7 +105,7 @@ export class Image {
     return this.layers[0]!.virtualSize;
   }
 
-  /** Every file the image reads from (image, backing files, data files). */
+  /** Every file the image reads from (image, backing files, data files). @internal */
   get files(): readonly OpenFile[] {
     const files: OpenFile[] = [];
     for (const layer of this.layers) {
@@ -119,7 +119,7 @@ export class Image {
     if (this.closed) throw new Qcow2Error('CLOSED', 'image is closed', { path: this.path });
   }
 
-  /** The runs of guest [start, end), each resolved to the file and depth that decides it. */
+  /** The runs of guest [start, end), each resolved to the file and depth that decides it. @internal */
   async resolve(start: number, end: number): Promise<ResolvedRun[]> {
     this.check();
     const out: ResolvedRun[] = [];
