@@ -106,6 +106,10 @@ describe.skipIf(skip !== undefined)('load onto block devices', () => {
     const p6 = parts.get(6)!;
     expect(p6.size).toBeGreaterThanOrEqual(expected.length);
     const before = readRange(loop.device, 0, 64 * MiB);
+    // Partition 2 is the extended container itself: never a target.
+    const extended = await load(image, loop.device, { partition: 2 }).catch((e: unknown) => e);
+    expect((extended as Qcow2Error).code).toBe('INVALID_ARGUMENT');
+    expect((extended as Qcow2Error).message).toContain('extended');
     await load(image, loop.device, { partition: 6 });
     const after = readRange(loop.device, 0, 64 * MiB);
     expect(sha(after.subarray(p6.start, p6.start + expected.length))).toBe(sha(expected));
@@ -171,6 +175,11 @@ describe.skipIf(skip !== undefined)('load onto block devices', () => {
     loops.push(self);
     const error = await load(copy, self.device).catch((e: unknown) => e);
     expect((error as Qcow2Error).code).toBe('TARGET_IS_SOURCE');
+    // Named through a relative path and a symlink: still the same file.
+    const link = path.join(dir, 'self-link.qcow2');
+    fs.symlinkSync(copy, link);
+    const viaLink = await load(path.relative(process.cwd(), link), self.device).catch((e: unknown) => e);
+    expect((viaLink as Qcow2Error).code).toBe('TARGET_IS_SOURCE');
   });
 
   it('catches a byte changed behind its back with the exact offset', async () => {

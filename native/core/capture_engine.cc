@@ -168,7 +168,7 @@ class CaptureEngine {
         }
         size_t length = 0;
         if (job_.codec != CompressCodec::None) {
-          // QEMU's limit: a stream of a whole cluster or more is stored as data.
+          // QEMU's limit: a stream longer than a cluster minus one byte is stored as data.
           length = compressor.compress(cluster, job_.clusterSize, compressed.data + compressedUsed,
                                        job_.clusterSize - 1);
         }

@@ -133,7 +133,7 @@ size_t ClusterCompressor::compress(const uint8_t* input, size_t inputSize, uint8
     stream->next_out = output;
     stream->avail_out = static_cast<unsigned>(limit);
     if (z.zlibDeflate(stream, kZFinish) != kZStreamEnd) return 0;  // did not fit
-    return stream->total_out < limit ? stream->total_out : 0;
+    return stream->total_out <= limit ? stream->total_out : 0;
   }
   if (codec_ == CompressCodec::Deflate) {
     isal_zstream stream;
@@ -151,11 +151,11 @@ size_t ClusterCompressor::compress(const uint8_t* input, size_t inputSize, uint8
     // A 4 KiB window, like QEMU's writer: readers that inflate in pieces need it.
     stream.hist_bits = 12;
     if (deflateLibraries().isalStateless(&stream) != COMP_OK) return 0;
-    return stream.total_out < limit ? stream.total_out : 0;
+    return stream.total_out <= limit ? stream.total_out : 0;
   }
   if (codec_ == CompressCodec::Zstd) {
     size_t n = ZSTD_compress2(zstd_, output, limit, input, inputSize);
-    if (ZSTD_isError(n) || n >= limit) return 0;
+    if (ZSTD_isError(n) || n > limit) return 0;
     return n;
   }
   return 0;

@@ -25,7 +25,7 @@ class ClusterCompressor {
   bool ok() const { return ok_; }
   // "isa-l", "zlib", "zstd" or "none": which encoder this compressor uses.
   const char* encoder() const;
-  // Compressed length, or 0 when the result would not be shorter than `limit`
+  // Compressed length, or 0 when the result would not fit in `limit` bytes
   // (the caller then stores the cluster uncompressed).
   size_t compress(const uint8_t* input, size_t inputSize, uint8_t* output, size_t limit);
 

@@ -15,12 +15,13 @@ import type { Image, OpenOptions } from '../qcow2/image';
 import { open } from '../qcow2/open';
 import { COPIED, compressedClusters, compressedEntry, encodeHeaderCluster, refcountLayout } from '../qcow2/writer';
 import { defaultThreads } from '../load/copy';
+import { syncFolder } from '../load/target';
 import { ProgressSampler, type ProgressCallback } from '../load/progress';
 
-export interface CaptureOptions extends OpenOptions {
+export interface CaptureOptions extends Omit<OpenOptions, 'snapshot'> {
   /** Compress clusters (zlib = raw deflate as QEMU writes it). Default: none. */
   compress?: 'zlib' | 'zstd';
-  /** Compression level: zlib 0-3 (ISA-L levels, default 3), zstd 1-19 (default 3). */
+  /** Compression level: zlib 0-3 (ISA-L levels, default 3), zstd -7 to 19 (default 3). */
   level?: number;
   /** 512 B to 2 MiB, a power of two (default 64 KiB). */
   clusterSize?: number;
@@ -357,6 +358,7 @@ export async function capture(source: string, output: string, options: CaptureOp
     out = undefined;
     await fs.rename(temporary, outputPath);
     renamed = true;
+    await syncFolder(nodePath.dirname(outputPath));
     return {
       output: outputPath,
       virtualSize,

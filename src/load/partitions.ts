@@ -152,6 +152,9 @@ export async function findPartition(handle: FileHandle, diskSize: number, number
     const numbers = table.partitions.map((p) => p.number).join(', ') || 'none';
     throw new Qcow2Error('INVALID_ARGUMENT', `no partition ${number} in the ${table.scheme.toUpperCase()} table (partitions: ${numbers})`, { path });
   }
+  if (partition.scheme === 'mbr' && extendedTypes.has(parseInt(partition.type, 16))) {
+    throw new Qcow2Error('INVALID_ARGUMENT', `partition ${number} is an extended partition (a container of logical partitions), not a target`, { path });
+  }
   if (partition.start + partition.sizeBytes > diskSize) {
     throw new Qcow2Error('INVALID_ARGUMENT', `partition ${number} extends past the end of the disk`, { path });
   }

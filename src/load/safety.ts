@@ -14,7 +14,7 @@ export interface DeviceUse {
   holdsRoot: boolean;
 }
 
-function majorMinor(rdev: number): string {
+export function majorMinor(rdev: number): string {
   // Linux dev_t: major in bits 8-19 (and 32+), minor in bits 0-7 and 20-31.
   const major = ((rdev >> 8) & 0xfff) | (Math.floor(rdev / 2 ** 32) & ~0xfff);
   const minor = (rdev & 0xff) | ((rdev >> 12) & ~0xff);
@@ -42,7 +42,14 @@ function unescapeMount(path: string): string {
   return path.replace(/\\([0-7]{3})/g, (_m, octal: string) => String.fromCharCode(parseInt(octal, 8)));
 }
 
-export async function deviceInUse(devicePath: string, rdev: number, imageFiles: readonly string[]): Promise<DeviceUse> {
+/** Files the load reads from, by identity: a path compare would miss relative names and links. */
+export interface SourceFile {
+  path: string;
+  device: number;
+  inode: number;
+}
+
+export async function deviceInUse(devicePath: string, rdev: number, sourceFiles: readonly SourceFile[]): Promise<DeviceUse> {
   const family = await deviceFamily(rdev);
   const mountinfo = await fs.readFile('/proc/self/mountinfo', 'utf8').catch(() => '');
   let reason: string | undefined;
@@ -65,9 +72,12 @@ export async function deviceInUse(devicePath: string, rdev: number, imageFiles: 
   if (family.sysfs) {
     const holders = await fs.readdir(nodePath.join(family.sysfs, 'holders')).catch(() => []);
     if (holders.length > 0) reason ??= `held by ${holders.join(', ')} (device-mapper or md)`;
-    const backing = await fs.readFile(nodePath.join(family.sysfs, 'loop', 'backing_file'), 'utf8').catch(() => undefined);
-    if (backing && imageFiles.includes(backing.trim())) {
-      throw new Qcow2Error('TARGET_IS_SOURCE', `loop device is backed by ${backing.trim()}, which the image reads from`, { path: devicePath });
+    // A loop device (or a partition of one) over a file the load reads from.
+    const loopDirectory = (await fs.stat(nodePath.join(family.sysfs, 'partition')).catch(() => undefined)) ? nodePath.dirname(family.sysfs) : family.sysfs;
+    const backing = await fs.readFile(nodePath.join(loopDirectory, 'loop', 'backing_file'), 'utf8').catch(() => undefined);
+    const backingStats = backing ? await fs.stat(backing.trim()).catch(() => undefined) : undefined;
+    if (backingStats && sourceFiles.some((f) => f.device === backingStats.dev && f.inode === backingStats.ino)) {
+      throw new Qcow2Error('TARGET_IS_SOURCE', `loop device is backed by ${backing!.trim()}, which the image reads from`, { path: devicePath });
     }
   }
   return { reason, holdsRoot };

@@ -11,8 +11,8 @@ import * as nodePath from 'node:path';
 import { Qcow2Error, ioError } from '../errors';
 import { native, ZeroMode } from '../native';
 import type { Image } from '../qcow2/image';
-import { findPartition } from './partitions';
-import { deviceInUse } from './safety';
+import { findPartition, type Partition } from './partitions';
+import { deviceInUse, majorMinor, type SourceFile } from './safety';
 
 export type DirectMode = 'auto' | 'always' | 'never';
 
@@ -138,12 +138,21 @@ async function openNewFile(image: Image, path: string, options: TargetOptions): 
       await fs.rename(temporary, path).catch((error) => {
         throw ioError(error, path, 'cannot rename the finished file into place');
       });
+      await syncFolder(nodePath.dirname(path));
     },
     async abort() {
       await close();
       await fs.unlink(temporary).catch(() => {});
     },
   };
+}
+
+/** fsync of a folder, so that a rename in it survives a crash. */
+export async function syncFolder(folder: string): Promise<void> {
+  const handle = await fs.open(folder, 'r').catch(() => undefined);
+  if (!handle) return;
+  await handle.sync().catch(() => {});
+  await handle.close();
 }
 
 async function flushBoth(main: fs.FileHandle, tail: fs.FileHandle, path: string): Promise<void> {
@@ -236,15 +245,17 @@ async function openFileRegion(image: Image, path: string, exists: boolean, optio
   }
 }
 
-/** The partition's own device node (sda2, nvme0n1p2), when the kernel made one. */
-async function partitionNode(diskRdev: number, number: number): Promise<string | undefined> {
-  const major = (diskRdev >> 8) & 0xfff;
-  const minor = (diskRdev & 0xff) | ((diskRdev >> 12) & ~0xff);
+/**
+ * The partition's own device node (sda2, nvme0n1p2), when the kernel made one
+ * for exactly the extent the table gives; else the whole disk and an offset.
+ */
+async function partitionNode(diskRdev: number, partition: Partition): Promise<string | undefined> {
   try {
-    const sysfs = await fs.realpath(`/sys/dev/block/${major}:${minor}`);
+    const sysfs = await fs.realpath(`/sys/dev/block/${majorMinor(diskRdev)}`);
     for (const entry of await fs.readdir(sysfs)) {
-      const value = await fs.readFile(nodePath.join(sysfs, entry, 'partition'), 'utf8').catch(() => undefined);
-      if (value?.trim() === String(number)) {
+      const read = (file: string) => fs.readFile(nodePath.join(sysfs, entry, file), 'utf8').then((v) => v.trim(), () => undefined);
+      // sysfs counts start and size in 512-byte units whatever the sector size.
+      if ((await read('partition')) === String(partition.number) && Number(await read('start')) * 512 === partition.start && Number(await read('size')) * 512 === partition.sizeBytes) {
         const node = `/dev/${entry}`;
         const stats = await fs.stat(node).catch(() => undefined);
         if (stats?.isBlockDevice()) return node;
@@ -275,7 +286,7 @@ async function openDevice(image: Image, path: string, rdev: number, options: Tar
       if (partition.sizeBytes < image.virtualSize) {
         throw new Qcow2Error('TARGET_TOO_SMALL', `${what} (${partition.sizeBytes} bytes) is smaller than the image's virtual size (${image.virtualSize} bytes)`, { path });
       }
-      const node = await partitionNode(rdev, options.partition);
+      const node = await partitionNode(rdev, partition);
       if (node) {
         devicePath = node;
         deviceRdev = (await fs.stat(node)).rdev;
@@ -292,7 +303,7 @@ async function openDevice(image: Image, path: string, rdev: number, options: Tar
   if (base + image.virtualSize > limit) {
     throw new Qcow2Error('TARGET_TOO_SMALL', `${what} (${limit - base} bytes from offset ${base}) is smaller than the image's virtual size (${image.virtualSize} bytes)`, { path });
   }
-  const claimed = await claimDevice(devicePath, deviceRdev, options, image.files.map((f) => f.path));
+  const claimed = await claimDevice(devicePath, deviceRdev, options, image.files);
   let main: fs.FileHandle | undefined = claimed.handle;
   const direct = options.direct ?? 'auto';
   try {
@@ -324,7 +335,7 @@ export async function claimDevice(
   devicePath: string,
   rdev: number,
   options: Pick<TargetOptions, 'force' | 'direct' | 'onNotice'>,
-  sourceFiles: readonly string[],
+  sourceFiles: readonly SourceFile[],
 ): Promise<{ handle: fs.FileHandle; direct: boolean }> {
   const use = await deviceInUse(devicePath, rdev, sourceFiles);
   if (use.holdsRoot) throw new Qcow2Error('TARGET_IN_USE', `refusing to write: ${devicePath} holds the root filesystem`, { path: devicePath });

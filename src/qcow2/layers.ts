@@ -167,7 +167,8 @@ export class Qcow2Layer implements Layer {
 
   private async loadL1(): Promise<Float64Array> {
     if (this.l1) return this.l1;
-    const entries = Math.min(this.l1Size, this.header.l1EntriesNeeded > 0 ? Math.ceil(this.virtualSize / (this.header.l2EntryCount * this.header.clusterSize)) : 0);
+    // From the size being read: a snapshot's disk may be larger than the image's is now.
+    const entries = Math.min(this.l1Size, Math.ceil(this.virtualSize / (this.header.l2EntryCount * this.header.clusterSize)));
     const raw = entries > 0 ? await readExactly(this.file, this.l1Offset, entries * 8, 'L1 table') : Buffer.alloc(0);
     const l1 = new Float64Array(entries);
     for (let i = 0; i < entries; i++) {
