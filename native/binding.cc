@@ -9,6 +9,7 @@
 #include "core/copy_engine.h"
 #include "core/file_ops.h"
 #include "core/l2_walk.h"
+#include "core/page_engine.h"
 #include "core/write_bench.h"
 
 namespace {
@@ -330,6 +331,271 @@ Napi::Value WriteBench(const Napi::CallbackInfo& info) {
   return promise;
 }
 
+// A dump's table of first page occurrences, kept across the batches of one dump.
+class DedupTableWrap : public Napi::ObjectWrap<DedupTableWrap> {
+ public:
+  static Napi::Function Define(Napi::Env env) {
+    return DefineClass(env, "DedupTable", {InstanceAccessor<&DedupTableWrap::Size>("size")});
+  }
+  explicit DedupTableWrap(const Napi::CallbackInfo& info) : Napi::ObjectWrap<DedupTableWrap>(info) {}
+  DedupTable table;
+
+ private:
+  Napi::Value Size(const Napi::CallbackInfo& info) {
+    return Napi::Number::New(info.Env(), static_cast<double>(table.size()));
+  }
+};
+
+
+class DumpBatchWorker : public Napi::AsyncWorker {
+ public:
+  DumpBatchWorker(Napi::Env env, const Napi::Object& spec)
+      : Napi::AsyncWorker(env, "qcow2img:dump"), deferred_(Napi::Promise::Deferred::New(env)) {
+    batch_.sourceFd = static_cast<int>(numberField(spec, "sourceFd", -1));
+    batch_.dumpOffset = static_cast<uint64_t>(numberField(spec, "dumpOffset"));
+    batch_.firstPage = static_cast<uint64_t>(numberField(spec, "firstPage"));
+    batch_.pageCount = static_cast<uint64_t>(numberField(spec, "pageCount"));
+    batch_.pageSize = static_cast<uint32_t>(numberField(spec, "pageSize", 4096));
+    batch_.spanPages = static_cast<uint32_t>(numberField(spec, "spanPages", 512));
+    batch_.firstSpan = static_cast<uint64_t>(numberField(spec, "firstSpan"));
+    batch_.incremental = spec.Get("incremental").ToBoolean();
+    batch_.codec = static_cast<ChunkCodec>(static_cast<int>(numberField(spec, "codec", 1)));
+    batch_.level = static_cast<int>(numberField(spec, "level", 1));
+    batch_.chunkTargetBytes = static_cast<uint64_t>(numberField(spec, "chunkTargetBytes", 1 << 20));
+    batch_.threads = static_cast<uint32_t>(numberField(spec, "threads", 2));
+    batch_.parent = bytes(spec, "parent", batch_.pageCount * batch_.pageSize);
+    batch_.dirty = bytes(spec, "dirty", (batch_.pageCount + 7) / 8);
+    Napi::Value dedup = spec.Get("dedup");
+    auto* dedupConstructor = env.GetInstanceData<Napi::FunctionReference>();
+    if (dedup.IsObject() && dedupConstructor && dedup.As<Napi::Object>().InstanceOf(dedupConstructor->Value())) {
+      keep_.push_back(Napi::Persistent(dedup.As<Napi::Object>()));
+      batch_.dedup = &DedupTableWrap::Unwrap(dedup.As<Napi::Object>())->table;
+    }
+  }
+  bool valid() const {
+    return batch_.pageSize >= 512 && batch_.spanPages > 0 && !invalid_ &&
+           (!batch_.incremental || batch_.parent || batch_.dirty);
+  }
+  Napi::Promise promise() { return deferred_.Promise(); }
+  void Execute() override { result_ = processDumpBatch(batch_); }
+  void OnOK() override {
+    Napi::Env env = Env();
+    if (!result_.error.empty()) {
+      deferred_.Reject(Napi::Error::New(env, result_.error).Value());
+      return;
+    }
+    Napi::Object out = Napi::Object::New(env);
+    auto states = Napi::Uint8Array::New(env, result_.states.size());
+    std::copy(result_.states.begin(), result_.states.end(), states.Data());
+    out.Set("states", states);
+    auto duplicates = Napi::Float64Array::New(env, result_.duplicates.size());
+    for (size_t i = 0; i < result_.duplicates.size(); i++) duplicates[i] = static_cast<double>(result_.duplicates[i]);
+    out.Set("duplicates", duplicates);
+    Napi::Array chunks = Napi::Array::New(env, result_.chunks.size());
+    for (size_t i = 0; i < result_.chunks.size(); i++) {
+      DumpChunk& c = result_.chunks[i];
+      Napi::Object chunk = Napi::Object::New(env);
+      chunk.Set("firstSpan", static_cast<double>(c.firstSpan));
+      chunk.Set("spanCount", c.spanCount);
+      chunk.Set("rawLength", c.rawLength);
+      chunk.Set("rawChecksum", Napi::BigInt::New(env, c.rawChecksum));
+      chunk.Set("codec", static_cast<int>(c.codec));
+      // The compressed bytes move to JavaScript without a copy.
+      auto* stored = new std::vector<uint8_t>(std::move(c.stored));
+      chunk.Set("stored", Napi::Buffer<uint8_t>::New(env, stored->data(), stored->size(),
+                                                      [](Napi::Env, uint8_t*, std::vector<uint8_t>* v) { delete v; },
+                                                      stored));
+      chunks[i] = chunk;
+    }
+    out.Set("chunks", chunks);
+    deferred_.Resolve(out);
+  }
+  void OnError(const Napi::Error& error) override { deferred_.Reject(error.Value()); }
+
+ private:
+  const uint8_t* bytes(const Napi::Object& spec, const char* name, size_t needed) {
+    Napi::Value value = spec.Get(name);
+    if (!value.IsTypedArray()) return nullptr;
+    auto array = value.As<Napi::Uint8Array>();
+    if (array.ByteLength() < needed) {
+      invalid_ = true;
+      return nullptr;
+    }
+    keep_.push_back(Napi::Persistent(array.As<Napi::Object>()));
+    return array.Data();
+  }
+  Napi::Promise::Deferred deferred_;
+  std::vector<Napi::ObjectReference> keep_;
+  DumpBatch batch_;
+  DumpBatchResult result_;
+  bool invalid_ = false;
+};
+
+Napi::Value ProcessDumpBatch(const Napi::CallbackInfo& info) {
+  if (info.Length() < 1 || !info[0].IsObject()) throw Napi::TypeError::New(info.Env(), "processDumpBatch(spec)");
+  auto* worker = new DumpBatchWorker(info.Env(), info[0].As<Napi::Object>());
+  if (!worker->valid()) {
+    delete worker;
+    throw Napi::RangeError::New(info.Env(), "processDumpBatch: inconsistent batch (sizes, parent or dirty bitmap)");
+  }
+  Napi::Promise promise = worker->promise();
+  worker->Queue();
+  return promise;
+}
+
+class RestoreBatchWorker : public Napi::AsyncWorker {
+ public:
+  RestoreBatchWorker(Napi::Env env, const Napi::Object& spec)
+      : Napi::AsyncWorker(env, "qcow2img:restore"), deferred_(Napi::Promise::Deferred::New(env)) {
+    batch_.stateFd = static_cast<int>(numberField(spec, "stateFd", -1));
+    batch_.outputFd = static_cast<int>(numberField(spec, "outputFd", -1));
+    batch_.pageSize = static_cast<uint32_t>(numberField(spec, "pageSize", 4096));
+    batch_.spanPages = static_cast<uint32_t>(numberField(spec, "spanPages", 512));
+    batch_.firstSpan = static_cast<uint64_t>(numberField(spec, "firstSpan"));
+    batch_.punchZeros = spec.Get("punchZeros").ToBoolean();
+    batch_.threads = static_cast<uint32_t>(numberField(spec, "threads", 2));
+    auto spans = spec.Get("spans").As<Napi::Float64Array>();  // pairs: page count, dump offset
+    for (size_t i = 0; i + 1 < spans.ElementLength(); i += 2) {
+      batch_.spanPageCounts.push_back(static_cast<uint32_t>(spans[i]));
+      batch_.spanDumpOffsets.push_back(static_cast<uint64_t>(spans[i + 1]));
+    }
+    auto states = spec.Get("states").As<Napi::Uint8Array>();
+    keep_.push_back(Napi::Persistent(states.As<Napi::Object>()));
+    batch_.states = states.Data();
+    statesLength_ = states.ElementLength();
+    auto chunks = spec.Get("chunks").As<Napi::Float64Array>();  // triples: payload offset, length, checksum as two u32
+    for (size_t i = 0; i + 3 < chunks.ElementLength(); i += 4) {
+      uint64_t checksum = (static_cast<uint64_t>(chunks[i + 2]) << 32) | static_cast<uint64_t>(chunks[i + 3]);
+      batch_.chunks.push_back(RestoreChunk{static_cast<uint64_t>(chunks[i]), static_cast<uint64_t>(chunks[i + 1]), checksum});
+    }
+    auto duplicates = spec.Get("duplicates").As<Napi::Float64Array>();
+    for (size_t i = 0; i < duplicates.ElementLength(); i++) batch_.duplicates.push_back(static_cast<uint64_t>(duplicates[i]));
+  }
+  bool valid() const {
+    size_t pages = 0;
+    for (uint32_t n : batch_.spanPageCounts) pages += n;
+    return pages <= statesLength_ && batch_.pageSize >= 512;
+  }
+  Napi::Promise promise() { return deferred_.Promise(); }
+  void Execute() override { result_ = restoreBatch(batch_); }
+  void OnOK() override {
+    Napi::Env env = Env();
+    if (!result_.error.empty()) {
+      Napi::Error error = Napi::Error::New(env, result_.error);
+      error.Set("badChunk", Napi::Number::New(env, static_cast<double>(result_.badChunk)));
+      deferred_.Reject(error.Value());
+      return;
+    }
+    deferred_.Resolve(Napi::Number::New(env, static_cast<double>(result_.dataBytes)));
+  }
+  void OnError(const Napi::Error& error) override { deferred_.Reject(error.Value()); }
+
+ private:
+  Napi::Promise::Deferred deferred_;
+  std::vector<Napi::ObjectReference> keep_;
+  RestoreBatch batch_;
+  RestoreBatchResult result_;
+  size_t statesLength_ = 0;
+};
+
+Napi::Value RestoreBatchFn(const Napi::CallbackInfo& info) {
+  if (info.Length() < 1 || !info[0].IsObject()) throw Napi::TypeError::New(info.Env(), "restoreBatch(spec)");
+  auto* worker = new RestoreBatchWorker(info.Env(), info[0].As<Napi::Object>());
+  if (!worker->valid()) {
+    delete worker;
+    throw Napi::RangeError::New(info.Env(), "restoreBatch: states shorter than the spans");
+  }
+  Napi::Promise promise = worker->promise();
+  worker->Queue();
+  return promise;
+}
+
+class DecompressChunkWorker : public Napi::AsyncWorker {
+ public:
+  DecompressChunkWorker(Napi::Env env, int codec, Napi::Buffer<uint8_t> stored, size_t rawLength)
+      : Napi::AsyncWorker(env, "qcow2img:chunk"), deferred_(Napi::Promise::Deferred::New(env)),
+        codec_(static_cast<ChunkCodec>(codec)), stored_(Napi::Persistent(stored)), data_(stored.Data()),
+        length_(stored.Length()), output_(new std::vector<uint8_t>(rawLength)) {}
+  ~DecompressChunkWorker() override { delete output_; }
+  Napi::Promise promise() { return deferred_.Promise(); }
+  void Execute() override { ok_ = decompressChunk(codec_, data_, length_, output_->data(), output_->size()); }
+  void OnOK() override {
+    if (!ok_) {
+      deferred_.Reject(Napi::Error::New(Env(), "chunk does not decompress to its length").Value());
+      return;
+    }
+    std::vector<uint8_t>* out = output_;
+    output_ = nullptr;
+    deferred_.Resolve(Napi::Buffer<uint8_t>::New(Env(), out->data(), out->size(),
+                                                 [](Napi::Env, uint8_t*, std::vector<uint8_t>* v) { delete v; }, out));
+  }
+  void OnError(const Napi::Error& error) override { deferred_.Reject(error.Value()); }
+
+ private:
+  Napi::Promise::Deferred deferred_;
+  ChunkCodec codec_;
+  Napi::Reference<Napi::Buffer<uint8_t>> stored_;
+  const uint8_t* data_;
+  size_t length_;
+  std::vector<uint8_t>* output_;
+  bool ok_ = false;
+};
+
+// decompressChunk(codec, stored, rawLength) -> Promise<Buffer>
+Napi::Value DecompressChunkFn(const Napi::CallbackInfo& info) {
+  if (info.Length() < 3 || !info[1].IsBuffer()) throw Napi::TypeError::New(info.Env(), "decompressChunk(codec, stored, rawLength)");
+  double rawLength = info[2].As<Napi::Number>().DoubleValue();
+  if (rawLength < 0 || rawLength > (1u << 30)) throw Napi::RangeError::New(info.Env(), "decompressChunk: raw length out of range");
+  auto* worker = new DecompressChunkWorker(info.Env(), info[0].As<Napi::Number>().Int32Value(),
+                                           info[1].As<Napi::Buffer<uint8_t>>(), static_cast<size_t>(rawLength));
+  Napi::Promise promise = worker->promise();
+  worker->Queue();
+  return promise;
+}
+
+class HashFileWorker : public Napi::AsyncWorker {
+ public:
+  HashFileWorker(Napi::Env env, int fd)
+      : Napi::AsyncWorker(env, "qcow2img:hash"), deferred_(Napi::Promise::Deferred::New(env)), fd_(fd) {}
+  Napi::Promise promise() { return deferred_.Promise(); }
+  void Execute() override { ok_ = hashFile(fd_, &hash_); }
+  void OnOK() override {
+    if (!ok_) deferred_.Reject(Napi::Error::New(Env(), "read error while hashing").Value());
+    else deferred_.Resolve(Napi::BigInt::New(Env(), hash_));
+  }
+  void OnError(const Napi::Error& error) override { deferred_.Reject(error.Value()); }
+
+ private:
+  Napi::Promise::Deferred deferred_;
+  int fd_;
+  uint64_t hash_ = 0;
+  bool ok_ = false;
+};
+
+// hashFile(fd) -> Promise<bigint>: XXH3-64 of the whole file.
+Napi::Value HashFileFn(const Napi::CallbackInfo& info) {
+  auto* worker = new HashFileWorker(info.Env(), info[0].As<Napi::Number>().Int32Value());
+  Napi::Promise promise = worker->promise();
+  worker->Queue();
+  return promise;
+}
+
+// hash64(buffer) -> bigint; hash128(buffer) -> Buffer of 16 bytes (low then high, little-endian)
+Napi::Value Hash64(const Napi::CallbackInfo& info) {
+  auto buffer = info[0].As<Napi::Uint8Array>();
+  return Napi::BigInt::New(info.Env(), hash64(buffer.Data(), buffer.ByteLength()));
+}
+
+Napi::Value Hash128(const Napi::CallbackInfo& info) {
+  auto buffer = info[0].As<Napi::Uint8Array>();
+  uint64_t low, high;
+  hash128(buffer.Data(), buffer.ByteLength(), &low, &high);
+  auto out = Napi::Buffer<uint8_t>::New(info.Env(), 16);
+  memcpy(out.Data(), &low, 8);
+  memcpy(out.Data() + 8, &high, 8);
+  return out;
+}
+
 Napi::Value SeekData(const Napi::CallbackInfo& info) {
   int fd = info[0].As<Napi::Number>().Int32Value();
   int64_t offset = info[1].As<Napi::Number>().Int64Value();
@@ -387,6 +653,16 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("verify", Napi::Function::New(env, Verify, "verify"));
   exports.Set("capture", Napi::Function::New(env, Capture, "capture"));
   exports.Set("writeBench", Napi::Function::New(env, WriteBench, "writeBench"));
+  Napi::Function dedup = DedupTableWrap::Define(env);
+  // Per environment (worker threads load the addon again), freed with it.
+  env.SetInstanceData<Napi::FunctionReference>(new Napi::FunctionReference(Napi::Persistent(dedup)));
+  exports.Set("DedupTable", dedup);
+  exports.Set("processDumpBatch", Napi::Function::New(env, ProcessDumpBatch, "processDumpBatch"));
+  exports.Set("restoreBatch", Napi::Function::New(env, RestoreBatchFn, "restoreBatch"));
+  exports.Set("decompressChunk", Napi::Function::New(env, DecompressChunkFn, "decompressChunk"));
+  exports.Set("hash64", Napi::Function::New(env, Hash64, "hash64"));
+  exports.Set("hashFile", Napi::Function::New(env, HashFileFn, "hashFile"));
+  exports.Set("hash128", Napi::Function::New(env, Hash128, "hash128"));
   exports.Set("seekData", Napi::Function::New(env, SeekData, "seekData"));
   exports.Set("seekHole", Napi::Function::New(env, SeekHole, "seekHole"));
   exports.Set("blockDeviceInfo", Napi::Function::New(env, BlockDevice, "blockDeviceInfo"));

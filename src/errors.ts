@@ -43,6 +43,8 @@ export type Qcow2ErrorCode =
   | 'TARGET_IS_SOURCE'
   | 'TARGET_IN_USE'
   | 'VERIFY_FAILED'
+  | 'CHECKSUM_MISMATCH'
+  | 'PARENT_MISMATCH'
   | 'INVALID_ARGUMENT'
   | 'CLOSED'
   | 'CANCELLED'

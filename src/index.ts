@@ -12,3 +12,10 @@ export { load, type LoadOptions, type LoadResult, type Progress, type ProgressCa
 export { capture, type CaptureOptions, type CaptureResult } from './capture/index';
 export { check, checkExitCode, type CheckIssue, type CheckResult } from './check/index';
 export { bench, type BenchOptions, type BenchResult } from './bench/index';
+export {
+  createSnapshot, restoreSnapshot, inspectSnapshot, verifySnapshot, readBundle,
+  type CreateSnapshotOptions, type RestoreSnapshotOptions, type RestoreSnapshotResult, type SnapshotInspection,
+  type BundleProblem, type SnapshotMetadata, type CpuState, type MemoryRegion,
+} from './snapshot/index';
+export { writeState, type WriteStateOptions, type WriteStateResult } from './vmstate/writer';
+export { StateFile, restoreMemory, type OpenStateOptions, type StateProblem } from './vmstate/reader';

@@ -105,6 +105,56 @@ export interface NativeWriteBenchResult {
   engine: 'io_uring' | 'threads';
 }
 
+export interface NativeDumpChunk {
+  firstSpan: number;
+  spanCount: number;
+  rawLength: number;
+  rawChecksum: bigint;
+  codec: number;
+  stored: Buffer;
+}
+
+export interface NativeDumpBatch {
+  sourceFd: number;
+  dumpOffset: number;
+  firstPage: number;
+  pageCount: number;
+  pageSize: number;
+  spanPages: number;
+  firstSpan: number;
+  incremental: boolean;
+  parent?: Uint8Array;
+  dirty?: Uint8Array;
+  dedup?: NativeDedupTable;
+  /** 0 none, 1 zstd, 2 deflate. */
+  codec: number;
+  level: number;
+  chunkTargetBytes: number;
+  threads: number;
+}
+
+export interface NativeDedupTable {
+  readonly size: number;
+}
+
+export interface NativeRestoreBatch {
+  stateFd: number;
+  outputFd: number;
+  pageSize: number;
+  spanPages: number;
+  firstSpan: number;
+  /** Pairs: page count, dump offset of the span's first page. */
+  spans: Float64Array;
+  /** One state a page of those spans. */
+  states: Uint8Array;
+  /** Quads: payload offset, payload length, checksum high 32 bits, checksum low 32 bits. */
+  chunks: Float64Array;
+  /** Pairs: dump offset of a duplicate page, dump offset of its source. */
+  duplicates: Float64Array;
+  punchZeros: boolean;
+  threads: number;
+}
+
 export interface NativeAddon {
   walkL2(
     table: Buffer,
@@ -119,6 +169,17 @@ export interface NativeAddon {
   capture(job: NativeCaptureJob): Promise<number>;
   /** Timed writes with a queue of writes in flight (fio-like). */
   writeBench(job: NativeWriteBenchJob): Promise<NativeWriteBenchResult>;
+  DedupTable: new () => NativeDedupTable;
+  /** Classifies and compresses one batch of RAM pages. */
+  processDumpBatch(batch: NativeDumpBatch): Promise<{ states: Uint8Array; duplicates: Float64Array; chunks: NativeDumpChunk[] }>;
+  /** Writes the pages of a batch of spans back into a RAM dump; resolves to bytes written. */
+  restoreBatch(batch: NativeRestoreBatch): Promise<number>;
+  decompressChunk(codec: number, stored: Buffer, rawLength: number): Promise<Buffer>;
+  hash64(data: Uint8Array): bigint;
+  /** XXH3-64 of a whole file. */
+  hashFile(fd: number): Promise<bigint>;
+  /** XXH3-128: 16 bytes, low half first, little-endian. */
+  hash128(data: Uint8Array): Buffer;
   /** Resolves to the first window whose read-back hash differs, or -1. */
   verify(job: NativeVerifyJob): Promise<number>;
   seekData(fd: number, offset: number): number;

@@ -336,9 +336,8 @@ export async function capture(source: string, output: string, options: CaptureOp
 
     let backingFile: string | undefined;
     if (options.backing !== undefined) {
-      const absolute = nodePath.resolve(options.backing);
-      const relative = nodePath.relative(nodePath.dirname(outputPath), absolute);
-      backingFile = relative.startsWith('..') ? absolute : relative;
+      // Relative to the image's folder, so that a folder of images can move as one.
+      backingFile = nodePath.relative(nodePath.dirname(outputPath), nodePath.resolve(options.backing));
     }
     const header = encodeHeaderCluster({
       version,

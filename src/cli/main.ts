@@ -8,6 +8,8 @@ import { load } from '../load/index';
 import { capture } from '../capture/index';
 import { check, checkExitCode } from '../check/index';
 import { bench } from '../bench/index';
+import { createSnapshot, inspectSnapshot, restoreSnapshot, verifySnapshot } from '../snapshot/index';
+import * as fs from 'node:fs/promises';
 import type { Progress } from '../load/progress';
 import type { DirectMode } from '../load/target';
 import { formatInfo, formatMap, humanBytes, progressLine } from './format';
@@ -47,6 +49,14 @@ commands:
       --pattern seq|rand, --time SECONDS, --direct=always|never
       --engine auto|io_uring|threads, --force, --json
       --image IMAGE         also load IMAGE onto TARGET and report its throughput as a ratio
+
+  snapshot create OUT [--disk SRC] [--memory RAM [--memory-map REGIONS.json]] [--cpu CPU.json]
+                  [--device NAME=FILE]... [--parent BUNDLE] [--dirty-bitmap FILE]
+                  [--compress zstd|deflate|none] [--level N] [--machine JSON]
+  snapshot restore BUNDLE [--disk TARGET] [--memory FILE] [--cpu FILE.json] [--device-dir D]
+                  (--partition, --offset, --verify, --force, --overwrite as for load)
+  snapshot inspect BUNDLE [--json]
+  snapshot verify BUNDLE                       exit 1 and name the damaged file (and chunk, range)
 
 options for every command that opens an image:
   --allow-path DIR          follow backing/data file names into DIR (repeatable)
@@ -359,7 +369,143 @@ async function benchCommand(args: string[]): Promise<void> {
   }
 }
 
-const commands: Record<string, (args: string[]) => Promise<void | number>> = { info, map, load: loadCommand, capture: captureCommand, check: checkCommand, bench: benchCommand };
+async function readJsonFile(path: string, what: string): Promise<unknown> {
+  const text = await fs.readFile(path, 'utf8').catch((error: NodeJS.ErrnoException) => {
+    throw new Qcow2Error('IO_ERROR', `cannot read the ${what}: ${error.code === 'ENOENT' ? 'no such file' : error.message}`, { path });
+  });
+  try {
+    return JSON.parse(text);
+  } catch (error) {
+    throw new Qcow2Error('INVALID_ARGUMENT', `${what} is not JSON: ${(error as Error).message}`, { path });
+  }
+}
+
+async function snapshotCommand(args: string[]): Promise<number | void> {
+  const [verb, ...rest] = args;
+  if (verb === 'create') {
+    const { values, positionals } = parse(rest, {
+      disk: { type: 'string' },
+      memory: { type: 'string' },
+      'memory-map': { type: 'string' },
+      cpu: { type: 'string' },
+      device: { type: 'string', multiple: true },
+      parent: { type: 'string' },
+      'dirty-bitmap': { type: 'string' },
+      compress: { type: 'string' },
+      level: { type: 'string' },
+      machine: { type: 'string' },
+      threads: { type: 'string' },
+    });
+    needPositionals(positionals, 1, 'OUT');
+    const compress = values.compress as string | undefined;
+    if (compress !== undefined && !['zstd', 'deflate', 'none'].includes(compress)) throw new UsageError('--compress must be zstd, deflate or none');
+    if (values['memory-map'] !== undefined && values.memory === undefined) throw new UsageError('--memory-map needs --memory');
+    const devices = await Promise.all(
+      ((values.device as string[] | undefined) ?? []).map(async (spec) => {
+        const at = spec.indexOf('=');
+        if (at <= 0) throw new UsageError('--device takes NAME=FILE');
+        const file = spec.slice(at + 1);
+        const data = await fs.readFile(file).catch((error: Error) => {
+          throw new Qcow2Error('IO_ERROR', `cannot read the device blob: ${error.message}`, { path: file });
+        });
+        return { name: spec.slice(0, at), data };
+      }),
+    );
+    let machine: Record<string, unknown> | undefined;
+    if (values.machine !== undefined) {
+      try {
+        machine = JSON.parse(values.machine as string) as Record<string, unknown>;
+      } catch {
+        throw new UsageError('--machine takes a JSON object');
+      }
+    }
+    const level = values.level !== undefined ? Number(values.level) : undefined;
+    if (level !== undefined && !Number.isInteger(level)) throw new UsageError('--level must be an integer');
+    const threads = threadsOption(values.threads);
+    const metadata = await createSnapshot(positionals[0]!, {
+      ...(values.disk !== undefined ? { disk: values.disk as string } : {}),
+      ...(values.memory !== undefined ? { memory: values.memory as string } : {}),
+      ...(values['memory-map'] !== undefined ? { memoryRegions: (await readJsonFile(values['memory-map'] as string, 'memory map')) as never } : {}),
+      ...(values.cpu !== undefined ? { cpu: await readJsonFile(values.cpu as string, 'CPU state') } : {}),
+      ...(devices.length ? { devices } : {}),
+      ...(values.parent !== undefined ? { parent: values.parent as string } : {}),
+      ...(values['dirty-bitmap'] !== undefined ? { dirtyBitmap: await fs.readFile(values['dirty-bitmap'] as string) } : {}),
+      ...(compress ? { compress: compress as 'zstd' | 'deflate' | 'none' } : {}),
+      ...(level !== undefined ? { level } : {}),
+      ...(machine ? { machine } : {}),
+      ...(threads ? { threads } : {}),
+    });
+    process.stdout.write(JSON.stringify(metadata, null, 2) + '\n');
+    return;
+  }
+  if (verb === 'restore') {
+    const { values, positionals } = parse(rest, {
+      disk: { type: 'string' },
+      memory: { type: 'string' },
+      cpu: { type: 'string' },
+      'device-dir': { type: 'string' },
+      partition: { type: 'string' },
+      offset: { type: 'string' },
+      verify: { type: 'boolean' },
+      force: { type: 'boolean' },
+      overwrite: { type: 'boolean' },
+      'target-is-zero': { type: 'boolean' },
+      threads: { type: 'string' },
+    });
+    needPositionals(positionals, 1, 'BUNDLE');
+    const partition = integerOption(values.partition, '--partition', 1);
+    const offset = integerOption(values.offset, '--offset', 0);
+    const threads = threadsOption(values.threads);
+    const result = await restoreSnapshot(positionals[0]!, {
+      ...(values.disk !== undefined ? { disk: values.disk as string } : {}),
+      ...(values.memory !== undefined ? { memory: values.memory as string } : {}),
+      ...(values.cpu !== undefined ? { cpu: values.cpu as string } : {}),
+      ...(values['device-dir'] !== undefined ? { deviceDir: values['device-dir'] as string } : {}),
+      ...(partition !== undefined ? { partition } : {}),
+      ...(offset !== undefined ? { offset } : {}),
+      ...(threads ? { threads } : {}),
+      verify: values.verify === true,
+      force: values.force === true,
+      overwrite: values.overwrite === true,
+      targetIsZero: values['target-is-zero'] === true,
+    });
+    process.stdout.write(JSON.stringify(result, null, 2) + '\n');
+    return;
+  }
+  if (verb === 'inspect') {
+    const { values, positionals } = parse(rest);
+    needPositionals(positionals, 1, 'BUNDLE');
+    const inspection = await inspectSnapshot(positionals[0]!);
+    if (values.json) {
+      process.stdout.write(JSON.stringify(inspection, null, 2) + '\n');
+      return;
+    }
+    const m = inspection.metadata;
+    const lines = [`snapshot ${m.id} (${m.created}) by ${m.producer}`, `parent: ${m.parent ? `${m.parent.id} at ${m.parent.path}` : 'none'}`];
+    for (const [name, entry] of Object.entries(m.files)) if (entry) lines.push(`${name}: ${humanBytes(entry.size)}`);
+    if (inspection.state) {
+      const p = inspection.state.pages;
+      lines.push(`memory: ${inspection.state.regions.map((r) => `0x${r.guestBase.toString(16)}+${humanBytes(r.size)}`).join(', ')}; pages: ${p.data} data, ${p.duplicate} duplicate, ${p.zero} zero, ${p.parent} from parent; ${inspection.state.chunks} chunks`);
+      lines.push(`vCPUs: ${inspection.state.vcpus}; devices: ${inspection.state.devices.join(', ') || 'none'}`);
+    }
+    process.stdout.write(lines.join('\n') + '\n');
+    return;
+  }
+  if (verb === 'verify') {
+    const { positionals } = parse(rest);
+    needPositionals(positionals, 1, 'BUNDLE');
+    const problems = await verifySnapshot(positionals[0]!);
+    for (const p of problems) {
+      const ranges = p.guestRanges?.map((r) => `0x${r.start.toString(16)}-0x${r.end.toString(16)}`).join(', ');
+      process.stderr.write(`qcow2img: ${p.file}: ${p.part ? `${p.part}: ` : ''}${p.message}${ranges ? ` (guest-physical ${ranges})` : ''}\n`);
+    }
+    if (problems.length === 0) process.stdout.write('snapshot verified: every file and checksum matches\n');
+    return problems.length === 0 ? 0 : 1;
+  }
+  throw new UsageError('snapshot takes create, restore, inspect or verify');
+}
+
+const commands: Record<string, (args: string[]) => Promise<void | number>> = { info, map, load: loadCommand, capture: captureCommand, check: checkCommand, bench: benchCommand, snapshot: snapshotCommand };
 
 export async function main(argv: string[]): Promise<number> {
   const [command, ...rest] = argv;

@@ -1,0 +1,356 @@
+#include "page_engine.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <libdeflate.h>
+#include <linux/falloc.h>
+#include <sys/mman.h>
+#include <unistd.h>
+#include <zstd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <mutex>
+#include <thread>
+
+#define XXH_INLINE_ALL
+#include <xxhash.h>
+
+#include "compress.h"
+
+namespace qcow2img {
+
+const DedupTable::Entry* DedupTable::findOrInsert(uint64_t low, uint64_t high, uint64_t page,
+                                                  uint64_t dumpOffset) {
+  auto [it, inserted] = map_.try_emplace(Key{low, high}, Entry{page, dumpOffset});
+  return inserted ? nullptr : &it->second;
+}
+
+uint64_t hash64(const uint8_t* data, size_t length) { return XXH3_64bits(data, length); }
+
+bool hashFile(int fd, uint64_t* hash) {
+  XXH3_state_t* state = XXH3_createState();
+  if (!state) return false;
+  XXH3_64bits_reset(state);
+  std::vector<uint8_t> buffer(4 << 20);
+  uint64_t offset = 0;
+  bool ok = true;
+  for (;;) {
+    ssize_t n = pread(fd, buffer.data(), buffer.size(), static_cast<off_t>(offset));
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) {
+      ok = false;
+      break;
+    }
+    if (n == 0) break;
+    XXH3_64bits_update(state, buffer.data(), static_cast<size_t>(n));
+    offset += static_cast<uint64_t>(n);
+  }
+  *hash = XXH3_64bits_digest(state);
+  XXH3_freeState(state);
+  return ok;
+}
+
+void hash128(const uint8_t* data, size_t length, uint64_t* low, uint64_t* high) {
+  XXH128_hash_t h = XXH3_128bits(data, length);
+  *low = h.low64;
+  *high = h.high64;
+}
+
+namespace {
+
+// Runs fn(i) for i in [0, count) on up to `threads` threads.
+template <typename Fn>
+void parallelFor(uint64_t count, uint32_t threads, Fn fn) {
+  uint32_t n = static_cast<uint32_t>(std::max<uint64_t>(1, std::min<uint64_t>(threads, count)));
+  std::atomic<uint64_t> next{0};
+  auto work = [&] {
+    for (uint64_t i = next.fetch_add(1); i < count; i = next.fetch_add(1)) fn(i);
+  };
+  std::vector<std::thread> pool;
+  for (uint32_t t = 1; t < n; t++) pool.emplace_back(work);
+  work();
+  for (auto& t : pool) t.join();
+}
+
+bool preadFully(int fd, uint8_t* buffer, uint64_t length, uint64_t offset) {
+  uint64_t done = 0;
+  while (done < length) {
+    ssize_t n = pread(fd, buffer + done, length - done, static_cast<off_t>(offset + done));
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) return false;
+    done += static_cast<uint64_t>(n);
+  }
+  return true;
+}
+
+bool pwriteFully(int fd, const uint8_t* buffer, uint64_t length, uint64_t offset) {
+  uint64_t done = 0;
+  while (done < length) {
+    ssize_t n = pwrite(fd, buffer + done, length - done, static_cast<off_t>(offset + done));
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) return false;
+    done += static_cast<uint64_t>(n);
+  }
+  return true;
+}
+
+// A read-only mapping of the whole source dump, for scanning and for confirming
+// duplicates against pages of earlier batches.
+struct Mapping {
+  const uint8_t* data = nullptr;
+  size_t length = 0;
+  explicit Mapping(int fd) {
+    off_t end = lseek(fd, 0, SEEK_END);
+    if (end <= 0) return;
+    void* p = mmap(nullptr, static_cast<size_t>(end), PROT_READ, MAP_SHARED, fd, 0);
+    if (p == MAP_FAILED) return;
+    madvise(p, static_cast<size_t>(end), MADV_SEQUENTIAL);
+    data = static_cast<const uint8_t*>(p);
+    length = static_cast<size_t>(end);
+  }
+  ~Mapping() {
+    if (data) munmap(const_cast<uint8_t*>(data), length);
+  }
+};
+
+size_t compressChunk(ChunkCodec codec, int level, const uint8_t* raw, size_t rawLength,
+                     std::vector<uint8_t>& out) {
+  if (codec == ChunkCodec::Zstd) {
+    out.resize(ZSTD_compressBound(rawLength));
+    size_t n = ZSTD_compress(out.data(), out.size(), raw, rawLength, level);
+    return ZSTD_isError(n) ? 0 : n;
+  }
+  if (codec == ChunkCodec::Deflate) {
+    libdeflate_compressor* c = libdeflate_alloc_compressor(std::clamp(level, 1, 12));
+    if (!c) return 0;
+    out.resize(libdeflate_deflate_compress_bound(c, rawLength));
+    size_t n = libdeflate_deflate_compress(c, raw, rawLength, out.data(), out.size());
+    libdeflate_free_compressor(c);
+    return n;
+  }
+  return 0;
+}
+
+}  // namespace
+
+bool decompressChunk(ChunkCodec codec, const uint8_t* stored, size_t storedLength, uint8_t* output,
+                     size_t rawLength) {
+  switch (codec) {
+    case ChunkCodec::None:
+      if (storedLength != rawLength) return false;
+      memcpy(output, stored, rawLength);
+      return true;
+    case ChunkCodec::Zstd: {
+      size_t n = ZSTD_decompress(output, rawLength, stored, storedLength);
+      return !ZSTD_isError(n) && n == rawLength;
+    }
+    case ChunkCodec::Deflate: {
+      libdeflate_decompressor* d = libdeflate_alloc_decompressor();
+      if (!d) return false;
+      bool ok = libdeflate_deflate_decompress(d, stored, storedLength, output, rawLength, nullptr) ==
+                LIBDEFLATE_SUCCESS;
+      libdeflate_free_decompressor(d);
+      return ok;
+    }
+  }
+  return false;
+}
+
+DumpBatchResult processDumpBatch(const DumpBatch& b) {
+  DumpBatchResult result;
+  Mapping source(b.sourceFd);
+  const uint64_t batchBytes = b.pageCount * b.pageSize;
+  if (!source.data || b.dumpOffset + batchBytes > source.length) {
+    result.error = "the RAM dump is shorter than its regions";
+    return result;
+  }
+  const uint8_t* pages = source.data + b.dumpOffset;
+  result.states.assign(b.pageCount, static_cast<uint8_t>(PageState::Zero));
+  std::vector<XXH128_hash_t> hashes(b.pageCount);
+
+  // Phase 1, parallel: zero pages, unchanged pages, hashes of the rest.
+  const uint64_t pagesPerTask = 256;
+  parallelFor((b.pageCount + pagesPerTask - 1) / pagesPerTask, b.threads, [&](uint64_t task) {
+    uint64_t end = std::min(b.pageCount, (task + 1) * pagesPerTask);
+    for (uint64_t i = task * pagesPerTask; i < end; i++) {
+      const uint8_t* page = pages + i * b.pageSize;
+      if (b.incremental) {
+        bool unchanged = b.dirty ? !((b.dirty[i / 8] >> (i % 8)) & 1)
+                                 : memcmp(page, b.parent + i * b.pageSize, b.pageSize) == 0;
+        if (unchanged) {
+          result.states[i] = static_cast<uint8_t>(PageState::Parent);
+          continue;
+        }
+      }
+      if (isAllZero(page, b.pageSize)) continue;
+      result.states[i] = static_cast<uint8_t>(PageState::Data);
+      if (b.dedup) hashes[i] = XXH3_128bits(page, b.pageSize);
+    }
+  });
+
+  // Phase 2, in page order: the first occurrence of some contents is DATA, a
+  // later one with the same bytes (hash, then memcmp) is its DUPLICATE.
+  if (b.dedup) {
+    for (uint64_t i = 0; i < b.pageCount; i++) {
+      if (result.states[i] != static_cast<uint8_t>(PageState::Data)) continue;
+      uint64_t offset = b.dumpOffset + i * b.pageSize;
+      const DedupTable::Entry* first =
+          b.dedup->findOrInsert(hashes[i].low64, hashes[i].high64, b.firstPage + i, offset);
+      if (first && memcmp(source.data + first->dumpOffset, pages + i * b.pageSize, b.pageSize) == 0) {
+        result.states[i] = static_cast<uint8_t>(PageState::Duplicate);
+        result.duplicates.push_back(b.firstPage + i);
+        result.duplicates.push_back(first->page);
+      }
+    }
+  }
+
+  // Phase 3: runs of spans into chunks of about chunkTargetBytes of data.
+  const uint64_t spanCount = (b.pageCount + b.spanPages - 1) / b.spanPages;
+  struct ChunkPlan {
+    uint64_t firstSpan, spanCount, dataPages;
+  };
+  std::vector<ChunkPlan> plans;
+  ChunkPlan current{0, 0, 0};
+  for (uint64_t s = 0; s < spanCount; s++) {
+    uint64_t end = std::min(b.pageCount, (s + 1) * b.spanPages);
+    for (uint64_t i = s * b.spanPages; i < end; i++) {
+      current.dataPages += result.states[i] == static_cast<uint8_t>(PageState::Data);
+    }
+    current.spanCount++;
+    if (current.dataPages * b.pageSize >= b.chunkTargetBytes || s + 1 == spanCount) {
+      if (current.dataPages > 0) plans.push_back(current);
+      current = ChunkPlan{s + 1, 0, 0};
+    }
+  }
+
+  // Phase 4, parallel: gather each chunk's data pages and compress them.
+  result.chunks.resize(plans.size());
+  parallelFor(plans.size(), b.threads, [&](uint64_t c) {
+    const ChunkPlan& plan = plans[c];
+    DumpChunk& chunk = result.chunks[c];
+    chunk.firstSpan = b.firstSpan + plan.firstSpan;
+    chunk.spanCount = static_cast<uint32_t>(plan.spanCount);
+    chunk.rawLength = static_cast<uint32_t>(plan.dataPages * b.pageSize);
+    std::vector<uint8_t> raw(chunk.rawLength);
+    uint8_t* at = raw.data();
+    uint64_t end = std::min(b.pageCount, (plan.firstSpan + plan.spanCount) * b.spanPages);
+    for (uint64_t i = plan.firstSpan * b.spanPages; i < end; i++) {
+      if (result.states[i] != static_cast<uint8_t>(PageState::Data)) continue;
+      memcpy(at, pages + i * b.pageSize, b.pageSize);
+      at += b.pageSize;
+    }
+    chunk.rawChecksum = XXH3_64bits(raw.data(), raw.size());
+    size_t n = b.codec == ChunkCodec::None ? 0 : compressChunk(b.codec, b.level, raw.data(), raw.size(), chunk.stored);
+    if (n > 0 && n < raw.size()) {
+      chunk.stored.resize(n);
+      chunk.codec = b.codec;
+    } else {
+      // Incompressible (or not asked to compress): stored as is.
+      chunk.stored = std::move(raw);
+      chunk.codec = ChunkCodec::None;
+    }
+  });
+  return result;
+}
+
+RestoreBatchResult restoreBatch(const RestoreBatch& b) {
+  RestoreBatchResult result;
+  std::vector<uint64_t> spanFirstPage(b.spanPageCounts.size() + 1, 0);
+  for (size_t s = 0; s < b.spanPageCounts.size(); s++) spanFirstPage[s + 1] = spanFirstPage[s] + b.spanPageCounts[s];
+  std::mutex mutex;
+  std::atomic<bool> failed{false};
+  auto fail = [&](const std::string& message, int64_t chunk) {
+    std::lock_guard<std::mutex> lock(mutex);
+    if (result.error.empty()) {
+      result.error = message;
+      result.badChunk = chunk;
+    }
+    failed = true;
+  };
+  std::atomic<uint64_t> dataBytes{0};
+
+  // Writes runs of consecutive pages in `state` of span s from `source` (or punches them).
+  auto writeRuns = [&](size_t s, PageState state, const uint8_t* source, uint64_t* sourceCursor) -> bool {
+    const uint8_t* states = b.states + spanFirstPage[s];
+    uint32_t count = b.spanPageCounts[s];
+    for (uint32_t i = 0; i < count;) {
+      if (states[i] != static_cast<uint8_t>(state)) {
+        i++;
+        continue;
+      }
+      uint32_t j = i;
+      while (j < count && states[j] == static_cast<uint8_t>(state)) j++;
+      uint64_t offset = b.spanDumpOffsets[s] + static_cast<uint64_t>(i) * b.pageSize;
+      uint64_t length = static_cast<uint64_t>(j - i) * b.pageSize;
+      if (state == PageState::Data) {
+        if (!pwriteFully(b.outputFd, source + *sourceCursor, length, offset)) return false;
+        *sourceCursor += length;
+        dataBytes += length;
+      } else if (fallocate(b.outputFd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                           static_cast<off_t>(offset), static_cast<off_t>(length)) != 0) {
+        return false;
+      }
+      i = j;
+    }
+    return true;
+  };
+
+  parallelFor(b.chunks.size(), b.threads, [&](uint64_t c) {
+    if (failed) return;
+    const RestoreChunk& chunk = b.chunks[c];
+    std::vector<uint8_t> payload(chunk.payloadLength);
+    if (chunk.payloadLength < 32 || !preadFully(b.stateFd, payload.data(), payload.size(), chunk.payloadOffset)) {
+      return fail("cannot read a chunk", static_cast<int64_t>(c));
+    }
+    if (XXH3_64bits(payload.data(), payload.size()) != chunk.checksum) {
+      return fail("chunk checksum mismatch", static_cast<int64_t>(c));
+    }
+    ChunkCodec codec = static_cast<ChunkCodec>(payload[0]);
+    uint32_t spanCount, rawLength;
+    uint64_t firstSpan, rawChecksum;
+    memcpy(&spanCount, payload.data() + 4, 4);
+    memcpy(&firstSpan, payload.data() + 8, 8);
+    memcpy(&rawLength, payload.data() + 16, 4);
+    memcpy(&rawChecksum, payload.data() + 24, 8);
+    if (firstSpan < b.firstSpan || firstSpan + spanCount > b.firstSpan + b.spanPageCounts.size()) {
+      return fail("chunk outside its batch", static_cast<int64_t>(c));
+    }
+    std::vector<uint8_t> raw(rawLength);
+    if (!decompressChunk(codec, payload.data() + 32, payload.size() - 32, raw.data(), rawLength) ||
+        XXH3_64bits(raw.data(), raw.size()) != rawChecksum) {
+      return fail("chunk does not decompress to its checksum", static_cast<int64_t>(c));
+    }
+    uint64_t cursor = 0;
+    for (uint64_t s = firstSpan - b.firstSpan; s < firstSpan - b.firstSpan + spanCount; s++) {
+      if (!writeRuns(s, PageState::Data, raw.data(), &cursor) || cursor > raw.size()) {
+        return fail(cursor > raw.size() ? "chunk holds fewer pages than its spans need" : strerror(errno),
+                    static_cast<int64_t>(c));
+      }
+    }
+    if (cursor != raw.size()) fail("chunk holds more pages than its spans need", static_cast<int64_t>(c));
+  });
+  if (!failed && b.punchZeros) {
+    parallelFor(b.spanPageCounts.size(), b.threads, [&](uint64_t s) {
+      uint64_t unused = 0;
+      if (!failed && !writeRuns(s, PageState::Zero, nullptr, &unused)) fail(strerror(errno), -1);
+    });
+  }
+  // Duplicates last: their sources are DATA pages written above (or by an earlier batch).
+  if (!failed) {
+    std::vector<uint8_t> page(b.pageSize);
+    for (size_t i = 0; i + 1 < b.duplicates.size(); i += 2) {
+      if (!preadFully(b.outputFd, page.data(), b.pageSize, b.duplicates[i + 1]) ||
+          !pwriteFully(b.outputFd, page.data(), b.pageSize, b.duplicates[i])) {
+        fail("cannot copy a duplicate page", -1);
+        break;
+      }
+      dataBytes += b.pageSize;
+    }
+  }
+  result.dataBytes = dataBytes;
+  return result;
+}
+
+}  // namespace qcow2img

@@ -1,0 +1,397 @@
+/**
+ * Snapshot bundles: a folder holding snapshot.json, disk.qcow2 (made by capture;
+ * over the parent's disk for an incremental snapshot) and state.qvms (RAM, vCPU
+ * and device state). Created under a temporary name and renamed when complete,
+ * so a bundle without its metadata never passes as valid.
+ */
+import { randomBytes, randomUUID } from 'node:crypto';
+import * as fs from 'node:fs/promises';
+import * as nodePath from 'node:path';
+import { capture } from '../capture/index';
+import { Qcow2Error, ioError } from '../errors';
+import { load, type LoadOptions, type LoadResult } from '../load/index';
+import { syncFolder } from '../load/target';
+import { native } from '../native';
+import { check, checkExitCode } from '../check/index';
+import { type CpuState, parseCpuState } from '../vmstate/cpu';
+import { stateOf, stateLimits } from '../vmstate/format';
+import { restoreMemory, type StateFile, StateFile as StateFileClass, type StateProblem } from '../vmstate/reader';
+import { type MemoryRegion, uuidString, writeState } from '../vmstate/writer';
+import { DISK_FILE, METADATA_FILE, parseMetadata, type SnapshotMetadata, STATE_FILE, BUNDLE_FORMAT_VERSION } from './metadata';
+
+export type { SnapshotMetadata } from './metadata';
+export type { CpuState } from '../vmstate/cpu';
+export type { MemoryRegion } from '../vmstate/writer';
+
+export interface CreateSnapshotOptions {
+  /** Raw disk (file, block device or partition) to capture as disk.qcow2. */
+  disk?: string;
+  /** Raw guest RAM dump. */
+  memory?: string;
+  /** How the dump maps to guest-physical memory (default: one region from 0). */
+  memoryRegions?: MemoryRegion[];
+  /** vCPU state as JSON ({arch: "x86_64", vcpus: [...]}). */
+  cpu?: unknown;
+  /** Opaque device-state blobs, by name. */
+  devices?: { name: string; data: Buffer }[];
+  /** The previous snapshot: the disk and memory hold only what changed since. */
+  parent?: string;
+  /** With a parent: 1 bit a RAM page set = changed, instead of comparing with the parent. */
+  dirtyBitmap?: Buffer;
+  /** Free-form machine description kept in snapshot.json. */
+  machine?: Record<string, unknown>;
+  /** For the state file and the disk (deflate = zlib clusters). Default zstd. */
+  compress?: 'zstd' | 'deflate' | 'none';
+  level?: number;
+  threads?: number;
+}
+
+export interface SnapshotChainLink {
+  dir: string;
+  metadata: SnapshotMetadata;
+}
+
+function producer(): string {
+  // eslint-disable-next-line @typescript-eslint/no-require-imports
+  return `qcow2img ${(require('../../package.json') as { version: string }).version}`;
+}
+
+async function hashFile(path: string): Promise<{ size: number; xxh3: string }> {
+  const handle = await fs.open(path, 'r');
+  try {
+    const size = (await handle.stat()).size;
+    const hash = await native().hashFile(handle.fd);
+    return { size, xxh3: hash.toString(16).padStart(16, '0') };
+  } finally {
+    await handle.close();
+  }
+}
+
+/** Reads and validates snapshot.json of a bundle folder. */
+export async function readBundle(dir: string): Promise<SnapshotChainLink> {
+  const metadataPath = nodePath.join(dir, METADATA_FILE);
+  const text = await fs.readFile(metadataPath, 'utf8').catch((error) => {
+    throw ioError(error, metadataPath, 'not a snapshot bundle (cannot read its metadata)');
+  });
+  return { dir: nodePath.resolve(dir), metadata: parseMetadata(text, metadataPath) };
+}
+
+/** The bundle and its parents, nearest first; loops and excessive depth refused. */
+export async function readChain(dir: string): Promise<SnapshotChainLink[]> {
+  const chain: SnapshotChainLink[] = [];
+  const seen = new Set<string>();
+  let current: string | undefined = nodePath.resolve(dir);
+  while (current) {
+    if (seen.has(current)) throw new Qcow2Error('BACKING_CHAIN_LOOP', 'snapshot parents loop', { path: current });
+    if (chain.length >= stateLimits.maxChainDepth) throw new Qcow2Error('BACKING_CHAIN_TOO_DEEP', `more than ${stateLimits.maxChainDepth} snapshots in the chain`, { path: dir });
+    seen.add(current);
+    const link = await readBundle(current);
+    const expectedId = chain.length > 0 ? chain[chain.length - 1]!.metadata.parent?.id : undefined;
+    if (expectedId !== undefined && link.metadata.id !== expectedId) {
+      throw new Qcow2Error('PARENT_MISMATCH', `parent bundle has id ${link.metadata.id}, the child names ${expectedId}`, { path: current });
+    }
+    chain.push(link);
+    current = link.metadata.parent ? nodePath.resolve(current, link.metadata.parent.path) : undefined;
+  }
+  return chain;
+}
+
+/** Opens the state files of a chain, oldest first, each checked against its parent. */
+async function openStateChain(chain: SnapshotChainLink[]): Promise<StateFile | undefined> {
+  let parent: StateFile | undefined;
+  for (const link of [...chain].reverse()) {
+    if (!link.metadata.files[STATE_FILE]) {
+      if (parent) throw new Qcow2Error('INVALID_ARGUMENT', 'a snapshot without memory cannot sit between snapshots with memory', { path: link.dir });
+      continue;
+    }
+    parent = await StateFileClass.open(nodePath.join(link.dir, STATE_FILE), parent ? { parent } : {});
+  }
+  return parent;
+}
+
+async function closeStateChain(state: StateFile | undefined): Promise<void> {
+  for (let s = state; s; s = s.parent) await s.close().catch(() => {});
+}
+
+/**
+ * Creates a snapshot bundle folder at `out`.
+ *
+ * @example
+ * await createSnapshot('snapshots/s1', { disk: '/dev/vg/guest', memory: 'ram.raw', cpu: JSON.parse(cpuJson) });
+ */
+export async function createSnapshot(out: string, options: CreateSnapshotOptions): Promise<SnapshotMetadata> {
+  const target = nodePath.resolve(out);
+  if (await fs.stat(target).catch(() => undefined)) throw new Qcow2Error('TARGET_EXISTS', 'snapshot output exists', { path: target });
+  if (!options.disk && !options.memory && options.cpu === undefined && !options.devices?.length) {
+    throw new Qcow2Error('INVALID_ARGUMENT', 'nothing to snapshot: give a disk, memory, CPU state or devices', { path: target });
+  }
+  const cpu: CpuState | undefined = options.cpu !== undefined ? parseCpuState(options.cpu, target) : undefined;
+  for (const device of options.devices ?? []) {
+    if (!/^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$/.test(device.name)) {
+      throw new Qcow2Error('INVALID_ARGUMENT', `device name "${device.name}" must be a plain file name (letters, digits, . _ -)`, { path: target });
+    }
+  }
+  const chain = options.parent ? await readChain(options.parent) : [];
+  const parentLink = chain[0];
+  const temporary = nodePath.join(nodePath.dirname(target), `.${nodePath.basename(target)}.qcow2img-${process.pid}-${randomBytes(4).toString('hex')}.tmp`);
+  await fs.mkdir(temporary).catch((error) => {
+    throw ioError(error, target, 'cannot create the snapshot folder');
+  });
+  let parentState: StateFile | undefined;
+  let done = false;
+  try {
+    const files: SnapshotMetadata['files'] = {};
+    if (options.disk) {
+      const diskPath = nodePath.join(temporary, DISK_FILE);
+      const parentDisk = parentLink?.metadata.files[DISK_FILE] ? nodePath.join(parentLink.dir, DISK_FILE) : undefined;
+      // Stored relative to the disk's folder; the temporary folder sits beside the
+      // final one, so the name stays right after the rename.
+      const captured = await capture(options.disk, diskPath, {
+        ...(options.compress === 'none' ? {} : { compress: options.compress === 'deflate' ? ('zlib' as const) : ('zstd' as const) }),
+        ...(options.threads ? { threads: options.threads } : {}),
+        ...(parentDisk ? { backing: parentDisk, backingFormat: 'qcow2' as const, allowPaths: chain.map((l) => l.dir) } : {}),
+      });
+      files[DISK_FILE] = { ...(await hashFile(diskPath)), virtualSize: captured.virtualSize };
+    }
+    let vcpuCount = 0;
+    let memoryRegions: SnapshotMetadata['memoryRegions'] = [];
+    if (options.memory || cpu || options.devices?.length) {
+      parentState = options.memory && parentLink ? await openStateChain(chain) : undefined;
+      const statePath = nodePath.join(temporary, STATE_FILE);
+      const written = await writeState(statePath, {
+        ...(options.memory ? { memory: options.memory } : {}),
+        ...(options.memoryRegions ? { regions: options.memoryRegions } : {}),
+        ...(cpu ? { cpu } : {}),
+        ...(options.devices ? { devices: options.devices } : {}),
+        ...(parentState ? { parent: parentState } : {}),
+        ...(options.dirtyBitmap ? { dirtyBitmap: options.dirtyBitmap } : {}),
+        ...(options.compress ? { compress: options.compress } : {}),
+        ...(options.level !== undefined ? { level: options.level } : {}),
+        ...(options.threads ? { threads: options.threads } : {}),
+      });
+      const reopened = await StateFileClass.open(statePath, parentState ? { parent: parentState } : {});
+      memoryRegions = reopened.regions.map((r) => ({ guestBase: r.guestBase, size: r.size, dumpOffset: r.dumpOffset }));
+      await reopened.close();
+      files[STATE_FILE] = { ...(await hashFile(statePath)), snapshotId: written.snapshotId, digest: written.digest };
+      vcpuCount = cpu?.vcpus.length ?? 0;
+    }
+    const metadata: SnapshotMetadata = {
+      formatVersion: BUNDLE_FORMAT_VERSION,
+      id: randomUUID(),
+      created: new Date().toISOString(),
+      parent: parentLink ? { id: parentLink.metadata.id, path: nodePath.relative(target, parentLink.dir) } : null,
+      producer: producer(),
+      vcpuCount,
+      memoryRegions,
+      machine: options.machine ?? {},
+      devices: (options.devices ?? []).map((d) => d.name),
+      files,
+    };
+    // The metadata is written last: a bundle without it is never taken for a finished one.
+    const metadataHandle = await fs.open(nodePath.join(temporary, METADATA_FILE), 'wx', 0o644);
+    await metadataHandle.writeFile(JSON.stringify(metadata, null, 2) + '\n');
+    await metadataHandle.sync();
+    await metadataHandle.close();
+    await syncFolder(temporary);
+    await fs.rename(temporary, target);
+    await syncFolder(nodePath.dirname(target));
+    done = true;
+    return metadata;
+  } finally {
+    await closeStateChain(parentState);
+    if (!done) await fs.rm(temporary, { recursive: true, force: true }).catch(() => {});
+  }
+}
+
+export interface RestoreSnapshotOptions extends Omit<LoadOptions, 'allowPaths' | 'allowAnyPath' | 'snapshot'> {
+  /** Where the disk goes: a file, a block device, or a disk with `partition`/`offset` (as `load`). */
+  disk?: string;
+  /** Where the RAM dump goes (a new file; zero pages stay holes). */
+  memory?: string;
+  /** Where the vCPU state JSON goes. */
+  cpu?: string;
+  /** Folder that receives one file per device blob. */
+  deviceDir?: string;
+}
+
+export interface RestoreSnapshotResult {
+  disk?: LoadResult;
+  memory?: { path: string; bytes: number; dataBytes: number };
+  cpu?: string;
+  devices?: string[];
+}
+
+/**
+ * Restores what a bundle holds, resolving its parent chain: the disk through the
+ * same paths and checks as `load`, memory into a new file, CPU state as JSON,
+ * device blobs into a folder.
+ */
+export async function restoreSnapshot(bundle: string, options: RestoreSnapshotOptions): Promise<RestoreSnapshotResult> {
+  const chain = await readChain(bundle);
+  const link = chain[0]!;
+  const result: RestoreSnapshotResult = {};
+  await verifyFiles(chain);
+  if (options.disk) {
+    if (!link.metadata.files[DISK_FILE]) throw new Qcow2Error('INVALID_ARGUMENT', 'this snapshot holds no disk', { path: link.dir });
+    // The bundle names its parents itself: their folders are the only ones its disk may reach.
+    result.disk = await load(nodePath.join(link.dir, DISK_FILE), options.disk, { ...options, allowPaths: chain.map((l) => l.dir) });
+  }
+  const wantsState = options.memory || options.cpu || options.deviceDir;
+  if (wantsState) {
+    if (!link.metadata.files[STATE_FILE]) throw new Qcow2Error('INVALID_ARGUMENT', 'this snapshot holds no memory, CPU or device state', { path: link.dir });
+    const state = await openStateChain(chain);
+    try {
+      if (options.memory) {
+        if (state!.regions.length === 0) throw new Qcow2Error('INVALID_ARGUMENT', 'this snapshot holds no memory', { path: link.dir });
+        result.memory = await restoreMemory(state!, options.memory, { ...(options.threads ? { threads: options.threads } : {}), overwrite: options.overwrite === true });
+      }
+      if (options.cpu) {
+        const cpu = await state!.cpu();
+        if (!cpu) throw new Qcow2Error('INVALID_ARGUMENT', 'this snapshot holds no CPU state', { path: link.dir });
+        await writeNewFile(options.cpu, JSON.stringify(cpu, null, 2) + '\n', options.overwrite === true);
+        result.cpu = nodePath.resolve(options.cpu);
+      }
+      if (options.deviceDir) {
+        await fs.mkdir(options.deviceDir, { recursive: true });
+        result.devices = [];
+        for (const device of await state!.devices()) {
+          // Names were checked on create; check again, the file may have been altered.
+          if (!/^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$/.test(device.name)) {
+            throw new Qcow2Error('BAD_HEADER_FIELD', `device name "${device.name}" is not a plain file name`, { path: link.dir });
+          }
+          const file = nodePath.join(options.deviceDir, device.name);
+          await writeNewFile(file, device.data, options.overwrite === true);
+          result.devices.push(nodePath.resolve(file));
+        }
+      }
+    } finally {
+      await closeStateChain(state);
+    }
+  }
+  return result;
+}
+
+async function writeNewFile(path: string, data: string | Buffer, overwrite: boolean): Promise<void> {
+  await fs.writeFile(path, data, { flag: overwrite ? 'w' : 'wx', mode: 0o644 }).catch((error) => {
+    if ((error as NodeJS.ErrnoException).code === 'EEXIST') throw new Qcow2Error('TARGET_EXISTS', 'file exists; pass --overwrite to replace it', { path });
+    throw ioError(error, path, 'cannot write');
+  });
+}
+
+/** Every file snapshot.json lists is there with its size and checksum. */
+async function verifyFiles(chain: SnapshotChainLink[]): Promise<void> {
+  const problems = await fileProblems(chain);
+  if (problems.length > 0) throw new Qcow2Error('CHECKSUM_MISMATCH', problems[0]!.message, { path: problems[0]!.file });
+}
+
+export interface BundleProblem {
+  /** The damaged file. */
+  file: string;
+  message: string;
+  /** State file: the chunk or section, and the guest-physical ranges it holds. */
+  part?: string;
+  guestRanges?: { start: number; end: number }[];
+}
+
+async function fileProblems(chain: SnapshotChainLink[]): Promise<BundleProblem[]> {
+  const problems: BundleProblem[] = [];
+  for (const link of chain) {
+    for (const [name, entry] of Object.entries(link.metadata.files)) {
+      if (!entry) continue;
+      const file = nodePath.join(link.dir, name);
+      const actual = await hashFile(file).catch(() => undefined);
+      if (!actual) problems.push({ file, message: `${name} is missing or unreadable` });
+      else if (actual.size !== entry.size) problems.push({ file, message: `${name} has ${actual.size} bytes, snapshot.json says ${entry.size}` });
+      else if (actual.xxh3 !== entry.xxh3) problems.push({ file, message: `${name} checksum mismatch: the file is damaged` });
+    }
+  }
+  return problems;
+}
+
+export interface SnapshotInspection {
+  bundle: string;
+  metadata: SnapshotMetadata;
+  chain: { dir: string; id: string; created: string }[];
+  state?: {
+    regions: { guestBase: number; size: number; dumpOffset: number }[];
+    pages: { zero: number; data: number; duplicate: number; parent: number };
+    chunks: number;
+    bytes: number;
+    vcpus: number;
+    devices: string[];
+  };
+}
+
+/** What a bundle holds, from its metadata and its state file's index. */
+export async function inspectSnapshot(bundle: string): Promise<SnapshotInspection> {
+  const chain = await readChain(bundle);
+  const link = chain[0]!;
+  const inspection: SnapshotInspection = {
+    bundle: link.dir,
+    metadata: link.metadata,
+    chain: chain.map((l) => ({ dir: l.dir, id: l.metadata.id, created: l.metadata.created })),
+  };
+  if (link.metadata.files[STATE_FILE]) {
+    const state = await openStateChain(chain);
+    try {
+      const pages = { zero: 0, data: 0, duplicate: 0, parent: 0 };
+      const names = ['zero', 'data', 'duplicate', 'parent'] as const;
+      let span = 0;
+      for (const region of state!.regions) {
+        const regionPages = region.size / 4096;
+        for (let p = 0; p < regionPages; p++) pages[names[stateOf(state!.index.states, span * 512 + p)]!]++;
+        span += Math.ceil(regionPages / 512);
+      }
+      inspection.state = {
+        regions: state!.regions.map((r) => ({ guestBase: r.guestBase, size: r.size, dumpOffset: r.dumpOffset })),
+        pages,
+        chunks: state!.index.chunks.length,
+        bytes: state!.fileSize,
+        vcpus: (await state!.cpu())?.vcpus.length ?? 0,
+        devices: (await state!.devices()).map((d) => d.name),
+      };
+    } finally {
+      await closeStateChain(state);
+    }
+  }
+  return inspection;
+}
+
+/**
+ * Checks a bundle and its parents: metadata, sizes and checksums of every file,
+ * every section and chunk of the state files (naming the chunk and the
+ * guest-physical range it holds), and the disk images' consistency.
+ */
+export async function verifySnapshot(bundle: string): Promise<BundleProblem[]> {
+  const chain = await readChain(bundle);
+  const problems = await fileProblems(chain);
+  for (const link of chain) {
+    const statePath = nodePath.join(link.dir, STATE_FILE);
+    if (link.metadata.files[STATE_FILE] && !problems.some((p) => p.file === statePath && p.message.includes('missing'))) {
+      let state: StateFile | undefined;
+      try {
+        // Each file alone: the link to its parent is checked by restore.
+        state = await StateFileClass.open(statePath, { withoutParent: true });
+      } catch (error) {
+        problems.push({ file: statePath, message: (error as Error).message.replace(`${statePath}: `, '') });
+      }
+      if (state) {
+        for (const p of await state.verify(true)) {
+          problems.push({ file: statePath, part: p.part, message: p.message, ...(p.guestRanges ? { guestRanges: p.guestRanges } : {}) });
+        }
+        await state.close();
+      }
+    }
+    const diskPath = nodePath.join(link.dir, DISK_FILE);
+    if (link.metadata.files[DISK_FILE] && !problems.some((p) => p.file === diskPath)) {
+      const result = await check(diskPath).catch((error: Error) => error);
+      if (result instanceof Error) problems.push({ file: diskPath, message: result.message.replace(`${diskPath}: `, '') });
+      else if (checkExitCode(result) !== 0 && checkExitCode(result) !== 3) {
+        problems.push({ file: diskPath, message: `qcow2 check: ${result.corruptions} corruptions, ${result.checkErrors} check errors` });
+      }
+    }
+  }
+  return problems;
+}
+
+export { uuidString };

@@ -1,0 +1,186 @@
+/**
+ * vCPU state: JSON in and out ({arch, vcpus: [...]}, integers as "0x" hex
+ * strings, unknown keys kept), stored in the CPU section in the value grammar of
+ * docs/formats/vmstate.md. xsave and lapic blobs (base64 in JSON) are stored as
+ * raw bytes, so they come back byte for byte.
+ */
+import { z } from 'zod';
+import { Qcow2Error } from '../errors';
+
+const hex = z.string().regex(/^0x[0-9a-fA-F]+$/, 'an integer as a "0x" hex string');
+const segment = z.looseObject({ selector: hex, base: hex, limit: hex }).or(z.looseObject({ base: hex, limit: hex }));
+const table = z.looseObject({ base: hex, limit: hex });
+const base64 = z.string().regex(/^[A-Za-z0-9+/]*={0,2}$/, 'base64');
+
+/** The x86_64 shape of the CPU JSON; every object keeps keys it does not know. */
+export const cpuStateSchema = z.looseObject({
+  arch: z.literal('x86_64'),
+  vcpus: z.array(
+    z.looseObject({
+      id: z.number().int().nonnegative(),
+      regs: z.looseObject(
+        Object.fromEntries(['rax', 'rbx', 'rcx', 'rdx', 'rsi', 'rdi', 'rsp', 'rbp', 'r8', 'r9', 'r10', 'r11', 'r12', 'r13', 'r14', 'r15', 'rip', 'rflags'].map((r) => [r, hex])),
+      ),
+      sregs: z.looseObject({
+        cs: segment, ds: segment, es: segment, fs: segment, gs: segment, ss: segment, tr: segment,
+        ldt: z.looseObject({ selector: hex, base: hex, limit: hex, attrs: hex }),
+        gdt: table, idt: table,
+        cr0: hex, cr2: hex, cr3: hex, cr4: hex, cr8: hex.optional(), efer: hex, apicBase: hex.optional(),
+      }),
+      dregs: z.looseObject(Object.fromEntries(['dr0', 'dr1', 'dr2', 'dr3', 'dr6', 'dr7'].map((r) => [r, hex]))),
+      fpu: z.looseObject({ fcw: hex, fsw: hex, ftw: hex.optional(), mxcsr: hex, xmm: z.record(z.string(), hex) }),
+      msrs: z.record(hex, hex).optional(),
+      xsave: base64.optional(),
+      lapic: base64.optional(),
+    }),
+  ),
+});
+
+export type CpuState = z.infer<typeof cpuStateSchema>;
+
+/** Validates CPU JSON, naming the offending field. */
+export function parseCpuState(json: unknown, path: string): CpuState {
+  const result = cpuStateSchema.safeParse(json);
+  if (!result.success) {
+    const issue = result.error.issues[0]!;
+    throw new Qcow2Error('INVALID_ARGUMENT', `CPU state: ${issue.path.join('.') || '(root)'}: ${issue.message}`, { path });
+  }
+  return result.data;
+}
+
+const Tag = { null: 0, false: 1, true: 2, hex: 3, string: 4, bytes: 5, array: 6, object: 7, number: 8 } as const;
+const blobKeys = new Set(['xsave', 'lapic']);
+
+class Writer {
+  private chunks: Buffer[] = [];
+  u8(v: number) { this.chunks.push(Buffer.from([v])); }
+  u16(v: number) { const b = Buffer.alloc(2); b.writeUInt16LE(v); this.chunks.push(b); }
+  u32(v: number) { const b = Buffer.alloc(4); b.writeUInt32LE(v); this.chunks.push(b); }
+  bytes(b: Buffer) { this.chunks.push(b); }
+  done() { return Buffer.concat(this.chunks); }
+}
+
+function encodeValue(w: Writer, value: unknown, key: string | undefined): void {
+  if (value === null) return w.u8(Tag.null);
+  if (value === false) return w.u8(Tag.false);
+  if (value === true) return w.u8(Tag.true);
+  if (typeof value === 'number') {
+    const b = Buffer.alloc(8);
+    b.writeDoubleLE(value);
+    w.u8(Tag.number);
+    return w.bytes(b);
+  }
+  if (typeof value === 'string') {
+    if (key !== undefined && blobKeys.has(key)) {
+      const raw = Buffer.from(value, 'base64');
+      w.u8(Tag.bytes);
+      w.u32(raw.length);
+      return w.bytes(raw);
+    }
+    if (/^0x[0-9a-fA-F]+$/.test(value) && value.length - 2 <= 0xffff && value === value.toLowerCase().replace(/^0x/, '0x')) {
+      // Digits kept as written (leading zeros too), two a byte, little-endian.
+      const digits = value.slice(2);
+      const padded = digits.length % 2 ? `0${digits}` : digits;
+      w.u8(Tag.hex);
+      w.u16(digits.length);
+      return w.bytes(Buffer.from(padded, 'hex').reverse());
+    }
+    const utf8 = Buffer.from(value, 'utf8');
+    w.u8(Tag.string);
+    w.u32(utf8.length);
+    return w.bytes(utf8);
+  }
+  if (Array.isArray(value)) {
+    w.u8(Tag.array);
+    w.u32(value.length);
+    for (const item of value) encodeValue(w, item, undefined);
+    return;
+  }
+  if (typeof value === 'object') {
+    const entries = Object.entries(value as Record<string, unknown>);
+    w.u8(Tag.object);
+    w.u32(entries.length);
+    for (const [k, v] of entries) {
+      const name = Buffer.from(k, 'utf8');
+      w.u16(name.length);
+      w.bytes(name);
+      encodeValue(w, v, k);
+    }
+    return;
+  }
+  throw new TypeError(`cannot store a ${typeof value} in the CPU state`);
+}
+
+/** CPU JSON to the CPU section payload. */
+export function encodeCpuState(state: CpuState): Buffer {
+  const w = new Writer();
+  encodeValue(w, state, undefined);
+  return w.done();
+}
+
+/** The CPU section payload back to JSON, every value as it was given. */
+export function decodeCpuState(payload: Buffer, path: string): CpuState {
+  let at = 0;
+  const need = (n: number) => {
+    if (at + n > payload.length) throw new Qcow2Error('TRUNCATED', 'CPU section ends inside a value', { path });
+  };
+  const read = (depth: number): unknown => {
+    if (depth > 64) throw new Qcow2Error('BAD_HEADER_FIELD', 'CPU section nests too deep', { path });
+    need(1);
+    const tag = payload[at++]!;
+    switch (tag) {
+      case Tag.null: return null;
+      case Tag.false: return false;
+      case Tag.true: return true;
+      case Tag.number: need(8); at += 8; return payload.readDoubleLE(at - 8);
+      case Tag.hex: {
+        need(2);
+        const digits = payload.readUInt16LE(at);
+        at += 2;
+        const length = Math.ceil(digits / 2);
+        need(length);
+        const hexText = Buffer.from(payload.subarray(at, at + length)).reverse().toString('hex');
+        at += length;
+        return `0x${hexText.slice(hexText.length - digits)}`;
+      }
+      case Tag.string:
+      case Tag.bytes: {
+        need(4);
+        const length = payload.readUInt32LE(at);
+        at += 4;
+        need(length);
+        const bytes = payload.subarray(at, at + length);
+        at += length;
+        return tag === Tag.string ? bytes.toString('utf8') : bytes.toString('base64');
+      }
+      case Tag.array: {
+        need(4);
+        const count = payload.readUInt32LE(at);
+        at += 4;
+        if (count > payload.length - at) throw new Qcow2Error('BAD_HEADER_FIELD', 'CPU section array longer than the section', { path });
+        return Array.from({ length: count }, () => read(depth + 1));
+      }
+      case Tag.object: {
+        need(4);
+        const count = payload.readUInt32LE(at);
+        at += 4;
+        if (count > payload.length - at) throw new Qcow2Error('BAD_HEADER_FIELD', 'CPU section object larger than the section', { path });
+        const object: Record<string, unknown> = {};
+        for (let i = 0; i < count; i++) {
+          need(2);
+          const length = payload.readUInt16LE(at);
+          at += 2;
+          need(length);
+          const key = payload.toString('utf8', at, at + length);
+          at += length;
+          object[key] = read(depth + 1);
+        }
+        return object;
+      }
+      default:
+        throw new Qcow2Error('BAD_HEADER_FIELD', `CPU section has an unknown value tag ${tag}`, { path });
+    }
+  };
+  const value = read(0);
+  return value as CpuState;
+}

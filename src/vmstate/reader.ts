@@ -1,0 +1,457 @@
+/**
+ * Reading a VM state file: open (footer, index, digest), random access to any
+ * guest-physical range, verification of every checksum, and restore of the RAM
+ * dump (pages written in parallel, zero pages left as holes).
+ */
+import * as fs from 'node:fs/promises';
+import * as nodePath from 'node:path';
+import { Qcow2Error, ioError } from '../errors';
+import { native } from '../native';
+import { defaultThreads } from '../load/copy';
+import { type CpuState, decodeCpuState } from './cpu';
+import {
+  CHUNK_HEADER_BYTES, decodeFooter, decodeHeader, decodeIndex, decodeRegions, FOOTER_BYTES, HEADER_BYTES,
+  type Header, type Index, isRequired, PAGE_SIZE, PageState, type Region, SECTION_HEADER_BYTES, type SectionEntry,
+  sectionName, SectionType, SPAN_PAGES, stateOf, stateLimits,
+} from './format';
+
+const knownTypes = new Set<number>(Object.values(SectionType));
+
+export interface OpenStateOptions {
+  /** The parent dump, for incremental files (checked against the id and digest this file names). */
+  parent?: StateFile;
+  /** Open an incremental file without its parent, to check it alone (its PARENT pages cannot be read). */
+  withoutParent?: boolean;
+}
+
+export interface StateProblem {
+  /** Which part: "header", "INDEX", "REGIONS", "CPU", "DEVICE name", "CHUNK n". */
+  part: string;
+  message: string;
+  /** For chunks: the guest-physical ranges whose bytes it holds. */
+  guestRanges?: { start: number; end: number }[];
+}
+
+interface DecodedChunk {
+  raw: Buffer;
+  /** Byte offset in raw of each slot's page, or -1 for slots with no page in the chunk. */
+  slotOffsets: Map<number, number>;
+}
+
+export class StateFile {
+  private readonly chunkCache = new Map<number, Promise<DecodedChunk>>();
+  /** Global span number where each region's spans start. */
+  private readonly regionFirstSpan: number[];
+
+  private constructor(
+    readonly path: string,
+    private readonly handle: fs.FileHandle,
+    readonly fileSize: number,
+    readonly header: Header,
+    readonly regions: Region[],
+    readonly index: Index,
+    readonly digest: Buffer,
+    readonly parent: StateFile | undefined,
+  ) {
+    this.regionFirstSpan = [];
+    let span = 0;
+    for (const region of regions) {
+      this.regionFirstSpan.push(span);
+      span += Math.ceil(region.size / PAGE_SIZE / SPAN_PAGES);
+    }
+  }
+
+  get snapshotId(): Buffer {
+    return this.header.snapshotId;
+  }
+
+  get hasParent(): boolean {
+    return this.header.parentId.some((b) => b !== 0);
+  }
+
+  /** Bytes of the RAM dump this state restores (regions at their dump offsets). */
+  get dumpSize(): number {
+    return this.regions.reduce((end, r) => Math.max(end, r.dumpOffset + r.size), 0);
+  }
+
+  static async open(path: string, options: OpenStateOptions = {}): Promise<StateFile> {
+    let handle: fs.FileHandle;
+    try {
+      handle = await fs.open(path, 'r');
+    } catch (error) {
+      throw ioError(error, path, 'cannot open the state file');
+    }
+    try {
+      const fileSize = (await handle.stat()).size;
+      if (fileSize < HEADER_BYTES + FOOTER_BYTES) throw new Qcow2Error('TRUNCATED', 'file is too short to be a VM state file', { path });
+      const read = async (offset: number, length: number) => {
+        const buffer = Buffer.alloc(length);
+        const { bytesRead } = await handle.read(buffer, 0, length, offset);
+        if (bytesRead !== length) throw new Qcow2Error('TRUNCATED', `file ends inside a structure at ${offset}`, { path, offset });
+        return buffer;
+      };
+      const headerBytes = await read(0, HEADER_BYTES);
+      const header = decodeHeader(headerBytes, path);
+      const footer = decodeFooter(await read(fileSize - FOOTER_BYTES, FOOTER_BYTES), path, fileSize);
+      const indexHeader = await read(footer.indexOffset, SECTION_HEADER_BYTES);
+      if (indexHeader.readUInt32LE(0) !== SectionType.index || Number(indexHeader.readBigUInt64LE(8)) !== footer.indexLength) {
+        throw new Qcow2Error('BAD_HEADER_FIELD', 'footer does not point at the INDEX section', { path, offset: footer.indexOffset });
+      }
+      const indexPayload = await read(footer.indexOffset + SECTION_HEADER_BYTES, footer.indexLength);
+      const addon = native();
+      if (addon.hash64(indexPayload) !== indexHeader.readBigUInt64LE(16)) {
+        throw new Qcow2Error('CHECKSUM_MISMATCH', 'INDEX section checksum mismatch: the index is damaged', { path, offset: footer.indexOffset });
+      }
+      const digest = addon.hash128(Buffer.concat([headerBytes, indexPayload]));
+      if (!digest.equals(footer.digest)) {
+        throw new Qcow2Error('CHECKSUM_MISMATCH', 'digest mismatch: the header or index is damaged', { path, offset: 0 });
+      }
+      const preliminary = decodeIndex(indexPayload, path, 0);
+      const regionsEntry = preliminary.sections[0];
+      if (!regionsEntry || regionsEntry.type !== SectionType.regions) throw new Qcow2Error('BAD_HEADER_FIELD', 'the first section is not REGIONS', { path });
+      for (const section of preliminary.sections) {
+        if (section.offset + SECTION_HEADER_BYTES + section.length > footer.indexOffset) {
+          throw new Qcow2Error('OFFSET_BEYOND_FILE', `${sectionName(section.type)} section at ${section.offset} runs past the index`, { path, offset: section.offset });
+        }
+        if (!knownTypes.has(section.type) && isRequired(section.flags)) {
+          throw new Qcow2Error('UNKNOWN_INCOMPATIBLE_FEATURE', `unknown required section type ${section.type}`, { path, offset: section.offset });
+        }
+      }
+      const regionsPayload = await read(regionsEntry.offset + SECTION_HEADER_BYTES, regionsEntry.length);
+      if (addon.hash64(regionsPayload) !== regionsEntry.checksum) {
+        throw new Qcow2Error('CHECKSUM_MISMATCH', 'REGIONS section checksum mismatch', { path, offset: regionsEntry.offset });
+      }
+      const { regions } = decodeRegions(regionsPayload, path);
+      const spans = regions.reduce((n, r) => n + Math.ceil(r.size / PAGE_SIZE / SPAN_PAGES), 0);
+      const index = decodeIndex(indexPayload, path, spans * SPAN_PAGES);
+      if (index.spanCount !== spans) throw new Qcow2Error('BAD_HEADER_FIELD', `INDEX has ${index.spanCount} spans, the regions ${spans}`, { path });
+      const state = new StateFile(path, handle, fileSize, header, regions, index, digest, options.parent);
+      if (state.hasParent && !options.withoutParent) {
+        const parent = options.parent;
+        if (!parent) throw new Qcow2Error('INVALID_ARGUMENT', 'this incremental state file needs its parent', { path });
+        if (!parent.snapshotId.equals(header.parentId) || !parent.digest.equals(header.parentDigest)) {
+          throw new Qcow2Error('PARENT_MISMATCH', `parent ${parent.path} is not the dump this file was taken over (id or digest differs)`, { path });
+        }
+      }
+      return state;
+    } catch (error) {
+      await handle.close();
+      throw error;
+    }
+  }
+
+  async close(): Promise<void> {
+    await this.handle.close();
+  }
+
+  private async readSection(section: SectionEntry): Promise<Buffer> {
+    const buffer = Buffer.alloc(section.length);
+    const { bytesRead } = await this.handle.read(buffer, 0, section.length, section.offset + SECTION_HEADER_BYTES);
+    if (bytesRead !== section.length) throw new Qcow2Error('TRUNCATED', `${sectionName(section.type)} section is cut short`, { path: this.path, offset: section.offset });
+    return buffer;
+  }
+
+  private async checkedSection(section: SectionEntry): Promise<Buffer> {
+    const payload = await this.readSection(section);
+    if (native().hash64(payload) !== section.checksum) {
+      throw new Qcow2Error('CHECKSUM_MISMATCH', `${sectionName(section.type)} section at ${section.offset} checksum mismatch`, { path: this.path, offset: section.offset });
+    }
+    return payload;
+  }
+
+  async cpu(): Promise<CpuState | undefined> {
+    const section = this.index.sections.find((s) => s.type === SectionType.cpu);
+    if (!section) return undefined;
+    if (section.length > stateLimits.maxCpuBytes) throw new Qcow2Error('BAD_HEADER_FIELD', 'CPU section is too large', { path: this.path });
+    return decodeCpuState(await this.checkedSection(section), this.path);
+  }
+
+  async devices(): Promise<{ name: string; data: Buffer }[]> {
+    const devices: { name: string; data: Buffer }[] = [];
+    for (const section of this.index.sections.filter((s) => s.type === SectionType.device)) {
+      if (section.length > stateLimits.maxDeviceBytes) throw new Qcow2Error('BAD_HEADER_FIELD', 'DEVICE section is too large', { path: this.path });
+      const payload = await this.checkedSection(section);
+      const length = payload.readUInt16LE(0);
+      devices.push({ name: payload.toString('utf8', 2, 2 + length), data: payload.subarray(2 + length) });
+    }
+    return devices;
+  }
+
+  /** Global page number and state slot of a guest-physical address, or undefined outside the regions. */
+  private locate(address: number): { page: number; slot: number; region: Region } | undefined {
+    for (const [i, region] of this.regions.entries()) {
+      if (address >= region.guestBase && address < region.guestBase + region.size) {
+        const pageInRegion = Math.floor((address - region.guestBase) / PAGE_SIZE);
+        return { page: region.firstPage + pageInRegion, slot: this.regionFirstSpan[i]! * SPAN_PAGES + pageInRegion, region };
+      }
+    }
+    return undefined;
+  }
+
+  private slotOfPage(page: number): number {
+    for (const [i, region] of this.regions.entries()) {
+      const pages = region.size / PAGE_SIZE;
+      if (page >= region.firstPage && page < region.firstPage + pages) return this.regionFirstSpan[i]! * SPAN_PAGES + (page - region.firstPage);
+    }
+    throw new Qcow2Error('BAD_HEADER_FIELD', `page ${page} lies outside every region`, { path: this.path });
+  }
+
+  private chunkOfSpan(span: number): number {
+    let low = 0;
+    let high = this.index.chunks.length - 1;
+    while (low <= high) {
+      const mid = (low + high) >> 1;
+      const chunk = this.index.chunks[mid]!;
+      if (span < chunk.firstSpan) high = mid - 1;
+      else if (span >= chunk.firstSpan + chunk.spanCount) low = mid + 1;
+      else return mid;
+    }
+    throw new Qcow2Error('BAD_HEADER_FIELD', `span ${span} has DATA pages but no chunk`, { path: this.path });
+  }
+
+  private decodeChunk(number: number): Promise<DecodedChunk> {
+    const cached = this.chunkCache.get(number);
+    if (cached) return cached;
+    const pending = (async () => {
+      const entry = this.index.chunks[number]!;
+      const payload = await this.checkedSection(this.index.sections[entry.section]!);
+      const rawLength = payload.readUInt32LE(16);
+      if (rawLength > stateLimits.maxChunkRawBytes || rawLength % PAGE_SIZE) throw new Qcow2Error('BAD_HEADER_FIELD', `chunk ${number} claims ${rawLength} bytes`, { path: this.path });
+      const raw = await native().decompressChunk(payload[0]!, payload.subarray(CHUNK_HEADER_BYTES), rawLength).catch(() => {
+        throw new Qcow2Error('CHECKSUM_MISMATCH', `chunk ${number} does not decompress`, { path: this.path });
+      });
+      if (native().hash64(raw) !== payload.readBigUInt64LE(24)) throw new Qcow2Error('CHECKSUM_MISMATCH', `chunk ${number} decompresses to the wrong bytes`, { path: this.path });
+      const slotOffsets = new Map<number, number>();
+      let offset = 0;
+      for (let slot = entry.firstSpan * SPAN_PAGES; slot < (entry.firstSpan + entry.spanCount) * SPAN_PAGES; slot++) {
+        if (stateOf(this.index.states, slot) === PageState.data) {
+          slotOffsets.set(slot, offset);
+          offset += PAGE_SIZE;
+        }
+      }
+      if (offset !== rawLength) throw new Qcow2Error('BAD_HEADER_FIELD', `chunk ${number} holds ${rawLength / PAGE_SIZE} pages, its spans ${offset / PAGE_SIZE}`, { path: this.path });
+      return { raw, slotOffsets };
+    })();
+    pending.catch(() => this.chunkCache.delete(number));
+    this.chunkCache.set(number, pending);
+    if (this.chunkCache.size > 16) this.chunkCache.delete(this.chunkCache.keys().next().value as number);
+    return pending;
+  }
+
+  private async readPage(page: number, slot: number, address: number, out: Buffer): Promise<void> {
+    switch (stateOf(this.index.states, slot)) {
+      case PageState.zero:
+        out.fill(0);
+        return;
+      case PageState.data: {
+        const chunk = await this.decodeChunk(this.chunkOfSpan(Math.floor(slot / SPAN_PAGES)));
+        const offset = chunk.slotOffsets.get(slot)!;
+        chunk.raw.copy(out, 0, offset, offset + PAGE_SIZE);
+        return;
+      }
+      case PageState.duplicate: {
+        const source = this.duplicateSource(page);
+        const sourceSlot = this.slotOfPage(source);
+        if (source >= page || stateOf(this.index.states, sourceSlot) !== PageState.data) {
+          throw new Qcow2Error('BAD_HEADER_FIELD', `page ${page} duplicates page ${source}, which holds no data`, { path: this.path });
+        }
+        return this.readPage(source, sourceSlot, address, out);
+      }
+      default: {
+        if (!this.parent) throw new Qcow2Error('INVALID_ARGUMENT', 'PARENT page without a parent dump', { path: this.path });
+        await this.parent.readGuest(out, address);
+      }
+    }
+  }
+
+  private duplicateSource(page: number): number {
+    const pairs = this.index.duplicates;
+    let low = 0;
+    let high = pairs.length / 2 - 1;
+    while (low <= high) {
+      const mid = (low + high) >> 1;
+      const at = pairs[mid * 2]!;
+      if (at === page) return pairs[mid * 2 + 1]!;
+      if (at < page) low = mid + 1;
+      else high = mid - 1;
+    }
+    throw new Qcow2Error('BAD_HEADER_FIELD', `page ${page} is a duplicate with no source`, { path: this.path });
+  }
+
+  /**
+   * Reads guest-physical bytes at `address` into `buffer`, decompressing only the
+   * chunks that hold them. The whole range must lie inside the memory regions.
+   */
+  async readGuest(buffer: Buffer, address: number): Promise<void> {
+    const page = Buffer.alloc(PAGE_SIZE);
+    let done = 0;
+    while (done < buffer.length) {
+      const at = address + done;
+      const located = this.locate(at);
+      if (!located) throw new Qcow2Error('INVALID_ARGUMENT', `guest address ${at} lies outside the memory regions`, { path: this.path });
+      const pageStart = located.region.guestBase + (located.page - located.region.firstPage) * PAGE_SIZE;
+      await this.readPage(located.page, located.slot, pageStart, page);
+      const from = at - pageStart;
+      const n = Math.min(PAGE_SIZE - from, buffer.length - done);
+      page.copy(buffer, done, from, from + n);
+      done += n;
+    }
+  }
+
+  /** Checks every section's checksum and, with `deep`, that every chunk decompresses to its own. */
+  async verify(deep = true): Promise<StateProblem[]> {
+    const problems: StateProblem[] = [];
+    const chunkNumbers = new Map(this.index.chunks.map((c, i) => [c.section, i]));
+    for (const [i, section] of this.index.sections.entries()) {
+      const chunkNumber = chunkNumbers.get(i);
+      const part = chunkNumber !== undefined ? `CHUNK ${chunkNumber}` : sectionName(section.type);
+      try {
+        if (chunkNumber !== undefined && deep) {
+          this.chunkCache.delete(chunkNumber);
+          await this.decodeChunk(chunkNumber);
+          this.chunkCache.delete(chunkNumber);
+        } else {
+          await this.checkedSection(section);
+        }
+      } catch (error) {
+        const problem: StateProblem = { part, message: (error as Error).message.replace(`${this.path}: `, '') };
+        if (chunkNumber !== undefined) problem.guestRanges = this.guestRangesOfSpans(this.index.chunks[chunkNumber]!.firstSpan, this.index.chunks[chunkNumber]!.spanCount);
+        problems.push(problem);
+      }
+    }
+    return problems;
+  }
+
+  private guestRangesOfSpans(firstSpan: number, spanCount: number): { start: number; end: number }[] {
+    const ranges: { start: number; end: number }[] = [];
+    for (const [i, region] of this.regions.entries()) {
+      const regionSpans = Math.ceil(region.size / PAGE_SIZE / SPAN_PAGES);
+      const from = Math.max(firstSpan, this.regionFirstSpan[i]!);
+      const to = Math.min(firstSpan + spanCount, this.regionFirstSpan[i]! + regionSpans);
+      if (from >= to) continue;
+      const start = region.guestBase + (from - this.regionFirstSpan[i]!) * SPAN_PAGES * PAGE_SIZE;
+      const end = Math.min(region.guestBase + region.size, region.guestBase + (to - this.regionFirstSpan[i]!) * SPAN_PAGES * PAGE_SIZE);
+      ranges.push({ start, end });
+    }
+    return ranges;
+  }
+
+  /**
+   * Writes the RAM dump into the open file `outputFd` (already sized): the parent
+   * chain first, then this file's pages over it. Zero pages stay holes in a new file.
+   */
+  async restoreInto(outputFd: number, options: { threads?: number; fresh: boolean; counters?: BigUint64Array }): Promise<number> {
+    let written = 0;
+    if (this.parent) written += await this.parent.restoreInto(outputFd, options);
+    const overwrite = !options.fresh || this.parent !== undefined;
+    const duplicatePairs = this.index.duplicates;
+    let duplicateCursor = 0;
+    for (const [regionNumber, region] of this.regions.entries()) {
+      const regionSpans = Math.ceil(region.size / PAGE_SIZE / SPAN_PAGES);
+      const firstRegionSpan = this.regionFirstSpan[regionNumber]!;
+      let span = firstRegionSpan;
+      let chunkCursor = this.index.chunks.findIndex((c) => c.firstSpan >= firstRegionSpan);
+      if (chunkCursor < 0) chunkCursor = this.index.chunks.length;
+      while (span < firstRegionSpan + regionSpans) {
+        // A batch of about 32 spans, stretched so that no chunk is cut.
+        let end = Math.min(span + 32, firstRegionSpan + regionSpans);
+        const chunks: number[] = [];
+        while (chunkCursor < this.index.chunks.length && this.index.chunks[chunkCursor]!.firstSpan < end) {
+          const chunk = this.index.chunks[chunkCursor]!;
+          end = Math.max(end, chunk.firstSpan + chunk.spanCount);
+          chunks.push(chunkCursor++);
+        }
+        end = Math.min(end, firstRegionSpan + regionSpans);
+        const spans = new Float64Array((end - span) * 2);
+        let pageCount = 0;
+        for (let s = span; s < end; s++) {
+          const inRegion = s - firstRegionSpan;
+          const pages = Math.min(SPAN_PAGES, region.size / PAGE_SIZE - inRegion * SPAN_PAGES);
+          spans[(s - span) * 2] = pages;
+          spans[(s - span) * 2 + 1] = region.dumpOffset + inRegion * SPAN_PAGES * PAGE_SIZE;
+          pageCount += pages;
+        }
+        const states = new Uint8Array(pageCount);
+        let at = 0;
+        for (let s = span; s < end; s++) {
+          for (let p = 0; p < spans[(s - span) * 2]!; p++) states[at++] = stateOf(this.index.states, s * SPAN_PAGES + p);
+        }
+        const chunkSpecs = new Float64Array(chunks.length * 4);
+        chunks.forEach((c, i) => {
+          const section = this.index.sections[this.index.chunks[c]!.section]!;
+          chunkSpecs[i * 4] = section.offset + SECTION_HEADER_BYTES;
+          chunkSpecs[i * 4 + 1] = section.length;
+          chunkSpecs[i * 4 + 2] = Number(section.checksum >> 32n);
+          chunkSpecs[i * 4 + 3] = Number(section.checksum & 0xffffffffn);
+        });
+        // Duplicates whose page lies in this batch, as dump offsets.
+        const firstPage = region.firstPage + (span - firstRegionSpan) * SPAN_PAGES;
+        const lastPage = firstPage + pageCount;
+        const duplicates: number[] = [];
+        while (duplicateCursor < duplicatePairs.length / 2 && duplicatePairs[duplicateCursor * 2]! < lastPage) {
+          const page = duplicatePairs[duplicateCursor * 2]!;
+          const source = duplicatePairs[duplicateCursor * 2 + 1]!;
+          if (page >= firstPage) duplicates.push(this.dumpOffsetOfPage(page), this.dumpOffsetOfPage(source));
+          duplicateCursor++;
+        }
+        try {
+          written += await native().restoreBatch({
+            stateFd: this.handle.fd,
+            outputFd,
+            pageSize: PAGE_SIZE,
+            spanPages: SPAN_PAGES,
+            firstSpan: span,
+            spans,
+            states,
+            chunks: chunkSpecs,
+            duplicates: Float64Array.from(duplicates),
+            punchZeros: overwrite,
+            threads: options.threads ?? defaultThreads(),
+          });
+        } catch (error) {
+          const bad = (error as { badChunk?: number }).badChunk;
+          const where = bad !== undefined && bad >= 0 ? ` (chunk ${chunks[bad]}, guest ${this.guestRangesOfSpans(this.index.chunks[chunks[bad]!]!.firstSpan, this.index.chunks[chunks[bad]!]!.spanCount).map((r) => `0x${r.start.toString(16)}-0x${r.end.toString(16)}`).join(', ')})` : '';
+          throw new Qcow2Error(where ? 'CHECKSUM_MISMATCH' : 'IO_ERROR', `restore failed: ${(error as Error).message}${where}`, { path: this.path });
+        }
+        if (options.counters) options.counters[0] = BigInt(this.dumpOffsetOfPage(lastPage - 1) + PAGE_SIZE);
+        span = end;
+      }
+    }
+    return written;
+  }
+
+  private dumpOffsetOfPage(page: number): number {
+    for (const region of this.regions) {
+      const pages = region.size / PAGE_SIZE;
+      if (page >= region.firstPage && page < region.firstPage + pages) return region.dumpOffset + (page - region.firstPage) * PAGE_SIZE;
+    }
+    throw new Qcow2Error('BAD_HEADER_FIELD', `page ${page} lies outside every region`, { path: this.path });
+  }
+}
+
+/** Writes the RAM dump of `state` (and its parents) to a new file at `output`. */
+export async function restoreMemory(state: StateFile, output: string, options: { threads?: number; overwrite?: boolean } = {}): Promise<{ path: string; bytes: number; dataBytes: number }> {
+  const path = nodePath.resolve(output);
+  const exists = await fs.stat(path).catch(() => undefined);
+  if (exists && !options.overwrite) throw new Qcow2Error('TARGET_EXISTS', 'output exists; pass --overwrite to replace it', { path });
+  const temporary = `${path}.qcow2img-${process.pid}.tmp`;
+  // Read and write: duplicate pages are copied from pages already restored.
+  const handle = await fs.open(temporary, 'wx+', 0o644).catch((error) => {
+    throw ioError(error, path, 'cannot create the memory file');
+  });
+  let done = false;
+  try {
+    await handle.truncate(state.dumpSize);
+    const dataBytes = await state.restoreInto(handle.fd, { fresh: true, ...(options.threads ? { threads: options.threads } : {}) });
+    await handle.datasync();
+    await handle.close();
+    await fs.rename(temporary, path);
+    done = true;
+    return { path, bytes: state.dumpSize, dataBytes };
+  } finally {
+    if (!done) {
+      await handle.close().catch(() => {});
+      await fs.unlink(temporary).catch(() => {});
+    }
+  }
+}
