@@ -1,5 +1,7 @@
 #include "capture_engine.h"
 
+#include "io.h"
+
 #include <errno.h>
 #include <limits.h>
 #include <sys/uio.h>
@@ -22,15 +24,6 @@ constexpr uint64_t kChunkBytes = 1ULL << 20;
 
 uint64_t alignUp(uint64_t value, uint64_t unit) { return unit ? (value + unit - 1) / unit * unit : value; }
 
-struct Buffer {
-  uint8_t* data = nullptr;
-  explicit Buffer(size_t bytes) {
-    if (posix_memalign(reinterpret_cast<void**>(&data), 4096, bytes ? bytes : 4096) != 0) data = nullptr;
-  }
-  ~Buffer() { free(data); }
-  Buffer(const Buffer&) = delete;
-  Buffer& operator=(const Buffer&) = delete;
-};
 
 struct ClusterOutcome {
   StoredKind kind;
@@ -47,7 +40,7 @@ class CaptureEngine {
   }
 
   CaptureResult run() {
-    zeroCluster_ = std::make_unique<Buffer>(job_.clusterSize);
+    zeroCluster_ = std::make_unique<AlignedBuffer>(job_.clusterSize);
     if (!zeroCluster_->data) return fail("memory", "out of memory", ENOMEM, 0), result();
     memset(zeroCluster_->data, 0, job_.clusterSize);
     uint32_t threadCount = std::max<uint32_t>(1, std::min<uint32_t>(job_.threads, 64));
@@ -117,8 +110,8 @@ class CaptureEngine {
 
   void worker() {
     const uint64_t chunkBytes = clustersPerChunk_ * job_.clusterSize;
-    Buffer source(chunkBytes);
-    Buffer compressed(chunkBytes);
+    AlignedBuffer source(chunkBytes);
+    AlignedBuffer compressed(chunkBytes);
     ClusterCompressor compressor(job_.codec, job_.level);
     if (!source.data || !compressed.data || !compressor.ok()) {
       return fail("memory", "cannot set up a compression worker", ENOMEM, 0);
@@ -249,7 +242,7 @@ class CaptureEngine {
   const CaptureJob& job_;
   uint64_t clustersPerChunk_ = 1;
   uint64_t chunkCount_ = 0;
-  std::unique_ptr<Buffer> zeroCluster_;
+  std::unique_ptr<AlignedBuffer> zeroCluster_;
   std::atomic<uint64_t> nextChunk_{0};
   std::mutex mutex_;
   std::condition_variable committed_cv_;

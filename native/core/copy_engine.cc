@@ -1,5 +1,7 @@
 #include "copy_engine.h"
 
+#include "io.h"
+
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/falloc.h>
@@ -56,16 +58,6 @@ struct Task {
   size_t firstRun;        // data windows: first run that overlaps
 };
 
-struct AlignedBuffer {
-  uint8_t* data = nullptr;
-  size_t size = 0;
-  explicit AlignedBuffer(size_t bytes) : size(bytes) {
-    if (bytes && posix_memalign(reinterpret_cast<void**>(&data), 4096, bytes) != 0) data = nullptr;
-  }
-  ~AlignedBuffer() { free(data); }
-  AlignedBuffer(const AlignedBuffer&) = delete;
-  AlignedBuffer& operator=(const AlignedBuffer&) = delete;
-};
 
 class Engine {
  public:
@@ -214,38 +206,6 @@ class Engine {
       return cluster->data && (job.memory != nullptr || window->data);
     }
   };
-
-  // Reads exactly `length` bytes unless the file ends first; returns bytes read or -1.
-  static int64_t preadFully(int fd, uint8_t* buffer, uint64_t length, uint64_t offset) {
-    uint64_t done = 0;
-    while (done < length) {
-      ssize_t n = pread(fd, buffer + done, length - done, static_cast<off_t>(offset + done));
-      if (n < 0) {
-        if (errno == EINTR) continue;
-        return -1;
-      }
-      if (n == 0) break;
-      done += static_cast<uint64_t>(n);
-    }
-    return static_cast<int64_t>(done);
-  }
-
-  static bool pwriteFully(int fd, const uint8_t* buffer, uint64_t length, uint64_t offset) {
-    uint64_t done = 0;
-    while (done < length) {
-      ssize_t n = pwrite(fd, buffer + done, length - done, static_cast<off_t>(offset + done));
-      if (n < 0) {
-        if (errno == EINTR) continue;
-        return false;
-      }
-      if (n == 0) {
-        errno = EIO;
-        return false;
-      }
-      done += static_cast<uint64_t>(n);
-    }
-    return true;
-  }
 
   uint8_t* destinationFor(uint64_t guest, uint64_t windowStart, Scratch& scratch) {
     if (toMemory()) return job_.memory + (guest - job_.memoryGuestOffset);

@@ -18,6 +18,7 @@
 #include <xxhash.h>
 
 #include "compress.h"
+#include "io.h"
 
 namespace qcow2img {
 
@@ -72,28 +73,6 @@ void parallelFor(uint64_t count, uint32_t threads, Fn fn) {
   for (uint32_t t = 1; t < n; t++) pool.emplace_back(work);
   work();
   for (auto& t : pool) t.join();
-}
-
-bool preadFully(int fd, uint8_t* buffer, uint64_t length, uint64_t offset) {
-  uint64_t done = 0;
-  while (done < length) {
-    ssize_t n = pread(fd, buffer + done, length - done, static_cast<off_t>(offset + done));
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) return false;
-    done += static_cast<uint64_t>(n);
-  }
-  return true;
-}
-
-bool pwriteFully(int fd, const uint8_t* buffer, uint64_t length, uint64_t offset) {
-  uint64_t done = 0;
-  while (done < length) {
-    ssize_t n = pwrite(fd, buffer + done, length - done, static_cast<off_t>(offset + done));
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) return false;
-    done += static_cast<uint64_t>(n);
-  }
-  return true;
 }
 
 // A read-only mapping of the whole source dump, for scanning and for confirming
@@ -301,7 +280,7 @@ RestoreBatchResult restoreBatch(const RestoreBatch& b) {
     if (failed) return;
     const RestoreChunk& chunk = b.chunks[c];
     std::vector<uint8_t> payload(chunk.payloadLength);
-    if (chunk.payloadLength < 32 || !preadFully(b.stateFd, payload.data(), payload.size(), chunk.payloadOffset)) {
+    if (chunk.payloadLength < 32 || preadFully(b.stateFd, payload.data(), payload.size(), chunk.payloadOffset) != static_cast<int64_t>(payload.size())) {
       return fail("cannot read a chunk", static_cast<int64_t>(c));
     }
     if (XXH3_64bits(payload.data(), payload.size()) != chunk.checksum) {
@@ -341,7 +320,7 @@ RestoreBatchResult restoreBatch(const RestoreBatch& b) {
   if (!failed) {
     std::vector<uint8_t> page(b.pageSize);
     for (size_t i = 0; i + 1 < b.duplicates.size(); i += 2) {
-      if (!preadFully(b.outputFd, page.data(), b.pageSize, b.duplicates[i + 1]) ||
+      if (preadFully(b.outputFd, page.data(), b.pageSize, b.duplicates[i + 1]) != static_cast<int64_t>(b.pageSize) ||
           !pwriteFully(b.outputFd, page.data(), b.pageSize, b.duplicates[i])) {
         fail("cannot copy a duplicate page", -1);
         break;
