@@ -67,6 +67,8 @@ async function openBase(path: string, format: 'qcow2' | 'raw' | undefined, optio
     await handle.read(magic, 0, 4, 0);
     await handle.close();
     detected = magic.readUInt32BE(0) === 0x514649fb ? 'qcow2' : 'raw';
+    // A raw disk can start with a qcow2 header its guest wrote: say what was guessed.
+    options.onWarning?.(`${path}: backing format not given; probed as ${detected} (pass --backing-format to be sure)`);
   }
   if (detected === 'qcow2') {
     const image: Image = await open(path, options);
@@ -144,6 +146,7 @@ function holeMap(fd: number, start: number, clusterCount: number, clusterSize: n
  */
 export async function capture(source: string, output: string, options: CaptureOptions = {}): Promise<CaptureResult> {
   const outputPath = nodePath.resolve(output);
+  if (options.signal?.aborted) throw new Qcow2Error('CANCELLED', 'cancelled before the first byte', { path: outputPath });
   const { clusterBits, version, level } = validate(options, outputPath);
   const clusterSize = 2 ** clusterBits;
   const sourcePath = nodePath.resolve(source);

@@ -54,6 +54,8 @@ class Checker {
   private readonly overflow = new Map<number, number>();
   private readonly clusterSize: number;
   private reftable: Float64Array = new Float64Array(0);
+  /** QEMU stops counting at the largest refcount the width holds, reporting each overflow. */
+  private readonly refcountMax: number;
   private readonly refblockCache = new Map<number, Buffer>();
 
   constructor(
@@ -64,6 +66,7 @@ class Checker {
     private readonly snapshots: Qcow2Snapshot[],
   ) {
     this.clusterSize = header.clusterSize;
+    this.refcountMax = header.refcountBits >= 53 ? Number.MAX_SAFE_INTEGER : 2 ** header.refcountBits - 1;
     const clusters = Math.ceil(fileSize / this.clusterSize);
     this.references = new Uint16Array(clusters);
     this.result = {
@@ -120,7 +123,12 @@ class Checker {
       this.references = grown;
     }
     for (let cluster = first; cluster <= last; cluster++) {
-      if (this.references[cluster] === 0xffff) this.overflow.set(cluster, (this.overflow.get(cluster) ?? 0xffff) + 1);
+      const count = this.counted(cluster);
+      if (count >= this.refcountMax) {
+        this.report('corruption', `reference count of cluster ${cluster} overflows its ${this.header.refcountBits}-bit width`, { cluster });
+        continue;
+      }
+      if (count >= 0xffff) this.overflow.set(cluster, count + 1);
       else this.references[cluster]!++;
     }
   }
@@ -136,8 +144,10 @@ class Checker {
     if (h.hasExternalDataFile && this.snapshots.length > 0) {
       this.report('corruption', `${this.snapshots.length} snapshots in an image with an external data file`);
     }
-    for (const snapshot of this.snapshots) {
+    for (const [i, snapshot] of this.snapshots.entries()) {
       const what = `snapshot ${snapshot.id} (${snapshot.name})`;
+      // Version 3 requires the large VM state size and the disk size in the extra data.
+      if (h.version === 3 && snapshot.extraDataSize < 16) this.report('corruption', `snapshot table entry ${i} is incomplete (${snapshot.extraDataSize} bytes of extra data)`);
       if (snapshot.l1TableOffset % this.clusterSize !== 0) {
         this.report('corruption', `${what}: L1 table offset ${snapshot.l1TableOffset} is not cluster aligned`, { offset: snapshot.l1TableOffset });
         continue;
@@ -249,14 +259,25 @@ class Checker {
       this.report('corruption', `bitmap directory of ${bitmaps.directorySize} bytes is too large`);
       return;
     }
+    // What QEMU refuses to open, the check cannot run on either (exit 1).
+    const unusable = (message: string): never => {
+      throw new Qcow2Error('BAD_EXTENSION', `bitmaps: ${message}`, { path: this.path });
+    };
+    if (bitmaps.count === 0 || bitmaps.count > 65535) unusable(`${bitmaps.count} bitmaps`);
+    if (bitmaps.directoryOffset % this.clusterSize !== 0) unusable('directory offset is not cluster aligned');
     this.reference(bitmaps.directoryOffset, bitmaps.directorySize);
     const directory = await this.read(bitmaps.directoryOffset, bitmaps.directorySize);
     let at = 0;
     for (let n = 0; n < bitmaps.count && at + 24 <= directory.length; n++) {
       const tableOffset = Number(directory.readBigUInt64BE(at));
       const tableSize = directory.readUInt32BE(at + 8);
+      const type = directory[at + 16]!;
+      const granularityBits = directory[at + 17]!;
       const nameSize = directory.readUInt16BE(at + 18);
       const extraSize = directory.readUInt32BE(at + 20);
+      if (tableOffset === 0 || tableOffset % this.clusterSize !== 0 || tableSize === 0 || type !== 1 || granularityBits < 9 || granularityBits > 31 || nameSize === 0) {
+        unusable(`directory entry ${n} does not satisfy the constraints`);
+      }
       this.reference(tableOffset, tableSize * 8);
       const table = await this.read(tableOffset, tableSize * 8);
       for (let i = 0; i < tableSize; i++) {
@@ -407,9 +428,11 @@ export async function check(path: string): Promise<CheckResult> {
     if (header.refcountBits > 64) throw new Qcow2Error('BAD_REFCOUNT_ORDER', 'refcount width above 64 bits', { path });
     let snapshots: Qcow2Snapshot[] = [];
     if (header.snapshotCount > 0) {
-      const size = snapshotTableReadSize(header, fileSize);
+      // Past the end of the file the table reads as zeros, as QEMU reads it.
+      const size = snapshotTableReadSize(header, fileSize, true);
       const table = Buffer.alloc(size);
-      await handle.read(table, 0, size, header.snapshotsOffset);
+      const available = Math.max(0, Math.min(size, fileSize - header.snapshotsOffset));
+      if (available > 0) await handle.read(table, 0, available, header.snapshotsOffset);
       snapshots = parseSnapshotTable(table, header, path);
     }
     return await new Checker(handle, path, fileSize, header, snapshots).run();

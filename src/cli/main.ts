@@ -274,6 +274,14 @@ async function captureCommand(args: string[]): Promise<void> {
   }
 }
 
+/** 100·n/d to two places, halves to even as C's printf rounds them (qemu-img's output). */
+function percent(n: number, d: number): string {
+  const scaled = (100 * n * 100) / d;
+  const floor = Math.floor(scaled);
+  const rounded = scaled - floor === 0.5 ? (floor % 2 === 0 ? floor : floor + 1) : Math.round(scaled);
+  return (rounded / 100).toFixed(2);
+}
+
 async function checkCommand(args: string[]): Promise<number> {
   const { values, positionals } = parse(args);
   needPositionals(positionals, 1, 'IMAGE');
@@ -290,11 +298,13 @@ async function checkCommand(args: string[]): Promise<number> {
   if (result.corruptions > 0) lines.push(`${result.corruptions} errors were found on the image.`, 'Data may be corrupted, or further writes to the image may corrupt it.');
   if (result.leaks > 0) lines.push(`${result.leaks} leaked clusters were found on the image.`, 'This means waste of disk space, but no harm to data.');
   if (result.checkErrors > 0) lines.push(`${result.checkErrors} internal errors have occurred during the check.`);
-  const percent = (n: number) => (result.totalClusters > 0 ? ((100 * n) / result.totalClusters).toFixed(2) : '0.00');
-  lines.push(
-    `${result.allocatedClusters}/${result.totalClusters} = ${percent(result.allocatedClusters)}% allocated, ${percent(result.fragmentedClusters)}% fragmented, ${percent(result.compressedClusters)}% compressed clusters`,
-    `Image end offset: ${result.imageEndOffset}`,
-  );
+  if (result.totalClusters > 0 && result.allocatedClusters > 0) {
+    const allocated = percent(result.allocatedClusters, result.totalClusters);
+    lines.push(
+      `${result.allocatedClusters}/${result.totalClusters} = ${allocated}% allocated, ${percent(result.fragmentedClusters, result.allocatedClusters)}% fragmented, ${percent(result.compressedClusters, result.allocatedClusters)}% compressed clusters`,
+    );
+  }
+  lines.push(`Image end offset: ${result.imageEndOffset}`);
   process.stdout.write(lines.join('\n') + '\n');
   return exitCode;
 }

@@ -19,6 +19,7 @@ export interface Qcow2Snapshot {
   icount: number;
   /** Bytes of this entry in the table, without the padding after it. */
   entryBytes: number;
+  extraDataSize: number;
 }
 
 const entryHeaderBytes = 40;
@@ -61,7 +62,7 @@ export function parseSnapshotTable(table: Buffer, header: Qcow2Header, path: str
     const id = table.toString('utf8', idStart, idStart + idLength);
     const name = table.toString('utf8', idStart + idLength, idStart + idLength + nameLength);
     const entryBytes = idStart + idLength + nameLength - offset;
-    snapshots.push({ id, name, l1TableOffset, l1Size, dateSec, dateNsec, vmClockNsec, vmStateSize, virtualSize, icount, entryBytes });
+    snapshots.push({ id, name, l1TableOffset, l1Size, dateSec, dateNsec, vmClockNsec, vmStateSize, virtualSize, icount, entryBytes, extraDataSize });
     offset = idStart + idLength + nameLength;
   }
   return snapshots;
@@ -74,9 +75,12 @@ export function snapshotTableBytes(snapshots: readonly Qcow2Snapshot[]): number 
   return bytes;
 }
 
-/** Upper bound on the bytes the table can occupy, for reading it in one go. */
-export function snapshotTableReadSize(header: Qcow2Header, fileSize: number): number {
+/**
+ * Upper bound on the bytes the table can occupy, for reading it in one go; within
+ * the file unless `pastEnd` (the checker reads past the end as zeros, like QEMU).
+ */
+export function snapshotTableReadSize(header: Qcow2Header, fileSize: number, pastEnd = false): number {
   const perEntryMax = entryHeaderBytes + limits.maxSnapshotExtraData + 2 * 65535 + 7;
   const bound = Math.min(header.snapshotCount * perEntryMax, limits.maxSnapshotTableBytes);
-  return Math.max(0, Math.min(bound, fileSize - header.snapshotsOffset));
+  return pastEnd ? bound : Math.max(0, Math.min(bound, fileSize - header.snapshotsOffset));
 }
