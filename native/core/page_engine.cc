@@ -75,23 +75,24 @@ void parallelFor(uint64_t count, uint32_t threads, Fn fn) {
   for (auto& t : pool) t.join();
 }
 
-// A read-only mapping of the whole source dump, for scanning and for confirming
-// duplicates against pages of earlier batches.
+// A read-only mapping of a file range: the batch being scanned, and the whole
+// file for confirming duplicates against pages of earlier batches. Faults come in
+// 64 KiB (fault-around) and are taken in parallel by the scanning threads.
 struct Mapping {
   const uint8_t* data = nullptr;
   size_t length = 0;
-  explicit Mapping(int fd) {
-    off_t end = lseek(fd, 0, SEEK_END);
-    if (end <= 0) return;
-    void* p = mmap(nullptr, static_cast<size_t>(end), PROT_READ, MAP_SHARED, fd, 0);
+  Mapping(int fd, uint64_t offset, uint64_t length) {
+    if (length == 0) return;
+    void* p = mmap(nullptr, length, PROT_READ, MAP_SHARED, fd, static_cast<off_t>(offset));
     if (p == MAP_FAILED) return;
-    madvise(p, static_cast<size_t>(end), MADV_SEQUENTIAL);
     data = static_cast<const uint8_t*>(p);
-    length = static_cast<size_t>(end);
+    this->length = length;
   }
   ~Mapping() {
     if (data) munmap(const_cast<uint8_t*>(data), length);
   }
+  Mapping(const Mapping&) = delete;
+  Mapping& operator=(const Mapping&) = delete;
 };
 
 size_t compressChunk(ChunkCodec codec, int level, const uint8_t* raw, size_t rawLength,
@@ -139,13 +140,19 @@ bool decompressChunk(ChunkCodec codec, const uint8_t* stored, size_t storedLengt
 
 DumpBatchResult processDumpBatch(const DumpBatch& b) {
   DumpBatchResult result;
-  Mapping source(b.sourceFd);
   const uint64_t batchBytes = b.pageCount * b.pageSize;
-  if (!source.data || b.dumpOffset + batchBytes > source.length) {
+  off_t fileSize = lseek(b.sourceFd, 0, SEEK_END);
+  if (fileSize < 0 || b.dumpOffset + batchBytes > static_cast<uint64_t>(fileSize) || b.dumpOffset % b.pageSize) {
     result.error = "the RAM dump is shorter than its regions";
     return result;
   }
-  const uint8_t* pages = source.data + b.dumpOffset;
+  Mapping batch(b.sourceFd, b.dumpOffset, batchBytes);
+  Mapping source(b.sourceFd, 0, static_cast<uint64_t>(fileSize));
+  if (!batch.data || !source.data) {
+    result.error = "cannot map the RAM dump";
+    return result;
+  }
+  const uint8_t* pages = batch.data;
   result.states.assign(b.pageCount, static_cast<uint8_t>(PageState::Zero));
   std::vector<XXH128_hash_t> hashes(b.pageCount);
 
