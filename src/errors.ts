@@ -52,6 +52,12 @@ export type Qcow2ErrorCode =
 
 const brand = Symbol.for('qcow2img.Qcow2Error');
 
+/** Control characters escaped as in JSON strings (\n, \u0000, ...). */
+function oneLine(text: string): string {
+  // eslint-disable-next-line no-control-regex
+  return text.replace(/[\u0000-\u001f\u007f]/g, (c) => JSON.stringify(c).slice(1, -1));
+}
+
 export interface Qcow2ErrorDetails {
   /** The file the problem is in. */
   path?: string;
@@ -71,7 +77,8 @@ export class Qcow2Error extends Error {
 
   constructor(code: Qcow2ErrorCode, message: string, details: Qcow2ErrorDetails = {}) {
     const where = details.path !== undefined ? `${details.path}: ` : '';
-    super(`${where}${message}`, details.cause !== undefined ? { cause: details.cause } : undefined);
+    // Names come from untrusted images: control characters must not split the one-line message.
+    super(oneLine(`${where}${message}`), details.cause !== undefined ? { cause: details.cause } : undefined);
     this.name = 'Qcow2Error';
     this.code = code;
     this.path = details.path;

@@ -44,6 +44,22 @@ export function checkExitCode(result: CheckResult): number {
 }
 
 const maxIssues = 1000;
+
+/** Keeps the most recent summaries only: enough for tables referenced over and over. */
+function remember<V>(cache: Map<number, V>, key: number, value: V): void {
+  if (cache.size >= 64) cache.delete(cache.keys().next().value as number);
+  cache.set(key, value);
+}
+
+/** What one L2 table contributes: references by cluster, issues, counters. */
+interface TableSummary {
+  references: Map<number, number>;
+  issues: { kind: CheckIssue['kind']; message: string; where: { offset: number } }[];
+  moreCorruptions: number;
+  allocated: number;
+  compressed: number;
+  fragmented: number;
+}
 const L1_OFFSET_MASK_HI = 0x00ffffff;
 const COPIED_HI = 0x80000000;
 const COMPRESSED_HI = 0x40000000;
@@ -57,6 +73,8 @@ class Checker {
   /** QEMU stops counting at the largest refcount the width holds, reporting each overflow. */
   private readonly refcountMax: number;
   private readonly refblockCache = new Map<number, Buffer>();
+  private readonly tableSummaries = new Map<number, TableSummary>();
+  private readonly copiedSummaries = new Map<number, { count: number; first: CheckIssue | undefined }>();
 
   constructor(
     private readonly handle: fs.FileHandle,
@@ -83,6 +101,14 @@ class Checker {
       issues: [],
       issueCount: 0,
     };
+  }
+
+  /** Issues counted without a message (beyond the ones kept). */
+  private reportCount(kind: CheckIssue['kind'], count: number): void {
+    if (kind === 'corruption') this.result.corruptions += count;
+    else if (kind === 'leak') this.result.leaks += count;
+    else this.result.checkErrors += count;
+    this.result.issueCount += count;
   }
 
   private report(kind: CheckIssue['kind'], message: string, where: { cluster?: number; offset?: number } = {}): void {
@@ -117,20 +143,25 @@ class Checker {
     }
     const first = Math.floor(offset / this.clusterSize);
     const last = Math.floor((offset + size - 1) / this.clusterSize);
-    if (last >= this.references.length) {
-      const grown = new Uint16Array(last + 1);
+    for (let cluster = first; cluster <= last; cluster++) this.addReferences(cluster, 1);
+  }
+
+  /** `count` more references to a cluster, stopping at the refcount width like QEMU (each excess is a corruption). */
+  private addReferences(cluster: number, count: number): void {
+    if (cluster >= this.references.length) {
+      const grown = new Uint16Array(cluster + 1);
       grown.set(this.references);
       this.references = grown;
     }
-    for (let cluster = first; cluster <= last; cluster++) {
-      const count = this.counted(cluster);
-      if (count >= this.refcountMax) {
-        this.report('corruption', `reference count of cluster ${cluster} overflows its ${this.header.refcountBits}-bit width`, { cluster });
-        continue;
-      }
-      if (count >= 0xffff) this.overflow.set(cluster, count + 1);
-      else this.references[cluster]!++;
+    const current = this.counted(cluster);
+    const total = Math.min(this.refcountMax, current + count);
+    const excess = current + count - total;
+    if (excess > 0) {
+      this.report('corruption', `reference count of cluster ${cluster} overflows its ${this.header.refcountBits}-bit width`, { cluster });
+      if (excess > 1) this.reportCount('corruption', excess - 1);
     }
+    if (total > 0xffff) this.overflow.set(cluster, total);
+    else this.references[cluster] = total;
   }
 
   private counted(cluster: number): number {
@@ -188,8 +219,46 @@ class Checker {
     }
   }
 
+  /**
+   * Counts what one L2 table references. Each distinct table is read and walked
+   * once; a table that many L1 entries point at (hostile images do that) is
+   * replayed from its summary, so the check stays linear in distinct tables.
+   */
   private async checkL2(l2Offset: number, active: boolean): Promise<void> {
+    let summary = this.tableSummaries.get(l2Offset);
+    if (!summary) {
+      summary = await this.summarizeL2(l2Offset);
+      remember(this.tableSummaries, l2Offset, summary);
+    }
+    const room = Math.max(0, maxIssues - this.result.issues.length);
+    for (const issue of summary.issues.slice(0, room)) this.report(issue.kind, issue.message, issue.where);
+    const unreported = Math.max(0, summary.issues.length - room) + summary.moreCorruptions;
+    if (unreported > 0) this.reportCount('corruption', unreported);
+    for (const [cluster, count] of summary.references) this.addReferences(cluster, count);
+    if (active) {
+      this.result.allocatedClusters += summary.allocated;
+      this.result.compressedClusters += summary.compressed;
+      this.result.fragmentedClusters += summary.fragmented;
+    }
+  }
+
+  private async summarizeL2(l2Offset: number): Promise<TableSummary> {
     const h = this.header;
+    const summary: TableSummary = { references: new Map(), issues: [], moreCorruptions: 0, allocated: 0, compressed: 0, fragmented: 0 };
+    const corrupt = (message: () => string, where: { offset: number }) => {
+      if (summary.issues.length < maxIssues) summary.issues.push({ kind: 'corruption', message: message(), where });
+      else summary.moreCorruptions++;
+    };
+    const refer = (offset: number, size: number) => {
+      if (offset + size - this.fileSize >= this.clusterSize) {
+        corrupt(() => `reference to ${offset} (+${size} bytes) exceeds the end of the file by a cluster or more`, { offset });
+        return;
+      }
+      const last = Math.floor((offset + size - 1) / this.clusterSize);
+      for (let cluster = Math.floor(offset / this.clusterSize); cluster <= last; cluster++) {
+        summary.references.set(cluster, (summary.references.get(cluster) ?? 0) + 1);
+      }
+    };
     const table = await this.read(l2Offset, this.clusterSize);
     const entryBytes = h.l2EntryBytes;
     const offsetBits = 62 - (h.clusterBits - 8);
@@ -202,28 +271,26 @@ class Checker {
       const bitmapZero = h.extendedL2 ? table.readUInt32BE(at + 8) : 0;
       const where = { offset: l2Offset + at };
       if (hi & COMPRESSED_HI) {
-        if (hi & COPIED_HI) this.report('corruption', `compressed cluster entry ${i} of the L2 table at ${l2Offset} has the COPIED flag`, where);
+        if (hi & COPIED_HI) corrupt(() => `compressed cluster entry ${i} of the L2 table at ${l2Offset} has the COPIED flag`, where);
         if (h.hasExternalDataFile) {
-          this.report('corruption', `compressed cluster entry ${i} of the L2 table at ${l2Offset} in an image with an external data file`, where);
+          corrupt(() => `compressed cluster entry ${i} of the L2 table at ${l2Offset} in an image with an external data file`, where);
           continue;
         }
         if (bitmapAllocated !== 0 || bitmapZero !== 0) {
-          this.report('corruption', `compressed cluster entry ${i} of the L2 table at ${l2Offset} has a subcluster bitmap`, where);
+          corrupt(() => `compressed cluster entry ${i} of the L2 table at ${l2Offset} has a subcluster bitmap`, where);
           continue;
         }
         const entry = (BigInt(hi) << 32n) | BigInt(lo >>> 0);
         const hostOffset = Number(entry & ((1n << BigInt(offsetBits)) - 1n));
         const sectors = Number((entry >> BigInt(offsetBits)) & ((1n << BigInt(h.clusterBits - 8)) - 1n)) + 1;
-        this.reference(hostOffset, sectors * 512 - (hostOffset % 512));
-        if (active) {
-          this.result.allocatedClusters++;
-          this.result.compressedClusters++;
-          this.result.fragmentedClusters++;
-        }
+        refer(hostOffset, sectors * 512 - (hostOffset % 512));
+        summary.allocated++;
+        summary.compressed++;
+        summary.fragmented++;
         continue;
       }
       if ((hi & 0x3f000000) !== 0 || (lo & 0x1fe) !== 0) {
-        this.report('corruption', `entry ${i} of the L2 table at ${l2Offset} has reserved bits set`, where);
+        corrupt(() => `entry ${i} of the L2 table at ${l2Offset} has reserved bits set`, where);
       }
       const hostOffset = (hi & L1_OFFSET_MASK_HI) * 2 ** 32 + ((lo & 0xfffffe00) >>> 0);
       const zeroFlag = !h.extendedL2 && (lo & 1) === 1;
@@ -231,24 +298,23 @@ class Checker {
       const isData = hostOffset !== 0 || (h.hasExternalDataFile && copied);
       if (!isData) {
         if (h.extendedL2 && bitmapAllocated !== 0) {
-          this.report('corruption', `unallocated cluster entry ${i} of the L2 table at ${l2Offset} has allocated subclusters`, where);
+          corrupt(() => `unallocated cluster entry ${i} of the L2 table at ${l2Offset} has allocated subclusters`, where);
         }
         continue; // unallocated or plain zero
       }
       if (h.extendedL2 && (bitmapAllocated & bitmapZero) !== 0) {
-        this.report('corruption', `invalid subcluster bitmap in entry ${i} of the L2 table at ${l2Offset}`, where);
+        corrupt(() => `invalid subcluster bitmap in entry ${i} of the L2 table at ${l2Offset}`, where);
       }
       if (hostOffset % this.clusterSize !== 0) {
         const preallocated = h.extendedL2 ? bitmapAllocated === 0 : zeroFlag;
-        this.report('corruption', `${preallocated ? 'preallocated' : 'data'} cluster offset ${hostOffset} is not cluster aligned; entry ${i} of the L2 table at ${l2Offset} corrupted`, where);
+        corrupt(() => `${preallocated ? 'preallocated' : 'data'} cluster offset ${hostOffset} is not cluster aligned; entry ${i} of the L2 table at ${l2Offset} corrupted`, where);
       }
-      if (active) {
-        this.result.allocatedClusters++;
-        if (nextContiguous !== 0 && hostOffset !== nextContiguous) this.result.fragmentedClusters++;
-        nextContiguous = hostOffset + this.clusterSize;
-      }
-      if (!h.hasExternalDataFile) this.reference(hostOffset, this.clusterSize);
+      summary.allocated++;
+      if (nextContiguous !== 0 && hostOffset !== nextContiguous) summary.fragmented++;
+      nextContiguous = hostOffset + this.clusterSize;
+      if (!h.hasExternalDataFile) refer(hostOffset, this.clusterSize);
     }
+    return summary;
   }
 
   private async checkBitmaps(): Promise<void> {
@@ -275,7 +341,9 @@ class Checker {
       const granularityBits = directory[at + 17]!;
       const nameSize = directory.readUInt16BE(at + 18);
       const extraSize = directory.readUInt32BE(at + 20);
-      if (tableOffset === 0 || tableOffset % this.clusterSize !== 0 || tableSize === 0 || type !== 1 || granularityBits < 9 || granularityBits > 31 || nameSize === 0) {
+      // QEMU's BME_MAX_PHYS_SIZE: a bitmap's table covers at most 512 MiB of bitmap.
+      const tooLarge = tableSize * this.clusterSize > 512 * 1024 * 1024;
+      if (tableOffset === 0 || tableOffset % this.clusterSize !== 0 || tableSize === 0 || tooLarge || type !== 1 || granularityBits < 9 || granularityBits > 31 || nameSize === 0) {
         unusable(`directory entry ${n} does not satisfy the constraints`);
       }
       this.reference(tableOffset, tableSize * 8);
@@ -385,23 +453,38 @@ class Checker {
       if ((l2Refcount === 1) !== ((l1Hi & COPIED_HI) !== 0)) {
         this.report('corruption', `COPIED flag of L2 table ${i} (at ${l2Offset}) disagrees with its refcount ${l2Refcount}`, { offset: h.l1TableOffset + i * 8 });
       }
-      const table = await this.read(l2Offset, this.clusterSize);
-      for (let j = 0; j < h.l2EntryCount; j++) {
-        const at = j * h.l2EntryBytes;
-        const hi = table.readUInt32BE(at);
-        const lo = table.readUInt32BE(at + 4);
-        if (hi & COMPRESSED_HI) continue;
-        const dataOffset = (hi & L1_OFFSET_MASK_HI) * 2 ** 32 + ((lo & 0xfffffe00) >>> 0);
-        const copied = (hi & COPIED_HI) !== 0;
-        const isData = dataOffset !== 0 || (h.hasExternalDataFile && copied);
-        if (!isData) continue;
-        const refcount = h.hasExternalDataFile ? 1 : await this.stored(Math.floor(dataOffset / this.clusterSize));
-        if (refcount === undefined) continue;
-        if ((refcount === 1) !== copied) {
-          this.report('corruption', `COPIED flag of the data cluster at ${dataOffset} disagrees with its refcount ${refcount}`, { offset: l2Offset + at });
-        }
+      let copied = this.copiedSummaries.get(l2Offset);
+      if (!copied) {
+        copied = await this.summarizeCopied(l2Offset);
+        remember(this.copiedSummaries, l2Offset, copied);
+      }
+      if (copied.first) this.report(copied.first.kind, copied.first.message, { offset: copied.first.offset! });
+      if (copied.count > 1) this.reportCount('corruption', copied.count - 1);
+    }
+  }
+
+  private async summarizeCopied(l2Offset: number): Promise<{ count: number; first: CheckIssue | undefined }> {
+    const h = this.header;
+    const table = await this.read(l2Offset, this.clusterSize);
+    let count = 0;
+    let first: CheckIssue | undefined;
+    for (let j = 0; j < h.l2EntryCount; j++) {
+      const at = j * h.l2EntryBytes;
+      const hi = table.readUInt32BE(at);
+      const lo = table.readUInt32BE(at + 4);
+      if (hi & COMPRESSED_HI) continue;
+      const dataOffset = (hi & L1_OFFSET_MASK_HI) * 2 ** 32 + ((lo & 0xfffffe00) >>> 0);
+      const copied = (hi & COPIED_HI) !== 0;
+      const isData = dataOffset !== 0 || (h.hasExternalDataFile && copied);
+      if (!isData) continue;
+      const refcount = h.hasExternalDataFile ? 1 : await this.stored(Math.floor(dataOffset / this.clusterSize));
+      if (refcount === undefined) continue;
+      if ((refcount === 1) !== copied) {
+        count++;
+        first ??= { kind: 'corruption', message: `COPIED flag of the data cluster at ${dataOffset} disagrees with its refcount ${refcount}`, offset: l2Offset + at };
       }
     }
+    return { count, first };
   }
 }
 
