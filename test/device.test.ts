@@ -9,7 +9,7 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { load, Qcow2Error } from '../src/index';
-import { type LoopDevice, loopUnavailable, makeLoop, partition, partitionsOf, readRange } from './helpers/loop';
+import { attachLoop, type LoopDevice, loopUnavailable, makeLoop, partition, partitionsOf, readRange } from './helpers/loop';
 
 const skip = loopUnavailable();
 if (skip) console.warn(`skipping device tests: ${skip}`);
@@ -171,7 +171,7 @@ describe.skipIf(skip !== undefined)('load onto block devices', () => {
     fs.appendFileSync(copy, Buffer.alloc(64 * MiB - fs.statSync(copy).size));
     const loop = newLoop('unused.img', 1);
     loop.detach();
-    const self = (await import('./helpers/loop')).attachLoop(copy);
+    const self = attachLoop(copy);
     loops.push(self);
     const error = await load(copy, self.device).catch((e: unknown) => e);
     expect((error as Qcow2Error).code).toBe('TARGET_IS_SOURCE');

@@ -122,7 +122,7 @@ describe('snapshot bundles', () => {
     await createSnapshot(s2, { parent: s1, disk, memory: path.join(dir, 'ram2.raw'), cpu });
     // s3 from a dirty bitmap instead of a comparison: mark exactly the pages written.
     const dirty = Buffer.alloc(64 * 256 / 8);
-    for (let p = 9000; p < 9050; p++) dirty[p >> 3]! |= 1 << (p & 7);
+    for (let p = 9000; p < 9050; p++) dirty[p >> 3] = dirty[p >> 3]! | (1 << (p & 7));
     await createSnapshot(s3, { parent: s2, disk, memory: path.join(dir, 'ram3.raw'), cpu, dirtyBitmap: dirty });
 
     const inspection = await inspectSnapshot(s3);
@@ -156,7 +156,7 @@ describe('snapshot bundles', () => {
       const fd = fs.openSync(file, 'r+');
       const byte = Buffer.alloc(1);
       fs.readSync(fd, byte, 0, 1, offset);
-      byte[0] ^= 0x40;
+      byte[0] = byte[0]! ^ 0x40;
       fs.writeSync(fd, byte, 0, 1, offset);
       fs.closeSync(fd);
     };
