@@ -21,7 +21,7 @@ import { ProgressSampler, type ProgressCallback } from '../load/progress';
 export interface CaptureOptions extends Omit<OpenOptions, 'snapshot'> {
   /** Compress clusters (zlib = raw deflate as QEMU writes it). Default: none. */
   compress?: 'zlib' | 'zstd';
-  /** Compression level: zlib 0-3 (ISA-L levels, default 3), zstd -7 to 19 (default 3). */
+  /** Compression level: zlib 0-3 (ISA-L levels, default 3), zstd -7 to 19 (default 1). */
   level?: number;
   /** 512 B to 2 MiB, a power of two (default 64 KiB). */
   clusterSize?: number;
@@ -113,7 +113,8 @@ function validate(options: CaptureOptions, output: string): { clusterBits: numbe
   if (version === 2 && options.compress === 'zstd') {
     throw new Qcow2Error('INVALID_ARGUMENT', 'zstd compression needs compat 1.1 (qcow2 version 3)', { path: output });
   }
-  const level = options.level ?? 3;
+  // zstd 1 is about twice as fast as 3 for a few percent more bytes; capture is on the critical path of a snapshot.
+  const level = options.level ?? (options.compress === 'zstd' ? 1 : 3);
   const range = options.compress === 'zstd' ? [-7, 19] : [0, 3];
   if (options.compress && (!Number.isInteger(level) || level < range[0]! || level > range[1]!)) {
     throw new Qcow2Error('INVALID_ARGUMENT', `${options.compress} level ${level} is outside ${range[0]}..${range[1]}`, { path: output });
