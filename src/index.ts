@@ -15,7 +15,10 @@ export { bench, type BenchOptions, type BenchResult } from './bench/index';
 export {
   createSnapshot, restoreSnapshot, inspectSnapshot, verifySnapshot, readBundle,
   type CreateSnapshotOptions, type RestoreSnapshotOptions, type RestoreSnapshotResult, type SnapshotInspection,
-  type BundleProblem, type SnapshotMetadata, type CpuState, type MemoryRegion,
+  type BundleProblem, type SnapshotMetadata, type CpuState, type MemoryRegion, type SnapshotChainLink,
 } from './snapshot/index';
+export { metadataSchema } from './snapshot/metadata';
+export { cpuStateSchema } from './vmstate/cpu';
+export type { Header as StateHeader, Index as StateIndex, Region as StateRegion, SectionEntry, ChunkMapEntry } from './vmstate/format';
 export { writeState, type WriteStateOptions, type WriteStateResult } from './vmstate/writer';
 export { StateFile, restoreMemory, type OpenStateOptions, type StateProblem } from './vmstate/reader';
