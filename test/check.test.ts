@@ -7,6 +7,7 @@
  * status and message, library error code) in .cache/damage-report.json; the only assertion on
  * those for now is "no crash".
  */
+import { expectedCodes } from './helpers/damage-expectations';
 import { spawn } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
@@ -327,5 +328,11 @@ describe('damaged images: info and load do not crash (one image per defect)', ()
       // A load never succeeds where open failed.
       if (result.open !== 'ok') expect(result.load, file).not.toBe('ok');
     }
+  });
+
+  it.each(probed)('$defect gives its expected codes', ({ defect, file }) => {
+    const expected = expectedCodes[defect];
+    expect(expected, `no expectation recorded for defect ${defect}`).toBeDefined();
+    expect(library?.results.get(file)).toEqual(expected);
   });
 });
