@@ -1,0 +1,352 @@
+#!/usr/bin/env node
+/**
+ * Times `qcow2img load` against `qemu-img convert -O raw -t none -W -m 16` on the realistic
+ * uncompressed, zlib and zstd images (see realistic-image.mjs), in one run so the ratios hold even
+ * when the machine's absolute speed drifts.
+ *
+ *   node benchmarks/load.mjs [--images a,b] [--runs 3] [--threads N] [--sweep-threads 2,4,8,16]
+ *                            [--no-warm] [--nice=-10] [--quiet-timeout 30] [--max-others-cpu 0.5]
+ *                            [--attempts 3] [--cache-dir DIR]
+ *
+ * Cold runs: before each one the output is removed and `sync; echo 3 > /proc/sys/vm/drop_caches`
+ * empties the page cache, so both tools read the image from the disk. Warm runs: the image is read
+ * into the page cache first and caches are left alone. Each figure is the median of --runs runs,
+ * the two tools alternating which goes first. Peak memory is GNU time's maximum RSS.
+ * --sweep-threads repeats the cold qcow2img runs for each thread count, to tune the default.
+ *
+ * On a shared 2-core machine other work skews wall times badly, so each run waits (up to
+ * --quiet-timeout seconds) for the CPUs to go idle, a run during which other processes used more
+ * than --max-others-cpu CPU seconds is redone (up to --attempts times, keeping the cleanest), and
+ * the CPU time others used is reported next to the figures.
+ */
+import { spawnSync } from 'node:child_process';
+import * as fs from 'node:fs';
+import { createRequire } from 'node:module';
+import * as path from 'node:path';
+import { parseArgs } from 'node:util';
+import {
+  busyCpuSeconds,
+  canDropCaches,
+  dropCaches,
+  ensureFreeSpace,
+  formatCommand,
+  freezeBuild,
+  humanBytes,
+  machineFacts,
+  markdownTable,
+  median,
+  printFacts,
+  run,
+  seconds,
+} from './common.mjs';
+import { buildRealisticImages, defaultCacheDir } from './realistic-image.mjs';
+
+const gnuTime = '/usr/bin/time';
+const defaultImages = ['uncompressed', 'zlib', 'zstd'];
+/** Below this many busy cores (averaged over a second) the machine counts as quiet. */
+const quietBusyCores = 0.1;
+
+function qemuImgCommand(image, output) {
+  return ['qemu-img', ['convert', '-O', 'raw', '-t', 'none', '-W', '-m', '16', image, output]];
+}
+
+function qcow2imgCommand(cliPath, image, output, threads) {
+  const args = [cliPath, 'load', image, output, '--overwrite', '--progress=none'];
+  if (threads !== undefined) args.push('--threads', String(threads));
+  return [process.execPath, args];
+}
+
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+/** Waits until other processes leave the CPUs idle for a whole second, or the timeout passes. */
+async function waitForQuiet(timeoutSeconds) {
+  const started = performance.now();
+  for (;;) {
+    const before = busyCpuSeconds();
+    await sleep(1000);
+    const busy = busyCpuSeconds() - before;
+    const waited = (performance.now() - started) / 1000;
+    if (busy < quietBusyCores) return { quiet: true, waited };
+    if (waited >= timeoutSeconds) return { quiet: false, waited };
+  }
+}
+
+/**
+ * One timed run. The clock covers the whole process (node start-up included, since users pay it
+ * too); both tools flush their output before exiting, and the `sync` timed after it shows if
+ * either left dirty pages behind.
+ */
+async function timedRunOnce([command, args], output, { cold, quietTimeout, nice }) {
+  fs.rmSync(output, { force: true });
+  spawnSync('sync');
+  if (cold) dropCaches();
+  const quiet = await waitForQuiet(quietTimeout);
+  const statsFile = `${output}.time`;
+  const busyBefore = busyCpuSeconds();
+  const started = performance.now();
+  // nice execs the command, so GNU time still measures the tool itself.
+  const priority = nice ? ['nice', '-n', String(nice)] : [];
+  const result = await run(gnuTime, ['-f', '%U %S %M', '-o', statsFile, ...priority, command, ...args], { allowFailure: true });
+  const elapsed = (performance.now() - started) / 1000;
+  const busy = busyCpuSeconds() - busyBefore;
+  const syncStarted = performance.now();
+  spawnSync('sync');
+  const syncSeconds = (performance.now() - syncStarted) / 1000;
+  // GNU time puts "Command exited with non-zero status N" first when the command fails.
+  const [user, system, rssKiB] = fs.readFileSync(statsFile, 'utf8').trim().split('\n').pop().split(' ').map(Number);
+  fs.rmSync(statsFile, { force: true });
+  fs.rmSync(output, { force: true });
+  if (result.code !== 0) {
+    throw new Error(`${formatCommand(command, args)} failed (exit ${result.code}):\n${(result.stderr || result.stdout).trim()}`);
+  }
+  return {
+    seconds: elapsed,
+    cpuSeconds: user + system,
+    // What the rest of the machine used meanwhile; kernel writeback for our output counts here too.
+    othersCpuSeconds: Math.max(0, busy - user - system),
+    quiet: quiet.quiet,
+    syncSeconds,
+    rssBytes: rssKiB * 1024,
+    direct: / O_DIRECT\)/.test(result.stderr),
+  };
+}
+
+/** A timed run, redone while other processes disturbed it; the least disturbed attempt wins. */
+async function timedRun(command, output, options) {
+  let best;
+  for (let attempt = 1; attempt <= options.attempts; attempt += 1) {
+    const sample = await timedRunOnce(command, output, options);
+    sample.attempts = attempt;
+    if (!best || sample.othersCpuSeconds < best.othersCpuSeconds) best = sample;
+    if (sample.othersCpuSeconds <= options.maxOthersCpu) break;
+  }
+  best.attempts = Math.max(best.attempts, 1);
+  return best;
+}
+
+function summarize(samples, maxOthersCpu) {
+  return {
+    disturbedRuns: samples.filter((s) => s.othersCpuSeconds > maxOthersCpu).length,
+    seconds: median(samples.map((s) => s.seconds)),
+    cpuSeconds: median(samples.map((s) => s.cpuSeconds)),
+    othersCpuSeconds: Math.max(...samples.map((s) => s.othersCpuSeconds)),
+    rssBytes: Math.max(...samples.map((s) => s.rssBytes)),
+    maxSyncSeconds: Math.max(...samples.map((s) => s.syncSeconds)),
+    allQuiet: samples.every((s) => s.quiet),
+    all: samples.map((s) => seconds(s.seconds)).join(', '),
+    direct: samples.every((s) => s.direct),
+  };
+}
+
+function describeSample(tool, sample) {
+  return `${tool} ${seconds(sample.seconds)} s, CPU ${seconds(sample.cpuSeconds)} s, max RSS ${humanBytes(sample.rssBytes)}, ` +
+    `others' CPU ${seconds(sample.othersCpuSeconds)} s, sync after ${seconds(sample.syncSeconds)} s${sample.quiet ? '' : ', NOT QUIET'}` +
+    `${sample.attempts > 1 ? ` (best of ${sample.attempts} attempts)` : ''}`;
+}
+
+/** Runs both tools `runs` times, alternating which goes first so neither always follows the other. */
+async function compareTools(tools, output, { runs, cold, log, ...runOptions }) {
+  const samples = { 'qemu-img': [], qcow2img: [] };
+  for (let index = 0; index < runs; index += 1) {
+    const order = index % 2 === 0 ? ['qemu-img', 'qcow2img'] : ['qcow2img', 'qemu-img'];
+    for (const tool of order) {
+      const sample = await timedRun(tools[tool], output, { cold, ...runOptions });
+      samples[tool].push(sample);
+      log(`  ${cold ? 'cold' : 'warm'} run ${index + 1}: ${describeSample(tool, sample)}`);
+    }
+  }
+  return { qemu: summarize(samples['qemu-img'], runOptions.maxOthersCpu), ours: summarize(samples.qcow2img, runOptions.maxOthersCpu) };
+}
+
+function resultRow(variant, mode, { qemu, ours }) {
+  return [
+    `${variant.name} (${humanBytes(fs.statSync(variant.image).blocks * 512)})`,
+    mode,
+    seconds(qemu.seconds),
+    seconds(ours.seconds),
+    `${(qemu.seconds / ours.seconds).toFixed(2)}x`,
+    `${seconds(qemu.cpuSeconds)} / ${seconds(ours.cpuSeconds)}`,
+    `${humanBytes(qemu.rssBytes)} / ${humanBytes(ours.rssBytes)}`,
+    `${seconds(Math.max(qemu.othersCpuSeconds, ours.othersCpuSeconds))}`,
+    `${qemu.all} / ${ours.all}`,
+  ];
+}
+
+/**
+ * Start-up alone, cold and warm (medians of `runs`): after drop_caches node must read its ~100 MB
+ * binary back from the disk, qemu-img a few MB, which weighs on the cold figures.
+ */
+async function startupSeconds(command, args, { runs, quietTimeout }) {
+  const measure = async (cold) => {
+    if (cold) dropCaches();
+    await waitForQuiet(quietTimeout);
+    const started = performance.now();
+    await run(command, args);
+    return (performance.now() - started) / 1000;
+  };
+  const cold = [];
+  const warm = [];
+  for (let index = 0; index < runs; index += 1) {
+    cold.push(await measure(true));
+    warm.push(await measure(false));
+  }
+  return `${seconds(median(cold))} s cold, ${seconds(median(warm))} s warm`;
+}
+
+/**
+ * What the disk itself does (fio, O_DIRECT, 1 MiB blocks, queue depth 16): reading the first image
+ * and writing a 2 GiB file beside the outputs. Cold loads of uncompressed images cannot beat it.
+ */
+async function diskThroughput(image, outDir) {
+  if (spawnSync('fio', ['--version']).status !== 0) return 'fio not installed';
+  const common = ['--bs=1M', '--iodepth=16', '--ioengine=io_uring', '--direct=1', '--output-format=json'];
+  const rate = async (args, kind) => {
+    const { stdout } = await run('fio', [...args, ...common]);
+    return (JSON.parse(stdout).jobs[0][kind].bw_bytes / 1e9).toFixed(2);
+  };
+  const scratch = path.join(outDir, 'fio-scratch');
+  const read = await rate(['--name=read', `--filename=${image}`, '--rw=read', '--readonly'], 'read');
+  const write = await rate(['--name=write', `--filename=${scratch}`, '--size=2G', '--rw=write'], 'write');
+  fs.rmSync(scratch, { force: true });
+  return `sequential read of ${path.basename(path.dirname(image))} ${read} GB/s, sequential write ${write} GB/s (fio, O_DIRECT, 1 MiB, QD16, io_uring)`;
+}
+
+/** Reads the image into the page cache, for the warm runs. */
+function warmUp(file) {
+  const fd = fs.openSync(file, 'r');
+  const buffer = Buffer.allocUnsafe(8 * 1024 * 1024);
+  try {
+    for (let position = 0; fs.readSync(fd, buffer, 0, buffer.length, position) > 0; position += buffer.length);
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
+async function main() {
+  const { values } = parseArgs({
+    options: {
+      images: { type: 'string' },
+      runs: { type: 'string', default: '3' },
+      threads: { type: 'string' },
+      'sweep-threads': { type: 'string' },
+      'no-warm': { type: 'boolean' },
+      nice: { type: 'string', default: '-10' },
+      'quiet-timeout': { type: 'string', default: '30' },
+      'max-others-cpu': { type: 'string', default: '0.5' },
+      attempts: { type: 'string', default: '3' },
+      'cache-dir': { type: 'string' },
+      help: { type: 'boolean', short: 'h' },
+    },
+  });
+  if (values.help) {
+    console.log('usage: node benchmarks/load.mjs [--images a,b] [--runs 3] [--threads N] [--sweep-threads 2,4,8,16] [--no-warm]');
+    console.log('                            [--nice=-10] [--quiet-timeout 30] [--max-others-cpu 0.5] [--attempts 3] [--cache-dir DIR]');
+    return 0;
+  }
+  const runs = Number(values.runs);
+  if (!Number.isInteger(runs) || runs < 1) throw new Error('--runs must be a positive integer');
+  const quietTimeout = Number(values['quiet-timeout']);
+  const runOptions = {
+    quietTimeout,
+    nice: Number(values.nice),
+    maxOthersCpu: Number(values['max-others-cpu']),
+    attempts: Math.max(1, Number(values.attempts)),
+  };
+  if (![quietTimeout, runOptions.nice, runOptions.maxOthersCpu, runOptions.attempts].every(Number.isFinite)) throw new Error('--nice, --quiet-timeout, --max-others-cpu and --attempts take numbers');
+  const threads = values.threads === undefined ? undefined : Number(values.threads);
+  const sweep = values['sweep-threads']?.split(',').map(Number) ?? [];
+  if ([threads ?? 1, ...sweep].some((n) => !Number.isInteger(n) || n < 1)) throw new Error('thread counts must be positive integers');
+  if (!fs.existsSync(gnuTime)) throw new Error(`${gnuTime} is missing: apt-get install -y time`);
+  if (!canDropCaches()) throw new Error('cold runs need root: /proc/sys/vm/drop_caches is not writable');
+
+  const cacheDir = path.resolve(values['cache-dir'] ?? defaultCacheDir);
+  const variants = await buildRealisticImages({ cacheDir, only: values.images?.split(',') ?? defaultImages });
+  const build = await freezeBuild(cacheDir);
+  // Per process, so two runs never delete each other's outputs.
+  const outDir = path.join(cacheDir, 'load-out', String(process.pid));
+  fs.mkdirSync(outDir, { recursive: true });
+  const log = (line) => console.error(line);
+
+  const startup = {
+    qcow2img: await startupSeconds(process.execPath, [build.cliPath, '--version'], { runs, quietTimeout }),
+    qemuImg: await startupSeconds('qemu-img', ['--version'], { runs, quietTimeout }),
+  };
+  const disk = await diskThroughput(variants[0].image, outDir);
+  const rows = [];
+  const sweepRows = [];
+  const notes = [];
+  let allQuiet = true;
+  const disturbed = [];
+  const noteDisturbed = (label, summary) => {
+    if (summary.disturbedRuns) disturbed.push(`${label} (${summary.disturbedRuns} of ${runs})`);
+  };
+  for (const variant of variants) {
+    const output = path.join(outDir, `${variant.name}.raw`);
+    ensureFreeSpace(outDir, variant.virtualSize + 256 * 1024 * 1024, `the output of ${variant.name}`);
+    log(`${variant.name}: ${variant.image}`);
+    const tools = { 'qemu-img': qemuImgCommand(variant.image, output), qcow2img: qcow2imgCommand(build.cliPath, variant.image, output, threads) };
+    const cold = await compareTools(tools, output, { runs, cold: true, log, ...runOptions });
+    rows.push(resultRow(variant, 'cold', cold));
+    if (!cold.ours.direct) notes.push(`${variant.name}: qcow2img did not report O_DIRECT output`);
+    for (const [tool, summary] of [['qemu-img', cold.qemu], ['qcow2img', cold.ours]]) {
+      if (summary.maxSyncSeconds > 0.05) notes.push(`${variant.name}: a sync after ${tool} took up to ${seconds(summary.maxSyncSeconds)} s (not in its time)`);
+      allQuiet &&= summary.allQuiet;
+      noteDisturbed(`${variant.name} cold ${tool}`, summary);
+    }
+    if (!values['no-warm']) {
+      warmUp(variant.image);
+      const warm = await compareTools(tools, output, { runs, cold: false, log, ...runOptions });
+      rows.push(resultRow(variant, 'warm', warm));
+      allQuiet &&= warm.qemu.allQuiet && warm.ours.allQuiet;
+      noteDisturbed(`${variant.name} warm qemu-img`, warm.qemu);
+      noteDisturbed(`${variant.name} warm qcow2img`, warm.ours);
+    }
+    for (const count of sweep) {
+      const samples = [];
+      for (let index = 0; index < runs; index += 1) {
+        const sample = await timedRun(qcow2imgCommand(build.cliPath, variant.image, output, count), output, { cold: true, ...runOptions });
+        log(`  cold run ${index + 1}: ${describeSample(`qcow2img --threads ${count}`, sample)}`);
+        samples.push(sample);
+      }
+      const summary = summarize(samples, runOptions.maxOthersCpu);
+      allQuiet &&= summary.allQuiet;
+      noteDisturbed(`${variant.name} qcow2img --threads ${count}`, summary);
+      sweepRows.push([variant.name, count, seconds(cold.qemu.seconds), seconds(summary.seconds), `${(cold.qemu.seconds / summary.seconds).toFixed(2)}x`,
+        seconds(summary.cpuSeconds), humanBytes(summary.rssBytes), seconds(summary.othersCpuSeconds), summary.all]);
+    }
+  }
+
+  console.log('\n## qcow2img load vs qemu-img convert -O raw -t none -W -m 16\n');
+  printFacts(machineFacts(outDir, build));
+  // Asked of the build itself, so the report stays right when the default changes.
+  const { defaultThreads } = createRequire(import.meta.url)(path.join(build.dir, 'dist', 'load', 'copy.js'));
+  console.log(`- qcow2img threads: ${threads ?? `default (${defaultThreads()} on this machine)`}`);
+  console.log(`- disk: ${disk}`);
+  console.log(`- start-up only (\`--version\`): qcow2img ${startup.qcow2img}; qemu-img ${startup.qemuImg}`);
+  console.log('- cold = before every timed run the output is removed and `sync; echo 3 > /proc/sys/vm/drop_caches` is run, so both tools start with an empty page cache');
+  console.log('- warm = the image was read into the page cache first; caches not dropped between runs');
+  console.log(`- s = median of ${runs} runs, wall clock of the whole process (node start-up included); output on the same filesystem, removed between runs`);
+  console.log('- speedup = qemu-img s / qcow2img s (above 1: qcow2img faster); CPU = user+sys (median); peak RSS = GNU time %M, largest of the runs');
+  console.log(`- both tools run under \`nice -n ${runOptions.nice}\` (the same priority for both, above other work on this shared machine)`);
+  console.log(`- others' CPU = CPU seconds the rest of the machine used during a run (largest of the runs, kernel threads included); each run first waited up to ${quietTimeout} s for a quiet second, and was redone (up to ${runOptions.attempts} attempts, best kept) when others used over ${runOptions.maxOthersCpu} s\n`);
+  console.log(markdownTable(['image (on disk)', 'cache', 'qemu-img s', 'qcow2img s', 'speedup', 'CPU s qemu-img / qcow2img', 'peak RSS qemu-img / qcow2img', "others' CPU s", 'runs s qemu-img / qcow2img'], rows));
+  if (sweepRows.length) {
+    console.log('\n### qcow2img --threads sweep (cold)\n');
+    console.log(markdownTable(['image', 'threads', 'qemu-img s', 'qcow2img s', 'speedup', 'qcow2img CPU s', 'qcow2img peak RSS', "others' CPU s", 'runs s'], sweepRows));
+  }
+  if (!allQuiet) notes.push(`some runs started on a busy machine (no quiet second within ${quietTimeout} s): compare the others' CPU column`);
+  if (disturbed.length) notes.push(`runs still disturbed after ${runOptions.attempts} attempts (others' CPU over ${runOptions.maxOthersCpu} s): ${disturbed.join(', ')}`);
+  if (notes.length) console.log(`\nNotes:\n${notes.map((note) => `- ${note}`).join('\n')}`);
+  fs.rmSync(outDir, { recursive: true, force: true });
+  return 0;
+}
+
+main().then(
+  (code) => {
+    process.exitCode = code;
+  },
+  (error) => {
+    console.error(`load: ${error.message}`);
+    process.exitCode = 1;
+  },
+);
