@@ -202,9 +202,6 @@ export class Qcow2Layer implements Layer {
   }
 
   async status(start: number, end: number, out: LayerRun[]): Promise<void> {
-    if (this.header.cryptMethod !== 0) {
-      throw new Qcow2Error('ENCRYPTED', 'image is encrypted; encrypted images cannot be read', { path: this.file.path });
-    }
     const l1 = await this.loadL1();
     const { clusterSize, clusterBits, l2EntryCount, extendedL2, hasExternalDataFile, l2EntryBytes } = this.header;
     const tableSpan = l2EntryCount * clusterSize;

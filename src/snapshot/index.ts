@@ -16,7 +16,7 @@ import { check, checkExitCode } from '../check/index';
 import { type CpuState, parseCpuState } from '../vmstate/cpu';
 import { stateOf, stateLimits } from '../vmstate/format';
 import { restoreMemory, type StateFile, StateFile as StateFileClass, type StateProblem } from '../vmstate/reader';
-import { type MemoryRegion, uuidString, writeState } from '../vmstate/writer';
+import { type MemoryRegion, writeState } from '../vmstate/writer';
 import { DISK_FILE, METADATA_FILE, parseMetadata, type SnapshotMetadata, STATE_FILE, BUNDLE_FORMAT_VERSION } from './metadata';
 
 export type { SnapshotMetadata } from './metadata';
@@ -394,4 +394,3 @@ export async function verifySnapshot(bundle: string): Promise<BundleProblem[]> {
   return problems;
 }
 
-export { uuidString };

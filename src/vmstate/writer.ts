@@ -3,10 +3,9 @@
  * then CHUNK sections as the native engine produces them, then the INDEX and the
  * footer. Memory stays bounded by one batch of guest RAM plus the index.
  */
-import { randomUUID } from 'node:crypto';
 import * as fs from 'node:fs/promises';
 import * as nodePath from 'node:path';
-import { randomBytes } from 'node:crypto';
+import { randomBytes, randomUUID } from 'node:crypto';
 import { Qcow2Error, ioError } from '../errors';
 import { native } from '../native';
 import { defaultThreads } from '../load/copy';
@@ -59,10 +58,6 @@ const codecs = { none: ChunkCodec.none, zstd: ChunkCodec.zstd, deflate: ChunkCod
 
 export function uuidBytes(id: string): Buffer {
   return Buffer.from(id.replace(/-/g, ''), 'hex');
-}
-export function uuidString(bytes: Buffer): string {
-  const h = bytes.toString('hex');
-  return `${h.slice(0, 8)}-${h.slice(8, 12)}-${h.slice(12, 16)}-${h.slice(16, 20)}-${h.slice(20)}`;
 }
 
 function planRegions(requested: MemoryRegion[] | undefined, dumpSize: number, path: string): Region[] {
