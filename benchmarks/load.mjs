@@ -102,7 +102,7 @@ async function timedRunOnce([command, args], output, { cold, quietTimeout, nice 
   return {
     seconds: elapsed,
     cpuSeconds: user + system,
-    // What the rest of the machine used meanwhile; kernel writeback for our output counts here too.
+    // What the rest of the machine used meanwhile (hypervisor steal and kernel threads included).
     othersCpuSeconds: Math.max(0, busy - user - system),
     quiet: quiet.quiet,
     syncSeconds,
@@ -114,14 +114,14 @@ async function timedRunOnce([command, args], output, { cold, quietTimeout, nice 
 /** A timed run, redone while other processes disturbed it; the least disturbed attempt wins. */
 async function timedRun(command, output, options) {
   let best;
-  for (let attempt = 1; attempt <= options.attempts; attempt += 1) {
+  let attempts = 0;
+  while (attempts < options.attempts) {
+    attempts += 1;
     const sample = await timedRunOnce(command, output, options);
-    sample.attempts = attempt;
     if (!best || sample.othersCpuSeconds < best.othersCpuSeconds) best = sample;
     if (sample.othersCpuSeconds <= options.maxOthersCpu) break;
   }
-  best.attempts = Math.max(best.attempts, 1);
-  return best;
+  return { ...best, attempts };
 }
 
 function summarize(samples, maxOthersCpu) {

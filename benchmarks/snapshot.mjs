@@ -93,8 +93,9 @@ async function waitForQuiet(timeoutSeconds) {
 let statsCounter = 0;
 
 /** One command under GNU time: wall seconds, CPU seconds, peak RSS, and the CPU others used meanwhile. */
-async function timed(command, args, { quietTimeout = 0 } = {}) {
+async function timed(command, args, { quietTimeout = 0, beforeRun } = {}) {
   const quiet = quietTimeout > 0 ? await waitForQuiet(quietTimeout) : true;
+  beforeRun?.();
   const statsFile = `/tmp/qcow2img-snapbench-${process.pid}-${statsCounter++}.time`;
   const busyBefore = busyCpuSeconds();
   const started = performance.now();
@@ -269,9 +270,9 @@ const runOptions = { quietTimeout: 15, maxOthersCpu: 0.3, attempts: 4 };
 async function measured(prepare, command, args) {
   let best;
   for (let attempt = 1; attempt <= runOptions.attempts; attempt++) {
-    rewarm();
     prepare?.();
-    const result = await timed(command, args, { quietTimeout: runOptions.quietTimeout });
+    // Re-warmed after the wait for quiet, right before the run: the cache can be dropped meanwhile.
+    const result = await timed(command, args, { quietTimeout: runOptions.quietTimeout, beforeRun: rewarm });
     result.sync = timedSync();
     result.attempts = attempt;
     if (!best || result.othersCpuSeconds < best.othersCpuSeconds) best = { ...result, attempts: attempt };
@@ -481,7 +482,7 @@ async function main() {
 
   if (values.profile || (!values['no-profile'] && (!createBar || !restoreBar))) await profileRun({ dist, ram, cpu, outDir, stateOut, restored, zstdCreate, runs });
   rm(stateOut, restored);
-  if (coldFound) console.log(`- note: ${coldFound} times an input had partly left the page cache between runs (something dropped caches) and was read back in before the run`);
+  if (coldFound) console.log(`- note: ${coldFound} times an input file had partly left the page cache before a run (other benchmarks here drop caches) and was read back in before that run started`);
   console.log(`(outputs in ${outDir}; the CLI bundle is kept for inspection)`);
 }
 
