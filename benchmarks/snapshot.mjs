@@ -34,6 +34,7 @@
  * the time goes. src/ and native/ are not touched.
  */
 import { spawnSync } from 'node:child_process';
+import { createHash } from 'node:crypto';
 import * as fs from 'node:fs';
 import { createRequire } from 'node:module';
 import * as os from 'node:os';
@@ -360,8 +361,12 @@ async function main() {
   } catch {
     // made elsewhere: no make-up to show
   }
+  // dist/ is built from whatever src/ held then, which may differ from git HEAD: a digest tells builds apart.
+  const distHash = createHash('sha256');
+  for (const file of ['cli/main.js', 'vmstate/writer.js', 'vmstate/reader.js', 'snapshot/index.js', 'vmstate/cpu.js']) distHash.update(fs.readFileSync(path.join(dist, file)));
   printFacts([
     ...machineFacts(outDir, build),
+    ['dist (cli/main, vmstate/writer, reader, cpu, snapshot/index)', `sha256 ${distHash.digest('hex').slice(0, 12)}, ${/require\('\.\.\/snapshot\/index'\)/.test(fs.readFileSync(path.join(dist, 'cli', 'main.js'), 'utf8')) ? 'the CLI loads the snapshot code on demand' : 'the CLI loads every module at start-up'}`],
     ['zstd', spawnSync('zstd', ['--version'], { encoding: 'utf8' }).stdout.trim()],
     ['input', `${ram} (${humanBytes(ramSize)}${makeup}), ${cpu}`],
     ['load average at start', fs.readFileSync('/proc/loadavg', 'utf8').split(' ').slice(0, 3).join(' ')],
@@ -444,11 +449,12 @@ async function main() {
   console.log('');
 
   // ---- the library alone, and start-up ----
-  const startup = { node0: [], cliHelp: [], load: [] };
+  const startup = { node0: [], cliHelp: [], inspect: [], load: [] };
   const lib = { write: [], bundle: [], restore: [] };
   for (let r = 0; r < runs; r++) {
     startup.node0.push(await measured(undefined, process.execPath, ['-e', '0']));
     startup.cliHelp.push(await measured(undefined, process.execPath, [build.cliPath, '--help']));
+    startup.inspect.push(await measured(undefined, process.execPath, [build.cliPath, 'snapshot', 'inspect', bundle]));
     startup.load.push(await child({ mode: 'load', dist }));
     lib.write.push(await child({ mode: 'write', dist, memory: ram, cpu, output: stateOut, options: {} }, () => rm(stateOut)));
     lib.bundle.push(await child({ mode: 'bundle', dist, memory: ram, cpu, output: libBundle, options: {} }, () => rm(libBundle)));
@@ -465,6 +471,7 @@ async function main() {
       [
         ['node -e 0 (start-up)', f3(m(startup.node0, 'seconds')), f2(m(startup.node0, 'cpuSeconds')), humanBytes(m(startup.node0, 'rssBytes')), f2(worst(startup.node0, 'othersCpuSeconds'))],
         ['node dist/cli/main.js --help (start-up + loading the CLI)', f3(m(startup.cliHelp, 'seconds')), f2(m(startup.cliHelp, 'cpuSeconds')), humanBytes(m(startup.cliHelp, 'rssBytes')), f2(worst(startup.cliHelp, 'othersCpuSeconds'))],
+        ['node dist/cli/main.js snapshot inspect OUT (+ the snapshot code, zod, the addon; reads snapshot.json and the index)', f3(m(startup.inspect, 'seconds')), f2(m(startup.inspect, 'cpuSeconds')), humanBytes(m(startup.inspect, 'rssBytes')), f2(worst(startup.inspect, 'othersCpuSeconds'))],
         ['  of which require("zod")', f3(loadOf('zod')), '-', '-', f2(worst(startup.load, 'othersCpuSeconds'))],
         ['  of which require(dist/vmstate/writer.js) after zod (addon, load/copy)', f3(loadOf('writer')), '-', '-', ''],
         ['  of which require(dist/snapshot/index.js) after those (capture, load, check)', f3(loadOf('snapshot')), '-', '-', ''],
