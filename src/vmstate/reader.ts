@@ -7,7 +7,7 @@ import * as fs from 'node:fs/promises';
 import * as nodePath from 'node:path';
 import { Qcow2Error, ioError } from '../errors';
 import { native } from '../native';
-import { defaultThreads } from '../load/copy';
+import * as os from 'node:os';
 import { type CpuState, decodeCpuState } from './cpu';
 import {
   CHUNK_HEADER_BYTES, decodeFooter, decodeHeader, decodeIndex, decodeRegions, FOOTER_BYTES, HEADER_BYTES,
@@ -406,7 +406,8 @@ export class StateFile {
             chunks: chunkSpecs,
             duplicates: Float64Array.from(duplicates),
             punchZeros: overwrite,
-            threads: options.threads ?? defaultThreads(),
+            // Restore is memory-bound: more threads than cores only add contention (measured).
+            threads: options.threads ?? os.availableParallelism(),
           });
         } catch (error) {
           const bad = (error as { badChunk?: number }).badChunk;
