@@ -98,8 +98,10 @@ let statsCounter = 0;
  * Runs one command under GNU time: wall seconds (performance.now around the process), CPU seconds,
  * peak RSS, and the CPU time the rest of the machine used meanwhile. Throws on failure.
  */
-export async function timed(command, args, { quietTimeout = 0 } = {}) {
+export async function timed(command, args, { quietTimeout = 0, beforeRun } = {}) {
   const quiet = quietTimeout > 0 ? await waitForQuiet(quietTimeout) : true;
+  // After the wait: e.g. re-warming a page cache another process may have dropped meanwhile.
+  beforeRun?.();
   const statsFile = `/tmp/qcow2img-bench-${process.pid}-${statsCounter++}.time`;
   const busyBefore = busyCpuSeconds();
   const started = performance.now();

@@ -21,6 +21,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { parseArgs } from 'node:util';
 import { ensureFreeSpace, humanBytes, isAlive, killRunningChildren, markdownTable, repoRoot, run, track } from './common.mjs';
+import { Cleanup } from './harness.mjs';
 
 export const defaultCacheDir = path.join(repoRoot, '.cache', 'bench');
 
@@ -251,42 +252,6 @@ function pickFiles(budgetBytes, blockLimitBytes) {
   return { files: picked, dataBytes, blockBytes };
 }
 
-/**
- * Loop devices and mounts outlive the process if it dies; this undoes them on the way out,
- * including on Ctrl-C, in reverse order of setup.
- */
-class SystemResources {
-  #undo = [];
-  #onSignal = (signal) => {
-    // A signal sent to this process alone leaves its children writing into the mount.
-    killRunningChildren();
-    this.release();
-    process.kill(process.pid, signal);
-  };
-
-  constructor() {
-    process.once('SIGINT', this.#onSignal);
-    process.once('SIGTERM', this.#onSignal);
-  }
-
-  add(description, undo) {
-    this.#undo.push({ description, undo });
-  }
-
-  release() {
-    process.off('SIGINT', this.#onSignal);
-    process.off('SIGTERM', this.#onSignal);
-    while (this.#undo.length) {
-      const { description, undo } = this.#undo.pop();
-      try {
-        undo();
-      } catch (error) {
-        console.error(`realistic-image: could not undo ${description}: ${error.message}`);
-      }
-    }
-  }
-}
-
 function checkedSpawnSync(command, args) {
   const result = spawnSync(command, args, { encoding: 'utf8' });
   if (result.status !== 0) throw new Error(`${command} ${args.join(' ')}: ${result.stderr.trim()}`);
@@ -346,7 +311,7 @@ async function buildDisk(cacheDir, log) {
   const listPath = path.join(cacheDir, 'files.list');
   fs.writeFileSync(listPath, files.join('\0'));
 
-  const resources = new SystemResources();
+  const resources = new Cleanup();
   try {
     const loopDevice = (await run('losetup', ['--find', '--show', '--offset', String(rootOffset), '--sizelimit', String(rootSize), partialPath])).stdout.trim();
     resources.add(`losetup ${loopDevice}`, () => checkedSpawnSync('losetup', ['-d', loopDevice]));

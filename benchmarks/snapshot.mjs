@@ -41,9 +41,7 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { isDeepStrictEqual, parseArgs } from 'node:util';
 import {
-  busyCpuSeconds,
   ensureFreeSpace,
-  formatCommand,
   freezeBuild,
   humanBytes,
   killRunningChildren,
@@ -54,9 +52,8 @@ import {
   repoRoot,
   run,
 } from './common.mjs';
+import { timed, timedSync } from './harness.mjs';
 
-const gnuTime = '/usr/bin/time';
-const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 const f2 = (value) => (Number.isFinite(value) ? value.toFixed(2) : '-');
 const f3 = (value) => (Number.isFinite(value) ? value.toFixed(3) : '-');
 const mb = (bytes) => `${(bytes / 1e6).toFixed(1)} MB`;
@@ -78,49 +75,6 @@ function ensurePackages(packages) {
     const result = spawnSync('apt-get', args, { encoding: 'utf8', env, timeout: 10 * 60 * 1000 });
     if (result.status !== 0) throw new Error(`apt-get ${args.join(' ')} failed: ${(result.stderr || '').trim().split('\n').slice(-5).join('\n')}`);
   }
-}
-
-/** Waits until other processes leave the CPUs idle for a whole second, or the timeout passes. */
-async function waitForQuiet(timeoutSeconds) {
-  const started = performance.now();
-  for (;;) {
-    const before = busyCpuSeconds();
-    await sleep(1000);
-    if (busyCpuSeconds() - before < 0.1) return true;
-    if ((performance.now() - started) / 1000 >= timeoutSeconds) return false;
-  }
-}
-
-let statsCounter = 0;
-
-/** One command under GNU time: wall seconds, CPU seconds, peak RSS, and the CPU others used meanwhile. */
-async function timed(command, args, { quietTimeout = 0, beforeRun } = {}) {
-  const quiet = quietTimeout > 0 ? await waitForQuiet(quietTimeout) : true;
-  beforeRun?.();
-  const statsFile = `/tmp/qcow2img-snapbench-${process.pid}-${statsCounter++}.time`;
-  const busyBefore = busyCpuSeconds();
-  const started = performance.now();
-  const result = await run(gnuTime, ['-f', '%U %S %M', '-o', statsFile, command, ...args], { allowFailure: true });
-  const seconds = (performance.now() - started) / 1000;
-  const busy = busyCpuSeconds() - busyBefore;
-  let stats = [NaN, NaN, NaN];
-  try {
-    stats = fs.readFileSync(statsFile, 'utf8').trim().split('\n').pop().split(' ').map(Number);
-  } catch {
-    // reported below with the command's own message
-  }
-  fs.rmSync(statsFile, { force: true });
-  if (result.code !== 0) {
-    throw new Error(`${formatCommand(command, args)} failed (exit ${result.code}):\n${(result.stderr || result.stdout).trim().split('\n').slice(-5).join('\n')}`);
-  }
-  const [user, system, rssKiB] = stats;
-  return { seconds, cpuSeconds: user + system, rssBytes: rssKiB * 1024, othersCpuSeconds: Math.max(0, busy - user - system), quiet, stdout: result.stdout, stderr: result.stderr };
-}
-
-function timedSync() {
-  const started = performance.now();
-  spawnSync('sync');
-  return (performance.now() - started) / 1000;
 }
 
 /** Reads the file through the page cache, so the timed runs find it there. */
