@@ -11,6 +11,7 @@
 #include "core/l2_walk.h"
 #include "core/page_engine.h"
 #include "core/write_bench.h"
+#include "core/zstd_stream.h"
 
 namespace {
 
@@ -647,6 +648,78 @@ Napi::Value Allocate(const Napi::CallbackInfo& info) {
   return Napi::Number::New(info.Env(), err);
 }
 
+// new ZstdStream(compress, level, workers); stream.step(input, output, end)
+//   -> Promise<{consumed, produced, finished}>. One step in flight at a time (the
+//   JS side awaits each); the step runs on a worker thread, buffers used in place.
+class ZstdStreamWrap : public Napi::ObjectWrap<ZstdStreamWrap> {
+ public:
+  static Napi::Function Define(Napi::Env env) {
+    return DefineClass(env, "ZstdStream", {InstanceMethod<&ZstdStreamWrap::Step>("step")});
+  }
+  explicit ZstdStreamWrap(const Napi::CallbackInfo& info) : Napi::ObjectWrap<ZstdStreamWrap>(info) {
+    if (info.Length() < 3) throw Napi::TypeError::New(info.Env(), "new ZstdStream(compress, level, workers)");
+    stream_ = std::make_unique<ZstdStream>(info[0].ToBoolean(), info[1].As<Napi::Number>().Int32Value(),
+                                           info[2].As<Napi::Number>().Int32Value());
+    if (!stream_->initError().empty()) throw Napi::Error::New(info.Env(), "zstd: " + stream_->initError());
+  }
+
+ private:
+  class StepWorker : public Napi::AsyncWorker {
+   public:
+    StepWorker(Napi::Env env, ZstdStreamWrap* owner, Napi::Buffer<uint8_t> input, Napi::Buffer<uint8_t> output, bool end)
+        : Napi::AsyncWorker(env, "qcow2img:zstd-stream"), deferred_(Napi::Promise::Deferred::New(env)), owner_(owner),
+          ownerRef_(Napi::Persistent(owner->Value())), inputRef_(Napi::Persistent(input)),
+          outputRef_(Napi::Persistent(output)), input_(input.Data()), inputSize_(input.Length()),
+          output_(output.Data()), outputSize_(output.Length()), end_(end) {}
+    Napi::Promise promise() { return deferred_.Promise(); }
+    void Execute() override { result_ = owner_->stream_->step(input_, inputSize_, output_, outputSize_, end_); }
+    void OnOK() override {
+      owner_->busy_ = false;
+      if (!result_.error.empty()) {
+        deferred_.Reject(Napi::Error::New(Env(), "zstd: " + result_.error).Value());
+        return;
+      }
+      Napi::Object object = Napi::Object::New(Env());
+      object.Set("consumed", static_cast<double>(result_.consumed));
+      object.Set("produced", static_cast<double>(result_.produced));
+      object.Set("finished", result_.finished);
+      deferred_.Resolve(object);
+    }
+    void OnError(const Napi::Error& error) override {
+      owner_->busy_ = false;
+      deferred_.Reject(error.Value());
+    }
+
+   private:
+    Napi::Promise::Deferred deferred_;
+    ZstdStreamWrap* owner_;
+    Napi::ObjectReference ownerRef_;
+    Napi::Reference<Napi::Buffer<uint8_t>> inputRef_, outputRef_;
+    const uint8_t* input_;
+    size_t inputSize_;
+    uint8_t* output_;
+    size_t outputSize_;
+    bool end_;
+    StreamStep result_;
+  };
+
+  Napi::Value Step(const Napi::CallbackInfo& info) {
+    if (info.Length() < 3 || !info[0].IsBuffer() || !info[1].IsBuffer()) {
+      throw Napi::TypeError::New(info.Env(), "step(input, output, end)");
+    }
+    if (busy_) throw Napi::Error::New(info.Env(), "ZstdStream: a step is already running");
+    busy_ = true;
+    auto* worker = new StepWorker(info.Env(), this, info[0].As<Napi::Buffer<uint8_t>>(),
+                                  info[1].As<Napi::Buffer<uint8_t>>(), info[2].ToBoolean());
+    Napi::Promise promise = worker->promise();
+    worker->Queue();
+    return promise;
+  }
+
+  std::unique_ptr<ZstdStream> stream_;
+  bool busy_ = false;
+};
+
 Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("walkL2", Napi::Function::New(env, WalkL2, "walkL2"));
   exports.Set("copy", Napi::Function::New(env, Copy, "copy"));
@@ -657,6 +730,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   // Per environment (worker threads load the addon again), freed with it.
   env.SetInstanceData<Napi::FunctionReference>(new Napi::FunctionReference(Napi::Persistent(dedup)));
   exports.Set("DedupTable", dedup);
+  exports.Set("ZstdStream", ZstdStreamWrap::Define(env));
   exports.Set("processDumpBatch", Napi::Function::New(env, ProcessDumpBatch, "processDumpBatch"));
   exports.Set("restoreBatch", Napi::Function::New(env, RestoreBatchFn, "restoreBatch"));
   exports.Set("decompressChunk", Napi::Function::New(env, DecompressChunkFn, "decompressChunk"));

@@ -44,6 +44,7 @@ export type Qcow2ErrorCode =
   | 'TARGET_IN_USE'
   | 'VERIFY_FAILED'
   | 'CHECKSUM_MISMATCH'
+  | 'BAD_ARCHIVE'
   | 'PARENT_MISMATCH'
   | 'INVALID_ARGUMENT'
   | 'CLOSED'

@@ -133,6 +133,11 @@ export interface NativeDumpBatch {
   threads: number;
 }
 
+export interface NativeZstdStream {
+  /** One step on a worker thread: takes input, fills output; `end` closes the encoder's frame. */
+  step(input: Buffer, output: Buffer, end: boolean): Promise<{ consumed: number; produced: number; finished: boolean }>;
+}
+
 export interface NativeDedupTable {
   readonly size: number;
 }
@@ -175,6 +180,8 @@ export interface NativeAddon {
   /** Writes the pages of a batch of spans back into a RAM dump; resolves to bytes written. */
   restoreBatch(batch: NativeRestoreBatch): Promise<number>;
   decompressChunk(codec: number, stored: Buffer, rawLength: number): Promise<Buffer>;
+  /** Streaming zstd (compress: level and libzstd worker threads; else a decoder of any zstd stream). */
+  ZstdStream: new (compress: boolean, level: number, workers: number) => NativeZstdStream;
   hash64(data: Uint8Array): bigint;
   /** XXH3-64 of a whole file. */
   hashFile(fd: number): Promise<bigint>;

@@ -52,10 +52,13 @@ commands:
   snapshot create OUT [--disk SRC] [--memory RAM [--memory-map REGIONS.json]] [--cpu CPU.json]
                   [--device NAME=FILE]... [--parent BUNDLE] [--dirty-bitmap FILE]
                   [--compress zstd|deflate|none] [--level N] [--machine JSON]
+                  [--archive-level N]
+      OUT is a folder, or an archive: OUT.tar, OUT.tar.gz or OUT.tar.zst
   snapshot restore BUNDLE [--disk TARGET] [--memory FILE] [--cpu FILE.json] [--device-dir D]
                   (--partition, --offset, --verify, --force, --overwrite as for load)
   snapshot inspect BUNDLE [--json]
   snapshot verify BUNDLE                       exit 1 and name the damaged file (and chunk, range)
+      BUNDLE is a folder or an archive; --temp-dir D: where an archive's members are extracted
 
 options for every command that opens an image:
   --allow-path DIR          follow backing/data file names into DIR (repeatable)
@@ -407,6 +410,7 @@ async function snapshotCommand(args: string[]): Promise<number | void> {
       level: { type: 'string' },
       machine: { type: 'string' },
       threads: { type: 'string' },
+      'archive-level': { type: 'string' },
     });
     needPositionals(positionals, 1, 'OUT');
     const compress = values.compress as string | undefined;
@@ -433,6 +437,7 @@ async function snapshotCommand(args: string[]): Promise<number | void> {
     }
     const level = values.level !== undefined ? Number(values.level) : undefined;
     if (level !== undefined && !Number.isInteger(level)) throw new UsageError('--level must be an integer');
+    const archiveLevel = integerOption(values['archive-level'], '--archive-level', 0);
     const threads = threadsOption(values.threads);
     const metadata = await createSnapshot(positionals[0]!, {
       ...(values.disk !== undefined ? { disk: values.disk as string } : {}),
@@ -446,6 +451,7 @@ async function snapshotCommand(args: string[]): Promise<number | void> {
       ...(level !== undefined ? { level } : {}),
       ...(machine ? { machine } : {}),
       ...(threads ? { threads } : {}),
+      ...(archiveLevel !== undefined ? { archiveLevel } : {}),
     });
     process.stdout.write(JSON.stringify(metadata, null, 2) + '\n');
     return;
@@ -463,6 +469,7 @@ async function snapshotCommand(args: string[]): Promise<number | void> {
       overwrite: { type: 'boolean' },
       'target-is-zero': { type: 'boolean' },
       threads: { type: 'string' },
+      'temp-dir': { type: 'string' },
     });
     needPositionals(positionals, 1, 'BUNDLE');
     const partition = integerOption(values.partition, '--partition', 1);
@@ -476,6 +483,7 @@ async function snapshotCommand(args: string[]): Promise<number | void> {
       ...(partition !== undefined ? { partition } : {}),
       ...(offset !== undefined ? { offset } : {}),
       ...(threads ? { threads } : {}),
+      ...(values['temp-dir'] !== undefined ? { tempDir: values['temp-dir'] as string } : {}),
       verify: values.verify === true,
       force: values.force === true,
       overwrite: values.overwrite === true,
@@ -485,9 +493,9 @@ async function snapshotCommand(args: string[]): Promise<number | void> {
     return;
   }
   if (verb === 'inspect') {
-    const { values, positionals } = parse(rest);
+    const { values, positionals } = parse(rest, { 'temp-dir': { type: 'string' } });
     needPositionals(positionals, 1, 'BUNDLE');
-    const inspection = await inspectSnapshot(positionals[0]!);
+    const inspection = await inspectSnapshot(positionals[0]!, values['temp-dir'] !== undefined ? { tempDir: values['temp-dir'] as string } : {});
     if (values.json) {
       process.stdout.write(JSON.stringify(inspection, null, 2) + '\n');
       return;
@@ -504,9 +512,9 @@ async function snapshotCommand(args: string[]): Promise<number | void> {
     return;
   }
   if (verb === 'verify') {
-    const { positionals } = parse(rest);
+    const { values, positionals } = parse(rest, { 'temp-dir': { type: 'string' } });
     needPositionals(positionals, 1, 'BUNDLE');
-    const problems = await verifySnapshot(positionals[0]!);
+    const problems = await verifySnapshot(positionals[0]!, values['temp-dir'] !== undefined ? { tempDir: values['temp-dir'] as string } : {});
     for (const p of problems) {
       const ranges = p.guestRanges?.map((r) => `0x${r.start.toString(16)}-0x${r.end.toString(16)}`).join(', ');
       process.stderr.write(`qcow2img: ${p.file}: ${p.part ? `${p.part}: ` : ''}${p.message}${ranges ? ` (guest-physical ${ranges})` : ''}\n`);

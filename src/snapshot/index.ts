@@ -6,6 +6,7 @@
  */
 import { randomBytes, randomUUID } from 'node:crypto';
 import * as fs from 'node:fs/promises';
+import { tmpdir } from 'node:os';
 import * as nodePath from 'node:path';
 import { capture } from '../capture/index';
 import { Qcow2Error, ioError } from '../errors';
@@ -17,7 +18,9 @@ import { type CpuState, parseCpuState } from '../vmstate/cpu';
 import { stateOf, stateLimits } from '../vmstate/format';
 import { restoreMemory, type StateFile, StateFile as StateFileClass, type StateProblem } from '../vmstate/reader';
 import { type MemoryRegion, writeState } from '../vmstate/writer';
+import { type ArchiveKind, archiveKind, compressingSink, type CompressingSink, FileSink, tarStream } from './archive';
 import { DISK_FILE, METADATA_FILE, parseMetadata, type SnapshotMetadata, STATE_FILE, BUNDLE_FORMAT_VERSION } from './metadata';
+import { ChunkReader, entryData, tarEntries, TarWriter, type ByteSink } from './tar';
 
 export type { SnapshotMetadata } from './metadata';
 export type { CpuState } from '../vmstate/cpu';
@@ -44,6 +47,8 @@ export interface CreateSnapshotOptions {
   compress?: 'zstd' | 'deflate' | 'none';
   level?: number;
   threads?: number;
+  /** Compression level of a .tar.zst (default 3) or .tar.gz (default 6) archive. */
+  archiveLevel?: number;
 }
 
 export interface SnapshotChainLink {
@@ -113,17 +118,109 @@ async function closeStateChain(state: StateFile | undefined): Promise<void> {
   for (let s = state; s; s = s.parent) await s.close().catch(() => {});
 }
 
+/** A member name in an archive is `TOP/member`, TOP being the archive's name without its extension. */
+function archiveTopFolder(archivePath: string): string {
+  const top = nodePath.basename(archivePath).replace(/\.(tar|tar\.gz|tgz|tar\.zst|tzst)$/i, '');
+  return /^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$/.test(top) ? top : 'snapshot';
+}
+
 /**
- * Creates a snapshot bundle folder at `out`.
+ * An archive being written: under a temporary name beside its final one, members
+ * appended as they are made, renamed into place by `commit`.
+ */
+class ArchiveOutput {
+  private bytes = 0;
+  private readonly tar: TarWriter;
+  private readonly top: string;
+
+  private constructor(
+    private readonly target: string,
+    private readonly temporary: string,
+    private readonly handle: fs.FileHandle,
+    private readonly compressor: CompressingSink | undefined,
+  ) {
+    const file = new FileSink(handle, target);
+    const inner: ByteSink = compressor ?? file;
+    this.tar = new TarWriter({
+      write: async (data) => {
+        this.bytes += data.length;
+        await inner.write(data);
+      },
+    });
+    this.top = archiveTopFolder(target);
+  }
+
+  static async create(target: string, kind: ArchiveKind, level: number | undefined): Promise<ArchiveOutput> {
+    const temporary = temporaryName(target);
+    const handle = await fs.open(temporary, 'wx', 0o644).catch((error) => {
+      throw ioError(error, target, 'cannot create the archive');
+    });
+    const output = new ArchiveOutput(target, temporary, handle, compressingSink(kind, new FileSink(handle, target), level));
+    await output.tar.addDirectory(output.top);
+    return output;
+  }
+
+  /** Appends a finished member file, then removes it: the bundle never exists twice. */
+  async addStagedFile(path: string, name: string): Promise<void> {
+    const source = await fs.open(path, 'r');
+    try {
+      const size = (await source.stat()).size;
+      await this.tar.addFile(`${this.top}/${name}`, size, async (sink) => {
+        const buffer = Buffer.allocUnsafe(4 << 20);
+        for (let at = 0; at < size; ) {
+          const { bytesRead } = await source.read(buffer, 0, Math.min(buffer.length, size - at), at);
+          if (bytesRead === 0) throw new Qcow2Error('TRUNCATED', `${name} shrank while it was archived`, { path });
+          // The sink has taken the bytes when its write resolves: the buffer can be refilled.
+          await sink.write(buffer.subarray(0, bytesRead));
+          at += bytesRead;
+        }
+      });
+    } finally {
+      await source.close();
+    }
+    await fs.unlink(path);
+  }
+
+  async addBuffer(name: string, data: Buffer): Promise<void> {
+    await this.tar.addFile(`${this.top}/${name}`, data.length, (sink) => sink.write(data));
+  }
+
+  async commit(): Promise<void> {
+    await this.tar.finish(this.bytes);
+    await this.compressor?.end();
+    await this.handle.datasync();
+    await this.handle.close();
+    await fs.rename(this.temporary, this.target);
+    await syncFolder(nodePath.dirname(this.target));
+  }
+
+  async abort(): Promise<void> {
+    await this.handle.close().catch(() => {});
+    await fs.unlink(this.temporary).catch(() => {});
+  }
+}
+
+function temporaryName(target: string): string {
+  return nodePath.join(nodePath.dirname(target), `.${nodePath.basename(target)}.qcow2img-${process.pid}-${randomBytes(4).toString('hex')}.tmp`);
+}
+
+/**
+ * Creates a snapshot bundle at `out`: a folder, or an archive when `out` ends in
+ * .tar, .tar.gz or .tar.zst. An archive is written in one pass: each member is
+ * made beside it, appended, and removed before the next is made.
  *
  * @example
  * await createSnapshot('snapshots/s1', { disk: '/dev/vg/guest', memory: 'ram.raw', cpu: JSON.parse(cpuJson) });
  */
 export async function createSnapshot(out: string, options: CreateSnapshotOptions): Promise<SnapshotMetadata> {
   const target = nodePath.resolve(out);
+  const kind = archiveKind(target);
   if (await fs.stat(target).catch(() => undefined)) throw new Qcow2Error('TARGET_EXISTS', 'snapshot output exists', { path: target });
   if (!options.disk && !options.memory && options.cpu === undefined && !options.devices?.length) {
     throw new Qcow2Error('INVALID_ARGUMENT', 'nothing to snapshot: give a disk, memory, CPU state or devices', { path: target });
+  }
+  if (kind && options.parent) {
+    throw new Qcow2Error('INVALID_ARGUMENT', 'an archive holds a self-contained snapshot: create an incremental one (--parent) as a folder', { path: target });
   }
   const cpu: CpuState | undefined = options.cpu !== undefined ? parseCpuState(options.cpu, target) : undefined;
   for (const device of options.devices ?? []) {
@@ -133,13 +230,16 @@ export async function createSnapshot(out: string, options: CreateSnapshotOptions
   }
   const chain = options.parent ? await readChain(options.parent) : [];
   const parentLink = chain[0];
-  const temporary = nodePath.join(nodePath.dirname(target), `.${nodePath.basename(target)}.qcow2img-${process.pid}-${randomBytes(4).toString('hex')}.tmp`);
+  // A folder bundle is built here and renamed into place; an archive's members pass through it one by one.
+  const temporary = temporaryName(target);
   await fs.mkdir(temporary).catch((error) => {
     throw ioError(error, target, 'cannot create the snapshot folder');
   });
   let parentState: StateFile | undefined;
+  let archive: ArchiveOutput | undefined;
   let done = false;
   try {
+    if (kind) archive = await ArchiveOutput.create(target, kind, options.archiveLevel);
     const files: SnapshotMetadata['files'] = {};
     if (options.disk) {
       const diskPath = nodePath.join(temporary, DISK_FILE);
@@ -152,6 +252,7 @@ export async function createSnapshot(out: string, options: CreateSnapshotOptions
         ...(parentDisk ? { backing: parentDisk, backingFormat: 'qcow2' as const, allowPaths: chain.map((l) => l.dir) } : {}),
       });
       files[DISK_FILE] = { ...(await hashFile(diskPath)), virtualSize: captured.virtualSize };
+      await archive?.addStagedFile(diskPath, DISK_FILE);
     }
     let vcpuCount = 0;
     let memoryRegions: SnapshotMetadata['memoryRegions'] = [];
@@ -169,11 +270,10 @@ export async function createSnapshot(out: string, options: CreateSnapshotOptions
         ...(options.level !== undefined ? { level: options.level } : {}),
         ...(options.threads ? { threads: options.threads } : {}),
       });
-      const reopened = await StateFileClass.open(statePath, parentState ? { parent: parentState } : {});
-      memoryRegions = reopened.regions.map((r) => ({ guestBase: r.guestBase, size: r.size, dumpOffset: r.dumpOffset }));
-      await reopened.close();
+      memoryRegions = written.regions.map((r) => ({ guestBase: r.guestBase, size: r.size, dumpOffset: r.dumpOffset }));
       files[STATE_FILE] = { ...(await hashFile(statePath)), snapshotId: written.snapshotId, digest: written.digest };
       vcpuCount = cpu?.vcpus.length ?? 0;
+      await archive?.addStagedFile(statePath, STATE_FILE);
     }
     const metadata: SnapshotMetadata = {
       formatVersion: BUNDLE_FORMAT_VERSION,
@@ -188,18 +288,136 @@ export async function createSnapshot(out: string, options: CreateSnapshotOptions
       files,
     };
     // The metadata is written last: a bundle without it is never taken for a finished one.
-    const metadataHandle = await fs.open(nodePath.join(temporary, METADATA_FILE), 'wx', 0o644);
-    await metadataHandle.writeFile(JSON.stringify(metadata, null, 2) + '\n');
-    await metadataHandle.sync();
-    await metadataHandle.close();
-    await syncFolder(temporary);
-    await fs.rename(temporary, target);
-    await syncFolder(nodePath.dirname(target));
+    const metadataText = Buffer.from(JSON.stringify(metadata, null, 2) + '\n');
+    if (archive) {
+      await archive.addBuffer(METADATA_FILE, metadataText);
+      await archive.commit();
+      await fs.rm(temporary, { recursive: true, force: true });
+    } else {
+      const metadataHandle = await fs.open(nodePath.join(temporary, METADATA_FILE), 'wx', 0o644);
+      await metadataHandle.writeFile(metadataText);
+      await metadataHandle.sync();
+      await metadataHandle.close();
+      await syncFolder(temporary);
+      await fs.rename(temporary, target);
+      await syncFolder(nodePath.dirname(target));
+    }
     done = true;
     return metadata;
   } finally {
     await closeStateChain(parentState);
-    if (!done) await fs.rm(temporary, { recursive: true, force: true }).catch(() => {});
+    if (!done) {
+      await archive?.abort();
+      await fs.rm(temporary, { recursive: true, force: true }).catch(() => {});
+    }
+  }
+}
+
+const MEMBERS: readonly string[] = [DISK_FILE, STATE_FILE, METADATA_FILE];
+/** snapshot.json is small; a larger one in an archive is refused before it is read. */
+const MAX_METADATA_BYTES = 16 << 20;
+
+/** A bundle ready to read: a folder, or the members of an archive extracted to a temporary folder. */
+interface OpenedBundle {
+  chain: SnapshotChainLink[];
+  /** The bundle as the user named it (the archive, not the temporary folder). */
+  path: string;
+  /** A path inside the temporary folder as `ARCHIVE:MEMBER`; other paths unchanged. */
+  displayName(path: string): string;
+  /** The same error with temporary paths replaced by `ARCHIVE:MEMBER`. */
+  mapError(error: unknown): unknown;
+  close(): Promise<void>;
+}
+
+/** The member an archive entry holds, by the rules in docs/formats/bundle.md; throws on anything else. */
+function memberOf(entryName: string, isDirectory: boolean, archivePath: string, top: { name?: string | null }): string | undefined {
+  const refuse = (why: string): never => {
+    throw new Qcow2Error('BAD_ARCHIVE', `entry "${entryName}" ${why}`, { path: archivePath });
+  };
+  if (entryName.startsWith('/')) refuse('has an absolute name');
+  const parts = entryName.split('/').filter((part) => part !== '' && part !== '.');
+  if (parts.includes('..')) refuse('climbs out with ".."');
+  const folder = isDirectory ? parts[0] : parts.length === 2 ? parts[0] : undefined;
+  if (parts.length > (isDirectory ? 1 : 2)) refuse('is nested deeper than a snapshot archive goes');
+  if (isDirectory && parts.length === 0) return undefined;
+  // Every entry sits in the same top folder, or all at the root.
+  const entryTop = folder ?? null;
+  if (top.name === undefined) top.name = entryTop;
+  else if (top.name !== entryTop) refuse('is outside the archive\'s one folder');
+  if (isDirectory) return undefined;
+  const member = parts[parts.length - 1]!;
+  if (!MEMBERS.includes(member)) refuse(`is not part of a snapshot (${MEMBERS.join(', ')})`);
+  return member;
+}
+
+/** Extracts the `wanted` members of an archive into `dir`, checking every entry on the way. */
+async function extractMembers(archivePath: string, kind: ArchiveKind, dir: string, wanted: Set<string>): Promise<void> {
+  const handle = await fs.open(archivePath, 'r').catch((error) => {
+    throw ioError(error, archivePath, 'cannot open the archive');
+  });
+  try {
+    const reader = new ChunkReader(tarStream(kind, handle, archivePath)[Symbol.asyncIterator]());
+    const seen = new Set<string>();
+    const top: { name?: string | null } = {};
+    for await (const entry of tarEntries(reader, archivePath)) {
+      const member = memberOf(entry.name, entry.type === 'directory', archivePath, top);
+      if (member === undefined) continue;
+      if (seen.has(member)) throw new Qcow2Error('BAD_ARCHIVE', `${member} appears twice`, { path: archivePath });
+      seen.add(member);
+      if (member === METADATA_FILE && entry.size > MAX_METADATA_BYTES) throw new Qcow2Error('BAD_ARCHIVE', `${member} has ${entry.size} bytes, more than a snapshot's metadata can be`, { path: archivePath });
+      if (!wanted.has(member)) {
+        await entryData(reader, entry.size, archivePath);
+        continue;
+      }
+      const file = nodePath.join(dir, member);
+      const out = await fs.open(file, 'wx', 0o600);
+      try {
+        await entryData(reader, entry.size, archivePath, new FileSink(out, file));
+      } finally {
+        await out.close();
+      }
+    }
+    // Read to the end, so that the compressed stream's own end checks (frame checksum, gzip trailer) run.
+    while ((await reader.some(1 << 22)).length > 0);
+    if (!seen.has(METADATA_FILE)) throw new Qcow2Error('BAD_ARCHIVE', `the archive holds no ${METADATA_FILE}: not a snapshot archive, or an unfinished one`, { path: archivePath });
+  } finally {
+    await handle.close();
+  }
+}
+
+/**
+ * Opens a bundle folder and its parents, or an archive: its snapshot.json and the
+ * `members` asked for are extracted into a temporary folder under `tempDir`
+ * (default: the system's), which `close` removes.
+ */
+async function openBundle(bundle: string, members: string[], tempDir?: string): Promise<OpenedBundle> {
+  const path = nodePath.resolve(bundle);
+  const kind = archiveKind(path);
+  const stats = await fs.stat(path).catch(() => undefined);
+  if (!kind || !stats?.isFile()) {
+    return { chain: await readChain(path), path, displayName: (p) => p, mapError: (e) => e, close: async () => {} };
+  }
+  const dir = await fs.mkdtemp(nodePath.join(tempDir ?? tmpdir(), 'qcow2img-bundle-')).catch((error) => {
+    throw ioError(error, tempDir ?? tmpdir(), 'cannot make a temporary folder for the archive\'s members');
+  });
+  const displayName = (p: string) => (p.startsWith(dir + nodePath.sep) ? `${path}:${p.slice(dir.length + 1)}` : p);
+  const mapError = (error: unknown) => {
+    if (!(error instanceof Qcow2Error) || !error.message.includes(dir)) return error;
+    const message = error.path !== undefined && error.message.startsWith(`${error.path}: `) ? error.message.slice(error.path.length + 2) : error.message;
+    return new Qcow2Error(error.code, message.split(dir + nodePath.sep).join(`${path}:`), {
+      ...(error.path !== undefined ? { path: displayName(error.path) } : {}),
+      ...(error.offset !== undefined ? { offset: error.offset } : {}),
+      cause: error,
+    });
+  };
+  try {
+    await extractMembers(path, kind, dir, new Set([METADATA_FILE, ...members]));
+    const link = await readBundle(dir);
+    if (link.metadata.parent) throw new Qcow2Error('BAD_ARCHIVE', 'the archived snapshot names a parent; archives hold self-contained snapshots only', { path });
+    return { chain: [link], path, displayName, mapError, close: () => fs.rm(dir, { recursive: true, force: true }) };
+  } catch (error) {
+    await fs.rm(dir, { recursive: true, force: true }).catch(() => {});
+    throw mapError(error);
   }
 }
 
@@ -212,6 +430,8 @@ export interface RestoreSnapshotOptions extends Omit<LoadOptions, 'allowPaths' |
   cpu?: string;
   /** Folder that receives one file per device blob. */
   deviceDir?: string;
+  /** Where the members of a .tar, .tar.gz or .tar.zst bundle are extracted (default: the system's temporary folder). */
+  tempDir?: string;
 }
 
 export interface RestoreSnapshotResult {
@@ -227,27 +447,39 @@ export interface RestoreSnapshotResult {
  * device blobs into a folder.
  */
 export async function restoreSnapshot(bundle: string, options: RestoreSnapshotOptions): Promise<RestoreSnapshotResult> {
-  const chain = await readChain(bundle);
+  const wantsState = options.memory || options.cpu || options.deviceDir;
+  const members = [...(options.disk ? [DISK_FILE] : []), ...(wantsState ? [STATE_FILE] : [])];
+  const opened = await openBundle(bundle, members, options.tempDir);
+  try {
+    return await restoreChain(opened, options, members);
+  } catch (error) {
+    throw opened.mapError(error);
+  } finally {
+    await opened.close();
+  }
+}
+
+async function restoreChain(opened: OpenedBundle, options: RestoreSnapshotOptions, members: string[]): Promise<RestoreSnapshotResult> {
+  const { chain } = opened;
   const link = chain[0]!;
   const result: RestoreSnapshotResult = {};
-  await verifyFiles(chain);
+  await verifyFiles(chain, new Set(members));
   if (options.disk) {
-    if (!link.metadata.files[DISK_FILE]) throw new Qcow2Error('INVALID_ARGUMENT', 'this snapshot holds no disk', { path: link.dir });
+    if (!link.metadata.files[DISK_FILE]) throw new Qcow2Error('INVALID_ARGUMENT', 'this snapshot holds no disk', { path: opened.path });
     // The bundle names its parents itself: their folders are the only ones its disk may reach.
     result.disk = await load(nodePath.join(link.dir, DISK_FILE), options.disk, { ...options, allowPaths: chain.map((l) => l.dir) });
   }
-  const wantsState = options.memory || options.cpu || options.deviceDir;
-  if (wantsState) {
-    if (!link.metadata.files[STATE_FILE]) throw new Qcow2Error('INVALID_ARGUMENT', 'this snapshot holds no memory, CPU or device state', { path: link.dir });
+  if (members.includes(STATE_FILE)) {
+    if (!link.metadata.files[STATE_FILE]) throw new Qcow2Error('INVALID_ARGUMENT', 'this snapshot holds no memory, CPU or device state', { path: opened.path });
     const state = await openStateChain(chain);
     try {
       if (options.memory) {
-        if (state!.regions.length === 0) throw new Qcow2Error('INVALID_ARGUMENT', 'this snapshot holds no memory', { path: link.dir });
+        if (state!.regions.length === 0) throw new Qcow2Error('INVALID_ARGUMENT', 'this snapshot holds no memory', { path: opened.path });
         result.memory = await restoreMemory(state!, options.memory, { ...(options.threads ? { threads: options.threads } : {}), overwrite: options.overwrite === true });
       }
       if (options.cpu) {
         const cpu = await state!.cpu();
-        if (!cpu) throw new Qcow2Error('INVALID_ARGUMENT', 'this snapshot holds no CPU state', { path: link.dir });
+        if (!cpu) throw new Qcow2Error('INVALID_ARGUMENT', 'this snapshot holds no CPU state', { path: opened.path });
         await writeNewFile(options.cpu, JSON.stringify(cpu, null, 2) + '\n', options.overwrite === true);
         result.cpu = nodePath.resolve(options.cpu);
       }
@@ -257,7 +489,7 @@ export async function restoreSnapshot(bundle: string, options: RestoreSnapshotOp
         for (const device of await state!.devices()) {
           // Names were checked on create; check again, the file may have been altered.
           if (!/^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$/.test(device.name)) {
-            throw new Qcow2Error('BAD_HEADER_FIELD', `device name "${device.name}" is not a plain file name`, { path: link.dir });
+            throw new Qcow2Error('BAD_HEADER_FIELD', `device name "${device.name}" is not a plain file name`, { path: opened.path });
           }
           const file = nodePath.join(options.deviceDir, device.name);
           await writeNewFile(file, device.data, options.overwrite === true);
@@ -278,9 +510,9 @@ async function writeNewFile(path: string, data: string | Buffer, overwrite: bool
   });
 }
 
-/** Every file snapshot.json lists is there with its size and checksum. */
-async function verifyFiles(chain: SnapshotChainLink[]): Promise<void> {
-  const problems = await fileProblems(chain);
+/** Every file snapshot.json lists (of those in `only`, when given) is there with its size and checksum. */
+async function verifyFiles(chain: SnapshotChainLink[], only?: Set<string>): Promise<void> {
+  const problems = await fileProblems(chain, only);
   if (problems.length > 0) throw new Qcow2Error('CHECKSUM_MISMATCH', problems[0]!.message, { path: problems[0]!.file });
 }
 
@@ -293,11 +525,11 @@ export interface BundleProblem {
   guestRanges?: { start: number; end: number }[];
 }
 
-async function fileProblems(chain: SnapshotChainLink[]): Promise<BundleProblem[]> {
+async function fileProblems(chain: SnapshotChainLink[], only?: Set<string>): Promise<BundleProblem[]> {
   const problems: BundleProblem[] = [];
   for (const link of chain) {
     for (const [name, entry] of Object.entries(link.metadata.files)) {
-      if (!entry) continue;
+      if (!entry || (only && !only.has(name))) continue;
       const file = nodePath.join(link.dir, name);
       const actual = await hashFile(file).catch(() => undefined);
       if (!actual) problems.push({ file, message: `${name} is missing or unreadable` });
@@ -322,14 +554,25 @@ export interface SnapshotInspection {
   };
 }
 
-/** What a bundle holds, from its metadata and its state file's index. */
-export async function inspectSnapshot(bundle: string): Promise<SnapshotInspection> {
-  const chain = await readChain(bundle);
+/** What a bundle (folder or archive) holds, from its metadata and its state file's index. */
+export async function inspectSnapshot(bundle: string, options: { tempDir?: string } = {}): Promise<SnapshotInspection> {
+  const opened = await openBundle(bundle, [STATE_FILE], options.tempDir);
+  try {
+    return await inspectChain(opened);
+  } catch (error) {
+    throw opened.mapError(error);
+  } finally {
+    await opened.close();
+  }
+}
+
+async function inspectChain(opened: OpenedBundle): Promise<SnapshotInspection> {
+  const { chain } = opened;
   const link = chain[0]!;
   const inspection: SnapshotInspection = {
-    bundle: link.dir,
+    bundle: opened.path,
     metadata: link.metadata,
-    chain: chain.map((l) => ({ dir: l.dir, id: l.metadata.id, created: l.metadata.created })),
+    chain: chain.map((l, i) => ({ dir: i === 0 ? opened.path : l.dir, id: l.metadata.id, created: l.metadata.created })),
   };
   if (link.metadata.files[STATE_FILE]) {
     const state = await openStateChain(chain);
@@ -358,12 +601,29 @@ export async function inspectSnapshot(bundle: string): Promise<SnapshotInspectio
 }
 
 /**
- * Checks a bundle and its parents: metadata, sizes and checksums of every file,
+ * Checks a bundle (folder or archive) and its parents: metadata, sizes and checksums of every file,
  * every section and chunk of the state files (naming the chunk and the
  * guest-physical range it holds), and the disk images' consistency.
  */
-export async function verifySnapshot(bundle: string): Promise<BundleProblem[]> {
-  const chain = await readChain(bundle);
+export async function verifySnapshot(bundle: string, options: { tempDir?: string } = {}): Promise<BundleProblem[]> {
+  let opened: OpenedBundle;
+  try {
+    opened = await openBundle(bundle, [DISK_FILE, STATE_FILE], options.tempDir);
+  } catch (error) {
+    // A damaged archive is a finding of verify, not a failure to run it.
+    if (error instanceof Qcow2Error && error.code === 'BAD_ARCHIVE') return [{ file: error.path ?? nodePath.resolve(bundle), message: error.message.replace(`${error.path}: `, '') }];
+    throw error;
+  }
+  try {
+    return (await verifyChain(opened.chain)).map((p) => ({ ...p, file: opened.displayName(p.file) }));
+  } catch (error) {
+    throw opened.mapError(error);
+  } finally {
+    await opened.close();
+  }
+}
+
+async function verifyChain(chain: SnapshotChainLink[]): Promise<BundleProblem[]> {
   const problems = await fileProblems(chain);
   for (const link of chain) {
     const statePath = nodePath.join(link.dir, STATE_FILE);

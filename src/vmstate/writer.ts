@@ -48,6 +48,8 @@ export interface WriteStateResult {
   bytes: number;
   snapshotId: string;
   digest: string;
+  /** Guest memory as stored: where each region sits in guest-physical space and in the dump. */
+  regions: { guestBase: number; size: number; dumpOffset: number }[];
   pages: { zero: number; data: number; duplicate: number; parent: number };
   seconds: number;
 }
@@ -241,6 +243,7 @@ export async function writeState(output: string, options: WriteStateOptions): Pr
       bytes: position,
       snapshotId,
       digest: digest.toString('hex'),
+      regions: regions.map((r) => ({ guestBase: r.guestBase, size: r.size, dumpOffset: r.dumpOffset })),
       pages,
       seconds: Number(process.hrtime.bigint() - started) / 1e9,
     };
