@@ -100,7 +100,8 @@ class CopyWorker : public Napi::AsyncWorker {
       job_.sources.push_back(Source{static_cast<int>(numberField(s, "fd", -1)),
                                     static_cast<uint64_t>(numberField(s, "size")),
                                     static_cast<Codec>(static_cast<int>(numberField(s, "codec"))),
-                                    static_cast<uint64_t>(numberField(s, "clusterSize", 65536))});
+                                    static_cast<uint64_t>(numberField(s, "clusterSize", 65536)),
+                                    static_cast<uint64_t>(numberField(s, "base"))});
     }
     job_.targetFd = static_cast<int>(numberField(spec, "targetFd", -1));
     job_.targetTailFd = static_cast<int>(numberField(spec, "targetTailFd", -1));
@@ -556,10 +557,11 @@ Napi::Value DecompressChunkFn(const Napi::CallbackInfo& info) {
 
 class HashFileWorker : public Napi::AsyncWorker {
  public:
-  HashFileWorker(Napi::Env env, int fd)
-      : Napi::AsyncWorker(env, "qcow2img:hash"), deferred_(Napi::Promise::Deferred::New(env)), fd_(fd) {}
+  HashFileWorker(Napi::Env env, int fd, uint64_t offset, uint64_t length)
+      : Napi::AsyncWorker(env, "qcow2img:hash"), deferred_(Napi::Promise::Deferred::New(env)), fd_(fd),
+        offset_(offset), length_(length) {}
   Napi::Promise promise() { return deferred_.Promise(); }
-  void Execute() override { ok_ = hashFile(fd_, &hash_); }
+  void Execute() override { ok_ = hashFile(fd_, offset_, length_, &hash_); }
   void OnOK() override {
     if (!ok_) deferred_.Reject(Napi::Error::New(Env(), "read error while hashing").Value());
     else deferred_.Resolve(Napi::BigInt::New(Env(), hash_));
@@ -569,13 +571,16 @@ class HashFileWorker : public Napi::AsyncWorker {
  private:
   Napi::Promise::Deferred deferred_;
   int fd_;
+  uint64_t offset_, length_;
   uint64_t hash_ = 0;
   bool ok_ = false;
 };
 
-// hashFile(fd) -> Promise<bigint>: XXH3-64 of the whole file.
+// hashFile(fd, offset = 0, length = to the end) -> Promise<bigint>: XXH3-64 of those bytes.
 Napi::Value HashFileFn(const Napi::CallbackInfo& info) {
-  auto* worker = new HashFileWorker(info.Env(), info[0].As<Napi::Number>().Int32Value());
+  uint64_t offset = info.Length() > 1 && info[1].IsNumber() ? static_cast<uint64_t>(info[1].As<Napi::Number>().Int64Value()) : 0;
+  uint64_t length = info.Length() > 2 && info[2].IsNumber() ? static_cast<uint64_t>(info[2].As<Napi::Number>().Int64Value()) : UINT64_MAX;
+  auto* worker = new HashFileWorker(info.Env(), info[0].As<Napi::Number>().Int32Value(), offset, length);
   Napi::Promise promise = worker->promise();
   worker->Queue();
   return promise;

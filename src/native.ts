@@ -183,8 +183,8 @@ export interface NativeAddon {
   /** Streaming zstd (compress: level and libzstd worker threads; else a decoder of any zstd stream). */
   ZstdStream: new (compress: boolean, level: number, workers: number) => NativeZstdStream;
   hash64(data: Uint8Array): bigint;
-  /** XXH3-64 of a whole file. */
-  hashFile(fd: number): Promise<bigint>;
+  /** XXH3-64 of a file's bytes [offset, offset + length) (default: all of it). */
+  hashFile(fd: number, offset?: number, length?: number): Promise<bigint>;
   /** XXH3-128: 16 bytes, low half first, little-endian. */
   hash128(data: Uint8Array): Buffer;
   /** Resolves to the first window whose read-back hash differs, or -1. */

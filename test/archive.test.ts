@@ -87,6 +87,20 @@ describe('snapshot archives', () => {
     });
   }
 
+  it('reads a plain .tar in place: nothing is extracted', async () => {
+    const archive = path.join(dir, 's-tar.tar');
+    const out = fs.mkdtempSync(path.join(dir, 'in-place-'));
+    // A temporary folder that does not exist: any extraction would fail.
+    const nowhere = path.join(dir, 'no-such-folder');
+    await restoreSnapshot(archive, { disk: path.join(out, 'disk.raw'), memory: path.join(out, 'ram.raw'), tempDir: nowhere });
+    expect(fs.readFileSync(path.join(out, 'disk.raw')).equals(fs.readFileSync(disk))).toBe(true);
+    expect(fs.readFileSync(path.join(out, 'ram.raw')).equals(ram)).toBe(true);
+    expect(await verifySnapshot(archive, { tempDir: nowhere })).toEqual([]);
+    expect((await inspectSnapshot(archive, { tempDir: nowhere })).state?.pages.data).toBeGreaterThan(0);
+    await expect(restoreSnapshot(path.join(dir, 's-tar-zst.tar.zst'), { memory: path.join(out, 'never.raw'), tempDir: nowhere })).rejects.toMatchObject({ code: 'IO_ERROR' });
+    fs.rmSync(out, { recursive: true });
+  });
+
   it('restores only the members asked for', async () => {
     const archive = path.join(dir, 's-tar.tar');
     const out = path.join(dir, 'memory-only.raw');

@@ -329,7 +329,7 @@ class Engine {
       fail("read", "data beyond the end of the file", 0, p.run.source, p.start, host);
       return false;
     }
-    int64_t n = preadFully(source.fd, out, length, host);
+    int64_t n = preadFully(source.fd, out, length, source.base + host);
     if (n < 0 || static_cast<uint64_t>(n) != length) {
       fail("read", n < 0 ? strerror(errno) : "unexpected end of file", n < 0 ? errno : 0,
            p.run.source, p.start, host);
@@ -352,7 +352,7 @@ class Engine {
     // file: the stream itself ends before it, so a short read is expected.
     uint64_t readLength = std::min(groupEnd, source.sizeBytes) - groupStart;
     scratch.compressed.resize(readLength);
-    int64_t n = preadFully(source.fd, scratch.compressed.data(), readLength, groupStart);
+    int64_t n = preadFully(source.fd, scratch.compressed.data(), readLength, source.base + groupStart);
     if (n < 0) {
       fail("read", strerror(errno), errno, sourceIndex, pieces[first].start, groupStart);
       return false;

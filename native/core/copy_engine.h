@@ -34,6 +34,7 @@ struct Source {
   uint64_t sizeBytes = 0;  // reads past it are errors, except compressed tails
   Codec codec = Codec::Deflate;   // of its compressed clusters
   uint64_t clusterSize = 65536;   // decompressed size of its compressed clusters
+  uint64_t base = 0;  // where the image's byte 0 sits in fd (an image inside a .tar); offsets add it
 };
 
 // Counters shared with JavaScript, which polls them for progress and sets cancel.

@@ -30,15 +30,16 @@ const DedupTable::Entry* DedupTable::findOrInsert(uint64_t low, uint64_t high, u
 
 uint64_t hash64(const uint8_t* data, size_t length) { return XXH3_64bits(data, length); }
 
-bool hashFile(int fd, uint64_t* hash) {
+bool hashFile(int fd, uint64_t offset, uint64_t length, uint64_t* hash) {
   XXH3_state_t* state = XXH3_createState();
   if (!state) return false;
   XXH3_64bits_reset(state);
   std::vector<uint8_t> buffer(4 << 20);
-  uint64_t offset = 0;
+  const uint64_t end = length == UINT64_MAX ? UINT64_MAX : offset + length;
   bool ok = true;
-  for (;;) {
-    ssize_t n = pread(fd, buffer.data(), buffer.size(), static_cast<off_t>(offset));
+  while (offset < end) {
+    size_t want = static_cast<size_t>(std::min<uint64_t>(buffer.size(), end - offset));
+    ssize_t n = pread(fd, buffer.data(), want, static_cast<off_t>(offset));
     if (n < 0 && errno == EINTR) continue;
     if (n < 0) {
       ok = false;

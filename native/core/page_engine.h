@@ -104,7 +104,7 @@ struct RestoreBatchResult {
 RestoreBatchResult restoreBatch(const RestoreBatch& batch);
 
 // XXH3-64 of a whole file, streamed in large reads; false on a read error.
-bool hashFile(int fd, uint64_t* hash);
+bool hashFile(int fd, uint64_t offset, uint64_t length, uint64_t* hash);
 
 // XXH3 of a buffer (section checksums, digests).
 uint64_t hash64(const uint8_t* data, size_t length);

@@ -82,6 +82,8 @@ class Checker {
     private readonly fileSize: number,
     private readonly header: Qcow2Header,
     private readonly snapshots: Qcow2Snapshot[],
+    /** Where the image's byte 0 sits in the file (non-zero inside an uncompressed tar). */
+    private readonly base: number,
   ) {
     this.clusterSize = header.clusterSize;
     this.refcountMax = header.refcountBits >= 53 ? Number.MAX_SAFE_INTEGER : 2 ** header.refcountBits - 1;
@@ -126,7 +128,7 @@ class Checker {
     let done = 0;
     const available = Math.min(length, this.fileSize - offset);
     while (done < available) {
-      const { bytesRead } = await this.handle.read(buffer, done, available - done, offset + done);
+      const { bytesRead } = await this.handle.read(buffer, done, available - done, this.base + offset + done);
       if (bytesRead === 0) break;
       done += bytesRead;
     }
@@ -491,12 +493,13 @@ class Checker {
 /**
  * Checks the consistency of a qcow2 image like `qemu-img check`.
  * Resolves with the counts; rejects only when the image cannot be opened at all.
+ * `options.region`: the image is bytes [offset, offset + length) of the file (a member of an uncompressed tar).
  *
  * @example
  * const result = await check('disk.qcow2');
  * process.exitCode = checkExitCode(result);
  */
-export async function check(path: string): Promise<CheckResult> {
+export async function check(path: string, options: { region?: { offset: number; length: number } } = {}): Promise<CheckResult> {
   let handle: fs.FileHandle;
   try {
     handle = await fs.open(path, 'r');
@@ -504,9 +507,12 @@ export async function check(path: string): Promise<CheckResult> {
     throw ioError(error, path, 'cannot open the image');
   }
   try {
-    const fileSize = (await handle.stat()).size;
+    const wholeFile = (await handle.stat()).size;
+    const base = options.region?.offset ?? 0;
+    const fileSize = options.region?.length ?? wholeFile;
+    if (base + fileSize > wholeFile) throw new Qcow2Error('TRUNCATED', `image region at ${base} (+${fileSize} bytes) runs past the end of the file`, { path, offset: base });
     const start = Buffer.alloc(Math.min(fileSize, headerReadSize));
-    await handle.read(start, 0, start.length, 0);
+    await handle.read(start, 0, start.length, base);
     const header = parseHeader(start, path, fileSize, { checkTableLocations: false });
     if (header.refcountBits > 64) throw new Qcow2Error('BAD_REFCOUNT_ORDER', 'refcount width above 64 bits', { path });
     let snapshots: Qcow2Snapshot[] = [];
@@ -515,10 +521,10 @@ export async function check(path: string): Promise<CheckResult> {
       const size = snapshotTableReadSize(header, fileSize, true);
       const table = Buffer.alloc(size);
       const available = Math.max(0, Math.min(size, fileSize - header.snapshotsOffset));
-      if (available > 0) await handle.read(table, 0, available, header.snapshotsOffset);
+      if (available > 0) await handle.read(table, 0, available, base + header.snapshotsOffset);
       snapshots = parseSnapshotTable(table, header, path);
     }
-    return await new Checker(handle, path, fileSize, header, snapshots).run();
+    return await new Checker(handle, path, fileSize, header, snapshots, base).run();
   } finally {
     await handle.close();
   }

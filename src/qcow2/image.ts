@@ -15,6 +15,11 @@ export interface OpenOptions extends PathPolicy {
   maxChainDepth?: number;
   /** Called with warnings (corrupt bit, probed backing format); default: ignored. */
   onWarning?: (message: string) => void;
+  /**
+   * The image is bytes [offset, offset + length) of the file (a member of an
+   * uncompressed tar). Such an image cannot name backing or data files.
+   */
+  region?: { offset: number; length: number };
 }
 
 export interface SnapshotInfo {
@@ -257,7 +262,7 @@ export class Image {
         codecOf.set(layer.file, { codec: compressionCodec[layer.header.compressionType], clusterSize: layer.header.clusterSize });
       }
     }
-    const sources = files.map((f) => ({ fd: f.handle.fd, size: f.size, codec: codecOf.get(f)?.codec ?? 0, clusterSize: codecOf.get(f)?.clusterSize ?? 512 }));
+    const sources = files.map((f) => ({ fd: f.handle.fd, base: f.base, size: f.size, codec: codecOf.get(f)?.codec ?? 0, clusterSize: codecOf.get(f)?.clusterSize ?? 512 }));
     const out = new Float64Array(runs.length * planRunFields);
     let count = 0;
     for (const run of runs) {

@@ -16,7 +16,10 @@ export type LayerRunKind = 'unallocated' | 'zero' | 'zeroAllocated' | 'data' | '
 export interface OpenFile {
   path: string;
   handle: FileHandle;
+  /** Bytes of the image (of its region, when it lies inside a larger file). */
   size: number;
+  /** Where the image's byte 0 sits in the file: non-zero for a member of an uncompressed tar. */
+  base: number;
   device: number;
   inode: number;
 }
@@ -43,7 +46,13 @@ export interface Layer {
   close(): Promise<void>;
 }
 
-export async function openFile(path: string, what: string): Promise<OpenFile> {
+/** A byte range of a larger file that holds an image (a member of an uncompressed tar). */
+export interface FileRegion {
+  offset: number;
+  length: number;
+}
+
+export async function openFile(path: string, what: string, region?: FileRegion): Promise<OpenFile> {
   let handle: FileHandle;
   try {
     handle = await fs.open(path, 'r');
@@ -55,7 +64,13 @@ export async function openFile(path: string, what: string): Promise<OpenFile> {
     let size = stats.size;
     if (stats.isBlockDevice()) size = native().blockDeviceInfo(handle.fd).sizeBytes;
     else if (!stats.isFile()) throw new Qcow2Error('NOT_A_REGULAR_FILE', `${what} is not a regular file or block device`, { path });
-    return { path, handle, size, device: stats.dev, inode: stats.ino };
+    if (region) {
+      if (region.offset + region.length > size) {
+        throw new Qcow2Error('TRUNCATED', `${what} at ${region.offset} (+${region.length} bytes) runs past the end of the file (${size} bytes)`, { path, offset: region.offset });
+      }
+      return { path, handle, size: region.length, base: region.offset, device: stats.dev, inode: stats.ino };
+    }
+    return { path, handle, size, base: 0, device: stats.dev, inode: stats.ino };
   } catch (error) {
     await handle.close();
     throw ioError(error, path, `cannot open ${what}`);
@@ -73,7 +88,7 @@ export async function readExactly(file: OpenFile, offset: number, length: number
   let done = 0;
   try {
     while (done < length) {
-      const { bytesRead } = await file.handle.read(buffer, done, length - done, offset + done);
+      const { bytesRead } = await file.handle.read(buffer, done, length - done, file.base + offset + done);
       if (bytesRead === 0) break;
       done += bytesRead;
     }
@@ -287,7 +302,8 @@ export class Qcow2Layer implements Layer {
   private async detectMetadataPreallocation(): Promise<boolean> {
     const { clusterSize, refcountBits, refcountTableOffset, refcountTableClusters } = this.header;
     const stats = await this.file.handle.stat();
-    if (!stats.isFile()) return false;
+    // The block count is the whole file's: it says nothing about an image inside an archive.
+    if (!stats.isFile() || this.file.base !== 0) return false;
     const realClusters = Math.floor((stats.blocks * 512) / clusterSize);
     const threshold = Math.max(Math.floor((realClusters * 10) / 9), realClusters + 2);
     const endCluster = Math.ceil(this.file.size / clusterSize);
@@ -379,6 +395,7 @@ export class RawLayer implements Layer {
     const hole = (from: number, to: number) =>
       pushRun(out, { start: from, length: to - from, kind: 'zeroAllocated', file: this.file, hostOffset: from, compressedBytes: 0, clusterStart: 0 });
     while (position < end) {
+      // Raw layers are whole files: backing files are never opened as regions.
       const dataAt = position < this.file.size ? addon.seekData(fd, position) : -1;
       if (dataAt < 0 || dataAt >= end) {
         hole(position, end);

@@ -28,7 +28,7 @@ export async function open(path: string, options: OpenOptions = {}): Promise<Ima
       if (layers.length > maxDepth) {
         throw new Qcow2Error('BACKING_CHAIN_TOO_DEEP', `backing chain is deeper than ${maxDepth} files`, { path });
       }
-      const file = await openFile(current.path, layers.length === 0 ? 'image' : 'backing file');
+      const file = await openFile(current.path, layers.length === 0 ? 'image' : 'backing file', layers.length === 0 ? options.region : undefined);
       const identity = `${file.device}:${file.inode}`;
       if (seen.has(identity)) {
         await file.handle.close();
@@ -65,6 +65,10 @@ async function openQcow2Layer(file: OpenFile, snapshotName: string | undefined, 
       if (!snapshot) throw new Qcow2Error('SNAPSHOT_NOT_FOUND', `no snapshot with id or name "${snapshotName}"`, { path: file.path });
     }
     let dataFile: OpenFile | undefined;
+    if (file.base !== 0 && (header.externalDataFile !== undefined || header.backingFile !== undefined)) {
+      // Names in an image inside an archive would resolve against the archive's folder: refused.
+      throw new Qcow2Error('PATH_NOT_ALLOWED', 'an image inside an archive cannot name backing or data files', { path: file.path });
+    }
     if (header.externalDataFile !== undefined) {
       const dataPath = await resolveExternalFile(file.path, header.externalDataFile, 'external data file', options);
       dataFile = await openFile(dataPath, 'external data file');

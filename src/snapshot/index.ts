@@ -20,7 +20,7 @@ import { restoreMemory, type StateFile, StateFile as StateFileClass, type StateP
 import { type MemoryRegion, writeState } from '../vmstate/writer';
 import { type ArchiveKind, archiveKind, compressingSink, type CompressingSink, FileSink, tarStream } from './archive';
 import { DISK_FILE, METADATA_FILE, parseMetadata, type SnapshotMetadata, STATE_FILE, BUNDLE_FORMAT_VERSION } from './metadata';
-import { ChunkReader, entryData, tarEntries, TarWriter, type ByteSink } from './tar';
+import { ChunkReader, entryData, FileTarSource, tarEntries, TarWriter, type ByteSink } from './tar';
 
 export type { SnapshotMetadata } from './metadata';
 export type { CpuState } from '../vmstate/cpu';
@@ -54,6 +54,17 @@ export interface CreateSnapshotOptions {
 export interface SnapshotChainLink {
   dir: string;
   metadata: SnapshotMetadata;
+  /** A bundle read in place from an uncompressed tar: the archive, and where each member's bytes lie in it. */
+  archive?: { path: string; members: Map<string, { offset: number; size: number }> };
+}
+
+/** Where a member of a bundle is: its own file, or a byte range of the archive holding it. */
+function memberFile(link: SnapshotChainLink, name: string): { path: string; label: string; region?: { offset: number; length: number } } {
+  const placed = link.archive?.members.get(name);
+  if (link.archive && placed) return { path: link.archive.path, label: `${link.archive.path}:${name}`, region: { offset: placed.offset, length: placed.size } };
+  if (link.archive) return { path: `${link.archive.path}:${name}`, label: `${link.archive.path}:${name}` };
+  const path = nodePath.join(link.dir, name);
+  return { path, label: path };
 }
 
 function producer(): string {
@@ -61,11 +72,11 @@ function producer(): string {
   return `qcow2img ${(require('../../package.json') as { version: string }).version}`;
 }
 
-async function hashFile(path: string): Promise<{ size: number; xxh3: string }> {
+async function hashFile(path: string, region?: { offset: number; length: number }): Promise<{ size: number; xxh3: string }> {
   const handle = await fs.open(path, 'r');
   try {
-    const size = (await handle.stat()).size;
-    const hash = await native().hashFile(handle.fd);
+    const size = region?.length ?? (await handle.stat()).size;
+    const hash = await native().hashFile(handle.fd, region?.offset ?? 0, size);
     return { size, xxh3: hash.toString(16).padStart(16, '0') };
   } finally {
     await handle.close();
@@ -109,7 +120,8 @@ async function openStateChain(chain: SnapshotChainLink[]): Promise<StateFile | u
       if (parent) throw new Qcow2Error('INVALID_ARGUMENT', 'a snapshot without memory cannot sit between snapshots with memory', { path: link.dir });
       continue;
     }
-    parent = await StateFileClass.open(nodePath.join(link.dir, STATE_FILE), parent ? { parent } : {});
+    const member = memberFile(link, STATE_FILE);
+    parent = await StateFileClass.open(member.path, { ...(parent ? { parent } : {}), ...(member.region ? { region: member.region } : {}) });
   }
   return parent;
 }
@@ -350,6 +362,39 @@ function memberOf(entryName: string, isDirectory: boolean, archivePath: string, 
   return member;
 }
 
+/** Indexes an uncompressed tar: its members are read where they lie, nothing is extracted. */
+async function readTarInPlace(archivePath: string): Promise<SnapshotChainLink> {
+  const handle = await fs.open(archivePath, 'r').catch((error) => {
+    throw ioError(error, archivePath, 'cannot open the archive');
+  });
+  try {
+    const reader = new FileTarSource(handle, (await handle.stat()).size);
+    const members = new Map<string, { offset: number; size: number }>();
+    const top: { name?: string | null } = {};
+    let metadataText: string | undefined;
+    for await (const entry of tarEntries(reader, archivePath)) {
+      const member = memberOf(entry.name, entry.type === 'directory', archivePath, top);
+      if (member === undefined) continue;
+      if (members.has(member)) throw new Qcow2Error('BAD_ARCHIVE', `${member} appears twice`, { path: archivePath });
+      members.set(member, { offset: entry.dataOffset, size: entry.size });
+      if (member === METADATA_FILE) {
+        if (entry.size > MAX_METADATA_BYTES) throw new Qcow2Error('BAD_ARCHIVE', `${member} has ${entry.size} bytes, more than a snapshot's metadata can be`, { path: archivePath });
+        const sink: Buffer[] = [];
+        await entryData(reader, entry.size, archivePath, { write: async (data) => void sink.push(data) });
+        metadataText = Buffer.concat(sink).toString('utf8');
+      } else {
+        await entryData(reader, entry.size, archivePath);
+      }
+    }
+    if (metadataText === undefined) throw new Qcow2Error('BAD_ARCHIVE', `the archive holds no ${METADATA_FILE}: not a snapshot archive, or an unfinished one`, { path: archivePath });
+    const metadata = parseMetadata(metadataText, `${archivePath}:${METADATA_FILE}`);
+    if (metadata.parent) throw new Qcow2Error('BAD_ARCHIVE', 'the archived snapshot names a parent; archives hold self-contained snapshots only', { path: archivePath });
+    return { dir: nodePath.dirname(archivePath), metadata, archive: { path: archivePath, members } };
+  } finally {
+    await handle.close();
+  }
+}
+
 /** Extracts the `wanted` members of an archive into `dir`, checking every entry on the way. */
 async function extractMembers(archivePath: string, kind: ArchiveKind, dir: string, wanted: Set<string>): Promise<void> {
   const handle = await fs.open(archivePath, 'r').catch((error) => {
@@ -397,6 +442,7 @@ async function openBundle(bundle: string, members: string[], tempDir?: string): 
   if (!kind || !stats?.isFile()) {
     return { chain: await readChain(path), path, displayName: (p) => p, mapError: (e) => e, close: async () => {} };
   }
+  if (kind === 'tar') return { chain: [await readTarInPlace(path)], path, displayName: (p) => p, mapError: (e) => e, close: async () => {} };
   const dir = await fs.mkdtemp(nodePath.join(tempDir ?? tmpdir(), 'qcow2img-bundle-')).catch((error) => {
     throw ioError(error, tempDir ?? tmpdir(), 'cannot make a temporary folder for the archive\'s members');
   });
@@ -448,6 +494,15 @@ export interface RestoreSnapshotResult {
  */
 export async function restoreSnapshot(bundle: string, options: RestoreSnapshotOptions): Promise<RestoreSnapshotResult> {
   const wantsState = options.memory || options.cpu || options.deviceDir;
+  const kind = archiveKind(bundle);
+  if (options.disk && wantsState && kind && kind !== 'tar' && (await fs.stat(bundle).catch(() => undefined))?.isFile()) {
+    // One member extracted at a time: the temporary space is never more than the larger
+    // member, at the price of streaming the archive twice.
+    const { memory, cpu, deviceDir, ...diskOnly } = options;
+    const { disk, ...stateOnly } = options;
+    const diskResult = await restoreSnapshot(bundle, diskOnly);
+    return { ...diskResult, ...(await restoreSnapshot(bundle, stateOnly)) };
+  }
   const members = [...(options.disk ? [DISK_FILE] : []), ...(wantsState ? [STATE_FILE] : [])];
   const opened = await openBundle(bundle, members, options.tempDir);
   try {
@@ -467,7 +522,8 @@ async function restoreChain(opened: OpenedBundle, options: RestoreSnapshotOption
   if (options.disk) {
     if (!link.metadata.files[DISK_FILE]) throw new Qcow2Error('INVALID_ARGUMENT', 'this snapshot holds no disk', { path: opened.path });
     // The bundle names its parents itself: their folders are the only ones its disk may reach.
-    result.disk = await load(nodePath.join(link.dir, DISK_FILE), options.disk, { ...options, allowPaths: chain.map((l) => l.dir) });
+    const member = memberFile(link, DISK_FILE);
+    result.disk = await load(member.path, options.disk, { ...options, allowPaths: chain.map((l) => l.dir), ...(member.region ? { region: member.region } : {}) });
   }
   if (members.includes(STATE_FILE)) {
     if (!link.metadata.files[STATE_FILE]) throw new Qcow2Error('INVALID_ARGUMENT', 'this snapshot holds no memory, CPU or device state', { path: opened.path });
@@ -530,8 +586,10 @@ async function fileProblems(chain: SnapshotChainLink[], only?: Set<string>): Pro
   for (const link of chain) {
     for (const [name, entry] of Object.entries(link.metadata.files)) {
       if (!entry || (only && !only.has(name))) continue;
-      const file = nodePath.join(link.dir, name);
-      const actual = await hashFile(file).catch(() => undefined);
+      const member = memberFile(link, name);
+      const file = member.label;
+      // A member an archive does not hold has no file to hash.
+      const actual = link.archive && !member.region ? undefined : await hashFile(member.path, member.region).catch(() => undefined);
       if (!actual) problems.push({ file, message: `${name} is missing or unreadable` });
       else if (actual.size !== entry.size) problems.push({ file, message: `${name} has ${actual.size} bytes, snapshot.json says ${entry.size}` });
       else if (actual.xxh3 !== entry.xxh3) problems.push({ file, message: `${name} checksum mismatch: the file is damaged` });
@@ -626,14 +684,15 @@ export async function verifySnapshot(bundle: string, options: { tempDir?: string
 async function verifyChain(chain: SnapshotChainLink[]): Promise<BundleProblem[]> {
   const problems = await fileProblems(chain);
   for (const link of chain) {
-    const statePath = nodePath.join(link.dir, STATE_FILE);
+    const stateMember = memberFile(link, STATE_FILE);
+    const statePath = stateMember.label;
     if (link.metadata.files[STATE_FILE] && !problems.some((p) => p.file === statePath && p.message.includes('missing'))) {
       let state: StateFile | undefined;
       try {
         // Each file alone: the link to its parent is checked by restore.
-        state = await StateFileClass.open(statePath, { withoutParent: true });
+        state = await StateFileClass.open(stateMember.path, { withoutParent: true, ...(stateMember.region ? { region: stateMember.region } : {}) });
       } catch (error) {
-        problems.push({ file: statePath, message: (error as Error).message.replace(`${statePath}: `, '') });
+        problems.push({ file: statePath, message: (error as Error).message.replace(`${stateMember.path}: `, '') });
       }
       if (state) {
         for (const p of await state.verify(true)) {
@@ -642,10 +701,11 @@ async function verifyChain(chain: SnapshotChainLink[]): Promise<BundleProblem[]>
         await state.close();
       }
     }
-    const diskPath = nodePath.join(link.dir, DISK_FILE);
+    const diskMember = memberFile(link, DISK_FILE);
+    const diskPath = diskMember.label;
     if (link.metadata.files[DISK_FILE] && !problems.some((p) => p.file === diskPath)) {
-      const result = await check(diskPath).catch((error: Error) => error);
-      if (result instanceof Error) problems.push({ file: diskPath, message: result.message.replace(`${diskPath}: `, '') });
+      const result = await check(diskMember.path, diskMember.region ? { region: diskMember.region } : {}).catch((error: Error) => error);
+      if (result instanceof Error) problems.push({ file: diskPath, message: result.message.replace(`${diskMember.path}: `, '') });
       else if (checkExitCode(result) !== 0 && checkExitCode(result) !== 3) {
         problems.push({ file: diskPath, message: `qcow2 check: ${result.corruptions} corruptions, ${result.checkErrors} check errors` });
       }

@@ -92,8 +92,54 @@ export function padding(size: number): number {
   return (BLOCK - (size % BLOCK)) % BLOCK;
 }
 
+/** Where tar entries are read from: a stream (ChunkReader) or a file that can skip ahead. */
+export interface TarSource {
+  /** Offset of the next byte in the tar stream. */
+  readonly position: number;
+  /** Up to `max` bytes (fewer at the end; empty at the end). */
+  some(max: number): Promise<Buffer>;
+  /** Exactly `length` bytes, or null when the stream ends first. */
+  exactly(length: number): Promise<Buffer | null>;
+  /** Moves `length` bytes ahead without reading them; false when that is past the end. */
+  skip?(length: number): Promise<boolean>;
+}
+
+/** Reads a tar file in place with positional reads, skipping entry data without reading it. */
+export class FileTarSource implements TarSource {
+  position = 0;
+
+  constructor(
+    private readonly handle: { read(buffer: Buffer, offset: number, length: number, position: number): Promise<{ bytesRead: number }> },
+    private readonly size: number,
+  ) {}
+
+  async some(max: number): Promise<Buffer> {
+    const buffer = Buffer.allocUnsafe(Math.max(0, Math.min(max, this.size - this.position)));
+    let done = 0;
+    while (done < buffer.length) {
+      const { bytesRead } = await this.handle.read(buffer, done, buffer.length - done, this.position + done);
+      if (bytesRead === 0) break;
+      done += bytesRead;
+    }
+    this.position += done;
+    return buffer.subarray(0, done);
+  }
+
+  async exactly(length: number): Promise<Buffer | null> {
+    if (this.position + length > this.size) return null;
+    const data = await this.some(length);
+    return data.length === length ? data : null;
+  }
+
+  async skip(length: number): Promise<boolean> {
+    if (this.position + length > this.size) return false;
+    this.position += length;
+    return true;
+  }
+}
+
 /** Pulls exact byte counts out of a stream of chunks. */
-export class ChunkReader {
+export class ChunkReader implements TarSource {
   private pending: Buffer[] = [];
   private pendingBytes = 0;
   private ended = false;
@@ -192,7 +238,7 @@ function parsePax(data: Buffer, fail: (message: string) => never): Map<string, s
  * (exactly `size` bytes) before asking for the next entry; `skipData` helps.
  * Links, devices, FIFOs and unknown entry types are refused.
  */
-export async function* tarEntries(reader: ChunkReader, archivePath: string): AsyncGenerator<TarEntry> {
+export async function* tarEntries(reader: TarSource, archivePath: string): AsyncGenerator<TarEntry> {
   let paxPath: string | undefined;
   let paxSize: number | undefined;
   let longName: string | undefined;
@@ -246,7 +292,11 @@ export async function* tarEntries(reader: ChunkReader, archivePath: string): Asy
  * Passes an entry's `size` bytes to `sink` (or drops them without one), then
  * drops the padding after them.
  */
-export async function entryData(reader: ChunkReader, size: number, archivePath: string, sink?: ByteSink): Promise<void> {
+export async function entryData(reader: TarSource, size: number, archivePath: string, sink?: ByteSink): Promise<void> {
+  if (!sink && reader.skip) {
+    if (!(await reader.skip(size + padding(size)))) throw new Qcow2Error('BAD_ARCHIVE', 'the archive ends inside an entry (truncated?)', { path: archivePath, offset: reader.position });
+    return;
+  }
   let left = size + padding(size);
   while (left > 0) {
     const part = await reader.some(Math.min(left, 1 << 22));

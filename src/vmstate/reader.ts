@@ -22,6 +22,8 @@ export interface OpenStateOptions {
   parent?: StateFile;
   /** Open an incremental file without its parent, to check it alone (its PARENT pages cannot be read). */
   withoutParent?: boolean;
+  /** The state file is bytes [offset, offset + length) of the file (a member of an uncompressed tar). */
+  region?: { offset: number; length: number };
 }
 
 export interface StateProblem {
@@ -52,6 +54,8 @@ export class StateFile {
     readonly index: Index,
     readonly digest: Buffer,
     readonly parent: StateFile | undefined,
+    /** Where the state file's byte 0 sits in the file opened. */
+    private readonly base: number,
   ) {
     this.regionFirstSpan = [];
     let span = 0;
@@ -82,11 +86,14 @@ export class StateFile {
       throw ioError(error, path, 'cannot open the state file');
     }
     try {
-      const fileSize = (await handle.stat()).size;
+      const base = options.region?.offset ?? 0;
+      const wholeFile = (await handle.stat()).size;
+      const fileSize = options.region?.length ?? wholeFile;
+      if (base + fileSize > wholeFile) throw new Qcow2Error('TRUNCATED', `state file region at ${base} (+${fileSize} bytes) runs past the end of the file`, { path, offset: base });
       if (fileSize < HEADER_BYTES + FOOTER_BYTES) throw new Qcow2Error('TRUNCATED', 'file is too short to be a VM state file', { path });
       const read = async (offset: number, length: number) => {
         const buffer = Buffer.alloc(length);
-        const { bytesRead } = await handle.read(buffer, 0, length, offset);
+        const { bytesRead } = await handle.read(buffer, 0, length, base + offset);
         if (bytesRead !== length) throw new Qcow2Error('TRUNCATED', `file ends inside a structure at ${offset}`, { path, offset });
         return buffer;
       };
@@ -125,7 +132,7 @@ export class StateFile {
       const spans = regions.reduce((n, r) => n + Math.ceil(r.size / PAGE_SIZE / SPAN_PAGES), 0);
       const index = decodeIndex(indexPayload, path, spans * SPAN_PAGES);
       if (index.spanCount !== spans) throw new Qcow2Error('BAD_HEADER_FIELD', `INDEX has ${index.spanCount} spans, the regions ${spans}`, { path });
-      const state = new StateFile(path, handle, fileSize, header, regions, index, digest, options.parent);
+      const state = new StateFile(path, handle, fileSize, header, regions, index, digest, options.parent, base);
       if (state.hasParent && !options.withoutParent) {
         const parent = options.parent;
         if (!parent) throw new Qcow2Error('INVALID_ARGUMENT', 'this incremental state file needs its parent', { path });
@@ -146,7 +153,7 @@ export class StateFile {
 
   private async readSection(section: SectionEntry): Promise<Buffer> {
     const buffer = Buffer.alloc(section.length);
-    const { bytesRead } = await this.handle.read(buffer, 0, section.length, section.offset + SECTION_HEADER_BYTES);
+    const { bytesRead } = await this.handle.read(buffer, 0, section.length, this.base + section.offset + SECTION_HEADER_BYTES);
     if (bytesRead !== section.length) throw new Qcow2Error('TRUNCATED', `${sectionName(section.type)} section is cut short`, { path: this.path, offset: section.offset });
     return buffer;
   }
@@ -379,7 +386,7 @@ export class StateFile {
         const chunkSpecs = new Float64Array(chunks.length * 4);
         chunks.forEach((c, i) => {
           const section = this.index.sections[this.index.chunks[c]!.section]!;
-          chunkSpecs[i * 4] = section.offset + SECTION_HEADER_BYTES;
+          chunkSpecs[i * 4] = this.base + section.offset + SECTION_HEADER_BYTES;
           chunkSpecs[i * 4 + 1] = section.length;
           chunkSpecs[i * 4 + 2] = Number(section.checksum >> 32n);
           chunkSpecs[i * 4 + 3] = Number(section.checksum & 0xffffffffn);
