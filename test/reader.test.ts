@@ -211,6 +211,17 @@ describe('load options', () => {
     });
   }
 
+  it('leaves the clusters a preallocation=metadata image never wrote as holes of the target file', async () => {
+    const prealloc = prepare(catalog.find((s) => s.name === 'prealloc-metadata')!);
+    const target = outputPath('prealloc');
+    const result = await load(prealloc.image, target);
+    expectSameFile(target, qemuRaw(prealloc));
+    // 300k + 4k were written (and the 64k zero write reads as zeros): only those are data.
+    expect(result.dataBytes).toBeLessThan(1024 * 1024);
+    expect(fs.statSync(target).blocks * 512).toBeLessThan(1024 * 1024);
+    fs.rmSync(target);
+  });
+
   it('loads from an already open Image, and reports progress up to the virtual size', async () => {
     const target = outputPath('open-image');
     const done: number[] = [];

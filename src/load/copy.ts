@@ -57,7 +57,7 @@ export async function copyImage(image: Image, target: CopyTarget, options: CopyO
   try {
     let pending: Promise<void> | undefined;
     for (let start = 0; start < size; start += batchBytes) {
-      const runs = await image.resolve(start, Math.min(size, start + batchBytes));
+      const runs = await image.copyRuns(start, Math.min(size, start + batchBytes));
       const plan = image.plan(runs);
       if (pending) await pending;
       if (counters[2] !== 0n) break;

@@ -173,22 +173,51 @@ export class Image {
    * asks the file about data clusters: holes and bytes past its end read as zeros (data and zero).
    */
   private async mapEntries(run: ResolvedRun): Promise<MapEntry[]> {
+    return (await this.splitOverHoles(run)).map(({ piece, hole }) => {
+      const entry = toMapEntry(piece);
+      if (hole) entry.zero = true;
+      return entry;
+    });
+  }
+
+  /**
+   * A data run cut where its file has holes, for images QEMU takes for
+   * preallocation=metadata (clusters allocated, never written); other runs whole.
+   */
+  private async splitOverHoles(run: ResolvedRun): Promise<{ piece: ResolvedRun; hole: boolean }[]> {
     const layer = this.layers[run.depth];
-    if (run.kind !== 'data' || !run.file || !(layer instanceof Qcow2Layer) || !(await layer.metadataPreallocated())) return [toMapEntry(run)];
+    if (run.kind !== 'data' || !run.file || !(layer instanceof Qcow2Layer) || !(await layer.metadataPreallocated())) return [{ piece: run, hole: false }];
+    // metadataPreallocated() is false for an image inside an archive: file offsets are the image's here.
     const fd = run.file.handle.fd;
     const size = run.file.size;
-    const entries: MapEntry[] = [];
+    const pieces: { piece: ResolvedRun; hole: boolean }[] = [];
     const end = run.hostOffset + run.length;
     for (let host = run.hostOffset; host < end; ) {
       const dataAt = host < size ? native().seekData(fd, host) : -1;
       const hole = dataAt !== host;
       const pieceEnd = hole ? (dataAt < 0 ? end : Math.min(end, dataAt)) : Math.min(end, Math.max(host + 1, native().seekHole(fd, host)));
-      const entry = toMapEntry({ ...run, start: run.start + (host - run.hostOffset), length: pieceEnd - host, hostOffset: host });
-      entry.zero = hole;
-      entries.push(entry);
+      pieces.push({ piece: { ...run, start: run.start + (host - run.hostOffset), length: pieceEnd - host, hostOffset: host }, hole });
       host = pieceEnd;
     }
-    return entries;
+    return pieces;
+  }
+
+  /**
+   * The runs a copy of [start, end) needs: as `resolve`, with data clusters that
+   * a preallocated image never wrote (holes of its file) turned into zero runs,
+   * so that a load leaves them as holes instead of writing zeros.
+   * @internal
+   */
+  async copyRuns(start: number, end: number): Promise<ResolvedRun[]> {
+    const runs = await this.resolve(start, end);
+    if (!this.layers.some((l) => l instanceof Qcow2Layer && l.file.base === 0)) return runs;
+    const out: ResolvedRun[] = [];
+    for (const run of runs) {
+      for (const { piece, hole } of await this.splitOverHoles(run)) {
+        out.push(hole ? { ...piece, kind: 'zero', hostOffset: 0, compressedBytes: 0, clusterStart: 0 } : piece);
+      }
+    }
+    return out;
   }
 
   /** Guest bytes covered by one L2 table of the top image: the natural unit of work. */
