@@ -147,7 +147,7 @@ async function* zstdChunks(input: AsyncIterable<Buffer>, path: string): AsyncGen
   let frameComplete = false;
   let sawInput = false;
   const fail = (error: Error): never => {
-    throw new Qcow2Error('BAD_ARCHIVE', `not a valid zstd stream: ${error.message.replace(/^zstd: /, '')}`, { path });
+    throw new Qcow2Error('BAD_ARCHIVE', `the zstd stream is damaged: ${error.message.replace(/^zstd: /, '')}`, { path });
   };
   const drain = async function* (chunk: Buffer): AsyncGenerator<Buffer> {
     let rest = chunk;
