@@ -21,14 +21,12 @@ import { DISK_FILE, METADATA_FILE, parseMetadata, type SnapshotMetadata, STATE_F
 import { ChunkReader, entryData, FileTarSource, tarEntries, TarWriter, type ByteSink } from './tar';
 
 // Each verb loads only the parts of the library it uses: start-up is part of every command's time.
-/* eslint-disable @typescript-eslint/no-require-imports */
 const lazy = {
-  capture: () => (require('../capture/index') as typeof import('../capture/index')).capture,
-  check: () => require('../check/index') as typeof import('../check/index'),
-  load: () => (require('../load/index') as typeof import('../load/index')).load,
-  writeState: () => (require('../vmstate/writer') as typeof import('../vmstate/writer')).writeState,
+  capture: async () => (await import('../capture/index.js')).capture,
+  check: () => import('../check/index.js'),
+  load: async () => (await import('../load/index.js')).load,
+  writeState: async () => (await import('../vmstate/writer.js')).writeState,
 };
-/* eslint-enable @typescript-eslint/no-require-imports */
 
 export type { SnapshotMetadata } from './metadata';
 export type { CpuState } from '../vmstate/cpu';
@@ -266,7 +264,7 @@ export async function createSnapshot(out: string, options: CreateSnapshotOptions
       const parentDisk = parentLink?.metadata.files[DISK_FILE] ? nodePath.join(parentLink.dir, DISK_FILE) : undefined;
       // Stored relative to the disk's folder; the temporary folder sits beside the
       // final one, so the name stays right after the rename.
-      const captured = await lazy.capture()(options.disk, diskPath, {
+      const captured = await (await lazy.capture())(options.disk, diskPath, {
         ...(options.compress === 'none' ? {} : { compress: options.compress === 'deflate' ? ('zlib' as const) : ('zstd' as const) }),
         ...(options.threads ? { threads: options.threads } : {}),
         ...(parentDisk ? { backing: parentDisk, backingFormat: 'qcow2' as const, allowPaths: chain.map((l) => l.dir) } : {}),
@@ -279,7 +277,7 @@ export async function createSnapshot(out: string, options: CreateSnapshotOptions
     if (options.memory || cpu || options.devices?.length) {
       parentState = options.memory && parentLink ? await openStateChain(chain) : undefined;
       const statePath = nodePath.join(temporary, STATE_FILE);
-      const written = await lazy.writeState()(statePath, {
+      const written = await (await lazy.writeState())(statePath, {
         ...(options.memory ? { memory: options.memory } : {}),
         ...(options.memoryRegions ? { regions: options.memoryRegions } : {}),
         ...(cpu ? { cpu } : {}),
@@ -531,7 +529,7 @@ async function restoreChain(opened: OpenedBundle, options: RestoreSnapshotOption
     if (!link.metadata.files[DISK_FILE]) throw new Qcow2Error('INVALID_ARGUMENT', 'this snapshot holds no disk', { path: opened.path });
     // The bundle names its parents itself: their folders are the only ones its disk may reach.
     const member = memberFile(link, DISK_FILE);
-    result.disk = await lazy.load()(member.path, options.disk, { ...options, allowPaths: chain.map((l) => l.dir), ...(member.region ? { region: member.region } : {}) });
+    result.disk = await (await lazy.load())(member.path, options.disk, { ...options, allowPaths: chain.map((l) => l.dir), ...(member.region ? { region: member.region } : {}) });
   }
   if (members.includes(STATE_FILE)) {
     if (!link.metadata.files[STATE_FILE]) throw new Qcow2Error('INVALID_ARGUMENT', 'this snapshot holds no memory, CPU or device state', { path: opened.path });
@@ -712,7 +710,7 @@ async function verifyChain(chain: SnapshotChainLink[]): Promise<BundleProblem[]>
     const diskMember = memberFile(link, DISK_FILE);
     const diskPath = diskMember.label;
     if (link.metadata.files[DISK_FILE] && !problems.some((p) => p.file === diskPath)) {
-      const { check, checkExitCode } = lazy.check();
+      const { check, checkExitCode } = await lazy.check();
       const result = await check(diskMember.path, diskMember.region ? { region: diskMember.region } : {}).catch((error: Error) => error);
       if (result instanceof Error) problems.push({ file: diskPath, message: result.message.replace(`${diskMember.path}: `, '') });
       else if (checkExitCode(result) !== 0 && checkExitCode(result) !== 3) {
