@@ -99,6 +99,8 @@ class GzipSink implements CompressingSink {
         this.failure ??= e;
       });
       if (final || error) void this.writes.then(() => this.finished?.());
+      // A failed worker never drains: wake a writer waiting for it.
+      if (error) this.drained?.();
     };
     this.gzip.ondrain = () => this.drained?.();
   }
@@ -114,6 +116,8 @@ class GzipSink implements CompressingSink {
   }
 
   async end(): Promise<void> {
+    // After a failure the worker is gone and would never answer the final push.
+    if (this.failure) throw this.failure;
     const done = new Promise<void>((resolve) => (this.finished = resolve));
     this.gzip.push(new Uint8Array(0), true);
     await done;
