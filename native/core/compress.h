@@ -16,7 +16,8 @@ enum class CompressCodec : int { None = 0, Deflate = 1, Zstd = 2 };
 
 class ClusterCompressor {
  public:
-  // level: deflate 0..3 (ISA-L levels), zstd 1..19 (negative: fast modes).
+  // level: deflate 0..3 (ISA-L's levels, or zlib 1, 2, 4, 6 without it) or 4..9 (zlib's),
+  // zstd 1..19 (negative: fast modes).
   ClusterCompressor(CompressCodec codec, int level);
   ~ClusterCompressor();
   ClusterCompressor(const ClusterCompressor&) = delete;
