@@ -17,7 +17,7 @@
  *                                   [--quiet-timeout 10] [--cache-dir DIR]
  *
  * Each tool's MB/s counts the DATA written (dataBytes from qcow2img's final JSON progress line,
- * taken in one untimed run that is then checked with qemu-img compare; the same figure for
+ * taken in one untimed run with --verify that is then checked with qemu-img compare; the same figure for
  * qemu-img), fio's the bytes it wrote. MB/s = 1e6 bytes/s. Exits non-zero only on errors.
  */
 import { spawnSync } from 'node:child_process';
@@ -121,15 +121,16 @@ async function main() {
       for (const variant of variants) {
         const image = variant.image;
         log(`${variant.name}: ${image}`);
-        // One untimed run for dataBytes (its final JSON line), checked against the image.
+        // One untimed run with --verify (it fails on any difference it reads back) for dataBytes (its
+        // final JSON line), then checked against the image by qemu-img too.
         await refill(backing, variant.virtualSize);
-        const probe = await run(process.execPath, [build.cliPath, 'load', image, device, '--progress=json']);
+        const probe = await run(process.execPath, [build.cliPath, 'load', image, device, '--verify', '--progress=json']);
         const done = probe.stdout.trim().split('\n').map((line) => JSON.parse(line)).find((event) => event.phase === 'done');
         if (!done) throw new Error(`no {"phase":"done"} line from qcow2img load ${image} ${device} --progress=json`);
         const compare = await run('qemu-img', ['compare', '-f', 'qcow2', '-F', 'raw', image, device], { allowFailure: true });
         const compareText = compare.code === 0 ? 'identical' : `${compare.code === 1 ? 'DIFFER' : `ERROR ${compare.code}`}: ${(compare.stdout + compare.stderr).trim().split('\n')[0]}`;
         if (compare.code !== 0) notes.push(`${variant.name}: qemu-img compare ${image} ${device} after qcow2img load: ${compareText}`);
-        log(`  dataBytes ${done.dataBytes}, zeroBytes ${done.zeroBytes}, O_DIRECT ${done.direct}; qemu-img compare: ${compareText}`);
+        log(`  dataBytes ${done.dataBytes}, zeroBytes ${done.zeroBytes}, O_DIRECT ${done.direct}; --verify passed; qemu-img compare: ${compareText}`);
 
         const tools = {
           qcow2img: [process.execPath, [build.cliPath, 'load', image, device, '--progress=none']],
