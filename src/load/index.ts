@@ -49,7 +49,15 @@ export async function load(source: string | Image, target: string, options: Load
       const windowHashes = options.verify ? new BigUint64Array(Math.ceil(image.virtualSize / windowSize) * 2) : undefined;
       const copied = await copyImage(
         image,
-        { fd: opened.fd, tailFd: opened.tailFd, base: opened.base, alignment: opened.alignment, zeroMode: opened.zeroMode, ...(windowHashes ? { windowHashes } : {}) },
+        {
+          fd: opened.fd,
+          tailFd: opened.tailFd,
+          base: opened.base,
+          alignment: opened.alignment,
+          zeroMode: opened.zeroMode,
+          preallocate: opened.kind === 'file' && opened.direct,
+          ...(windowHashes ? { windowHashes } : {}),
+        },
         options,
       );
       options.onProgress?.({ phase: 'flush', bytesDone: image.virtualSize, bytesTotal: image.virtualSize, dataBytes: copied.dataBytes, zeroBytes: copied.zeroBytes, elapsedSeconds: copied.seconds, bytesPerSecond: 0, etaSeconds: 0 });
