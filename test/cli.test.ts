@@ -22,6 +22,8 @@ import {
   qemuConvert,
   qemuInfo,
   qemuInfoChain,
+  qemuImg,
+  qemuIo,
   qemuRaw,
   refusalFixtures,
   repoRoot,
@@ -267,4 +269,39 @@ describe('qcow2img errors: exit 1, one line naming the file', () => {
     expect(fs.readFileSync(copy).equals(before)).toBe(true);
     expect(expectCliError(['load', '--snapshot', 'no-such-snapshot', snapshots.image, outputPath('snap')], snapshots.image)).toContain('no-such-snapshot');
   });
+});
+
+describe('SIGINT during a load', () => {
+  it('stops, says the target is incomplete, exits 130, reports no success and leaves no file', async () => {
+    // 2 GiB of data, loaded with one thread and read back: seconds of work, interrupted at its first progress event.
+    const image = path.join(scratch, 'interrupted.qcow2');
+    const target = path.join(scratch, 'interrupted.raw');
+    qemuImg(['create', '-q', '-f', 'qcow2', image, '2G']);
+    qemuIo(image, [0, 1, 2, 3].map((i) => `write -P 0x5${i} ${i * 512}M 512M`));
+    const { spawn } = await import('node:child_process');
+    const child = spawn(process.execPath, [cliPath, 'load', image, target, '--threads', '1', '--verify', '--progress=json'], { stdio: ['ignore', 'pipe', 'pipe'] });
+    const events: { phase: string; bytesDone?: number }[] = [];
+    let stderr = '';
+    let buffered = '';
+    child.stderr.on('data', (chunk: Buffer) => (stderr += chunk.toString()));
+    child.stdout.on('data', (chunk: Buffer) => {
+      buffered += chunk.toString();
+      for (let at = buffered.indexOf('\n'); at >= 0; at = buffered.indexOf('\n')) {
+        const event = JSON.parse(buffered.slice(0, at)) as { phase: string; bytesDone?: number };
+        buffered = buffered.slice(at + 1);
+        events.push(event);
+        if (events.length === 1) child.kill('SIGINT');
+      }
+    });
+    const status = await new Promise<number | null>((resolve) => child.on('close', (code) => resolve(code)));
+    expect(events.length, 'progress events before the interrupt').toBeGreaterThan(0);
+    expect(status, stderr).toBe(130);
+    expect(events.some((e) => e.phase === 'done'), 'no success reported').toBe(false);
+    const lines = stderr.split('\n').filter((line) => line !== '');
+    expect(lines).toHaveLength(1);
+    expect(lines[0]).toContain('incomplete');
+    expect(fs.existsSync(target)).toBe(false);
+    expect(fs.readdirSync(scratch).filter((f) => f.includes('interrupted.raw'))).toEqual([]);
+    fs.rmSync(image);
+  }, 120_000);
 });

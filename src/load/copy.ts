@@ -86,6 +86,7 @@ export async function copyImage(image: Image, target: CopyTarget, options: CopyO
   if (options.signal?.aborted) throw new Qcow2Error('CANCELLED', 'cancelled before the first byte', { path: image.path });
   options.signal?.addEventListener('abort', abort, { once: true });
   const windowSize = copyWindowSize(image, target.alignment);
+  const incomplete = () => new Qcow2Error('CANCELLED', 'cancelled; the target is incomplete', { path: image.path });
   sampler.start();
   try {
     let pending: Promise<void> | undefined;
@@ -109,12 +110,15 @@ export async function copyImage(image: Image, target: CopyTarget, options: CopyO
         windowSize,
         counters,
         ...(target.windowHashes ? { windowHashes: target.windowHashes, hashedSize: size } : {}),
+        // A job stopped by the signal says "cancelled": what matters to the user is the target.
+      }).catch((error: unknown) => {
+        throw error instanceof Qcow2Error && error.code === 'CANCELLED' ? incomplete() : error;
       });
       // A rejection is awaited on the next turn or below; do not let it go unhandled meanwhile.
       pending.catch(() => {});
     }
     if (pending) await pending;
-    if (counters[2] !== 0n) throw new Qcow2Error('CANCELLED', 'cancelled; the target is incomplete', { path: image.path });
+    if (counters[2] !== 0n) throw incomplete();
   } finally {
     sampler.stop();
     options.signal?.removeEventListener('abort', abort);
