@@ -112,7 +112,7 @@ async function childMain(spec) {
     // What loading costs, module by module, in the order the CLI meets them.
     const loads = {};
     let t = performance.now();
-    for (const [name, id] of [['zod', 'zod'], ['writer', path.join(spec.dist, 'vmstate', 'writer.js')], ['snapshot', path.join(spec.dist, 'snapshot', 'index.js')], ['index', path.join(spec.dist, 'index.js')]]) {
+    for (const [name, id] of [['valibot', 'valibot'], ['writer', path.join(spec.dist, 'vmstate', 'writer.js')], ['snapshot', path.join(spec.dist, 'snapshot', 'index.js')], ['index', path.join(spec.dist, 'index.js')]]) {
       require(id);
       loads[name] = (performance.now() - t) / 1000;
       t = performance.now();
@@ -425,9 +425,9 @@ async function main() {
       [
         ['node -e 0 (start-up)', f3(m(startup.node0, 'seconds')), f2(m(startup.node0, 'cpuSeconds')), humanBytes(m(startup.node0, 'rssBytes')), f2(worst(startup.node0, 'othersCpuSeconds'))],
         ['node dist/cli/main.js --help (start-up + loading the CLI)', f3(m(startup.cliHelp, 'seconds')), f2(m(startup.cliHelp, 'cpuSeconds')), humanBytes(m(startup.cliHelp, 'rssBytes')), f2(worst(startup.cliHelp, 'othersCpuSeconds'))],
-        ['node dist/cli/main.js snapshot inspect OUT (+ the snapshot code, zod, the addon; reads snapshot.json and the index)', f3(m(startup.inspect, 'seconds')), f2(m(startup.inspect, 'cpuSeconds')), humanBytes(m(startup.inspect, 'rssBytes')), f2(worst(startup.inspect, 'othersCpuSeconds'))],
-        ['  of which require("zod")', f3(loadOf('zod')), '-', '-', f2(worst(startup.load, 'othersCpuSeconds'))],
-        ['  of which require(dist/vmstate/writer.js) after zod (addon, load/copy)', f3(loadOf('writer')), '-', '-', ''],
+        ['node dist/cli/main.js snapshot inspect OUT (+ the snapshot code, valibot, the addon; reads snapshot.json and the index)', f3(m(startup.inspect, 'seconds')), f2(m(startup.inspect, 'cpuSeconds')), humanBytes(m(startup.inspect, 'rssBytes')), f2(worst(startup.inspect, 'othersCpuSeconds'))],
+        ['  of which require("valibot")', f3(loadOf('valibot')), '-', '-', f2(worst(startup.load, 'othersCpuSeconds'))],
+        ['  of which require(dist/vmstate/writer.js) after valibot (addon, load/copy)', f3(loadOf('writer')), '-', '-', ''],
         ['  of which require(dist/snapshot/index.js) after those (capture, load, check)', f3(loadOf('snapshot')), '-', '-', ''],
         ['writeState(state.qvms, {memory, cpu})', f3(lm(lib.write, 'seconds')), f2(lm(lib.write, 'cpuSeconds')), humanBytes(lm(lib.write, 'rssBytes')), f2(worst(lib.write, 'othersCpuSeconds'))],
         ['createSnapshot(dir, {memory, cpu}) (writeState + reopen + hash + snapshot.json + fsyncs)', f3(lm(lib.bundle, 'seconds')), f2(lm(lib.bundle, 'cpuSeconds')), humanBytes(lm(lib.bundle, 'rssBytes')), f2(worst(lib.bundle, 'othersCpuSeconds'))],

@@ -400,7 +400,7 @@ async function readJsonFile(path: string, what: string): Promise<unknown> {
 }
 
 async function snapshotCommand(args: string[]): Promise<number | void> {
-  // Loaded here: its schema library costs every other command ~80 ms of start-up.
+  // Loaded here: the snapshot code and its schema library are start-up time the other commands need not pay.
   // eslint-disable-next-line @typescript-eslint/no-require-imports
   const { createSnapshot, inspectSnapshot, restoreSnapshot, verifySnapshot } = require('../snapshot/index') as typeof import('../snapshot/index');
   const [verb, ...rest] = args;
