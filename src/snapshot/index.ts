@@ -18,7 +18,7 @@ import { restoreMemory, type StateFile, StateFile as StateFileClass, type StateP
 import type { MemoryRegion } from '../vmstate/writer';
 import { type ArchiveKind, archiveKind, compressingSink, type CompressingSink, FileSink, tarStream } from './archive';
 import { DISK_FILE, METADATA_FILE, parseMetadata, type SnapshotMetadata, STATE_FILE, BUNDLE_FORMAT_VERSION } from './metadata';
-import { ChunkReader, entryData, FileTarSource, tarEntries, TarWriter, type ByteSink } from './tar';
+import { ChunkReader, entryData, FileTarSource, tarEntries, TarWriter, type ByteSink, type TarEntry, type TarSource } from './tar';
 
 // Each verb loads only the parts of the library it uses: start-up is part of every command's time.
 const lazy = {
@@ -157,8 +157,7 @@ class ArchiveOutput {
     private readonly handle: fs.FileHandle,
     private readonly compressor: CompressingSink | undefined,
   ) {
-    const file = new FileSink(handle, target);
-    const inner: ByteSink = compressor ?? file;
+    const inner: ByteSink = compressor ?? new FileSink(handle, target);
     this.tar = new TarWriter({
       write: async (data) => {
         this.bytes += data.length;
@@ -173,6 +172,7 @@ class ArchiveOutput {
     const handle = await fs.open(temporary, 'wx', 0o644).catch((error) => {
       throw ioError(error, target, 'cannot create the archive');
     });
+    // The file sink is the compressor's when there is one, else the tar's own (made by the constructor).
     const output = new ArchiveOutput(target, temporary, handle, compressingSink(kind, new FileSink(handle, target), level));
     await output.tar.addDirectory(output.top);
     return output;
@@ -368,32 +368,42 @@ function memberOf(entryName: string, isDirectory: boolean, archivePath: string, 
   return member;
 }
 
-/** Indexes an uncompressed tar: its members are read where they lie, nothing is extracted. */
-async function readTarInPlace(archivePath: string): Promise<SnapshotChainLink> {
-  const handle = await fs.open(archivePath, 'r').catch((error) => {
+/**
+ * Walks the entries of a snapshot archive, checking each by the rules of memberOf, and
+ * calls `take` once for each member with its entry; `take` reads or skips the entry's data.
+ */
+async function forEachMember(reader: TarSource, archivePath: string, take: (member: string, entry: TarEntry) => Promise<void>): Promise<void> {
+  const seen = new Set<string>();
+  const top: { name?: string | null } = {};
+  for await (const entry of tarEntries(reader, archivePath)) {
+    const member = memberOf(entry.name, entry.type === 'directory', archivePath, top);
+    if (member === undefined) continue;
+    if (seen.has(member)) throw new Qcow2Error('BAD_ARCHIVE', `${member} appears twice`, { path: archivePath });
+    seen.add(member);
+    if (member === METADATA_FILE && entry.size > MAX_METADATA_BYTES) throw new Qcow2Error('BAD_ARCHIVE', `${member} has ${entry.size} bytes, more than a snapshot's metadata can be`, { path: archivePath });
+    await take(member, entry);
+  }
+  if (!seen.has(METADATA_FILE)) throw new Qcow2Error('BAD_ARCHIVE', `the archive holds no ${METADATA_FILE}: not a snapshot archive, or an unfinished one`, { path: archivePath });
+}
+
+async function openArchive(archivePath: string): Promise<fs.FileHandle> {
+  return fs.open(archivePath, 'r').catch((error) => {
     throw ioError(error, archivePath, 'cannot open the archive');
   });
+}
+
+/** Indexes an uncompressed tar: its members are read where they lie, nothing is extracted. */
+async function readTarInPlace(archivePath: string): Promise<SnapshotChainLink> {
+  const handle = await openArchive(archivePath);
   try {
     const reader = new FileTarSource(handle, (await handle.stat()).size);
     const members = new Map<string, { offset: number; size: number }>();
-    const top: { name?: string | null } = {};
-    let metadataText: string | undefined;
-    for await (const entry of tarEntries(reader, archivePath)) {
-      const member = memberOf(entry.name, entry.type === 'directory', archivePath, top);
-      if (member === undefined) continue;
-      if (members.has(member)) throw new Qcow2Error('BAD_ARCHIVE', `${member} appears twice`, { path: archivePath });
+    const metadataParts: Buffer[] = [];
+    await forEachMember(reader, archivePath, async (member, entry) => {
       members.set(member, { offset: entry.dataOffset, size: entry.size });
-      if (member === METADATA_FILE) {
-        if (entry.size > MAX_METADATA_BYTES) throw new Qcow2Error('BAD_ARCHIVE', `${member} has ${entry.size} bytes, more than a snapshot's metadata can be`, { path: archivePath });
-        const sink: Buffer[] = [];
-        await entryData(reader, entry.size, archivePath, { write: async (data) => void sink.push(data) });
-        metadataText = Buffer.concat(sink).toString('utf8');
-      } else {
-        await entryData(reader, entry.size, archivePath);
-      }
-    }
-    if (metadataText === undefined) throw new Qcow2Error('BAD_ARCHIVE', `the archive holds no ${METADATA_FILE}: not a snapshot archive, or an unfinished one`, { path: archivePath });
-    const metadata = parseMetadata(metadataText, `${archivePath}:${METADATA_FILE}`);
+      await entryData(reader, entry.size, archivePath, member === METADATA_FILE ? { write: async (data) => void metadataParts.push(data) } : undefined);
+    });
+    const metadata = parseMetadata(Buffer.concat(metadataParts).toString('utf8'), `${archivePath}:${METADATA_FILE}`);
     if (metadata.parent) throw new Qcow2Error('BAD_ARCHIVE', 'the archived snapshot names a parent; archives hold self-contained snapshots only', { path: archivePath });
     return { dir: nodePath.dirname(archivePath), metadata, archive: { path: archivePath, members } };
   } finally {
@@ -403,23 +413,11 @@ async function readTarInPlace(archivePath: string): Promise<SnapshotChainLink> {
 
 /** Extracts the `wanted` members of an archive into `dir`, checking every entry on the way. */
 async function extractMembers(archivePath: string, kind: ArchiveKind, dir: string, wanted: Set<string>): Promise<void> {
-  const handle = await fs.open(archivePath, 'r').catch((error) => {
-    throw ioError(error, archivePath, 'cannot open the archive');
-  });
+  const handle = await openArchive(archivePath);
   try {
     const reader = new ChunkReader(tarStream(kind, handle, archivePath)[Symbol.asyncIterator]());
-    const seen = new Set<string>();
-    const top: { name?: string | null } = {};
-    for await (const entry of tarEntries(reader, archivePath)) {
-      const member = memberOf(entry.name, entry.type === 'directory', archivePath, top);
-      if (member === undefined) continue;
-      if (seen.has(member)) throw new Qcow2Error('BAD_ARCHIVE', `${member} appears twice`, { path: archivePath });
-      seen.add(member);
-      if (member === METADATA_FILE && entry.size > MAX_METADATA_BYTES) throw new Qcow2Error('BAD_ARCHIVE', `${member} has ${entry.size} bytes, more than a snapshot's metadata can be`, { path: archivePath });
-      if (!wanted.has(member)) {
-        await entryData(reader, entry.size, archivePath);
-        continue;
-      }
+    await forEachMember(reader, archivePath, async (member, entry) => {
+      if (!wanted.has(member)) return entryData(reader, entry.size, archivePath);
       const file = nodePath.join(dir, member);
       const out = await fs.open(file, 'wx', 0o600);
       try {
@@ -427,10 +425,9 @@ async function extractMembers(archivePath: string, kind: ArchiveKind, dir: strin
       } finally {
         await out.close();
       }
-    }
+    });
     // Read to the end, so that the compressed stream's own end checks (frame checksum, gzip trailer) run.
     while ((await reader.some(1 << 22)).length > 0);
-    if (!seen.has(METADATA_FILE)) throw new Qcow2Error('BAD_ARCHIVE', `the archive holds no ${METADATA_FILE}: not a snapshot archive, or an unfinished one`, { path: archivePath });
   } finally {
     await handle.close();
   }
