@@ -18,6 +18,8 @@ export interface NativeSource {
   codec: number;
   /** Decompressed size of its compressed clusters. */
   clusterSize: number;
+  /** Where the image's byte 0 sits in fd (an image that is a member of an uncompressed tar). */
+  base?: number;
 }
 
 export interface NativeCopyJob {
@@ -195,6 +197,8 @@ export interface NativeAddon {
   directIoAlignment(fd: number): number;
   /** fallocate(mode 0) of the range; 0 or errno. */
   allocate(fd: number, offset: number, length: number): number;
+  /** Starts reading the range into the page cache (posix_fadvise WILLNEED); 0 or errno. */
+  willNeed(fd: number, offset: number, length: number): number;
   /** Drops cached pages of the range (and a block device's buffer cache); 0 or errno. */
   dropCache(fd: number, offset: number, length: number): number;
 }

@@ -24,6 +24,10 @@ uint32_t directIoAlignment(int fd);
 // Allocates [offset, offset + length) of a file (fallocate mode 0): 0 or errno.
 int allocate(int fd, uint64_t offset, uint64_t length);
 
+// Asks the kernel to start reading [offset, offset + length) into the page cache
+// (posix_fadvise WILLNEED): 0 or errno.
+int willNeed(int fd, uint64_t offset, uint64_t length);
+
 // Drops cached pages of [offset, offset + length) so a read-back sees the device
 // (posix_fadvise DONTNEED; BLKFLSBUF as well on block devices). 0 or errno.
 int dropCache(int fd, uint64_t offset, uint64_t length);

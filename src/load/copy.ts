@@ -7,7 +7,7 @@ import * as os from 'node:os';
 import { Qcow2Error } from '../errors';
 import type { Image } from '../qcow2/image';
 import { Qcow2Layer } from '../qcow2/layers';
-import { native, planRunFields, PlanKind } from '../native';
+import { native, type NativeSource, planRunFields, PlanKind } from '../native';
 import { ProgressSampler, type ProgressCallback } from './progress';
 
 /** Guest bytes planned per batch. */
@@ -48,6 +48,33 @@ export function defaultThreads(): number {
 export function copyWindowSize(image: Image, alignment: number): number {
   const maxCluster = Math.max(...image.layers.map((l) => (l instanceof Qcow2Layer ? l.header.clusterSize : 0)));
   return Math.max(1 << 20, maxCluster, alignment);
+}
+
+/**
+ * Asks the kernel to read the source ranges of a batch ahead of the workers: the batch
+ * after the one being copied is planned, and so read, while that one runs. Runs of one
+ * source are merged where they lie within 1 MiB of each other.
+ */
+function readAhead(runs: Float64Array, sources: readonly NativeSource[]): void {
+  const gap = 1 << 20;
+  const open = new Map<number, { from: number; to: number }>();
+  const flush = (source: number) => {
+    const range = open.get(source);
+    if (range) native().willNeed(sources[source]!.fd, (sources[source]!.base ?? 0) + range.from, range.to - range.from);
+  };
+  for (let at = 0; at < runs.length; at += planRunFields) {
+    if (runs[at + 2] === PlanKind.Zero) continue;
+    const source = runs[at + 3]!;
+    const from = runs[at + 4]!;
+    const to = from + (runs[at + 2] === PlanKind.Compressed ? runs[at + 5]! : runs[at + 1]!);
+    const range = open.get(source);
+    if (range && from >= range.from && from <= range.to + gap) range.to = Math.max(range.to, to);
+    else {
+      flush(source);
+      open.set(source, { from, to });
+    }
+  }
+  for (const source of open.keys()) flush(source);
 }
 
 /**
@@ -94,6 +121,7 @@ export async function copyImage(image: Image, target: CopyTarget, options: CopyO
       const runs = await image.copyRuns(start, Math.min(size, start + batchBytes));
       const plan = image.plan(runs);
       if (target.preallocate) preallocateData(target, plan.runs);
+      readAhead(plan.runs, plan.sources);
       if (pending) await pending;
       if (counters[2] !== 0n) break;
       pending = image.runCopy({
