@@ -218,6 +218,8 @@ class CaptureWorker : public Napi::AsyncWorker {
     job_.codec = static_cast<CompressCodec>(static_cast<int>(numberField(spec, "codec")));
     job_.level = static_cast<int>(numberField(spec, "level"));
     job_.outputFd = static_cast<int>(numberField(spec, "outputFd", -1));
+    job_.outputDirectFd = static_cast<int>(numberField(spec, "outputDirectFd", -1));
+    job_.outputDirectAlignment = static_cast<uint32_t>(numberField(spec, "outputDirectAlignment"));
     job_.outputPosition = static_cast<uint64_t>(numberField(spec, "outputPosition"));
     job_.threads = static_cast<uint32_t>(numberField(spec, "threads", 2));
     auto results = spec.Get("results").As<Napi::Float64Array>();

@@ -75,6 +75,9 @@ export interface NativeCaptureJob {
   codec: number;
   level: number;
   outputFd: number;
+  /** The output opened again with O_DIRECT, for chunks of whole aligned clusters. */
+  outputDirectFd?: number;
+  outputDirectAlignment?: number;
   outputPosition: number;
   threads: number;
   /** 3 numbers per cluster: kind (0 unallocated, 1 zero, 2 data, 3 compressed), hostOffset, compressedBytes. */

@@ -183,6 +183,7 @@ class CaptureEngine {
   bool commit(uint64_t chunk, uint64_t firstCluster, const std::vector<ClusterOutcome>& outcomes) {
     std::vector<iovec> iov;
     uint64_t writeStart;
+    bool direct = false;
     {
       std::unique_lock<std::mutex> lock(mutex_);
       committed_cv_.wait(lock, [&] { return committed_ == chunk || failed_; });
@@ -209,14 +210,16 @@ class CaptureEngine {
       }
       position_ = p;
       committed_++;
+      direct = directWritable(writeStart, iov);
     }
     committed_cv_.notify_all();
+    const int fd = direct ? job_.outputDirectFd : job_.outputFd;
     // The range is ours alone now; write it outside the lock.
     uint64_t offset = writeStart;
     size_t index = 0;
     while (index < iov.size()) {
       int batch = static_cast<int>(std::min<size_t>(iov.size() - index, IOV_MAX));
-      ssize_t n = pwritev(job_.outputFd, iov.data() + index, batch, static_cast<off_t>(offset));
+      ssize_t n = pwritev(fd, iov.data() + index, batch, static_cast<off_t>(offset));
       if (n < 0 && errno == EINTR) continue;
       if (n <= 0) {
         fail("write", n < 0 ? strerror(errno) : "short write", n < 0 ? errno : EIO, offset);
@@ -235,6 +238,15 @@ class CaptureEngine {
           remaining = 0;
         }
       }
+    }
+    return true;
+  }
+
+  bool directWritable(uint64_t offset, const std::vector<iovec>& iov) const {
+    const uint64_t unit = job_.outputDirectAlignment;
+    if (job_.outputDirectFd < 0 || unit == 0 || iov.empty() || offset % unit != 0) return false;
+    for (const iovec& piece : iov) {
+      if (reinterpret_cast<uintptr_t>(piece.iov_base) % unit != 0 || piece.iov_len % unit != 0) return false;
     }
     return true;
   }

@@ -34,6 +34,12 @@ struct CaptureJob {
   CompressCodec codec = CompressCodec::None;
   int level = 0;
   int outputFd = -1;
+  // Optional second descriptor of the output opened with O_DIRECT, used for chunks
+  // whose every piece is aligned to outputDirectAlignment (whole clusters): the data
+  // then goes to the disk while the source is read, instead of piling up in the
+  // page cache for the final fdatasync.
+  int outputDirectFd = -1;
+  uint32_t outputDirectAlignment = 0;
   uint64_t outputPosition = 0;    // byte where the next stored bytes go
   uint32_t threads = 2;
   double* results = nullptr;      // clusterCount * kCaptureResultFields
