@@ -127,6 +127,20 @@ const sources: SourceSpec[] = [
     },
   },
   {
+    name: 'half-text',
+    description: 'clusters of 28 KiB random bytes and 36 KiB text: ISA-L leaves them at 55-85%, where level 4 tries zlib too',
+    compressible: true,
+    make: () => {
+      const b = Buffer.alloc(2 * MiB);
+      const prose = licenseText(2 * MiB);
+      for (let at = 0; at < b.length; at += 64 * KiB) {
+        noise(`half-text/${at}`, 28 * KiB).copy(b, at);
+        prose.copy(b, at + 28 * KiB, at, at + 36 * KiB);
+      }
+      return { bytes: b };
+    },
+  },
+  {
     name: 'odd-512',
     description: 'a size that is a multiple of 512 but not of 64 KiB (3 MiB + 4608)',
     make: () => ({ bytes: mixed(3 * MiB + 4608, 'odd-512') }),
@@ -231,6 +245,7 @@ const variants: Variant[] = [
   { name: 'uncompressed', options: {}, args: [] },
   { name: 'zlib', options: { compress: 'zlib' }, args: ['--compress', 'zlib'] },
   { name: 'zstd', options: { compress: 'zstd' }, args: ['--compress', 'zstd'] },
+  { name: 'zlib level 3 (ISA-L alone)', options: { compress: 'zlib', level: 3 }, args: ['--compress', 'zlib', '--level', '3'] },
   { name: 'zlib level 6 (zlib encoder)', options: { compress: 'zlib', level: 6 }, args: ['--compress', 'zlib', '--level', '6'] },
   { name: 'compat 0.10', options: { compat: '0.10' }, args: ['--compat', '0.10'] },
   { name: 'cluster 4k', options: { clusterSize: 4 * KiB }, args: ['--cluster-size', '4k'] },
@@ -260,6 +275,8 @@ interface Captured {
 /** qemu-img check's allocated clusters of each source's full (uncompressed, no backing) capture. */
 const fullAllocated = new Map<string, { allocated: number; fileSize: number }>();
 const backingAllocated = new Map<string, { allocated: number; fileSize: number }>();
+/** File sizes of each source's zlib captures by level (library). */
+const zlibSizes = new Map<string, { default?: number; level3?: number }>();
 
 async function captureVia(via: Via, source: Source, variant: Variant, out: string): Promise<CaptureResult> {
   const base = variant.backing === 'raw' ? source.oldRaw : variant.backing === 'qcow2' ? source.oldQcow2 : undefined;
@@ -386,6 +403,17 @@ for (const spec of sources) {
       const counts = { allocated: Number(captured.check['allocated-clusters'] ?? 0), fileSize: fs.statSync(captured.out).size };
       if (via === 'library' && variant.name === 'uncompressed') fullAllocated.set(spec.name, counts);
       if (via === 'library' && variant.name === 'backing qcow2') backingAllocated.set(spec.name, counts);
+      if (via === 'library' && (variant.name === 'zlib' || variant.name === 'zlib level 3 (ISA-L alone)')) {
+        zlibSizes.set(spec.name, { ...zlibSizes.get(spec.name), [variant.name === 'zlib' ? 'default' : 'level3']: counts.fileSize });
+      }
+    });
+
+    it('zlib at the default level 4 is never larger than at level 3, and smaller where ISA-L left clusters at 55-85%', () => {
+      const sizes = zlibSizes.get(spec.name);
+      expect(sizes?.default, 'the default zlib capture ran').toBeDefined();
+      expect(sizes?.level3, 'the level 3 capture ran').toBeDefined();
+      if (spec.name === 'half-text') expect(sizes!.default!).toBeLessThan(sizes!.level3!);
+      else expect(sizes!.default!).toBeLessThanOrEqual(sizes!.level3!);
     });
 
     it.skipIf(spec.name === 'tiny')('a capture over a backing file stores fewer clusters than a full one', () => {

@@ -16,7 +16,8 @@ enum class CompressCodec : int { None = 0, Deflate = 1, Zstd = 2 };
 
 class ClusterCompressor {
  public:
-  // level: deflate 0..3 (ISA-L's levels, or zlib 1, 2, 4, 6 without it) or 4..9 (zlib's),
+  // level: deflate 0..3 (ISA-L's levels), 4 (ISA-L's 3, then zlib's 6 on the clusters it left
+  // at 55-85% of their size) or 5..9 (zlib's); without ISA-L, zlib's own level 1..9 (0 = 1);
   // zstd 1..19 (negative: fast modes).
   ClusterCompressor(CompressCodec codec, int level);
   ~ClusterCompressor();
@@ -24,18 +25,21 @@ class ClusterCompressor {
   ClusterCompressor& operator=(const ClusterCompressor&) = delete;
 
   bool ok() const { return ok_; }
-  // "isa-l", "zlib", "zstd" or "none": which encoder this compressor uses.
-  const char* encoder() const;
   // Compressed length, or 0 when the result would not fit in `limit` bytes
   // (the caller then stores the cluster uncompressed).
   size_t compress(const uint8_t* input, size_t inputSize, uint8_t* output, size_t limit);
 
  private:
+  size_t compressIsal(const uint8_t* input, size_t inputSize, uint8_t* output, size_t limit, int level);
+  size_t compressZlib(const uint8_t* input, size_t inputSize, uint8_t* output, size_t limit);
+
   CompressCodec codec_;
   int level_;
   bool ok_ = true;
+  bool useIsal_ = false;
   std::vector<uint8_t> deflateLevelBuffer_;
-  void* zlibStream_ = nullptr;  // z_stream, when deflate falls back to zlib
+  std::vector<uint8_t> refined_;  // zlib's attempt at a cluster ISA-L compressed first
+  void* zlibStream_ = nullptr;  // z_stream: the fallback, or the refining pass
   ::ZSTD_CCtx_s* zstd_ = nullptr;
 };
 
