@@ -5,7 +5,6 @@
  * out the file: data first, then L2 tables, L1, refcount structures, and the
  * header last, all under a temporary name that is renamed when complete.
  */
-import { randomBytes } from 'node:crypto';
 import { constants as fsConstants } from 'node:fs';
 import * as fs from 'node:fs/promises';
 import * as nodePath from 'node:path';
@@ -15,7 +14,7 @@ import type { Image, OpenOptions } from '../qcow2/image';
 import { open } from '../qcow2/open';
 import { COPIED, compressedClusters, compressedEntry, encodeHeaderCluster, refcountLayout } from '../qcow2/writer';
 import { defaultThreads } from '../load/copy';
-import { syncFolder } from '../load/target';
+import { syncFolder, temporaryPathFor } from '../files';
 import { ProgressSampler, type ProgressCallback } from '../load/progress';
 
 export interface CaptureOptions extends Omit<OpenOptions, 'snapshot'> {
@@ -182,7 +181,7 @@ export async function capture(source: string, output: string, options: CaptureOp
     throw new Qcow2Error('TARGET_EXISTS', 'output exists; pass --overwrite (overwrite: true) to replace it', { path: outputPath });
   }
 
-  const temporary = nodePath.join(nodePath.dirname(outputPath), `.${nodePath.basename(outputPath)}.qcow2img-${process.pid}-${randomBytes(4).toString('hex')}.tmp`);
+  const temporary = temporaryPathFor(outputPath);
   let base: { reader: BaseReader; format: 'qcow2' | 'raw' } | undefined;
   let out: fs.FileHandle | undefined;
   let directOut: fs.FileHandle | undefined;

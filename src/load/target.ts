@@ -4,11 +4,11 @@
  * device (whole, a partition, or an offset), with every refusal made before the
  * first byte is written.
  */
-import { randomBytes } from 'node:crypto';
 import { constants as fsConstants } from 'node:fs';
 import * as fs from 'node:fs/promises';
 import * as nodePath from 'node:path';
 import { Qcow2Error, ioError } from '../errors';
+import { syncFolder, temporaryPathFor } from '../files';
 import { native, ZeroMode } from '../native';
 import type { Image } from '../qcow2/image';
 import { findPartition, type Partition } from './partitions';
@@ -96,7 +96,7 @@ export async function openTarget(image: Image, targetPath: string, options: Targ
 }
 
 async function openNewFile(image: Image, path: string, options: TargetOptions): Promise<OpenTarget> {
-  const temporary = nodePath.join(nodePath.dirname(path), `.${nodePath.basename(path)}.qcow2img-${process.pid}-${randomBytes(4).toString('hex')}.tmp`);
+  const temporary = temporaryPathFor(path);
   const notice = options.onNotice ?? (() => {});
   let main: fs.FileHandle | undefined;
   let tail: fs.FileHandle | undefined;
@@ -145,14 +145,6 @@ async function openNewFile(image: Image, path: string, options: TargetOptions): 
       await fs.unlink(temporary).catch(() => {});
     },
   };
-}
-
-/** fsync of a folder, so that a rename in it survives a crash. */
-export async function syncFolder(folder: string): Promise<void> {
-  const handle = await fs.open(folder, 'r').catch(() => undefined);
-  if (!handle) return;
-  await handle.sync().catch(() => {});
-  await handle.close();
 }
 
 async function flushBoth(main: fs.FileHandle, tail: fs.FileHandle, path: string): Promise<void> {

@@ -4,13 +4,13 @@
  * and device state). Created under a temporary name and renamed when complete,
  * so a bundle without its metadata never passes as valid.
  */
-import { randomBytes, randomUUID } from 'node:crypto';
+import { randomUUID } from 'node:crypto';
 import * as fs from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import * as nodePath from 'node:path';
 import { Qcow2Error, ioError } from '../errors';
 import type { LoadOptions, LoadResult } from '../load/index';
-import { syncFolder } from '../load/target';
+import { syncFolder, temporaryPathFor } from '../files';
 import { native } from '../native';
 import { type CpuState, parseCpuState } from '../vmstate/cpu';
 import { stateOf, stateLimits } from '../vmstate/format';
@@ -168,7 +168,7 @@ class ArchiveOutput {
   }
 
   static async create(target: string, kind: ArchiveKind, level: number | undefined): Promise<ArchiveOutput> {
-    const temporary = temporaryName(target);
+    const temporary = temporaryPathFor(target);
     const handle = await fs.open(temporary, 'wx', 0o644).catch((error) => {
       throw ioError(error, target, 'cannot create the archive');
     });
@@ -218,10 +218,6 @@ class ArchiveOutput {
   }
 }
 
-function temporaryName(target: string): string {
-  return nodePath.join(nodePath.dirname(target), `.${nodePath.basename(target)}.qcow2img-${process.pid}-${randomBytes(4).toString('hex')}.tmp`);
-}
-
 /**
  * Creates a snapshot bundle at `out`: a folder, or an archive when `out` ends in
  * .tar, .tar.gz or .tar.zst. An archive is written in one pass: each member is
@@ -249,7 +245,7 @@ export async function createSnapshot(out: string, options: CreateSnapshotOptions
   const chain = options.parent ? await readChain(options.parent) : [];
   const parentLink = chain[0];
   // A folder bundle is built here and renamed into place; an archive's members pass through it one by one.
-  const temporary = temporaryName(target);
+  const temporary = temporaryPathFor(target);
   await fs.mkdir(temporary).catch((error) => {
     throw ioError(error, target, 'cannot create the snapshot folder');
   });

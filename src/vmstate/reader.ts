@@ -6,6 +6,7 @@
 import * as fs from 'node:fs/promises';
 import * as nodePath from 'node:path';
 import { Qcow2Error, ioError } from '../errors';
+import { temporaryPathFor } from '../files';
 import { native } from '../native';
 import * as os from 'node:os';
 import { type CpuState, decodeCpuState } from './cpu';
@@ -442,7 +443,7 @@ export async function restoreMemory(state: StateFile, output: string, options: {
   const path = nodePath.resolve(output);
   const exists = await fs.stat(path).catch(() => undefined);
   if (exists && !options.overwrite) throw new Qcow2Error('TARGET_EXISTS', 'output exists; pass --overwrite to replace it', { path });
-  const temporary = `${path}.qcow2img-${process.pid}.tmp`;
+  const temporary = temporaryPathFor(path);
   // Read and write: duplicate pages are copied from pages already restored.
   const handle = await fs.open(temporary, 'wx+', 0o644).catch((error) => {
     throw ioError(error, path, 'cannot create the memory file');

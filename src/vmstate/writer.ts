@@ -5,8 +5,9 @@
  */
 import * as fs from 'node:fs/promises';
 import * as nodePath from 'node:path';
-import { randomBytes, randomUUID } from 'node:crypto';
+import { randomUUID } from 'node:crypto';
 import { Qcow2Error, ioError } from '../errors';
+import { temporaryPathFor } from '../files';
 import { native } from '../native';
 import { defaultThreads } from '../load/copy';
 import { ProgressSampler, type ProgressCallback } from '../load/progress';
@@ -98,7 +99,7 @@ export async function writeState(output: string, options: WriteStateOptions): Pr
   const started = process.hrtime.bigint();
   let source: fs.FileHandle | undefined;
   let out: fs.FileHandle | undefined;
-  const temporary = nodePath.join(nodePath.dirname(path), `.${nodePath.basename(path)}.qcow2img-${process.pid}-${randomBytes(4).toString('hex')}.tmp`);
+  const temporary = temporaryPathFor(path);
   let renamed = false;
   try {
     let dumpSize = 0;
