@@ -648,6 +648,13 @@ Napi::Value WillNeed(const Napi::CallbackInfo& info) {
   return Napi::Number::New(info.Env(), err);
 }
 
+Napi::Value StartWriteback(const Napi::CallbackInfo& info) {
+  int fd = info[0].As<Napi::Number>().Int32Value();
+  int err = startWriteback(fd, static_cast<uint64_t>(info[1].As<Napi::Number>().Int64Value()),
+                           static_cast<uint64_t>(info[2].As<Napi::Number>().Int64Value()));
+  return Napi::Number::New(info.Env(), err);
+}
+
 Napi::Value DropCache(const Napi::CallbackInfo& info) {
   int fd = info[0].As<Napi::Number>().Int32Value();
   int err = dropCache(fd, static_cast<uint64_t>(info[1].As<Napi::Number>().Int64Value()),
@@ -757,6 +764,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("allocate", Napi::Function::New(env, Allocate, "allocate"));
   exports.Set("dropCache", Napi::Function::New(env, DropCache, "dropCache"));
   exports.Set("willNeed", Napi::Function::New(env, WillNeed, "willNeed"));
+  exports.Set("startWriteback", Napi::Function::New(env, StartWriteback, "startWriteback"));
   exports.Set("directIoAlignment", Napi::Function::New(env, DirectIoAlignment, "directIoAlignment"));
   return exports;
 }

@@ -202,6 +202,8 @@ export interface NativeAddon {
   allocate(fd: number, offset: number, length: number): number;
   /** Starts reading the range into the page cache (posix_fadvise WILLNEED); 0 or errno. */
   willNeed(fd: number, offset: number, length: number): number;
+  /** sync_file_range(SYNC_FILE_RANGE_WRITE) of the range: 0 or errno. */
+  startWriteback(fd: number, offset: number, length: number): number;
   /** Drops cached pages of the range (and a block device's buffer cache); 0 or errno. */
   dropCache(fd: number, offset: number, length: number): number;
 }
