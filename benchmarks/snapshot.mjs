@@ -15,7 +15,7 @@
  * restore at least as fast as zstd -d. Each figure is the median of --runs runs, the tools taking
  * turns at going first. Page cache warm for both: ram.raw is read once before the runs, so both read
  * it from memory; the restore inputs were just written. Outputs go to .cache/vm/bench/out (the same
- * filesystem), removed before every run. The clock covers the whole process (node start-up
+ * filesystem), removed (and the removal synced) before every run. The clock covers the whole process (node start-up
  * included); CPU seconds and peak RSS come from GNU time (%U %S %M). The machine is shared: each run
  * waits for a quiet second (up to --quiet-timeout s) and is redone, up to --attempts times, while
  * the rest of the machine used more than --max-others-cpu CPU seconds during it (least disturbed
@@ -226,6 +226,10 @@ async function measured(prepare, command, args) {
   let best;
   for (let attempt = 1; attempt <= runOptions.attempts; attempt++) {
     prepare?.();
+    // The previous output's removal is flushed before the clock starts (as capture.mjs does): its
+    // freed blocks (discarded on this filesystem) would otherwise land on the next journal commit,
+    // which is the fdatasync of whichever tool flushes.
+    timedSync();
     // Re-warmed after the wait for quiet, right before the run: the cache can be dropped meanwhile.
     const result = await timed(command, args, { quietTimeout: runOptions.quietTimeout, beforeRun: rewarm });
     result.sync = timedSync();

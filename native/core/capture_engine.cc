@@ -213,7 +213,7 @@ class CaptureEngine {
       direct = directWritable(writeStart, iov);
     }
     committed_cv_.notify_all();
-    const int fd = direct ? job_.outputDirectFd : job_.outputFd;
+    int fd = direct ? job_.outputDirectFd : job_.outputFd;
     // The range is ours alone now; write it outside the lock.
     uint64_t offset = writeStart;
     size_t index = 0;
@@ -221,11 +221,20 @@ class CaptureEngine {
       int batch = static_cast<int>(std::min<size_t>(iov.size() - index, IOV_MAX));
       ssize_t n = pwritev(fd, iov.data() + index, batch, static_cast<off_t>(offset));
       if (n < 0 && errno == EINTR) continue;
+      if (n < 0 && errno == EINVAL && fd == job_.outputDirectFd) {
+        // A filesystem that opens with O_DIRECT but refuses the writes (or wants another
+        // alignment): buffered writes from here on, for every worker.
+        directRefused_ = true;
+        fd = job_.outputFd;
+        continue;
+      }
       if (n <= 0) {
         fail("write", n < 0 ? strerror(errno) : "short write", n < 0 ? errno : EIO, offset);
         return false;
       }
       offset += static_cast<uint64_t>(n);
+      // What a direct write left (a short write) may be unaligned: the buffered fd takes it.
+      fd = job_.outputFd;
       // Drop what was written, including a partly written iovec.
       size_t remaining = static_cast<size_t>(n);
       while (remaining > 0 && index < iov.size()) {
@@ -244,7 +253,7 @@ class CaptureEngine {
 
   bool directWritable(uint64_t offset, const std::vector<iovec>& iov) const {
     const uint64_t unit = job_.outputDirectAlignment;
-    if (job_.outputDirectFd < 0 || unit == 0 || iov.empty() || offset % unit != 0) return false;
+    if (job_.outputDirectFd < 0 || directRefused_ || unit == 0 || iov.empty() || offset % unit != 0) return false;
     for (const iovec& piece : iov) {
       if (reinterpret_cast<uintptr_t>(piece.iov_base) % unit != 0 || piece.iov_len % unit != 0) return false;
     }
@@ -256,6 +265,7 @@ class CaptureEngine {
   uint64_t chunkCount_ = 0;
   std::unique_ptr<AlignedBuffer> zeroCluster_;
   std::atomic<uint64_t> nextChunk_{0};
+  std::atomic<bool> directRefused_{false};
   std::mutex mutex_;
   std::condition_variable committed_cv_;
   uint64_t committed_ = 0;

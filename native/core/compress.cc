@@ -92,16 +92,22 @@ ClusterCompressor::ClusterCompressor(CompressCodec codec, int level) : codec_(co
     if (useIsal_) deflateLevelBuffer_.resize(deflateLevelBufferSize(std::min(level_, 3)));
     if (!useIsal_ || level_ == kRefinedLevel) {
       const DeflateLibraries& z = deflateLibraries();
-      ok_ = z.zlibInit2 && z.zlibDeflate && z.zlibReset && z.zlibEnd && z.zlibVersion;
-      if (ok_) {
+      bool zlibLoaded = z.zlibInit2 && z.zlibDeflate && z.zlibReset && z.zlibEnd && z.zlibVersion;
+      if (zlibLoaded) {
         auto* stream = new ZStream();
         // Without ISA-L every level is zlib's own (0, no compression at all, becomes 1);
         // windowBits -12: raw deflate, 4 KiB window.
         int zlibLevel = useIsal_ ? 6 : std::max(level_, 1);
-        ok_ = z.zlibInit2(stream, zlibLevel, kZDeflated, -12, 8, kZDefaultStrategy, z.zlibVersion,
-                          static_cast<int>(sizeof(ZStream))) == 0;
-        zlibStream_ = stream;
+        zlibLoaded = z.zlibInit2(stream, zlibLevel, kZDeflated, -12, 8, kZDefaultStrategy, z.zlibVersion,
+                                 static_cast<int>(sizeof(ZStream))) == 0;
+        if (zlibLoaded) {
+          zlibStream_ = stream;
+        } else {
+          delete stream;
+        }
       }
+      // Refining is optional: with ISA-L and no zlib, level 4 is ISA-L's 3 alone.
+      if (!useIsal_) ok_ = zlibLoaded;
     }
   } else if (codec_ == CompressCodec::Zstd) {
     zstd_ = ZSTD_createCCtx();
@@ -128,7 +134,7 @@ size_t ClusterCompressor::compress(const uint8_t* input, size_t inputSize, uint8
     // Measured on a disk of system files: zlib's 6 gains about as many bytes per CPU second
     // on every cluster ISA-L shrank, a little more where it shrank them least; these clusters
     // hold a fifth of the gain for a sixth of zlib's time. Outside them, ISA-L's output stands.
-    if (level_ == kRefinedLevel && length >= inputSize * 55 / 100 && length < inputSize * 85 / 100) {
+    if (level_ == kRefinedLevel && zlibStream_ != nullptr && length >= inputSize * 55 / 100 && length < inputSize * 85 / 100) {
       if (refined_.size() < length) refined_.resize(length);
       size_t better = compressZlib(input, inputSize, refined_.data(), length - 1);
       if (better > 0) {

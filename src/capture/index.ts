@@ -218,9 +218,11 @@ export async function capture(source: string, output: string, options: CaptureOp
         directOut = undefined;
       }
     }
-    // Direct writes past the end of a file are serialised by ext4, into allocated blocks
-    // they overlap: each batch's room is allocated before it runs, the excess cut at the end.
+    // ext4 serialises direct writes that extend a file or fill holes; direct writes into
+    // allocated blocks run side by side. So before each batch the most it can store is
+    // allocated, and what stays unused is cut off at the end.
     let allocatedEnd = 0;
+    let allocateRefused = false;
     const l2EntryCount = clusterSize / 8;
     const l2Span = l2EntryCount * clusterSize;
     const l1Size = Math.max(1, Math.ceil(virtualSize / l2Span));
@@ -265,10 +267,11 @@ export async function capture(source: string, output: string, options: CaptureOp
             baseBytes = baseBuffer.subarray(0, count * clusterSize);
             await base.reader.read(baseBytes, guestStart);
           }
-          if (directOut && position + count * clusterSize > allocatedEnd) {
+          if (directOut && !allocateRefused && position + count * clusterSize > allocatedEnd) {
             const end = position + count * clusterSize;
             // Refused (no fallocate on this filesystem): the writes work, only slower.
             if (native().allocate(out.fd, allocatedEnd, end - allocatedEnd) === 0) allocatedEnd = end;
+            else allocateRefused = true;
           }
           try {
             position = await native().capture({
@@ -362,8 +365,8 @@ export async function capture(source: string, output: string, options: CaptureOp
       refcountTable.writeBigUInt64BE(BigInt(blockOffset), block * 8);
     }
     await writeAt(refcountTable, tableOffset);
-    // Cuts what was allocated ahead and not used.
-    await out.truncate(layout.totalClusters * clusterSize);
+    // Cuts what was allocated and not used.
+    if (allocatedEnd > 0) await out.truncate(layout.totalClusters * clusterSize);
 
     let backingFile: string | undefined;
     if (options.backing !== undefined) {

@@ -6,7 +6,7 @@
 import * as fs from 'node:fs/promises';
 import * as nodePath from 'node:path';
 import { Qcow2Error, ioError } from '../errors';
-import { temporaryPathFor } from '../files';
+import { syncFolder, temporaryPathFor } from '../files';
 import { native } from '../native';
 import * as os from 'node:os';
 import { type CpuState, decodeCpuState } from './cpu';
@@ -348,9 +348,10 @@ export class StateFile {
    * Writes the RAM dump into the open file `outputFd` (already sized): the parent
    * chain first, then this file's pages over it. Zero pages stay holes in a new file.
    */
-  async restoreInto(outputFd: number, options: { threads?: number; fresh: boolean; counters?: BigUint64Array }): Promise<number> {
+  async restoreInto(outputFd: number, options: { threads?: number; fresh: boolean; counters?: BigUint64Array; writeback?: boolean }): Promise<number> {
     let written = 0;
-    if (this.parent) written += await this.parent.restoreInto(outputFd, options);
+    // A parent's pages may be overwritten by its child's: only the last layer starts writeback.
+    if (this.parent) written += await this.parent.restoreInto(outputFd, { ...options, writeback: false });
     const overwrite = !options.fresh || this.parent !== undefined;
     const duplicatePairs = this.index.duplicates;
     let duplicateCursor = 0;
@@ -426,7 +427,7 @@ export class StateFile {
         // The batch's pages go to the disk while the next batch decompresses, not all at the
         // final fdatasync. Advisory: a refusal changes nothing.
         const batchStart = this.dumpOffsetOfPage(firstPage);
-        native().startWriteback(outputFd, batchStart, batchEnd - batchStart);
+        if (options.writeback !== false) native().startWriteback(outputFd, batchStart, batchEnd - batchStart);
         if (options.counters) options.counters[0] = BigInt(batchEnd);
         span = end;
       }
@@ -461,6 +462,7 @@ export async function restoreMemory(state: StateFile, output: string, options: {
     await handle.close();
     await fs.rename(temporary, path);
     done = true;
+    await syncFolder(nodePath.dirname(path));
     return { path, bytes: state.dumpSize, dataBytes };
   } finally {
     if (!done) {

@@ -7,7 +7,7 @@ import * as fs from 'node:fs/promises';
 import * as nodePath from 'node:path';
 import { randomUUID } from 'node:crypto';
 import { Qcow2Error, ioError } from '../errors';
-import { temporaryPathFor } from '../files';
+import { syncFolder, temporaryPathFor } from '../files';
 import { native } from '../native';
 import { defaultThreads } from '../load/copy';
 import { ProgressSampler, type ProgressCallback } from '../load/progress';
@@ -239,6 +239,7 @@ export async function writeState(output: string, options: WriteStateOptions): Pr
     out = undefined;
     await fs.rename(temporary, path);
     renamed = true;
+    await syncFolder(nodePath.dirname(path));
     return {
       path,
       bytes: position,
