@@ -3,13 +3,18 @@
  * through zstd (native, libzstd's own threads) or gzip (fflate, on its worker
  * thread). The tar layer above is in ./tar.ts; what goes in it, in ./index.ts.
  */
-import { AsyncGunzip, AsyncGzip } from 'fflate';
+import type { AsyncGzip } from 'fflate';
 import type * as fs from 'node:fs/promises';
 import { availableParallelism } from 'node:os';
 import { crc32 } from 'node:zlib';
 import { Qcow2Error, ioError } from '../errors';
 import { native } from '../native';
 import type { ByteSink } from './tar';
+
+/** fflate takes about 10 ms to load, and only .tar.gz archives need it. */
+function fflate(): typeof import('fflate') {
+  return require('fflate') as typeof import('fflate');
+}
 
 export type ArchiveKind = 'tar' | 'tar.gz' | 'tar.zst';
 
@@ -92,7 +97,7 @@ class GzipSink implements CompressingSink {
     private readonly next: ByteSink,
     level: number,
   ) {
-    this.gzip = new AsyncGzip({ level: Math.min(9, Math.max(0, level)) as 0 | 1 | 2 | 3 | 4 | 5 | 6 | 7 | 8 | 9 });
+    this.gzip = new (fflate().AsyncGzip)({ level: Math.min(9, Math.max(0, level)) as 0 | 1 | 2 | 3 | 4 | 5 | 6 | 7 | 8 | 9 });
     this.gzip.ondata = (error, data, final) => {
       if (error) this.failure = error;
       else this.writes = this.writes.then(() => this.next.write(Buffer.from(data.buffer, data.byteOffset, data.length))).catch((e: Error) => {
@@ -203,7 +208,7 @@ async function* inflateChunks(input: AsyncIterable<Buffer>, path: string): Async
   let failure: Error | undefined;
   let ended = false;
   let wake: (() => void) | undefined;
-  const gunzip = new AsyncGunzip((error, data, final) => {
+  const gunzip = new (fflate().AsyncGunzip)((error, data, final) => {
     if (error) failure = error;
     else if (data.length > 0) queue.push(Buffer.from(data.buffer, data.byteOffset, data.length));
     if (final || error) ended = true;
