@@ -457,6 +457,7 @@ class RestoreBatchWorker : public Napi::AsyncWorker {
     batch_.spanPages = static_cast<uint32_t>(numberField(spec, "spanPages", 512));
     batch_.firstSpan = static_cast<uint64_t>(numberField(spec, "firstSpan"));
     batch_.punchZeros = spec.Get("punchZeros").ToBoolean();
+    batch_.startWriteback = spec.Get("startWriteback").ToBoolean();
     batch_.threads = static_cast<uint32_t>(numberField(spec, "threads", 2));
     auto spans = spec.Get("spans").As<Napi::Float64Array>();  // pairs: page count, dump offset
     for (size_t i = 0; i + 1 < spans.ElementLength(); i += 2) {
@@ -648,13 +649,6 @@ Napi::Value WillNeed(const Napi::CallbackInfo& info) {
   return Napi::Number::New(info.Env(), err);
 }
 
-Napi::Value StartWriteback(const Napi::CallbackInfo& info) {
-  int fd = info[0].As<Napi::Number>().Int32Value();
-  int err = startWriteback(fd, static_cast<uint64_t>(info[1].As<Napi::Number>().Int64Value()),
-                           static_cast<uint64_t>(info[2].As<Napi::Number>().Int64Value()));
-  return Napi::Number::New(info.Env(), err);
-}
-
 Napi::Value DropCache(const Napi::CallbackInfo& info) {
   int fd = info[0].As<Napi::Number>().Int32Value();
   int err = dropCache(fd, static_cast<uint64_t>(info[1].As<Napi::Number>().Int64Value()),
@@ -764,7 +758,6 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("allocate", Napi::Function::New(env, Allocate, "allocate"));
   exports.Set("dropCache", Napi::Function::New(env, DropCache, "dropCache"));
   exports.Set("willNeed", Napi::Function::New(env, WillNeed, "willNeed"));
-  exports.Set("startWriteback", Napi::Function::New(env, StartWriteback, "startWriteback"));
   exports.Set("directIoAlignment", Napi::Function::New(env, DirectIoAlignment, "directIoAlignment"));
   return exports;
 }

@@ -162,6 +162,8 @@ export interface NativeRestoreBatch {
   /** Pairs: dump offset of a duplicate page, dump offset of its source. */
   duplicates: Float64Array;
   punchZeros: boolean;
+  /** Start the batch's writeback at its end (sync_file_range), for a faster final fdatasync. */
+  startWriteback?: boolean;
   threads: number;
 }
 
@@ -202,8 +204,6 @@ export interface NativeAddon {
   allocate(fd: number, offset: number, length: number): number;
   /** Starts reading the range into the page cache (posix_fadvise WILLNEED); 0 or errno. */
   willNeed(fd: number, offset: number, length: number): number;
-  /** sync_file_range(SYNC_FILE_RANGE_WRITE) of the range: 0 or errno. */
-  startWriteback(fd: number, offset: number, length: number): number;
   /** Drops cached pages of the range (and a block device's buffer cache); 0 or errno. */
   dropCache(fd: number, offset: number, length: number): number;
 }

@@ -44,10 +44,6 @@ int allocate(int fd, uint64_t offset, uint64_t length) {
   return fallocate(fd, 0, static_cast<off_t>(offset), static_cast<off_t>(length)) == 0 ? 0 : errno;
 }
 
-int startWriteback(int fd, uint64_t offset, uint64_t length) {
-  return sync_file_range(fd, static_cast<off_t>(offset), static_cast<off_t>(length), SYNC_FILE_RANGE_WRITE) == 0 ? 0 : errno;
-}
-
 int willNeed(int fd, uint64_t offset, uint64_t length) {
   return posix_fadvise(fd, static_cast<off_t>(offset), static_cast<off_t>(length), POSIX_FADV_WILLNEED);
 }

@@ -24,11 +24,6 @@ uint32_t directIoAlignment(int fd);
 // Allocates [offset, offset + length) of a file (fallocate mode 0): 0 or errno.
 int allocate(int fd, uint64_t offset, uint64_t length);
 
-// Starts writing the dirty pages of [offset, offset + length) to the disk without
-// waiting (sync_file_range SYNC_FILE_RANGE_WRITE), so that a later fdatasync finds
-// less to do: 0 or errno.
-int startWriteback(int fd, uint64_t offset, uint64_t length);
-
 // Asks the kernel to start reading [offset, offset + length) into the page cache
 // (posix_fadvise WILLNEED): 0 or errno.
 int willNeed(int fd, uint64_t offset, uint64_t length);

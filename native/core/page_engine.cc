@@ -337,6 +337,12 @@ RestoreBatchResult restoreBatch(const RestoreBatch& b) {
     }
   }
   result.dataBytes = dataBytes;
+  if (!failed && b.startWriteback && !b.spanDumpOffsets.empty()) {
+    uint64_t start = b.spanDumpOffsets.front();
+    uint64_t end = b.spanDumpOffsets.back() + static_cast<uint64_t>(b.spanPageCounts.back()) * b.pageSize;
+    // Advisory: a refusal only leaves more for the fdatasync.
+    sync_file_range(b.outputFd, static_cast<off_t>(start), static_cast<off_t>(end - start), SYNC_FILE_RANGE_WRITE);
+  }
   return result;
 }
 

@@ -92,6 +92,9 @@ struct RestoreBatch {
   std::vector<RestoreChunk> chunks;  // the chunks covering exactly the batch's spans
   std::vector<uint64_t> duplicates;  // pairs: dump offset of the page, dump offset of its source
   bool punchZeros = false;           // ZERO pages over old content: punch holes
+  // Start writing the batch's range to the disk at the end (sync_file_range), so a
+  // final fdatasync has less left; off where a later layer rewrites the pages.
+  bool startWriteback = false;
   uint32_t threads = 2;
 };
 

@@ -415,6 +415,9 @@ export class StateFile {
             chunks: chunkSpecs,
             duplicates: Float64Array.from(duplicates),
             punchZeros: overwrite,
+            // The batch's pages go to the disk while the next batch decompresses, not all at
+            // the final fdatasync.
+            startWriteback: options.writeback !== false,
             // Restore is memory-bound: more threads than cores only add contention (measured).
             threads: options.threads ?? os.availableParallelism(),
           });
@@ -423,12 +426,7 @@ export class StateFile {
           const where = bad !== undefined && bad >= 0 ? ` (chunk ${chunks[bad]}, guest ${this.guestRangesOfSpans(this.index.chunks[chunks[bad]!]!.firstSpan, this.index.chunks[chunks[bad]!]!.spanCount).map((r) => `0x${r.start.toString(16)}-0x${r.end.toString(16)}`).join(', ')})` : '';
           throw new Qcow2Error(where ? 'CHECKSUM_MISMATCH' : 'IO_ERROR', `restore failed: ${(error as Error).message}${where}`, { path: this.path });
         }
-        const batchEnd = this.dumpOffsetOfPage(lastPage - 1) + PAGE_SIZE;
-        // The batch's pages go to the disk while the next batch decompresses, not all at the
-        // final fdatasync. Advisory: a refusal changes nothing.
-        const batchStart = this.dumpOffsetOfPage(firstPage);
-        if (options.writeback !== false) native().startWriteback(outputFd, batchStart, batchEnd - batchStart);
-        if (options.counters) options.counters[0] = BigInt(batchEnd);
+        if (options.counters) options.counters[0] = BigInt(this.dumpOffsetOfPage(lastPage - 1) + PAGE_SIZE);
         span = end;
       }
     }
