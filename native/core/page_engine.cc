@@ -324,17 +324,21 @@ RestoreBatchResult restoreBatch(const RestoreBatch& b) {
       if (!failed && !writeRuns(s, PageState::Zero, nullptr, &unused)) fail(strerror(errno), -1);
     });
   }
-  // Duplicates last: their sources are DATA pages written above (or by an earlier batch).
+  // Duplicates last: their sources are DATA pages written above (or by an earlier batch),
+  // never other duplicates, so the copies are independent of each other.
   if (!failed) {
-    std::vector<uint8_t> page(b.pageSize);
-    for (size_t i = 0; i + 1 < b.duplicates.size(); i += 2) {
-      if (preadFully(b.outputFd, page.data(), b.pageSize, b.duplicates[i + 1]) != static_cast<int64_t>(b.pageSize) ||
-          !pwriteFully(b.outputFd, page.data(), b.pageSize, b.duplicates[i])) {
-        fail("cannot copy a duplicate page", -1);
-        break;
+    const uint64_t pairs = b.duplicates.size() / 2;
+    const uint64_t pairsPerTask = 256;
+    parallelFor((pairs + pairsPerTask - 1) / pairsPerTask, b.threads, [&](uint64_t task) {
+      std::vector<uint8_t> page(b.pageSize);
+      for (uint64_t pair = task * pairsPerTask; pair < std::min(pairs, (task + 1) * pairsPerTask) && !failed; pair++) {
+        if (preadFully(b.outputFd, page.data(), b.pageSize, b.duplicates[pair * 2 + 1]) != static_cast<int64_t>(b.pageSize) ||
+            !pwriteFully(b.outputFd, page.data(), b.pageSize, b.duplicates[pair * 2])) {
+          return fail("cannot copy a duplicate page", -1);
+        }
+        dataBytes += b.pageSize;
       }
-      dataBytes += b.pageSize;
-    }
+    });
   }
   result.dataBytes = dataBytes;
   if (!failed && b.startWriteback && !b.spanDumpOffsets.empty()) {

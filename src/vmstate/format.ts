@@ -72,12 +72,15 @@ export function decodeHeader(bytes: Buffer, path: string): Header {
 export function encodeSectionHeader(type: number, payloadLength: number, checksum: bigint): Buffer {
   const out = Buffer.alloc(SECTION_HEADER_BYTES);
   out.writeUInt32LE(type, 0);
-  out.writeUInt16LE(1, 4);
+  out.writeUInt16LE(SECTION_VERSION, 4);
   out.writeUInt16LE(requiredTypes.has(type) ? SECTION_REQUIRED : 0, 6);
   out.writeBigUInt64LE(BigInt(payloadLength), 8);
   out.writeBigUInt64LE(checksum, 16);
   return out;
 }
+
+/** The payload layout version of every section type this reader and writer know. */
+export const SECTION_VERSION = 1;
 
 export function isRequired(flags: number): boolean {
   return (flags & SECTION_REQUIRED) !== 0;
@@ -237,8 +240,12 @@ export function decodeIndex(payload: Buffer, path: string, totalPagesInSpans: nu
   let nextSpan = 0;
   for (let i = 0; i < chunkCount; i++, at += 16) {
     const entry = { firstSpan: safe(payload.readBigUInt64LE(at), path, 'chunk span'), section: payload.readUInt32LE(at + 8), spanCount: payload.readUInt32LE(at + 12) };
-    if (entry.firstSpan < nextSpan || entry.firstSpan + entry.spanCount > spanCount || entry.section >= sectionCount || sections[entry.section]!.type !== SectionType.chunk) {
-      fail(`chunk ${i} is out of order or points at a wrong section`);
+    if (entry.firstSpan < nextSpan || entry.firstSpan + entry.spanCount > spanCount || entry.section >= sectionCount) {
+      fail(`chunk ${i} is out of order or points past the section table`);
+    }
+    const section = sections[entry.section]!;
+    if (section.type !== SectionType.chunk || section.version !== SECTION_VERSION) {
+      fail(`chunk ${i} points at a ${sectionName(section.type)} section of version ${section.version}, not a CHUNK of version ${SECTION_VERSION}`);
     }
     nextSpan = entry.firstSpan + entry.spanCount;
     chunks.push(entry);

@@ -13,10 +13,18 @@ import { type CpuState, decodeCpuState } from './cpu';
 import {
   CHUNK_HEADER_BYTES, decodeFooter, decodeHeader, decodeIndex, decodeRegions, FOOTER_BYTES, HEADER_BYTES,
   type Header, type Index, isRequired, PAGE_SIZE, PageState, type Region, SECTION_HEADER_BYTES, type SectionEntry,
-  sectionName, SectionType, SPAN_PAGES, stateOf, stateLimits,
+  SECTION_VERSION, sectionName, SectionType, SPAN_PAGES, stateOf, stateLimits,
 } from './format';
 
 const knownTypes = new Set<number>(Object.values(SectionType));
+
+/** How many of the four 2-bit page states of a byte are DUPLICATE. */
+const duplicatesInByte = Uint8Array.from({ length: 256 }, (_, byte) => [0, 2, 4, 6].filter((shift) => ((byte >> shift) & 3) === PageState.duplicate).length);
+
+/** A section this reader can read: a known type at the payload version it knows. */
+function understood(section: SectionEntry): boolean {
+  return knownTypes.has(section.type) && section.version === SECTION_VERSION;
+}
 
 export interface OpenStateOptions {
   /** The parent dump, for incremental files (checked against the id and digest this file names). */
@@ -116,13 +124,17 @@ export class StateFile {
       }
       const preliminary = decodeIndex(indexPayload, path, 0);
       const regionsEntry = preliminary.sections[0];
-      if (!regionsEntry || regionsEntry.type !== SectionType.regions) throw new Qcow2Error('BAD_HEADER_FIELD', 'the first section is not REGIONS', { path });
+      if (!regionsEntry || regionsEntry.type !== SectionType.regions || regionsEntry.version !== SECTION_VERSION) {
+        throw new Qcow2Error('BAD_HEADER_FIELD', `the first section is not REGIONS of version ${SECTION_VERSION}`, { path });
+      }
       for (const section of preliminary.sections) {
         if (section.offset + SECTION_HEADER_BYTES + section.length > footer.indexOffset) {
           throw new Qcow2Error('OFFSET_BEYOND_FILE', `${sectionName(section.type)} section at ${section.offset} runs past the index`, { path, offset: section.offset });
         }
-        if (!knownTypes.has(section.type) && isRequired(section.flags)) {
-          throw new Qcow2Error('UNKNOWN_INCOMPATIBLE_FEATURE', `unknown required section type ${section.type}`, { path, offset: section.offset });
+        // Not understood and optional: skipped (verify still checks its checksum).
+        if (!understood(section) && isRequired(section.flags)) {
+          const what = knownTypes.has(section.type) ? `${sectionName(section.type)} section of unknown version ${section.version}` : `section type ${section.type}`;
+          throw new Qcow2Error('UNKNOWN_INCOMPATIBLE_FEATURE', `unknown required ${what}`, { path, offset: section.offset });
         }
       }
       const regionsPayload = await read(regionsEntry.offset + SECTION_HEADER_BYTES, regionsEntry.length);
@@ -134,6 +146,7 @@ export class StateFile {
       const index = decodeIndex(indexPayload, path, spans * SPAN_PAGES);
       if (index.spanCount !== spans) throw new Qcow2Error('BAD_HEADER_FIELD', `INDEX has ${index.spanCount} spans, the regions ${spans}`, { path });
       const state = new StateFile(path, handle, fileSize, header, regions, index, digest, options.parent, base);
+      state.checkDuplicates();
       if (state.hasParent && !options.withoutParent) {
         const parent = options.parent;
         if (!parent) throw new Qcow2Error('INVALID_ARGUMENT', 'this incremental state file needs its parent', { path });
@@ -168,7 +181,7 @@ export class StateFile {
   }
 
   async cpu(): Promise<CpuState | undefined> {
-    const section = this.index.sections.find((s) => s.type === SectionType.cpu);
+    const section = this.index.sections.find((s) => s.type === SectionType.cpu && understood(s));
     if (!section) return undefined;
     if (section.length > stateLimits.maxCpuBytes) throw new Qcow2Error('BAD_HEADER_FIELD', 'CPU section is too large', { path: this.path });
     return decodeCpuState(await this.checkedSection(section), this.path);
@@ -176,7 +189,7 @@ export class StateFile {
 
   async devices(): Promise<{ name: string; data: Buffer }[]> {
     const devices: { name: string; data: Buffer }[] = [];
-    for (const section of this.index.sections.filter((s) => s.type === SectionType.device)) {
+    for (const section of this.index.sections.filter((s) => s.type === SectionType.device && understood(s))) {
       if (section.length > stateLimits.maxDeviceBytes) throw new Qcow2Error('BAD_HEADER_FIELD', 'DEVICE section is too large', { path: this.path });
       const payload = await this.checkedSection(section);
       const length = payload.readUInt16LE(0);
@@ -269,6 +282,29 @@ export class StateFile {
         if (!this.parent) throw new Qcow2Error('INVALID_ARGUMENT', 'PARENT page without a parent dump', { path: this.path });
         await this.parent.readGuest(out, address);
       }
+    }
+  }
+
+  /**
+   * Each duplicate pair names a DUPLICATE page and, below it, a DATA page, in increasing page
+   * order, as the format says: restore copies the pairs in parallel and relies on it.
+   */
+  private checkDuplicates(): void {
+    const pairs = this.index.duplicates;
+    let previous = -1;
+    for (let i = 0; i < pairs.length; i += 2) {
+      const page = pairs[i]!;
+      const source = pairs[i + 1]!;
+      if (page <= previous || source >= page || stateOf(this.index.states, this.slotOfPage(page)) !== PageState.duplicate || stateOf(this.index.states, this.slotOfPage(source)) !== PageState.data) {
+        throw new Qcow2Error('BAD_HEADER_FIELD', `INDEX: duplicate ${i / 2} (page ${page} from page ${source}) is out of order or not a DUPLICATE of a lower DATA page`, { path: this.path });
+      }
+      previous = page;
+    }
+    // And every DUPLICATE page has its pair: one without would be restored as nothing at all.
+    let duplicateStates = 0;
+    for (const byte of this.index.states) duplicateStates += duplicatesInByte[byte]!;
+    if (duplicateStates !== pairs.length / 2) {
+      throw new Qcow2Error('BAD_HEADER_FIELD', `INDEX: ${duplicateStates} DUPLICATE pages but ${pairs.length / 2} duplicate pairs`, { path: this.path });
     }
   }
 

@@ -15,7 +15,7 @@ import { type CpuState, encodeCpuState } from './cpu';
 import {
   CHUNK_HEADER_BYTES, ChunkCodec, type ChunkMapEntry, encodeFooter, encodeHeader, encodeIndex, encodeRegions,
   encodeSectionHeader, PAGE_SIZE, padding, packStates, type Region, SECTION_HEADER_BYTES, type SectionEntry,
-  SectionType, SPAN_PAGES,
+  SECTION_VERSION, SectionType, SPAN_PAGES,
 } from './format';
 import type { StateFile } from './reader';
 
@@ -138,7 +138,7 @@ export async function writeState(output: string, options: WriteStateOptions): Pr
       const payload = parts.length === 1 ? parts[0]! : Buffer.concat(parts);
       const checksum = addon.hash64(payload);
       const sectionHeader = encodeSectionHeader(type, payload.length, checksum);
-      sections.push({ type, flags: sectionHeader.readUInt16LE(6), version: 1, offset: position, length: payload.length, checksum });
+      sections.push({ type, flags: sectionHeader.readUInt16LE(6), version: SECTION_VERSION, offset: position, length: payload.length, checksum });
       await write(sectionHeader);
       await write(payload);
       const pad = padding(payload.length);
