@@ -210,9 +210,15 @@ export class StateFile {
   }
 
   private slotOfPage(page: number): number {
-    for (const [i, region] of this.regions.entries()) {
-      const pages = region.size / PAGE_SIZE;
-      if (page >= region.firstPage && page < region.firstPage + pages) return this.regionFirstSpan[i]! * SPAN_PAGES + (page - region.firstPage);
+    // Regions number their pages consecutively: a binary search (open checks every duplicate pair).
+    let low = 0;
+    let high = this.regions.length - 1;
+    while (low <= high) {
+      const mid = (low + high) >> 1;
+      const region = this.regions[mid]!;
+      if (page < region.firstPage) high = mid - 1;
+      else if (page >= region.firstPage + region.size / PAGE_SIZE) low = mid + 1;
+      else return this.regionFirstSpan[mid]! * SPAN_PAGES + (page - region.firstPage);
     }
     throw new Qcow2Error('BAD_HEADER_FIELD', `page ${page} lies outside every region`, { path: this.path });
   }
