@@ -19,16 +19,15 @@ export const addonPath = path.join(repoRoot, 'build', 'Release', 'qcow2img.node'
  * part of a hypervisor host's usual environment. The processes the benchmarks measure run without
  * it (children inherit this process's environment); machineFacts says so, with both start-up times.
  */
-const unsetEnvironment = ['NODE_EXTRA_CA_CERTS'].filter((name) => process.env[name] !== undefined);
-const startupWithUnset = unsetEnvironment.length > 0 ? nodeStartupSeconds() : undefined;
-for (const name of unsetEnvironment) delete process.env[name];
+const unsetEnvironment = Object.fromEntries(['NODE_EXTRA_CA_CERTS'].filter((name) => process.env[name] !== undefined).map((name) => [name, process.env[name]]));
+for (const name of Object.keys(unsetEnvironment)) delete process.env[name];
 
-/** Median wall seconds of `node -e 0`, in this process's environment. */
-function nodeStartupSeconds() {
+/** Median wall seconds of `node -e 0` in this process's environment plus `extra`. */
+function nodeStartupSeconds(extra = {}) {
   const times = [];
   for (let i = 0; i < 5; i++) {
     const started = performance.now();
-    spawnSync(process.execPath, ['-e', '0']);
+    spawnSync(process.execPath, ['-e', '0'], { env: { ...process.env, ...extra } });
     times.push((performance.now() - started) / 1000);
   }
   return times.sort((a, b) => a - b)[2];
@@ -228,8 +227,8 @@ export function machineFacts(dir, build) {
     ['kernel', `${os.type()} ${os.release()}`],
     ['filesystem (images and outputs)', `${filesystem} at ${dir}`],
     ['node', process.version],
-    ...(unsetEnvironment.length > 0
-      ? [['environment', `${unsetEnvironment.join(', ')} unset for the measured processes (node start-up ${startupWithUnset.toFixed(3)} s with it, ${nodeStartupSeconds().toFixed(3)} s without)`]]
+    ...(Object.keys(unsetEnvironment).length > 0
+      ? [['environment', `${Object.keys(unsetEnvironment).join(', ')} unset for the measured processes (node start-up ${nodeStartupSeconds(unsetEnvironment).toFixed(3)} s with it, ${nodeStartupSeconds().toFixed(3)} s without)`]]
       : []),
     ['qemu-img', firstLine('qemu-img', ['--version'])],
     ['qcow2img', `git ${gitHead}${gitDirty}, addon sha256 ${build?.addonDigest ?? addonDigest()}${build ? ` (copy of the tree's build in ${build.dir})` : ''}`],
