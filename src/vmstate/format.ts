@@ -17,6 +17,8 @@ export const SPAN_PAGES = 512;
 export const SectionType = { regions: 1, cpu: 2, device: 3, chunk: 4, index: 5 } as const;
 const requiredTypes = new Set<number>([SectionType.regions, SectionType.cpu, SectionType.chunk, SectionType.index]);
 export const SECTION_REQUIRED = 1;
+/** The payload layout version of every section type this reader and writer know. */
+export const SECTION_VERSION = 1;
 
 export const PageState = { zero: 0, data: 1, duplicate: 2, parent: 3 } as const;
 export const ChunkCodec = { none: 0, zstd: 1, deflate: 2 } as const;
@@ -78,9 +80,6 @@ export function encodeSectionHeader(type: number, payloadLength: number, checksu
   out.writeBigUInt64LE(checksum, 16);
   return out;
 }
-
-/** The payload layout version of every section type this reader and writer know. */
-export const SECTION_VERSION = 1;
 
 export function isRequired(flags: number): boolean {
   return (flags & SECTION_REQUIRED) !== 0;
