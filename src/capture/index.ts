@@ -52,7 +52,13 @@ export interface CaptureResult {
   seconds: number;
 }
 
-const batchBytes = 64 * 1024 * 1024;
+/**
+ * Guest bytes per native job. Each job ends with its workers draining one by one, so fewer,
+ * larger jobs keep the disk and the cores busier (3% on an uncompressed 2 GiB capture); with a
+ * base image the job's base bytes are read into one buffer, which keeps that case smaller.
+ */
+const batchBytes = 256 * 1024 * 1024;
+const batchBytesWithBase = 64 * 1024 * 1024;
 const codecs = { none: 0, zlib: 1, zstd: 2 } as const;
 
 /** What the capture compares with: qcow2 (through the reader) or raw. */
@@ -227,9 +233,9 @@ export async function capture(source: string, output: string, options: CaptureOp
     const l2Span = l2EntryCount * clusterSize;
     const l1Size = Math.max(1, Math.ceil(virtualSize / l2Span));
     const l1 = new Array<number>(l1Size).fill(0);
-    // Native jobs of batchBytes; tables are emitted a group at a time, a group
+    // Native jobs of a batch each; tables are emitted a group at a time, a group
     // being one L2 table's span or, with small clusters, many tables.
-    const clustersPerBatch = Math.max(1, batchBytes / clusterSize);
+    const clustersPerBatch = Math.max(1, (options.backing !== undefined ? batchBytesWithBase : batchBytes) / clusterSize);
     const groupClusters = Math.max(l2EntryCount, clustersPerBatch);
     const groupResults = new Float64Array(groupClusters * 3);
     // Host clusters touched by compressed streams, with how many streams touch each.
