@@ -157,8 +157,12 @@ class Engine {
           skippedZeroBytes_ += r.length;
           continue;
         }
-        for (uint64_t s = r.guest; s < r.guest + r.length; s += kZeroChunk) {
-          tasks_.push_back(Task{true, s, std::min(r.guest + r.length, s + kZeroChunk), i});
+        // Chunk edges on multiples of kZeroChunk, so inside a run they fall on O_DIRECT units
+        // (zeroRange leaves a unit that straddles its edges to whoever holds the rest of it).
+        for (uint64_t s = r.guest; s < r.guest + r.length;) {
+          uint64_t e = std::min(r.guest + r.length, alignDown(s, kZeroChunk) + kZeroChunk);
+          tasks_.push_back(Task{true, s, e, i});
+          s = e;
         }
         continue;
       }

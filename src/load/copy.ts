@@ -14,6 +14,8 @@ import { ProgressSampler, type ProgressCallback } from './progress';
 const batchBytes = 1024 * 1024 * 1024;
 
 export interface CopyTarget {
+  /** What errors of writing name. */
+  path: string;
   fd: number;
   /** Buffered fd of the same target for the part of the last O_DIRECT unit before its end. */
   tailFd?: number;
@@ -82,7 +84,7 @@ function readAhead(runs: Float64Array, sources: readonly NativeSource[]): void {
  * out to the O_DIRECT unit (as the writes are). Zero runs stay holes. Best effort: a
  * filesystem that refuses only loses the speed-up.
  */
-function preallocateData(target: CopyTarget, runs: Float64Array): void {
+function preallocateData(target: CopyTarget, runs: Float64Array, size: number): void {
   const unit = Math.max(target.alignment, 512);
   let from = -1;
   let to = -1;
@@ -92,7 +94,8 @@ function preallocateData(target: CopyTarget, runs: Float64Array): void {
   for (let at = 0; at < runs.length; at += planRunFields) {
     if (runs[at + 2] === PlanKind.Zero) continue;
     const start = Math.floor(runs[at]! / unit) * unit;
-    const end = Math.ceil((runs[at]! + runs[at + 1]!) / unit) * unit;
+    // Not past the disk's end: fallocate there would make the file longer than the disk.
+    const end = Math.min(Math.ceil((runs[at]! + runs[at + 1]!) / unit) * unit, size);
     if (start <= to) to = Math.max(to, end);
     else {
       flush();
@@ -115,12 +118,12 @@ export async function copyImage(image: Image, target: CopyTarget, options: CopyO
   const windowSize = copyWindowSize(image, target.alignment);
   const incomplete = () => new Qcow2Error('CANCELLED', 'cancelled; the target is incomplete', { path: image.path });
   sampler.start();
+  let pending: Promise<void> | undefined;
   try {
-    let pending: Promise<void> | undefined;
     for (let start = 0; start < size; start += batchBytes) {
       const runs = await image.copyRuns(start, Math.min(size, start + batchBytes));
       const plan = image.plan(runs);
-      if (target.preallocate) preallocateData(target, plan.runs);
+      if (target.preallocate) preallocateData(target, plan.runs, size);
       readAhead(plan.runs, plan.sources);
       if (pending) await pending;
       if (counters[2] !== 0n) break;
@@ -138,8 +141,8 @@ export async function copyImage(image: Image, target: CopyTarget, options: CopyO
         windowSize,
         counters,
         ...(target.windowHashes ? { windowHashes: target.windowHashes, hashedSize: size } : {}),
+      }, target.path).catch((error: unknown) => {
         // A job stopped by the signal says "cancelled": what matters to the user is the target.
-      }).catch((error: unknown) => {
         throw error instanceof Qcow2Error && error.code === 'CANCELLED' ? incomplete() : error;
       });
       // A rejection is awaited on the next turn or below; do not let it go unhandled meanwhile.
@@ -147,6 +150,12 @@ export async function copyImage(image: Image, target: CopyTarget, options: CopyO
     }
     if (pending) await pending;
     if (counters[2] !== 0n) throw incomplete();
+  } catch (error) {
+    // Planning the next batch failed while a job runs: stop it and wait, for the caller
+    // closes the target's and the image's descriptors next, and the job writes by number.
+    counters[2] = 1n;
+    await pending?.catch(() => {});
+    throw error;
   } finally {
     sampler.stop();
     options.signal?.removeEventListener('abort', abort);

@@ -50,6 +50,7 @@ export async function load(source: string | Image, target: string, options: Load
       const copied = await copyImage(
         image,
         {
+          path: opened.path,
           fd: opened.fd,
           tailFd: opened.tailFd,
           base: opened.base,

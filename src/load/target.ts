@@ -167,7 +167,7 @@ async function openReadBack(path: string, direct: boolean, length: number, base:
 }
 
 /** Shared by file regions and devices: a target written in place, flushed at the end. */
-function inPlaceTarget(kind: 'file-region' | 'device', path: string, main: fs.FileHandle, tail: fs.FileHandle, base: number, alignment: number, zeroMode: number, direct: boolean, length: number): OpenTarget {
+function inPlaceTarget(kind: 'file-region' | 'device', path: string, main: fs.FileHandle, tail: fs.FileHandle, base: number, alignment: number, zeroMode: number, direct: boolean, length: number, created = false): OpenTarget {
   let closed = false;
   const close = async () => {
     if (closed) return;
@@ -190,7 +190,11 @@ function inPlaceTarget(kind: 'file-region' | 'device', path: string, main: fs.Fi
       await flushBoth(main, tail, path);
       await close();
     },
-    abort: close,
+    async abort() {
+      await close();
+      // A file this load created holds nothing of the user's: do not leave a partial disk behind.
+      if (created) await fs.unlink(path).catch(() => {});
+    },
   };
 }
 
@@ -201,7 +205,9 @@ async function openFileRegion(image: Image, path: string, exists: boolean, optio
   }
   let base = options.offset ?? 0;
   if (options.partition !== undefined) {
-    const handle = await fs.open(path, 'r');
+    const handle = await fs.open(path, 'r').catch((error) => {
+      throw ioError(error, path, 'cannot open the target file');
+    });
     try {
       const size = (await handle.stat()).size;
       const partition = await findPartition(handle, size, options.partition, path);
@@ -228,11 +234,15 @@ async function openFileRegion(image: Image, path: string, exists: boolean, optio
       alignment = 0;
     }
     const tail = await fs.open(path, fsConstants.O_WRONLY);
+    // The region must read as the whole disk, trailing zeros included: holes punched
+    // (KEEP_SIZE) or skipped past the end would leave the file short.
+    if ((await main.stat()).size < base + image.virtualSize) await main.truncate(base + image.virtualSize);
     // Old bytes in the region must read back as zeros where the image has none.
     const zeroMode = options.targetIsZero ? ZeroMode.Skip : ZeroMode.PunchHole;
-    return inPlaceTarget('file-region', path, main, tail, base, alignment, zeroMode, alignment !== 0, image.virtualSize);
+    return inPlaceTarget('file-region', path, main, tail, base, alignment, zeroMode, alignment !== 0, image.virtualSize, !exists);
   } catch (error) {
     await main?.close().catch(() => {});
+    if (!exists) await fs.unlink(path).catch(() => {});
     throw ioError(error, path, 'cannot open the target file');
   }
 }

@@ -105,6 +105,8 @@ export class Image {
   ) {}
 
   private closed = false;
+  /** Reads, maps and copy jobs in flight, which close() waits for. */
+  private readonly operations = new Set<Promise<unknown>>();
 
   get virtualSize(): number {
     return this.layers[0]!.virtualSize;
@@ -122,6 +124,24 @@ export class Image {
 
   private check(): void {
     if (this.closed) throw new Qcow2Error('CLOSED', 'image is closed', { path: this.path });
+  }
+
+  /**
+   * Runs an operation close() must wait for: native jobs use the layers' descriptors by
+   * number, and a table read cut off by close() would fail with an I/O error, not CLOSED.
+   */
+  private tracked<T>(work: () => Promise<T>): Promise<T> {
+    let running: Promise<T>;
+    try {
+      this.check();
+      running = work();
+    } catch (error) {
+      return Promise.reject(error);
+    }
+    this.operations.add(running);
+    const forget = () => this.operations.delete(running);
+    running.then(forget, forget);
+    return running;
   }
 
   /** The runs of guest [start, end), each resolved to the file and depth that decides it. @internal */
@@ -162,7 +182,11 @@ export class Image {
   }
 
   /** The allocation map, with the same run boundaries as `qemu-img map --output=json`. */
-  async extents(): Promise<MapEntry[]> {
+  extents(): Promise<MapEntry[]> {
+    return this.tracked(() => this.extentsNow());
+  }
+
+  private async extentsNow(): Promise<MapEntry[]> {
     const entries: MapEntry[] = [];
     const step = 1024 * this.mapStep();
     for (let start = 0; start < this.virtualSize; start += step) {
@@ -213,7 +237,11 @@ export class Image {
    * so that a load leaves them as holes instead of writing zeros.
    * @internal
    */
-  async copyRuns(start: number, end: number): Promise<ResolvedRun[]> {
+  copyRuns(start: number, end: number): Promise<ResolvedRun[]> {
+    return this.tracked(() => this.copyRunsNow(start, end));
+  }
+
+  private async copyRunsNow(start: number, end: number): Promise<ResolvedRun[]> {
     const runs = await this.resolve(start, end);
     this.preallocatedDepths ??= Promise.all(this.layers.map((l) => (l instanceof Qcow2Layer ? l.metadataPreallocated() : false)));
     const preallocated = await this.preallocatedDepths;
@@ -245,8 +273,11 @@ export class Image {
    * Reads guest bytes at `offset` into `buffer` (all of it, or up to the virtual
    * size); resolves to the number of bytes read.
    */
-  async read(buffer: Buffer | Uint8Array, offset: number): Promise<number> {
-    this.check();
+  read(buffer: Buffer | Uint8Array, offset: number): Promise<number> {
+    return this.tracked(() => this.readNow(buffer, offset));
+  }
+
+  private async readNow(buffer: Buffer | Uint8Array, offset: number): Promise<number> {
     if (!Number.isSafeInteger(offset) || offset < 0) {
       throw new Qcow2Error('INVALID_ARGUMENT', `read offset ${offset} is not a non-negative integer`, { path: this.path });
     }
@@ -337,16 +368,17 @@ export class Image {
   }
 
   /** Runs a native copy job and turns its failure into a Qcow2Error naming the file. @internal */
-  async runCopy(job: NativeCopyJob): Promise<void> {
-    try {
-      await native().copy(job);
-    } catch (error) {
-      throw this.copyError(error);
-    }
+  runCopy(job: NativeCopyJob, targetPath?: string): Promise<void> {
+    // Once close() has begun, no new job: the descriptors in its plan are being closed.
+    return this.tracked(() =>
+      native().copy(job).catch((error: unknown) => {
+        throw this.copyError(error, targetPath);
+      }),
+    );
   }
 
   /** @internal */
-  copyError(error: unknown): Qcow2Error {
+  copyError(error: unknown, targetPath?: string): Qcow2Error {
     const e = error as { message?: string; operation?: string; sourceIndex?: number; guestOffset?: number; hostOffset?: number; cancelled?: boolean; errno?: number };
     if (e.cancelled) return new Qcow2Error('CANCELLED', 'cancelled', { path: this.path });
     const file = e.sourceIndex !== undefined && e.sourceIndex >= 0 ? this.files[e.sourceIndex] : undefined;
@@ -357,13 +389,15 @@ export class Image {
       case 'read':
         return new Qcow2Error(e.errno ? 'IO_ERROR' : 'OFFSET_BEYOND_FILE', `reading ${where}: ${e.message}`, { path: file?.path ?? this.path, offset: e.hostOffset });
       default:
-        return new Qcow2Error('IO_ERROR', `${e.operation ?? 'copy'} failed at ${where}: ${e.message}`, { path: this.path, offset: e.hostOffset });
+        // Writing, zeroing, bounds: the target's failure, at a target offset.
+        return new Qcow2Error('IO_ERROR', `${e.operation ?? 'copy'} failed at guest offset ${e.guestOffset}, target offset ${e.hostOffset}: ${e.message}`, { path: targetPath ?? this.path, offset: e.hostOffset });
     }
   }
 
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
+    await Promise.allSettled([...this.operations]);
     for (const layer of this.layers) await layer.close();
   }
 }

@@ -355,8 +355,10 @@ export class Qcow2Layer implements Layer {
   }
 
   async close(): Promise<void> {
-    await this.file.handle.close();
-    if (this.dataFile) await this.dataFile.handle.close();
+    // Both, even if the first fails; the first failure is reported.
+    const results = await Promise.allSettled([this.file.handle.close(), ...(this.dataFile ? [this.dataFile.handle.close()] : [])]);
+    const failed = results.find((r): r is PromiseRejectedResult => r.status === 'rejected');
+    if (failed) throw failed.reason;
   }
 }
 

@@ -56,6 +56,7 @@ export async function open(path: string, options: OpenOptions = {}): Promise<Ima
 }
 
 async function openQcow2Layer(file: OpenFile, snapshotName: string | undefined, options: OpenOptions, seen: Set<string>): Promise<Qcow2Layer> {
+  let dataFile: OpenFile | undefined;
   try {
     const { header, snapshots } = await Qcow2Layer.readHeader(file);
     if (header.corrupt) options.onWarning?.(`${file.path}: image is marked corrupt; reading it anyway`);
@@ -64,7 +65,6 @@ async function openQcow2Layer(file: OpenFile, snapshotName: string | undefined, 
       snapshot = snapshots.find((s) => s.id === snapshotName) ?? snapshots.find((s) => s.name === snapshotName);
       if (!snapshot) throw new Qcow2Error('SNAPSHOT_NOT_FOUND', `no snapshot with id or name "${snapshotName}"`, { path: file.path });
     }
-    let dataFile: OpenFile | undefined;
     if (file.base !== 0 && (header.externalDataFile !== undefined || header.backingFile !== undefined)) {
       // Names in an image inside an archive would resolve against the archive's folder: refused.
       throw new Qcow2Error('PATH_NOT_ALLOWED', 'an image inside an archive cannot name backing or data files', { path: file.path });
@@ -77,6 +77,7 @@ async function openQcow2Layer(file: OpenFile, snapshotName: string | undefined, 
     return await Qcow2Layer.open(file, header, snapshots, dataFile, snapshot);
   } catch (error) {
     await file.handle.close().catch(() => {});
+    await dataFile?.handle.close().catch(() => {});
     throw error;
   }
 }
