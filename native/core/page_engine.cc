@@ -62,18 +62,27 @@ void hash128(const uint8_t* data, size_t length, uint64_t* low, uint64_t* high) 
 
 namespace {
 
-// Runs fn(i) for i in [0, count) on up to `threads` threads.
+// Runs fn(i) for i in [0, count) on up to `threads` threads. False when a task threw
+// (std::bad_alloc): the tasks left are skipped, and no exception leaves a thread.
 template <typename Fn>
-void parallelFor(uint64_t count, uint32_t threads, Fn fn) {
+bool parallelFor(uint64_t count, uint32_t threads, Fn fn) {
   uint32_t n = static_cast<uint32_t>(std::max<uint64_t>(1, std::min<uint64_t>(threads, count)));
   std::atomic<uint64_t> next{0};
+  std::atomic<bool> threw{false};
   auto work = [&] {
-    for (uint64_t i = next.fetch_add(1); i < count; i = next.fetch_add(1)) fn(i);
+    for (uint64_t i = next.fetch_add(1); i < count && !threw; i = next.fetch_add(1)) {
+      try {
+        fn(i);
+      } catch (...) {
+        threw = true;
+      }
+    }
   };
   std::vector<std::thread> pool;
   for (uint32_t t = 1; t < n; t++) pool.emplace_back(work);
   work();
   for (auto& t : pool) t.join();
+  return !threw;
 }
 
 // A read-only mapping of a file range: the batch being scanned, and the whole
@@ -159,7 +168,7 @@ DumpBatchResult processDumpBatch(const DumpBatch& b) {
 
   // Phase 1, parallel: zero pages, unchanged pages, hashes of the rest.
   const uint64_t pagesPerTask = 256;
-  parallelFor((b.pageCount + pagesPerTask - 1) / pagesPerTask, b.threads, [&](uint64_t task) {
+  bool completed = parallelFor((b.pageCount + pagesPerTask - 1) / pagesPerTask, b.threads, [&](uint64_t task) {
     uint64_t end = std::min(b.pageCount, (task + 1) * pagesPerTask);
     for (uint64_t i = task * pagesPerTask; i < end; i++) {
       const uint8_t* page = pages + i * b.pageSize;
@@ -176,6 +185,10 @@ DumpBatchResult processDumpBatch(const DumpBatch& b) {
       if (b.dedup) hashes[i] = XXH3_128bits(page, b.pageSize);
     }
   });
+  if (!completed) {
+    result.error = "out of memory";
+    return result;
+  }
 
   // Phase 2, in page order: the first occurrence of some contents is DATA, a
   // later one with the same bytes (hash, then memcmp) is its DUPLICATE.
@@ -214,7 +227,7 @@ DumpBatchResult processDumpBatch(const DumpBatch& b) {
 
   // Phase 4, parallel: gather each chunk's data pages and compress them.
   result.chunks.resize(plans.size());
-  parallelFor(plans.size(), b.threads, [&](uint64_t c) {
+  completed = parallelFor(plans.size(), b.threads, [&](uint64_t c) {
     const ChunkPlan& plan = plans[c];
     DumpChunk& chunk = result.chunks[c];
     chunk.firstSpan = b.firstSpan + plan.firstSpan;
@@ -239,6 +252,7 @@ DumpBatchResult processDumpBatch(const DumpBatch& b) {
       chunk.codec = ChunkCodec::None;
     }
   });
+  if (!completed) result.error = "out of memory";
   return result;
 }
 
@@ -258,7 +272,8 @@ RestoreBatchResult restoreBatch(const RestoreBatch& b) {
   };
   std::atomic<uint64_t> dataBytes{0};
 
-  // Writes runs of consecutive pages in `state` of span s from `source` (or punches them).
+  // Writes runs of consecutive pages in `state` of span s from `source` (or punches them);
+  // the caller has checked that `source` holds every DATA page of the span.
   auto writeRuns = [&](size_t s, PageState state, const uint8_t* source, uint64_t* sourceCursor) -> bool {
     const uint8_t* states = b.states + spanFirstPage[s];
     uint32_t count = b.spanPageCounts[s];
@@ -284,7 +299,7 @@ RestoreBatchResult restoreBatch(const RestoreBatch& b) {
     return true;
   };
 
-  parallelFor(b.chunks.size(), b.threads, [&](uint64_t c) {
+  bool completed = parallelFor(b.chunks.size(), b.threads, [&](uint64_t c) {
     if (failed) return;
     const RestoreChunk& chunk = b.chunks[c];
     std::vector<uint8_t> payload(chunk.payloadLength);
@@ -304,6 +319,17 @@ RestoreBatchResult restoreBatch(const RestoreBatch& b) {
     if (firstSpan < b.firstSpan || firstSpan + spanCount > b.firstSpan + b.spanPageCounts.size()) {
       return fail("chunk outside its batch", static_cast<int64_t>(c));
     }
+    // The raw length the index implies, before allocating what the chunk claims.
+    uint64_t dataPages = 0;
+    for (uint64_t s = firstSpan - b.firstSpan; s < firstSpan - b.firstSpan + spanCount; s++) {
+      const uint8_t* states = b.states + spanFirstPage[s];
+      for (uint32_t i = 0; i < b.spanPageCounts[s]; i++) dataPages += states[i] == static_cast<uint8_t>(PageState::Data);
+    }
+    if (rawLength != dataPages * b.pageSize) {
+      return fail(rawLength < dataPages * b.pageSize ? "chunk holds fewer pages than its spans need"
+                                                     : "chunk holds more pages than its spans need",
+                  static_cast<int64_t>(c));
+    }
     std::vector<uint8_t> raw(rawLength);
     if (!decompressChunk(codec, payload.data() + 32, payload.size() - 32, raw.data(), rawLength) ||
         XXH3_64bits(raw.data(), raw.size()) != rawChecksum) {
@@ -311,25 +337,23 @@ RestoreBatchResult restoreBatch(const RestoreBatch& b) {
     }
     uint64_t cursor = 0;
     for (uint64_t s = firstSpan - b.firstSpan; s < firstSpan - b.firstSpan + spanCount; s++) {
-      if (!writeRuns(s, PageState::Data, raw.data(), &cursor) || cursor > raw.size()) {
-        return fail(cursor > raw.size() ? "chunk holds fewer pages than its spans need" : strerror(errno),
-                    static_cast<int64_t>(c));
-      }
+      if (!writeRuns(s, PageState::Data, raw.data(), &cursor)) return fail(strerror(errno), static_cast<int64_t>(c));
     }
-    if (cursor != raw.size()) fail("chunk holds more pages than its spans need", static_cast<int64_t>(c));
   });
+  if (!completed) fail("out of memory", -1);
   if (!failed && b.punchZeros) {
-    parallelFor(b.spanPageCounts.size(), b.threads, [&](uint64_t s) {
+    completed = parallelFor(b.spanPageCounts.size(), b.threads, [&](uint64_t s) {
       uint64_t unused = 0;
       if (!failed && !writeRuns(s, PageState::Zero, nullptr, &unused)) fail(strerror(errno), -1);
     });
+    if (!completed) fail("out of memory", -1);
   }
   // Duplicates last: their sources are DATA pages written above (or by an earlier batch),
   // never other duplicates, so the copies are independent of each other.
   if (!failed) {
     const uint64_t pairs = b.duplicates.size() / 2;
     const uint64_t pairsPerTask = 256;
-    parallelFor((pairs + pairsPerTask - 1) / pairsPerTask, b.threads, [&](uint64_t task) {
+    completed = parallelFor((pairs + pairsPerTask - 1) / pairsPerTask, b.threads, [&](uint64_t task) {
       std::vector<uint8_t> page(b.pageSize);
       for (uint64_t pair = task * pairsPerTask; pair < std::min(pairs, (task + 1) * pairsPerTask) && !failed; pair++) {
         if (preadFully(b.outputFd, page.data(), b.pageSize, b.duplicates[pair * 2 + 1]) != static_cast<int64_t>(b.pageSize) ||
@@ -339,6 +363,7 @@ RestoreBatchResult restoreBatch(const RestoreBatch& b) {
         dataBytes += b.pageSize;
       }
     });
+    if (!completed) fail("out of memory", -1);
   }
   result.dataBytes = dataBytes;
   if (!failed && b.startWriteback && !b.spanDumpOffsets.empty()) {

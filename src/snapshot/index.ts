@@ -32,6 +32,9 @@ export type { SnapshotMetadata } from './metadata';
 export type { CpuState } from '../vmstate/cpu';
 export type { MemoryRegion } from '../vmstate/writer';
 
+/** Device blobs are restored as files of these names. */
+const deviceNamePattern = /^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$/;
+
 export interface CreateSnapshotOptions {
   /** Raw disk (file, block device or partition) to capture as disk.qcow2. */
   disk?: string;
@@ -237,10 +240,14 @@ export async function createSnapshot(out: string, options: CreateSnapshotOptions
     throw new Qcow2Error('INVALID_ARGUMENT', 'an archive holds a self-contained snapshot: create an incremental one (--parent) as a folder', { path: target });
   }
   const cpu: CpuState | undefined = options.cpu !== undefined ? parseCpuState(options.cpu, target) : undefined;
+  const deviceNames = new Set<string>();
   for (const device of options.devices ?? []) {
-    if (!/^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$/.test(device.name)) {
+    if (!deviceNamePattern.test(device.name)) {
       throw new Qcow2Error('INVALID_ARGUMENT', `device name "${device.name}" must be a plain file name (letters, digits, . _ -)`, { path: target });
     }
+    // Restore writes one file a name: a second blob of a name would be lost.
+    if (deviceNames.has(device.name)) throw new Qcow2Error('INVALID_ARGUMENT', `device name "${device.name}" is given twice`, { path: target });
+    deviceNames.add(device.name);
   }
   const chain = options.parent ? await readChain(options.parent) : [];
   const parentLink = chain[0];
@@ -541,10 +548,11 @@ async function restoreChain(opened: OpenedBundle, options: RestoreSnapshotOption
       if (options.deviceDir) {
         await fs.mkdir(options.deviceDir, { recursive: true });
         result.devices = [];
-        for (const device of await state!.devices()) {
+        const devices = await state!.devices();
+        for (const [i, device] of devices.entries()) {
           // Names were checked on create; check again, the file may have been altered.
-          if (!/^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$/.test(device.name)) {
-            throw new Qcow2Error('BAD_HEADER_FIELD', `device name "${device.name}" is not a plain file name`, { path: opened.path });
+          if (!deviceNamePattern.test(device.name) || devices.findIndex((d) => d.name === device.name) !== i) {
+            throw new Qcow2Error('BAD_HEADER_FIELD', `device name "${device.name}" is not a plain file name, or appears twice`, { path: opened.path });
           }
           const file = nodePath.join(options.deviceDir, device.name);
           await writeNewFile(file, device.data, options.overwrite === true);

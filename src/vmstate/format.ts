@@ -289,6 +289,11 @@ export function decodeFooter(bytes: Buffer, path: string, fileSize: number): Foo
   return footer;
 }
 
+/** The same guest regions at the same places of the RAM dump. */
+export function sameRegions(a: readonly { guestBase: number; size: number; dumpOffset: number }[], b: readonly { guestBase: number; size: number; dumpOffset: number }[]): boolean {
+  return a.length === b.length && a.every((r, i) => r.guestBase === b[i]!.guestBase && r.size === b[i]!.size && r.dumpOffset === b[i]!.dumpOffset);
+}
+
 /** Packs one state a page (0..3) into 2 bits a page, least significant first. */
 export function packStates(states: Uint8Array, out: Buffer, firstPage: number): void {
   for (let i = 0; i < states.length; i++) {

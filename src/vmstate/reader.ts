@@ -13,13 +13,16 @@ import { type CpuState, decodeCpuState } from './cpu';
 import {
   CHUNK_HEADER_BYTES, decodeFooter, decodeHeader, decodeIndex, decodeRegions, FOOTER_BYTES, HEADER_BYTES,
   type Header, type Index, isRequired, PAGE_SIZE, PageState, type Region, SECTION_HEADER_BYTES, type SectionEntry,
-  SECTION_VERSION, sectionName, SectionType, SPAN_PAGES, stateOf, stateLimits,
+  encodeSectionHeader, SECTION_VERSION, sameRegions, sectionName, SectionType, SPAN_PAGES, stateOf, stateLimits,
 } from './format';
 
 const knownTypes = new Set<number>(Object.values(SectionType));
 
-/** How many of the four 2-bit page states of a byte are DUPLICATE. */
-const duplicatesInByte = Uint8Array.from({ length: 256 }, (_, byte) => [0, 2, 4, 6].filter((shift) => ((byte >> shift) & 3) === PageState.duplicate).length);
+/** How many of the four 2-bit page states of a byte are `state`. */
+const statesInByte = (state: number) => Uint8Array.from({ length: 256 }, (_, byte) => [0, 2, 4, 6].filter((shift) => ((byte >> shift) & 3) === state).length);
+const duplicatesInByte = statesInByte(PageState.duplicate);
+const dataInByte = statesInByte(PageState.data);
+const parentsInByte = statesInByte(PageState.parent);
 
 /** A section this reader can read: a known type at the payload version it knows. */
 function understood(section: SectionEntry): boolean {
@@ -147,11 +150,16 @@ export class StateFile {
       if (index.spanCount !== spans) throw new Qcow2Error('BAD_HEADER_FIELD', `INDEX has ${index.spanCount} spans, the regions ${spans}`, { path });
       const state = new StateFile(path, handle, fileSize, header, regions, index, digest, options.parent, base);
       state.checkDuplicates();
+      state.checkStates();
       if (state.hasParent && !options.withoutParent) {
         const parent = options.parent;
         if (!parent) throw new Qcow2Error('INVALID_ARGUMENT', 'this incremental state file needs its parent', { path });
         if (!parent.snapshotId.equals(header.parentId) || !parent.digest.equals(header.parentDigest)) {
           throw new Qcow2Error('PARENT_MISMATCH', `parent ${parent.path} is not the dump this file was taken over (id or digest differs)`, { path });
+        }
+        // Each layer restores at its own dump offsets: the layouts must be one.
+        if (!sameRegions(parent.regions, regions)) {
+          throw new Qcow2Error('PARENT_MISMATCH', `parent ${parent.path} lays out memory differently (regions, or where they lie in the RAM dump)`, { path });
         }
       }
       return state;
@@ -314,6 +322,41 @@ export class StateFile {
     }
   }
 
+  /**
+   * Restore writes what the index says, so the index must say it whole: DATA pages only in
+   * spans a chunk holds, PARENT pages only in an incremental file, nothing in the slots past
+   * the last page of a region.
+   */
+  private checkStates(): void {
+    const states = this.index.states;
+    const bytesPerSpan = SPAN_PAGES / 4;
+    const fail = (message: string): never => {
+      throw new Qcow2Error('BAD_HEADER_FIELD', `INDEX: ${message}`, { path: this.path });
+    };
+    let chunk = 0;
+    for (const [r, region] of this.regions.entries()) {
+      const pages = region.size / PAGE_SIZE;
+      const firstSpan = this.regionFirstSpan[r]!;
+      for (let s = 0; s * SPAN_PAGES < pages; s++) {
+        const span = firstSpan + s;
+        let data = 0;
+        let parents = 0;
+        for (let at = span * bytesPerSpan; at < (span + 1) * bytesPerSpan; at++) {
+          data += dataInByte[states[at]!]!;
+          parents += parentsInByte[states[at]!]!;
+        }
+        if (parents > 0 && !this.hasParent) fail(`span ${span} has PARENT pages in a dump without a parent`);
+        for (let slot = pages - s * SPAN_PAGES; slot < SPAN_PAGES; slot++) {
+          if (stateOf(states, span * SPAN_PAGES + slot) !== PageState.zero) fail(`span ${span} has a page state past the end of region ${r}`);
+        }
+        if (data === 0) continue;
+        while (chunk < this.index.chunks.length && this.index.chunks[chunk]!.firstSpan + this.index.chunks[chunk]!.spanCount <= span) chunk++;
+        const holder = this.index.chunks[chunk];
+        if (!holder || holder.firstSpan > span) fail(`span ${span} has DATA pages that no chunk holds`);
+      }
+    }
+  }
+
   private duplicateSource(page: number): number {
     const pairs = this.index.duplicates;
     let low = 0;
@@ -356,6 +399,7 @@ export class StateFile {
       const chunkNumber = chunkNumbers.get(i);
       const part = chunkNumber !== undefined ? `CHUNK ${chunkNumber}` : sectionName(section.type);
       try {
+        await this.checkSectionHeader(section);
         if (chunkNumber !== undefined && deep) {
           this.chunkCache.delete(chunkNumber);
           await this.decodeChunk(chunkNumber);
@@ -370,6 +414,18 @@ export class StateFile {
       }
     }
     return problems;
+  }
+
+  /** The header before a section's payload says what the INDEX says of it (the digest covers only the INDEX). */
+  private async checkSectionHeader(section: SectionEntry): Promise<void> {
+    const header = Buffer.alloc(SECTION_HEADER_BYTES);
+    const { bytesRead } = await this.handle.read(header, 0, SECTION_HEADER_BYTES, this.base + section.offset);
+    const expected = encodeSectionHeader(section.type, section.length, section.checksum);
+    expected.writeUInt16LE(section.version, 4);
+    expected.writeUInt16LE(section.flags, 6);
+    if (bytesRead !== SECTION_HEADER_BYTES || !header.equals(expected)) {
+      throw new Qcow2Error('CHECKSUM_MISMATCH', `${sectionName(section.type)} section header at ${section.offset} does not match the INDEX`, { path: this.path, offset: section.offset });
+    }
   }
 
   private guestRangesOfSpans(firstSpan: number, spanCount: number): { start: number; end: number }[] {

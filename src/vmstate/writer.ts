@@ -15,7 +15,7 @@ import { type CpuState, encodeCpuState } from './cpu';
 import {
   CHUNK_HEADER_BYTES, ChunkCodec, type ChunkMapEntry, encodeFooter, encodeHeader, encodeIndex, encodeRegions,
   encodeSectionHeader, PAGE_SIZE, padding, packStates, type Region, SECTION_HEADER_BYTES, type SectionEntry,
-  SECTION_VERSION, SectionType, SPAN_PAGES,
+  sameRegions, SECTION_VERSION, SectionType, SPAN_PAGES,
 } from './format';
 import type { StateFile } from './reader';
 
@@ -107,13 +107,23 @@ export async function writeState(output: string, options: WriteStateOptions): Pr
       source = await fs.open(options.memory, 'r').catch((error) => {
         throw ioError(error, options.memory!, 'cannot open the RAM dump');
       });
-      dumpSize = (await source.stat()).size;
+      const stats = await source.stat();
+      if (!stats.isFile() && !stats.isBlockDevice()) {
+        throw new Qcow2Error('INVALID_ARGUMENT', 'the RAM dump must be a regular file or a block device (its pages are mapped, not streamed)', { path: options.memory });
+      }
+      dumpSize = stats.isBlockDevice() ? native().blockDeviceInfo(source.fd).sizeBytes : stats.size;
+      if (dumpSize === 0) throw new Qcow2Error('INVALID_ARGUMENT', 'the RAM dump is empty', { path: options.memory });
+      if (options.regions === undefined && dumpSize % PAGE_SIZE !== 0) {
+        throw new Qcow2Error('INVALID_ARGUMENT', `the RAM dump's size (${dumpSize} bytes) is not a whole number of ${PAGE_SIZE}-byte pages; a memory map says which bytes are guest memory`, { path: options.memory });
+      }
     }
     const regions = planRegions(options.regions, dumpSize, options.memory ?? path);
     const totalPages = regions.reduce((n, r) => n + r.size / PAGE_SIZE, 0);
     if (options.parent) {
-      const same = JSON.stringify(options.parent.regions.map((r) => [r.guestBase, r.size])) === JSON.stringify(regions.map((r) => [r.guestBase, r.size]));
-      if (!same) throw new Qcow2Error('INVALID_ARGUMENT', 'an incremental dump needs the same memory regions as its parent', { path });
+      // Restore writes each layer at its own dump offsets, so those must match too.
+      if (!sameRegions(options.parent.regions, regions)) {
+        throw new Qcow2Error('INVALID_ARGUMENT', 'an incremental dump needs the same memory regions as its parent, at the same places of the RAM dump', { path });
+      }
       if (options.dirtyBitmap && options.dirtyBitmap.length * 8 < totalPages) {
         throw new Qcow2Error('INVALID_ARGUMENT', `dirty bitmap covers ${options.dirtyBitmap.length * 8} pages, the regions hold ${totalPages}`, { path });
       }

@@ -1,0 +1,106 @@
+/**
+ * What `writeState` and `snapshot create` refuse rather than store a snapshot that restores
+ * something else: RAM dumps that are not whole pages, empty or not a file, an incremental
+ * dump laid out differently from its parent, two device blobs of one name.
+ */
+import { execFileSync } from 'node:child_process';
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { createSnapshot, Qcow2Error, StateFile, writeState } from '../src/index';
+import { makeRamDump } from './helpers/ram';
+
+const MiB = 1024 * 1024;
+let dir: string;
+let ramPath: string;
+let ram: Buffer;
+
+beforeAll(() => {
+  dir = fs.mkdtempSync(path.join(os.tmpdir(), 'qcow2img-vmstate-input-'));
+  ramPath = path.join(dir, 'ram.raw');
+  ram = makeRamDump(ramPath, 8 * MiB, 3);
+});
+
+afterAll(() => {
+  if (dir) fs.rmSync(dir, { recursive: true, force: true });
+});
+
+async function refused(promise: Promise<unknown>, pattern: RegExp, file: string): Promise<void> {
+  const error = await promise.then(
+    () => undefined,
+    (e: unknown) => e,
+  );
+  expect(error).toBeInstanceOf(Qcow2Error);
+  expect((error as Qcow2Error).code).toBe('INVALID_ARGUMENT');
+  expect((error as Qcow2Error).message).toMatch(pattern);
+  expect((error as Qcow2Error).path).toBe(file);
+}
+
+describe('the RAM dump', () => {
+  it('a size that is not a whole number of pages is refused, not cut', async () => {
+    const odd = path.join(dir, 'odd.raw');
+    fs.writeFileSync(odd, Buffer.concat([ram, Buffer.alloc(1392, 1)]));
+    await refused(writeState(path.join(dir, 'odd.qvms'), { memory: odd }), /not a whole number of 4096-byte pages/, odd);
+    expect(fs.existsSync(path.join(dir, 'odd.qvms'))).toBe(false);
+  });
+
+  it('an empty file is refused', async () => {
+    const empty = path.join(dir, 'empty.raw');
+    fs.writeFileSync(empty, '');
+    await refused(writeState(path.join(dir, 'empty.qvms'), { memory: empty }), /is empty/, empty);
+  });
+
+  it('a pipe is refused (pages are mapped, not streamed)', async () => {
+    const fifo = path.join(dir, 'ram.fifo');
+    execFileSync('mkfifo', [fifo]);
+    // Opening a FIFO for reading waits for a writer: keep one open meanwhile.
+    const writer = fs.createWriteStream(fifo);
+    try {
+      await refused(writeState(path.join(dir, 'fifo.qvms'), { memory: fifo }), /regular file or a block device/, fifo);
+    } finally {
+      writer.destroy();
+    }
+  });
+
+  it('a memory map may still name a part of a dump of any size', async () => {
+    const headed = path.join(dir, 'headed.raw');
+    fs.writeFileSync(headed, Buffer.concat([Buffer.alloc(100, 7), ram]));
+    const out = path.join(dir, 'headed.qvms');
+    await writeState(out, { memory: headed, regions: [{ guestBase: 0, size: 4 * MiB, dumpOffset: 0 }] });
+    expect(fs.existsSync(out)).toBe(true);
+  });
+});
+
+describe('an incremental dump', () => {
+  it('is refused when its regions lie elsewhere in the RAM dump than its parent’s', async () => {
+    const parentPath = path.join(dir, 'parent.qvms');
+    await writeState(parentPath, { memory: ramPath });
+    const headed = path.join(dir, 'page-headed.raw');
+    fs.writeFileSync(headed, Buffer.concat([Buffer.alloc(4096, 9), ram]));
+    const parent = await StateFile.open(parentPath);
+    try {
+      const child = path.join(dir, 'child.qvms');
+      await refused(
+        writeState(child, { memory: headed, regions: [{ guestBase: 0, size: ram.length, dumpOffset: 4096 }], parent }),
+        /same memory regions as its parent, at the same places of the RAM dump/,
+        child,
+      );
+      expect(fs.existsSync(child)).toBe(false);
+    } finally {
+      await parent.close();
+    }
+  });
+});
+
+describe('device blobs', () => {
+  it('two of one name are refused', async () => {
+    const out = path.join(dir, 'devices');
+    await refused(
+      createSnapshot(out, { memory: ramPath, devices: [{ name: 'nic', data: Buffer.from('a') }, { name: 'nic', data: Buffer.from('b') }] }),
+      /device name "nic" is given twice/,
+      out,
+    );
+    expect(fs.existsSync(out)).toBe(false);
+  });
+});
