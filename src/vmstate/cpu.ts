@@ -63,7 +63,19 @@ class Writer {
   done() { return Buffer.concat(this.chunks); }
 }
 
-function encodeValue(w: Writer, value: unknown, key: string | undefined): void {
+/**
+ * Where a value sits: only a vCPU's own xsave and lapic are blobs (a key of that name deeper
+ * down, in keys the schema does not know, is left as it is).
+ */
+type Place = 'root' | 'vcpus' | 'vcpu' | 'blob' | 'other';
+
+function placeOf(parent: Place, key: string): Place {
+  if (parent === 'root' && key === 'vcpus') return 'vcpus';
+  if (parent === 'vcpu' && blobKeys.has(key)) return 'blob';
+  return 'other';
+}
+
+function encodeValue(w: Writer, value: unknown, place: Place): void {
   if (value === null) return w.u8(Tag.null);
   if (value === false) return w.u8(Tag.false);
   if (value === true) return w.u8(Tag.true);
@@ -74,8 +86,9 @@ function encodeValue(w: Writer, value: unknown, key: string | undefined): void {
     return w.bytes(b);
   }
   if (typeof value === 'string') {
-    if (key !== undefined && blobKeys.has(key)) {
-      const raw = Buffer.from(value, 'base64');
+    const raw = place === 'blob' ? Buffer.from(value, 'base64') : undefined;
+    // As bytes only when they give the same text back (canonical, padded base64).
+    if (raw && raw.toString('base64') === value) {
       w.u8(Tag.bytes);
       w.u32(raw.length);
       return w.bytes(raw);
@@ -96,7 +109,7 @@ function encodeValue(w: Writer, value: unknown, key: string | undefined): void {
   if (Array.isArray(value)) {
     w.u8(Tag.array);
     w.u32(value.length);
-    for (const item of value) encodeValue(w, item, undefined);
+    for (const item of value) encodeValue(w, item, place === 'vcpus' ? 'vcpu' : 'other');
     return;
   }
   if (typeof value === 'object') {
@@ -107,7 +120,7 @@ function encodeValue(w: Writer, value: unknown, key: string | undefined): void {
       const name = Buffer.from(k, 'utf8');
       w.u16(name.length);
       w.bytes(name);
-      encodeValue(w, v, k);
+      encodeValue(w, v, placeOf(place, k));
     }
     return;
   }
@@ -117,7 +130,7 @@ function encodeValue(w: Writer, value: unknown, key: string | undefined): void {
 /** CPU JSON to the CPU section payload. */
 export function encodeCpuState(state: CpuState): Buffer {
   const w = new Writer();
-  encodeValue(w, state, undefined);
+  encodeValue(w, state, 'root');
   return w.done();
 }
 
@@ -176,7 +189,8 @@ export function decodeCpuState(payload: Buffer, path: string): CpuState {
           need(length);
           const key = payload.toString('utf8', at, at + length);
           at += length;
-          object[key] = read(depth + 1);
+          // Defined, not assigned: a key "__proto__" is data here, not the object's prototype.
+          Object.defineProperty(object, key, { value: read(depth + 1), enumerable: true, writable: true, configurable: true });
         }
         return object;
       }
