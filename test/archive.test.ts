@@ -3,6 +3,7 @@
  * interchange with GNU tar, damage and truncation caught, hostile entries refused.
  */
 import { execFileSync, spawnSync } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
@@ -196,6 +197,26 @@ describe('snapshot archives', () => {
     fs.writeFileSync(notTar, Buffer.alloc(4096, 0x41));
     await expect(inspectSnapshot(notTar)).rejects.toThrow(/checksum mismatch/);
     expect(leftovers(os.tmpdir()).filter((f) => f.startsWith('qcow2img-bundle-'))).toEqual([]);
+  });
+
+  it('CLI: a hostile .tar.gz is refused in one line, and the process ends (fflate\'s worker is stopped)', () => {
+    const hostile = fs.mkdtempSync(path.join(dir, 'hostile-gz-'));
+    const bundle = path.join(hostile, 'b');
+    fs.mkdirSync(bundle);
+    tarTool(['-xf', path.join(dir, 's-tar.tar'), '-C', bundle, '--strip-components=1']);
+    fs.writeFileSync(path.join(bundle, 'extra.txt'), 'x');
+    // The stranger in the middle of a long stream: gunzip is still at work when it is refused.
+    fs.writeFileSync(path.join(bundle, 'state.qvms'), randomBytes(8 << 20));
+    fs.writeFileSync(path.join(bundle, 'disk.qcow2'), randomBytes(16 << 20));
+    const archive = path.join(hostile, 'stranger.tar.gz');
+    tarTool(['-czf', archive, '-C', bundle, 'snapshot.json', 'state.qvms', 'extra.txt', 'disk.qcow2']);
+    const cli = path.join(__dirname, '..', 'dist', 'cli', 'main.js');
+    const ran = spawnSync(process.execPath, [cli, 'snapshot', 'restore', archive, '--memory', path.join(hostile, 'ram.raw'), '--temp-dir', hostile], { encoding: 'utf8', timeout: 60_000 });
+    expect(ran.signal, 'the CLI did not exit by itself').toBeNull();
+    expect(ran.status).toBe(1);
+    expect(ran.stderr.trim().split('\n')).toHaveLength(1);
+    expect(ran.stderr).toMatch(/not part of a snapshot/);
+    expect(fs.readdirSync(hostile).sort()).toEqual(['b', 'stranger.tar.gz']);
   });
 
   it('refuses an incremental snapshot as an archive, leaving nothing behind', async () => {

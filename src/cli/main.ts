@@ -172,10 +172,7 @@ async function loadCommand(args: string[]): Promise<void> {
   const threads = threadsOption(values.threads);
   const partition = integerOption(values.partition, '--partition', 1);
   const offset = integerOption(values.offset, '--offset', 0);
-  const controller = new AbortController();
-  const onSignal = () => controller.abort();
-  process.once('SIGINT', onSignal);
-  process.once('SIGTERM', onSignal);
+  const interrupt = interruptible();
   const onProgress = progressReporter(progressMode);
   try {
     const result = await library.load()(positionals[0]!, positionals[1]!, {
@@ -190,7 +187,7 @@ async function loadCommand(args: string[]): Promise<void> {
       force: values.force === true,
       overwrite: values.overwrite === true,
       direct: direct as DirectMode,
-      signal: controller.signal,
+      signal: interrupt.signal,
       onNotice: (message) => process.stderr.write(`qcow2img: ${message}\n`),
     });
     if (onProgress && progressMode !== 'json') process.stderr.write('\n');
@@ -203,9 +200,24 @@ async function loadCommand(args: string[]): Promise<void> {
       );
     }
   } finally {
-    process.off('SIGINT', onSignal);
-    process.off('SIGTERM', onSignal);
+    interrupt.release();
   }
+}
+
+/**
+ * A signal the given process signals fire while a command runs: the library stops at its next
+ * step and removes what it had not finished, and main() exits 130.
+ */
+function interruptible(signals: readonly NodeJS.Signals[] = ['SIGINT', 'SIGTERM']): { signal: AbortSignal; release(): void } {
+  const controller = new AbortController();
+  const onSignal = () => controller.abort();
+  for (const name of signals) process.once(name, onSignal);
+  return {
+    signal: controller.signal,
+    release: () => {
+      for (const name of signals) process.off(name, onSignal);
+    },
+  };
 }
 
 function sizeOption(value: string | boolean | string[] | undefined, name: string): number | undefined {
@@ -251,10 +263,7 @@ async function captureCommand(args: string[]): Promise<void> {
   const onProgress = progressReporter(progressMode);
   const clusterSize = sizeOption(values['cluster-size'], '--cluster-size');
   const threads = threadsOption(values.threads);
-  const controller = new AbortController();
-  const onSignal = () => controller.abort();
-  process.once('SIGINT', onSignal);
-  process.once('SIGTERM', onSignal);
+  const interrupt = interruptible();
   try {
     const result = await library.capture()(positionals[0]!, positionals[1]!, {
       ...openOptions(values),
@@ -267,7 +276,7 @@ async function captureCommand(args: string[]): Promise<void> {
       ...(threads !== undefined ? { threads } : {}),
       ...(onProgress ? { onProgress } : {}),
       overwrite: values.overwrite === true,
-      signal: controller.signal,
+      signal: interrupt.signal,
     });
     if (onProgress && progressMode !== 'json') process.stderr.write('\n');
     if (progressMode === 'json') {
@@ -278,8 +287,7 @@ async function captureCommand(args: string[]): Promise<void> {
       );
     }
   } finally {
-    process.off('SIGINT', onSignal);
-    process.off('SIGTERM', onSignal);
+    interrupt.release();
   }
 }
 
@@ -349,9 +357,7 @@ async function benchCommand(args: string[]): Promise<void> {
   const queueDepth = integerOption(values['queue-depth'], '--queue-depth', 1);
   const progressMode = (values.progress as string | undefined) ?? (values.json ? 'none' : 'auto');
   const onProgress = progressReporter(progressMode);
-  const controller = new AbortController();
-  const onSignal = () => controller.abort();
-  process.once('SIGINT', onSignal);
+  const interrupt = interruptible(['SIGINT']);
   try {
     const result = await library.bench()(positionals[0]!, {
       ...openOptions(values),
@@ -365,7 +371,7 @@ async function benchCommand(args: string[]): Promise<void> {
       direct: direct as 'always' | 'never',
       engine: engine as 'auto' | 'io_uring' | 'threads',
       force: values.force === true,
-      signal: controller.signal,
+      signal: interrupt.signal,
     });
     if (onProgress && progressMode !== 'json') process.stderr.write('\n');
     if (values.json) {
@@ -385,7 +391,7 @@ async function benchCommand(args: string[]): Promise<void> {
     }
     process.stdout.write(lines.join('\n') + '\n');
   } finally {
-    process.off('SIGINT', onSignal);
+    interrupt.release();
   }
 }
 
@@ -447,7 +453,9 @@ async function snapshotCommand(args: string[]): Promise<number | void> {
     if (level !== undefined && !Number.isInteger(level)) throw new UsageError('--level must be an integer');
     const archiveLevel = integerOption(values['archive-level'], '--archive-level', 0);
     const threads = threadsOption(values.threads);
+    const interrupt = interruptible();
     const metadata = await createSnapshot(positionals[0]!, {
+      signal: interrupt.signal,
       ...(values.disk !== undefined ? { disk: values.disk as string } : {}),
       ...(values.memory !== undefined ? { memory: values.memory as string } : {}),
       ...(values['memory-map'] !== undefined ? { memoryRegions: (await readJsonFile(values['memory-map'] as string, 'memory map')) as never } : {}),
@@ -460,7 +468,7 @@ async function snapshotCommand(args: string[]): Promise<number | void> {
       ...(machine ? { machine } : {}),
       ...(threads ? { threads } : {}),
       ...(archiveLevel !== undefined ? { archiveLevel } : {}),
-    });
+    }).finally(() => interrupt.release());
     process.stdout.write(JSON.stringify(metadata, null, 2) + '\n');
     return;
   }
@@ -483,7 +491,9 @@ async function snapshotCommand(args: string[]): Promise<number | void> {
     const partition = integerOption(values.partition, '--partition', 1);
     const offset = integerOption(values.offset, '--offset', 0);
     const threads = threadsOption(values.threads);
+    const interrupt = interruptible();
     const result = await restoreSnapshot(positionals[0]!, {
+      signal: interrupt.signal,
       ...(values.disk !== undefined ? { disk: values.disk as string } : {}),
       ...(values.memory !== undefined ? { memory: values.memory as string } : {}),
       ...(values.cpu !== undefined ? { cpu: values.cpu as string } : {}),
@@ -496,7 +506,7 @@ async function snapshotCommand(args: string[]): Promise<number | void> {
       force: values.force === true,
       overwrite: values.overwrite === true,
       targetIsZero: values['target-is-zero'] === true,
-    });
+    }).finally(() => interrupt.release());
     process.stdout.write(JSON.stringify(result, null, 2) + '\n');
     return;
   }

@@ -8,7 +8,7 @@ import { randomUUID } from 'node:crypto';
 import * as fs from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import * as nodePath from 'node:path';
-import { Qcow2Error, ioError } from '../errors';
+import { Qcow2Error, ioError, throwIfCancelled } from '../errors';
 import type { LoadOptions, LoadResult } from '../load/index';
 import { syncFolder, temporaryPathFor } from '../files';
 import { native } from '../native';
@@ -58,6 +58,8 @@ export interface CreateSnapshotOptions {
   threads?: number;
   /** Compression level of a .tar.zst (default 3) or .tar.gz (default 6) archive. */
   archiveLevel?: number;
+  /** Stops the work between steps; nothing is left behind. */
+  signal?: AbortSignal;
 }
 
 export interface SnapshotChainLink {
@@ -182,13 +184,14 @@ class ArchiveOutput {
   }
 
   /** Appends a finished member file, then removes it: the bundle never exists twice. */
-  async addStagedFile(path: string, name: string): Promise<void> {
+  async addStagedFile(path: string, name: string, signal?: AbortSignal): Promise<void> {
     const source = await fs.open(path, 'r');
     try {
       const size = (await source.stat()).size;
       await this.tar.addFile(`${this.top}/${name}`, size, async (sink) => {
         const buffer = Buffer.allocUnsafe(4 << 20);
         for (let at = 0; at < size; ) {
+          throwIfCancelled(signal, this.target);
           const { bytesRead } = await source.read(buffer, 0, Math.min(buffer.length, size - at), at);
           if (bytesRead === 0) throw new Qcow2Error('TRUNCATED', `${name} shrank while it was archived`, { path });
           // The sink has taken the bytes when its write resolves: the buffer can be refilled.
@@ -271,9 +274,10 @@ export async function createSnapshot(out: string, options: CreateSnapshotOptions
         ...(options.compress === 'none' ? {} : { compress: options.compress === 'deflate' ? ('zlib' as const) : ('zstd' as const) }),
         ...(options.threads ? { threads: options.threads } : {}),
         ...(parentDisk ? { backing: parentDisk, backingFormat: 'qcow2' as const, allowPaths: chain.map((l) => l.dir) } : {}),
+        ...(options.signal ? { signal: options.signal } : {}),
       });
       files[DISK_FILE] = { ...(await hashFile(diskPath)), virtualSize: captured.virtualSize };
-      await archive?.addStagedFile(diskPath, DISK_FILE);
+      await archive?.addStagedFile(diskPath, DISK_FILE, options.signal);
     }
     let vcpuCount = 0;
     let memoryRegions: SnapshotMetadata['memoryRegions'] = [];
@@ -290,11 +294,12 @@ export async function createSnapshot(out: string, options: CreateSnapshotOptions
         ...(options.compress ? { compress: options.compress } : {}),
         ...(options.level !== undefined ? { level: options.level } : {}),
         ...(options.threads ? { threads: options.threads } : {}),
+        ...(options.signal ? { signal: options.signal } : {}),
       });
       memoryRegions = written.regions.map((r) => ({ guestBase: r.guestBase, size: r.size, dumpOffset: r.dumpOffset }));
       files[STATE_FILE] = { ...(await hashFile(statePath)), snapshotId: written.snapshotId, digest: written.digest };
       vcpuCount = cpu?.vcpus.length ?? 0;
-      await archive?.addStagedFile(statePath, STATE_FILE);
+      await archive?.addStagedFile(statePath, STATE_FILE, options.signal);
     }
     const metadata: SnapshotMetadata = {
       formatVersion: BUNDLE_FORMAT_VERSION,
@@ -325,6 +330,10 @@ export async function createSnapshot(out: string, options: CreateSnapshotOptions
     }
     done = true;
     return metadata;
+  } catch (error) {
+    // Whichever step noticed, what matters is the snapshot.
+    if (error instanceof Qcow2Error && error.code === 'CANCELLED') throw new Qcow2Error('CANCELLED', 'cancelled; no snapshot was written', { path: target });
+    throw error;
   } finally {
     await closeStateChain(parentState);
     if (!done) {
@@ -415,16 +424,23 @@ async function readTarInPlace(archivePath: string): Promise<SnapshotChainLink> {
 }
 
 /** Extracts the `wanted` members of an archive into `dir`, checking every entry on the way. */
-async function extractMembers(archivePath: string, kind: ArchiveKind, dir: string, wanted: Set<string>): Promise<void> {
+async function extractMembers(archivePath: string, kind: ArchiveKind, dir: string, wanted: Set<string>, signal?: AbortSignal): Promise<void> {
   const handle = await openArchive(archivePath);
+  const stream = tarStream(kind, handle, archivePath);
   try {
-    const reader = new ChunkReader(tarStream(kind, handle, archivePath)[Symbol.asyncIterator]());
+    const reader = new ChunkReader(stream[Symbol.asyncIterator]());
     await forEachMember(reader, archivePath, async (member, entry) => {
       if (!wanted.has(member)) return entryData(reader, entry.size, archivePath);
       const file = nodePath.join(dir, member);
       const out = await fs.open(file, 'wx', 0o600);
       try {
-        await entryData(reader, entry.size, archivePath, new FileSink(out, file));
+        const sink = new FileSink(out, file);
+        await entryData(reader, entry.size, archivePath, {
+          write: (data) => {
+            throwIfCancelled(signal, archivePath);
+            return sink.write(data);
+          },
+        });
       } finally {
         await out.close();
       }
@@ -432,6 +448,9 @@ async function extractMembers(archivePath: string, kind: ArchiveKind, dir: strin
     // Read to the end, so that the compressed stream's own end checks (frame checksum, gzip trailer) run.
     while ((await reader.some(1 << 22)).length > 0);
   } finally {
+    // Stopped early (a refused entry, a cancel): the decoders' own cleanup runs only when
+    // the stream is returned, and fflate's worker would keep the process alive.
+    await stream.return(undefined).catch(() => {});
     await handle.close();
   }
 }
@@ -441,7 +460,7 @@ async function extractMembers(archivePath: string, kind: ArchiveKind, dir: strin
  * `members` asked for are extracted into a temporary folder under `tempDir`
  * (default: the system's), which `close` removes.
  */
-async function openBundle(bundle: string, members: string[], tempDir?: string): Promise<OpenedBundle> {
+async function openBundle(bundle: string, members: string[], tempDir?: string, signal?: AbortSignal): Promise<OpenedBundle> {
   const path = nodePath.resolve(bundle);
   const kind = archiveKind(path);
   const stats = await fs.stat(path).catch(() => undefined);
@@ -463,7 +482,7 @@ async function openBundle(bundle: string, members: string[], tempDir?: string): 
     });
   };
   try {
-    await extractMembers(path, kind, dir, new Set([METADATA_FILE, ...members]));
+    await extractMembers(path, kind, dir, new Set([METADATA_FILE, ...members]), signal);
     const link = await readBundle(dir);
     if (link.metadata.parent) throw new Qcow2Error('BAD_ARCHIVE', 'the archived snapshot names a parent; archives hold self-contained snapshots only', { path });
     return { chain: [link], path, displayName, mapError, close: () => fs.rm(dir, { recursive: true, force: true }) };
@@ -510,13 +529,18 @@ export async function restoreSnapshot(bundle: string, options: RestoreSnapshotOp
     return { ...diskResult, ...(await restoreSnapshot(bundle, stateOnly)) };
   }
   const members = [...(options.disk ? [DISK_FILE] : []), ...(wantsState ? [STATE_FILE] : [])];
-  const opened = await openBundle(bundle, members, options.tempDir);
   try {
-    return await restoreChain(opened, options, members);
+    const opened = await openBundle(bundle, members, options.tempDir, options.signal);
+    try {
+      return await restoreChain(opened, options, members);
+    } catch (error) {
+      throw opened.mapError(error);
+    } finally {
+      await opened.close();
+    }
   } catch (error) {
-    throw opened.mapError(error);
-  } finally {
-    await opened.close();
+    if (error instanceof Qcow2Error && error.code === 'CANCELLED') throw new Qcow2Error('CANCELLED', 'cancelled; what was being restored is incomplete or was not written', { path: nodePath.resolve(bundle) });
+    throw error;
   }
 }
 
@@ -537,7 +561,7 @@ async function restoreChain(opened: OpenedBundle, options: RestoreSnapshotOption
     try {
       if (options.memory) {
         if (state!.regions.length === 0) throw new Qcow2Error('INVALID_ARGUMENT', 'this snapshot holds no memory', { path: opened.path });
-        result.memory = await restoreMemory(state!, options.memory, { ...(options.threads ? { threads: options.threads } : {}), overwrite: options.overwrite === true });
+        result.memory = await restoreMemory(state!, options.memory, { ...(options.threads ? { threads: options.threads } : {}), overwrite: options.overwrite === true, ...(options.signal ? { signal: options.signal } : {}) });
       }
       if (options.cpu) {
         const cpu = await state!.cpu();

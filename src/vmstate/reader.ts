@@ -5,7 +5,7 @@
  */
 import * as fs from 'node:fs/promises';
 import * as nodePath from 'node:path';
-import { Qcow2Error, ioError } from '../errors';
+import { Qcow2Error, ioError, throwIfCancelled } from '../errors';
 import { syncFolder, temporaryPathFor } from '../files';
 import { native } from '../native';
 import * as os from 'node:os';
@@ -446,7 +446,7 @@ export class StateFile {
    * Writes the RAM dump into the open file `outputFd` (already sized): the parent
    * chain first, then this file's pages over it. Zero pages stay holes in a new file.
    */
-  async restoreInto(outputFd: number, options: { threads?: number; fresh: boolean; counters?: BigUint64Array; writeback?: boolean }): Promise<number> {
+  async restoreInto(outputFd: number, options: { threads?: number; fresh: boolean; counters?: BigUint64Array; writeback?: boolean; signal?: AbortSignal }): Promise<number> {
     let written = 0;
     // A parent's pages may be overwritten by its child's: only the last layer starts writeback.
     if (this.parent) written += await this.parent.restoreInto(outputFd, { ...options, writeback: false });
@@ -460,6 +460,7 @@ export class StateFile {
       let chunkCursor = this.index.chunks.findIndex((c) => c.firstSpan >= firstRegionSpan);
       if (chunkCursor < 0) chunkCursor = this.index.chunks.length;
       while (span < firstRegionSpan + regionSpans) {
+        throwIfCancelled(options.signal, this.path);
         // A batch of about 32 spans, stretched so that no chunk is cut.
         let end = Math.min(span + 32, firstRegionSpan + regionSpans);
         const chunks: number[] = [];
@@ -541,7 +542,7 @@ export class StateFile {
 }
 
 /** Writes the RAM dump of `state` (and its parents) to a new file at `output`. */
-export async function restoreMemory(state: StateFile, output: string, options: { threads?: number; overwrite?: boolean } = {}): Promise<{ path: string; bytes: number; dataBytes: number }> {
+export async function restoreMemory(state: StateFile, output: string, options: { threads?: number; overwrite?: boolean; signal?: AbortSignal } = {}): Promise<{ path: string; bytes: number; dataBytes: number }> {
   const path = nodePath.resolve(output);
   const exists = await fs.stat(path).catch(() => undefined);
   if (exists && !options.overwrite) throw new Qcow2Error('TARGET_EXISTS', 'output exists; pass --overwrite to replace it', { path });
@@ -553,7 +554,7 @@ export async function restoreMemory(state: StateFile, output: string, options: {
   let done = false;
   try {
     await handle.truncate(state.dumpSize);
-    const dataBytes = await state.restoreInto(handle.fd, { fresh: true, ...(options.threads ? { threads: options.threads } : {}) });
+    const dataBytes = await state.restoreInto(handle.fd, { fresh: true, ...(options.threads ? { threads: options.threads } : {}), ...(options.signal ? { signal: options.signal } : {}) });
     await handle.datasync();
     await handle.close();
     await fs.rename(temporary, path);

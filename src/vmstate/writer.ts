@@ -6,7 +6,7 @@
 import * as fs from 'node:fs/promises';
 import * as nodePath from 'node:path';
 import { randomUUID } from 'node:crypto';
-import { Qcow2Error, ioError } from '../errors';
+import { Qcow2Error, ioError, throwIfCancelled } from '../errors';
 import { syncFolder, temporaryPathFor } from '../files';
 import { native } from '../native';
 import { defaultThreads } from '../load/copy';
@@ -41,6 +41,8 @@ export interface WriteStateOptions {
   /** zstd 1-19 (default 2), deflate 1-12 (default 6). */
   level?: number;
   threads?: number;
+  /** Stops between batches of pages; the state file is then not written. */
+  signal?: AbortSignal;
   onProgress?: ProgressCallback;
 }
 
@@ -179,6 +181,7 @@ export async function writeState(output: string, options: WriteStateOptions): Pr
         const regionPages = region.size / PAGE_SIZE;
         const pagesPerBatch = batchBytes / PAGE_SIZE;
         for (let done = 0; done < regionPages; done += pagesPerBatch) {
+          throwIfCancelled(options.signal, path);
           const pageCount = Math.min(pagesPerBatch, regionPages - done);
           const firstSpan = regionFirstSpan + done / SPAN_PAGES;
           const firstPage = region.firstPage + done;
