@@ -8,7 +8,7 @@
  * those for now is "no crash".
  */
 import { expectedCodes } from './helpers/damage-expectations';
-import { spawn } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
@@ -334,5 +334,22 @@ describe('damaged images: info and load do not crash (one image per defect)', ()
     const expected = expectedCodes[defect];
     expect(expected, `no expectation recorded for defect ${defect}`).toBeDefined();
     expect(library?.results.get(file)).toEqual(expected);
+  });
+});
+
+describe('a file too large to check', () => {
+  it('more clusters than an int counts: exit 1 with one check error, as qemu-img, without counting them', () => {
+    const image = path.join(work, 'huge-sparse.qcow2');
+    const made = spawnSync('qemu-img', ['create', '-q', '-f', 'qcow2', '-o', 'cluster_size=512', image, '1M'], { encoding: 'utf8' });
+    expect(made.status, made.stderr).toBe(0);
+    fs.truncateSync(image, 1100 * 2 ** 30);
+    const qemu = spawnSync('qemu-img', ['check', image], { encoding: 'utf8' });
+    const ours = spawnSync(process.execPath, [cli, 'check', '--json', image], { encoding: 'utf8', timeout: 60_000 });
+    expect(ours.signal).toBeNull();
+    expect(ours.status).toBe(qemu.status);
+    const report = JSON.parse(ours.stdout) as { checkErrors: number; issues: { message: string }[] };
+    expect(report.checkErrors).toBe(1);
+    expect(report.issues[0]!.message).toMatch(/too large to check/);
+    fs.rmSync(image);
   });
 });

@@ -13,6 +13,7 @@ import { native } from '../native';
 import type { Image, OpenOptions } from '../qcow2/image';
 import { open } from '../qcow2/open';
 import { COPIED, compressedClusters, compressedEntry, encodeHeaderCluster, refcountLayout } from '../qcow2/writer';
+import { limits } from '../limits';
 import { defaultThreads } from '../load/copy';
 import { syncFolder, temporaryPathFor } from '../files';
 import { ProgressSampler, type ProgressCallback } from '../load/progress';
@@ -65,6 +66,8 @@ const codecs = { none: 0, zlib: 1, zstd: 2 } as const;
 interface BaseReader {
   read(buffer: Buffer, offset: number): Promise<void>;
   close(): Promise<void>;
+  /** Every file it reads (a qcow2 base's whole chain), to refuse an output that is one of them. */
+  files: { device: number; inode: number }[];
 }
 
 async function openBase(path: string, format: 'qcow2' | 'raw' | undefined, options: OpenOptions): Promise<{ reader: BaseReader; format: 'qcow2' | 'raw' }> {
@@ -73,10 +76,15 @@ async function openBase(path: string, format: 'qcow2' | 'raw' | undefined, optio
     const handle = await fs.open(path, 'r').catch((error) => {
       throw ioError(error, path, 'cannot open the backing file');
     });
-    const magic = Buffer.alloc(4);
-    await handle.read(magic, 0, 4, 0);
-    await handle.close();
-    detected = magic.readUInt32BE(0) === 0x514649fb ? 'qcow2' : 'raw';
+    try {
+      const magic = Buffer.alloc(4);
+      await handle.read(magic, 0, 4, 0);
+      detected = magic.readUInt32BE(0) === 0x514649fb ? 'qcow2' : 'raw';
+    } catch (error) {
+      throw ioError(error, path, 'cannot read the backing file');
+    } finally {
+      await handle.close();
+    }
     // A raw disk can start with a qcow2 header its guest wrote: say what was guessed.
     options.onWarning?.(`${path}: backing format not given; probed as ${detected} (pass --backing-format to be sure)`);
   }
@@ -90,27 +98,44 @@ async function openBase(path: string, format: 'qcow2' | 'raw' | undefined, optio
           buffer.fill(0, n);
         },
         close: () => image.close(),
+        files: image.files.map((f) => ({ device: f.device, inode: f.inode })),
       },
     };
   }
   const handle = await fs.open(path, 'r').catch((error) => {
     throw ioError(error, path, 'cannot open the backing file');
   });
+  const stats = await handle.stat();
   return {
     format: detected,
     reader: {
       async read(buffer, offset) {
         let done = 0;
         while (done < buffer.length) {
-          const { bytesRead } = await handle.read(buffer, done, buffer.length - done, offset + done);
+          const { bytesRead } = await handle.read(buffer, done, buffer.length - done, offset + done).catch((error) => {
+            throw ioError(error, path, 'cannot read the backing file');
+          });
           if (bytesRead === 0) break;
           done += bytesRead;
         }
         buffer.fill(0, done);
       },
       close: () => handle.close(),
+      files: [{ device: stats.dev, inode: stats.ino }],
     },
   };
+}
+
+/**
+ * The backing file's name as the image stores it: relative to the image's folder, so a folder
+ * of images can move as one. Taken between real paths (a folder reached through a link would
+ * make a wrong "../"), and with "./" before a first part holding ':', which QEMU would read as
+ * a protocol.
+ */
+async function backingName(outputPath: string, backing: string): Promise<string> {
+  const real = async (p: string) => fs.realpath(p).catch(() => nodePath.resolve(p));
+  const relative = nodePath.relative(await real(nodePath.dirname(outputPath)), await real(backing));
+  return relative.split(nodePath.sep)[0]!.includes(':') ? `.${nodePath.sep}${relative}` : relative;
 }
 
 function validate(options: CaptureOptions, output: string): { clusterBits: number; version: 2 | 3; level: number } {
@@ -208,7 +233,25 @@ export async function capture(source: string, output: string, options: CaptureOp
     }
     // QEMU sees a raw disk in whole sectors; the image has that size.
     const virtualSize = Math.ceil(sourceSize / 512) * 512;
-    if (options.backing !== undefined) base = await openBase(nodePath.resolve(options.backing), options.backingFormat, options);
+    const l2EntryCount = clusterSize / 8;
+    const l2Span = l2EntryCount * clusterSize;
+    const l1Size = Math.max(1, Math.ceil(virtualSize / l2Span));
+    if (l1Size * 8 > limits.maxL1Bytes) {
+      throw new Qcow2Error('INVALID_ARGUMENT', `a ${virtualSize}-byte disk in ${clusterSize}-byte clusters needs an L1 table of ${l1Size} entries, more than QEMU opens (${limits.maxL1Bytes / 8}); use larger clusters`, { path: outputPath });
+    }
+    let backingFile: string | undefined;
+    if (options.backing !== undefined) {
+      base = await openBase(nodePath.resolve(options.backing), options.backingFormat, options);
+      if (existing && base.reader.files.some((f) => f.device === existing.dev && f.inode === existing.ino)) {
+        throw new Qcow2Error('TARGET_IS_SOURCE', 'output is the backing file (or in its chain): it would be replaced by an image over itself', { path: outputPath });
+      }
+      backingFile = await backingName(outputPath, options.backing);
+      try {
+        encodeHeaderCluster({ version, clusterBits, virtualSize, l1Size, l1TableOffset: 0, refcountTableOffset: 0, refcountTableClusters: 1, compressionType: 'zlib', backingFile, backingFormat: base.format });
+      } catch {
+        throw new Qcow2Error('INVALID_ARGUMENT', `the backing file's name (${Buffer.byteLength(backingFile)} bytes) does not fit in a ${clusterSize}-byte header cluster; use larger clusters or a shorter path`, { path: outputPath });
+      }
+    }
 
     out = await fs.open(temporary, fsConstants.O_RDWR | fsConstants.O_CREAT | fsConstants.O_EXCL, 0o644).catch((error) => {
       throw ioError(error, outputPath, 'cannot create the output file');
@@ -229,9 +272,6 @@ export async function capture(source: string, output: string, options: CaptureOp
     // allocated, and what stays unused is cut off at the end.
     let allocatedEnd = 0;
     let allocateRefused = false;
-    const l2EntryCount = clusterSize / 8;
-    const l2Span = l2EntryCount * clusterSize;
-    const l1Size = Math.max(1, Math.ceil(virtualSize / l2Span));
     const l1 = new Array<number>(l1Size).fill(0);
     // Native jobs of a batch each; tables are emitted a group at a time, a group
     // being one L2 table's span or, with small clusters, many tables.
@@ -257,7 +297,9 @@ export async function capture(source: string, output: string, options: CaptureOp
     const baseBuffer = base ? Buffer.alloc(clustersPerBatch * clusterSize) : undefined;
     const alignUp = (value: number) => Math.ceil(value / clusterSize) * clusterSize;
     const writeAt = async (buffer: Buffer, at: number) => {
-      await out!.write(buffer, 0, buffer.length, at);
+      await out!.write(buffer, 0, buffer.length, at).catch((error) => {
+        throw ioError(error, outputPath, 'cannot write the image');
+      });
     };
     try {
       const clusterTotal = Math.ceil(virtualSize / clusterSize);
@@ -371,14 +413,11 @@ export async function capture(source: string, output: string, options: CaptureOp
       refcountTable.writeBigUInt64BE(BigInt(blockOffset), block * 8);
     }
     await writeAt(refcountTable, tableOffset);
+    const finishing = (what: string) => (error: unknown) => {
+      throw ioError(error, outputPath, what);
+    };
     // Cuts what was allocated and not used.
-    if (allocatedEnd > 0) await out.truncate(layout.totalClusters * clusterSize);
-
-    let backingFile: string | undefined;
-    if (options.backing !== undefined) {
-      // Relative to the image's folder, so that a folder of images can move as one.
-      backingFile = nodePath.relative(nodePath.dirname(outputPath), nodePath.resolve(options.backing));
-    }
+    if (allocatedEnd > 0) await out.truncate(layout.totalClusters * clusterSize).catch(finishing('cannot cut the image to size'));
     const header = encodeHeaderCluster({
       version,
       clusterBits,
@@ -390,12 +429,12 @@ export async function capture(source: string, output: string, options: CaptureOp
       compressionType: options.compress === 'zstd' ? 'zstd' : 'zlib',
       ...(backingFile !== undefined ? { backingFile, backingFormat: base!.format } : {}),
     });
-    await out.datasync();
+    await out.datasync().catch(finishing('cannot flush the image'));
     await writeAt(header, 0);
-    await out.datasync();
+    await out.datasync().catch(finishing('cannot flush the image'));
     await out.close();
     out = undefined;
-    await fs.rename(temporary, outputPath);
+    await fs.rename(temporary, outputPath).catch(finishing('cannot rename the finished image into place'));
     renamed = true;
     await syncFolder(nodePath.dirname(outputPath));
     return {

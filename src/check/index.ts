@@ -51,6 +51,9 @@ function remember<V>(cache: Map<number, V>, key: number, value: V): void {
   cache.set(key, value);
 }
 
+/** INT_MAX: QEMU's bound on the clusters of a file it checks. */
+const maxCheckedClusters = 2 ** 31 - 1;
+
 /** What one L2 table contributes: references by cluster, issues, counters. */
 interface TableSummary {
   references: Map<number, number>;
@@ -67,6 +70,7 @@ const COMPRESSED_HI = 0x40000000;
 class Checker {
   readonly result: CheckResult;
   private references: Uint16Array;
+  private readonly tooLarge: boolean;
   private readonly overflow = new Map<number, number>();
   private readonly clusterSize: number;
   private reftable: Float64Array = new Float64Array(0);
@@ -88,7 +92,10 @@ class Checker {
     this.clusterSize = header.clusterSize;
     this.refcountMax = header.refcountBits >= 53 ? Number.MAX_SAFE_INTEGER : 2 ** header.refcountBits - 1;
     const clusters = Math.ceil(fileSize / this.clusterSize);
-    this.references = new Uint16Array(clusters);
+    // QEMU refuses to check a file of more clusters than an int counts (a check error): so do we,
+    // before allocating a counter for each.
+    this.tooLarge = clusters > maxCheckedClusters;
+    this.references = new Uint16Array(this.tooLarge ? 0 : clusters);
     this.result = {
       filename: path,
       format: 'qcow2',
@@ -172,6 +179,10 @@ class Checker {
 
   async run(): Promise<CheckResult> {
     const h = this.header;
+    if (this.tooLarge) {
+      this.report('error', `the file is too large to check: ${Math.ceil(this.fileSize / this.clusterSize)} clusters, above ${maxCheckedClusters}`);
+      return this.result;
+    }
     this.reference(0, this.clusterSize);
     await this.checkL1(h.l1TableOffset, h.l1Size, true);
     if (h.hasExternalDataFile && this.snapshots.length > 0) {
