@@ -188,7 +188,9 @@ export class Image {
 
   private async extentsNow(): Promise<MapEntry[]> {
     const entries: MapEntry[] = [];
-    const step = 1024 * this.mapStep();
+    // 16 L2 tables a step: the runs of a step are held at once, one a cluster where clusters
+    // are compressed (131072 with 64 KiB clusters), so the step bounds the memory.
+    const step = 16 * this.mapStep();
     for (let start = 0; start < this.virtualSize; start += step) {
       for (const run of await this.resolve(start, Math.min(this.virtualSize, start + step))) {
         for (const entry of await this.mapEntries(run)) appendMapEntry(entries, entry);

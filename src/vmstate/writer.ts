@@ -15,7 +15,7 @@ import { type CpuState, encodeCpuState } from './cpu';
 import {
   CHUNK_HEADER_BYTES, ChunkCodec, type ChunkMapEntry, encodeFooter, encodeHeader, encodeIndex, encodeRegions,
   encodeSectionHeader, PAGE_SIZE, padding, packStates, type Region, SECTION_HEADER_BYTES, type SectionEntry,
-  sameRegions, SECTION_VERSION, SectionType, SPAN_PAGES,
+  sameRegions, SECTION_VERSION, SectionType, SPAN_PAGES, stateLimits,
 } from './format';
 import type { StateFile } from './reader';
 
@@ -143,7 +143,12 @@ export async function writeState(output: string, options: WriteStateOptions): Pr
     let position = 0;
     const sections: SectionEntry[] = [];
     const write = async (buffer: Buffer) => {
-      await out!.write(buffer, 0, buffer.length, position);
+      for (let done = 0; done < buffer.length; ) {
+        const { bytesWritten } = await out!.write(buffer, done, buffer.length - done, position + done).catch((error) => {
+          throw ioError(error, path, 'cannot write the state file');
+        });
+        done += bytesWritten;
+      }
       position += buffer.length;
     };
     const writeSection = async (type: number, parts: Buffer[]) => {
@@ -158,11 +163,19 @@ export async function writeState(output: string, options: WriteStateOptions): Pr
     };
     await write(header);
     await writeSection(SectionType.regions, [encodeRegions(regions)]);
-    if (options.cpu) await writeSection(SectionType.cpu, [encodeCpuState(options.cpu)]);
+    // Within what a reader accepts: a file its own reader refuses would be a lost snapshot.
+    if (options.cpu) {
+      const cpu = encodeCpuState(options.cpu);
+      if (cpu.length > stateLimits.maxCpuBytes) throw new Qcow2Error('INVALID_ARGUMENT', `the CPU state takes ${cpu.length} bytes, over the ${stateLimits.maxCpuBytes} a state file holds`, { path });
+      await writeSection(SectionType.cpu, [cpu]);
+    }
     for (const device of options.devices ?? []) {
       const name = Buffer.from(device.name, 'utf8');
       const prefix = Buffer.alloc(2);
       prefix.writeUInt16LE(name.length);
+      if (prefix.length + name.length + device.data.length > stateLimits.maxDeviceBytes) {
+        throw new Qcow2Error('INVALID_ARGUMENT', `device blob "${device.name}" (${device.data.length} bytes) is over the ${stateLimits.maxDeviceBytes} bytes a state file holds`, { path });
+      }
       await writeSection(SectionType.device, [prefix, name, device.data]);
     }
 
