@@ -128,6 +128,20 @@ describe.skipIf(skip !== undefined)('load onto block devices', () => {
     expect(sha(after.subarray(offset + expected.length))).toBe(sha(before.subarray(offset + expected.length)));
   });
 
+  it('writes at an offset inside a sector through the page cache, keeping the device claimed', async () => {
+    const loop = newLoop('unaligned.img', 40 * MiB, 'random');
+    const before = readRange(loop.device, 0, 40 * MiB);
+    const offset = 3 * MiB + 100;
+    const notices: string[] = [];
+    const result = await load(image, loop.device, { offset, verify: true, onNotice: (m) => notices.push(m) });
+    expect(result.direct).toBe(false);
+    expect(notices.join('\n')).toMatch(/not a multiple of \d+; writing through the page cache/);
+    const after = readRange(loop.device, 0, 40 * MiB);
+    expect(sha(after.subarray(offset, offset + expected.length))).toBe(sha(expected));
+    expect(sha(after.subarray(0, offset))).toBe(sha(before.subarray(0, offset)));
+    expect(sha(after.subarray(offset + expected.length))).toBe(sha(before.subarray(offset + expected.length)));
+  });
+
   it('refuses a partition smaller than the virtual size, writing nothing', async () => {
     const loop = newLoop('small.img', 32 * MiB, 'random');
     partition(loop.device, 'label: gpt\n,8M\n,\n');

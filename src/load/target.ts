@@ -167,13 +167,33 @@ async function openReadBack(path: string, direct: boolean, length: number, base:
 }
 
 /** Shared by file regions and devices: a target written in place, flushed at the end. */
-function inPlaceTarget(kind: 'file-region' | 'device', path: string, main: fs.FileHandle, tail: fs.FileHandle, base: number, alignment: number, zeroMode: number, direct: boolean, length: number, created = false): OpenTarget {
+interface InPlace {
+  kind: 'file-region' | 'device';
+  path: string;
+  /** Writes whole O_DIRECT units (or everything, buffered). */
+  main: fs.FileHandle;
+  /** Buffered: the bytes of a last partial unit. */
+  tail: fs.FileHandle;
+  /** Held open to keep the device's exclusive claim when `main` is not the descriptor that made it. */
+  claim?: fs.FileHandle;
+  base: number;
+  alignment: number;
+  zeroMode: number;
+  /** The image's virtual size. */
+  length: number;
+  /** The file did not exist before this load: removed again if the load fails. */
+  created?: boolean;
+}
+
+function inPlaceTarget({ kind, path, main, tail, claim, base, alignment, zeroMode, length, created = false }: InPlace): OpenTarget {
+  const direct = alignment !== 0;
   let closed = false;
   const close = async () => {
     if (closed) return;
     closed = true;
     await tail.close().catch(() => {});
     await main.close().catch(() => {});
+    await claim?.close().catch(() => {});
   };
   return {
     kind,
@@ -239,7 +259,7 @@ async function openFileRegion(image: Image, path: string, exists: boolean, optio
     if ((await main.stat()).size < base + image.virtualSize) await main.truncate(base + image.virtualSize);
     // Old bytes in the region must read back as zeros where the image has none.
     const zeroMode = options.targetIsZero ? ZeroMode.Skip : ZeroMode.PunchHole;
-    return inPlaceTarget('file-region', path, main, tail, base, alignment, zeroMode, alignment !== 0, image.virtualSize, !exists);
+    return inPlaceTarget({ kind: 'file-region', path, main, tail, base, alignment, zeroMode, length: image.virtualSize, created: !exists });
   } catch (error) {
     await main?.close().catch(() => {});
     if (!exists) await fs.unlink(path).catch(() => {});
@@ -306,24 +326,30 @@ async function openDevice(image: Image, path: string, rdev: number, options: Tar
     throw new Qcow2Error('TARGET_TOO_SMALL', `${what} (${limit - base} bytes from offset ${base}) is smaller than the image's virtual size (${image.virtualSize} bytes)`, { path });
   }
   const claimed = await claimDevice(devicePath, deviceRdev, options, image.files);
-  let main: fs.FileHandle | undefined = claimed.handle;
+  let main: fs.FileHandle = claimed.handle;
+  let claim: fs.FileHandle | undefined;
+  let tail: fs.FileHandle | undefined;
   const direct = options.direct ?? 'auto';
   try {
     let alignment = claimed.direct ? native().blockDeviceInfo(main.fd).logicalBlockSize : 0;
     if (alignment && base % alignment !== 0) {
       if (direct === 'always') throw new Qcow2Error('INVALID_ARGUMENT', `offset ${base} is not a multiple of the logical block size ${alignment}`, { path });
       notice(`${devicePath}: offset ${base} is not a multiple of ${alignment}; writing through the page cache`);
-      await main.close();
-      main = await fs.open(devicePath, fsConstants.O_WRONLY | (options.force ? 0 : O_EXCL));
+      // The descriptor that claimed the device stays open (a moment without it would let a
+      // mount in); the writes go through a buffered one.
+      claim = main;
+      main = await fs.open(devicePath, fsConstants.O_WRONLY);
       alignment = 0;
     }
-    // A second, buffered descriptor for the bytes of a last partial block; not
-    // exclusive, since the first one already holds the claim.
-    const tail = await fs.open(devicePath, fsConstants.O_WRONLY);
+    // A buffered descriptor for the bytes of a last partial block; not exclusive, since the
+    // first one already holds the claim.
+    tail = await fs.open(devicePath, fsConstants.O_WRONLY);
     const zeroMode = options.targetIsZero ? ZeroMode.Skip : ZeroMode.ZeroOut;
-    return inPlaceTarget('device', devicePath, main, tail, base, alignment, zeroMode, alignment !== 0, image.virtualSize);
+    return inPlaceTarget({ kind: 'device', path: devicePath, main, tail, ...(claim ? { claim } : {}), base, alignment, zeroMode, length: image.virtualSize });
   } catch (error) {
-    await main?.close().catch(() => {});
+    await tail?.close().catch(() => {});
+    await main.close().catch(() => {});
+    await claim?.close().catch(() => {});
     throw ioError(error, devicePath, 'cannot open the target device');
   }
 }
