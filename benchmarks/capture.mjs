@@ -8,6 +8,7 @@
  * the size of qemu-img's output).
  *
  *   node benchmarks/capture.mjs [--runs 3] [--quiet-timeout 10] [--no-device] [--cache-dir DIR]
+ *                               [--modes uncompressed,zlib,zstd]
  *
  * Warm source: os.raw is read into the page cache before every run, so both tools read it from
  * memory; the loop device is attached without direct I/O, so its reads come from os.raw's page
@@ -16,6 +17,8 @@
  * the whole process (node start-up included). qemu-img convert writes with cache=unsafe (no flush);
  * qcow2img fdatasyncs its output: the `sync` run after each process is timed separately and shown.
  * Every output is checked once (`qemu-img check`, `qemu-img compare os.raw OUT`), untimed.
+ * Uncompressed, qemu-img also runs with `-t none` (O_DIRECT writes and a flush at the end): the same
+ * promise as qcow2img's, that the image is on the disk when the command returns.
  */
 import { spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
@@ -59,9 +62,10 @@ function oursCommand(build, source, output, compress, env, extra = []) {
   return env ? ['env', [...Object.entries(env).map(([k, v]) => `${k}=${v}`), process.execPath, ...args]] : [process.execPath, args];
 }
 
-function qemuCommand(source, output, compress, sourceCacheNone) {
+function qemuCommand(source, output, compress, sourceCacheNone, outputCache) {
   const args = ['convert', '-f', 'raw'];
   if (sourceCacheNone) args.push('-T', 'none');
+  if (outputCache) args.push('-t', outputCache);
   args.push('-O', 'qcow2');
   if (compress) args.push('-c');
   if (compress === 'zstd') args.push('-o', 'compression_type=zstd');
@@ -159,13 +163,17 @@ async function main() {
       'quiet-timeout': { type: 'string', default: '10' },
       'no-device': { type: 'boolean' },
       'cache-dir': { type: 'string' },
+      modes: { type: 'string', default: 'uncompressed,zlib,zstd' },
       help: { type: 'boolean', short: 'h' },
     },
   });
   if (values.help) {
-    console.log('usage: node benchmarks/capture.mjs [--runs 3] [--quiet-timeout 10] [--no-device] [--cache-dir DIR]');
+    console.log('usage: node benchmarks/capture.mjs [--runs 3] [--quiet-timeout 10] [--no-device] [--cache-dir DIR] [--modes uncompressed,zlib,zstd]');
     return 0;
   }
+  const modes = values.modes.split(',');
+  for (const mode of modes) if (!['uncompressed', 'zlib', 'zstd'].includes(mode)) throw new Error(`--modes: unknown mode ${mode}`);
+  const wanted = (compress) => modes.includes(compress ?? 'uncompressed');
   const runs = Number(values.runs);
   if (!Number.isInteger(runs) || runs < 1) throw new Error('--runs must be a positive integer');
   const quietTimeout = Number(values['quiet-timeout']);
@@ -200,19 +208,21 @@ async function main() {
     };
 
     // From the file, pages cached.
-    for (const compress of [undefined, 'zlib', 'zstd']) {
+    for (const compress of [undefined, 'zlib', 'zstd'].filter(wanted)) {
       const mode = compress ?? 'uncompressed';
       log(`file, ${mode}:`);
       const tools = {
         'qemu-img': qemuCommand(disk, output, compress, false),
         qcow2img: oursCommand(build, disk, output, compress),
       };
+      if (!compress) tools['qemu-img -t none'] = qemuCommand(disk, output, compress, false, 'none');
       if (compress === 'zlib') {
         tools['qcow2img --level 3'] = oursCommand(build, disk, output, compress, undefined, ['--level', '3']);
         tools['qcow2img --level 6'] = oursCommand(build, disk, output, compress, undefined, ['--level', '6']);
       }
       const summary = await compare(tools, { runs, reference: disk, output, warmFile: disk, quietTimeout, log });
       record('file', mode, summary, 'qemu-img', 'qcow2img');
+      if (!compress) record('file', 'uncompressed, qemu-img -t none (flushed)', summary, 'qemu-img -t none', 'qcow2img');
       if (compress === 'zlib') {
         record('file', 'zlib --level 3 (ISA-L alone)', summary, 'qemu-img', 'qcow2img --level 3');
         record('file', 'zlib --level 6 (zlib encoder)', summary, 'qemu-img', 'qcow2img --level 6');
@@ -228,7 +238,7 @@ async function main() {
         const probe = await run('qemu-io', ['-r', '-f', 'raw', '-t', 'none', '-c', 'read 0 1M', device], { allowFailure: true });
         sourceCacheNone = probe.code === 0;
         if (!sourceCacheNone) notes.push(`QEMU could not read ${device} with cache=none (${probe.stderr.trim().split('\n')[0]}); qemu-img read it through the page cache`);
-        for (const compress of [undefined, 'zstd']) {
+        for (const compress of [undefined, 'zstd'].filter(wanted)) {
           const mode = compress ?? 'uncompressed';
           log(`device ${device}, ${mode}:`);
           const tools = {
@@ -257,7 +267,7 @@ async function main() {
   console.log(`- device rows: \`losetup -r -f --show os.raw\` (no loop direct I/O: the loop driver reads os.raw's cached pages); qcow2img reads the device with O_DIRECT; qemu-img ${sourceCacheNone ? 'with -T none (O_DIRECT)' : 'with its default source cache'}; a device has no holes, so both read all 2 GiB`);
   console.log('- commands: `qemu-img convert -f raw [-T none] -O qcow2 [-c] [-o compression_type=zstd] -W -m 16 SRC OUT`; `qcow2img capture SRC OUT [--compress zlib|zstd] --progress=none --overwrite` (default threads, zlib level 4 = ISA-L level 3 + zlib 6 on clusters ISA-L left at 55-85%, zstd level 1)');
   console.log(`- s = median of ${runs} runs, wall clock of the whole process (node start-up included); outputs on the same filesystem, removed before each run`);
-  console.log('- qemu-img convert writes with cache=unsafe (no flush at the end); qcow2img fdatasyncs. "speedup +sync" adds the `sync` run right after each process (the dirty pages the tool left) to both');
+  console.log('- qemu-img convert writes with cache=unsafe (no flush at the end); qcow2img fdatasyncs. "speedup +sync" adds the `sync` run right after each process (the dirty pages the tool left) to both. The "qemu-img -t none" row runs qemu-img with O_DIRECT writes and its flush at the end, the promise qcow2img makes');
   console.log('- speedup = qemu-img s / qcow2img s (above 1: qcow2img faster); size = output file size (st_size); size ratio = qcow2img / qemu-img');
   console.log("- CPU = user+sys seconds (median); peak RSS = GNU time %M (largest of the runs); others' CPU = CPU seconds the rest of the machine used during a run (largest)\n");
   console.log(markdownTable(
