@@ -1,10 +1,11 @@
 /** bench: the figures are self-consistent, files are cleaned up, devices get load's safety checks. */
-import { execFileSync, spawnSync } from 'node:child_process';
+import { execFileSync, spawn, spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { bench, Qcow2Error } from '../src/index';
+import { native } from '../src/native';
 import { type LoopDevice, loopUnavailable, makeLoop } from './helpers/loop';
 
 const MiB = 1024 * 1024;
@@ -59,6 +60,89 @@ describe('bench', () => {
     }
     expect(json.bytes).toBe(8 * MiB);
     expect(Object.keys(json.latencyUs as object).sort()).toEqual(['p50', 'p99', 'p999']);
+  });
+
+  it('touches no file it did not make: a file named like the target plus ".load" is left alone', async () => {
+    const target = path.join(dir, 'named.img');
+    fs.writeFileSync(`${target}.load`, 'precious');
+    const image = path.join(dir, 'for-load.qcow2');
+    execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', image, '8M']);
+    execFileSync('qemu-io', ['-c', 'write -P 0x42 0 4M', image], { stdio: 'ignore' });
+    const result = await bench(target, { size: 8 * MiB, queueDepth: 2, image });
+    expect(result.load?.dataBytes).toBe(4 * MiB);
+    expect(fs.readFileSync(`${target}.load`, 'utf8')).toBe('precious');
+    expect(fs.readdirSync(dir).sort()).toEqual(['for-load.qcow2', 'named.img.load']);
+    fs.rmSync(`${target}.load`);
+    fs.rmSync(image);
+  });
+
+  it('with an image, a bench that fails still removes its file', async () => {
+    const image = path.join(dir, 'tiny.qcow2');
+    execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', image, '512K']);
+    await expect(bench(dir, { image })).rejects.toMatchObject({ code: 'INVALID_ARGUMENT' });
+    expect(fs.readdirSync(dir)).toEqual(['tiny.qcow2']);
+    fs.rmSync(image);
+  });
+
+  it('SIGTERM: exit 130 and the bench file is removed', async () => {
+    const cli = path.join(__dirname, '..', 'dist', 'cli', 'main.js');
+    const folder = fs.mkdtempSync(path.join(dir, 'term-'));
+    const ran = await new Promise<{ status: number | null; stderr: string }>((resolve, reject) => {
+      const child = spawn(process.execPath, [cli, 'bench', folder, '--size', '64M', '--time', '60', '--progress=none'], { stdio: ['ignore', 'ignore', 'pipe'] });
+      let stderr = '';
+      child.stderr.on('data', (data: Buffer) => (stderr += data.toString()));
+      const poll = setInterval(() => {
+        if (fs.readdirSync(folder).length > 0) {
+          clearInterval(poll);
+          child.kill('SIGTERM');
+        }
+      }, 5);
+      child.on('error', reject);
+      child.on('close', (status) => {
+        clearInterval(poll);
+        resolve({ status, stderr });
+      });
+    });
+    expect(ran.status, ran.stderr).toBe(130);
+    expect(fs.readdirSync(folder)).toEqual([]);
+    fs.rmdirSync(folder);
+  });
+
+  it('a write error with io_uring rejects (in-flight writes are drained, nothing waits forever)', async () => {
+    const file = path.join(dir, 'read-only.bin');
+    fs.writeFileSync(file, Buffer.alloc(4 * MiB));
+    const fd = fs.openSync(file, 'r');
+    try {
+      for (const engine of [1, 2]) {
+        const job = native().writeBench({ fd, offset: 0, size: 4 * MiB, blockSize: 64 * 1024, queueDepth: 8, random: false, seconds: 0, engine, counters: new BigUint64Array(4) });
+        await expect(job, `engine ${engine}`).rejects.toMatchObject({ message: expect.stringMatching(/Bad file descriptor/) });
+      }
+    } finally {
+      fs.closeSync(fd);
+      fs.rmSync(file);
+    }
+  });
+
+  it('a random pattern over too many blocks is refused before its order is built', async () => {
+    const fd = fs.openSync(path.join(dir, 'never-written.bin'), 'w');
+    try {
+      const job = native().writeBench({ fd, offset: 0, size: 2 ** 46, blockSize: 512, queueDepth: 1, random: true, seconds: 0, engine: 2, counters: new BigUint64Array(4) });
+      await expect(job).rejects.toMatchObject({ message: expect.stringMatching(/limited to 64 Mi blocks/) });
+      expect(fs.statSync(path.join(dir, 'never-written.bin')).size).toBe(0);
+    } finally {
+      fs.closeSync(fd);
+      fs.rmSync(path.join(dir, 'never-written.bin'));
+    }
+  });
+
+  it('the CLI refuses a time that is not a finite number of seconds', () => {
+    const cli = path.join(__dirname, '..', 'dist', 'cli', 'main.js');
+    for (const time of ['Infinity', '1e400', '0', '-1', 'soon']) {
+      const run = spawnSync(process.execPath, [cli, 'bench', dir, '--size', '8M', `--time=${time}`], { encoding: 'utf8' });
+      expect(run.status, time).toBe(1);
+      expect(run.stderr).toMatch(/--time must be/);
+    }
+    expect(fs.readdirSync(dir)).toEqual([]);
   });
 
   describe.skipIf(loopUnavailable() !== undefined)('on a loop device', () => {

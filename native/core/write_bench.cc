@@ -94,16 +94,21 @@ class BlockOrder {
   std::vector<uint64_t> order_;
 };
 
+constexpr uint64_t kMaxRandomBlocks = 64ULL << 20;
+
 class WriteBench {
  public:
+  // The random order is only built within its limit: run() refuses a larger one before use.
   explicit WriteBench(const WriteBenchJob& job)
-      : job_(job), blocks_(job.size / job.blockSize), order_(blocks_, job.random, job.seed) {}
+      : job_(job),
+        blocks_(job.blockSize ? job.size / job.blockSize : 0),
+        order_(blocks_, job.random && blocks_ <= kMaxRandomBlocks, job.seed) {}
 
   WriteBenchResult run() {
     if (blocks_ == 0 || job_.blockSize == 0 || job_.blockSize % 512 || job_.queueDepth == 0) {
       return failed("bench", "size must hold at least one block; block size a multiple of 512", EINVAL);
     }
-    if (job_.random && blocks_ > (64ULL << 20)) {
+    if (job_.random && blocks_ > kMaxRandomBlocks) {
       return failed("bench", "random pattern limited to 64 Mi blocks", EINVAL);
     }
     // Without a time limit, write the region once; with one, keep going until it runs out.
@@ -202,6 +207,7 @@ class WriteBench {
       if (inFlight == 0) break;
       if (io_uring_submit(&ring) < 0) {
         failed("io_uring", "submit failed", EIO);
+        ok = false;
         break;
       }
       io_uring_cqe* cqe = nullptr;
@@ -209,6 +215,7 @@ class WriteBench {
       if (wait < 0) {
         if (wait == -EINTR) continue;
         failed("io_uring", strerror(-wait), -wait);
+        ok = false;
         break;
       }
       unsigned head;
@@ -216,15 +223,18 @@ class WriteBench {
       io_uring_for_each_cqe(&ring, head, cqe) {
         seen++;
         uint32_t slot = static_cast<uint32_t>(io_uring_cqe_get_data64(cqe));
+        // A failed write is over too: it no longer counts as in flight.
         if (cqe->res < 0) {
           failed("write", strerror(-cqe->res), -cqe->res);
           ok = false;
+          inFlight--;
           continue;
         }
         uint32_t done = slots[slot].done + static_cast<uint32_t>(cqe->res);
         if (cqe->res == 0) {
           failed("write", "short write", EIO);
           ok = false;
+          inFlight--;
         } else if (done < job_.blockSize) {
           submit(slot, slots[slot].offset, done);  // finish a short write
         } else {
@@ -237,12 +247,17 @@ class WriteBench {
       }
       io_uring_cq_advance(&ring, seen);
     }
-    // Drain what is still in flight after an error.
-    while (inFlight > 0 && !ok) {
-      io_uring_cqe* cqe = nullptr;
-      if (io_uring_submit_and_wait(&ring, 1) < 0 || io_uring_wait_cqe(&ring, &cqe) < 0) break;
-      io_uring_cqe_seen(&ring, cqe);
-      inFlight--;
+    // After an error, wait for what is still in flight (its buffers are freed below); the
+    // continuations of short writes prepared in the last round are submitted first.
+    if (!ok && inFlight > 0 && io_uring_submit(&ring) >= 0) {
+      while (inFlight > 0) {
+        io_uring_cqe* cqe = nullptr;
+        int wait = io_uring_wait_cqe(&ring, &cqe);
+        if (wait == -EINTR) continue;
+        if (wait < 0) break;
+        io_uring_cqe_seen(&ring, cqe);
+        inFlight--;
+      }
     }
     io_uring_queue_exit(&ring);
     result_.engine = "io_uring";
@@ -312,8 +327,18 @@ class WriteBench {
 }  // namespace
 
 WriteBenchResult runWriteBench(const WriteBenchJob& job) {
-  WriteBench bench(job);
-  return bench.run();
+  // No exception leaves a worker thread (the addon is built without C++ exceptions in N-API).
+  try {
+    WriteBench bench(job);
+    return bench.run();
+  } catch (const std::exception&) {
+    WriteBenchResult result;
+    result.error.failed = true;
+    result.error.operation = "memory";
+    result.error.message = "out of memory";
+    result.error.errnoValue = ENOMEM;
+    return result;
+  }
 }
 
 }  // namespace qcow2img

@@ -109,15 +109,20 @@ async function openBenchTarget(path: string, wanted: number | undefined, options
     await fs.unlink(file).catch(() => {});
     throw new Qcow2Error('IO_ERROR', `cannot preallocate ${size} bytes (errno ${err})`, { path: file });
   }
+  // A name of our own beside it for a load: nothing there is the user's.
+  const loadPath = nodePath.join(nodePath.dirname(file), `.qcow2img-bench-load-${process.pid}-${randomBytes(4).toString('hex')}`);
+  let released = false;
   return {
     fd: handle.fd,
     size,
     direct: directFlag !== 0,
-    loadPath: `${file}.load`,
+    loadPath,
     async release() {
+      if (released) return;
+      released = true;
       await handle.close().catch(() => {});
       await fs.unlink(file).catch(() => {});
-      await fs.unlink(`${file}.load`).catch(() => {});
+      await fs.unlink(loadPath).catch(() => {});
     },
   };
 }
@@ -140,6 +145,13 @@ export async function bench(target: string, options: BenchOptions = {}): Promise
   }
   if (!Number.isInteger(queueDepth) || queueDepth < 1 || queueDepth > 1024) {
     throw new Qcow2Error('INVALID_ARGUMENT', `queue depth ${queueDepth} must be from 1 to 1024`, { path });
+  }
+  // The buffers in flight: one block a slot.
+  if (blockSize * queueDepth > 1024 ** 3) {
+    throw new Qcow2Error('INVALID_ARGUMENT', `block size × queue depth (${blockSize * queueDepth} bytes in flight) is over 1 GiB`, { path });
+  }
+  if (options.time !== undefined && !(options.time > 0 && options.time <= 1e6)) {
+    throw new Qcow2Error('INVALID_ARGUMENT', `time ${options.time} must be a number of seconds above 0, up to 1000000`, { path });
   }
   let imageSize: number | undefined;
   if (options.image !== undefined) {
@@ -193,19 +205,13 @@ export async function bench(target: string, options: BenchOptions = {}): Promise
       direct: opened.direct,
       engine: raw.engine,
     };
-  } finally {
-    // A device must be released before the load claims it again.
-    if (options.image === undefined) await opened.release();
-    else if (opened.loadPath !== path) await fs.unlink(opened.loadPath).catch(() => {});
-  }
-  if (options.image !== undefined) {
-    try {
+    if (options.image !== undefined) {
       const isDevice = opened.loadPath === path;
+      // The load claims the device itself: ours must be let go first.
       if (isDevice) await opened.release();
       const loaded = await load(options.image, opened.loadPath, {
         ...options,
         direct: options.direct === 'never' ? 'never' : 'auto',
-        overwrite: !isDevice,
         ...(options.onProgress ? { onProgress: options.onProgress } : {}),
       });
       const bytesPerSec = loaded.dataBytes / loaded.seconds;
@@ -217,9 +223,10 @@ export async function bench(target: string, options: BenchOptions = {}): Promise
         bytesPerSec,
         ratio: bytesPerSec / result.bandwidthBytesPerSec,
       };
-    } finally {
-      await opened.release();
     }
+  } finally {
+    // The bench file and the load's file, whatever happened (release runs once).
+    await opened.release();
   }
   return result;
 }

@@ -42,7 +42,7 @@ commands:
       TARGET is a block device, a folder, or a new file name (files are removed after)
       --size S, --block-size B (default 1M), --queue-depth Q (default 16)
       --pattern seq|rand, --time SECONDS, --direct=always|never
-      --engine auto|io_uring|threads, --force, --json
+      --engine auto|io_uring|threads, --force, --json, --progress=bar|json|none
       --image IMAGE         also load IMAGE onto TARGET and report its throughput as a ratio
 
   snapshot create OUT [--disk SRC] [--memory RAM [--memory-map REGIONS.json]] [--cpu CPU.json]
@@ -205,12 +205,13 @@ async function loadCommand(args: string[]): Promise<void> {
 }
 
 /**
- * A signal the given process signals fire while a command runs: the library stops at its next
- * step and removes what it had not finished, and main() exits 130.
+ * A signal SIGINT and SIGTERM fire while a command runs: the library stops at its next step and
+ * removes what it had not finished, and main() exits 130.
  */
-function interruptible(signals: readonly NodeJS.Signals[] = ['SIGINT', 'SIGTERM']): { signal: AbortSignal; release(): void } {
+function interruptible(): { signal: AbortSignal; release(): void } {
   const controller = new AbortController();
   const onSignal = () => controller.abort();
+  const signals = ['SIGINT', 'SIGTERM'] as const;
   for (const name of signals) process.once(name, onSignal);
   return {
     signal: controller.signal,
@@ -350,14 +351,16 @@ async function benchCommand(args: string[]): Promise<void> {
   let time: number | undefined;
   if (values.time !== undefined) {
     time = Number(values.time);
-    if (!(time > 0)) throw new UsageError('--time must be a positive number of seconds');
+    // Finite and at most a million seconds: larger values overflow the native clock.
+    if (!(time > 0 && time <= 1e6)) throw new UsageError('--time must be a number of seconds above 0, up to 1000000');
   }
   const size = sizeOption(values.size, '--size');
   const blockSize = sizeOption(values['block-size'], '--block-size');
   const queueDepth = integerOption(values['queue-depth'], '--queue-depth', 1);
   const progressMode = (values.progress as string | undefined) ?? (values.json ? 'none' : 'auto');
+  if (!['auto', 'bar', 'json', 'none'].includes(progressMode)) throw new UsageError('--progress must be bar, json or none');
   const onProgress = progressReporter(progressMode);
-  const interrupt = interruptible(['SIGINT']);
+  const interrupt = interruptible();
   try {
     const result = await library.bench()(positionals[0]!, {
       ...openOptions(values),
