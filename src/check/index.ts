@@ -464,7 +464,8 @@ class Checker {
       const l2Refcount = await this.stored(Math.floor(l2Offset / this.clusterSize));
       if (l2Refcount === undefined) continue;
       if ((l2Refcount === 1) !== ((l1Hi & COPIED_HI) !== 0)) {
-        this.report('corruption', `COPIED flag of L2 table ${i} (at ${l2Offset}) disagrees with its refcount ${l2Refcount}`, { offset: h.l1TableOffset + i * 8 });
+        // qemu-img's words for it.
+        this.report('corruption', `OFLAG_COPIED L2 cluster: l1_index=${i} l1_entry=${l1.readBigUInt64BE(i * 8).toString(16)} refcount=${l2Refcount}`, { offset: h.l1TableOffset + i * 8 });
       }
       let copied = this.copiedSummaries.get(l2Offset);
       if (!copied) {
@@ -494,7 +495,7 @@ class Checker {
       if (refcount === undefined) continue;
       if ((refcount === 1) !== copied) {
         count++;
-        first ??= { kind: 'corruption', message: `COPIED flag of the data cluster at ${dataOffset} disagrees with its refcount ${refcount}`, offset: l2Offset + at };
+        first ??= { kind: 'corruption', message: `OFLAG_COPIED data cluster: l2_entry=${table.readBigUInt64BE(at).toString(16)} refcount=${refcount}`, offset: l2Offset + at };
       }
     }
     return { count, first };

@@ -13,38 +13,104 @@ export function humanBytes(bytes: number): string {
   return unit === 0 ? `${bytes} B` : `${value.toFixed(value < 10 ? 2 : value < 100 ? 1 : 0).replace(/\.0+$|(\.\d*?)0+$/, '$1')} ${units[unit]}`;
 }
 
-export function formatInfo(info: ImageInfo): string {
+/**
+ * C's printf("%.Nf"): the double's exact value rounded, an exact tie to even. toFixed rounds the
+ * exact value too but a tie up, so only an exact tie (its exact digits past the last kept are 5
+ * then zeros) needs a look.
+ */
+function cFixed(value: number, decimals: number): string {
+  const [whole = '', fraction = ''] = value.toFixed(100).split('.');
+  if (/^50*$/.test(fraction.slice(decimals))) {
+    const kept = decimals > 0 ? fraction[decimals - 1]! : whole.at(-1)!;
+    if (Number(kept) % 2 === 0) return decimals > 0 ? `${whole}.${fraction.slice(0, decimals)}` : whole;
+  }
+  return value.toFixed(decimals);
+}
+
+/** C's printf("%0.3g"). */
+function cG3(value: number): string {
+  if (value === 0) return '0';
+  const [mantissa, exponentText] = value.toExponential(2).split('e');
+  const exponent = Number(exponentText);
+  if (exponent < -4 || exponent >= 3) {
+    return `${mantissa!.replace(/\.?0+$/, '')}e${exponent < 0 ? '-' : '+'}${String(Math.abs(exponent)).padStart(2, '0')}`;
+  }
+  const fixed = cFixed(value, 2 - exponent);
+  return fixed.includes('.') ? fixed.replace(/\.?0+$/, '') : fixed;
+}
+
+/** A size as qemu-img prints it (QEMU's size_to_str): the next unit from 1000 of one, 3 significant digits. */
+export function qemuSize(bytes: number): string {
+  const suffixes = ['', 'Ki', 'Mi', 'Gi', 'Ti', 'Pi', 'Ei'];
+  // frexp's exponent of bytes / (1000 / 1024), minus one, is floor(log2) of it.
+  const scaled = bytes / (1000 / 1024);
+  let exponent = 0;
+  while (exponent < 1100 && 2 ** exponent <= scaled) exponent++;
+  const unit = Math.min(suffixes.length - 1, Math.trunc((exponent - 1) / 10));
+  return `${cG3(bytes / 2 ** (unit * 10))} ${suffixes[unit]}B`;
+}
+
+/** QEMU's path_combine: a relative backing name taken from the folder of the image's name as given. */
+function combinedPath(imageName: string, backing: string): string {
+  if (backing.startsWith('/')) return backing;
+  const slash = imageName.lastIndexOf('/');
+  return slash < 0 ? backing : imageName.slice(0, slash + 1) + backing;
+}
+
+/**
+ * `qemu-img info [--backing-chain]`'s human output, line for line. QEMU names a backing file
+ * by joining its name to the folder of the name its child was given by: so do these lines.
+ */
+export function formatInfoChain(infos: readonly ImageInfo[]): string {
+  const names: string[] = [];
+  infos.forEach((info, i) => names.push(i === 0 ? info.filename : combinedPath(names[i - 1]!, infos[i - 1]!.backingFile ?? info.filename)));
+  return infos.map((info, i) => formatInfo(info, names[i]!)).join('\n\n');
+}
+
+function formatInfo(info: ImageInfo, name: string): string {
   const lines = [
-    `image: ${info.filename}`,
+    `image: ${name}`,
     `file format: ${info.format}`,
-    `virtual size: ${humanBytes(info.virtualSize)} (${info.virtualSize} bytes)`,
-    `disk size: ${humanBytes(info.allocatedBytes)}`,
+    `virtual size: ${qemuSize(info.virtualSize)} (${info.virtualSize} bytes)`,
+    `disk size: ${qemuSize(info.allocatedBytes)}`,
   ];
+  if (info.encrypted) lines.push('encrypted: yes');
   if (info.clusterSize !== undefined) lines.push(`cluster_size: ${info.clusterSize}`);
-  if (info.backingFile !== undefined) lines.push(`backing file: ${info.backingFile}`);
+  if (info.dirty) lines.push('cleanly shut down: no');
+  if (info.backingFile !== undefined) {
+    const actual = combinedPath(name, info.backingFile);
+    lines.push(`backing file: ${info.backingFile}${actual !== info.backingFile ? ` (actual path: ${actual})` : ''}`);
+  }
   if (info.backingFormat !== undefined) lines.push(`backing file format: ${info.backingFormat}`);
   if (info.snapshots && info.snapshots.length > 0) {
     lines.push('Snapshot list:');
-    lines.push('ID        TAG               VM SIZE                DATE     VM CLOCK     ICOUNT');
+    lines.push(`${'ID'.padEnd(10)}${'TAG'.padEnd(17)}${'VM SIZE'.padStart(8)}${'DATE'.padStart(20)}${'VM CLOCK'.padStart(13)}${'ICOUNT'.padStart(11)}`);
     for (const s of info.snapshots) {
-      const clock = new Date(Math.floor(s.vmClockNsec / 1e6)).toISOString().slice(11, 23);
-      lines.push(`${s.id.padEnd(9)} ${s.name.padEnd(17)} ${humanBytes(s.vmStateSize).padStart(7)} ${s.date.replace('T', ' ').slice(0, 19)} ${clock} ${s.icount < 0 ? '--' : s.icount}`);
+      const seconds = Math.floor(s.vmClockNsec / 1e9);
+      const two = (n: number) => String(n).padStart(2, '0');
+      const clock = `${two(Math.floor(seconds / 3600))}:${two(Math.floor(seconds / 60) % 60)}:${two(seconds % 60)}.${String(Math.floor(s.vmClockNsec / 1e6) % 1000).padStart(3, '0')}`;
+      // Local time, as QEMU prints it.
+      const d = new Date(s.dateSec * 1000);
+      const date = `${d.getFullYear()}-${two(d.getMonth() + 1)}-${two(d.getDate())} ${two(d.getHours())}:${two(d.getMinutes())}:${two(d.getSeconds())}`;
+      const icount = s.icount < 0 ? '' : String(s.icount);
+      lines.push(`${s.id.padEnd(9)} ${s.name.padEnd(16)} ${qemuSize(s.vmStateSize).padStart(8)}${date.padStart(20)}${clock.padStart(13)}${icount.padStart(11)}`);
     }
   }
   if (info.format === 'qcow2') {
+    // Version 2 has no feature bits: qemu-img leaves out what they would say.
     lines.push('Format specific information:');
     lines.push(`    compat: ${info.version === 2 ? '0.10' : '1.1'}`);
     lines.push(`    compression type: ${info.compressionType}`);
-    lines.push(`    lazy refcounts: ${info.lazyRefcounts}`);
+    if (info.version !== 2) lines.push(`    lazy refcounts: ${info.lazyRefcounts}`);
     lines.push(`    refcount bits: ${info.refcountBits}`);
-    lines.push(`    corrupt: ${info.corrupt}`);
-    lines.push(`    extended l2: ${info.extendedL2}`);
     if (info.dataFile !== undefined) {
       lines.push(`    data file: ${info.dataFile}`);
       lines.push(`    data file raw: ${info.dataFileRaw}`);
     }
-    if (info.dirty) lines.push('    dirty: true');
-    if (info.encrypted) lines.push('    encrypted: true');
+    if (info.version !== 2) {
+      lines.push(`    corrupt: ${info.corrupt}`);
+      lines.push(`    extended l2: ${info.extendedL2}`);
+    }
   }
   return lines.join('\n');
 }
@@ -65,4 +131,9 @@ export function progressLine(p: Progress): string {
   const bar = '#'.repeat(filled) + '-'.repeat(width - filled);
   const eta = p.etaSeconds !== undefined && Number.isFinite(p.etaSeconds) ? `ETA ${Math.ceil(p.etaSeconds)}s` : '';
   return `[${bar}] ${percent.toFixed(1).padStart(5)}% ${humanBytes(p.bytesDone)}/${humanBytes(p.bytesTotal)} ${humanBytes(p.bytesPerSecond)}/s ${eta} ${p.phase}`;
+}
+
+/** n·100.0/d as C's printf("%0.2f") prints it (qemu-img check's percentages). */
+export function percent(n: number, d: number): string {
+  return cFixed((n * 100) / d, 2);
 }

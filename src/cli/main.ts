@@ -6,7 +6,7 @@ import type { OpenOptions } from '../qcow2/image';
 import * as fs from 'node:fs/promises';
 import type { Progress } from '../load/progress';
 import type { DirectMode } from '../load/target';
-import { formatInfo, formatMap, humanBytes, progressLine } from './format';
+import { formatInfoChain, formatMap, humanBytes, percent, progressLine } from './format';
 
 const usage = `usage: qcow2img <command> [options]
 
@@ -115,7 +115,7 @@ async function info(args: string[]): Promise<void> {
     if (values.json) {
       process.stdout.write(JSON.stringify(values['backing-chain'] ? infos : infos[0], null, 2) + '\n');
     } else {
-      process.stdout.write(infos.map(formatInfo).join('\n\n') + '\n');
+      process.stdout.write(formatInfoChain(infos) + '\n');
     }
   } finally {
     await image.close();
@@ -292,14 +292,6 @@ async function captureCommand(args: string[]): Promise<void> {
   }
 }
 
-/** 100·n/d to two places, halves to even as C's printf rounds them (qemu-img's output). */
-function percent(n: number, d: number): string {
-  const scaled = (100 * n * 100) / d;
-  const floor = Math.floor(scaled);
-  const rounded = scaled - floor === 0.5 ? (floor % 2 === 0 ? floor : floor + 1) : Math.round(scaled);
-  return (rounded / 100).toFixed(2);
-}
-
 async function checkCommand(args: string[]): Promise<number> {
   const { values, positionals } = parse(args);
   needPositionals(positionals, 1, 'IMAGE');
@@ -310,13 +302,15 @@ async function checkCommand(args: string[]): Promise<number> {
     process.stdout.write(JSON.stringify(result, null, 2) + '\n');
     return exitCode;
   }
-  const lines = result.issues.map((issue) => `${issue.kind === 'leak' ? 'Leaked' : 'ERROR'}: ${issue.message}`);
-  if (result.issueCount > result.issues.length) lines.push(`... and ${result.issueCount - result.issues.length} more`);
-  if (lines.length) lines.push('');
-  if (exitCode === 0) lines.push('No errors were found on the image.');
-  if (result.corruptions > 0) lines.push(`${result.corruptions} errors were found on the image.`, 'Data may be corrupted, or further writes to the image may corrupt it.');
-  if (result.leaks > 0) lines.push(`${result.leaks} leaked clusters were found on the image.`, 'This means waste of disk space, but no harm to data.');
-  if (result.checkErrors > 0) lines.push(`${result.checkErrors} internal errors have occurred during the check.`);
+  // As qemu-img: each problem on stderr ("ERROR ..." / "Leaked cluster ..."), the summary on stdout.
+  const problems = result.issues.map((issue) => (issue.kind === 'leak' ? issue.message.replace(/^leaked/, 'Leaked') : `ERROR ${issue.message}`));
+  if (result.issueCount > result.issues.length) problems.push(`... and ${result.issueCount - result.issues.length} more`);
+  if (problems.length) process.stderr.write(problems.join('\n') + '\n');
+  const lines: string[] = [];
+  if (result.corruptions === 0 && result.leaks === 0 && result.checkErrors === 0) lines.push('No errors were found on the image.');
+  if (result.corruptions > 0) lines.push('', `${result.corruptions} errors were found on the image.`, 'Data may be corrupted, or further writes to the image may corrupt it.');
+  if (result.leaks > 0) lines.push('', `${result.leaks} leaked clusters were found on the image.`, 'This means waste of disk space, but no harm to data.');
+  if (result.checkErrors > 0) lines.push('', `${result.checkErrors} internal errors have occurred during the check.`);
   if (result.totalClusters > 0 && result.allocatedClusters > 0) {
     const allocated = percent(result.allocatedClusters, result.totalClusters);
     lines.push(
@@ -584,6 +578,11 @@ export async function main(argv: string[]): Promise<number> {
 }
 
 if (require.main === module) {
+  // A reader that went away (`qcow2img map IMAGE | head`) is not an error of ours: stop quietly.
+  process.stdout.on('error', (error: NodeJS.ErrnoException) => {
+    if (error.code === 'EPIPE') process.exit(process.exitCode ?? 0);
+    throw error;
+  });
   main(process.argv.slice(2)).then((code) => {
     process.exitCode = code;
   });
