@@ -10,12 +10,15 @@
       ],
       "include_dirs": ["<!(node -p \"require('node-addon-api').include_dir\")"],
       "defines": [
-        # Errors cross as rejected promises and thrown Napi::Error, never C++ exceptions.
-        "NAPI_DISABLE_CPP_EXCEPTIONS",
+        # C++ exceptions on: a Napi::Error thrown while arguments are checked becomes a
+        # JavaScript error (with them off it would abort the process), and so does any
+        # std::exception escaping a call (_ALL) or an AsyncWorker's Execute.
+        "NODE_ADDON_API_CPP_EXCEPTIONS",
+        "NODE_ADDON_API_CPP_EXCEPTIONS_ALL",
         # Oldest Node-API version with everything used here (BigUint64Array: 6).
         "NAPI_VERSION=8"
       ],
-      "cflags_cc": ["-std=c++17", "-O3", "-fvisibility=hidden", "-Wall", "-Wextra"],
+      "cflags_cc": ["-std=c++17", "-O3", "-fexceptions", "-fvisibility=hidden", "-Wall", "-Wextra"],
       "cflags_cc!": ["-fno-exceptions", "-std=gnu++17"],
       # Static, so the addon (and its prebuild) needs none of them installed; their
       # symbols stay inside it (--exclude-libs), away from Node's own zlib and zstd.

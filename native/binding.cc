@@ -2,7 +2,10 @@
 // Everything it calls lives in native/core and knows nothing of Node.
 #include <napi.h>
 
+#include <cmath>
+#include <cstring>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "core/capture_engine.h"
@@ -17,9 +20,76 @@ namespace {
 
 using namespace qcow2img;
 
-double numberField(const Napi::Object& object, const char* name, double fallback = 0) {
+// Arguments are checked here, where JavaScript values become C++ ones: an engine never sees a
+// negative, fractional or NaN number cast to an unsigned one, nor a typed array of another type.
+// (Built with C++ exceptions: a throw here becomes a JavaScript error.)
+
+constexpr double kMaxSafe = 9007199254740992.0;  // 2^53
+
+uint64_t checkedUnsigned(Napi::Env env, Napi::Value value, const char* name, uint64_t max) {
+  if (!value.IsNumber()) throw Napi::TypeError::New(env, std::string(name) + " must be a number");
+  double d = value.As<Napi::Number>().DoubleValue();
+  if (!(d >= 0) || d != std::floor(d) || d > kMaxSafe || d > static_cast<double>(max)) {
+    throw Napi::RangeError::New(env, std::string(name) + " must be a whole number from 0 to " +
+                                         (max >= static_cast<uint64_t>(kMaxSafe) ? std::string("2^53") : std::to_string(max)));
+  }
+  return static_cast<uint64_t>(d);
+}
+
+// Sizes, offsets and counts (absent: the fallback).
+uint64_t unsignedField(const Napi::Object& object, const char* name, uint64_t fallback = 0) {
   Napi::Value value = object.Get(name);
-  return value.IsNumber() ? value.As<Napi::Number>().DoubleValue() : fallback;
+  return value.IsUndefined() ? fallback : checkedUnsigned(object.Env(), value, name, UINT64_MAX);
+}
+
+uint32_t uint32Field(const Napi::Object& object, const char* name, uint32_t fallback = 0) {
+  Napi::Value value = object.Get(name);
+  return value.IsUndefined() ? fallback : static_cast<uint32_t>(checkedUnsigned(object.Env(), value, name, UINT32_MAX));
+}
+
+// Descriptors (-1: none), codecs, levels.
+int intValue(Napi::Env env, Napi::Value value, const char* name) {
+  if (!value.IsNumber()) throw Napi::TypeError::New(env, std::string(name) + " must be a number");
+  double d = value.As<Napi::Number>().DoubleValue();
+  if (!(d >= INT32_MIN && d <= INT32_MAX) || d != std::floor(d)) {
+    throw Napi::RangeError::New(env, std::string(name) + " must be a whole number in the int range");
+  }
+  return static_cast<int>(d);
+}
+
+int intField(const Napi::Object& object, const char* name, int fallback = 0) {
+  Napi::Value value = object.Get(name);
+  return value.IsUndefined() ? fallback : intValue(object.Env(), value, name);
+}
+
+uint64_t unsignedArg(const Napi::CallbackInfo& info, size_t index, const char* name) {
+  return checkedUnsigned(info.Env(), info[index], name, UINT64_MAX);
+}
+
+int intArg(const Napi::CallbackInfo& info, size_t index, const char* name) {
+  return intValue(info.Env(), info[index], name);
+}
+
+// A typed array of exactly this type, kept alive (against collection) until the worker completes.
+template <typename Array>
+Array typedField(const Napi::Object& spec, const char* name, napi_typedarray_type type,
+                 std::vector<Napi::ObjectReference>& keep) {
+  Napi::Value value = spec.Get(name);
+  if (!value.IsTypedArray() || value.As<Napi::TypedArray>().TypedArrayType() != type) {
+    throw Napi::TypeError::New(spec.Env(), std::string(name) + (type == napi_float64_array ? " must be a Float64Array" : " must be a Uint8Array"));
+  }
+  keep.push_back(Napi::Persistent(value.As<Napi::Object>()));
+  return value.As<Array>();
+}
+
+// Every element a whole number from 0 to 2^53 (plans, spans, offsets that become uint64_t).
+void checkUnsignedElements(Napi::Env env, const Napi::Float64Array& array, const char* name) {
+  const double* data = array.Data();
+  for (size_t i = 0; i < array.ElementLength(); i++) {
+    if (!(data[i] >= 0) || data[i] != std::floor(data[i]) || data[i] > kMaxSafe) {
+      throw Napi::RangeError::New(env, std::string(name) + ": element " + std::to_string(i) + " is not a whole number from 0 to 2^53");
+    }
+  }
 }
 
 // walkL2(table, firstEntry, entryCount, clusterBits, extendedL2, externalDataFile)
@@ -33,17 +103,20 @@ Napi::Value WalkL2(const Napi::CallbackInfo& info) {
   auto table = info[0].As<Napi::Buffer<uint8_t>>();
   L2WalkParams params;
   params.table = table.Data();
-  params.firstEntry = info[1].As<Napi::Number>().Int64Value();
-  params.entryCount = info[2].As<Napi::Number>().Int64Value();
-  params.clusterBits = info[3].As<Napi::Number>().Uint32Value();
+  uint64_t firstEntry = unsignedArg(info, 1, "firstEntry");
+  uint64_t entryCount = unsignedArg(info, 2, "entryCount");
+  params.clusterBits = static_cast<uint32_t>(unsignedArg(info, 3, "clusterBits"));
   params.extendedL2 = info[4].ToBoolean();
   params.externalDataFile = info[5].ToBoolean();
-  size_t entryBytes = params.extendedL2 ? 16 : 8;
-  if (params.clusterBits < 9 || params.clusterBits > 21 ||
-      (params.firstEntry + params.entryCount) * entryBytes > table.Length()) {
+  uint64_t tableEntries = table.Length() / (params.extendedL2 ? 16 : 8);
+  // Compared without multiplying, so no sum or product can wrap past the check.
+  if (params.clusterBits < 9 || params.clusterBits > 21 || firstEntry > tableEntries ||
+      entryCount > tableEntries - firstEntry) {
     throw Napi::RangeError::New(env, "walkL2: entries outside the table");
   }
-  size_t capacity = params.entryCount * (params.extendedL2 ? 32 : 1);
+  params.firstEntry = firstEntry;
+  params.entryCount = entryCount;
+  size_t capacity = static_cast<size_t>(entryCount) * (params.extendedL2 ? 32 : 1);
   std::vector<double> runs(capacity * kL2RunFields);
   L2WalkResult result = walkL2(params, runs.data(), capacity);
   auto out = Napi::Float64Array::New(env, result.runCount * kL2RunFields);
@@ -90,41 +163,47 @@ class CopyWorker : public Napi::AsyncWorker {
       : Napi::AsyncWorker(env, "qcow2img:copy"), deferred_(Napi::Promise::Deferred::New(env)) {
     // The plan, memory target and counters are used in place; the references
     // keep their ArrayBuffers alive until the worker completes.
-    auto runs = spec.Get("runs").As<Napi::Float64Array>();
-    keep_.push_back(Napi::Persistent(runs.As<Napi::Object>()));
+    auto runs = typedField<Napi::Float64Array>(spec, "runs", napi_float64_array, keep_);
+    checkUnsignedElements(env, runs, "runs");
     job_.runs = runs.Data();
     job_.runCount = runs.ElementLength() / kPlanRunFields;
-    auto sources = spec.Get("sources").As<Napi::Array>();
+    Napi::Value sourcesValue = spec.Get("sources");
+    if (!sourcesValue.IsArray()) throw Napi::TypeError::New(env, "sources must be an array");
+    auto sources = sourcesValue.As<Napi::Array>();
     for (uint32_t i = 0; i < sources.Length(); i++) {
-      Napi::Object s = sources.Get(i).As<Napi::Object>();
-      job_.sources.push_back(Source{static_cast<int>(numberField(s, "fd", -1)),
-                                    static_cast<uint64_t>(numberField(s, "size")),
-                                    static_cast<Codec>(static_cast<int>(numberField(s, "codec"))),
-                                    static_cast<uint64_t>(numberField(s, "clusterSize", 65536)),
-                                    static_cast<uint64_t>(numberField(s, "base"))});
+      Napi::Value entry = sources.Get(i);
+      if (!entry.IsObject()) throw Napi::TypeError::New(env, "sources must hold objects");
+      Napi::Object s = entry.As<Napi::Object>();
+      job_.sources.push_back(Source{intField(s, "fd", -1),
+                                    unsignedField(s, "size"),
+                                    static_cast<Codec>(intField(s, "codec")),
+                                    unsignedField(s, "clusterSize", 65536),
+                                    unsignedField(s, "base")});
     }
-    job_.targetFd = static_cast<int>(numberField(spec, "targetFd", -1));
-    job_.targetTailFd = static_cast<int>(numberField(spec, "targetTailFd", -1));
+    job_.targetFd = intField(spec, "targetFd", -1);
+    job_.targetTailFd = intField(spec, "targetTailFd", -1);
+    // A memory target is written by worker threads: it must not be transferred (detached)
+    // before the promise settles. Image.read documents this for its callers.
     Napi::Value memory = spec.Get("memory");
     if (memory.IsBuffer()) {
       auto buffer = memory.As<Napi::Buffer<uint8_t>>();
       keep_.push_back(Napi::Persistent(buffer.As<Napi::Object>()));
       job_.memory = buffer.Data();
       job_.memoryLength = buffer.Length();
-      job_.memoryGuestOffset = static_cast<uint64_t>(numberField(spec, "memoryGuestOffset"));
+      job_.memoryGuestOffset = unsignedField(spec, "memoryGuestOffset");
     }
-    job_.targetBase = static_cast<uint64_t>(numberField(spec, "targetBase"));
-    job_.limitStart = static_cast<uint64_t>(numberField(spec, "limitStart"));
-    job_.limitEnd = static_cast<uint64_t>(numberField(spec, "limitEnd"));
-    job_.alignment = static_cast<uint32_t>(numberField(spec, "alignment"));
-    job_.zeroMode = static_cast<ZeroMode>(static_cast<int>(numberField(spec, "zeroMode")));
-    job_.threads = static_cast<uint32_t>(numberField(spec, "threads", 4));
-    job_.windowSize = static_cast<uint64_t>(numberField(spec, "windowSize", 1 << 20));
+    job_.targetBase = unsignedField(spec, "targetBase");
+    job_.limitStart = unsignedField(spec, "limitStart");
+    job_.limitEnd = unsignedField(spec, "limitEnd");
+    job_.alignment = uint32Field(spec, "alignment");
+    job_.zeroMode = static_cast<ZeroMode>(intField(spec, "zeroMode"));
+    job_.threads = uint32Field(spec, "threads", 4);
+    job_.windowSize = unsignedField(spec, "windowSize", 1 << 20);
     job_.counters = reinterpret_cast<CopyCounters*>(bigUint64Field(spec, "counters", 4, keep_, nullptr));
     size_t hashWords = 0;
     job_.windowHashes = bigUint64Field(spec, "windowHashes", 2, keep_, &hashWords);
     job_.windowHashCount = hashWords / 2;
-    job_.hashedSize = static_cast<uint64_t>(numberField(spec, "hashedSize"));
+    job_.hashedSize = unsignedField(spec, "hashedSize");
   }
 
   Napi::Promise promise() { return deferred_.Promise(); }
@@ -150,10 +229,7 @@ class CopyWorker : public Napi::AsyncWorker {
 };
 
 Napi::Value Copy(const Napi::CallbackInfo& info) {
-  if (info.Length() < 1 || !info[0].IsObject() ||
-      !info[0].As<Napi::Object>().Get("runs").IsTypedArray()) {
-    throw Napi::TypeError::New(info.Env(), "copy(job) needs a job with runs: Float64Array");
-  }
+  if (info.Length() < 1 || !info[0].IsObject()) throw Napi::TypeError::New(info.Env(), "copy(job) needs a job object");
   auto* worker = new CopyWorker(info.Env(), info[0].As<Napi::Object>());
   Napi::Promise promise = worker->promise();
   worker->Queue();
@@ -164,12 +240,12 @@ class VerifyWorker : public Napi::AsyncWorker {
  public:
   VerifyWorker(Napi::Env env, const Napi::Object& spec)
       : Napi::AsyncWorker(env, "qcow2img:verify"), deferred_(Napi::Promise::Deferred::New(env)) {
-    job_.fd = static_cast<int>(numberField(spec, "fd", -1));
-    job_.base = static_cast<uint64_t>(numberField(spec, "base"));
-    job_.size = static_cast<uint64_t>(numberField(spec, "size"));
-    job_.windowSize = static_cast<uint64_t>(numberField(spec, "windowSize", 1 << 20));
-    job_.alignment = static_cast<uint32_t>(numberField(spec, "alignment"));
-    job_.threads = static_cast<uint32_t>(numberField(spec, "threads", 4));
+    job_.fd = intField(spec, "fd", -1);
+    job_.base = unsignedField(spec, "base");
+    job_.size = unsignedField(spec, "size");
+    job_.windowSize = unsignedField(spec, "windowSize", 1 << 20);
+    job_.alignment = uint32Field(spec, "alignment");
+    job_.threads = uint32Field(spec, "threads", 4);
     size_t hashWords = 0;
     job_.windowHashes = bigUint64Field(spec, "windowHashes", 2, keep_, &hashWords);
     job_.windowHashCount = hashWords / 2;
@@ -208,22 +284,21 @@ class CaptureWorker : public Napi::AsyncWorker {
  public:
   CaptureWorker(Napi::Env env, const Napi::Object& spec)
       : Napi::AsyncWorker(env, "qcow2img:capture"), deferred_(Napi::Promise::Deferred::New(env)) {
-    job_.sourceFd = static_cast<int>(numberField(spec, "sourceFd", -1));
-    job_.sourceAlignment = static_cast<uint32_t>(numberField(spec, "sourceAlignment"));
-    job_.sourceSize = static_cast<uint64_t>(numberField(spec, "sourceSize"));
-    job_.guestStart = static_cast<uint64_t>(numberField(spec, "guestStart"));
-    job_.clusterCount = static_cast<uint64_t>(numberField(spec, "clusterCount"));
-    job_.clusterSize = static_cast<uint64_t>(numberField(spec, "clusterSize", 65536));
+    job_.sourceFd = intField(spec, "sourceFd", -1);
+    job_.sourceAlignment = uint32Field(spec, "sourceAlignment");
+    job_.sourceSize = unsignedField(spec, "sourceSize");
+    job_.guestStart = unsignedField(spec, "guestStart");
+    job_.clusterCount = unsignedField(spec, "clusterCount");
+    job_.clusterSize = unsignedField(spec, "clusterSize", 65536);
     job_.zeroAsData = spec.Get("zeroAsData").ToBoolean();
-    job_.codec = static_cast<CompressCodec>(static_cast<int>(numberField(spec, "codec")));
-    job_.level = static_cast<int>(numberField(spec, "level"));
-    job_.outputFd = static_cast<int>(numberField(spec, "outputFd", -1));
-    job_.outputDirectFd = static_cast<int>(numberField(spec, "outputDirectFd", -1));
-    job_.outputDirectAlignment = static_cast<uint32_t>(numberField(spec, "outputDirectAlignment"));
-    job_.outputPosition = static_cast<uint64_t>(numberField(spec, "outputPosition"));
-    job_.threads = static_cast<uint32_t>(numberField(spec, "threads", 2));
-    auto results = spec.Get("results").As<Napi::Float64Array>();
-    keep_.push_back(Napi::Persistent(results.As<Napi::Object>()));
+    job_.codec = static_cast<CompressCodec>(intField(spec, "codec"));
+    job_.level = intField(spec, "level");
+    job_.outputFd = intField(spec, "outputFd", -1);
+    job_.outputDirectFd = intField(spec, "outputDirectFd", -1);
+    job_.outputDirectAlignment = uint32Field(spec, "outputDirectAlignment");
+    job_.outputPosition = unsignedField(spec, "outputPosition");
+    job_.threads = uint32Field(spec, "threads", 2);
+    auto results = typedField<Napi::Float64Array>(spec, "results", napi_float64_array, keep_);
     job_.results = results.Data();
     resultCapacity_ = results.ElementLength() / kCaptureResultFields;
     job_.holes = bytesField(spec, "holes", &holesLength_);
@@ -232,7 +307,10 @@ class CaptureWorker : public Napi::AsyncWorker {
   }
 
   bool valid() const {
-    return resultCapacity_ >= job_.clusterCount && job_.clusterSize >= 512 &&
+    // A direct read is whole units of the source inside one cluster's room in the buffer.
+    bool alignment = job_.sourceAlignment == 0 ||
+                     (job_.sourceAlignment <= job_.clusterSize && job_.clusterSize % job_.sourceAlignment == 0);
+    return resultCapacity_ >= job_.clusterCount && job_.clusterSize >= 512 && alignment &&
            (!job_.holes || holesLength_ >= job_.clusterCount) &&
            (!job_.base || baseLength_ >= job_.clusterCount * job_.clusterSize);
   }
@@ -249,10 +327,8 @@ class CaptureWorker : public Napi::AsyncWorker {
 
  private:
   const uint8_t* bytesField(const Napi::Object& spec, const char* name, size_t* length) {
-    Napi::Value value = spec.Get(name);
-    if (!value.IsTypedArray()) return nullptr;
-    auto array = value.As<Napi::Uint8Array>();
-    keep_.push_back(Napi::Persistent(array.As<Napi::Object>()));
+    if (spec.Get(name).IsUndefined()) return nullptr;
+    auto array = typedField<Napi::Uint8Array>(spec, name, napi_uint8_array, keep_);
     *length = array.ByteLength();
     return array.Data();
   }
@@ -268,14 +344,11 @@ class CaptureWorker : public Napi::AsyncWorker {
 
 // capture(job) -> Promise<number>: the output position after the stored bytes.
 Napi::Value Capture(const Napi::CallbackInfo& info) {
-  if (info.Length() < 1 || !info[0].IsObject() ||
-      !info[0].As<Napi::Object>().Get("results").IsTypedArray()) {
-    throw Napi::TypeError::New(info.Env(), "capture(job) needs a job with results: Float64Array");
-  }
+  if (info.Length() < 1 || !info[0].IsObject()) throw Napi::TypeError::New(info.Env(), "capture(job) needs a job object");
   auto* worker = new CaptureWorker(info.Env(), info[0].As<Napi::Object>());
   if (!worker->valid()) {
     delete worker;
-    throw Napi::RangeError::New(info.Env(), "capture: results, holes or base shorter than the cluster range");
+    throw Napi::RangeError::New(info.Env(), "capture: results, holes or base shorter than the cluster range, or a source alignment that does not divide the cluster size");
   }
   Napi::Promise promise = worker->promise();
   worker->Queue();
@@ -286,15 +359,18 @@ class WriteBenchWorker : public Napi::AsyncWorker {
  public:
   WriteBenchWorker(Napi::Env env, const Napi::Object& spec)
       : Napi::AsyncWorker(env, "qcow2img:bench"), deferred_(Napi::Promise::Deferred::New(env)) {
-    job_.fd = static_cast<int>(numberField(spec, "fd", -1));
-    job_.offset = static_cast<uint64_t>(numberField(spec, "offset"));
-    job_.size = static_cast<uint64_t>(numberField(spec, "size"));
-    job_.blockSize = static_cast<uint32_t>(numberField(spec, "blockSize", 1 << 20));
-    job_.queueDepth = static_cast<uint32_t>(numberField(spec, "queueDepth", 16));
+    job_.fd = intField(spec, "fd", -1);
+    job_.offset = unsignedField(spec, "offset");
+    job_.size = unsignedField(spec, "size");
+    job_.blockSize = uint32Field(spec, "blockSize", 1 << 20);
+    job_.queueDepth = uint32Field(spec, "queueDepth", 16);
     job_.random = spec.Get("random").ToBoolean();
-    job_.seconds = numberField(spec, "seconds");
-    job_.engine = static_cast<BenchEngine>(static_cast<int>(numberField(spec, "engine")));
-    job_.seed = static_cast<uint64_t>(numberField(spec, "seed", 1));
+    Napi::Value seconds = spec.Get("seconds");
+    job_.seconds = seconds.IsUndefined() ? 0 : seconds.ToNumber().DoubleValue();
+    // A duration the native clock holds (larger ones overflow its nanoseconds).
+    if (!(job_.seconds >= 0 && job_.seconds <= 1e6)) throw Napi::RangeError::New(env, "seconds must be from 0 to 1000000");
+    job_.engine = static_cast<BenchEngine>(intField(spec, "engine"));
+    job_.seed = unsignedField(spec, "seed", 1);
     job_.counters = reinterpret_cast<CopyCounters*>(bigUint64Field(spec, "counters", 4, keep_, nullptr));
   }
   Napi::Promise promise() { return deferred_.Promise(); }
@@ -355,18 +431,18 @@ class DumpBatchWorker : public Napi::AsyncWorker {
  public:
   DumpBatchWorker(Napi::Env env, const Napi::Object& spec)
       : Napi::AsyncWorker(env, "qcow2img:dump"), deferred_(Napi::Promise::Deferred::New(env)) {
-    batch_.sourceFd = static_cast<int>(numberField(spec, "sourceFd", -1));
-    batch_.dumpOffset = static_cast<uint64_t>(numberField(spec, "dumpOffset"));
-    batch_.firstPage = static_cast<uint64_t>(numberField(spec, "firstPage"));
-    batch_.pageCount = static_cast<uint64_t>(numberField(spec, "pageCount"));
-    batch_.pageSize = static_cast<uint32_t>(numberField(spec, "pageSize", 4096));
-    batch_.spanPages = static_cast<uint32_t>(numberField(spec, "spanPages", 512));
-    batch_.firstSpan = static_cast<uint64_t>(numberField(spec, "firstSpan"));
+    batch_.sourceFd = intField(spec, "sourceFd", -1);
+    batch_.dumpOffset = unsignedField(spec, "dumpOffset");
+    batch_.firstPage = unsignedField(spec, "firstPage");
+    batch_.pageCount = unsignedField(spec, "pageCount");
+    batch_.pageSize = uint32Field(spec, "pageSize", 4096);
+    batch_.spanPages = uint32Field(spec, "spanPages", 512);
+    batch_.firstSpan = unsignedField(spec, "firstSpan");
     batch_.incremental = spec.Get("incremental").ToBoolean();
-    batch_.codec = static_cast<ChunkCodec>(static_cast<int>(numberField(spec, "codec", 1)));
-    batch_.level = static_cast<int>(numberField(spec, "level", 1));
-    batch_.chunkTargetBytes = static_cast<uint64_t>(numberField(spec, "chunkTargetBytes", 1 << 20));
-    batch_.threads = static_cast<uint32_t>(numberField(spec, "threads", 2));
+    batch_.codec = static_cast<ChunkCodec>(intField(spec, "codec", 1));
+    batch_.level = intField(spec, "level", 1);
+    batch_.chunkTargetBytes = unsignedField(spec, "chunkTargetBytes", 1 << 20);
+    batch_.threads = uint32Field(spec, "threads", 2);
     batch_.parent = bytes(spec, "parent", batch_.pageCount * batch_.pageSize);
     batch_.dirty = bytes(spec, "dirty", (batch_.pageCount + 7) / 8);
     Napi::Value dedup = spec.Get("dedup");
@@ -377,7 +453,10 @@ class DumpBatchWorker : public Napi::AsyncWorker {
     }
   }
   bool valid() const {
+    // A chunk's raw length is a uint32: a span and a chunk target well under 4 GiB keep it so.
     return batch_.pageSize >= 512 && batch_.spanPages > 0 && !invalid_ &&
+           static_cast<uint64_t>(batch_.pageSize) * batch_.spanPages <= (64ULL << 20) &&
+           batch_.chunkTargetBytes <= (256ULL << 20) &&
            (!batch_.incremental || batch_.parent || batch_.dirty);
   }
   Napi::Promise promise() { return deferred_.Promise(); }
@@ -417,15 +496,13 @@ class DumpBatchWorker : public Napi::AsyncWorker {
   void OnError(const Napi::Error& error) override { deferred_.Reject(error.Value()); }
 
  private:
-  const uint8_t* bytes(const Napi::Object& spec, const char* name, size_t needed) {
-    Napi::Value value = spec.Get(name);
-    if (!value.IsTypedArray()) return nullptr;
-    auto array = value.As<Napi::Uint8Array>();
+  const uint8_t* bytes(const Napi::Object& spec, const char* name, uint64_t needed) {
+    if (spec.Get(name).IsUndefined()) return nullptr;
+    auto array = typedField<Napi::Uint8Array>(spec, name, napi_uint8_array, keep_);
     if (array.ByteLength() < needed) {
       invalid_ = true;
       return nullptr;
     }
-    keep_.push_back(Napi::Persistent(array.As<Napi::Object>()));
     return array.Data();
   }
   Napi::Promise::Deferred deferred_;
@@ -451,35 +528,38 @@ class RestoreBatchWorker : public Napi::AsyncWorker {
  public:
   RestoreBatchWorker(Napi::Env env, const Napi::Object& spec)
       : Napi::AsyncWorker(env, "qcow2img:restore"), deferred_(Napi::Promise::Deferred::New(env)) {
-    batch_.stateFd = static_cast<int>(numberField(spec, "stateFd", -1));
-    batch_.outputFd = static_cast<int>(numberField(spec, "outputFd", -1));
-    batch_.pageSize = static_cast<uint32_t>(numberField(spec, "pageSize", 4096));
-    batch_.spanPages = static_cast<uint32_t>(numberField(spec, "spanPages", 512));
-    batch_.firstSpan = static_cast<uint64_t>(numberField(spec, "firstSpan"));
+    batch_.stateFd = intField(spec, "stateFd", -1);
+    batch_.outputFd = intField(spec, "outputFd", -1);
+    batch_.pageSize = uint32Field(spec, "pageSize", 4096);
+    batch_.spanPages = uint32Field(spec, "spanPages", 512);
+    batch_.firstSpan = unsignedField(spec, "firstSpan");
     batch_.punchZeros = spec.Get("punchZeros").ToBoolean();
     batch_.startWriteback = spec.Get("startWriteback").ToBoolean();
-    batch_.threads = static_cast<uint32_t>(numberField(spec, "threads", 2));
-    auto spans = spec.Get("spans").As<Napi::Float64Array>();  // pairs: page count, dump offset
+    batch_.threads = uint32Field(spec, "threads", 2);
+    auto spans = typedField<Napi::Float64Array>(spec, "spans", napi_float64_array, keep_);  // pairs: page count, dump offset
+    checkUnsignedElements(env, spans, "spans");
     for (size_t i = 0; i + 1 < spans.ElementLength(); i += 2) {
+      if (spans[i] > UINT32_MAX) throw Napi::RangeError::New(env, "spans: a page count over 2^32");
       batch_.spanPageCounts.push_back(static_cast<uint32_t>(spans[i]));
       batch_.spanDumpOffsets.push_back(static_cast<uint64_t>(spans[i + 1]));
     }
-    auto states = spec.Get("states").As<Napi::Uint8Array>();
-    keep_.push_back(Napi::Persistent(states.As<Napi::Object>()));
+    auto states = typedField<Napi::Uint8Array>(spec, "states", napi_uint8_array, keep_);
     batch_.states = states.Data();
     statesLength_ = states.ElementLength();
-    auto chunks = spec.Get("chunks").As<Napi::Float64Array>();  // triples: payload offset, length, checksum as two u32
+    auto chunks = typedField<Napi::Float64Array>(spec, "chunks", napi_float64_array, keep_);  // payload offset, length, checksum as two u32
+    checkUnsignedElements(env, chunks, "chunks");
     for (size_t i = 0; i + 3 < chunks.ElementLength(); i += 4) {
       uint64_t checksum = (static_cast<uint64_t>(chunks[i + 2]) << 32) | static_cast<uint64_t>(chunks[i + 3]);
       batch_.chunks.push_back(RestoreChunk{static_cast<uint64_t>(chunks[i]), static_cast<uint64_t>(chunks[i + 1]), checksum});
     }
-    auto duplicates = spec.Get("duplicates").As<Napi::Float64Array>();
+    auto duplicates = typedField<Napi::Float64Array>(spec, "duplicates", napi_float64_array, keep_);
+    checkUnsignedElements(env, duplicates, "duplicates");
     for (size_t i = 0; i < duplicates.ElementLength(); i++) batch_.duplicates.push_back(static_cast<uint64_t>(duplicates[i]));
   }
   bool valid() const {
     size_t pages = 0;
     for (uint32_t n : batch_.spanPageCounts) pages += n;
-    return pages <= statesLength_ && batch_.pageSize >= 512;
+    return pages <= statesLength_ && batch_.pageSize >= 512 && batch_.spanPages > 0;
   }
   Napi::Promise promise() { return deferred_.Promise(); }
   void Execute() override { result_ = restoreBatch(batch_); }
@@ -549,10 +629,10 @@ class DecompressChunkWorker : public Napi::AsyncWorker {
 // decompressChunk(codec, stored, rawLength) -> Promise<Buffer>
 Napi::Value DecompressChunkFn(const Napi::CallbackInfo& info) {
   if (info.Length() < 3 || !info[1].IsBuffer()) throw Napi::TypeError::New(info.Env(), "decompressChunk(codec, stored, rawLength)");
-  double rawLength = info[2].As<Napi::Number>().DoubleValue();
-  if (rawLength < 0 || rawLength > (1u << 30)) throw Napi::RangeError::New(info.Env(), "decompressChunk: raw length out of range");
-  auto* worker = new DecompressChunkWorker(info.Env(), info[0].As<Napi::Number>().Int32Value(),
-                                           info[1].As<Napi::Buffer<uint8_t>>(), static_cast<size_t>(rawLength));
+  uint64_t rawLength = unsignedArg(info, 2, "rawLength");
+  if (rawLength > (1u << 30)) throw Napi::RangeError::New(info.Env(), "decompressChunk: raw length out of range");
+  int codec = intArg(info, 0, "codec");
+  auto* worker = new DecompressChunkWorker(info.Env(), codec, info[1].As<Napi::Buffer<uint8_t>>(), static_cast<size_t>(rawLength));
   Napi::Promise promise = worker->promise();
   worker->Queue();
   return promise;
@@ -581,22 +661,30 @@ class HashFileWorker : public Napi::AsyncWorker {
 
 // hashFile(fd, offset = 0, length = to the end) -> Promise<bigint>: XXH3-64 of those bytes.
 Napi::Value HashFileFn(const Napi::CallbackInfo& info) {
-  uint64_t offset = info.Length() > 1 && info[1].IsNumber() ? static_cast<uint64_t>(info[1].As<Napi::Number>().Int64Value()) : 0;
-  uint64_t length = info.Length() > 2 && info[2].IsNumber() ? static_cast<uint64_t>(info[2].As<Napi::Number>().Int64Value()) : UINT64_MAX;
-  auto* worker = new HashFileWorker(info.Env(), info[0].As<Napi::Number>().Int32Value(), offset, length);
+  int fd = intArg(info, 0, "fd");
+  uint64_t offset = info.Length() > 1 && !info[1].IsUndefined() ? unsignedArg(info, 1, "offset") : 0;
+  uint64_t length = info.Length() > 2 && !info[2].IsUndefined() ? unsignedArg(info, 2, "length") : UINT64_MAX;
+  auto* worker = new HashFileWorker(info.Env(), fd, offset, length);
   Napi::Promise promise = worker->promise();
   worker->Queue();
   return promise;
 }
 
 // hash64(buffer) -> bigint; hash128(buffer) -> Buffer of 16 bytes (low then high, little-endian)
+Napi::Uint8Array bytesArg(const Napi::CallbackInfo& info) {
+  if (info.Length() < 1 || !info[0].IsTypedArray() || info[0].As<Napi::TypedArray>().TypedArrayType() != napi_uint8_array) {
+    throw Napi::TypeError::New(info.Env(), "a Uint8Array or Buffer is expected");
+  }
+  return info[0].As<Napi::Uint8Array>();
+}
+
 Napi::Value Hash64(const Napi::CallbackInfo& info) {
-  auto buffer = info[0].As<Napi::Uint8Array>();
+  auto buffer = bytesArg(info);
   return Napi::BigInt::New(info.Env(), hash64(buffer.Data(), buffer.ByteLength()));
 }
 
 Napi::Value Hash128(const Napi::CallbackInfo& info) {
-  auto buffer = info[0].As<Napi::Uint8Array>();
+  auto buffer = bytesArg(info);
   uint64_t low, high;
   hash128(buffer.Data(), buffer.ByteLength(), &low, &high);
   auto out = Napi::Buffer<uint8_t>::New(info.Env(), 16);
@@ -606,23 +694,23 @@ Napi::Value Hash128(const Napi::CallbackInfo& info) {
 }
 
 Napi::Value SeekData(const Napi::CallbackInfo& info) {
-  int fd = info[0].As<Napi::Number>().Int32Value();
-  int64_t offset = info[1].As<Napi::Number>().Int64Value();
+  int fd = intArg(info, 0, "fd");
+  int64_t offset = static_cast<int64_t>(unsignedArg(info, 1, "offset"));
   int64_t result = seekData(fd, offset);
   if (result < 0 && errno != ENXIO) throw Napi::Error::New(info.Env(), strerror(errno));
   return Napi::Number::New(info.Env(), static_cast<double>(result));
 }
 
 Napi::Value SeekHole(const Napi::CallbackInfo& info) {
-  int fd = info[0].As<Napi::Number>().Int32Value();
-  int64_t offset = info[1].As<Napi::Number>().Int64Value();
+  int fd = intArg(info, 0, "fd");
+  int64_t offset = static_cast<int64_t>(unsignedArg(info, 1, "offset"));
   int64_t result = seekHole(fd, offset);
   if (result < 0 && errno != ENXIO) throw Napi::Error::New(info.Env(), strerror(errno));
   return Napi::Number::New(info.Env(), static_cast<double>(result));
 }
 
 Napi::Value BlockDevice(const Napi::CallbackInfo& info) {
-  int fd = info[0].As<Napi::Number>().Int32Value();
+  int fd = intArg(info, 0, "fd");
   BlockDeviceInfo device;
   int err = blockDeviceInfo(fd, &device);
   if (err != 0) {
@@ -638,28 +726,25 @@ Napi::Value BlockDevice(const Napi::CallbackInfo& info) {
 }
 
 Napi::Value DirectIoAlignment(const Napi::CallbackInfo& info) {
-  int fd = info[0].As<Napi::Number>().Int32Value();
+  int fd = intArg(info, 0, "fd");
   return Napi::Number::New(info.Env(), directIoAlignment(fd));
 }
 
 Napi::Value WillNeed(const Napi::CallbackInfo& info) {
-  int fd = info[0].As<Napi::Number>().Int32Value();
-  int err = willNeed(fd, static_cast<uint64_t>(info[1].As<Napi::Number>().Int64Value()),
-                     static_cast<uint64_t>(info[2].As<Napi::Number>().Int64Value()));
+  int fd = intArg(info, 0, "fd");
+  int err = willNeed(fd, unsignedArg(info, 1, "offset"), unsignedArg(info, 2, "length"));
   return Napi::Number::New(info.Env(), err);
 }
 
 Napi::Value DropCache(const Napi::CallbackInfo& info) {
-  int fd = info[0].As<Napi::Number>().Int32Value();
-  int err = dropCache(fd, static_cast<uint64_t>(info[1].As<Napi::Number>().Int64Value()),
-                      static_cast<uint64_t>(info[2].As<Napi::Number>().Int64Value()));
+  int fd = intArg(info, 0, "fd");
+  int err = dropCache(fd, unsignedArg(info, 1, "offset"), unsignedArg(info, 2, "length"));
   return Napi::Number::New(info.Env(), err);
 }
 
 Napi::Value Allocate(const Napi::CallbackInfo& info) {
-  int fd = info[0].As<Napi::Number>().Int32Value();
-  int err = allocate(fd, static_cast<uint64_t>(info[1].As<Napi::Number>().Int64Value()),
-                     static_cast<uint64_t>(info[2].As<Napi::Number>().Int64Value()));
+  int fd = intArg(info, 0, "fd");
+  int err = allocate(fd, unsignedArg(info, 1, "offset"), unsignedArg(info, 2, "length"));
   return Napi::Number::New(info.Env(), err);
 }
 
@@ -673,8 +758,7 @@ class ZstdStreamWrap : public Napi::ObjectWrap<ZstdStreamWrap> {
   }
   explicit ZstdStreamWrap(const Napi::CallbackInfo& info) : Napi::ObjectWrap<ZstdStreamWrap>(info) {
     if (info.Length() < 3) throw Napi::TypeError::New(info.Env(), "new ZstdStream(compress, level, workers)");
-    stream_ = std::make_unique<ZstdStream>(info[0].ToBoolean(), info[1].As<Napi::Number>().Int32Value(),
-                                           info[2].As<Napi::Number>().Int32Value());
+    stream_ = std::make_unique<ZstdStream>(info[0].ToBoolean(), intArg(info, 1, "level"), intArg(info, 2, "workers"));
     if (!stream_->initError().empty()) throw Napi::Error::New(info.Env(), "zstd: " + stream_->initError());
   }
 

@@ -45,9 +45,7 @@ class CaptureEngine {
     memset(zeroCluster_->data, 0, job_.clusterSize);
     uint32_t threadCount = std::max<uint32_t>(1, std::min<uint32_t>(job_.threads, 64));
     threadCount = static_cast<uint32_t>(std::min<uint64_t>(threadCount, std::max<uint64_t>(1, chunkCount_)));
-    std::vector<std::thread> threads;
-    for (uint32_t i = 0; i < threadCount; i++) threads.emplace_back([this] { worker(); });
-    for (auto& t : threads) t.join();
+    runOnThreads(threadCount, [this](uint32_t) { worker(); }, [this] { fail("memory", "out of memory", ENOMEM, 0); });
     if (!error_.failed && cancelled()) {
       error_.failed = true;
       error_.cancelled = true;

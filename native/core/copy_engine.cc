@@ -76,10 +76,7 @@ class Engine {
     }
     uint32_t threadCount = std::max<uint32_t>(1, std::min<uint32_t>(job_.threads, 64));
     if (tasks_.size() < threadCount) threadCount = std::max<size_t>(1, tasks_.size());
-    std::vector<std::thread> threads;
-    threads.reserve(threadCount);
-    for (uint32_t i = 0; i < threadCount; i++) threads.emplace_back([this] { worker(); });
-    for (auto& t : threads) t.join();
+    runOnThreads(threadCount, [this](uint32_t) { worker(); }, [this] { fail("memory", "out of memory", ENOMEM, -1, 0, 0); });
     if (!error_.failed && cancelled()) {
       error_.failed = true;
       error_.cancelled = true;
@@ -128,11 +125,12 @@ class Engine {
       bool badSource = r.kind != RunKind::Zero &&
                        (r.source < 0 || static_cast<size_t>(r.source) >= job_.sources.size());
       uint64_t clusterSize = badSource ? 0 : job_.sources[static_cast<size_t>(r.source)].clusterSize;
+      // By subtraction: no sum of hostile values may wrap past a check.
       bool badCompressed = r.kind == RunKind::Compressed &&
                            (clusterSize == 0 || clusterSize > kMaxClusterSize ||
-                            r.offsetInCluster + r.length > clusterSize ||
+                            r.offsetInCluster > clusterSize || r.length > clusterSize - r.offsetInCluster ||
                             r.compressedBytes > 2 * clusterSize + 1024);
-      if (r.length == 0 || r.guest < previousEnd || badSource || badCompressed) {
+      if (r.length == 0 || r.length > UINT64_MAX - r.guest || r.guest < previousEnd || badSource || badCompressed) {
         fail("plan", "malformed plan run", EINVAL, -1, r.guest, r.host);
         return false;
       }
@@ -496,9 +494,7 @@ class Verifier {
     uint64_t lastLength = job_.size - (windows_ ? (windows_ - 1) * job_.windowSize : 0);
     lastZeroHash_ = XXH3_64bits(zeros.data(), lastLength);
     uint32_t threadCount = std::max<uint32_t>(1, std::min<uint32_t>(job_.threads, 64));
-    std::vector<std::thread> threads;
-    for (uint32_t i = 0; i < threadCount; i++) threads.emplace_back([this] { worker(); });
-    for (auto& t : threads) t.join();
+    runOnThreads(threadCount, [this](uint32_t) { worker(); }, [this] { fail("out of memory", ENOMEM, 0); });
     if (!result_.error.failed && job_.counters &&
         __atomic_load_n(&job_.counters->cancel, __ATOMIC_RELAXED)) {
       result_.error.failed = true;

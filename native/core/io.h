@@ -7,8 +7,33 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
+#include <thread>
+#include <vector>
 
 namespace qcow2img {
+
+// Runs `work` on `count` threads and joins them all. An exception in a thread (std::bad_alloc)
+// or a thread that cannot be started calls `failed` instead of ending the process (a throw
+// leaving a thread, or a joinable thread destroyed, would terminate it).
+template <typename Work, typename Failed>
+void runOnThreads(uint32_t count, Work work, Failed failed) {
+  std::vector<std::thread> threads;
+  for (uint32_t i = 0; i < count; i++) {
+    try {
+      threads.emplace_back([i, &work, &failed] {
+        try {
+          work(i);
+        } catch (...) {
+          failed();
+        }
+      });
+    } catch (...) {
+      failed();
+      break;
+    }
+  }
+  for (auto& t : threads) t.join();
+}
 
 // A 4 KiB-aligned heap buffer; data is nullptr when the allocation failed.
 struct AlignedBuffer {

@@ -69,19 +69,12 @@ bool parallelFor(uint64_t count, uint32_t threads, Fn fn) {
   uint32_t n = static_cast<uint32_t>(std::max<uint64_t>(1, std::min<uint64_t>(threads, count)));
   std::atomic<uint64_t> next{0};
   std::atomic<bool> threw{false};
-  auto work = [&] {
-    for (uint64_t i = next.fetch_add(1); i < count && !threw; i = next.fetch_add(1)) {
-      try {
-        fn(i);
-      } catch (...) {
-        threw = true;
-      }
-    }
-  };
-  std::vector<std::thread> pool;
-  for (uint32_t t = 1; t < n; t++) pool.emplace_back(work);
-  work();
-  for (auto& t : pool) t.join();
+  runOnThreads(
+      n,
+      [&](uint32_t) {
+        for (uint64_t i = next.fetch_add(1); i < count && !threw; i = next.fetch_add(1)) fn(i);
+      },
+      [&] { threw = true; });
   return !threw;
 }
 
@@ -198,7 +191,9 @@ DumpBatchResult processDumpBatch(const DumpBatch& b) {
       uint64_t offset = b.dumpOffset + i * b.pageSize;
       const DedupTable::Entry* first =
           b.dedup->findOrInsert(hashes[i].low64, hashes[i].high64, b.firstPage + i, offset);
-      if (first && memcmp(source.data + first->dumpOffset, pages + i * b.pageSize, b.pageSize) == 0) {
+      // The table belongs to one dump; an offset outside this file's mapping is not a match.
+      if (first && first->dumpOffset <= source.length && b.pageSize <= source.length - first->dumpOffset &&
+          memcmp(source.data + first->dumpOffset, pages + i * b.pageSize, b.pageSize) == 0) {
         result.states[i] = static_cast<uint8_t>(PageState::Duplicate);
         result.duplicates.push_back(b.firstPage + i);
         result.duplicates.push_back(first->page);
@@ -316,7 +311,10 @@ RestoreBatchResult restoreBatch(const RestoreBatch& b) {
     memcpy(&firstSpan, payload.data() + 8, 8);
     memcpy(&rawLength, payload.data() + 16, 4);
     memcpy(&rawChecksum, payload.data() + 24, 8);
-    if (firstSpan < b.firstSpan || firstSpan + spanCount > b.firstSpan + b.spanPageCounts.size()) {
+    // Compared by subtraction: a hostile header's firstSpan + spanCount may wrap.
+    const uint64_t batchSpans = b.spanPageCounts.size();
+    if (firstSpan < b.firstSpan || firstSpan - b.firstSpan > batchSpans ||
+        spanCount > batchSpans - (firstSpan - b.firstSpan)) {
       return fail("chunk outside its batch", static_cast<int64_t>(c));
     }
     // The raw length the index implies, before allocating what the chunk claims.

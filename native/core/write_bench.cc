@@ -1,5 +1,7 @@
 #include "write_bench.h"
 
+#include "io.h"
+
 #include <errno.h>
 #include <liburing.h>
 #include <unistd.h>
@@ -268,9 +270,9 @@ class WriteBench {
     result_.engine = "threads";
     std::atomic<uint64_t> next{0};
     std::mutex mutex;
-    std::vector<std::thread> threads;
-    for (uint32_t t = 0; t < job_.queueDepth; t++) {
-      threads.emplace_back([&, t] {
+    runOnThreads(
+        job_.queueDepth,
+        [&](uint32_t t) {
         AlignedBuffers buffer(1, job_.blockSize, job_.seed + t);
         LatencyHistogram local;
         uint64_t bytes = 0, writes = 0;
@@ -310,9 +312,11 @@ class WriteBench {
         histogram_.merge(local);
         result_.bytes += bytes;
         result_.writes += writes;
-      });
-    }
-    for (auto& thread : threads) thread.join();
+        },
+        [&] {
+          std::lock_guard<std::mutex> lock(mutex);
+          failed("memory", "out of memory", ENOMEM);
+        });
   }
 
   const WriteBenchJob& job_;
@@ -327,7 +331,7 @@ class WriteBench {
 }  // namespace
 
 WriteBenchResult runWriteBench(const WriteBenchJob& job) {
-  // No exception leaves a worker thread (the addon is built without C++ exceptions in N-API).
+  // An exception here (std::bad_alloc) is a failed result like any other.
   try {
     WriteBench bench(job);
     return bench.run();

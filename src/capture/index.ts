@@ -158,18 +158,25 @@ function validate(options: CaptureOptions, output: string): { clusterBits: numbe
 }
 
 /** Marks clusters that lie wholly inside holes of a sparse file (SEEK_DATA/SEEK_HOLE). */
-function holeMap(fd: number, start: number, clusterCount: number, clusterSize: number, sourceSize: number): Uint8Array {
+function holeMap(fd: number, start: number, clusterCount: number, clusterSize: number, sourceSize: number, path: string): Uint8Array {
   const holes = new Uint8Array(clusterCount);
   const end = start + clusterCount * clusterSize;
   const addon = native();
   let position = start;
+  const seek = (what: 'data' | 'hole', at: number) => {
+    try {
+      return what === 'data' ? addon.seekData(fd, at) : addon.seekHole(fd, at);
+    } catch (error) {
+      throw ioError(error, path, 'cannot find the holes of the source');
+    }
+  };
   while (position < end) {
-    const data = position < sourceSize ? addon.seekData(fd, position) : -1;
+    const data = position < sourceSize ? seek('data', position) : -1;
     const holeEnd = data < 0 ? end : Math.min(data, end);
     // Clusters fully inside [position, holeEnd) are holes.
     for (let c = Math.ceil((position - start) / clusterSize); (c + 1) * clusterSize + start <= holeEnd; c++) holes[c] = 1;
     if (data < 0 || data >= end) break;
-    position = Math.min(addon.seekHole(fd, data), end);
+    position = Math.min(seek('hole', data), end);
   }
   return holes;
 }
@@ -309,7 +316,7 @@ export async function capture(source: string, output: string, options: CaptureOp
         for (let done = 0; done < groupCount; done += clustersPerBatch) {
           const count = Math.min(clustersPerBatch, groupCount - done);
           const guestStart = (groupFirst + done) * clusterSize;
-          const holes = sourceStats.isFile() ? holeMap(sourceHandle.fd, guestStart, count, clusterSize, sourceSize) : undefined;
+          const holes = sourceStats.isFile() ? holeMap(sourceHandle.fd, guestStart, count, clusterSize, sourceSize, sourcePath) : undefined;
           let baseBytes: Buffer | undefined;
           if (base && baseBuffer) {
             baseBytes = baseBuffer.subarray(0, count * clusterSize);
