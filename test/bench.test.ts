@@ -1,5 +1,5 @@
 /** bench: the figures are self-consistent, files are cleaned up, devices get load's safety checks. */
-import { execFileSync, spawn, spawnSync } from 'node:child_process';
+import { execFileSync, spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
@@ -7,6 +7,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { bench, Qcow2Error } from '../src/index';
 import { native } from '../src/native';
 import { type LoopDevice, loopUnavailable, makeLoop } from './helpers/loop';
+import { interruptedCli } from './helpers/signals';
 
 const MiB = 1024 * 1024;
 let dir: string;
@@ -85,24 +86,8 @@ describe('bench', () => {
   });
 
   it('SIGTERM: exit 130 and the bench file is removed', async () => {
-    const cli = path.join(__dirname, '..', 'dist', 'cli', 'main.js');
     const folder = fs.mkdtempSync(path.join(dir, 'term-'));
-    const ran = await new Promise<{ status: number | null; stderr: string }>((resolve, reject) => {
-      const child = spawn(process.execPath, [cli, 'bench', folder, '--size', '64M', '--time', '60', '--progress=none'], { stdio: ['ignore', 'ignore', 'pipe'] });
-      let stderr = '';
-      child.stderr.on('data', (data: Buffer) => (stderr += data.toString()));
-      const poll = setInterval(() => {
-        if (fs.readdirSync(folder).length > 0) {
-          clearInterval(poll);
-          child.kill('SIGTERM');
-        }
-      }, 5);
-      child.on('error', reject);
-      child.on('close', (status) => {
-        clearInterval(poll);
-        resolve({ status, stderr });
-      });
-    });
+    const ran = await interruptedCli(['bench', folder, '--size', '64M', '--time', '60', '--progress=none'], () => fs.readdirSync(folder).length > 0);
     expect(ran.status, ran.stderr).toBe(130);
     expect(fs.readdirSync(folder)).toEqual([]);
     fs.rmdirSync(folder);

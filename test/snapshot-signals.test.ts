@@ -3,15 +3,16 @@
  * exits 130 with one line on stderr, and leaves nothing behind (no temporary bundle, state
  * file, extracted archive member or partial RAM dump).
  */
-import { spawn, spawnSync } from 'node:child_process';
+import { spawnSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { cliPath as cli } from './helpers/qemu';
+import { interruptedCli } from './helpers/signals';
 
 const MiB = 1024 * 1024;
-const cli = path.join(__dirname, '..', 'dist', 'cli', 'main.js');
 let dir: string;
 let ram: string;
 
@@ -26,32 +27,12 @@ afterAll(() => {
   if (dir) fs.rmSync(dir, { recursive: true, force: true });
 });
 
-/** Runs the CLI, sends SIGTERM once `started()` holds, and resolves to its exit status and stderr. */
-function interrupted(args: string[], started: () => boolean): Promise<{ status: number | null; stderr: string }> {
-  return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, [cli, ...args], { stdio: ['ignore', 'ignore', 'pipe'] });
-    let stderr = '';
-    child.stderr.on('data', (data: Buffer) => (stderr += data.toString()));
-    const poll = setInterval(() => {
-      if (started()) {
-        clearInterval(poll);
-        child.kill('SIGTERM');
-      }
-    }, 5);
-    child.on('error', reject);
-    child.on('close', (status) => {
-      clearInterval(poll);
-      resolve({ status, stderr });
-    });
-  });
-}
-
 describe('SIGTERM during snapshot commands', () => {
   it('create: exit 130, and no temporary bundle is left', async () => {
     const outDir = path.join(dir, 'create');
     fs.mkdirSync(outDir);
     const out = path.join(outDir, 'snap');
-    const ran = await interrupted(['snapshot', 'create', out, '--memory', ram, '--compress', 'deflate', '--level', '12'], () => fs.readdirSync(outDir).length > 0);
+    const ran = await interruptedCli(['snapshot', 'create', out, '--memory', ram, '--compress', 'deflate', '--level', '12'], () => fs.readdirSync(outDir).length > 0);
     expect(ran.status, ran.stderr).toBe(130);
     expect(ran.stderr.trim().split('\n')).toHaveLength(1);
     expect(ran.stderr).toContain(`${out}: cancelled`);
@@ -70,7 +51,7 @@ describe('SIGTERM during snapshot commands', () => {
     const outDir = path.join(dir, 'restored');
     fs.mkdirSync(tempDir);
     fs.mkdirSync(outDir);
-    const ran = await interrupted(['snapshot', 'restore', archive, '--memory', path.join(outDir, 'ram.raw'), '--temp-dir', tempDir], () => fs.readdirSync(tempDir).length > 0);
+    const ran = await interruptedCli(['snapshot', 'restore', archive, '--memory', path.join(outDir, 'ram.raw'), '--temp-dir', tempDir], () => fs.readdirSync(tempDir).length > 0);
     expect(ran.status, ran.stderr).toBe(130);
     expect(ran.stderr).toContain(`${archive}: cancelled`);
     expect(fs.readdirSync(tempDir)).toEqual([]);
