@@ -105,7 +105,7 @@ Napi::Value WalkL2(const Napi::CallbackInfo& info) {
   params.table = table.Data();
   uint64_t firstEntry = unsignedArg(info, 1, "firstEntry");
   uint64_t entryCount = unsignedArg(info, 2, "entryCount");
-  params.clusterBits = static_cast<uint32_t>(unsignedArg(info, 3, "clusterBits"));
+  params.clusterBits = static_cast<uint32_t>(checkedUnsigned(env, info[3], "clusterBits", 21));
   params.extendedL2 = info[4].ToBoolean();
   params.externalDataFile = info[5].ToBoolean();
   uint64_t tableEntries = table.Length() / (params.extendedL2 ? 16 : 8);
@@ -134,11 +134,14 @@ Napi::Value WalkL2(const Napi::CallbackInfo& info) {
 uint64_t* bigUint64Field(const Napi::Object& spec, const char* name, size_t minimumLength,
                          std::vector<Napi::ObjectReference>& keep, size_t* length) {
   Napi::Value value = spec.Get(name);
-  if (!value.IsTypedArray()) return nullptr;
-  auto array = value.As<Napi::TypedArray>();
-  if (array.TypedArrayType() != napi_biguint64_array || array.ElementLength() < minimumLength) {
-    return nullptr;
+  if (value.IsUndefined()) return nullptr;
+  // Given but unusable is an error: counters ignored would make a job impossible to cancel.
+  if (!value.IsTypedArray() || value.As<Napi::TypedArray>().TypedArrayType() != napi_biguint64_array ||
+      value.As<Napi::TypedArray>().ElementLength() < minimumLength) {
+    throw Napi::TypeError::New(spec.Env(), std::string(name) + " must be a BigUint64Array of at least " +
+                                               std::to_string(minimumLength) + " elements");
   }
+  auto array = value.As<Napi::TypedArray>();
   keep.push_back(Napi::Persistent(array.As<Napi::Object>()));
   if (length) *length = array.ElementLength();
   return reinterpret_cast<uint64_t*>(static_cast<uint8_t*>(array.ArrayBuffer().Data()) +
@@ -185,6 +188,7 @@ class CopyWorker : public Napi::AsyncWorker {
     // A memory target is written by worker threads: it must not be transferred (detached)
     // before the promise settles. Image.read documents this for its callers.
     Napi::Value memory = spec.Get("memory");
+    if (!memory.IsUndefined() && !memory.IsBuffer()) throw Napi::TypeError::New(env, "memory must be a Buffer");
     if (memory.IsBuffer()) {
       auto buffer = memory.As<Napi::Buffer<uint8_t>>();
       keep_.push_back(Napi::Persistent(buffer.As<Napi::Object>()));
@@ -366,7 +370,8 @@ class WriteBenchWorker : public Napi::AsyncWorker {
     job_.queueDepth = uint32Field(spec, "queueDepth", 16);
     job_.random = spec.Get("random").ToBoolean();
     Napi::Value seconds = spec.Get("seconds");
-    job_.seconds = seconds.IsUndefined() ? 0 : seconds.ToNumber().DoubleValue();
+    if (!seconds.IsUndefined() && !seconds.IsNumber()) throw Napi::TypeError::New(env, "seconds must be a number");
+    job_.seconds = seconds.IsUndefined() ? 0 : seconds.As<Napi::Number>().DoubleValue();
     // A duration the native clock holds (larger ones overflow its nanoseconds).
     if (!(job_.seconds >= 0 && job_.seconds <= 1e6)) throw Napi::RangeError::New(env, "seconds must be from 0 to 1000000");
     job_.engine = static_cast<BenchEngine>(intField(spec, "engine"));

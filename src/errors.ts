@@ -97,12 +97,12 @@ export class Qcow2Error extends Error {
   }
 }
 
-/** Wraps an fs error as a Qcow2Error naming the file. */
 /** Throws CANCELLED when `signal` has fired: long operations call it between steps. */
 export function throwIfCancelled(signal: AbortSignal | undefined, path: string): void {
   if (signal?.aborted) throw new Qcow2Error('CANCELLED', 'cancelled', { path });
 }
 
+/** Wraps an fs error as a Qcow2Error naming the file. */
 export function ioError(error: unknown, path: string, what: string): Qcow2Error {
   if (error instanceof Qcow2Error) return error;
   const err = error as NodeJS.ErrnoException;

@@ -33,7 +33,7 @@ describe('arguments', () => {
 
   const cases: [string, () => unknown, RegExp][] = [
     ['walkL2 without arguments', () => addon.walkL2!(), /walkL2\(table/],
-    ['walkL2 with entries whose end wraps', () => addon.walkL2!(Buffer.alloc(65536), 2 ** 52, 2 ** 52, 16, false, false), /outside the table/],
+    ['walkL2 with entries past the end of the table', () => addon.walkL2!(Buffer.alloc(65536), 2 ** 52, 2 ** 52, 16, false, false), /outside the table/],
     ['walkL2 with a negative count', () => addon.walkL2!(Buffer.alloc(65536), 0, -1, 16, false, false), /entryCount must be a whole number/],
     ['copy without a job', () => addon.copy!(), /needs a job object/],
     ['copy with runs of another type', () => addon.copy!({ runs: new Uint8Array(7), sources: [] }), /runs must be a Float64Array/],

@@ -219,6 +219,18 @@ describe('snapshot archives', () => {
     expect(fs.readdirSync(hostile).sort()).toEqual(['b', 'stranger.tar.gz']);
   });
 
+  it('CLI: a .tar.gz create that fails ends the process (fflate\'s gzip worker is stopped) and leaves nothing', () => {
+    const folder = fs.mkdtempSync(path.join(dir, 'failed-gz-'));
+    const empty = path.join(folder, 'empty.raw');
+    fs.writeFileSync(empty, '');
+    const cli = path.join(__dirname, '..', 'dist', 'cli', 'main.js');
+    const ran = spawnSync(process.execPath, [cli, 'snapshot', 'create', path.join(folder, 'out.tar.gz'), '--memory', empty], { encoding: 'utf8', timeout: 60_000 });
+    expect(ran.signal, 'the CLI did not exit by itself').toBeNull();
+    expect(ran.status).toBe(1);
+    expect(ran.stderr).toMatch(/RAM dump is empty/);
+    expect(fs.readdirSync(folder)).toEqual(['empty.raw']);
+  });
+
   it('refuses an incremental snapshot as an archive, leaving nothing behind', async () => {
     const parent = path.join(dir, 'parent-folder');
     await createSnapshot(parent, { memory: path.join(dir, 'ram.raw') });

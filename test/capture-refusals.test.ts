@@ -89,6 +89,33 @@ describe('capture refuses before writing', () => {
     expect(fs.readdirSync(path.join(work, 'long')).filter((f) => f.includes('out.qcow2'))).toEqual([]);
   });
 
+  it('a backing name that fits a zlib header but not a zstd one (8 bytes longer) is refused for zstd', async () => {
+    const { source } = sourceAndBase('zstd-long');
+    // 380 bytes relative to the output's folder: room for it beside a 104-byte header, not a 112-byte one.
+    const deep = path.join(work, 'zstd-long', 'a'.repeat(200), 'b'.repeat(170));
+    fs.mkdirSync(deep, { recursive: true });
+    const base = path.join(deep, 'base.raw');
+    fs.copyFileSync(source, base);
+    const zlibOut = path.join(work, 'zstd-long', 'zlib.qcow2');
+    await capture(source, zlibOut, { backing: base, backingFormat: 'raw', clusterSize: 512, compress: 'zlib' });
+    const compared = qemuImg(['compare', '-f', 'raw', '-F', 'qcow2', source, zlibOut]);
+    expect(compared.stdout + compared.stderr).toContain('Images are identical');
+    const zstdOut = path.join(work, 'zstd-long', 'zstd.qcow2');
+    const error = await refusal(capture(source, zstdOut, { backing: base, backingFormat: 'raw', clusterSize: 512, compress: 'zstd' }));
+    expect(error.code).toBe('INVALID_ARGUMENT');
+    expect(error.message).toMatch(/does not fit in a 512-byte header cluster/);
+  });
+
+  it('a thread count that is not a whole number from 1 to 64', async () => {
+    const { source } = sourceAndBase('threads');
+    const out = path.join(work, 'threads', 'out.qcow2');
+    for (const threads of [0, 1.5, 65, -1]) {
+      const error = await refusal(capture(source, out, { threads }));
+      expect(error.code, String(threads)).toBe('INVALID_ARGUMENT');
+      expect(error.path).toBe(out);
+    }
+  });
+
   it('a backing file it cannot read: one error naming it, and no descriptor left open', async () => {
     const { source } = sourceAndBase('unreadable');
     const folder = path.join(work, 'unreadable', 'a-folder');

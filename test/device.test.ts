@@ -133,7 +133,22 @@ describe.skipIf(skip !== undefined)('load onto block devices', () => {
     const before = readRange(loop.device, 0, 40 * MiB);
     const offset = 3 * MiB + 100;
     const notices: string[] = [];
-    const result = await load(image, loop.device, { offset, verify: true, onNotice: (m) => notices.push(m) });
+    let claimed: string | undefined;
+    const result = await load(image, loop.device, {
+      offset,
+      verify: true,
+      onNotice: (m) => notices.push(m),
+      // Written and flushed, not yet verified: nobody else may open the device exclusively.
+      beforeVerify: () => {
+        try {
+          fs.closeSync(fs.openSync(loop.device, fs.constants.O_RDONLY | fs.constants.O_EXCL));
+          claimed = 'no';
+        } catch (error) {
+          claimed = (error as NodeJS.ErrnoException).code;
+        }
+      },
+    });
+    expect(claimed).toBe('EBUSY');
     expect(result.direct).toBe(false);
     expect(notices.join('\n')).toMatch(/not a multiple of \d+; writing through the page cache/);
     const after = readRange(loop.device, 0, 40 * MiB);

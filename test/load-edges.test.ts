@@ -23,6 +23,20 @@ function image(name: string, size: number, writes: readonly string[], extra: rea
   return file;
 }
 
+describe('options', () => {
+  it('a thread count that is not a whole number from 1 to 64 is INVALID_ARGUMENT naming the target, and nothing is written', async () => {
+    const file = image('threads.qcow2', 4 * MiB, ['write -P 0x11 0 64k']);
+    for (const threads of [0, 2.5, 100]) {
+      const target = path.join(work, `threads-${threads}.raw`);
+      const error = await load(file, target, { threads }).catch((e: unknown) => e);
+      expect(error).toBeInstanceOf(Qcow2Error);
+      expect((error as Qcow2Error).code).toBe('INVALID_ARGUMENT');
+      expect((error as Qcow2Error).path).toBe(target);
+      expect(fs.readdirSync(work).filter((f) => f.includes(`threads-${threads}`))).toEqual([]);
+    }
+  });
+});
+
 describe('the native copy with a 4 KiB O_DIRECT unit', () => {
   for (const [mode, zeroMode] of [['written zeros', ZeroMode.Write], ['punched holes', ZeroMode.PunchHole]] as const) {
     it(`zeroes a long zero run that starts inside a unit, across every 64 MiB task edge (${mode})`, async () => {

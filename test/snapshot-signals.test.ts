@@ -14,13 +14,18 @@ import { interruptedCli } from './helpers/signals';
 
 const MiB = 1024 * 1024;
 let dir: string;
+/** 64 MiB: one native batch. */
 let ram: string;
+/** 192 MiB: three batches, so a create signalled during the first has more to stop. */
+let bigRam: string;
 
 beforeAll(() => {
   dir = fs.mkdtempSync(path.join(os.tmpdir(), 'qcow2img-snapshot-signals-'));
   ram = path.join(dir, 'ram.raw');
   // Incompressible pages: slow to compress at deflate's highest level, slow to gunzip.
   fs.writeFileSync(ram, randomBytes(64 * MiB));
+  bigRam = path.join(dir, 'big.raw');
+  fs.writeFileSync(bigRam, Buffer.concat([fs.readFileSync(ram), randomBytes(128 * MiB)]));
 });
 
 afterAll(() => {
@@ -32,7 +37,7 @@ describe('SIGTERM during snapshot commands', () => {
     const outDir = path.join(dir, 'create');
     fs.mkdirSync(outDir);
     const out = path.join(outDir, 'snap');
-    const ran = await interruptedCli(['snapshot', 'create', out, '--memory', ram, '--compress', 'deflate', '--level', '12'], () => fs.readdirSync(outDir).length > 0);
+    const ran = await interruptedCli(['snapshot', 'create', out, '--memory', bigRam, '--compress', 'deflate', '--level', '12'], () => fs.readdirSync(outDir).length > 0);
     expect(ran.status, ran.stderr).toBe(130);
     expect(ran.stderr.trim().split('\n')).toHaveLength(1);
     expect(ran.stderr).toContain(`${out}: cancelled`);

@@ -69,6 +69,15 @@ bool parallelFor(uint64_t count, uint32_t threads, Fn fn) {
   uint32_t n = static_cast<uint32_t>(std::max<uint64_t>(1, std::min<uint64_t>(threads, count)));
   std::atomic<uint64_t> next{0};
   std::atomic<bool> threw{false};
+  if (n == 1) {
+    // One worker: this thread, not a new one.
+    try {
+      for (uint64_t i = 0; i < count; i++) fn(i);
+    } catch (...) {
+      return false;
+    }
+    return true;
+  }
   runOnThreads(
       n,
       [&](uint32_t) {

@@ -169,6 +169,8 @@ export async function bench(target: string, options: BenchOptions = {}): Promise
       counters[2] = 1n;
     };
     options.signal?.addEventListener('abort', abort, { once: true });
+    // Fired before the listener was there (during the awaits above): the same as after.
+    if (options.signal?.aborted) abort();
     const sampler = new ProgressSampler(counters, options.time ? Number.MAX_SAFE_INTEGER : size, options.onProgress);
     sampler.start();
     let raw;

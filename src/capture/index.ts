@@ -14,7 +14,7 @@ import type { Image, OpenOptions } from '../qcow2/image';
 import { open } from '../qcow2/open';
 import { COPIED, compressedClusters, compressedEntry, encodeHeaderCluster, refcountLayout } from '../qcow2/writer';
 import { limits } from '../limits';
-import { defaultThreads } from '../load/copy';
+import { threadCount } from '../load/copy';
 import { syncFolder, temporaryPathFor } from '../files';
 import { ProgressSampler, type ProgressCallback } from '../load/progress';
 
@@ -105,7 +105,10 @@ async function openBase(path: string, format: 'qcow2' | 'raw' | undefined, optio
   const handle = await fs.open(path, 'r').catch((error) => {
     throw ioError(error, path, 'cannot open the backing file');
   });
-  const stats = await handle.stat();
+  const stats = await handle.stat().catch(async (error) => {
+    await handle.close();
+    throw ioError(error, path, 'cannot read the backing file');
+  });
   return {
     format: detected,
     reader: {
@@ -191,6 +194,7 @@ export async function capture(source: string, output: string, options: CaptureOp
   const outputPath = nodePath.resolve(output);
   if (options.signal?.aborted) throw new Qcow2Error('CANCELLED', 'cancelled before the first byte', { path: outputPath });
   const { clusterBits, version, level } = validate(options, outputPath);
+  const threads = threadCount(options.threads, outputPath);
   const clusterSize = 2 ** clusterBits;
   const sourcePath = nodePath.resolve(source);
 
@@ -229,6 +233,8 @@ export async function capture(source: string, output: string, options: CaptureOp
     counters[2] = 1n;
   };
   options.signal?.addEventListener('abort', abort, { once: true });
+  // Fired before the listener was there (during the awaits above): the same as after.
+  if (options.signal?.aborted) abort();
   try {
     const sourceSize = sourceStats.isBlockDevice() ? native().blockDeviceInfo(sourceHandle.fd).sizeBytes : sourceStats.size;
     let sourceAlignment = direct ? native().blockDeviceInfo(sourceHandle.fd).logicalBlockSize : 0;
@@ -254,7 +260,7 @@ export async function capture(source: string, output: string, options: CaptureOp
       }
       backingFile = await backingName(outputPath, options.backing);
       try {
-        encodeHeaderCluster({ version, clusterBits, virtualSize, l1Size, l1TableOffset: 0, refcountTableOffset: 0, refcountTableClusters: 1, compressionType: 'zlib', backingFile, backingFormat: base.format });
+        encodeHeaderCluster({ version, clusterBits, virtualSize, l1Size, l1TableOffset: 0, refcountTableOffset: 0, refcountTableClusters: 1, compressionType: options.compress === 'zstd' ? 'zstd' : 'zlib', backingFile, backingFormat: base.format });
       } catch {
         throw new Qcow2Error('INVALID_ARGUMENT', `the backing file's name (${Buffer.byteLength(backingFile)} bytes) does not fit in a ${clusterSize}-byte header cluster; use larger clusters or a shorter path`, { path: outputPath });
       }
@@ -344,11 +350,12 @@ export async function capture(source: string, output: string, options: CaptureOp
               outputFd: out.fd,
               ...(directOut ? { outputDirectFd: directOut.fd, outputDirectAlignment: directAlignment } : {}),
               outputPosition: position,
-              threads: options.threads ?? defaultThreads(),
+              threads,
               results: groupResults.subarray(done * 3, (done + count) * 3),
               counters,
             });
           } catch (error) {
+            if (error instanceof Qcow2Error) throw error;
             const e = error as { cancelled?: boolean; operation?: string; message?: string; guestOffset?: number };
             if (e.cancelled) throw new Qcow2Error('CANCELLED', 'cancelled; no image was written', { path: outputPath });
             const path = e.operation === 'read' ? sourcePath : outputPath;

@@ -451,21 +451,26 @@ async function snapshotCommand(args: string[]): Promise<number | void> {
     const archiveLevel = integerOption(values['archive-level'], '--archive-level', 0);
     const threads = threadsOption(values.threads);
     const interrupt = interruptible();
-    const metadata = await createSnapshot(positionals[0]!, {
-      signal: interrupt.signal,
-      ...(values.disk !== undefined ? { disk: values.disk as string } : {}),
-      ...(values.memory !== undefined ? { memory: values.memory as string } : {}),
-      ...(values['memory-map'] !== undefined ? { memoryRegions: (await readJsonFile(values['memory-map'] as string, 'memory map')) as never } : {}),
-      ...(values.cpu !== undefined ? { cpu: await readJsonFile(values.cpu as string, 'CPU state') } : {}),
-      ...(devices.length ? { devices } : {}),
-      ...(values.parent !== undefined ? { parent: values.parent as string } : {}),
-      ...(values['dirty-bitmap'] !== undefined ? { dirtyBitmap: await fs.readFile(values['dirty-bitmap'] as string) } : {}),
-      ...(compress ? { compress: compress as 'zstd' | 'deflate' | 'none' } : {}),
-      ...(level !== undefined ? { level } : {}),
-      ...(machine ? { machine } : {}),
-      ...(threads ? { threads } : {}),
-      ...(archiveLevel !== undefined ? { archiveLevel } : {}),
-    }).finally(() => interrupt.release());
+    let metadata;
+    try {
+      metadata = await createSnapshot(positionals[0]!, {
+        signal: interrupt.signal,
+        ...(values.disk !== undefined ? { disk: values.disk as string } : {}),
+        ...(values.memory !== undefined ? { memory: values.memory as string } : {}),
+        ...(values['memory-map'] !== undefined ? { memoryRegions: (await readJsonFile(values['memory-map'] as string, 'memory map')) as never } : {}),
+        ...(values.cpu !== undefined ? { cpu: await readJsonFile(values.cpu as string, 'CPU state') } : {}),
+        ...(devices.length ? { devices } : {}),
+        ...(values.parent !== undefined ? { parent: values.parent as string } : {}),
+        ...(values['dirty-bitmap'] !== undefined ? { dirtyBitmap: await fs.readFile(values['dirty-bitmap'] as string) } : {}),
+        ...(compress ? { compress: compress as 'zstd' | 'deflate' | 'none' } : {}),
+        ...(level !== undefined ? { level } : {}),
+        ...(machine ? { machine } : {}),
+        ...(threads ? { threads } : {}),
+        ...(archiveLevel !== undefined ? { archiveLevel } : {}),
+      });
+    } finally {
+      interrupt.release();
+    }
     process.stdout.write(JSON.stringify(metadata, null, 2) + '\n');
     return;
   }
@@ -489,21 +494,26 @@ async function snapshotCommand(args: string[]): Promise<number | void> {
     const offset = integerOption(values.offset, '--offset', 0);
     const threads = threadsOption(values.threads);
     const interrupt = interruptible();
-    const result = await restoreSnapshot(positionals[0]!, {
-      signal: interrupt.signal,
-      ...(values.disk !== undefined ? { disk: values.disk as string } : {}),
-      ...(values.memory !== undefined ? { memory: values.memory as string } : {}),
-      ...(values.cpu !== undefined ? { cpu: values.cpu as string } : {}),
-      ...(values['device-dir'] !== undefined ? { deviceDir: values['device-dir'] as string } : {}),
-      ...(partition !== undefined ? { partition } : {}),
-      ...(offset !== undefined ? { offset } : {}),
-      ...(threads ? { threads } : {}),
-      ...(values['temp-dir'] !== undefined ? { tempDir: values['temp-dir'] as string } : {}),
-      verify: values.verify === true,
-      force: values.force === true,
-      overwrite: values.overwrite === true,
-      targetIsZero: values['target-is-zero'] === true,
-    }).finally(() => interrupt.release());
+    let result;
+    try {
+      result = await restoreSnapshot(positionals[0]!, {
+        signal: interrupt.signal,
+        ...(values.disk !== undefined ? { disk: values.disk as string } : {}),
+        ...(values.memory !== undefined ? { memory: values.memory as string } : {}),
+        ...(values.cpu !== undefined ? { cpu: values.cpu as string } : {}),
+        ...(values['device-dir'] !== undefined ? { deviceDir: values['device-dir'] as string } : {}),
+        ...(partition !== undefined ? { partition } : {}),
+        ...(offset !== undefined ? { offset } : {}),
+        ...(threads ? { threads } : {}),
+        ...(values['temp-dir'] !== undefined ? { tempDir: values['temp-dir'] as string } : {}),
+        verify: values.verify === true,
+        force: values.force === true,
+        overwrite: values.overwrite === true,
+        targetIsZero: values['target-is-zero'] === true,
+      });
+    } finally {
+      interrupt.release();
+    }
     process.stdout.write(JSON.stringify(result, null, 2) + '\n');
     return;
   }

@@ -41,7 +41,20 @@ export interface CopyOptions {
   signal?: AbortSignal;
 }
 
-export function defaultThreads(): number {
+/**
+ * The native threads of a job: the caller's (a whole number from 1 to 64, as --threads takes)
+ * or the default. Checked here, so a bad value is an INVALID_ARGUMENT naming the file rather
+ * than an error from the addon.
+ */
+export function threadCount(threads: number | undefined, path: string): number {
+  if (threads === undefined) return defaultThreads();
+  if (!Number.isInteger(threads) || threads < 1 || threads > 64) {
+    throw new Qcow2Error('INVALID_ARGUMENT', `threads ${threads} must be a whole number from 1 to 64`, { path });
+  }
+  return threads;
+}
+
+function defaultThreads(): number {
   // Writes block in the kernel, so more threads than cores keep the disk's queue full.
   return Math.max(8, os.availableParallelism() * 4);
 }
@@ -137,7 +150,7 @@ export async function copyImage(image: Image, target: CopyTarget, options: CopyO
         limitEnd: target.base + size,
         alignment: target.alignment,
         zeroMode: target.zeroMode,
-        threads: options.threads ?? defaultThreads(),
+        threads: threadCount(options.threads, target.path),
         windowSize,
         counters,
         ...(target.windowHashes ? { windowHashes: target.windowHashes, hashedSize: size } : {}),

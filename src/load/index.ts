@@ -1,10 +1,11 @@
 /** `load`: write an image's virtual disk onto a file, a device or a partition. */
 import * as fs from 'node:fs/promises';
+import * as nodePath from 'node:path';
 import { Qcow2Error } from '../errors';
 import { native } from '../native';
 import type { Image, OpenOptions } from '../qcow2/image';
 import { open } from '../qcow2/open';
-import { copyImage, copyWindowSize, defaultThreads, type CopyOptions } from './copy';
+import { copyImage, copyWindowSize, threadCount, type CopyOptions } from './copy';
 import { openTarget, type OpenTarget, type TargetOptions } from './target';
 
 export type { Progress, ProgressCallback } from './progress';
@@ -41,6 +42,8 @@ export interface LoadResult {
  * await load('disk.qcow2', '/dev/sdb', { partition: 2, verify: true, onProgress: (p) => console.log(p.bytesDone) });
  */
 export async function load(source: string | Image, target: string, options: LoadOptions = {}): Promise<LoadResult> {
+  // Before anything is opened: a bad option writes nothing.
+  threadCount(options.threads, nodePath.resolve(target));
   const image = typeof source === 'string' ? await open(source, options) : source;
   try {
     const opened = await openTarget(image, target, options);
@@ -89,6 +92,8 @@ async function verifyTarget(image: Image, target: OpenTarget, windowHashes: BigU
       counters[2] = 1n;
     };
     options.signal?.addEventListener('abort', abort, { once: true });
+    // Fired before the listener was there (during the awaits above): the same as after.
+    if (options.signal?.aborted) abort();
     let firstBad: number;
     try {
       firstBad = await native().verify({
@@ -97,7 +102,7 @@ async function verifyTarget(image: Image, target: OpenTarget, windowHashes: BigU
         size: image.virtualSize,
         windowSize,
         alignment: reader.alignment,
-        threads: options.threads ?? defaultThreads(),
+        threads: threadCount(options.threads, target.path),
         windowHashes,
         counters,
       });

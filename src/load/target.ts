@@ -239,9 +239,17 @@ async function openFileRegion(image: Image, path: string, exists: boolean, optio
       await handle.close();
     }
   }
-  const flags = fsConstants.O_WRONLY | (exists ? 0 : fsConstants.O_CREAT);
+  const flags = fsConstants.O_WRONLY;
   let main: fs.FileHandle | undefined;
+  let tail: fs.FileHandle | undefined;
+  let created = false;
   try {
+    if (!exists) {
+      // Made here, exclusively (O_EXCL), before the O_DIRECT open: only a file this load made
+      // is removed if it fails.
+      await (await fs.open(path, 'wx', 0o644)).close();
+      created = true;
+    }
     const direct = options.direct ?? 'auto';
     const opened = await openMaybeDirect(path, flags, direct, notice, 'filesystem');
     main = opened.handle;
@@ -250,19 +258,20 @@ async function openFileRegion(image: Image, path: string, exists: boolean, optio
       if (direct === 'always') throw new Qcow2Error('INVALID_ARGUMENT', `offset ${base} is not a multiple of the O_DIRECT unit ${alignment}`, { path });
       notice(`${path}: offset ${base} is not a multiple of ${alignment}; writing through the page cache`);
       await main.close();
-      main = await fs.open(path, flags, 0o644);
+      main = await fs.open(path, flags);
       alignment = 0;
     }
-    const tail = await fs.open(path, fsConstants.O_WRONLY);
+    tail = await fs.open(path, fsConstants.O_WRONLY);
     // The region must read as the whole disk, trailing zeros included: holes punched
     // (KEEP_SIZE) or skipped past the end would leave the file short.
     if ((await main.stat()).size < base + image.virtualSize) await main.truncate(base + image.virtualSize);
     // Old bytes in the region must read back as zeros where the image has none.
     const zeroMode = options.targetIsZero ? ZeroMode.Skip : ZeroMode.PunchHole;
-    return inPlaceTarget({ kind: 'file-region', path, main, tail, base, alignment, zeroMode, length: image.virtualSize, created: !exists });
+    return inPlaceTarget({ kind: 'file-region', path, main, tail, base, alignment, zeroMode, length: image.virtualSize, created });
   } catch (error) {
+    await tail?.close().catch(() => {});
     await main?.close().catch(() => {});
-    if (!exists) await fs.unlink(path).catch(() => {});
+    if (created) await fs.unlink(path).catch(() => {});
     throw ioError(error, path, 'cannot open the target file');
   }
 }

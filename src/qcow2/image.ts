@@ -398,9 +398,14 @@ export class Image {
         return new Qcow2Error('BAD_COMPRESSED_CLUSTER', `compressed cluster at ${where}: ${e.message}`, { path: file?.path ?? this.path, offset: e.hostOffset });
       case 'read':
         return new Qcow2Error(e.errno ? 'IO_ERROR' : 'OFFSET_BEYOND_FILE', `reading ${where}: ${e.message}`, { path: file?.path ?? this.path, offset: e.hostOffset });
+      case 'write':
+      case 'zero':
+      case 'bounds':
+        // The target's failure, at a target offset.
+        return new Qcow2Error('IO_ERROR', `${e.operation} failed at guest offset ${e.guestOffset}, target offset ${e.hostOffset}: ${e.message}`, { path: targetPath ?? this.path, offset: e.hostOffset });
       default:
-        // Writing, zeroing, bounds: the target's failure, at a target offset.
-        return new Qcow2Error('IO_ERROR', `${e.operation ?? 'copy'} failed at guest offset ${e.guestOffset}, target offset ${e.hostOffset}: ${e.message}`, { path: targetPath ?? this.path, offset: e.hostOffset });
+        // A plan the image gave (host offsets in its files), or memory.
+        return new Qcow2Error('IO_ERROR', `${e.operation ?? 'copy'} failed at ${where}: ${e.message}`, { path: this.path });
     }
   }
 

@@ -54,6 +54,8 @@ export class FileSink implements ByteSink {
 /** A sink that compresses into another one; `end` flushes the last bytes. */
 export interface CompressingSink extends ByteSink {
   end(): Promise<void>;
+  /** Stops without finishing: a worker thread of its own must not keep the process alive. */
+  abort(): void;
 }
 
 class ZstdSink implements CompressingSink {
@@ -84,6 +86,9 @@ class ZstdSink implements CompressingSink {
       if (step.finished) return;
     }
   }
+
+  // libzstd's threads belong to the stream, freed with it: nothing to stop.
+  abort(): void {}
 }
 
 class GzipSink implements CompressingSink {
@@ -127,6 +132,11 @@ class GzipSink implements CompressingSink {
     this.gzip.push(new Uint8Array(0), true);
     await done;
     if (this.failure) throw this.failure;
+  }
+
+  abort(): void {
+    this.gzip.terminate();
+    this.drained?.();
   }
 }
 

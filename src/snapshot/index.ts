@@ -219,6 +219,7 @@ class ArchiveOutput {
   }
 
   async abort(): Promise<void> {
+    this.compressor?.abort();
     await this.handle.close().catch(() => {});
     await fs.unlink(this.temporary).catch(() => {});
   }
@@ -234,6 +235,7 @@ class ArchiveOutput {
  */
 export async function createSnapshot(out: string, options: CreateSnapshotOptions): Promise<SnapshotMetadata> {
   const target = nodePath.resolve(out);
+  if (options.signal?.aborted) throw new Qcow2Error('CANCELLED', 'cancelled; no snapshot was written', { path: target });
   const kind = archiveKind(target);
   if (await fs.stat(target).catch(() => undefined)) throw new Qcow2Error('TARGET_EXISTS', 'snapshot output exists', { path: target });
   if (!options.disk && !options.memory && options.cpu === undefined && !options.devices?.length) {
@@ -313,6 +315,8 @@ export async function createSnapshot(out: string, options: CreateSnapshotOptions
       devices: (options.devices ?? []).map((d) => d.name),
       files,
     };
+    // The last moment to stop: after it, the snapshot is committed.
+    throwIfCancelled(options.signal, target);
     // The metadata is written last: a bundle without it is never taken for a finished one.
     const metadataText = Buffer.from(JSON.stringify(metadata, null, 2) + '\n');
     if (archive) {

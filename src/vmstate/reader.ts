@@ -7,6 +7,7 @@ import * as fs from 'node:fs/promises';
 import * as nodePath from 'node:path';
 import { Qcow2Error, ioError, throwIfCancelled } from '../errors';
 import { syncFolder, temporaryPathFor } from '../files';
+import { threadCount } from '../load/copy';
 import { native } from '../native';
 import * as os from 'node:os';
 import { type CpuState, decodeCpuState } from './cpu';
@@ -518,7 +519,7 @@ export class StateFile {
             // the final fdatasync.
             startWriteback: options.writeback !== false,
             // Restore is memory-bound: more threads than cores only add contention (measured).
-            threads: options.threads ?? os.availableParallelism(),
+            threads: options.threads === undefined ? os.availableParallelism() : threadCount(options.threads, this.path),
           });
         } catch (error) {
           const bad = (error as { badChunk?: number }).badChunk;

@@ -9,7 +9,7 @@ import { randomUUID } from 'node:crypto';
 import { Qcow2Error, ioError, throwIfCancelled } from '../errors';
 import { syncFolder, temporaryPathFor } from '../files';
 import { native } from '../native';
-import { defaultThreads } from '../load/copy';
+import { threadCount } from '../load/copy';
 import { ProgressSampler, type ProgressCallback } from '../load/progress';
 import { type CpuState, encodeCpuState } from './cpu';
 import {
@@ -226,7 +226,7 @@ export async function writeState(output: string, options: WriteStateOptions): Pr
             // zstd 2: measured on a real guest's RAM, smaller than `zstd -3` of the whole dump for 0.02 s more than level 1.
             level: options.level ?? (options.compress === 'deflate' ? 6 : 2),
             chunkTargetBytes: 1 << 20,
-            threads: options.threads ?? defaultThreads(),
+            threads: threadCount(options.threads, path),
           }).catch((error: Error) => {
             throw new Qcow2Error('IO_ERROR', error.message, { path: options.memory ?? path });
           });
@@ -251,6 +251,7 @@ export async function writeState(output: string, options: WriteStateOptions): Pr
       sampler.stop();
     }
 
+    throwIfCancelled(options.signal, path);
     const indexPayload = encodeIndex({ sections: [...sections], spanCount, chunks, states, duplicates: Float64Array.from(duplicates) });
     const indexOffset = position;
     const indexChecksum = addon.hash64(indexPayload);
