@@ -14,7 +14,7 @@ import { syncFolder, temporaryPathFor } from '../files';
 import { native } from '../native';
 import { type CpuState, parseCpuState } from '../vmstate/cpu';
 import { stateOf, stateLimits } from '../vmstate/format';
-import { restoreMemory, type StateFile, StateFile as StateFileClass, type StateProblem } from '../vmstate/reader';
+import { restoreMemory, type StateFile, StateFile as StateFileClass } from '../vmstate/reader';
 import type { MemoryRegion } from '../vmstate/writer';
 import { type ArchiveKind, archiveKind, compressingSink, type CompressingSink, FileSink, tarStream } from './archive';
 import { DISK_FILE, METADATA_FILE, parseMetadata, type SnapshotMetadata, STATE_FILE, BUNDLE_FORMAT_VERSION } from './metadata';

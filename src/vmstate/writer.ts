@@ -14,7 +14,7 @@ import { ProgressSampler, type ProgressCallback } from '../load/progress';
 import { type CpuState, encodeCpuState } from './cpu';
 import {
   CHUNK_HEADER_BYTES, ChunkCodec, type ChunkMapEntry, encodeFooter, encodeHeader, encodeIndex, encodeRegions,
-  encodeSectionHeader, PAGE_SIZE, padding, packStates, type Region, SECTION_HEADER_BYTES, type SectionEntry,
+  encodeSectionHeader, PAGE_SIZE, padding, packStates, type Region, type SectionEntry,
   sameRegions, SECTION_VERSION, SectionType, SPAN_PAGES, stateLimits,
 } from './format';
 import type { StateFile } from './reader';
