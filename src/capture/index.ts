@@ -12,7 +12,7 @@ import { Qcow2Error, ioError } from '../errors';
 import { native } from '../native';
 import type { Image, OpenOptions } from '../qcow2/image';
 import { open } from '../qcow2/open';
-import { COPIED, compressedClusters, compressedEntry, encodeHeaderCluster, refcountLayout } from '../qcow2/writer';
+import { COPIED, compressedClusters, compressedEntry, encodeHeaderCluster, type HeaderFields, refcountLayout } from '../qcow2/writer';
 import { limits } from '../limits';
 import { threadCount } from '../load/copy';
 import { syncFolder, temporaryPathFor } from '../files';
@@ -252,15 +252,24 @@ export async function capture(source: string, output: string, options: CaptureOp
     if (l1Size * 8 > limits.maxL1Bytes) {
       throw new Qcow2Error('INVALID_ARGUMENT', `a ${virtualSize}-byte disk in ${clusterSize}-byte clusters needs an L1 table of ${l1Size} entries, more than QEMU opens (${limits.maxL1Bytes / 8}); use larger clusters`, { path: outputPath });
     }
-    let backingFile: string | undefined;
+    // The header's fields but the table offsets, known at the end: encoded once now, so that a
+    // backing name it cannot hold is refused before anything is written.
+    let headerFields: Omit<HeaderFields, 'l1TableOffset' | 'refcountTableOffset' | 'refcountTableClusters'> = {
+      version,
+      clusterBits,
+      virtualSize,
+      l1Size,
+      compressionType: options.compress === 'zstd' ? 'zstd' : 'zlib',
+    };
     if (options.backing !== undefined) {
       base = await openBase(nodePath.resolve(options.backing), options.backingFormat, options);
       if (existing && base.reader.files.some((f) => f.device === existing.dev && f.inode === existing.ino)) {
         throw new Qcow2Error('TARGET_IS_SOURCE', 'output is the backing file (or in its chain): it would be replaced by an image over itself', { path: outputPath });
       }
-      backingFile = await backingName(outputPath, options.backing);
+      const backingFile = await backingName(outputPath, options.backing);
+      headerFields = { ...headerFields, backingFile, backingFormat: base.format };
       try {
-        encodeHeaderCluster({ version, clusterBits, virtualSize, l1Size, l1TableOffset: 0, refcountTableOffset: 0, refcountTableClusters: 1, compressionType: options.compress === 'zstd' ? 'zstd' : 'zlib', backingFile, backingFormat: base.format });
+        encodeHeaderCluster({ ...headerFields, l1TableOffset: 0, refcountTableOffset: 0, refcountTableClusters: 1 });
       } catch {
         throw new Qcow2Error('INVALID_ARGUMENT', `the backing file's name (${Buffer.byteLength(backingFile)} bytes) does not fit in a ${clusterSize}-byte header cluster; use larger clusters or a shorter path`, { path: outputPath });
       }
@@ -432,17 +441,7 @@ export async function capture(source: string, output: string, options: CaptureOp
     };
     // Cuts what was allocated and not used.
     if (allocatedEnd > 0) await out.truncate(layout.totalClusters * clusterSize).catch(finishing('cannot cut the image to size'));
-    const header = encodeHeaderCluster({
-      version,
-      clusterBits,
-      virtualSize,
-      l1Size,
-      l1TableOffset: l1Offset,
-      refcountTableOffset: tableOffset,
-      refcountTableClusters: layout.tableClusters,
-      compressionType: options.compress === 'zstd' ? 'zstd' : 'zlib',
-      ...(backingFile !== undefined ? { backingFile, backingFormat: base!.format } : {}),
-    });
+    const header = encodeHeaderCluster({ ...headerFields, l1TableOffset: l1Offset, refcountTableOffset: tableOffset, refcountTableClusters: layout.tableClusters });
     await out.datasync().catch(finishing('cannot flush the image'));
     await writeAt(header, 0);
     await out.datasync().catch(finishing('cannot flush the image'));
