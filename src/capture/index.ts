@@ -15,7 +15,7 @@ import { open } from '../qcow2/open';
 import { COPIED, compressedClusters, compressedEntry, encodeHeaderCluster, type HeaderFields, refcountLayout } from '../qcow2/writer';
 import { limits } from '../limits';
 import { threadCount } from '../load/copy';
-import { syncFolder, temporaryPathFor } from '../files';
+import { seekIn, syncFolder, temporaryPathFor } from '../files';
 import { ProgressSampler, type ProgressCallback } from '../load/progress';
 
 export interface CaptureOptions extends Omit<OpenOptions, 'snapshot'> {
@@ -164,22 +164,14 @@ function validate(options: CaptureOptions, output: string): { clusterBits: numbe
 function holeMap(fd: number, start: number, clusterCount: number, clusterSize: number, sourceSize: number, path: string): Uint8Array {
   const holes = new Uint8Array(clusterCount);
   const end = start + clusterCount * clusterSize;
-  const addon = native();
   let position = start;
-  const seek = (what: 'data' | 'hole', at: number) => {
-    try {
-      return what === 'data' ? addon.seekData(fd, at) : addon.seekHole(fd, at);
-    } catch (error) {
-      throw ioError(error, path, 'cannot find the holes of the source');
-    }
-  };
   while (position < end) {
-    const data = position < sourceSize ? seek('data', position) : -1;
+    const data = position < sourceSize ? seekIn(fd, 'data', position, path) : -1;
     const holeEnd = data < 0 ? end : Math.min(data, end);
     // Clusters fully inside [position, holeEnd) are holes.
     for (let c = Math.ceil((position - start) / clusterSize); (c + 1) * clusterSize + start <= holeEnd; c++) holes[c] = 1;
     if (data < 0 || data >= end) break;
-    position = Math.min(seek('hole', data), end);
+    position = Math.min(seekIn(fd, 'hole', data, path), end);
   }
   return holes;
 }

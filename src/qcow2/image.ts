@@ -2,7 +2,8 @@
  * An opened qcow2 image with its backing chain: info, allocation map, reads.
  */
 import { Readable } from 'node:stream';
-import { Qcow2Error, ioError } from '../errors';
+import { Qcow2Error } from '../errors';
+import { seekIn } from '../files';
 import { type NativeCopyJob, type NativeSource, native, planRunFields, PlanKind } from '../native';
 import type { CompressionType } from './header';
 import { type Layer, type LayerRun, type OpenFile, Qcow2Layer } from './layers';
@@ -223,17 +224,11 @@ export class Image {
     const size = run.file.size;
     const pieces: { piece: ResolvedRun; hole: boolean }[] = [];
     const end = run.hostOffset + run.length;
-    const seek = (what: 'data' | 'hole', at: number) => {
-      try {
-        return what === 'data' ? native().seekData(fd, at) : native().seekHole(fd, at);
-      } catch (error) {
-        throw ioError(error, run.file!.path, 'cannot find the holes of the file');
-      }
-    };
+    const path = run.file.path;
     for (let host = run.hostOffset; host < end; ) {
-      const dataAt = host < size ? seek('data', host) : -1;
+      const dataAt = host < size ? seekIn(fd, 'data', host, path) : -1;
       const hole = dataAt !== host;
-      const pieceEnd = hole ? (dataAt < 0 ? end : Math.min(end, dataAt)) : Math.min(end, Math.max(host + 1, seek('hole', host)));
+      const pieceEnd = hole ? (dataAt < 0 ? end : Math.min(end, dataAt)) : Math.min(end, Math.max(host + 1, seekIn(fd, 'hole', host, path)));
       pieces.push({ piece: { ...run, start: run.start + (host - run.hostOffset), length: pieceEnd - host, hostOffset: host }, hole });
       host = pieceEnd;
     }
