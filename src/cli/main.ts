@@ -172,10 +172,9 @@ async function loadCommand(args: string[]): Promise<void> {
   const threads = threadsOption(values.threads);
   const partition = integerOption(values.partition, '--partition', 1);
   const offset = integerOption(values.offset, '--offset', 0);
-  const interrupt = interruptible();
   const onProgress = progressReporter(progressMode);
-  try {
-    const result = await library.load()(positionals[0]!, positionals[1]!, {
+  const result = await untilInterrupted((signal) =>
+    library.load()(positionals[0]!, positionals[1]!, {
       ...openOptions(values),
       ...(values.snapshot !== undefined ? { snapshot: values.snapshot as string } : {}),
       ...(threads !== undefined ? { threads } : {}),
@@ -187,38 +186,35 @@ async function loadCommand(args: string[]): Promise<void> {
       force: values.force === true,
       overwrite: values.overwrite === true,
       direct: direct as DirectMode,
-      signal: interrupt.signal,
+      signal,
       onNotice: (message) => process.stderr.write(`qcow2img: ${message}\n`),
-    });
-    if (onProgress && progressMode !== 'json') process.stderr.write('\n');
-    if (progressMode === 'json') {
-      process.stdout.write(JSON.stringify({ phase: 'done', ...result }) + '\n');
-    } else {
-      const rate = result.seconds > 0 ? result.virtualSize / result.seconds : 0;
-      process.stderr.write(
-        `qcow2img: loaded ${humanBytes(result.virtualSize)} into ${result.target}${result.offset ? ` at offset ${result.offset}` : ''} in ${result.seconds.toFixed(2)} s (${humanBytes(rate)}/s; ${humanBytes(result.dataBytes)} data, ${humanBytes(result.zeroBytes)} zero${result.direct ? ', O_DIRECT' : ''}${result.verified ? ', verified' : ''})\n`,
-      );
-    }
-  } finally {
-    interrupt.release();
+    }),
+  );
+  if (onProgress && progressMode !== 'json') process.stderr.write('\n');
+  if (progressMode === 'json') {
+    process.stdout.write(JSON.stringify({ phase: 'done', ...result }) + '\n');
+  } else {
+    const rate = result.seconds > 0 ? result.virtualSize / result.seconds : 0;
+    process.stderr.write(
+      `qcow2img: loaded ${humanBytes(result.virtualSize)} into ${result.target}${result.offset ? ` at offset ${result.offset}` : ''} in ${result.seconds.toFixed(2)} s (${humanBytes(rate)}/s; ${humanBytes(result.dataBytes)} data, ${humanBytes(result.zeroBytes)} zero${result.direct ? ', O_DIRECT' : ''}${result.verified ? ', verified' : ''})\n`,
+    );
   }
 }
 
 /**
- * A signal SIGINT and SIGTERM fire while a command runs: the library stops at its next step and
- * removes what it had not finished, and main() exits 130.
+ * Runs `work` with a signal SIGINT and SIGTERM fire meanwhile: the library stops at its next step
+ * and removes what it had not finished, and main() exits 130.
  */
-function interruptible(): { signal: AbortSignal; release(): void } {
+async function untilInterrupted<T>(work: (signal: AbortSignal) => Promise<T>): Promise<T> {
   const controller = new AbortController();
   const onSignal = () => controller.abort();
   const signals = ['SIGINT', 'SIGTERM'] as const;
   for (const name of signals) process.once(name, onSignal);
-  return {
-    signal: controller.signal,
-    release: () => {
-      for (const name of signals) process.off(name, onSignal);
-    },
-  };
+  try {
+    return await work(controller.signal);
+  } finally {
+    for (const name of signals) process.off(name, onSignal);
+  }
 }
 
 function sizeOption(value: string | boolean | string[] | undefined, name: string): number | undefined {
@@ -264,9 +260,8 @@ async function captureCommand(args: string[]): Promise<void> {
   const onProgress = progressReporter(progressMode);
   const clusterSize = sizeOption(values['cluster-size'], '--cluster-size');
   const threads = threadsOption(values.threads);
-  const interrupt = interruptible();
-  try {
-    const result = await library.capture()(positionals[0]!, positionals[1]!, {
+  const result = await untilInterrupted((signal) =>
+    library.capture()(positionals[0]!, positionals[1]!, {
       ...openOptions(values),
       ...(compress ? { compress: compress as 'zlib' | 'zstd' } : {}),
       ...(level !== undefined ? { level } : {}),
@@ -277,18 +272,16 @@ async function captureCommand(args: string[]): Promise<void> {
       ...(threads !== undefined ? { threads } : {}),
       ...(onProgress ? { onProgress } : {}),
       overwrite: values.overwrite === true,
-      signal: interrupt.signal,
-    });
-    if (onProgress && progressMode !== 'json') process.stderr.write('\n');
-    if (progressMode === 'json') {
-      process.stdout.write(JSON.stringify({ phase: 'done', ...result }) + '\n');
-    } else {
-      process.stderr.write(
-        `qcow2img: captured ${humanBytes(result.virtualSize)} into ${result.output} (${humanBytes(result.fileSize)}; ${result.dataClusters} data, ${result.compressedClusters} compressed, ${result.zeroClusters} zero clusters) in ${result.seconds.toFixed(2)} s\n`,
-      );
-    }
-  } finally {
-    interrupt.release();
+      signal,
+    }),
+  );
+  if (onProgress && progressMode !== 'json') process.stderr.write('\n');
+  if (progressMode === 'json') {
+    process.stdout.write(JSON.stringify({ phase: 'done', ...result }) + '\n');
+  } else {
+    process.stderr.write(
+      `qcow2img: captured ${humanBytes(result.virtualSize)} into ${result.output} (${humanBytes(result.fileSize)}; ${result.dataClusters} data, ${result.compressedClusters} compressed, ${result.zeroClusters} zero clusters) in ${result.seconds.toFixed(2)} s\n`,
+    );
   }
 }
 
@@ -354,9 +347,8 @@ async function benchCommand(args: string[]): Promise<void> {
   const progressMode = (values.progress as string | undefined) ?? (values.json ? 'none' : 'auto');
   if (!['auto', 'bar', 'json', 'none'].includes(progressMode)) throw new UsageError('--progress must be bar, json or none');
   const onProgress = progressReporter(progressMode);
-  const interrupt = interruptible();
-  try {
-    const result = await library.bench()(positionals[0]!, {
+  const result = await untilInterrupted((signal) =>
+    library.bench()(positionals[0]!, {
       ...openOptions(values),
       ...(size !== undefined ? { size } : {}),
       ...(blockSize !== undefined ? { blockSize } : {}),
@@ -368,28 +360,26 @@ async function benchCommand(args: string[]): Promise<void> {
       direct: direct as 'always' | 'never',
       engine: engine as 'auto' | 'io_uring' | 'threads',
       force: values.force === true,
-      signal: interrupt.signal,
-    });
-    if (onProgress && progressMode !== 'json') process.stderr.write('\n');
-    if (values.json) {
-      process.stdout.write(JSON.stringify(result, null, 2) + '\n');
-      return;
-    }
-    const lines = [
-      `target: ${result.target} (${result.direct ? 'O_DIRECT' : 'buffered'}, ${result.engine})`,
-      `${result.pattern === 'seq' ? 'sequential' : 'random'} writes of ${humanBytes(result.blockSize)}, queue depth ${result.queueDepth}: ${humanBytes(result.bytes)} in ${result.seconds.toFixed(2)} s`,
-      `bandwidth: ${(result.bandwidthBytesPerSec / 1e6).toFixed(1)} MB/s (${humanBytes(result.bandwidthBytesPerSec)}/s), ${Math.round(result.iops)} IOPS`,
-      `latency: p50 ${result.latencyUs.p50.toFixed(0)} us, p99 ${result.latencyUs.p99.toFixed(0)} us, p99.9 ${result.latencyUs.p999.toFixed(0)} us`,
-    ];
-    if (result.load) {
-      lines.push(
-        `image load: ${humanBytes(result.load.dataBytes)} of data in ${result.load.seconds.toFixed(2)} s = ${(result.load.bytesPerSec / 1e6).toFixed(1)} MB/s, ${(100 * result.load.ratio).toFixed(1)}% of the raw bandwidth`,
-      );
-    }
-    process.stdout.write(lines.join('\n') + '\n');
-  } finally {
-    interrupt.release();
+      signal,
+    }),
+  );
+  if (onProgress && progressMode !== 'json') process.stderr.write('\n');
+  if (values.json) {
+    process.stdout.write(JSON.stringify(result, null, 2) + '\n');
+    return;
   }
+  const lines = [
+    `target: ${result.target} (${result.direct ? 'O_DIRECT' : 'buffered'}, ${result.engine})`,
+    `${result.pattern === 'seq' ? 'sequential' : 'random'} writes of ${humanBytes(result.blockSize)}, queue depth ${result.queueDepth}: ${humanBytes(result.bytes)} in ${result.seconds.toFixed(2)} s`,
+    `bandwidth: ${(result.bandwidthBytesPerSec / 1e6).toFixed(1)} MB/s (${humanBytes(result.bandwidthBytesPerSec)}/s), ${Math.round(result.iops)} IOPS`,
+    `latency: p50 ${result.latencyUs.p50.toFixed(0)} us, p99 ${result.latencyUs.p99.toFixed(0)} us, p99.9 ${result.latencyUs.p999.toFixed(0)} us`,
+  ];
+  if (result.load) {
+    lines.push(
+      `image load: ${humanBytes(result.load.dataBytes)} of data in ${result.load.seconds.toFixed(2)} s = ${(result.load.bytesPerSec / 1e6).toFixed(1)} MB/s, ${(100 * result.load.ratio).toFixed(1)}% of the raw bandwidth`,
+    );
+  }
+  process.stdout.write(lines.join('\n') + '\n');
 }
 
 async function readJsonFile(path: string, what: string): Promise<unknown> {
@@ -450,11 +440,9 @@ async function snapshotCommand(args: string[]): Promise<number | void> {
     if (level !== undefined && !Number.isInteger(level)) throw new UsageError('--level must be an integer');
     const archiveLevel = integerOption(values['archive-level'], '--archive-level', 0);
     const threads = threadsOption(values.threads);
-    const interrupt = interruptible();
-    let metadata;
-    try {
-      metadata = await createSnapshot(positionals[0]!, {
-        signal: interrupt.signal,
+    const metadata = await untilInterrupted(async (signal) =>
+      createSnapshot(positionals[0]!, {
+        signal,
         ...(values.disk !== undefined ? { disk: values.disk as string } : {}),
         ...(values.memory !== undefined ? { memory: values.memory as string } : {}),
         ...(values['memory-map'] !== undefined ? { memoryRegions: (await readJsonFile(values['memory-map'] as string, 'memory map')) as never } : {}),
@@ -467,10 +455,8 @@ async function snapshotCommand(args: string[]): Promise<number | void> {
         ...(machine ? { machine } : {}),
         ...(threads ? { threads } : {}),
         ...(archiveLevel !== undefined ? { archiveLevel } : {}),
-      });
-    } finally {
-      interrupt.release();
-    }
+      }),
+    );
     process.stdout.write(JSON.stringify(metadata, null, 2) + '\n');
     return;
   }
@@ -493,11 +479,9 @@ async function snapshotCommand(args: string[]): Promise<number | void> {
     const partition = integerOption(values.partition, '--partition', 1);
     const offset = integerOption(values.offset, '--offset', 0);
     const threads = threadsOption(values.threads);
-    const interrupt = interruptible();
-    let result;
-    try {
-      result = await restoreSnapshot(positionals[0]!, {
-        signal: interrupt.signal,
+    const result = await untilInterrupted((signal) =>
+      restoreSnapshot(positionals[0]!, {
+        signal,
         ...(values.disk !== undefined ? { disk: values.disk as string } : {}),
         ...(values.memory !== undefined ? { memory: values.memory as string } : {}),
         ...(values.cpu !== undefined ? { cpu: values.cpu as string } : {}),
@@ -510,10 +494,8 @@ async function snapshotCommand(args: string[]): Promise<number | void> {
         force: values.force === true,
         overwrite: values.overwrite === true,
         targetIsZero: values['target-is-zero'] === true,
-      });
-    } finally {
-      interrupt.release();
-    }
+      }),
+    );
     process.stdout.write(JSON.stringify(result, null, 2) + '\n');
     return;
   }
