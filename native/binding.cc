@@ -698,18 +698,12 @@ Napi::Value Hash128(const Napi::CallbackInfo& info) {
   return out;
 }
 
-Napi::Value SeekData(const Napi::CallbackInfo& info) {
+// seekData / seekHole(fd, offset) -> the next data or hole at or after offset; -1 past the last (ENXIO).
+template <int64_t (*Seek)(int, int64_t)>
+Napi::Value SeekFn(const Napi::CallbackInfo& info) {
   int fd = intArg(info, 0, "fd");
   int64_t offset = static_cast<int64_t>(unsignedArg(info, 1, "offset"));
-  int64_t result = seekData(fd, offset);
-  if (result < 0 && errno != ENXIO) throw Napi::Error::New(info.Env(), strerror(errno));
-  return Napi::Number::New(info.Env(), static_cast<double>(result));
-}
-
-Napi::Value SeekHole(const Napi::CallbackInfo& info) {
-  int fd = intArg(info, 0, "fd");
-  int64_t offset = static_cast<int64_t>(unsignedArg(info, 1, "offset"));
-  int64_t result = seekHole(fd, offset);
+  int64_t result = Seek(fd, offset);
   if (result < 0 && errno != ENXIO) throw Napi::Error::New(info.Env(), strerror(errno));
   return Napi::Number::New(info.Env(), static_cast<double>(result));
 }
@@ -735,22 +729,13 @@ Napi::Value DirectIoAlignment(const Napi::CallbackInfo& info) {
   return Napi::Number::New(info.Env(), directIoAlignment(fd));
 }
 
-Napi::Value WillNeed(const Napi::CallbackInfo& info) {
+// allocate / willNeed / dropCache(fd, offset, length) -> 0 or errno.
+template <int (*Operation)(int, uint64_t, uint64_t)>
+Napi::Value RangeFn(const Napi::CallbackInfo& info) {
   int fd = intArg(info, 0, "fd");
-  int err = willNeed(fd, unsignedArg(info, 1, "offset"), unsignedArg(info, 2, "length"));
-  return Napi::Number::New(info.Env(), err);
-}
-
-Napi::Value DropCache(const Napi::CallbackInfo& info) {
-  int fd = intArg(info, 0, "fd");
-  int err = dropCache(fd, unsignedArg(info, 1, "offset"), unsignedArg(info, 2, "length"));
-  return Napi::Number::New(info.Env(), err);
-}
-
-Napi::Value Allocate(const Napi::CallbackInfo& info) {
-  int fd = intArg(info, 0, "fd");
-  int err = allocate(fd, unsignedArg(info, 1, "offset"), unsignedArg(info, 2, "length"));
-  return Napi::Number::New(info.Env(), err);
+  uint64_t offset = unsignedArg(info, 1, "offset");
+  uint64_t length = unsignedArg(info, 2, "length");
+  return Napi::Number::New(info.Env(), Operation(fd, offset, length));
 }
 
 // new ZstdStream(compress, level, workers); stream.step(input, output, end)
@@ -841,12 +826,12 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("hash64", Napi::Function::New(env, Hash64, "hash64"));
   exports.Set("hashFile", Napi::Function::New(env, HashFileFn, "hashFile"));
   exports.Set("hash128", Napi::Function::New(env, Hash128, "hash128"));
-  exports.Set("seekData", Napi::Function::New(env, SeekData, "seekData"));
-  exports.Set("seekHole", Napi::Function::New(env, SeekHole, "seekHole"));
+  exports.Set("seekData", Napi::Function::New(env, SeekFn<seekData>, "seekData"));
+  exports.Set("seekHole", Napi::Function::New(env, SeekFn<seekHole>, "seekHole"));
   exports.Set("blockDeviceInfo", Napi::Function::New(env, BlockDevice, "blockDeviceInfo"));
-  exports.Set("allocate", Napi::Function::New(env, Allocate, "allocate"));
-  exports.Set("dropCache", Napi::Function::New(env, DropCache, "dropCache"));
-  exports.Set("willNeed", Napi::Function::New(env, WillNeed, "willNeed"));
+  exports.Set("allocate", Napi::Function::New(env, RangeFn<allocate>, "allocate"));
+  exports.Set("dropCache", Napi::Function::New(env, RangeFn<dropCache>, "dropCache"));
+  exports.Set("willNeed", Napi::Function::New(env, RangeFn<willNeed>, "willNeed"));
   exports.Set("directIoAlignment", Napi::Function::New(env, DirectIoAlignment, "directIoAlignment"));
   return exports;
 }
