@@ -6,13 +6,15 @@
  *
  *   node benchmarks/load.mjs [--images a,b] [--runs 3] [--threads N] [--sweep-threads 2,4,8,16]
  *                            [--no-warm] [--nice=-10] [--quiet-timeout 30] [--max-others-cpu 0.5]
- *                            [--attempts 3] [--cache-dir DIR]
+ *                            [--attempts 3] [--cache-dir DIR] [--floor uncompressed]
  *
  * Cold runs: before each one the output is removed and `sync; echo 3 > /proc/sys/vm/drop_caches`
  * empties the page cache, so both tools read the image from the disk. Warm runs: the image is read
  * into the page cache first and caches are left alone. Each figure is the median of --runs runs,
  * the two tools alternating which goes first. Peak memory is GNU time's maximum RSS.
  * --sweep-threads repeats the cold qcow2img runs for each thread count, to tune the default.
+ * For the images --floor names (default: the uncompressed one, whose load is a copy), fio writing
+ * the same number of data bytes is timed in the same rotation: the disk's pace for that copy.
  *
  * On a shared 2-core machine other work skews wall times badly, so each run waits (up to
  * --quiet-timeout seconds) for the CPUs to go idle, a run during which other processes used more
@@ -144,18 +146,55 @@ function describeSample(tool, sample) {
     `${sample.attempts > 1 ? ` (best of ${sample.attempts} attempts)` : ''}`;
 }
 
-/** Runs both tools `runs` times, alternating which goes first so neither always follows the other. */
+/**
+ * Runs each tool `runs` times, rotating which goes first so none always follows another. `tools`
+ * holds qemu-img and qcow2img, and fio where the disk floor is measured too.
+ */
 async function compareTools(tools, output, { runs, cold, log, ...runOptions }) {
-  const samples = { 'qemu-img': [], qcow2img: [] };
+  const names = Object.keys(tools);
+  const samples = Object.fromEntries(names.map((name) => [name, []]));
   for (let index = 0; index < runs; index += 1) {
-    const order = index % 2 === 0 ? ['qemu-img', 'qcow2img'] : ['qcow2img', 'qemu-img'];
+    const order = names.map((_, at) => names[(at + index) % names.length]);
     for (const tool of order) {
       const sample = await timedRun(tools[tool], output, { cold, ...runOptions });
       samples[tool].push(sample);
       log(`  ${cold ? 'cold' : 'warm'} run ${index + 1}: ${describeSample(tool, sample)}`);
     }
   }
-  return { qemu: summarize(samples['qemu-img'], runOptions.maxOthersCpu), ours: summarize(samples.qcow2img, runOptions.maxOthersCpu) };
+  const summaries = Object.fromEntries(names.map((name) => [name, summarize(samples[name], runOptions.maxOthersCpu)]));
+  return { qemu: summaries['qemu-img'], ours: summaries.qcow2img, floor: summaries.fio };
+}
+
+/**
+ * The disk's pace for an image whose clusters are stored as they are: fio writing as many bytes
+ * as the image holds data (rounded down to 1 MiB) into a new file beside the outputs, with
+ * O_DIRECT, 1 MiB blocks at queue depth 16, and an fsync at the end, as both tools flush theirs.
+ * A load of such an image is a copy of those bytes; a tool near fio's time is held by the disk.
+ */
+function fioFloorCommand(output, dataBytes) {
+  const size = Math.floor(dataBytes / (1 << 20)) * (1 << 20);
+  return ['fio', ['--name=floor', `--filename=${output}`, `--size=${size}`, '--rw=write', '--bs=1M', '--iodepth=16',
+    '--ioengine=io_uring', '--direct=1', '--end_fsync=1', '--output-format=terse']];
+}
+
+/** Guest bytes the image holds as data (not zero, not unallocated), by qemu-img map. */
+async function dataBytesOf(image) {
+  const { stdout } = await run('qemu-img', ['map', '--output=json', image]);
+  return JSON.parse(stdout).filter((extent) => extent.data && !extent.zero).reduce((sum, extent) => sum + extent.length, 0);
+}
+
+function floorRow(variant, mode, dataBytes, { qemu, ours, floor }) {
+  // fio's time over the tool's: 100% is fio's pace, above it faster than fio.
+  const percent = (toolSeconds) => `${((floor.seconds / toolSeconds) * 100).toFixed(0)}%`;
+  return [
+    variant.name,
+    mode,
+    `${seconds(floor.seconds)} (${humanBytes(dataBytes)})`,
+    `${seconds(qemu.seconds)} (${percent(qemu.seconds)})`,
+    `${seconds(ours.seconds)} (${percent(ours.seconds)})`,
+    `${seconds(qemu.seconds / 1.2)} (${percent(qemu.seconds / 1.2)})`,
+    floor.all,
+  ];
 }
 
 function resultRow(variant, mode, { qemu, ours }) {
@@ -230,6 +269,7 @@ async function main() {
       threads: { type: 'string' },
       'sweep-threads': { type: 'string' },
       'no-warm': { type: 'boolean' },
+      floor: { type: 'string', default: 'uncompressed' },
       nice: { type: 'string', default: '-10' },
       'quiet-timeout': { type: 'string', default: '30' },
       'max-others-cpu': { type: 'string', default: '0.5' },
@@ -240,7 +280,7 @@ async function main() {
   });
   if (values.help) {
     console.log('usage: node benchmarks/load.mjs [--images a,b] [--runs 3] [--threads N] [--sweep-threads 2,4,8,16] [--no-warm]');
-    console.log('                            [--nice=-10] [--quiet-timeout 30] [--max-others-cpu 0.5] [--attempts 3] [--cache-dir DIR]');
+    console.log('                            [--nice=-10] [--quiet-timeout 30] [--max-others-cpu 0.5] [--attempts 3] [--cache-dir DIR] [--floor uncompressed]');
     return 0;
   }
   const runs = Number(values.runs);
@@ -272,7 +312,9 @@ async function main() {
     qemuImg: await startupSeconds('qemu-img', ['--version'], { runs, quietTimeout }),
   };
   const disk = await diskThroughput(variants[0].image, outDir);
+  const floorImages = new Set(values.floor.split(',').filter(Boolean));
   const rows = [];
+  const floorRows = [];
   const sweepRows = [];
   const notes = [];
   let allQuiet = true;
@@ -285,8 +327,11 @@ async function main() {
     ensureFreeSpace(outDir, variant.virtualSize + 256 * 1024 * 1024, `the output of ${variant.name}`);
     log(`${variant.name}: ${variant.image}`);
     const tools = { 'qemu-img': qemuImgCommand(variant.image, output), qcow2img: qcow2imgCommand(build.cliPath, variant.image, output, threads) };
+    const dataBytes = floorImages.has(variant.name) ? await dataBytesOf(variant.image) : 0;
+    if (dataBytes > 0 && spawnSync('fio', ['--version']).status === 0) tools.fio = fioFloorCommand(output, dataBytes);
     const cold = await compareTools(tools, output, { runs, cold: true, log, ...runOptions });
     rows.push(resultRow(variant, 'cold', cold));
+    if (cold.floor) floorRows.push(floorRow(variant, 'cold', dataBytes, cold));
     if (!cold.ours.direct) notes.push(`${variant.name}: qcow2img did not report O_DIRECT output`);
     for (const [tool, summary] of [['qemu-img', cold.qemu], ['qcow2img', cold.ours]]) {
       if (summary.maxSyncSeconds > 0.05) notes.push(`${variant.name}: a sync after ${tool} took up to ${seconds(summary.maxSyncSeconds)} s (not in its time)`);
@@ -297,6 +342,7 @@ async function main() {
       warmUp(variant.image);
       const warm = await compareTools(tools, output, { runs, cold: false, log, ...runOptions });
       rows.push(resultRow(variant, 'warm', warm));
+      if (warm.floor) floorRows.push(floorRow(variant, 'warm', dataBytes, warm));
       allQuiet &&= warm.qemu.allQuiet && warm.ours.allQuiet;
       noteDisturbed(`${variant.name} warm qemu-img`, warm.qemu);
       noteDisturbed(`${variant.name} warm qcow2img`, warm.ours);
@@ -319,8 +365,8 @@ async function main() {
   console.log('\n## qcow2img load vs qemu-img convert -O raw -t none -W -m 16\n');
   printFacts(machineFacts(outDir, build));
   // Asked of the build itself, so the report stays right when the default changes.
-  const { defaultThreads } = createRequire(import.meta.url)(path.join(build.dir, 'dist', 'load', 'copy.js'));
-  console.log(`- qcow2img threads: ${threads ?? `default (${defaultThreads()} on this machine)`}`);
+  const { threadCount } = createRequire(import.meta.url)(path.join(build.dir, 'dist', 'load', 'copy.js'));
+  console.log(`- qcow2img threads: ${threads ?? `default (${threadCount(undefined, '')} on this machine)`}`);
   console.log(`- disk: ${disk}`);
   console.log(`- start-up only (\`--version\`): qcow2img ${startup.qcow2img}; qemu-img ${startup.qemuImg}`);
   console.log('- cold = before every timed run the output is removed and `sync; echo 3 > /proc/sys/vm/drop_caches` is run, so both tools start with an empty page cache');
@@ -330,6 +376,11 @@ async function main() {
   console.log(`- both tools run under \`nice -n ${runOptions.nice}\` (the same priority for both, above other work on this shared machine)`);
   console.log(`- others' CPU = CPU seconds the rest of the machine used during a run (largest of the runs, kernel threads included); each run first waited up to ${quietTimeout} s for a quiet second, and was redone (up to ${runOptions.attempts} attempts, best kept) when others used over ${runOptions.maxOthersCpu} s\n`);
   console.log(markdownTable(['image (on disk)', 'cache', 'qemu-img s', 'qcow2img s', 'speedup', 'CPU s qemu-img / qcow2img', 'peak RSS qemu-img / qcow2img', "others' CPU s", 'runs s qemu-img / qcow2img'], rows));
+  if (floorRows.length) {
+    console.log('\n### The disk\'s pace: fio writing the same data bytes in the same rotation (O_DIRECT, 1 MiB, QD16, io_uring, fsync at the end)\n');
+    console.log('Pace = fio s / tool s: 100% is fio\'s pace, above it faster than fio (fio\'s start-up and buffer filling count too). The last column is the time a 1.2x lead over qemu-img would take.\n');
+    console.log(markdownTable(['image', 'cache', 'fio s (data)', 'qemu-img s (pace)', 'qcow2img s (pace)', 'qemu-img s / 1.2 (pace)', 'fio runs s'], floorRows));
+  }
   if (sweepRows.length) {
     console.log('\n### qcow2img --threads sweep (cold)\n');
     console.log(markdownTable(['image', 'threads', 'qemu-img s', 'qcow2img s', 'speedup', 'qcow2img CPU s', 'qcow2img peak RSS', "others' CPU s", 'runs s'], sweepRows));
