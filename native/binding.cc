@@ -448,7 +448,9 @@ class DumpBatchWorker : public Napi::AsyncWorker {
     batch_.level = intField(spec, "level", 1);
     batch_.chunkTargetBytes = unsignedField(spec, "chunkTargetBytes", 1 << 20);
     batch_.threads = uint32Field(spec, "threads", 2);
-    batch_.parent = bytes(spec, "parent", batch_.pageCount * batch_.pageSize);
+    // The parent must hold every page of the batch; a product that wraps would let a short one pass.
+    if (batch_.pageSize != 0 && batch_.pageCount > UINT64_MAX / batch_.pageSize) invalid_ = true;
+    else batch_.parent = bytes(spec, "parent", batch_.pageCount * batch_.pageSize);
     batch_.dirty = bytes(spec, "dirty", (batch_.pageCount + 7) / 8);
     Napi::Value dedup = spec.Get("dedup");
     auto* dedupConstructor = env.GetInstanceData<Napi::FunctionReference>();
