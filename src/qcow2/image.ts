@@ -102,7 +102,6 @@ export class Image {
     readonly info: ImageInfo,
     /** Info for each backing file, nearest first. */
     readonly backingChain: readonly ImageInfo[],
-    private readonly options: OpenOptions,
   ) {}
 
   private closed = false;

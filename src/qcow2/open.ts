@@ -52,7 +52,7 @@ export async function open(path: string, options: OpenOptions = {}): Promise<Ima
     throw error;
   }
   const [info, ...backingChain] = infos;
-  return new Image(path, layers, info!, backingChain, options);
+  return new Image(path, layers, info!, backingChain);
 }
 
 async function openQcow2Layer(file: OpenFile, snapshotName: string | undefined, options: OpenOptions, seen: Set<string>): Promise<Qcow2Layer> {
