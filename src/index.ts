@@ -8,6 +8,7 @@ export { open } from './qcow2/open';
 export { Image, type ImageInfo, type MapEntry, type OpenOptions, type ReadStreamOptions, type SnapshotInfo } from './qcow2/image';
 export type { PathPolicy } from './qcow2/paths';
 export type { CompressionType } from './qcow2/header';
+export type { EncryptionInfo, LuksInfo, LuksSlot } from './qcow2/luks';
 export { load, type LoadOptions, type LoadResult, type Progress, type ProgressCallback, type DirectMode, type TargetOptions } from './load/index';
 export { capture, type CaptureOptions, type CaptureResult } from './capture/index';
 export { check, checkExitCode, type CheckIssue, type CheckResult } from './check/index';

@@ -224,8 +224,8 @@ describe('qcow2img errors: exit 1, one line naming the file', () => {
     expectCliError(['load', f.truncatedData, outputPath('truncated')], f.truncatedData);
   });
 
-  it('encrypted images', () => {
-    expect(expectCliError(['info', f.luks], f.luks)).toMatch(/encrypt/i);
+  it('encrypted images (info describes them: test/encrypted-info.test.ts)', () => {
+    expect(expectCliError(['map', f.luks], f.luks)).toMatch(/encrypt/i);
     expect(expectCliError(['load', f.aes, outputPath('aes')], f.aes)).toMatch(/encrypt/i);
   });
 

@@ -1,5 +1,6 @@
 /** Human-readable output for the CLI. */
 import type { ImageInfo, MapEntry } from '../qcow2/image';
+import type { EncryptionInfo } from '../qcow2/luks';
 import type { Progress } from '../load/progress';
 
 export function humanBytes(bytes: number): string {
@@ -103,16 +104,38 @@ function formatInfo(info: ImageInfo, name: string): string {
     lines.push(`    compression type: ${info.compressionType}`);
     if (info.version !== 2) lines.push(`    lazy refcounts: ${info.lazyRefcounts}`);
     lines.push(`    refcount bits: ${info.refcountBits}`);
-    if (info.dataFile !== undefined) {
-      lines.push(`    data file: ${info.dataFile}`);
-      lines.push(`    data file raw: ${info.dataFileRaw}`);
-    }
+    // qemu-img's order: the encryption block sits between the data file's two lines.
+    if (info.dataFile !== undefined) lines.push(`    data file: ${info.dataFile}`);
+    if (info.encryption) lines.push(...encryptionLines(info.encryption));
+    if (info.dataFile !== undefined) lines.push(`    data file raw: ${info.dataFileRaw}`);
     if (info.version !== 2) {
       lines.push(`    corrupt: ${info.corrupt}`);
       lines.push(`    extended l2: ${info.extendedL2}`);
     }
   }
   return lines.join('\n');
+}
+
+/** The `encrypt:` block of qemu-img info's format specific information. */
+function encryptionLines(encryption: EncryptionInfo): string[] {
+  const lines = ['    encrypt:'];
+  if (encryption.format === 'aes') return [...lines, '        format: aes'];
+  lines.push(
+    `        ivgen alg: ${encryption.ivgenAlg}`,
+    `        hash alg: ${encryption.hashAlg}`,
+    `        cipher alg: ${encryption.cipherAlg}`,
+    `        uuid: ${encryption.uuid}`,
+  );
+  if (encryption.ivgenHashAlg !== undefined) lines.push(`        ivgen hash alg: ${encryption.ivgenHashAlg}`);
+  lines.push('        format: luks', `        cipher mode: ${encryption.cipherMode}`, '        slots:');
+  encryption.slots.forEach((slot, index) => {
+    lines.push(`            [${index}]:`, `                active: ${slot.active}`);
+    if (slot.iters !== undefined) lines.push(`                iters: ${slot.iters}`);
+    lines.push(`                key offset: ${slot.keyOffset}`);
+    if (slot.stripes !== undefined) lines.push(`                stripes: ${slot.stripes}`);
+  });
+  lines.push(`        payload offset: ${encryption.payloadOffset}`, `        master key iters: ${encryption.masterKeyIters}`);
+  return lines;
 }
 
 export function formatMap(entries: MapEntry[]): string {

@@ -109,7 +109,8 @@ const library = {
 async function info(args: string[]): Promise<void> {
   const { values, positionals } = parse(args, { 'backing-chain': { type: 'boolean' } });
   needPositionals(positionals, 1, 'IMAGE');
-  const image = await library.open()(positionals[0]!, openOptions(values));
+  // As qemu-img info: an encrypted image is described, though its data cannot be read.
+  const image = await library.open()(positionals[0]!, { ...openOptions(values), metadataOnly: true });
   try {
     const infos = values['backing-chain'] ? [image.info, ...image.backingChain] : [image.info];
     if (values.json) {

@@ -61,6 +61,8 @@ export interface Qcow2Header {
   /** The header's own size field. */
   headerSize: number;
   cryptMethod: number;
+  /** How the image's data is encrypted (header field crypt_method 1 or 2), if it is. */
+  encryption: 'aes' | 'luks' | undefined;
   l1Size: number;
   l1TableOffset: number;
   refcountTableOffset: number;
@@ -100,10 +102,6 @@ const bit = (features: bigint, index: bigint) => ((features >> index) & 1n) === 
 /** Bytes of cluster 0 that parseHeader needs at most. */
 export const headerReadSize = 1 << limits.maxClusterBits;
 
-/**
- * Parses and validates the header from the first bytes of the file
- * (`start` holds at least min(fileSize, clusterSize) bytes, or all of cluster 0).
- */
 export interface ParseHeaderOptions {
   /**
    * Check that the L1, refcount and snapshot tables lie inside the file and off
@@ -111,8 +109,19 @@ export interface ParseHeaderOptions {
    * report such damage as corruption instead.
    */
   checkTableLocations?: boolean;
+  /** Accept an encrypted image, to describe it; its data must not be read. Default: ENCRYPTED. */
+  allowEncrypted?: boolean;
 }
 
+/** The refusal to read an encrypted image's data. */
+export function encryptedError(encryption: 'aes' | 'luks', path: string): Qcow2Error {
+  return new Qcow2Error('ENCRYPTED', `image is encrypted (${encryption === 'aes' ? 'AES' : 'LUKS'}); encrypted images are not supported`, { path, offset: 32 });
+}
+
+/**
+ * Parses and validates the header from the first bytes of the file
+ * (`start` holds at least min(fileSize, clusterSize) bytes, or all of cluster 0).
+ */
 export function parseHeader(start: Buffer, path: string, fileSize: number, options: ParseHeaderOptions = {}): Qcow2Header {
   const locate = options.checkTableLocations ?? true;
   const need = (length: number, what: string) => {
@@ -221,9 +230,11 @@ export function parseHeader(start: Buffer, path: string, fileSize: number, optio
   } else {
     throw new Qcow2Error('BAD_COMPRESSION_TYPE', `unknown compression type ${compressionByte}`, { path, offset: 104 });
   }
-  if (cryptMethod !== 0) {
-    const kind = cryptMethod === 1 ? 'AES' : cryptMethod === 2 ? 'LUKS' : `method ${cryptMethod}`;
-    throw new Qcow2Error('ENCRYPTED', `image is encrypted (${kind}); encrypted images are not supported`, { path, offset: 32 });
+  const encryption = cryptMethod === 0 ? undefined : cryptMethod === 1 ? 'aes' : cryptMethod === 2 ? 'luks' : null;
+  if (encryption === null) throw new Qcow2Error('ENCRYPTED', `image is encrypted by an unknown method ${cryptMethod}`, { path, offset: 32 });
+  if (encryption !== undefined && !options.allowEncrypted) throw encryptedError(encryption, path);
+  if (encryption === 'luks' && parsed.encryptionHeader === undefined) {
+    throw new Qcow2Error('BAD_ENCRYPTION_HEADER', 'LUKS-encrypted image without its encryption header extension', { path, offset: 32 });
   }
   const hasExternalDataFile = bit(incompatibleFeatures, IncompatibleFeature.externalDataFile);
   if (hasExternalDataFile && parsed.externalDataFile === undefined) {
@@ -281,6 +292,7 @@ export function parseHeader(start: Buffer, path: string, fileSize: number, optio
     virtualSize,
     headerSize,
     cryptMethod,
+    encryption,
     l1Size,
     l1TableOffset,
     refcountTableOffset,

@@ -5,8 +5,9 @@ import { Readable } from 'node:stream';
 import { Qcow2Error } from '../errors';
 import { seekIn } from '../files';
 import { type NativeCopyJob, type NativeSource, native, planRunFields, PlanKind } from '../native';
-import type { CompressionType } from './header';
+import { type CompressionType, encryptedError } from './header';
 import { type Layer, type LayerRun, type OpenFile, Qcow2Layer } from './layers';
+import type { EncryptionInfo } from './luks';
 import type { PathPolicy } from './paths';
 
 export interface OpenOptions extends PathPolicy {
@@ -21,6 +22,11 @@ export interface OpenOptions extends PathPolicy {
    * uncompressed tar). Such an image cannot name backing or data files.
    */
   region?: { offset: number; length: number };
+  /**
+   * Open only to describe the image (`info`): encrypted images are accepted, and
+   * every read, map or copy of one refuses with ENCRYPTED. Default: refused at open.
+   */
+  metadataOnly?: boolean;
 }
 
 export interface SnapshotInfo {
@@ -54,6 +60,8 @@ export interface ImageInfo {
   dirty?: boolean;
   corrupt?: boolean;
   encrypted?: boolean;
+  /** How it is encrypted, as qemu-img info describes it (only from open with metadataOnly). */
+  encryption?: EncryptionInfo;
   backingFile?: string;
   /** The backing file as resolved against the image's folder. */
   fullBackingFile?: string;
@@ -147,6 +155,9 @@ export class Image {
   /** The runs of guest [start, end), each resolved to the file and depth that decides it. @internal */
   async resolve(start: number, end: number): Promise<ResolvedRun[]> {
     this.check();
+    // Every read, map and copy comes through here: an image opened only to describe it stops.
+    const encrypted = this.layers.find((layer): layer is Qcow2Layer => layer instanceof Qcow2Layer && layer.header.encryption !== undefined);
+    if (encrypted) throw encryptedError(encrypted.header.encryption!, encrypted.file.path);
     const out: ResolvedRun[] = [];
     await this.resolveAt(0, Math.max(0, start), Math.min(end, this.virtualSize), out);
     return out;

@@ -6,6 +6,7 @@ import { limits } from '../limits';
 import { QCOW2_MAGIC } from './header';
 import { Image, type ImageInfo, type OpenOptions, type SnapshotInfo } from './image';
 import { type Layer, type OpenFile, Qcow2Layer, RawLayer, openFile, readExactly } from './layers';
+import { type LuksInfo, luksHeaderSize, parseLuksHeader } from './luks';
 import { resolveExternalFile } from './paths';
 import type { Qcow2Snapshot } from './snapshots';
 
@@ -58,7 +59,7 @@ export async function open(path: string, options: OpenOptions = {}): Promise<Ima
 async function openQcow2Layer(file: OpenFile, snapshotName: string | undefined, options: OpenOptions, seen: Set<string>): Promise<Qcow2Layer> {
   let dataFile: OpenFile | undefined;
   try {
-    const { header, snapshots } = await Qcow2Layer.readHeader(file);
+    const { header, snapshots } = await Qcow2Layer.readHeader(file, { allowEncrypted: options.metadataOnly });
     if (header.corrupt) options.onWarning?.(`${file.path}: image is marked corrupt; reading it anyway`);
     let snapshot: Qcow2Snapshot | undefined;
     if (snapshotName !== undefined) {
@@ -125,6 +126,16 @@ function snapshotInfo(snapshot: Qcow2Snapshot): SnapshotInfo {
   };
 }
 
+/** The LUKS header the encryption header extension points at. */
+async function luksInfo(layer: Qcow2Layer): Promise<LuksInfo> {
+  const { offset, length } = layer.header.encryptionHeader!;
+  const path = layer.file.path;
+  if (length < luksHeaderSize || offset > layer.file.size || layer.file.size - offset < luksHeaderSize) {
+    throw new Qcow2Error('BAD_ENCRYPTION_HEADER', `encryption header of ${length} bytes at ${offset} does not hold a LUKS header inside the file`, { path, offset });
+  }
+  return parseLuksHeader(await readExactly(layer.file, offset, luksHeaderSize, 'LUKS header'), path, offset);
+}
+
 async function qcow2Info(layer: Qcow2Layer): Promise<ImageInfo> {
   const h = layer.header;
   const info: ImageInfo = {
@@ -141,9 +152,11 @@ async function qcow2Info(layer: Qcow2Layer): Promise<ImageInfo> {
     lazyRefcounts: h.lazyRefcounts,
     dirty: h.dirty,
     corrupt: h.corrupt,
-    encrypted: h.cryptMethod !== 0,
+    encrypted: h.encryption !== undefined,
     snapshots: layer.snapshots.map(snapshotInfo),
   };
+  if (h.encryption === 'aes') info.encryption = { format: 'aes' };
+  if (h.encryption === 'luks') info.encryption = await luksInfo(layer);
   if (h.backingFile !== undefined) {
     info.backingFile = h.backingFile;
     info.fullBackingFile = nodePath.resolve(nodePath.dirname(layer.file.path), h.backingFile);
