@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(libdeflate-dev libzstd-dev libxxhash-dev libisal-dev liburing-dev qemu-utils g++ make python3)
+packages=(libdeflate-dev libzstd-dev libxxhash-dev libisal-dev liburing-dev qemu-utils zstd g++ make python3)
 missing=()
 for pkg in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

@@ -44,11 +44,14 @@ export function describeIssue(issues: readonly v.BaseIssue<unknown>[]): string {
   return `${v.getDotPath(issue) ?? '(root)'}: ${issue.message}`;
 }
 
-/** Validates CPU JSON, naming the offending field. */
+/**
+ * Validates CPU JSON, naming the offending field. The JSON itself is what is stored: valibot's
+ * output puts the keys it knows first, and the state file keeps keys in the order given.
+ */
 export function parseCpuState(json: unknown, path: string): CpuState {
   const result = v.safeParse(cpuStateSchema, json);
   if (!result.success) throw new Qcow2Error('INVALID_ARGUMENT', `CPU state: ${describeIssue(result.issues)}`, { path });
-  return result.output;
+  return json as CpuState;
 }
 
 const Tag = { null: 0, false: 1, true: 2, hex: 3, string: 4, bytes: 5, array: 6, object: 7, number: 8 } as const;
