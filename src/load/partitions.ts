@@ -1,7 +1,8 @@
 /**
- * Locating partition N of a disk or disk image: GPT (both CRCs checked, backup
- * header as fallback) and MBR with extended partitions. Numbering as Linux does:
- * GPT entry N-1; MBR primaries 1-4 by slot, logical partitions from 5.
+ * Locating partition N of a disk or disk image: GPT behind a protective MBR (both
+ * CRCs checked, backup header as fallback) and MBR with extended partitions.
+ * Numbering as Linux does: GPT entry N-1; MBR primaries 1-4 by slot, logical
+ * partitions from 5, one number for each EBR that holds a data partition.
  * Layout reference: docs/formats/partitions.md.
  */
 import type { FileHandle } from 'node:fs/promises';
@@ -22,6 +23,8 @@ export interface PartitionTable {
   scheme: 'gpt' | 'mbr';
   sectorSize: number;
   partitions: Partition[];
+  /** GPT: the bytes [start, end) the header lets partitions use (outside lie the tables). */
+  usable?: { start: number; end: number };
 }
 
 const maxGptEntries = 4096;
@@ -29,7 +32,14 @@ const maxGptEntryArrayBytes = 4 * 1024 * 1024;
 const maxLogicalPartitions = 256;
 const extendedTypes = new Set([0x05, 0x0f, 0x85]);
 
-async function readAt(handle: FileHandle, offset: number, length: number): Promise<Buffer> {
+/**
+ * Up to `length` bytes at `offset`, nothing past the disk's end. Node reads a position that is
+ * not a safe integer >= 0 at the file's current position: such an offset, which a hostile table
+ * gives easily, reads nothing here.
+ */
+async function readAt(handle: FileHandle, diskSize: number, offset: number, length: number): Promise<Buffer> {
+  if (!Number.isSafeInteger(offset) || offset < 0 || offset >= diskSize) return Buffer.alloc(0);
+  length = Math.min(length, diskSize - offset);
   const buffer = Buffer.alloc(length);
   let done = 0;
   while (done < length) {
@@ -46,9 +56,12 @@ function guid(bytes: Buffer): string {
   return `${le(bytes.subarray(0, 4))}-${le(bytes.subarray(4, 6))}-${le(bytes.subarray(6, 8))}-${hex(bytes.subarray(8, 10))}-${hex(bytes.subarray(10, 16))}`;
 }
 
-/** Reads a GPT header at `lba`, checking its signature, size and CRC; undefined if invalid. */
-async function gptHeader(handle: FileHandle, lba: number, sectorSize: number) {
-  const header = await readAt(handle, lba * sectorSize, sectorSize);
+/**
+ * Reads a GPT header at `lba`, checking its signature, size, CRC and usable range (inside the
+ * disk, first before last, as the kernel does); undefined if invalid.
+ */
+async function gptHeader(handle: FileHandle, diskSize: number, lba: number, sectorSize: number) {
+  const header = await readAt(handle, diskSize, lba * sectorSize, sectorSize);
   if (header.length < 92 || header.toString('latin1', 0, 8) !== 'EFI PART') return undefined;
   const headerSize = header.readUInt32LE(12);
   if (headerSize < 92 || headerSize > sectorSize) return undefined;
@@ -56,7 +69,11 @@ async function gptHeader(handle: FileHandle, lba: number, sectorSize: number) {
   const copy = Buffer.from(header.subarray(0, headerSize));
   copy.writeUInt32LE(0, 16);
   if (crc32(copy) !== stored) return undefined;
+  const firstUsableLba = Number(header.readBigUInt64LE(40));
+  const lastUsableLba = Number(header.readBigUInt64LE(48));
+  if (firstUsableLba > lastUsableLba || lastUsableLba >= diskSize / sectorSize) return undefined;
   return {
+    usable: { start: firstUsableLba * sectorSize, end: (lastUsableLba + 1) * sectorSize },
     entriesLba: Number(header.readBigUInt64LE(72)),
     entryCount: header.readUInt32LE(80),
     entrySize: header.readUInt32LE(84),
@@ -66,12 +83,13 @@ async function gptHeader(handle: FileHandle, lba: number, sectorSize: number) {
 
 async function readGpt(handle: FileHandle, diskSize: number, sectorSize: number, path: string): Promise<PartitionTable | undefined> {
   const lastLba = Math.floor(diskSize / sectorSize) - 1;
-  for (const lba of [1, lastLba]) {
-    const header = await gptHeader(handle, lba, sectorSize);
+  // A disk of fewer than 3 sectors has no room for a GPT; its "backup" would be the primary.
+  for (const lba of lastLba >= 2 ? [1, lastLba] : []) {
+    const header = await gptHeader(handle, diskSize, lba, sectorSize);
     if (!header) continue;
-    const { entriesLba, entryCount, entrySize, entriesCrc } = header;
+    const { entriesLba, entryCount, entrySize, entriesCrc, usable } = header;
     if (entrySize < 128 || entrySize % 128 !== 0 || entryCount > maxGptEntries || entryCount * entrySize > maxGptEntryArrayBytes) continue;
-    const entries = await readAt(handle, entriesLba * sectorSize, entryCount * entrySize);
+    const entries = await readAt(handle, diskSize, entriesLba * sectorSize, entryCount * entrySize);
     if (entries.length !== entryCount * entrySize || crc32(entries) !== entriesCrc) continue;
     const partitions: Partition[] = [];
     for (let i = 0; i < entryCount; i++) {
@@ -84,13 +102,13 @@ async function readGpt(handle: FileHandle, diskSize: number, sectorSize: number,
       }
       partitions.push({ number: i + 1, start: firstLba * sectorSize, sizeBytes: (lastEntryLba - firstLba + 1) * sectorSize, scheme: 'gpt', type: guid(entry.subarray(0, 16)) });
     }
-    return { scheme: 'gpt', sectorSize, partitions };
+    return { scheme: 'gpt', sectorSize, partitions, usable };
   }
   return undefined;
 }
 
-async function readMbr(handle: FileHandle, sectorSize: number): Promise<PartitionTable | undefined> {
-  const mbr = await readAt(handle, 0, 512);
+async function readMbr(handle: FileHandle, diskSize: number, sectorSize: number): Promise<PartitionTable | undefined> {
+  const mbr = await readAt(handle, diskSize, 0, 512);
   if (mbr.length < 512 || mbr[510] !== 0x55 || mbr[511] !== 0xaa) return undefined;
   const partitions: Partition[] = [];
   let extended: { start: number; size: number } | undefined;
@@ -105,17 +123,19 @@ async function readMbr(handle: FileHandle, sectorSize: number): Promise<Partitio
   }
   if (extended) {
     // Each EBR: entry 0 relative to this EBR, entry 1 (the next EBR) relative to the extended start.
+    // Linux numbers only the EBRs that hold a data partition: an emptied one takes no number.
     let ebrLba = extended.start;
+    let number = 5;
     const visited = new Set<number>();
-    for (let number = 5; number < 5 + maxLogicalPartitions && !visited.has(ebrLba); number++) {
+    while (visited.size < maxLogicalPartitions && !visited.has(ebrLba)) {
       visited.add(ebrLba);
-      const ebr = await readAt(handle, ebrLba * sectorSize, 512);
+      const ebr = await readAt(handle, diskSize, ebrLba * sectorSize, 512);
       if (ebr.length < 512 || ebr[510] !== 0x55 || ebr[511] !== 0xaa) break;
       const logical = ebr.subarray(446, 462);
       const next = ebr.subarray(462, 478);
       if (logical[4] !== 0 && logical.readUInt32LE(12) > 0) {
         partitions.push({
-          number,
+          number: number++,
           start: (ebrLba + logical.readUInt32LE(8)) * sectorSize,
           sizeBytes: logical.readUInt32LE(12) * sectorSize,
           scheme: 'mbr',
@@ -131,17 +151,19 @@ async function readMbr(handle: FileHandle, sectorSize: number): Promise<Partitio
 
 /**
  * Reads the partition table of a disk (logical sector size known) or a disk image
- * (GPT probed at 512 and 4096 bytes per sector).
+ * (GPT probed at 512 and 4096 bytes per sector). As for the kernel and libblkid, a GPT
+ * counts only behind a protective MBR (an 0xEE entry): a disk relabelled DOS keeps its old
+ * backup GPT at the end, and that stale table must not win over the MBR.
  */
 export async function readPartitionTable(handle: FileHandle, diskSize: number, path: string, logicalSectorSize?: number): Promise<PartitionTable> {
-  const sectorSizes = logicalSectorSize ? [logicalSectorSize] : [512, 4096];
-  for (const sectorSize of sectorSizes) {
+  const mbr = await readMbr(handle, diskSize, logicalSectorSize ?? 512);
+  if (!mbr) throw new Qcow2Error('INVALID_ARGUMENT', 'no GPT or MBR partition table', { path });
+  if (!mbr.partitions.some((p) => p.type === 'ee')) return mbr;
+  for (const sectorSize of logicalSectorSize ? [logicalSectorSize] : [512, 4096]) {
     const gpt = await readGpt(handle, diskSize, sectorSize, path);
     if (gpt) return gpt;
   }
-  const mbr = await readMbr(handle, logicalSectorSize ?? 512);
-  if (mbr && !mbr.partitions.some((p) => p.type === 'ee')) return mbr;
-  throw new Qcow2Error('INVALID_ARGUMENT', mbr ? 'protective MBR without a valid GPT' : 'no GPT or MBR partition table', { path });
+  throw new Qcow2Error('INVALID_ARGUMENT', 'protective MBR without a valid GPT', { path });
 }
 
 /** Partition `number` of the disk, checked to lie inside it. */
@@ -157,6 +179,16 @@ export async function findPartition(handle: FileHandle, diskSize: number, number
   }
   if (partition.start + partition.sizeBytes > diskSize) {
     throw new Qcow2Error('INVALID_ARGUMENT', `partition ${number} extends past the end of the disk`, { path });
+  }
+  if (table.usable && (partition.start < table.usable.start || partition.start + partition.sizeBytes > table.usable.end)) {
+    throw new Qcow2Error('INVALID_ARGUMENT', `partition ${number} lies outside the GPT's usable sectors: writing it would overwrite the partition table`, { path });
+  }
+  // The safety checks see the partition's own device node: an overlapping partition that is
+  // mounted would not be. Extended containers hold their logical partitions by design.
+  const overlapping = table.partitions.find((p) => p !== partition && !(p.scheme === 'mbr' && extendedTypes.has(parseInt(p.type, 16))) &&
+    p.start < partition.start + partition.sizeBytes && partition.start < p.start + p.sizeBytes);
+  if (overlapping) {
+    throw new Qcow2Error('INVALID_ARGUMENT', `partition ${number} overlaps partition ${overlapping.number}: the table is damaged`, { path });
   }
   return partition;
 }

@@ -280,16 +280,18 @@ async function openFileRegion(image: Image, path: string, exists: boolean, optio
  * The partition's own device node (sda2, nvme0n1p2), when the kernel made one
  * for exactly the extent the table gives; else the whole disk and an offset.
  */
-async function partitionNode(diskRdev: number, partition: Partition): Promise<string | undefined> {
+async function partitionNode(diskRdev: number, partition: Partition): Promise<{ node: string; rdev: number } | undefined> {
   try {
     const sysfs = await fs.realpath(`/sys/dev/block/${majorMinor(diskRdev)}`);
     for (const entry of await fs.readdir(sysfs)) {
       const read = (file: string) => fs.readFile(nodePath.join(sysfs, entry, file), 'utf8').then((v) => v.trim(), () => undefined);
       // sysfs counts start and size in 512-byte units whatever the sector size.
       if ((await read('partition')) === String(partition.number) && Number(await read('start')) * 512 === partition.start && Number(await read('size')) * 512 === partition.sizeBytes) {
+        // A /dev name can be stale (a static /dev, a reused minor): the node must be the device
+        // sysfs names, or the load would write, and the safety checks look, somewhere else.
         const node = `/dev/${entry}`;
         const stats = await fs.stat(node).catch(() => undefined);
-        if (stats?.isBlockDevice()) return node;
+        if (stats?.isBlockDevice() && majorMinor(stats.rdev) === (await read('dev'))) return { node, rdev: stats.rdev };
       }
     }
   } catch {
@@ -319,8 +321,8 @@ async function openDevice(image: Image, path: string, rdev: number, options: Tar
       }
       const node = await partitionNode(rdev, partition);
       if (node) {
-        devicePath = node;
-        deviceRdev = (await fs.stat(node)).rdev;
+        devicePath = node.node;
+        deviceRdev = node.rdev;
         base = 0;
         limit = partition.sizeBytes;
       } else {
