@@ -21,21 +21,60 @@ export function majorMinor(rdev: number): string {
   return `${major}:${minor}`;
 }
 
-/** maj:min of the device and of each of its partitions (sysfs). */
-async function deviceFamily(rdev: number): Promise<{ self: string; all: Set<string>; sysfs: string | undefined }> {
+/** maj:min of the device and of each of its partitions, and their sysfs folders. */
+async function deviceFamily(rdev: number): Promise<{ self: string; all: Set<string>; sysfs: string | undefined; folders: string[] }> {
   const self = majorMinor(rdev);
   const all = new Set([self]);
+  const folders: string[] = [];
   let sysfs: string | undefined;
   try {
     sysfs = await fs.realpath(`/sys/dev/block/${self}`);
+    folders.push(sysfs);
     for (const entry of await fs.readdir(sysfs)) {
       const dev = await fs.readFile(nodePath.join(sysfs, entry, 'dev'), 'utf8').catch(() => undefined);
-      if (dev && (await fs.stat(nodePath.join(sysfs, entry, 'partition')).catch(() => undefined))) all.add(dev.trim());
+      if (dev && (await fs.stat(nodePath.join(sysfs, entry, 'partition')).catch(() => undefined))) {
+        all.add(dev.trim());
+        folders.push(nodePath.join(sysfs, entry));
+      }
     }
   } catch {
     // No sysfs entry: only the device itself can be checked.
   }
-  return { self, all, sysfs };
+  return { self, all, sysfs, folders };
+}
+
+/**
+ * Devices stacked on the given ones (device-mapper: LVM, dm-crypt; md), through every level:
+ * name to maj:min. An LVM root on a partition of the disk is held by the partition, not the disk.
+ */
+async function stackedDevices(folders: readonly string[]): Promise<Map<string, string>> {
+  const found = new Map<string, string>();
+  const queue = [...folders];
+  // Bounded: sysfs has no cycles, but a count keeps a strange one from running on.
+  while (queue.length > 0 && found.size < 1024) {
+    const folder = queue.shift()!;
+    for (const name of await fs.readdir(nodePath.join(folder, 'holders')).catch(() => [] as string[])) {
+      if (found.has(name)) continue;
+      const holder = `/sys/class/block/${name}`;
+      found.set(name, (await fs.readFile(nodePath.join(holder, 'dev'), 'utf8').catch(() => '')).trim());
+      queue.push(holder);
+    }
+  }
+  return found;
+}
+
+/**
+ * The devices a mountinfo line's filesystem lives on: field 3, and for filesystems that report
+ * an anonymous device there (btrfs, bcachefs: 0:N) the block device named as the mount source.
+ */
+async function mountDevices(fields: readonly string[]): Promise<string[]> {
+  const devices = [fields[2]!];
+  const source = fields[fields.indexOf('-') + 2];
+  if (fields[2]!.startsWith('0:') && source?.startsWith('/')) {
+    const stats = await fs.stat(unescapeMount(source)).catch(() => undefined);
+    if (stats?.isBlockDevice()) devices.push(majorMinor(stats.rdev));
+  }
+  return devices;
 }
 
 function unescapeMount(path: string): string {
@@ -51,15 +90,21 @@ export interface SourceFile {
 
 export async function deviceInUse(devicePath: string, rdev: number, sourceFiles: readonly SourceFile[]): Promise<DeviceUse> {
   const family = await deviceFamily(rdev);
+  const stacked = await stackedDevices(family.folders);
+  const stackedName = new Map([...stacked].map(([name, dev]) => [dev, name]));
   const mountinfo = await fs.readFile('/proc/self/mountinfo', 'utf8').catch(() => '');
   let reason: string | undefined;
   let holdsRoot = false;
   for (const line of mountinfo.split('\n')) {
     const fields = line.split(' ');
-    if (fields.length < 5 || !family.all.has(fields[2]!)) continue;
-    const mountPoint = unescapeMount(fields[4]!);
-    if (mountPoint === '/') holdsRoot = true;
-    reason ??= `mounted at ${mountPoint}${fields[2] === family.self ? '' : ' (a partition of it)'}`;
+    if (fields.length < 5) continue;
+    for (const device of await mountDevices(fields)) {
+      const through = stackedName.get(device);
+      if (!family.all.has(device) && through === undefined) continue;
+      const mountPoint = unescapeMount(fields[4]!);
+      if (mountPoint === '/') holdsRoot = true;
+      reason ??= `mounted at ${mountPoint}${through !== undefined ? ` (through ${through})` : device === family.self ? '' : ' (a partition of it)'}`;
+    }
   }
   if (holdsRoot) return { reason: 'holds the root filesystem', holdsRoot };
   const swaps = await fs.readFile('/proc/swaps', 'utf8').catch(() => '');
@@ -67,11 +112,10 @@ export async function deviceInUse(devicePath: string, rdev: number, sourceFiles:
     const name = line.split(/\s+/)[0];
     if (!name) continue;
     const stats = await fs.stat(unescapeMount(name)).catch(() => undefined);
-    if (stats?.isBlockDevice() && family.all.has(majorMinor(stats.rdev))) reason ??= `active swap (${name})`;
+    if (stats?.isBlockDevice() && (family.all.has(majorMinor(stats.rdev)) || stackedName.has(majorMinor(stats.rdev)))) reason ??= `active swap (${name})`;
   }
+  if (stacked.size > 0) reason ??= `held by ${[...stacked.keys()].join(', ')} (device-mapper or md)`;
   if (family.sysfs) {
-    const holders = await fs.readdir(nodePath.join(family.sysfs, 'holders')).catch(() => []);
-    if (holders.length > 0) reason ??= `held by ${holders.join(', ')} (device-mapper or md)`;
     // A loop device (or a partition of one) over a file the load reads from.
     const loopDirectory = (await fs.stat(nodePath.join(family.sysfs, 'partition')).catch(() => undefined)) ? nodePath.dirname(family.sysfs) : family.sysfs;
     const backing = await fs.readFile(nodePath.join(loopDirectory, 'loop', 'backing_file'), 'utf8').catch(() => undefined);
