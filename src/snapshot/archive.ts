@@ -29,6 +29,9 @@ export function archiveKind(path: string): ArchiveKind | undefined {
 const CHUNK_BYTES = 4 << 20;
 /** Uncompressed bytes queued on the gzip worker before the writer waits for it. */
 const GZIP_QUEUE_BYTES = 16 << 20;
+/** Compressed bytes a gunzip push takes, and how many may be in fflate's worker at once. */
+const GUNZIP_SLICE_BYTES = 64 << 10;
+const GUNZIP_IN_FLIGHT_BYTES = 2 * GUNZIP_SLICE_BYTES;
 
 /** Appends to a file; `bytes` counts what was written. */
 export class FileSink implements ByteSink {
@@ -228,6 +231,7 @@ async function* inflateChunks(input: AsyncIterable<Buffer>, path: string): Async
   const fail = (error: Error) => new Qcow2Error('BAD_ARCHIVE', `not a valid gzip stream: ${error.message}`, { path });
   const iterator = input[Symbol.asyncIterator]();
   let inputDone = false;
+  let pending: Buffer = Buffer.alloc(0);
   try {
     for (;;) {
       if (failure) throw fail(failure);
@@ -236,11 +240,18 @@ async function* inflateChunks(input: AsyncIterable<Buffer>, path: string): Async
         continue;
       }
       if (ended) return;
-      if (!inputDone && gunzip.queuedSize < GZIP_QUEUE_BYTES) {
-        const next = await iterator.next();
-        inputDone = next.done === true;
+      // fflate inflates each push into one buffer, and deflate expands up to about 1032 times:
+      // small slices, few in flight, bound the memory whatever the archive holds.
+      if (!inputDone && gunzip.queuedSize < GUNZIP_IN_FLIGHT_BYTES) {
+        if (pending.length === 0) {
+          const next = await iterator.next();
+          inputDone = next.done === true;
+          if (!inputDone) pending = next.value as Buffer;
+        }
+        const slice = pending.subarray(0, GUNZIP_SLICE_BYTES);
+        pending = pending.subarray(slice.length);
         // The final push makes fflate report a stream that ends early as an error.
-        gunzip.push(inputDone ? new Uint8Array(0) : new Uint8Array(next.value as Buffer), inputDone);
+        gunzip.push(new Uint8Array(slice), inputDone);
         continue;
       }
       await new Promise<void>((resolve) => (wake = resolve));

@@ -433,8 +433,10 @@ async function extractMembers(archivePath: string, kind: ArchiveKind, dir: strin
   const stream = tarStream(kind, handle, archivePath);
   try {
     const reader = new ChunkReader(stream[Symbol.asyncIterator]());
+    // Skipped members still stream through the decoder (a disk's gigabytes): a cancel stops them too.
+    const skip = { write: async () => throwIfCancelled(signal, archivePath) };
     await forEachMember(reader, archivePath, async (member, entry) => {
-      if (!wanted.has(member)) return entryData(reader, entry.size, archivePath);
+      if (!wanted.has(member)) return entryData(reader, entry.size, archivePath, skip);
       const file = nodePath.join(dir, member);
       const out = await fs.open(file, 'wx', 0o600);
       try {
@@ -450,7 +452,7 @@ async function extractMembers(archivePath: string, kind: ArchiveKind, dir: strin
       }
     });
     // Read to the end, so that the compressed stream's own end checks (frame checksum, gzip trailer) run.
-    while ((await reader.some(1 << 22)).length > 0);
+    while ((await reader.some(1 << 22)).length > 0) throwIfCancelled(signal, archivePath);
   } finally {
     // Stopped early (a refused entry, a cancel): the decoders' own cleanup runs only when
     // the stream is returned, and fflate's worker would keep the process alive.

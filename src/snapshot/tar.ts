@@ -216,14 +216,20 @@ function numeric(block: Buffer, start: number, length: number, what: string, fai
   return parseInt(text, 8);
 }
 
+/** A decimal byte count as tar writes one: digits only (Number() would take "0x200", "1e3", " 512 "). */
+function decimal(text: string): number | undefined {
+  const value = /^[0-9]+$/.test(text) ? Number(text) : NaN;
+  return Number.isSafeInteger(value) ? value : undefined;
+}
+
 function parsePax(data: Buffer, fail: (message: string) => never): Map<string, string> {
   const records = new Map<string, string>();
   let at = 0;
   while (at < data.length) {
     const space = data.indexOf(0x20, at);
     if (space < 0) fail('pax header is malformed');
-    const length = Number(data.subarray(at, space).toString('ascii'));
-    if (!Number.isInteger(length) || length <= space - at || at + length > data.length) fail('pax record length is malformed');
+    const length = decimal(data.subarray(at, space).toString('ascii'));
+    if (length === undefined || length <= space - at || at + length > data.length) fail('pax record length is malformed');
     const record = data.subarray(space + 1, at + length - 1).toString('utf8');
     const equals = record.indexOf('=');
     if (equals < 0) fail('pax record has no "="');
@@ -266,9 +272,10 @@ export async function* tarEntries(reader: TarSource, archivePath: string): Async
       if (type === 'x') {
         const records = parsePax(data!.subarray(0, size), fail);
         if (records.has('path')) paxPath = records.get('path');
-        if (records.has('size')) {
-          const value = Number(records.get('size'));
-          if (!Number.isSafeInteger(value) || value < 0) fail('pax size is not a byte count');
+        // POSIX: an empty value removes the record, and the ustar size field counts.
+        if (records.get('size')) {
+          const value = decimal(records.get('size')!);
+          if (value === undefined) fail('pax size is not a byte count');
           paxSize = value;
         }
       } else if (type === 'L') {
