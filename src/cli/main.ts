@@ -87,7 +87,11 @@ function parse(args: string[], extra: OptionSpec = {}): { values: ParsedValues; 
     const { values, positionals } = parseArgs({ args, options: { ...common, ...extra }, allowPositionals: true, strict: true });
     return { values: values as ParsedValues, positionals };
   } catch (error) {
-    throw new UsageError((error as Error).message);
+    // Node's messages can run to several lines ("--partition -1"): the first says what is wrong.
+    const message = (error as Error).message;
+    const first = message.split('\n')[0]!;
+    const equalsForm = /use '(--[^'=]+)=/.exec(message)?.[1];
+    throw new UsageError(equalsForm ? `${first} (a value starting with "-" goes as ${equalsForm}=VALUE)` : first);
   }
 }
 
