@@ -25,6 +25,8 @@ export interface PartitionTable {
   partitions: Partition[];
   /** GPT: the bytes [start, end) the header lets partitions use (outside lie the tables). */
   usable?: { start: number; end: number };
+  /** MBR: a slot has type 0xEE (whatever its size, as for the kernel): a GPT is behind it. */
+  protective?: boolean;
 }
 
 const maxGptEntries = 4096;
@@ -133,7 +135,8 @@ async function readMbr(handle: FileHandle, diskSize: number, sectorSize: number)
       if (ebr.length < 512 || ebr[510] !== 0x55 || ebr[511] !== 0xaa) break;
       const logical = ebr.subarray(446, 462);
       const next = ebr.subarray(462, 478);
-      if (logical[4] !== 0 && logical.readUInt32LE(12) > 0) {
+      // Linux, libblkid and sfdisk go by the size, not the type: type 0 with sectors is a partition.
+      if (logical.readUInt32LE(12) > 0 && !extendedTypes.has(logical[4]!)) {
         partitions.push({
           number: number++,
           start: (ebrLba + logical.readUInt32LE(8)) * sectorSize,
@@ -146,7 +149,8 @@ async function readMbr(handle: FileHandle, diskSize: number, sectorSize: number)
       ebrLba = extended.start + next.readUInt32LE(8);
     }
   }
-  return { scheme: 'mbr', sectorSize, partitions };
+  const protective = [0, 1, 2, 3].some((slot) => mbr[446 + slot * 16 + 4] === 0xee);
+  return { scheme: 'mbr', sectorSize, partitions, protective };
 }
 
 /**
@@ -158,7 +162,7 @@ async function readMbr(handle: FileHandle, diskSize: number, sectorSize: number)
 export async function readPartitionTable(handle: FileHandle, diskSize: number, path: string, logicalSectorSize?: number): Promise<PartitionTable> {
   const mbr = await readMbr(handle, diskSize, logicalSectorSize ?? 512);
   if (!mbr) throw new Qcow2Error('INVALID_ARGUMENT', 'no GPT or MBR partition table', { path });
-  if (!mbr.partitions.some((p) => p.type === 'ee')) return mbr;
+  if (!mbr.protective) return mbr;
   for (const sectorSize of logicalSectorSize ? [logicalSectorSize] : [512, 4096]) {
     const gpt = await readGpt(handle, diskSize, sectorSize, path);
     if (gpt) return gpt;
