@@ -70,11 +70,28 @@ async function stackedDevices(folders: readonly string[]): Promise<Map<string, s
 async function mountDevices(fields: readonly string[]): Promise<string[]> {
   const devices = [fields[2]!];
   const source = fields[fields.indexOf('-') + 2];
-  if (fields[2]!.startsWith('0:') && source?.startsWith('/')) {
-    const stats = await fs.stat(unescapeMount(source)).catch(() => undefined);
+  if (!fields[2]!.startsWith('0:') || !source?.startsWith('/')) return devices;
+  // A multi-device bcachefs names its members "/dev/A:/dev/B"; a device path may hold ':' itself
+  // (/dev/disk/by-path/pci-0000:00:...), so the whole source is tried as well as its parts.
+  const whole = unescapeMount(source);
+  for (const candidate of new Set([whole, ...whole.split(':')])) {
+    const stats = await fs.stat(candidate).catch(() => undefined);
     if (stats?.isBlockDevice()) devices.push(majorMinor(stats.rdev));
   }
+  // A multi-device btrfs names one member as its source; sysfs lists them all.
+  if (fields[fields.indexOf('-') + 1] === 'btrfs' && devices.length > 1) devices.push(...(await btrfsMembers(new Set(devices.slice(1)))));
   return devices;
+}
+
+/** maj:min of every device of the mounted btrfs filesystem one of `members` belongs to. */
+async function btrfsMembers(members: Set<string>): Promise<string[]> {
+  for (const fsid of await fs.readdir('/sys/fs/btrfs').catch(() => [] as string[])) {
+    const folder = nodePath.join('/sys/fs/btrfs', fsid, 'devices');
+    const names = await fs.readdir(folder).catch(() => [] as string[]);
+    const devs = await Promise.all(names.map((name) => fs.readFile(nodePath.join(folder, name, 'dev'), 'utf8').then((dev) => dev.trim(), () => '')));
+    if (devs.some((dev) => members.has(dev))) return devs.filter(Boolean);
+  }
+  return [];
 }
 
 function unescapeMount(path: string): string {
