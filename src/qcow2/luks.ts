@@ -45,6 +45,10 @@ const sectorSize = 512;
 const slotCount = 8;
 const slotActive = 0x00ac71f3;
 const slotInactive = 0x0000dead;
+/** Anti-forensic stripes of every key slot LUKS1 (and QEMU) writes. */
+const stripesPerSlot = 4000;
+/** Key material starts past the first 4 KiB, the header's own sectors. */
+const headerSectors = 4096 / sectorSize;
 
 /** Key sizes in bytes of each cipher QEMU's LUKS driver knows, and the name it gives each. */
 const cipherNames: Record<string, Record<number, string>> = {
@@ -90,15 +94,29 @@ export function parseLuksHeader(header: Buffer, path: string, offset: number): L
   const cipherAlg = cipherNames[cipherName]?.[keyBytes];
   if (cipherAlg === undefined) throw bad(`unsupported cipher "${cipherName}" with ${keyBytes}-byte keys`, 8);
 
+  // The layout checks QEMU makes before it describes a LUKS header (qemu-img info refuses the rest).
+  const payloadSector = header.readUInt32BE(104);
+  if (payloadSector < headerSectors) throw bad(`payload at sector ${payloadSector} overlaps the header`, 104);
+  if (header.readUInt32BE(164) === 0) throw bad('master key digest iterations are 0', 164);
+  // Each slot's split key, in whole sectors rounded up to the header's 8.
+  const keyMaterialSectors = Math.ceil(Math.ceil((header.readUInt32BE(108) * stripesPerSlot) / sectorSize) / headerSectors) * headerSectors;
   const slots: LuksSlot[] = [];
+  const taken: { index: number; start: number }[] = [];
   for (let index = 0; index < slotCount; index++) {
     const at = 208 + index * 48;
     const state = header.readUInt32BE(at);
     if (state !== slotActive && state !== slotInactive) throw bad(`key slot ${index} is neither active nor inactive (0x${state.toString(16)})`, at);
-    const keyOffset = header.readUInt32BE(at + 40) * sectorSize;
-    slots.push(state === slotActive
-      ? { active: true, iters: header.readUInt32BE(at + 4), keyOffset, stripes: header.readUInt32BE(at + 44) }
-      : { active: false, keyOffset });
+    const stripes = header.readUInt32BE(at + 44);
+    if (stripes !== stripesPerSlot) throw bad(`key slot ${index} has ${stripes} stripes, not ${stripesPerSlot}`, at + 44);
+    const iters = header.readUInt32BE(at + 4);
+    if (state === slotActive && iters === 0) throw bad(`key slot ${index} is active with 0 iterations`, at + 4);
+    const start = header.readUInt32BE(at + 40);
+    if (start < headerSectors) throw bad(`key slot ${index} overlaps the header`, at + 40);
+    if (start + keyMaterialSectors > payloadSector) throw bad(`key slot ${index} overlaps the encrypted payload`, at + 40);
+    const overlapped = taken.find((other) => start < other.start + keyMaterialSectors && other.start < start + keyMaterialSectors);
+    if (overlapped) throw bad(`key slots ${overlapped.index} and ${index} overlap`, at + 40);
+    taken.push({ index, start });
+    slots.push(state === slotActive ? { active: true, iters, keyOffset: start * sectorSize, stripes } : { active: false, keyOffset: start * sectorSize });
   }
   return {
     format: 'luks',
@@ -108,7 +126,7 @@ export function parseLuksHeader(header: Buffer, path: string, offset: number): L
     ...(ivgenHash !== undefined ? { ivgenHashAlg: ivgenHash } : {}),
     hashAlg,
     uuid: text(header, 168, 40),
-    payloadOffset: header.readUInt32BE(104) * sectorSize,
+    payloadOffset: payloadSector * sectorSize,
     masterKeyIters: header.readUInt32BE(164),
     slots,
   };

@@ -133,6 +133,9 @@ async function luksInfo(layer: Qcow2Layer): Promise<LuksInfo> {
   if (length < luksHeaderSize || offset > layer.file.size || layer.file.size - offset < luksHeaderSize) {
     throw new Qcow2Error('BAD_ENCRYPTION_HEADER', `encryption header of ${length} bytes at ${offset} does not hold a LUKS header inside the file`, { path, offset });
   }
+  if (offset % layer.header.clusterSize !== 0) {
+    throw new Qcow2Error('BAD_ENCRYPTION_HEADER', `encryption header offset ${offset} is not a multiple of the cluster size`, { path, offset });
+  }
   return parseLuksHeader(await readExactly(layer.file, offset, luksHeaderSize, 'LUKS header'), path, offset);
 }
 
