@@ -15,7 +15,7 @@ import { ProgressSampler, type ProgressCallback } from '../load/progress';
 import type { OpenOptions } from '../qcow2/image';
 import { open } from '../qcow2/open';
 
-export interface BenchOptions extends OpenOptions {
+export interface BenchOptions extends Omit<OpenOptions, 'metadataOnly'> {
   /** Bytes to write (default 1 GiB, or the image's virtual size with `image`; a device's size caps it). */
   size?: number;
   /** Bytes per write (default 1 MiB), a multiple of 512. */
@@ -155,7 +155,7 @@ export async function bench(target: string, options: BenchOptions = {}): Promise
   }
   let imageSize: number | undefined;
   if (options.image !== undefined) {
-    const image = await open(options.image, options);
+    const image = await open(options.image, { ...options, metadataOnly: false });
     imageSize = image.virtualSize;
     await image.close();
   }

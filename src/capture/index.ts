@@ -18,7 +18,7 @@ import { threadCount } from '../load/copy';
 import { seekIn, syncFolder, temporaryPathFor } from '../files';
 import { ProgressSampler, type ProgressCallback } from '../load/progress';
 
-export interface CaptureOptions extends Omit<OpenOptions, 'snapshot'> {
+export interface CaptureOptions extends Omit<OpenOptions, 'snapshot' | 'metadataOnly'> {
   /** Compress clusters (zlib = raw deflate as QEMU writes it). Default: none. */
   compress?: 'zlib' | 'zstd';
   /**
@@ -89,7 +89,7 @@ async function openBase(path: string, format: 'qcow2' | 'raw' | undefined, optio
     options.onWarning?.(`${path}: backing format not given; probed as ${detected} (pass --backing-format to be sure)`);
   }
   if (detected === 'qcow2') {
-    const image: Image = await open(path, options);
+    const image: Image = await open(path, { ...options, metadataOnly: false });
     return {
       format: detected,
       reader: {

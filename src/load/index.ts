@@ -11,7 +11,7 @@ import { openTarget, type OpenTarget, type TargetOptions } from './target';
 export type { Progress, ProgressCallback } from './progress';
 export type { DirectMode, TargetOptions } from './target';
 
-export interface LoadOptions extends OpenOptions, TargetOptions, CopyOptions {
+export interface LoadOptions extends Omit<OpenOptions, 'metadataOnly'>, TargetOptions, CopyOptions {
   /** Read the target back (O_DIRECT) and compare with hashes taken while writing. */
   verify?: boolean;
   /** Called after the data is flushed and before it is read back (tests, inspection). */
@@ -44,8 +44,10 @@ export interface LoadResult {
 export async function load(source: string | Image, target: string, options: LoadOptions = {}): Promise<LoadResult> {
   // Before anything is opened: a bad option writes nothing.
   threadCount(options.threads, nodePath.resolve(target));
-  const image = typeof source === 'string' ? await open(source, options) : source;
+  const image = typeof source === 'string' ? await open(source, { ...options, metadataOnly: false }) : source;
   try {
+    // An image opened only to be described (metadataOnly) is refused before the target is touched.
+    image.checkReadable();
     const opened = await openTarget(image, target, options);
     try {
       const windowSize = copyWindowSize(image, opened.alignment);

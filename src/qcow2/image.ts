@@ -134,6 +134,12 @@ export class Image {
     if (this.closed) throw new Qcow2Error('CLOSED', 'image is closed', { path: this.path });
   }
 
+  /** ENCRYPTED, naming the file, when a layer is encrypted (opened with metadataOnly). @internal */
+  checkReadable(): void {
+    const encrypted = this.layers.find((layer): layer is Qcow2Layer => layer instanceof Qcow2Layer && layer.header.encryption !== undefined);
+    if (encrypted) throw encryptedError(encrypted.header.encryption!, encrypted.file.path);
+  }
+
   /**
    * Runs an operation close() must wait for: native jobs use the layers' descriptors by
    * number, and a table read cut off by close() would fail with an I/O error, not CLOSED.
@@ -156,8 +162,7 @@ export class Image {
   async resolve(start: number, end: number): Promise<ResolvedRun[]> {
     this.check();
     // Every read, map and copy comes through here: an image opened only to describe it stops.
-    const encrypted = this.layers.find((layer): layer is Qcow2Layer => layer instanceof Qcow2Layer && layer.header.encryption !== undefined);
-    if (encrypted) throw encryptedError(encrypted.header.encryption!, encrypted.file.path);
+    this.checkReadable();
     const out: ResolvedRun[] = [];
     await this.resolveAt(0, Math.max(0, start), Math.min(end, this.virtualSize), out);
     return out;
