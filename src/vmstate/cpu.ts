@@ -45,13 +45,17 @@ export function describeIssue(issues: readonly v.BaseIssue<unknown>[]): string {
 }
 
 /**
- * Validates CPU JSON, naming the offending field. The JSON itself is what is stored: valibot's
- * output puts the keys it knows first, and the state file keeps keys in the order given.
+ * Validates CPU JSON, naming the offending field, and checks that it encodes within what a
+ * reader takes (before a snapshot spends minutes on its disk). A copy of the JSON itself is what
+ * is stored: valibot's output puts the keys it knows first, and the state file keeps keys in the
+ * order given; a copy, so that a caller changing its object meanwhile changes nothing.
  */
 export function parseCpuState(json: unknown, path: string): CpuState {
   const result = v.safeParse(cpuStateSchema, json);
   if (!result.success) throw new Qcow2Error('INVALID_ARGUMENT', `CPU state: ${describeIssue(result.issues)}`, { path });
-  return json as CpuState;
+  const state = structuredClone(json) as CpuState;
+  encodeCpuState(state, path);
+  return state;
 }
 
 const Tag = { null: 0, false: 1, true: 2, hex: 3, string: 4, bytes: 5, array: 6, object: 7, number: 8 } as const;
@@ -78,7 +82,11 @@ function placeOf(parent: Place, key: string): Place {
   return 'other';
 }
 
-function encodeValue(w: Writer, value: unknown, place: Place): void {
+/** Deepest nesting a reader takes (the root is level 0): deeper, the file could not be restored. */
+const maxDepth = 64;
+
+function encodeValue(w: Writer, value: unknown, place: Place, depth: number, path: string): void {
+  if (depth > maxDepth) throw new Qcow2Error('INVALID_ARGUMENT', `CPU state nests deeper than ${maxDepth} levels`, { path });
   if (value === null) return w.u8(Tag.null);
   if (value === false) return w.u8(Tag.false);
   if (value === true) return w.u8(Tag.true);
@@ -112,7 +120,7 @@ function encodeValue(w: Writer, value: unknown, place: Place): void {
   if (Array.isArray(value)) {
     w.u8(Tag.array);
     w.u32(value.length);
-    for (const item of value) encodeValue(w, item, place === 'vcpus' ? 'vcpu' : 'other');
+    for (const item of value) encodeValue(w, item, place === 'vcpus' ? 'vcpu' : 'other', depth + 1, path);
     return;
   }
   if (typeof value === 'object') {
@@ -121,19 +129,20 @@ function encodeValue(w: Writer, value: unknown, place: Place): void {
     w.u32(entries.length);
     for (const [k, v] of entries) {
       const name = Buffer.from(k, 'utf8');
+      if (name.length > 0xffff) throw new Qcow2Error('INVALID_ARGUMENT', `CPU state has a key of ${name.length} bytes (at most 65535)`, { path });
       w.u16(name.length);
       w.bytes(name);
-      encodeValue(w, v, placeOf(place, k));
+      encodeValue(w, v, placeOf(place, k), depth + 1, path);
     }
     return;
   }
   throw new TypeError(`cannot store a ${typeof value} in the CPU state`);
 }
 
-/** CPU JSON to the CPU section payload. */
-export function encodeCpuState(state: CpuState): Buffer {
+/** CPU JSON to the CPU section payload; what a reader would refuse is INVALID_ARGUMENT naming `path`. */
+export function encodeCpuState(state: CpuState, path: string): Buffer {
   const w = new Writer();
-  encodeValue(w, state, 'root');
+  encodeValue(w, state, 'root', 0, path);
   return w.done();
 }
 
@@ -144,7 +153,7 @@ export function decodeCpuState(payload: Buffer, path: string): CpuState {
     if (at + n > payload.length) throw new Qcow2Error('TRUNCATED', 'CPU section ends inside a value', { path });
   };
   const read = (depth: number): unknown => {
-    if (depth > 64) throw new Qcow2Error('BAD_HEADER_FIELD', 'CPU section nests too deep', { path });
+    if (depth > maxDepth) throw new Qcow2Error('BAD_HEADER_FIELD', 'CPU section nests too deep', { path });
     need(1);
     const tag = payload[at++]!;
     switch (tag) {

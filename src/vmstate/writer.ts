@@ -165,7 +165,7 @@ export async function writeState(output: string, options: WriteStateOptions): Pr
     await writeSection(SectionType.regions, [encodeRegions(regions)]);
     // Within what a reader accepts: a file its own reader refuses would be a lost snapshot.
     if (options.cpu) {
-      const cpu = encodeCpuState(options.cpu);
+      const cpu = encodeCpuState(options.cpu, path);
       if (cpu.length > stateLimits.maxCpuBytes) throw new Qcow2Error('INVALID_ARGUMENT', `the CPU state takes ${cpu.length} bytes, over the ${stateLimits.maxCpuBytes} a state file holds`, { path });
       await writeSection(SectionType.cpu, [cpu]);
     }
