@@ -310,12 +310,12 @@ export class Qcow2Layer implements Layer {
     const perBlock = (clusterSize * 8) / refcountBits;
     const table = await readExactly(this.file, refcountTableOffset, refcountTableClusters * clusterSize, 'refcount table');
     let count = 0;
-    for (let index = 0; index * perBlock < endCluster && index * 8 < table.length && count <= threshold; index++) {
+    for (let index = 0; index * perBlock < endCluster && index * 8 < table.length && count < threshold; index++) {
       const blockOffset = (table.readUInt32BE(index * 8) & 0x00ffffff) * 2 ** 32 + ((table.readUInt32BE(index * 8 + 4) & 0xfffffe00) >>> 0);
       if (blockOffset === 0) continue;
       const block = await readExactly(this.file, blockOffset, clusterSize, 'refcount block');
       const entries = Math.min(perBlock, endCluster - index * perBlock);
-      for (let i = 0; i < entries && count <= threshold; i++) {
+      for (let i = 0; i < entries && count < threshold; i++) {
         if (refcountBits >= 8) {
           const width = refcountBits / 8;
           if (block.subarray(i * width, (i + 1) * width).some((b) => b !== 0)) count++;
@@ -325,7 +325,8 @@ export class Qcow2Layer implements Layer {
         }
       }
     }
-    return count > threshold;
+    // As QEMU: preallocated once the clusters in use reach the threshold (not pass it).
+    return count >= threshold;
   }
 
   /**
