@@ -7,8 +7,8 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
-import { StateFile, writeState } from '../src/index';
-import { parseCpuState } from '../src/vmstate/cpu';
+import { Qcow2Error, StateFile, writeState } from '../src/index';
+import { decodeCpuState, encodeCpuState, parseCpuState } from '../src/vmstate/cpu';
 import { sampleCpuState } from './helpers/cpu';
 
 const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'qcow2img-cpu-state-'));
@@ -47,5 +47,24 @@ describe('CPU state text for text', () => {
     const back = await roundTrip('proto', cpu);
     expect(back).toBe(cpu);
     expect(({} as Record<string, unknown>).polluted).toBeUndefined();
+  });
+});
+
+describe('CPU state limits (docs/formats/vmstate.md)', () => {
+  it('CPU JSON nested deeper than the 64 levels the reader takes is refused when written, not stored unreadable', () => {
+    // docs/formats/vmstate.md: "Nesting is limited to 64 levels". decodeCpuState refuses depth
+    // > 64: a writer that took more would make a state.qvms whose restore fails.
+    let deep: unknown = '0x1';
+    for (let i = 0; i < 80; i++) deep = { inner: deep };
+    const json = structuredClone(sampleCpuState) as { vcpus: Record<string, unknown>[] };
+    json.vcpus[0]!.vendorBlob = deep;
+    let stored: Buffer;
+    try {
+      stored = encodeCpuState(parseCpuState(json, 'cpu.json'), 'cpu.json');
+    } catch (error) {
+      expect((error as Qcow2Error).code).toBe('INVALID_ARGUMENT');
+      return;
+    }
+    expect(() => decodeCpuState(stored, 'state.qvms')).not.toThrow();
   });
 });

@@ -124,6 +124,22 @@ describe('reading an encrypted image is refused', () => {
   });
 });
 
+describe('an image opened only to be described', () => {
+  it('load refuses it before the target is touched: an existing file region stays as it was', async () => {
+    const target = path.join(work, 'region-target.bin');
+    const original = Buffer.alloc(4096, 0x5c);
+    fs.writeFileSync(target, original);
+    const image = await open(path.join(work, 'luks.qcow2'), { metadataOnly: true });
+    try {
+      expect((await refusal(load(image, target, { offset: 0 }))).code).toBe('ENCRYPTED');
+    } finally {
+      await image.close();
+    }
+    // A file region is extended to offset + virtual size when it is opened.
+    expect(fs.readFileSync(target).equals(original)).toBe(true);
+  });
+});
+
 describe('a damaged LUKS header', () => {
   /** A copy of luks.qcow2 with `change` applied to its bytes; the LUKS header's offset passed along. */
   function damaged(name: string, change: (bytes: Buffer, luksAt: number, extensionAt: number) => void): string {
@@ -145,6 +161,17 @@ describe('a damaged LUKS header', () => {
     ['a key slot in neither state', (bytes, luksAt) => bytes.writeUInt32BE(0x12345678, luksAt + 208 + 3 * 48), /key slot 3/],
     ['an extension shorter than the header', (bytes, _luksAt, extensionAt) => bytes.writeBigUInt64BE(100n, extensionAt + 8), /does not hold a LUKS header/],
     ['a header past the end of the file', (bytes, _luksAt, extensionAt) => bytes.writeBigUInt64BE(BigInt(bytes.length - 100), extensionAt), /does not hold a LUKS header/],
+    // The layout checks of QEMU's qcrypto_block_luks_check_header.
+    ['master key iterations 0', (bytes, luksAt) => bytes.writeUInt32BE(0, luksAt + 164), /iterations are 0/],
+    ['an inactive key slot with 3999 stripes', (bytes, luksAt) => bytes.writeUInt32BE(3999, luksAt + 208 + 3 * 48 + 44), /key slot 3 has 3999 stripes/],
+    ['a payload offset inside the header', (bytes, luksAt) => bytes.writeUInt32BE(1, luksAt + 104), /overlaps the header/],
+    ['two key slots at the same offset', (bytes, luksAt) => bytes.writeUInt32BE(bytes.readUInt32BE(luksAt + 208 + 40), luksAt + 208 + 48 + 40), /key slots 0 and 1 overlap/],
+    // qcow2_read_extensions: the encryption header's offset must be a multiple of the cluster size.
+    ['an offset off a cluster boundary', (bytes, luksAt, extensionAt) => {
+      const moved = luksAt + 4 * 4096 + 512;
+      bytes.copy(bytes, moved, luksAt, luksAt + 592);
+      bytes.writeBigUInt64BE(BigInt(moved), extensionAt);
+    }, /not a multiple of the cluster size/],
   ];
   for (const [what, change, message] of cases) {
     it(`${what}: BAD_ENCRYPTION_HEADER naming the file, and qemu-img info fails too`, async () => {

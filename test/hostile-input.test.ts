@@ -83,6 +83,43 @@ async function failure(promise: Promise<unknown>): Promise<Qcow2Error> {
   return error as Qcow2Error;
 }
 
+/** Partitions as libblkid (partx) numbers them. */
+function partxPartitions(target: string): Map<number, { start: number; size: number }> {
+  const out = execFileSync('partx', ['-g', '-b', '-o', 'NR,START,SIZE', target], { encoding: 'utf8' });
+  return new Map(
+    out
+      .trim()
+      .split('\n')
+      .map((line) => line.trim().split(/\s+/).map(Number))
+      .map(([nr, start, size]) => [nr!, { start: start! * SECTOR, size: size! }]),
+  );
+}
+
+async function partitionOf(disk: string, number: number) {
+  const handle = await fs.promises.open(disk, 'r');
+  try {
+    return await findPartition(handle, (await handle.stat()).size, number, disk);
+  } finally {
+    await handle.close();
+  }
+}
+
+function mbrEntry(type: number, start: number, sectors: number): Buffer {
+  const entry = Buffer.alloc(16);
+  entry[4] = type;
+  entry.writeUInt32LE(start, 8);
+  entry.writeUInt32LE(sectors, 12);
+  return entry;
+}
+
+function signedSector(entries: Buffer[]): Buffer {
+  const sector = Buffer.alloc(SECTOR);
+  entries.forEach((e, i) => e.copy(sector, 446 + 16 * i));
+  sector[510] = 0x55;
+  sector[511] = 0xaa;
+  return sector;
+}
+
 // ---------------------------------------------------------------------------------------------
 // GPT, built byte by byte so that every field can lie.
 
@@ -425,6 +462,86 @@ describe.skipIf(loopSubjectSkip())('block devices (loop devices this file makes)
       mountinfo.fake = undefined;
     }
     expect(sha(readRange(disk.device, 0, 32 * MiB)), 'the "root" disk was written').toBe(before);
+  });
+});
+
+describe('partition tables as Linux, sfdisk and libblkid number them', () => {
+  it('numbers an EBR whose data entry has type 0 but a size, as sfdisk, libblkid and Linux do (they test the size, not the type)', async () => {
+    // block/partitions/msdos.c parse_extended: `if (!nr_sects(p) || is_extended_partition(p)) continue;`
+    // libblkid (dos.c) the same. Skipping such an EBR would put --partition 5 in what every
+    // other tool calls partition 6.
+    const disk = path.join(dir, 'ebr-type0.img');
+    fs.writeFileSync(disk, Buffer.alloc(16 * MiB, 0x5c));
+    patch(disk, 0, signedSector([mbrEntry(0x83, 2048, 2048), mbrEntry(0x05, 8192, 16384)]));
+    // EBR 1 at 8192: data entry of type 0 with 2047 sectors; link to EBR 2 at 8192 + 4096.
+    patch(disk, 8192 * SECTOR, signedSector([mbrEntry(0x00, 1, 2047), mbrEntry(0x05, 4096, 4096)]));
+    patch(disk, (8192 + 4096) * SECTOR, signedSector([mbrEntry(0x83, 2048, 2048)]));
+    const sfdisk = sfdiskPartitions(disk);
+    expect([...sfdisk.keys()]).toEqual([1, 2, 5, 6]);
+    expect(partxPartitions(disk).get(6)).toEqual({ start: 14336 * SECTOR, size: 2048 * SECTOR });
+
+    const six = await partitionOf(disk, 6).catch((e: unknown) => e);
+    expect(six, 'partition 6 of sfdisk and partx is missing').not.toBeInstanceOf(Error);
+    expect((six as { start: number }).start).toBe(sfdisk.get(6)!.start);
+    // Partition 5 must not be the partition sfdisk calls 6.
+    const five = await partitionOf(disk, 5).catch(() => undefined);
+    expect(five?.start).not.toBe(sfdisk.get(6)!.start);
+  });
+
+  it('reads the GPT behind a protective MBR whose 0xEE entry has size 0, as Linux, libblkid and sfdisk do', async () => {
+    // efi.c is_pmbr_valid() takes type 0xEE starting at LBA 1 and only logs a size mismatch;
+    // a test on readMbr()'s list, which drops 0-sector entries, would make it "an MBR with no
+    // partitions".
+    const disk = path.join(dir, 'pmbr-size0.img');
+    fs.writeFileSync(disk, '');
+    fs.truncateSync(disk, 32 * MiB);
+    partition(disk, 'label: gpt\n,8M\n,\n');
+    const entry = readRange(disk, 446, 16);
+    expect(entry[4]).toBe(0xee);
+    entry.writeUInt32LE(0, 12);
+    patch(disk, 446, entry);
+    const sfdisk = sfdiskPartitions(disk);
+    expect(execFileSync('blkid', ['-p', '-o', 'value', '-s', 'PTTYPE', disk], { encoding: 'utf8' }).trim()).toBe('gpt');
+
+    const found = await partitionOf(disk, 2).catch((e: unknown) => e);
+    expect(found, String(found)).not.toBeInstanceOf(Error);
+    expect(found).toMatchObject({ scheme: 'gpt', start: sfdisk.get(2)!.start, sizeBytes: sfdisk.get(2)!.size });
+  });
+});
+
+describe.skipIf(loopSubjectSkip())('device safety: multi-device roots', () => {
+  it('--force still refuses a member of a multi-device bcachefs root (mount source "/dev/A:/dev/B")', async () => {
+    // safety.ts names bcachefs among the 0:N filesystems found by their mount source, but a
+    // multi-device bcachefs lists its members joined by ":" there, and stat() of that string fails.
+    const image = path.join(dir, 'safety.qcow2');
+    execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', image, '1M']);
+    execFileSync('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0xab 0 1M', image], { stdio: 'ignore' });
+    const files = ['member-a.img', 'member-b.img'].map((name) => {
+      const file = path.join(dir, name);
+      fs.writeFileSync(file, Buffer.alloc(8 * MiB, 0x5c));
+      return file;
+    });
+    const a = attachLoop(files[0]!);
+    try {
+      const b = attachLoop(files[1]!);
+      try {
+        const real = fs.readFileSync('/proc/self/mountinfo', 'utf8');
+        mountinfo.fake = `${real.trimEnd()}\n4243 1 0:4243 / / rw,relatime shared:1 - bcachefs ${a.device}:${b.device} rw\n`;
+        const before = readRange(b.device, 0, 8 * MiB);
+        try {
+          const error = await failure(load(image, b.device, { force: true }));
+          expect(error.code).toBe('TARGET_IN_USE');
+          expect(error.message).toContain('root filesystem');
+        } finally {
+          mountinfo.fake = undefined;
+        }
+        expect(readRange(b.device, 0, 8 * MiB).equals(before), 'a member of the root filesystem was written').toBe(true);
+      } finally {
+        b.detach();
+      }
+    } finally {
+      a.detach();
+    }
   });
 });
 
