@@ -8,37 +8,17 @@
  * those for now is "no crash".
  */
 import { expectedCodes } from './helpers/damage-expectations';
-import { spawn, spawnSync } from 'node:child_process';
+import { spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { baseImages, buildImages, defects, extraCleanImages, makeDamagedImages, type ManifestEntry, plannedImages } from './helpers/damage';
+import { checkCountKeys, parseJsonOutput, type Ran, runAsync } from './helpers/qemu';
 
 const repoRoot = path.resolve(__dirname, '..');
 const cli = path.join(repoRoot, 'dist', 'cli', 'main.js');
 const reportFile = path.join(repoRoot, '.cache', 'damage-report.json');
-
-interface Ran {
-  status: number | null;
-  signal: NodeJS.Signals | null;
-  stdout: string;
-  stderr: string;
-}
-
-function runAsync(command: string, args: readonly string[], cwd?: string): Promise<Ran> {
-  return new Promise((resolve, reject) => {
-    const child = spawn(command, args, { cwd, stdio: ['ignore', 'pipe', 'pipe'] });
-    const out: Buffer[] = [];
-    const err: Buffer[] = [];
-    child.stdout.on('data', (chunk: Buffer) => out.push(chunk));
-    child.stderr.on('data', (chunk: Buffer) => err.push(chunk));
-    child.on('error', reject);
-    child.on('close', (status, signal) => {
-      resolve({ status, signal, stdout: Buffer.concat(out).toString('utf8'), stderr: Buffer.concat(err).toString('utf8') });
-    });
-  });
-}
 
 async function pool<T>(items: readonly T[], limit: number, job: (item: T) => Promise<void>): Promise<void> {
   let next = 0;
@@ -47,26 +27,6 @@ async function pool<T>(items: readonly T[], limit: number, job: (item: T) => Pro
   };
   await Promise.all(Array.from({ length: Math.min(limit, items.length) }, worker));
 }
-
-function parseJson(text: string): Record<string, unknown> | undefined {
-  try {
-    return JSON.parse(text) as Record<string, unknown>;
-  } catch {
-    return undefined;
-  }
-}
-
-/** qemu-img check --output=json keys (absent means 0) and ours. */
-const countKeys: readonly [string, string][] = [
-  ['corruptions', 'corruptions'],
-  ['leaks', 'leaks'],
-  ['check-errors', 'checkErrors'],
-  ['image-end-offset', 'imageEndOffset'],
-  ['total-clusters', 'totalClusters'],
-  ['allocated-clusters', 'allocatedClusters'],
-  ['fragmented-clusters', 'fragmentedClusters'],
-  ['compressed-clusters', 'compressedClusters'],
-];
 
 interface CheckPair {
   qemu: { status: number | null; signal: string | null; json?: Record<string, unknown>; firstError?: string };
@@ -82,8 +42,8 @@ async function checkBoth(image: string): Promise<CheckPair> {
   ]);
   const firstLine = (text: string) => text.split('\n').find((line) => line.trim() !== '');
   return {
-    qemu: { status: qemu.status, signal: qemu.signal, json: parseJson(qemu.stdout), firstError: firstLine(qemu.stderr) },
-    ours: { status: ours.status, signal: ours.signal, json: parseJson(ours.stdout), firstError: firstLine(ours.stderr) },
+    qemu: { status: qemu.status, signal: qemu.signal, json: parseJsonOutput(qemu.stdout), firstError: firstLine(qemu.stderr) },
+    ours: { status: ours.status, signal: ours.signal, json: parseJsonOutput(ours.stdout), firstError: firstLine(ours.stderr) },
   };
 }
 
@@ -91,7 +51,7 @@ async function checkBoth(image: string): Promise<CheckPair> {
 function countDifferences(pair: CheckPair): Record<string, [unknown, unknown]> {
   const differences: Record<string, [unknown, unknown]> = {};
   if (!pair.qemu.json || !pair.ours.json) return differences;
-  for (const [qemuKey, ourKey] of countKeys) {
+  for (const [qemuKey, ourKey] of checkCountKeys) {
     const q = pair.qemu.json[qemuKey] ?? 0;
     const o = pair.ours.json[ourKey];
     if (q !== o) differences[qemuKey] = [q, o];

@@ -7,14 +7,13 @@
  * DIFF_SEED=S runs only seed S; DIFF_KEEP=1 keeps the images (their folder is printed), each with
  * a repro.sh that rebuilds it; DIFF_CLI=path/to/dist/cli/main.js runs another build's CLI.
  */
-import { spawn } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { ImageInfo, MapEntry } from '../src/index';
 import { open } from '../src/index';
-import { MiB, cliPath, expectInfoAgrees, expectMapAgrees, firstDifference, interestingReads, prng, qemuInfoChain, qemuMap } from './helpers/qemu';
+import { MiB, type Ran, checkCountKeys, cliPath, expectInfoAgrees, expectMapAgrees, firstDifference, interestingReads, parseJsonOutput, prng, qemuInfoChain, qemuMap, runAsync } from './helpers/qemu';
 import { type RandomImage, randomImage } from './helpers/random-image';
 
 /**
@@ -43,25 +42,6 @@ afterAll(() => {
   else fs.rmSync(root, { recursive: true, force: true });
 });
 
-interface Ran {
-  status: number | null;
-  signal: NodeJS.Signals | null;
-  stdout: string;
-  stderr: string;
-}
-
-function runAsync(command: string, args: readonly string[], cwd: string): Promise<Ran> {
-  return new Promise((resolve, reject) => {
-    const child = spawn(command, args, { cwd, stdio: ['ignore', 'pipe', 'pipe'] });
-    const out: Buffer[] = [];
-    const err: Buffer[] = [];
-    child.stdout.on('data', (chunk: Buffer) => out.push(chunk));
-    child.stderr.on('data', (chunk: Buffer) => err.push(chunk));
-    child.on('error', reject);
-    child.on('close', (status, signal) => resolve({ status, signal, stdout: Buffer.concat(out).toString('utf8'), stderr: Buffer.concat(err).toString('utf8') }));
-  });
-}
-
 /** DIFF_CLI: another build's dist/cli/main.js, to try a fix against the same seeds. */
 const cliUnderTest = process.env['DIFF_CLI'] ?? cliPath;
 const cli = (args: readonly string[], cwd: string) => runAsync(process.execPath, [cliUnderTest, ...args], cwd);
@@ -72,25 +52,7 @@ async function mustRun(command: string, args: readonly string[], cwd: string): P
   return ran;
 }
 
-/** qemu-img check --output=json keys (absent means 0) and ours. */
-const countKeys: readonly [string, string][] = [
-  ['corruptions', 'corruptions'],
-  ['leaks', 'leaks'],
-  ['check-errors', 'checkErrors'],
-  ['image-end-offset', 'imageEndOffset'],
-  ['total-clusters', 'totalClusters'],
-  ['allocated-clusters', 'allocatedClusters'],
-  ['fragmented-clusters', 'fragmentedClusters'],
-  ['compressed-clusters', 'compressedClusters'],
-];
 
-function parseJson(text: string): unknown {
-  try {
-    return JSON.parse(text) as unknown;
-  } catch {
-    return undefined;
-  }
-}
 
 /** What both tools made of one image. */
 interface Outcome {
@@ -243,11 +205,11 @@ for (const seed of seeds) {
       // Only an image left dirty by a killed qemu-io may have stale refcounts.
       if (!outcome.image.dirty) expect(qemu.status, `qemu-img check: ${qemu.stderr.trim()}\n${where()}`).toBe(0);
       expect(ours.signal, where()).toBeNull();
-      const ourJson = parseJson(ours.stdout) as Record<string, unknown> | undefined;
+      const ourJson = parseJsonOutput(ours.stdout) as Record<string, unknown> | undefined;
       expect(ours.status, `qcow2img check: ${ours.stderr.trim()} ${JSON.stringify(ourJson?.['issues'] ?? []).slice(0, 600)}\n${where()}`).toBe(qemu.status);
-      const qemuJson = parseJson(qemu.stdout) as Record<string, unknown>;
+      const qemuJson = parseJsonOutput(qemu.stdout) as Record<string, unknown>;
       const differences: Record<string, [unknown, unknown]> = {};
-      for (const [qemuKey, ourKey] of countKeys) {
+      for (const [qemuKey, ourKey] of checkCountKeys) {
         if ((qemuJson[qemuKey] ?? 0) !== ourJson?.[ourKey]) differences[qemuKey] = [qemuJson[qemuKey] ?? 0, ourJson?.[ourKey]];
       }
       expect(differences, `check counts [qemu-img, ours]\n${where()}`).toEqual({});

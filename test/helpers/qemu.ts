@@ -6,7 +6,7 @@
  * one is reused. Nothing here hard-codes expected bytes: expectations come from `qemu-img convert`,
  * `qemu-img info` and `qemu-img map`.
  */
-import { spawnSync } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 import { createCipheriv, createHash } from 'node:crypto';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
@@ -15,6 +15,48 @@ import type { ImageInfo, MapEntry } from '../../src/index';
 
 export const KiB = 1024;
 export const MiB = 1024 * 1024;
+
+/** How a command ended, with its output as text. */
+export interface Ran {
+  status: number | null;
+  signal: NodeJS.Signals | null;
+  stdout: string;
+  stderr: string;
+}
+
+/** Runs a command without blocking the event loop, so several can run at once. */
+export function runAsync(command: string, args: readonly string[], cwd?: string): Promise<Ran> {
+  return new Promise((resolve, reject) => {
+    const child = spawn(command, args, { cwd, stdio: ['ignore', 'pipe', 'pipe'] });
+    const out: Buffer[] = [];
+    const err: Buffer[] = [];
+    child.stdout.on('data', (chunk: Buffer) => out.push(chunk));
+    child.stderr.on('data', (chunk: Buffer) => err.push(chunk));
+    child.on('error', reject);
+    child.on('close', (status, signal) => resolve({ status, signal, stdout: Buffer.concat(out).toString('utf8'), stderr: Buffer.concat(err).toString('utf8') }));
+  });
+}
+
+/** `qemu-img check --output=json` count keys (absent means 0), each with ours. */
+export const checkCountKeys: readonly [string, string][] = [
+  ['corruptions', 'corruptions'],
+  ['leaks', 'leaks'],
+  ['check-errors', 'checkErrors'],
+  ['image-end-offset', 'imageEndOffset'],
+  ['total-clusters', 'totalClusters'],
+  ['allocated-clusters', 'allocatedClusters'],
+  ['fragmented-clusters', 'fragmentedClusters'],
+  ['compressed-clusters', 'compressedClusters'],
+];
+
+/** A command's JSON output, or undefined where it printed none. */
+export function parseJsonOutput(text: string): Record<string, unknown> | undefined {
+  try {
+    return JSON.parse(text) as Record<string, unknown>;
+  } catch {
+    return undefined;
+  }
+}
 
 export const repoRoot = path.resolve(__dirname, '..', '..');
 export const fixtureRoot = path.join(repoRoot, '.cache', 'test-fixtures');
