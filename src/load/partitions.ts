@@ -34,6 +34,11 @@ const maxGptEntryArrayBytes = 4 * 1024 * 1024;
 const maxLogicalPartitions = 256;
 const extendedTypes = new Set([0x05, 0x0f, 0x85]);
 
+/** An MBR extended partition: a container of logical partitions, never a target. */
+function isExtendedContainer(partition: Partition): boolean {
+  return partition.scheme === 'mbr' && extendedTypes.has(parseInt(partition.type, 16));
+}
+
 /**
  * Up to `length` bytes at `offset`, nothing past the disk's end. Node reads a position that is
  * not a safe integer >= 0 at the file's current position: such an offset, which a hostile table
@@ -178,7 +183,7 @@ export async function findPartition(handle: FileHandle, diskSize: number, number
     const numbers = table.partitions.map((p) => p.number).join(', ') || 'none';
     throw new Qcow2Error('INVALID_ARGUMENT', `no partition ${number} in the ${table.scheme.toUpperCase()} table (partitions: ${numbers})`, { path });
   }
-  if (partition.scheme === 'mbr' && extendedTypes.has(parseInt(partition.type, 16))) {
+  if (isExtendedContainer(partition)) {
     throw new Qcow2Error('INVALID_ARGUMENT', `partition ${number} is an extended partition (a container of logical partitions), not a target`, { path });
   }
   if (partition.start + partition.sizeBytes > diskSize) {
@@ -189,7 +194,7 @@ export async function findPartition(handle: FileHandle, diskSize: number, number
   }
   // The safety checks see the partition's own device node: an overlapping partition that is
   // mounted would not be. Extended containers hold their logical partitions by design.
-  const overlapping = table.partitions.find((p) => p !== partition && !(p.scheme === 'mbr' && extendedTypes.has(parseInt(p.type, 16))) &&
+  const overlapping = table.partitions.find((p) => p !== partition && !isExtendedContainer(p) &&
     p.start < partition.start + partition.sizeBytes && partition.start < p.start + p.sizeBytes);
   if (overlapping) {
     throw new Qcow2Error('INVALID_ARGUMENT', `partition ${number} overlaps partition ${overlapping.number}: the table is damaged`, { path });

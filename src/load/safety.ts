@@ -69,7 +69,9 @@ async function stackedDevices(folders: readonly string[]): Promise<Map<string, s
  */
 async function mountDevices(fields: readonly string[]): Promise<string[]> {
   const devices = [fields[2]!];
-  const source = fields[fields.indexOf('-') + 2];
+  // After the " - " separator: the filesystem type, then the mount source.
+  const separator = fields.indexOf('-');
+  const [fstype, source] = [fields[separator + 1], fields[separator + 2]];
   if (!fields[2]!.startsWith('0:') || !source?.startsWith('/')) return devices;
   // A multi-device bcachefs names its members "/dev/A:/dev/B"; a device path may hold ':' itself
   // (/dev/disk/by-path/pci-0000:00:...), so the whole source is tried as well as its parts.
@@ -79,7 +81,7 @@ async function mountDevices(fields: readonly string[]): Promise<string[]> {
     if (stats?.isBlockDevice()) devices.push(majorMinor(stats.rdev));
   }
   // A multi-device btrfs names one member as its source; sysfs lists them all.
-  if (fields[fields.indexOf('-') + 1] === 'btrfs' && devices.length > 1) devices.push(...(await btrfsMembers(new Set(devices.slice(1)))));
+  if (fstype === 'btrfs' && devices.length > 1) devices.push(...(await btrfsMembers(new Set(devices.slice(1)))));
   return devices;
 }
 
