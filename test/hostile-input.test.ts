@@ -272,29 +272,28 @@ describe('partition tables of disk image files', () => {
     });
   }
 
+  /** A load into `number` of a 64 MiB GPT disk of `parts`: INVALID_ARGUMENT naming the disk, the disk unchanged. */
+  async function refusedGptLoad(name: string, parts: readonly GptPart[], number: number): Promise<Qcow2Error> {
+    const size = 64 * MiB;
+    const disk = oldDisk(name, size);
+    writeGpt(disk, gptLayout(size, parts));
+    const before = sha(fs.readFileSync(disk));
+    const error = await failure(load(image, disk, { partition: number }));
+    expect(error.code).toBe('INVALID_ARGUMENT');
+    expect(error.message).toContain(disk);
+    expect(sha(fs.readFileSync(disk)), 'the disk was written').toBe(before);
+    return error;
+  }
+
   it('refuses a GPT entry outside the header\'s usable LBAs: the load would overwrite the partition table', async () => {
     // Partition 1 claims LBA 0-16383: the MBR, the primary header and its entry array.
     // libblkid (partx, lsblk) ignores such an entry ("overflows usable area").
-    const size = 64 * MiB;
-    const disk = oldDisk('gpt-covers-itself.img', size);
-    writeGpt(disk, gptLayout(size, [{ first: 0, last: 16383 }, { first: 18432, last: 79871 }]));
-    const before = sha(fs.readFileSync(disk));
-    const error = await failure(load(image, disk, { partition: 1 }));
-    expect(error.code).toBe('INVALID_ARGUMENT');
-    expect(error.message).toContain(disk);
-    expect(sha(fs.readFileSync(disk)), 'the partition table was overwritten').toBe(before);
+    await refusedGptLoad('gpt-covers-itself.img', [{ first: 0, last: 16383 }, { first: 18432, last: 79871 }], 1);
   });
 
   it('refuses a partition that overlaps another one of the table (proposed policy: safety checks see only its own node)', async () => {
-    const size = 64 * MiB;
-    const disk = oldDisk('gpt-overlap.img', size);
-    writeGpt(disk, gptLayout(size, [{ first: 2048, last: 40959 }, { first: 20480, last: 61439 }]));
-    const before = sha(fs.readFileSync(disk));
-    const error = await failure(load(image, disk, { partition: 2 }));
-    expect(error.code).toBe('INVALID_ARGUMENT');
-    expect(error.message).toContain(disk);
+    const error = await refusedGptLoad('gpt-overlap.img', [{ first: 2048, last: 40959 }, { first: 20480, last: 61439 }], 2);
     expect(error.message).toMatch(/overlap/);
-    expect(sha(fs.readFileSync(disk))).toBe(before);
   });
 
   it('rejects a GPT header whose entry array lies past the end of the disk (docs: "cannot be read in full"), using the backup', async () => {
@@ -447,21 +446,36 @@ describe.skipIf(loopSubjectSkip())('block devices (loop devices this file makes)
     }
   });
 
-  it('--force still refuses the disk that holds / when / is btrfs (mountinfo shows 0:N, the device only as the source)', async () => {
-    // btrfs (and bcachefs) report an anonymous st_dev; /proc/self/mountinfo has 0:N in field 3
-    // and the block device only after " - btrfs ". Fedora's default root looks like this.
-    const disk = loopOver('btrfs-root.img', 32 * MiB);
+  /**
+   * With `mountLine` added to /proc/self/mountinfo as a mount at /, a forced load onto `device`
+   * is refused as the root filesystem's, and its `size` bytes stay as they were.
+   */
+  async function expectRootRefused(device: string, size: number, mountLine: string): Promise<void> {
     const real = fs.readFileSync('/proc/self/mountinfo', 'utf8');
-    mountinfo.fake = `${real.trimEnd()}\n4242 1 0:4242 /root / rw,relatime shared:1 - btrfs ${disk.device} rw,ssd,space_cache=v2,subvolid=256,subvol=/root\n`;
-    const before = sha(readRange(disk.device, 0, 32 * MiB));
+    mountinfo.fake = `${real.trimEnd()}\n${mountLine}\n`;
+    const before = sha(readRange(device, 0, size));
     try {
-      const error = await failure(load(image, disk.device, { force: true }));
+      const error = await failure(load(image, device, { force: true }));
       expect(error.code).toBe('TARGET_IN_USE');
       expect(error.message).toContain('root filesystem');
     } finally {
       mountinfo.fake = undefined;
     }
-    expect(sha(readRange(disk.device, 0, 32 * MiB)), 'the "root" disk was written').toBe(before);
+    expect(sha(readRange(device, 0, size)), 'a device of the root filesystem was written').toBe(before);
+  }
+
+  it('--force still refuses the disk that holds / when / is btrfs (mountinfo shows 0:N, the device only as the source)', async () => {
+    // btrfs (and bcachefs) report an anonymous st_dev; /proc/self/mountinfo has 0:N in field 3
+    // and the block device only after " - btrfs ". Fedora's default root looks like this.
+    const disk = loopOver('btrfs-root.img', 32 * MiB);
+    await expectRootRefused(disk.device, 32 * MiB, `4242 1 0:4242 /root / rw,relatime shared:1 - btrfs ${disk.device} rw,ssd,space_cache=v2,subvolid=256,subvol=/root`);
+  });
+
+  it('--force still refuses a member of a multi-device bcachefs root (mount source "/dev/A:/dev/B")', async () => {
+    // A multi-device bcachefs lists its members joined by ":" as its source; stat() of the whole fails.
+    const a = loopOver('member-a.img', 8 * MiB);
+    const b = loopOver('member-b.img', 8 * MiB);
+    await expectRootRefused(b.device, 8 * MiB, `4243 1 0:4243 / / rw,relatime shared:1 - bcachefs ${a.device}:${b.device} rw`);
   });
 });
 
@@ -506,42 +520,6 @@ describe('partition tables as Linux, sfdisk and libblkid number them', () => {
     const found = await partitionOf(disk, 2).catch((e: unknown) => e);
     expect(found, String(found)).not.toBeInstanceOf(Error);
     expect(found).toMatchObject({ scheme: 'gpt', start: sfdisk.get(2)!.start, sizeBytes: sfdisk.get(2)!.size });
-  });
-});
-
-describe.skipIf(loopSubjectSkip())('device safety: multi-device roots', () => {
-  it('--force still refuses a member of a multi-device bcachefs root (mount source "/dev/A:/dev/B")', async () => {
-    // safety.ts names bcachefs among the 0:N filesystems found by their mount source, but a
-    // multi-device bcachefs lists its members joined by ":" there, and stat() of that string fails.
-    const image = path.join(dir, 'safety.qcow2');
-    execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', image, '1M']);
-    execFileSync('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0xab 0 1M', image], { stdio: 'ignore' });
-    const files = ['member-a.img', 'member-b.img'].map((name) => {
-      const file = path.join(dir, name);
-      fs.writeFileSync(file, Buffer.alloc(8 * MiB, 0x5c));
-      return file;
-    });
-    const a = attachLoop(files[0]!);
-    try {
-      const b = attachLoop(files[1]!);
-      try {
-        const real = fs.readFileSync('/proc/self/mountinfo', 'utf8');
-        mountinfo.fake = `${real.trimEnd()}\n4243 1 0:4243 / / rw,relatime shared:1 - bcachefs ${a.device}:${b.device} rw\n`;
-        const before = readRange(b.device, 0, 8 * MiB);
-        try {
-          const error = await failure(load(image, b.device, { force: true }));
-          expect(error.code).toBe('TARGET_IN_USE');
-          expect(error.message).toContain('root filesystem');
-        } finally {
-          mountinfo.fake = undefined;
-        }
-        expect(readRange(b.device, 0, 8 * MiB).equals(before), 'a member of the root filesystem was written').toBe(true);
-      } finally {
-        b.detach();
-      }
-    } finally {
-      a.detach();
-    }
   });
 });
 
