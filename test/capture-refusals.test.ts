@@ -22,6 +22,14 @@ function qemuImg(args: readonly string[], cwd?: string): { status: number | null
 }
 
 /** A 1 MiB source and an older version of it that differs in its second half. */
+/** A copy of `source` as base.raw in `folder` (made with its parents): a base whose name is long. */
+function copyInto(folder: string, source: string): string {
+  fs.mkdirSync(folder, { recursive: true });
+  const base = path.join(folder, 'base.raw');
+  fs.copyFileSync(source, base);
+  return base;
+}
+
 function sourceAndBase(name: string): { source: string; base: string } {
   const dir = path.join(work, name);
   fs.mkdirSync(dir, { recursive: true });
@@ -80,9 +88,7 @@ describe('capture refuses before writing', () => {
   it('a backing name too long for the header cluster', async () => {
     const { source } = sourceAndBase('long');
     const deep = path.join(work, 'long', 'x'.repeat(200), 'y'.repeat(200));
-    fs.mkdirSync(deep, { recursive: true });
-    const base = path.join(deep, 'base.raw');
-    fs.copyFileSync(source, base);
+    const base = copyInto(deep, source);
     const error = await refusal(capture(source, path.join(work, 'long', 'out.qcow2'), { backing: base, clusterSize: 512 }));
     expect(error.code).toBe('INVALID_ARGUMENT');
     expect(error.message).toMatch(/does not fit in a 512-byte header cluster/);
@@ -93,9 +99,7 @@ describe('capture refuses before writing', () => {
     const { source } = sourceAndBase('zstd-long');
     // 380 bytes relative to the output's folder: room for it beside a 104-byte header, not a 112-byte one.
     const deep = path.join(work, 'zstd-long', 'a'.repeat(200), 'b'.repeat(170));
-    fs.mkdirSync(deep, { recursive: true });
-    const base = path.join(deep, 'base.raw');
-    fs.copyFileSync(source, base);
+    const base = copyInto(deep, source);
     const zlibOut = path.join(work, 'zstd-long', 'zlib.qcow2');
     await capture(source, zlibOut, { backing: base, backingFormat: 'raw', clusterSize: 512, compress: 'zlib' });
     const compared = qemuImg(['compare', '-f', 'raw', '-F', 'qcow2', source, zlibOut]);
