@@ -731,6 +731,12 @@ Napi::Value DirectIoAlignment(const Napi::CallbackInfo& info) {
   return Napi::Number::New(info.Env(), directIoAlignment(fd));
 }
 
+// lockByte(fd, offset) -> 0 or errno; byteLocked(fd, offset) -> 1, 0 or -errno.
+template <int (*Operation)(int, uint64_t)>
+Napi::Value ByteLockFn(const Napi::CallbackInfo& info) {
+  return Napi::Number::New(info.Env(), Operation(intArg(info, 0, "fd"), unsignedArg(info, 1, "offset")));
+}
+
 // allocate / willNeed / dropCache(fd, offset, length) -> 0 or errno.
 template <int (*Operation)(int, uint64_t, uint64_t)>
 Napi::Value RangeFn(const Napi::CallbackInfo& info) {
@@ -834,6 +840,8 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("allocate", Napi::Function::New(env, RangeFn<allocate>, "allocate"));
   exports.Set("dropCache", Napi::Function::New(env, RangeFn<dropCache>, "dropCache"));
   exports.Set("willNeed", Napi::Function::New(env, RangeFn<willNeed>, "willNeed"));
+  exports.Set("lockByte", Napi::Function::New(env, ByteLockFn<lockByte>, "lockByte"));
+  exports.Set("byteLocked", Napi::Function::New(env, ByteLockFn<byteLocked>, "byteLocked"));
   exports.Set("directIoAlignment", Napi::Function::New(env, DirectIoAlignment, "directIoAlignment"));
   return exports;
 }

@@ -43,6 +43,7 @@ export type Qcow2ErrorCode =
   | 'TARGET_TOO_SMALL'
   | 'TARGET_IS_SOURCE'
   | 'TARGET_IN_USE'
+  | 'LOCKED'
   | 'VERIFY_FAILED'
   | 'CHECKSUM_MISMATCH'
   | 'BAD_ARCHIVE'

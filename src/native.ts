@@ -200,6 +200,10 @@ export interface NativeAddon {
   seekHole(fd: number, offset: number): number;
   blockDeviceInfo(fd: number): { sizeBytes: number; logicalBlockSize: number; physicalBlockSize: number };
   directIoAlignment(fd: number): number;
+  /** Takes a shared OFD lock on one byte; 0 or errno (EAGAIN/EACCES: held exclusively elsewhere). */
+  lockByte(fd: number, offset: number): number;
+  /** 1 when another open file description holds a lock on the byte, 0 when none, -errno on failure. */
+  byteLocked(fd: number, offset: number): number;
   /** fallocate(mode 0) of the range; 0 or errno. */
   allocate(fd: number, offset: number, length: number): number;
   /** Starts reading the range into the page cache (posix_fadvise WILLNEED); 0 or errno. */

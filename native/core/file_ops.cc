@@ -55,4 +55,25 @@ int dropCache(int fd, uint64_t offset, uint64_t length) {
                        POSIX_FADV_DONTNEED);
 }
 
+static struct flock byteRange(short type, uint64_t offset) {
+  struct flock lock {};
+  lock.l_type = type;
+  lock.l_whence = SEEK_SET;
+  lock.l_start = static_cast<off_t>(offset);
+  lock.l_len = 1;
+  return lock;  // l_pid stays 0, as OFD locks require
+}
+
+int lockByte(int fd, uint64_t offset) {
+  struct flock lock = byteRange(F_RDLCK, offset);
+  return fcntl(fd, F_OFD_SETLK, &lock) == 0 ? 0 : errno;
+}
+
+int byteLocked(int fd, uint64_t offset) {
+  // Asking for an exclusive lock reports any lock another description holds, shared or not.
+  struct flock lock = byteRange(F_WRLCK, offset);
+  if (fcntl(fd, F_OFD_GETLK, &lock) != 0) return -errno;
+  return lock.l_type == F_UNLCK ? 0 : 1;
+}
+
 }  // namespace qcow2img

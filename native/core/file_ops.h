@@ -32,4 +32,13 @@ int willNeed(int fd, uint64_t offset, uint64_t length);
 // (posix_fadvise DONTNEED; BLKFLSBUF as well on block devices). 0 or errno.
 int dropCache(int fd, uint64_t offset, uint64_t length);
 
+// Open-file-description byte locks (F_OFD_SETLK/F_OFD_GETLK), the kind QEMU takes on its
+// images. All are shared (read) locks of one byte at `offset`: QEMU announces a use or a
+// refusal to share by holding one, so a conflict only shows against an exclusive probe.
+// lockByte: 0, or errno (EAGAIN/EACCES when another description holds the byte exclusively).
+int lockByte(int fd, uint64_t offset);
+// byteLocked: 1 when another open file description holds a lock on the byte, 0 when none,
+// -errno on failure.
+int byteLocked(int fd, uint64_t offset);
+
 }  // namespace qcow2img

@@ -88,6 +88,7 @@ async function openBenchTarget(path: string, wanted: number | undefined, options
         if (released) return;
         released = true;
         await claimed.handle.close();
+        await claimed.locks.close();
       },
     };
   }

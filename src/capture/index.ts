@@ -16,6 +16,7 @@ import { COPIED, compressedClusters, compressedEntry, encodeHeaderCluster, type 
 import { limits } from '../limits';
 import { threadCount } from '../load/copy';
 import { seekIn, syncFolder, temporaryPathFor } from '../files';
+import { holdLocks, lockAsQemu } from '../locks';
 import { ProgressSampler, type ProgressCallback } from '../load/progress';
 
 export interface CaptureOptions extends Omit<OpenOptions, 'snapshot' | 'metadataOnly'> {
@@ -105,10 +106,12 @@ async function openBase(path: string, format: 'qcow2' | 'raw' | undefined, optio
   const handle = await fs.open(path, 'r').catch((error) => {
     throw ioError(error, path, 'cannot open the backing file');
   });
-  const stats = await handle.stat().catch(async (error) => {
-    await handle.close();
-    throw ioError(error, path, 'cannot read the backing file');
-  });
+  const stats = await lockAsQemu(handle.fd, path, options.forceShare ? 'shared-read' : 'read')
+    .then(() => handle.stat())
+    .catch(async (error) => {
+      await handle.close();
+      throw ioError(error, path, 'cannot read the backing file');
+    });
   return {
     format: detected,
     reader: {
@@ -198,20 +201,27 @@ export async function capture(source: string, output: string, options: CaptureOp
   if (!sourceStats.isFile() && !sourceStats.isBlockDevice()) {
     throw new Qcow2Error('INVALID_ARGUMENT', 'source is neither a regular file nor a block device', { path: sourcePath });
   }
+  // Held to the end: a running VM writing the disk would make the image a mix of two moments.
+  const sourceLocks = await holdLocks(sourcePath, options.forceShare ? 'shared-read' : 'read');
   try {
     sourceHandle = await fs.open(sourcePath, fsConstants.O_RDONLY | (sourceStats.isBlockDevice() ? fsConstants.O_DIRECT : 0));
     direct = sourceStats.isBlockDevice();
   } catch (error) {
-    if (!sourceStats.isBlockDevice()) throw ioError(error, sourcePath, 'cannot open the source');
+    if (!sourceStats.isBlockDevice()) {
+      await sourceLocks.close();
+      throw ioError(error, sourcePath, 'cannot open the source');
+    }
     sourceHandle = await fs.open(sourcePath, 'r');
   }
   const existing = await fs.stat(outputPath).catch(() => undefined);
   if (existing && existing.dev === sourceStats.dev && existing.ino === sourceStats.ino) {
     await sourceHandle.close();
+    await sourceLocks.close();
     throw new Qcow2Error('TARGET_IS_SOURCE', 'output is the source itself', { path: outputPath });
   }
   if (existing && !options.overwrite) {
     await sourceHandle.close();
+    await sourceLocks.close();
     throw new Qcow2Error('TARGET_EXISTS', 'output exists; pass --overwrite (overwrite: true) to replace it', { path: outputPath });
   }
 
@@ -457,6 +467,7 @@ export async function capture(source: string, output: string, options: CaptureOp
     await directOut?.close().catch(() => {});
     if (!renamed) await fs.unlink(temporary).catch(() => {});
     await sourceHandle.close().catch(() => {});
+    await sourceLocks.close().catch(() => {});
     await base?.reader.close().catch(() => {});
   }
 }

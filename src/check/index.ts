@@ -6,6 +6,7 @@
 import * as fs from 'node:fs/promises';
 import { Qcow2Error, ioError } from '../errors';
 import { limits } from '../limits';
+import { lockAsQemu } from '../locks';
 import { type Qcow2Header, headerReadSize, parseHeader } from '../qcow2/header';
 import { type Qcow2Snapshot, parseSnapshotTable, snapshotTableBytes, snapshotTableReadSize } from '../qcow2/snapshots';
 
@@ -506,12 +507,13 @@ class Checker {
  * Checks the consistency of a qcow2 image like `qemu-img check`.
  * Resolves with the counts; rejects only when the image cannot be opened at all.
  * `options.region`: the image is bytes [offset, offset + length) of the file (a member of an uncompressed tar).
+ * `options.forceShare`: check even while a running VM holds the image, as `qemu-img check -U`.
  *
  * @example
  * const result = await check('disk.qcow2');
  * process.exitCode = checkExitCode(result);
  */
-export async function check(path: string, options: { region?: { offset: number; length: number } } = {}): Promise<CheckResult> {
+export async function check(path: string, options: { region?: { offset: number; length: number }; forceShare?: boolean } = {}): Promise<CheckResult> {
   let handle: fs.FileHandle;
   try {
     handle = await fs.open(path, 'r');
@@ -519,6 +521,7 @@ export async function check(path: string, options: { region?: { offset: number; 
     throw ioError(error, path, 'cannot open the image');
   }
   try {
+    await lockAsQemu(handle.fd, path, options.forceShare ? 'shared-read' : 'read');
     const wholeFile = (await handle.stat()).size;
     const base = options.region?.offset ?? 0;
     const fileSize = options.region?.length ?? wholeFile;

@@ -59,6 +59,8 @@ commands:
 options for every command that opens an image:
   --allow-path DIR          follow backing/data file names into DIR (repeatable)
   --allow-any-path          follow backing/data file names anywhere
+  -U, --force-share         read even while another process (a running VM) holds the
+                            files, as qemu-img -U; writes over a running VM are always refused
 `;
 
 class UsageError extends Error {}
@@ -69,12 +71,14 @@ function openOptions(values: ParsedValues): OpenOptions {
   };
   if (values['allow-path']) options.allowPaths = values['allow-path'] as string[];
   if (values['allow-any-path']) options.allowAnyPath = true;
+  if (values['force-share']) options.forceShare = true;
   return options;
 }
 
 const common = {
   'allow-path': { type: 'string', multiple: true },
   'allow-any-path': { type: 'boolean' },
+  'force-share': { type: 'boolean', short: 'U' },
   json: { type: 'boolean' },
   help: { type: 'boolean', short: 'h' },
 } as const;
@@ -294,7 +298,7 @@ async function checkCommand(args: string[]): Promise<number> {
   const { values, positionals } = parse(args);
   needPositionals(positionals, 1, 'IMAGE');
   const { check, checkExitCode } = library.check();
-  const result = await check(positionals[0]!);
+  const result = await check(positionals[0]!, values['force-share'] ? { forceShare: true } : {});
   const exitCode = checkExitCode(result);
   if (values.json) {
     process.stdout.write(JSON.stringify(result, null, 2) + '\n');

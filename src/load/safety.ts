@@ -6,6 +6,7 @@
 import * as fs from 'node:fs/promises';
 import * as nodePath from 'node:path';
 import { Qcow2Error } from '../errors';
+import { describeProcess, otherDescriptors } from '../processes';
 
 export interface DeviceUse {
   /** Why the device is in use, for the error message; undefined when it is free. */
@@ -134,6 +135,8 @@ export async function deviceInUse(devicePath: string, rdev: number, sourceFiles:
     if (stats?.isBlockDevice() && (family.all.has(majorMinor(stats.rdev)) || stackedName.has(majorMinor(stats.rdev)))) reason ??= `active swap (${name})`;
   }
   if (stacked.size > 0) reason ??= `held by ${[...stacked.keys()].join(', ')} (device-mapper or md)`;
+  const writers = await deviceWriters(new Set([...family.all, ...(await parentDisk(family.sysfs))]));
+  if (writers.length > 0) reason ??= `open for writing by ${writers.join(', ')}`;
   if (family.sysfs) {
     // A loop device (or a partition of one) over a file the load reads from.
     const loopDirectory = (await fs.stat(nodePath.join(family.sysfs, 'partition')).catch(() => undefined)) ? nodePath.dirname(family.sysfs) : family.sysfs;
@@ -144,4 +147,29 @@ export async function deviceInUse(devicePath: string, rdev: number, sourceFiles:
     }
   }
   return { reason, holdsRoot };
+}
+
+/** maj:min of the whole disk when `sysfs` is a partition's folder. */
+async function parentDisk(sysfs: string | undefined): Promise<string[]> {
+  if (!sysfs || !(await fs.stat(nodePath.join(sysfs, 'partition')).catch(() => undefined))) return [];
+  const dev = await fs.readFile(nodePath.join(nodePath.dirname(sysfs), 'dev'), 'utf8').catch(() => '');
+  return dev.trim() ? [dev.trim()] : [];
+}
+
+/**
+ * Processes other than this one with one of `devices` (maj:min) open for writing: a VM
+ * started without QEMU's locks, dd, a partitioning tool, none of which O_EXCL or a mount shows.
+ */
+async function deviceWriters(devices: ReadonlySet<string>): Promise<string[]> {
+  const pids = new Set<number>();
+  for await (const { pid, fd } of otherDescriptors()) {
+    if (pids.has(pid)) continue;
+    const stats = await fs.stat(`/proc/${pid}/fd/${fd}`).catch(() => undefined);
+    if (!stats?.isBlockDevice() || !devices.has(majorMinor(stats.rdev))) continue;
+    const fdinfo = await fs.readFile(`/proc/${pid}/fdinfo/${fd}`, 'utf8').catch(() => '');
+    const flags = /^flags:\s+([0-7]+)/m.exec(fdinfo);
+    // The access mode (O_ACCMODE): 1 is O_WRONLY, 2 O_RDWR.
+    if (flags && (parseInt(flags[1]!, 8) & 3) !== 0) pids.add(pid);
+  }
+  return Promise.all([...pids].map(describeProcess));
 }

@@ -9,6 +9,7 @@ import * as fs from 'node:fs/promises';
 import * as nodePath from 'node:path';
 import { Qcow2Error, ioError } from '../errors';
 import { syncFolder, temporaryPathFor } from '../files';
+import { holdLocks, type HeldLocks } from '../locks';
 import { native, ZeroMode } from '../native';
 import type { Image } from '../qcow2/image';
 import { findPartition, type Partition } from './partitions';
@@ -92,15 +93,18 @@ export async function openTarget(image: Image, targetPath: string, options: Targ
   if (stats && !options.overwrite) {
     throw new Qcow2Error('TARGET_EXISTS', 'target exists; pass --overwrite (overwrite: true) to replace it', { path });
   }
-  return openNewFile(image, path, options);
+  return openNewFile(image, path, stats !== undefined, options);
 }
 
-async function openNewFile(image: Image, path: string, options: TargetOptions): Promise<OpenTarget> {
+async function openNewFile(image: Image, path: string, exists: boolean, options: TargetOptions): Promise<OpenTarget> {
   const temporary = temporaryPathFor(path);
   const notice = options.onNotice ?? (() => {});
   let main: fs.FileHandle | undefined;
   let tail: fs.FileHandle | undefined;
   let direct = false;
+  // The file being replaced may be a running VM's disk: refused, and held until the rename so
+  // that none starts on it meanwhile.
+  const locks = exists ? await holdLocks(path, 'write') : undefined;
   try {
     ({ handle: main, direct } = await openMaybeDirect(temporary, fsConstants.O_WRONLY | fsConstants.O_CREAT | fsConstants.O_EXCL, options.direct ?? 'auto', notice, 'filesystem'));
     tail = await fs.open(temporary, fsConstants.O_WRONLY);
@@ -109,6 +113,7 @@ async function openNewFile(image: Image, path: string, options: TargetOptions): 
   } catch (error) {
     await tail?.close().catch(() => {});
     await main?.close().catch(() => {});
+    await locks?.close().catch(() => {});
     await fs.unlink(temporary).catch(() => {});
     throw ioError(error, path, 'cannot create the target file');
   }
@@ -121,6 +126,7 @@ async function openNewFile(image: Image, path: string, options: TargetOptions): 
     await tailHandle.close().catch(() => {});
     await mainHandle.close().catch(() => {});
   };
+  const release = () => locks?.close().catch(() => {});
   return {
     kind: 'file',
     path,
@@ -135,13 +141,18 @@ async function openNewFile(image: Image, path: string, options: TargetOptions): 
     async finish() {
       await flushBoth(mainHandle, tailHandle, path);
       await close();
-      await fs.rename(temporary, path).catch((error) => {
-        throw ioError(error, path, 'cannot rename the finished file into place');
-      });
+      try {
+        await fs.rename(temporary, path).catch((error) => {
+          throw ioError(error, path, 'cannot rename the finished file into place');
+        });
+      } finally {
+        await release();
+      }
       await syncFolder(nodePath.dirname(path));
     },
     async abort() {
       await close();
+      await release();
       await fs.unlink(temporary).catch(() => {});
     },
   };
@@ -176,6 +187,8 @@ interface InPlace {
   tail: fs.FileHandle;
   /** Held open to keep the device's exclusive claim when `main` is not the descriptor that made it. */
   claim?: fs.FileHandle;
+  /** QEMU's write locks on the target, held until the last flush. */
+  locks: HeldLocks;
   base: number;
   alignment: number;
   zeroMode: number;
@@ -185,7 +198,7 @@ interface InPlace {
   created?: boolean;
 }
 
-function inPlaceTarget({ kind, path, main, tail, claim, base, alignment, zeroMode, length, created = false }: InPlace): OpenTarget {
+function inPlaceTarget({ kind, path, main, tail, claim, locks, base, alignment, zeroMode, length, created = false }: InPlace): OpenTarget {
   const direct = alignment !== 0;
   let closed = false;
   const close = async () => {
@@ -194,6 +207,7 @@ function inPlaceTarget({ kind, path, main, tail, claim, base, alignment, zeroMod
     await tail.close().catch(() => {});
     await main.close().catch(() => {});
     await claim?.close().catch(() => {});
+    await locks.close().catch(() => {});
   };
   return {
     kind,
@@ -242,6 +256,7 @@ async function openFileRegion(image: Image, path: string, exists: boolean, optio
   const flags = fsConstants.O_WRONLY;
   let main: fs.FileHandle | undefined;
   let tail: fs.FileHandle | undefined;
+  let locks: HeldLocks | undefined;
   let created = false;
   try {
     if (!exists) {
@@ -250,6 +265,7 @@ async function openFileRegion(image: Image, path: string, exists: boolean, optio
       await (await fs.open(path, 'wx', 0o644)).close();
       created = true;
     }
+    locks = await holdLocks(path, 'write');
     const direct = options.direct ?? 'auto';
     const opened = await openMaybeDirect(path, flags, direct, notice, 'filesystem');
     main = opened.handle;
@@ -267,10 +283,11 @@ async function openFileRegion(image: Image, path: string, exists: boolean, optio
     if ((await main.stat()).size < base + image.virtualSize) await main.truncate(base + image.virtualSize);
     // Old bytes in the region must read back as zeros where the image has none.
     const zeroMode = options.targetIsZero ? ZeroMode.Skip : ZeroMode.PunchHole;
-    return inPlaceTarget({ kind: 'file-region', path, main, tail, base, alignment, zeroMode, length: image.virtualSize, created });
+    return inPlaceTarget({ kind: 'file-region', path, main, tail, locks, base, alignment, zeroMode, length: image.virtualSize, created });
   } catch (error) {
     await tail?.close().catch(() => {});
     await main?.close().catch(() => {});
+    await locks?.close().catch(() => {});
     if (created) await fs.unlink(path).catch(() => {});
     throw ioError(error, path, 'cannot open the target file');
   }
@@ -337,6 +354,7 @@ async function openDevice(image: Image, path: string, rdev: number, options: Tar
     throw new Qcow2Error('TARGET_TOO_SMALL', `${what} (${limit - base} bytes from offset ${base}) is smaller than the image's virtual size (${image.virtualSize} bytes)`, { path });
   }
   const claimed = await claimDevice(devicePath, deviceRdev, options, image.files);
+  const locks = claimed.locks;
   let main: fs.FileHandle = claimed.handle;
   let claim: fs.FileHandle | undefined;
   let tail: fs.FileHandle | undefined;
@@ -356,31 +374,43 @@ async function openDevice(image: Image, path: string, rdev: number, options: Tar
     // first one already holds the claim.
     tail = await fs.open(devicePath, fsConstants.O_WRONLY);
     const zeroMode = options.targetIsZero ? ZeroMode.Skip : ZeroMode.ZeroOut;
-    return inPlaceTarget({ kind: 'device', path: devicePath, main, tail, ...(claim ? { claim } : {}), base, alignment, zeroMode, length: image.virtualSize });
+    return inPlaceTarget({ kind: 'device', path: devicePath, main, tail, ...(claim ? { claim } : {}), locks, base, alignment, zeroMode, length: image.virtualSize });
   } catch (error) {
     await tail?.close().catch(() => {});
     await main.close().catch(() => {});
     await claim?.close().catch(() => {});
+    await locks.close().catch(() => {});
     throw ioError(error, devicePath, 'cannot open the target device');
   }
 }
 
 /**
- * Opens a block device for writing after every refusal: mounted, swap, held,
- * the root disk, backed by one of `sourceFiles`. Exclusive (O_EXCL) unless forced,
- * so the kernel refuses a device that is mounted or claimed at this moment.
+ * Opens a block device for writing after every refusal: locked by QEMU (never overridden),
+ * mounted, swap, held, open for writing elsewhere, the root disk, backed by one of
+ * `sourceFiles`. Exclusive (O_EXCL) unless forced, so the kernel refuses a device that is
+ * mounted or claimed at this moment. The caller closes `locks` after its last flush.
  */
 export async function claimDevice(
   devicePath: string,
   rdev: number,
   options: Pick<TargetOptions, 'force' | 'direct' | 'onNotice'>,
   sourceFiles: readonly SourceFile[],
-): Promise<{ handle: fs.FileHandle; direct: boolean }> {
-  const use = await deviceInUse(devicePath, rdev, sourceFiles);
-  if (use.holdsRoot) throw new Qcow2Error('TARGET_IN_USE', `refusing to write: ${devicePath} holds the root filesystem`, { path: devicePath });
-  if (use.reason && !options.force) {
-    throw new Qcow2Error('TARGET_IN_USE', `refusing to write: ${devicePath} is ${use.reason}; pass --force to write anyway`, { path: devicePath });
+): Promise<{ handle: fs.FileHandle; direct: boolean; locks: HeldLocks }> {
+  const locks = await holdLocks(devicePath, 'write');
+  try {
+    const use = await deviceInUse(devicePath, rdev, sourceFiles);
+    if (use.holdsRoot) throw new Qcow2Error('TARGET_IN_USE', `refusing to write: ${devicePath} holds the root filesystem`, { path: devicePath });
+    if (use.reason && !options.force) {
+      throw new Qcow2Error('TARGET_IN_USE', `refusing to write: ${devicePath} is ${use.reason}; pass --force to write anyway`, { path: devicePath });
+    }
+    return { ...(await openClaimed(devicePath, options)), locks };
+  } catch (error) {
+    await locks.close();
+    throw error;
   }
+}
+
+async function openClaimed(devicePath: string, options: Pick<TargetOptions, 'force' | 'direct' | 'onNotice'>): Promise<{ handle: fs.FileHandle; direct: boolean }> {
   const exclusive = options.force ? 0 : O_EXCL;
   try {
     return await openMaybeDirect(devicePath, fsConstants.O_WRONLY | exclusive, options.direct ?? 'auto', options.onNotice ?? (() => {}), 'device');

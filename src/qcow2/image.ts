@@ -27,6 +27,11 @@ export interface OpenOptions extends PathPolicy {
    * every read, map or copy of one refuses with ENCRYPTED. Default: refused at open.
    */
   metadataOnly?: boolean;
+  /**
+   * Read even while another process (a running VM) may write the files, as `qemu-img -U`:
+   * QEMU's locks are taken shared. Default: refused with LOCKED while one holds them.
+   */
+  forceShare?: boolean;
 }
 
 export interface SnapshotInfo {

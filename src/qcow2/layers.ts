@@ -6,6 +6,7 @@ import type { FileHandle } from 'node:fs/promises';
 import * as fs from 'node:fs/promises';
 import { Qcow2Error, ioError } from '../errors';
 import { limits } from '../limits';
+import { lockAsQemu } from '../locks';
 import { native, UnitKind, l2RunFields } from '../native';
 import { type Qcow2Header, headerReadSize, parseHeader, checkTable } from './header';
 import { type Qcow2Snapshot, parseSnapshotTable, snapshotTableReadSize } from './snapshots';
@@ -52,7 +53,12 @@ export interface FileRegion {
   length: number;
 }
 
-export async function openFile(path: string, what: string, region?: FileRegion): Promise<OpenFile> {
+/**
+ * Opens a file of the chain read-only under QEMU's read locks (shared with every use when
+ * `forceShare`), so no running VM can be writing it while it is read.
+ */
+export async function openFile(path: string, what: string, options: { region?: FileRegion | undefined; forceShare?: boolean | undefined } = {}): Promise<OpenFile> {
+  const { region } = options;
   let handle: FileHandle;
   try {
     handle = await fs.open(path, 'r');
@@ -60,6 +66,7 @@ export async function openFile(path: string, what: string, region?: FileRegion):
     throw ioError(error, path, `cannot open ${what}`);
   }
   try {
+    await lockAsQemu(handle.fd, path, options.forceShare ? 'shared-read' : 'read');
     const stats = await handle.stat();
     let size = stats.size;
     if (stats.isBlockDevice()) size = native().blockDeviceInfo(handle.fd).sizeBytes;

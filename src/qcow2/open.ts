@@ -29,7 +29,7 @@ export async function open(path: string, options: OpenOptions = {}): Promise<Ima
       if (layers.length > maxDepth) {
         throw new Qcow2Error('BACKING_CHAIN_TOO_DEEP', `backing chain is deeper than ${maxDepth} files`, { path });
       }
-      const file = await openFile(current.path, layers.length === 0 ? 'image' : 'backing file', layers.length === 0 ? options.region : undefined);
+      const file = await openFile(current.path, layers.length === 0 ? 'image' : 'backing file', { region: layers.length === 0 ? options.region : undefined, forceShare: options.forceShare });
       const identity = `${file.device}:${file.inode}`;
       if (seen.has(identity)) {
         await file.handle.close();
@@ -72,7 +72,7 @@ async function openQcow2Layer(file: OpenFile, snapshotName: string | undefined, 
     }
     if (header.externalDataFile !== undefined) {
       const dataPath = await resolveExternalFile(file.path, header.externalDataFile, 'external data file', options);
-      dataFile = await openFile(dataPath, 'external data file');
+      dataFile = await openFile(dataPath, 'external data file', { forceShare: options.forceShare });
       seen.add(`${dataFile.device}:${dataFile.inode}`);
     }
     return await Qcow2Layer.open(file, header, snapshots, dataFile, snapshot);
@@ -92,7 +92,7 @@ async function nextInChain(layer: Qcow2Layer, options: OpenOptions): Promise<{ p
     throw new Qcow2Error('UNSUPPORTED_BACKING_FORMAT', `backing file format "${backingFormat}" is not supported (qcow2 and raw are)`, { path: layer.file.path });
   }
   // Unrecorded: probe between qcow2 and raw only, and say so.
-  const probe = await openFile(backingPath, 'backing file');
+  const probe = await openFile(backingPath, 'backing file', { forceShare: options.forceShare });
   try {
     const magic = probe.size >= 4 ? (await readExactly(probe, 0, 4, 'backing file header')).readUInt32BE(0) : 0;
     const format = magic === QCOW2_MAGIC ? 'qcow2' : 'raw';
