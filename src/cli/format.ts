@@ -52,7 +52,7 @@ export function qemuSize(bytes: number): string {
 }
 
 /** QEMU's path_combine: a relative backing name taken from the folder of the image's name as given. */
-function combinedPath(imageName: string, backing: string): string {
+export function combinedPath(imageName: string, backing: string): string {
   if (backing.startsWith('/')) return backing;
   const slash = imageName.lastIndexOf('/');
   return slash < 0 ? backing : imageName.slice(0, slash + 1) + backing;
@@ -63,9 +63,15 @@ function combinedPath(imageName: string, backing: string): string {
  * by joining its name to the folder of the name its child was given by: so do these lines.
  */
 export function formatInfoChain(infos: readonly ImageInfo[]): string {
+  const names = chainNames(infos);
+  return infos.map((info, i) => formatInfo(info, names[i]!)).join('\n\n');
+}
+
+/** The name qemu-img gives each file of a chain: the image's as given, each backing file's joined to its child's folder. */
+export function chainNames(infos: readonly ImageInfo[]): string[] {
   const names: string[] = [];
   infos.forEach((info, i) => names.push(i === 0 ? info.filename : combinedPath(names[i - 1]!, infos[i - 1]!.backingFile ?? info.filename)));
-  return infos.map((info, i) => formatInfo(info, names[i]!)).join('\n\n');
+  return names;
 }
 
 function formatInfo(info: ImageInfo, name: string): string {
@@ -147,13 +153,19 @@ export function formatMap(entries: MapEntry[]): string {
   return [header, ...rows].join('\n');
 }
 
-export function progressLine(p: Progress): string {
+/**
+ * One line of progress that fits `columns` (the terminal's width) without wrapping: the bar
+ * takes what the words leave; under 40 columns only the percentage and what fits of the rest.
+ */
+export function progressLine(p: Progress, columns = 80): string {
+  const width = Math.max(1, columns - 1);
   const percent = p.bytesTotal > 0 ? (100 * p.bytesDone) / p.bytesTotal : 100;
-  const width = 30;
-  const filled = Math.round((percent / 100) * width);
-  const bar = '#'.repeat(filled) + '-'.repeat(width - filled);
-  const eta = p.etaSeconds !== undefined && Number.isFinite(p.etaSeconds) ? `ETA ${Math.ceil(p.etaSeconds)}s` : '';
-  return `[${bar}] ${percent.toFixed(1).padStart(5)}% ${humanBytes(p.bytesDone)}/${humanBytes(p.bytesTotal)} ${humanBytes(p.bytesPerSecond)}/s ${eta} ${p.phase}`;
+  const eta = p.etaSeconds !== undefined && Number.isFinite(p.etaSeconds) ? ` ETA ${Math.ceil(p.etaSeconds)}s` : '';
+  const words = `${percent.toFixed(1).padStart(5)}% ${humanBytes(p.bytesDone)}/${humanBytes(p.bytesTotal)} ${humanBytes(p.bytesPerSecond)}/s${eta} ${p.phase}`;
+  const barWidth = Math.min(30, width - words.length - 3);
+  if (columns < 40 || barWidth < 10) return words.slice(0, width);
+  const filled = Math.round((percent / 100) * barWidth);
+  return `[${'#'.repeat(filled)}${'-'.repeat(barWidth - filled)}] ${words}`;
 }
 
 /** n·100.0/d as C's printf("%0.2f") prints it (qemu-img check's percentages). */

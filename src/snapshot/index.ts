@@ -58,6 +58,8 @@ export interface CreateSnapshotOptions {
   threads?: number;
   /** Compression level of a .tar.zst (default 3) or .tar.gz (default 6) archive. */
   archiveLevel?: number;
+  /** Replace a snapshot already at `out` (a bundle folder, or an archive file) once the new one is complete. Default: TARGET_EXISTS. */
+  overwrite?: boolean;
   /** Stops the work between steps; nothing is left behind. */
   signal?: AbortSignal;
 }
@@ -237,7 +239,14 @@ export async function createSnapshot(out: string, options: CreateSnapshotOptions
   const target = nodePath.resolve(out);
   if (options.signal?.aborted) throw new Qcow2Error('CANCELLED', 'cancelled; no snapshot was written', { path: target });
   const kind = archiveKind(target);
-  if (await fs.stat(target).catch(() => undefined)) throw new Qcow2Error('TARGET_EXISTS', 'snapshot output exists', { path: target });
+  const existing = await fs.lstat(target).catch(() => undefined);
+  if (existing && !options.overwrite) throw new Qcow2Error('TARGET_EXISTS', 'snapshot output exists; pass --overwrite (overwrite: true) to replace it', { path: target });
+  if (existing) {
+    // Only a snapshot is replaced: never a folder or file that merely has the name.
+    const isSnapshot = kind ? existing.isFile() : existing.isDirectory() && (await fs.stat(nodePath.join(target, METADATA_FILE)).catch(() => undefined))?.isFile() === true;
+    if (!isSnapshot) throw new Qcow2Error('TARGET_EXISTS', `snapshot output exists and is not a snapshot ${kind ? 'archive' : 'folder'}; it is not replaced`, { path: target });
+    if (options.parent && nodePath.resolve(options.parent) === target) throw new Qcow2Error('INVALID_ARGUMENT', 'a snapshot cannot replace its own parent', { path: target });
+  }
   if (!options.disk && !options.memory && options.cpu === undefined && !options.devices?.length) {
     throw new Qcow2Error('INVALID_ARGUMENT', 'nothing to snapshot: give a disk, memory, CPU state or devices', { path: target });
   }
@@ -329,7 +338,18 @@ export async function createSnapshot(out: string, options: CreateSnapshotOptions
       await metadataHandle.sync();
       await metadataHandle.close();
       await syncFolder(temporary);
-      await fs.rename(temporary, target);
+      if (existing) {
+        // A folder cannot be renamed over another: the old one steps aside, then goes.
+        const aside = temporaryPathFor(target);
+        await fs.rename(target, aside);
+        await fs.rename(temporary, target).catch(async (error: unknown) => {
+          await fs.rename(aside, target).catch(() => {});
+          throw error;
+        });
+        await fs.rm(aside, { recursive: true, force: true });
+      } else {
+        await fs.rename(temporary, target);
+      }
       await syncFolder(nodePath.dirname(target));
     }
     done = true;
