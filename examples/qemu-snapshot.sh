@@ -13,7 +13,8 @@
 # 0.3 s, the count and a hash of two files it rereads from its ext4 disk. Resumed, the
 # count goes on from where it was; rebooted, it would start again at 1.
 #
-# Usage: examples/qemu-snapshot.sh WORKDIR [folder|tar.zst]   (as root: the disk is a loop device)
+# Usage: examples/qemu-snapshot.sh WORKDIR [folder|tar.zst] [RAM_SIZE] [MEMORY_MAP]   (as root: the disk is a loop device)
+#   RAM_SIZE: the guest's RAM (default 256M); MEMORY_MAP: snapshot create's --memory-map, e.g. q35:3G
 # Leaves in WORKDIR: serial-before.log, serial-after.log, bundle or bundle.tar.zst.
 set -euo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"
@@ -21,7 +22,8 @@ work="$(mkdir -p "$1" && cd "$1" && pwd)"
 format="${2:-folder}"
 qcow2img=(node "$here/dist/cli/main.js")
 kernel_dir="${QCOW2IMG_GUEST_KERNEL:-$here/.cache/guest-kernel}"
-ram_size=256M
+ram_size="${3:-256M}"
+memory_map=(); [ -n "${4:-}" ] && memory_map=(--memory-map "$4")
 
 # --- the guest: kernel, initramfs, an ext4 disk on a loop device -------------------------
 build_initramfs() {
@@ -137,7 +139,7 @@ wait_migration
 # the paused VM may stay while qcow2img reads it. A running VM's disk would be refused.
 bundle="$work/bundle"; [ "$format" = folder ] || bundle="$work/bundle.$format"
 echo "qemu-snapshot: snapshot into $bundle" >&2
-"${qcow2img[@]}" snapshot create "$bundle" --disk "$disk" --memory "$work/ram.bin" --device "qemu-migration=$work/state.bin" >/dev/null
+"${qcow2img[@]}" snapshot create "$bundle" --disk "$disk" --memory "$work/ram.bin" "${memory_map[@]}" --device "qemu-migration=$work/state.bin" >/dev/null
 stop_qemu
 
 echo "qemu-snapshot: destroying the disk, the RAM and the state" >&2

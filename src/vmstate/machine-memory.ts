@@ -22,7 +22,7 @@ const lowMemory: Record<'q35' | 'pc', (size: number) => number> = {
 export type QemuMachine = keyof typeof lowMemory;
 
 /** The regions of a `machine` guest whose RAM file (one memory backend) is `size` bytes. */
-export function qemuMemoryMap(machine: QemuMachine, size: number, path = machine): MemoryRegion[] {
+export function qemuMemoryMap(machine: QemuMachine, size: number, path: string = machine): MemoryRegion[] {
   if (!(machine in lowMemory)) throw new Qcow2Error('INVALID_ARGUMENT', `unknown machine "${machine}" (q35 or pc)`, { path });
   if (!Number.isSafeInteger(size) || size <= 0) throw new Qcow2Error('INVALID_ARGUMENT', `RAM size ${size} is not a positive number of bytes`, { path });
   const below = Math.min(size, lowMemory[machine](size));
@@ -34,20 +34,24 @@ export function qemuMemoryMap(machine: QemuMachine, size: number, path = machine
 /**
  * The regions of one RAM block in `info mtree -f` output (the text, or QMP's
  * human-monitor-command answer holding it): its ranges "START-END (prio P, ram): NAME [@OFFSET]",
- * joined where guest addresses and file offsets both continue or only a hole the block's
- * bytes still fill lies between them (the ROM and VGA window under 1 MiB).
+ * joined where guest addresses and file offsets continue together (across the ROM and VGA
+ * window under 1 MiB, whose bytes the block still holds). Without `block`, the block with the
+ * most RAM: the guest's memory backend, not video RAM or option ROMs.
  */
-export function memoryMapFromMtree(text: string, block: string, path: string): MemoryRegion[] {
+export function memoryMapFromMtree(text: string, block: string | undefined, path: string): MemoryRegion[] {
   const pattern = /^\s*([0-9a-f]{16})-([0-9a-f]{16}) \(prio -?\d+, ram\): (\S+)(?: @([0-9a-f]{16}))?/gm;
-  const ranges = new Map<number, { guestBase: number; size: number; dumpOffset: number }>();
+  const blocks = new Map<string, Map<number, { guestBase: number; size: number; dumpOffset: number }>>();
   for (const match of text.matchAll(pattern)) {
-    if (match[3] !== block) continue;
     const guestBase = parseInt(match[1]!, 16);
     const range = { guestBase, size: parseInt(match[2]!, 16) + 1 - guestBase, dumpOffset: match[4] ? parseInt(match[4], 16) : 0 };
     // Each address space prints its own flat view: the same range comes once per view.
-    ranges.set(guestBase, range);
+    if (!blocks.has(match[3]!)) blocks.set(match[3]!, new Map());
+    blocks.get(match[3]!)!.set(guestBase, range);
   }
-  if (ranges.size === 0) throw new Qcow2Error('INVALID_ARGUMENT', `no RAM ranges of "${block}" in the memory tree`, { path });
+  const total = (name: string) => [...blocks.get(name)!.values()].reduce((sum, r) => sum + r.size, 0);
+  const chosen = block ?? [...blocks.keys()].sort((a, b) => total(b) - total(a))[0];
+  const ranges = chosen !== undefined ? blocks.get(chosen) : undefined;
+  if (!ranges) throw new Qcow2Error('INVALID_ARGUMENT', `no RAM ranges${block !== undefined ? ` of "${block}"` : ''} in the memory tree`, { path });
   const regions: MemoryRegion[] = [];
   for (const range of [...ranges.values()].sort((a, b) => a.guestBase - b.guestBase)) {
     const last = regions[regions.length - 1];

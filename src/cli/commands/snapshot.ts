@@ -3,7 +3,9 @@ import * as fs from 'node:fs/promises';
 import { Qcow2Error } from '../../errors';
 import { createSnapshot, inspectSnapshot, restoreSnapshot, verifySnapshot } from '../../snapshot/index';
 import { humanBytes } from '../format';
-import { UsageError } from '../options';
+import { memoryMapFromMtree, qemuMemoryMap, type QemuMachine } from '../../vmstate/machine-memory';
+import type { MemoryRegion } from '../../vmstate/writer';
+import { parseSize, UsageError } from '../options';
 import { printJson, say, untilInterrupted } from '../terminal';
 
 async function readJsonFile(path: string, what: string): Promise<unknown> {
@@ -15,6 +17,26 @@ async function readJsonFile(path: string, what: string): Promise<unknown> {
   } catch (error) {
     throw new Qcow2Error('INVALID_ARGUMENT', `${what} is not JSON: ${(error as Error).message}`, { path });
   }
+}
+
+/**
+ * --memory-map: a QEMU machine and its RAM size (q35:3G, pc:4G), or a file holding the regions
+ * as JSON, or what `info mtree -f` printed (as text or as QMP's answer).
+ */
+async function memoryRegions(spec: string): Promise<MemoryRegion[]> {
+  const machine = /^(q35|pc):(.+)$/.exec(spec);
+  if (machine) return qemuMemoryMap(machine[1] as QemuMachine, parseSize(machine[2]!, '--memory-map'), spec);
+  const text = await fs.readFile(spec, 'utf8').catch((error: NodeJS.ErrnoException) => {
+    throw new Qcow2Error('IO_ERROR', `cannot read the memory map: ${error.code === 'ENOENT' ? 'no such file' : error.message}`, { path: spec });
+  });
+  let json: unknown;
+  try {
+    json = JSON.parse(text);
+  } catch {
+    return memoryMapFromMtree(text, undefined, spec);
+  }
+  const answer = (json as { return?: unknown } | null)?.return;
+  return typeof answer === 'string' ? memoryMapFromMtree(answer, undefined, spec) : (json as MemoryRegion[]);
 }
 
 export interface CreateFlags {
@@ -61,7 +83,7 @@ export async function create([out]: string[], flags: CreateFlags): Promise<void>
       signal,
       ...(flags.disk !== undefined ? { disk: flags.disk } : {}),
       ...(flags.memory !== undefined ? { memory: flags.memory } : {}),
-      ...(flags.memoryMap !== undefined ? { memoryRegions: (await readJsonFile(flags.memoryMap, 'memory map')) as never } : {}),
+      ...(flags.memoryMap !== undefined ? { memoryRegions: await memoryRegions(flags.memoryMap) } : {}),
       ...(flags.cpu !== undefined ? { cpu: await readJsonFile(flags.cpu, 'CPU state') } : {}),
       ...(devices.length ? { devices } : {}),
       ...(flags.parent !== undefined ? { parent: flags.parent } : {}),
