@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "core/capture_engine.h"
+#include "core/codec.h"
 #include "core/copy_engine.h"
 #include "core/file_ops.h"
 #include "core/l2_walk.h"
@@ -179,7 +180,7 @@ class CopyWorker : public Napi::AsyncWorker {
       Napi::Object s = entry.As<Napi::Object>();
       job_.sources.push_back(Source{intField(s, "fd", -1),
                                     unsignedField(s, "size"),
-                                    static_cast<Codec>(intField(s, "codec")),
+                                    static_cast<Codec>(intField(s, "codec", static_cast<int>(Codec::Deflate))),
                                     unsignedField(s, "clusterSize", 65536),
                                     unsignedField(s, "base")});
     }
@@ -295,7 +296,7 @@ class CaptureWorker : public Napi::AsyncWorker {
     job_.clusterCount = unsignedField(spec, "clusterCount");
     job_.clusterSize = unsignedField(spec, "clusterSize", 65536);
     job_.zeroAsData = spec.Get("zeroAsData").ToBoolean();
-    job_.codec = static_cast<CompressCodec>(intField(spec, "codec"));
+    job_.codec = static_cast<Codec>(intField(spec, "codec"));
     job_.level = intField(spec, "level");
     job_.outputFd = intField(spec, "outputFd", -1);
     job_.outputDirectFd = intField(spec, "outputDirectFd", -1);
@@ -444,7 +445,7 @@ class DumpBatchWorker : public Napi::AsyncWorker {
     batch_.spanPages = uint32Field(spec, "spanPages", 512);
     batch_.firstSpan = unsignedField(spec, "firstSpan");
     batch_.incremental = spec.Get("incremental").ToBoolean();
-    batch_.codec = static_cast<ChunkCodec>(intField(spec, "codec", 1));
+    batch_.codec = static_cast<Codec>(intField(spec, "codec", static_cast<int>(Codec::Zstd)));
     batch_.level = intField(spec, "level", 1);
     batch_.chunkTargetBytes = unsignedField(spec, "chunkTargetBytes", 1 << 20);
     batch_.threads = uint32Field(spec, "threads", 2);
@@ -606,7 +607,7 @@ class DecompressChunkWorker : public Napi::AsyncWorker {
  public:
   DecompressChunkWorker(Napi::Env env, int codec, Napi::Buffer<uint8_t> stored, size_t rawLength)
       : Napi::AsyncWorker(env, "qcow2img:chunk"), deferred_(Napi::Promise::Deferred::New(env)),
-        codec_(static_cast<ChunkCodec>(codec)), stored_(Napi::Persistent(stored)), data_(stored.Data()),
+        codec_(static_cast<Codec>(codec)), stored_(Napi::Persistent(stored)), data_(stored.Data()),
         length_(stored.Length()), output_(new std::vector<uint8_t>(rawLength)) {}
   ~DecompressChunkWorker() override { delete output_; }
   Napi::Promise promise() { return deferred_.Promise(); }
@@ -625,7 +626,7 @@ class DecompressChunkWorker : public Napi::AsyncWorker {
 
  private:
   Napi::Promise::Deferred deferred_;
-  ChunkCodec codec_;
+  Codec codec_;
   Napi::Reference<Napi::Buffer<uint8_t>> stored_;
   const uint8_t* data_;
   size_t length_;
@@ -817,7 +818,20 @@ class ZstdStreamWrap : public Napi::ObjectWrap<ZstdStreamWrap> {
   bool busy_ = false;
 };
 
+// The in-memory enums JavaScript passes numbers of, by name; test/addon-arguments.test.ts holds
+// them equal to src/native.ts.
+Napi::Object Enums(Napi::Env env) {
+  Napi::Object codec = Napi::Object::New(env);
+  codec.Set("None", static_cast<int>(Codec::None));
+  codec.Set("Deflate", static_cast<int>(Codec::Deflate));
+  codec.Set("Zstd", static_cast<int>(Codec::Zstd));
+  Napi::Object enums = Napi::Object::New(env);
+  enums.Set("Codec", codec);
+  return enums;
+}
+
 Napi::Object Init(Napi::Env env, Napi::Object exports) {
+  exports.Set("enums", Enums(env));
   exports.Set("walkL2", Napi::Function::New(env, WalkL2, "walkL2"));
   exports.Set("copy", Napi::Function::New(env, Copy, "copy"));
   exports.Set("verify", Napi::Function::New(env, Verify, "verify"));

@@ -9,7 +9,7 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
-import { native } from '../src/native';
+import { Codec, native } from '../src/native';
 
 const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'qcow2img-addon-'));
 afterAll(() => fs.rmSync(dir, { recursive: true, force: true }));
@@ -24,6 +24,12 @@ async function failure(f: () => unknown): Promise<Error> {
   }
   throw new Error('no error');
 }
+
+describe('enums', () => {
+  it('the addon numbers codecs as src/native.ts does (one enum for every engine)', () => {
+    expect(native().enums.Codec).toEqual(Codec);
+  });
+});
 
 describe('arguments', () => {
   const file = path.join(dir, 'data.bin');
@@ -123,7 +129,7 @@ describe('hostile file contents that reach an engine', () => {
     const error = await failure(() =>
       addon.copy!({
         runs: Float64Array.from([0, 8192, 2, 0, 0, 100, 2 ** 53 - 4096]),
-        sources: [{ fd: 0, size: 1 << 20, codec: 1, clusterSize: 65536, base: 0 }],
+        sources: [{ fd: 0, size: 1 << 20, codec: Codec.Zstd, clusterSize: 65536, base: 0 }],
         memory,
         memoryGuestOffset: 0,
         threads: 1,
