@@ -102,7 +102,7 @@ export interface NativeWriteBenchJob {
   random: boolean;
   /** > 0: keep writing until this much time has run. */
   seconds: number;
-  /** 0 auto (io_uring, else threads), 1 io_uring, 2 threads. */
+  /** BenchEngine: Auto is io_uring, else threads. */
   engine: number;
   seed?: number;
   counters?: BigUint64Array;
@@ -176,8 +176,8 @@ export interface NativeRestoreBatch {
 }
 
 export interface NativeAddon {
-  /** The native enums' values by name, to compare with the copies here. */
-  enums: { Codec: Record<keyof typeof Codec, number> };
+  /** The native enums' values by name (native/binding.cc EnumTable), to compare with the copies here. */
+  enums: Record<'Codec' | 'ZeroMode' | 'RunKind' | 'BenchEngine' | 'PageState' | 'UnitKind', Record<string, number>>;
   walkL2(
     table: Buffer,
     firstEntry: number,
@@ -230,6 +230,8 @@ export const planRunFields = 7;
 export const UnitKind = { Unallocated: 0, Zero: 1, ZeroAllocated: 2, Data: 3, Compressed: 4 } as const;
 export const l2RunFields = 5;
 export const ZeroMode = { Skip: 0, Write: 1, ZeroOut: 2, PunchHole: 3 } as const;
+/** writeBench engines (native/core/write_bench.h BenchEngine). */
+export const BenchEngine = { Auto: 0, IoUring: 1, Threads: 2 } as const;
 
 let addon: NativeAddon | undefined;
 
