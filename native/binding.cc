@@ -6,9 +6,11 @@
 #include <cstring>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "core/capture_engine.h"
+#include "core/codec.h"
 #include "core/copy_engine.h"
 #include "core/file_ops.h"
 #include "core/l2_walk.h"
@@ -21,8 +23,9 @@ namespace {
 using namespace qcow2img;
 
 // Arguments are checked here, where JavaScript values become C++ ones: an engine never sees a
-// negative, fractional or NaN number cast to an unsigned one, nor a typed array of another type.
-// (Built with C++ exceptions: a throw here becomes a JavaScript error.)
+// negative, fractional or NaN number cast to an unsigned one, an enum value it does not define,
+// nor a typed array of another type. (Built with C++ exceptions: a throw here becomes a
+// JavaScript error.)
 
 constexpr double kMaxSafe = 9007199254740992.0;  // 2^53
 
@@ -47,7 +50,7 @@ uint32_t uint32Field(const Napi::Object& object, const char* name, uint32_t fall
   return value.IsUndefined() ? fallback : static_cast<uint32_t>(checkedUnsigned(object.Env(), value, name, UINT32_MAX));
 }
 
-// Descriptors (-1: none), codecs, levels.
+// Descriptors (-1: none), levels.
 int intValue(Napi::Env env, Napi::Value value, const char* name) {
   if (!value.IsNumber()) throw Napi::TypeError::New(env, std::string(name) + " must be a number");
   double d = value.As<Napi::Number>().DoubleValue();
@@ -70,16 +73,102 @@ int intArg(const Napi::CallbackInfo& info, size_t index, const char* name) {
   return intValue(info.Env(), info[index], name);
 }
 
-// A typed array of exactly this type, kept alive (against collection) until the worker completes.
-template <typename Array>
-Array typedField(const Napi::Object& spec, const char* name, napi_typedarray_type type,
-                 std::vector<Napi::ObjectReference>& keep) {
-  Napi::Value value = spec.Get(name);
-  if (!value.IsTypedArray() || value.As<Napi::TypedArray>().TypedArrayType() != type) {
-    throw Napi::TypeError::New(spec.Env(), std::string(name) + (type == napi_float64_array ? " must be a Float64Array" : " must be a Uint8Array"));
+// The enums whose values JavaScript passes or reads as numbers: each enumerator by name, so a
+// number is checked against the values the engine defines (never cast), and the addon exports
+// them (`enums`) for test/addon-arguments.test.ts to hold equal to src/native.ts.
+template <typename E>
+struct Enumerator {
+  const char* name;
+  E value;
+};
+template <typename E>
+struct EnumTable;
+template <>
+struct EnumTable<Codec> {
+  static constexpr const char* kName = "Codec";
+  static constexpr Enumerator<Codec> kValues[] = {{"None", Codec::None}, {"Deflate", Codec::Deflate}, {"Zstd", Codec::Zstd}};
+};
+template <>
+struct EnumTable<ZeroMode> {
+  static constexpr const char* kName = "ZeroMode";
+  static constexpr Enumerator<ZeroMode> kValues[] = {
+      {"Skip", ZeroMode::Skip}, {"Write", ZeroMode::Write}, {"ZeroOut", ZeroMode::ZeroOut}, {"PunchHole", ZeroMode::PunchHole}};
+};
+template <>
+struct EnumTable<RunKind> {
+  static constexpr const char* kName = "RunKind";
+  static constexpr Enumerator<RunKind> kValues[] = {{"Zero", RunKind::Zero}, {"Data", RunKind::Data}, {"Compressed", RunKind::Compressed}};
+};
+template <>
+struct EnumTable<BenchEngine> {
+  static constexpr const char* kName = "BenchEngine";
+  static constexpr Enumerator<BenchEngine> kValues[] = {
+      {"Auto", BenchEngine::Auto}, {"IoUring", BenchEngine::IoUring}, {"Threads", BenchEngine::Threads}};
+};
+template <>
+struct EnumTable<PageState> {
+  static constexpr const char* kName = "PageState";
+  static constexpr Enumerator<PageState> kValues[] = {
+      {"Zero", PageState::Zero}, {"Data", PageState::Data}, {"Duplicate", PageState::Duplicate}, {"Parent", PageState::Parent}};
+};
+// Output only (walkL2's runs), exported to be compared all the same.
+template <>
+struct EnumTable<UnitKind> {
+  static constexpr const char* kName = "UnitKind";
+  static constexpr Enumerator<UnitKind> kValues[] = {{"Unallocated", UnitKind::Unallocated}, {"Zero", UnitKind::Zero},
+                                                     {"ZeroAllocated", UnitKind::ZeroAllocated}, {"Data", UnitKind::Data},
+                                                     {"Compressed", UnitKind::Compressed}};
+};
+
+// False for a number no enumerator has (NaN, fractions and out-of-range values included).
+template <typename E>
+bool enumFromNumber(double number, E* out) {
+  for (const auto& e : EnumTable<E>::kValues) {
+    if (static_cast<double>(static_cast<int>(e.value)) == number) {
+      *out = e.value;
+      return true;
+    }
   }
-  keep.push_back(Napi::Persistent(value.As<Napi::Object>()));
-  return value.As<Array>();
+  return false;
+}
+
+// "one of 0 (None), 1 (Deflate), 2 (Zstd)"
+template <typename E>
+std::string enumChoices() {
+  std::string out = "one of ";
+  for (const auto& e : EnumTable<E>::kValues) {
+    if (&e != EnumTable<E>::kValues) out += ", ";
+    out += std::to_string(static_cast<int>(e.value)) + " (" + e.name + ")";
+  }
+  return out;
+}
+
+template <typename E>
+E enumValue(Napi::Env env, Napi::Value value, const std::string& name) {
+  if (!value.IsNumber()) throw Napi::TypeError::New(env, name + " must be a number");
+  E out;
+  if (!enumFromNumber(value.As<Napi::Number>().DoubleValue(), &out)) {
+    throw Napi::RangeError::New(env, name + " must be " + enumChoices<E>());
+  }
+  return out;
+}
+
+template <typename E>
+E enumField(const Napi::Object& object, const char* name, E fallback) {
+  Napi::Value value = object.Get(name);
+  return value.IsUndefined() ? fallback : enumValue<E>(object.Env(), value, name);
+}
+
+template <typename... E>
+Napi::Object enumsObject(Napi::Env env) {
+  Napi::Object enums = Napi::Object::New(env);
+  auto add = [&](const char* name, auto& values) {
+    Napi::Object object = Napi::Object::New(env);
+    for (const auto& e : values) object.Set(e.name, static_cast<int>(e.value));
+    enums.Set(name, object);
+  };
+  (add(EnumTable<E>::kName, EnumTable<E>::kValues), ...);
+  return enums;
 }
 
 // Every element a whole number from 0 to 2^53 (plans, spans, offsets that become uint64_t).
@@ -90,6 +179,109 @@ void checkUnsignedElements(Napi::Env env, const Napi::Float64Array& array, const
       throw Napi::RangeError::New(env, std::string(name) + ": element " + std::to_string(i) + " is not a whole number from 0 to 2^53");
     }
   }
+}
+
+// The base of every asynchronous call (as classic-level's one BaseWorker): it owns the promise,
+// keeps the JavaScript objects a job uses in place (typed arrays, buffers, the object a method
+// runs on) alive until it settles, and turns failures into rejections. A job supplies Execute
+// (on a worker thread, no JavaScript) and Result (back on the main thread: the value the promise
+// resolves to; a Napi::Error thrown there rejects it). Made and queued by start<Job>(...).
+class PromiseWorker : public Napi::AsyncWorker {
+ public:
+  Napi::Promise promise() const { return deferred_.Promise(); }
+
+ protected:
+  PromiseWorker(Napi::Env env, const char* resourceName)
+      : Napi::AsyncWorker(env, resourceName), deferred_(Napi::Promise::Deferred::New(env)) {}
+
+  virtual Napi::Value Result(Napi::Env env) = 0;
+  // Runs first when the job completes, succeeded or not (before the promise settles).
+  virtual void Completed() {}
+
+  template <typename T>
+  T keep(T object) {
+    kept_.push_back(Napi::Persistent(Napi::Object(object.Env(), object)));
+    return object;
+  }
+
+  // A typed array of exactly this type, used in place.
+  template <typename Array>
+  Array typedField(const Napi::Object& spec, const char* name, napi_typedarray_type type) {
+    Napi::Value value = spec.Get(name);
+    if (!value.IsTypedArray() || value.As<Napi::TypedArray>().TypedArrayType() != type) {
+      throw Napi::TypeError::New(spec.Env(), std::string(name) + (type == napi_float64_array ? " must be a Float64Array" : " must be a Uint8Array"));
+    }
+    return keep(value.As<Array>());
+  }
+  Napi::Float64Array float64Field(const Napi::Object& spec, const char* name) {
+    return typedField<Napi::Float64Array>(spec, name, napi_float64_array);
+  }
+
+  // An optional Uint8Array: nullptr when absent.
+  const uint8_t* optionalBytes(const Napi::Object& spec, const char* name, size_t* length) {
+    if (spec.Get(name).IsUndefined()) return nullptr;
+    auto array = typedField<Napi::Uint8Array>(spec, name, napi_uint8_array);
+    *length = array.ByteLength();
+    return array.Data();
+  }
+
+  // An optional BigUint64Array used in place by native threads (counters, hashes).
+  uint64_t* bigUint64Field(const Napi::Object& spec, const char* name, size_t minimumLength, size_t* length = nullptr) {
+    Napi::Value value = spec.Get(name);
+    if (value.IsUndefined()) return nullptr;
+    // Given but unusable is an error: counters ignored would make a job impossible to cancel.
+    if (!value.IsTypedArray() || value.As<Napi::TypedArray>().TypedArrayType() != napi_biguint64_array ||
+        value.As<Napi::TypedArray>().ElementLength() < minimumLength) {
+      throw Napi::TypeError::New(spec.Env(), std::string(name) + " must be a BigUint64Array of at least " +
+                                                 std::to_string(minimumLength) + " elements");
+    }
+    auto array = keep(value.As<Napi::TypedArray>());
+    if (length) *length = array.ElementLength();
+    return reinterpret_cast<uint64_t*>(static_cast<uint8_t*>(array.ArrayBuffer().Data()) + array.ByteOffset());
+  }
+  CopyCounters* countersField(const Napi::Object& spec) {
+    return reinterpret_cast<CopyCounters*>(bigUint64Field(spec, "counters", 4));
+  }
+
+ private:
+  void OnOK() final {
+    Completed();
+    Napi::Env env = Env();
+    try {
+      deferred_.Resolve(Result(env));
+    } catch (const Napi::Error& error) {
+      deferred_.Reject(error.Value());
+    } catch (const std::exception& error) {
+      deferred_.Reject(Napi::Error::New(env, error.what()).Value());
+    }
+  }
+  // Execute threw (its message), or the work could not run.
+  void OnError(const Napi::Error& error) final {
+    Completed();
+    deferred_.Reject(error.Value());
+  }
+
+  Napi::Promise::Deferred deferred_;
+  std::vector<Napi::ObjectReference> kept_;
+};
+
+// Makes a job (whose constructor checks its arguments: a throw there is the caller's error, and
+// nothing is queued), queues it and returns its promise. The queued worker deletes itself.
+template <typename Job, typename... Args>
+Napi::Value start(Args&&... args) {
+  auto job = std::make_unique<Job>(std::forward<Args>(args)...);
+  Napi::Promise promise = job->promise();
+  job.release()->Queue();
+  return promise;
+}
+
+// name(job) -> Promise, for the jobs described by one object.
+template <typename Job>
+Napi::Value JobFn(const Napi::CallbackInfo& info) {
+  if (info.Length() < 1 || !info[0].IsObject()) {
+    throw Napi::TypeError::New(info.Env(), std::string(Job::kFunction) + "(job) needs a job object");
+  }
+  return start<Job>(info.Env(), info[0].As<Napi::Object>());
 }
 
 // walkL2(table, firstEntry, entryCount, clusterBits, extendedL2, externalDataFile)
@@ -129,45 +321,39 @@ Napi::Value WalkL2(const Napi::CallbackInfo& info) {
   return object;
 }
 
-// A BigUint64Array field used in place by native threads (counters, hashes);
-// the reference keeps it alive until the worker completes.
-uint64_t* bigUint64Field(const Napi::Object& spec, const char* name, size_t minimumLength,
-                         std::vector<Napi::ObjectReference>& keep, size_t* length) {
-  Napi::Value value = spec.Get(name);
-  if (value.IsUndefined()) return nullptr;
-  // Given but unusable is an error: counters ignored would make a job impossible to cancel.
-  if (!value.IsTypedArray() || value.As<Napi::TypedArray>().TypedArrayType() != napi_biguint64_array ||
-      value.As<Napi::TypedArray>().ElementLength() < minimumLength) {
-    throw Napi::TypeError::New(spec.Env(), std::string(name) + " must be a BigUint64Array of at least " +
-                                               std::to_string(minimumLength) + " elements");
-  }
-  auto array = value.As<Napi::TypedArray>();
-  keep.push_back(Napi::Persistent(array.As<Napi::Object>()));
-  if (length) *length = array.ElementLength();
-  return reinterpret_cast<uint64_t*>(static_cast<uint8_t*>(array.ArrayBuffer().Data()) +
-                                     array.ByteOffset());
-}
-
-Napi::Object copyErrorObject(Napi::Env env, const CopyError& failure) {
-  Napi::Error error = Napi::Error::New(env, failure.message);
-  Napi::Object object = error.Value();
+// A copy-engine failure as the rejection's error: message plus where it happened.
+Napi::Error copyError(Napi::Env env, const CopyError& failure) {
+  Napi::Object object = Napi::Error::New(env, failure.message).Value();
   object.Set("operation", failure.operation);
   object.Set("errno", failure.errnoValue);
   object.Set("sourceIndex", failure.sourceIndex);
   object.Set("guestOffset", static_cast<double>(failure.guestOffset));
   object.Set("hostOffset", static_cast<double>(failure.hostOffset));
   object.Set("cancelled", failure.cancelled);
-  return object;
+  return Napi::Error(env, object);
 }
 
-class CopyWorker : public Napi::AsyncWorker {
+// The plan's enum and index columns: a kind the engine defines, a source index an int holds.
+void checkPlanRuns(Napi::Env env, const Napi::Float64Array& runs) {
+  for (size_t i = 0; i + kPlanRunFields <= runs.ElementLength(); i += kPlanRunFields) {
+    RunKind kind;
+    if (!enumFromNumber(runs[i + 2], &kind)) {
+      throw Napi::RangeError::New(env, "runs: element " + std::to_string(i + 2) + " (a kind) must be " + enumChoices<RunKind>());
+    }
+    if (runs[i + 3] > INT32_MAX) {
+      throw Napi::RangeError::New(env, "runs: element " + std::to_string(i + 3) + " (a source) is past the int range");
+    }
+  }
+}
+
+// copy(job) -> Promise<void>
+class CopyWorker : public PromiseWorker {
  public:
-  CopyWorker(Napi::Env env, const Napi::Object& spec)
-      : Napi::AsyncWorker(env, "qcow2img:copy"), deferred_(Napi::Promise::Deferred::New(env)) {
-    // The plan, memory target and counters are used in place; the references
-    // keep their ArrayBuffers alive until the worker completes.
-    auto runs = typedField<Napi::Float64Array>(spec, "runs", napi_float64_array, keep_);
+  static constexpr const char* kFunction = "copy";
+  CopyWorker(Napi::Env env, const Napi::Object& spec) : PromiseWorker(env, "qcow2img:copy") {
+    auto runs = float64Field(spec, "runs");
     checkUnsignedElements(env, runs, "runs");
+    checkPlanRuns(env, runs);
     job_.runs = runs.Data();
     job_.runCount = runs.ElementLength() / kPlanRunFields;
     Napi::Value sourcesValue = spec.Get("sources");
@@ -179,7 +365,7 @@ class CopyWorker : public Napi::AsyncWorker {
       Napi::Object s = entry.As<Napi::Object>();
       job_.sources.push_back(Source{intField(s, "fd", -1),
                                     unsignedField(s, "size"),
-                                    static_cast<Codec>(intField(s, "codec")),
+                                    enumField(s, "codec", Codec::Deflate),
                                     unsignedField(s, "clusterSize", 65536),
                                     unsignedField(s, "base")});
     }
@@ -190,8 +376,7 @@ class CopyWorker : public Napi::AsyncWorker {
     Napi::Value memory = spec.Get("memory");
     if (!memory.IsUndefined() && !memory.IsBuffer()) throw Napi::TypeError::New(env, "memory must be a Buffer");
     if (memory.IsBuffer()) {
-      auto buffer = memory.As<Napi::Buffer<uint8_t>>();
-      keep_.push_back(Napi::Persistent(buffer.As<Napi::Object>()));
+      auto buffer = keep(memory.As<Napi::Buffer<uint8_t>>());
       job_.memory = buffer.Data();
       job_.memoryLength = buffer.Length();
       job_.memoryGuestOffset = unsignedField(spec, "memoryGuestOffset");
@@ -200,50 +385,31 @@ class CopyWorker : public Napi::AsyncWorker {
     job_.limitStart = unsignedField(spec, "limitStart");
     job_.limitEnd = unsignedField(spec, "limitEnd");
     job_.alignment = uint32Field(spec, "alignment");
-    job_.zeroMode = static_cast<ZeroMode>(intField(spec, "zeroMode"));
+    job_.zeroMode = enumField(spec, "zeroMode", ZeroMode::Skip);
     job_.threads = uint32Field(spec, "threads", 4);
     job_.windowSize = unsignedField(spec, "windowSize", 1 << 20);
-    job_.counters = reinterpret_cast<CopyCounters*>(bigUint64Field(spec, "counters", 4, keep_, nullptr));
+    job_.counters = countersField(spec);
     size_t hashWords = 0;
-    job_.windowHashes = bigUint64Field(spec, "windowHashes", 2, keep_, &hashWords);
+    job_.windowHashes = bigUint64Field(spec, "windowHashes", 2, &hashWords);
     job_.windowHashCount = hashWords / 2;
     job_.hashedSize = unsignedField(spec, "hashedSize");
   }
-
-  Napi::Promise promise() { return deferred_.Promise(); }
-
   void Execute() override { result_ = runCopyJob(job_); }
-
-  void OnOK() override {
-    Napi::Env env = Env();
-    if (!result_.failed) {
-      deferred_.Resolve(env.Undefined());
-      return;
-    }
-    deferred_.Reject(copyErrorObject(env, result_));
+  Napi::Value Result(Napi::Env env) override {
+    if (result_.failed) throw copyError(env, result_);
+    return env.Undefined();
   }
 
-  void OnError(const Napi::Error& error) override { deferred_.Reject(error.Value()); }
-
  private:
-  Napi::Promise::Deferred deferred_;
-  std::vector<Napi::ObjectReference> keep_;
   CopyJob job_;
   CopyError result_;
 };
 
-Napi::Value Copy(const Napi::CallbackInfo& info) {
-  if (info.Length() < 1 || !info[0].IsObject()) throw Napi::TypeError::New(info.Env(), "copy(job) needs a job object");
-  auto* worker = new CopyWorker(info.Env(), info[0].As<Napi::Object>());
-  Napi::Promise promise = worker->promise();
-  worker->Queue();
-  return promise;
-}
-
-class VerifyWorker : public Napi::AsyncWorker {
+// verify(job) -> Promise<number>: the first window whose bytes differ, or -1.
+class VerifyWorker : public PromiseWorker {
  public:
-  VerifyWorker(Napi::Env env, const Napi::Object& spec)
-      : Napi::AsyncWorker(env, "qcow2img:verify"), deferred_(Napi::Promise::Deferred::New(env)) {
+  static constexpr const char* kFunction = "verify";
+  VerifyWorker(Napi::Env env, const Napi::Object& spec) : PromiseWorker(env, "qcow2img:verify") {
     job_.fd = intField(spec, "fd", -1);
     job_.base = unsignedField(spec, "base");
     job_.size = unsignedField(spec, "size");
@@ -251,43 +417,26 @@ class VerifyWorker : public Napi::AsyncWorker {
     job_.alignment = uint32Field(spec, "alignment");
     job_.threads = uint32Field(spec, "threads", 4);
     size_t hashWords = 0;
-    job_.windowHashes = bigUint64Field(spec, "windowHashes", 2, keep_, &hashWords);
+    job_.windowHashes = bigUint64Field(spec, "windowHashes", 2, &hashWords);
     job_.windowHashCount = hashWords / 2;
-    job_.counters = reinterpret_cast<CopyCounters*>(bigUint64Field(spec, "counters", 4, keep_, nullptr));
+    job_.counters = countersField(spec);
   }
-  Napi::Promise promise() { return deferred_.Promise(); }
   void Execute() override { result_ = runVerifyJob(job_); }
-  void OnOK() override {
-    if (result_.error.failed) {
-      deferred_.Reject(copyErrorObject(Env(), result_.error));
-      return;
-    }
-    deferred_.Resolve(Napi::Number::New(Env(), static_cast<double>(result_.firstBadWindow)));
+  Napi::Value Result(Napi::Env env) override {
+    if (result_.error.failed) throw copyError(env, result_.error);
+    return Napi::Number::New(env, static_cast<double>(result_.firstBadWindow));
   }
-  void OnError(const Napi::Error& error) override { deferred_.Reject(error.Value()); }
 
  private:
-  Napi::Promise::Deferred deferred_;
-  std::vector<Napi::ObjectReference> keep_;
   VerifyJob job_;
   VerifyResult result_;
 };
 
-// verify(job) -> Promise<number>: the first window whose bytes differ, or -1.
-Napi::Value Verify(const Napi::CallbackInfo& info) {
-  if (info.Length() < 1 || !info[0].IsObject()) {
-    throw Napi::TypeError::New(info.Env(), "verify(job) needs a job object");
-  }
-  auto* worker = new VerifyWorker(info.Env(), info[0].As<Napi::Object>());
-  Napi::Promise promise = worker->promise();
-  worker->Queue();
-  return promise;
-}
-
-class CaptureWorker : public Napi::AsyncWorker {
+// capture(job) -> Promise<number>: the output position after the stored bytes.
+class CaptureWorker : public PromiseWorker {
  public:
-  CaptureWorker(Napi::Env env, const Napi::Object& spec)
-      : Napi::AsyncWorker(env, "qcow2img:capture"), deferred_(Napi::Promise::Deferred::New(env)) {
+  static constexpr const char* kFunction = "capture";
+  CaptureWorker(Napi::Env env, const Napi::Object& spec) : PromiseWorker(env, "qcow2img:capture") {
     job_.sourceFd = intField(spec, "sourceFd", -1);
     job_.sourceAlignment = uint32Field(spec, "sourceAlignment");
     job_.sourceSize = unsignedField(spec, "sourceSize");
@@ -295,74 +444,45 @@ class CaptureWorker : public Napi::AsyncWorker {
     job_.clusterCount = unsignedField(spec, "clusterCount");
     job_.clusterSize = unsignedField(spec, "clusterSize", 65536);
     job_.zeroAsData = spec.Get("zeroAsData").ToBoolean();
-    job_.codec = static_cast<CompressCodec>(intField(spec, "codec"));
+    job_.codec = enumField(spec, "codec", Codec::None);
     job_.level = intField(spec, "level");
     job_.outputFd = intField(spec, "outputFd", -1);
     job_.outputDirectFd = intField(spec, "outputDirectFd", -1);
     job_.outputDirectAlignment = uint32Field(spec, "outputDirectAlignment");
     job_.outputPosition = unsignedField(spec, "outputPosition");
     job_.threads = uint32Field(spec, "threads", 2);
-    auto results = typedField<Napi::Float64Array>(spec, "results", napi_float64_array, keep_);
+    auto results = float64Field(spec, "results");
     job_.results = results.Data();
-    resultCapacity_ = results.ElementLength() / kCaptureResultFields;
-    job_.holes = bytesField(spec, "holes", &holesLength_);
-    job_.base = bytesField(spec, "base", &baseLength_);
-    job_.counters = reinterpret_cast<CopyCounters*>(bigUint64Field(spec, "counters", 4, keep_, nullptr));
-  }
-
-  bool valid() const {
+    size_t resultCapacity = results.ElementLength() / kCaptureResultFields;
+    size_t holesLength = 0, baseLength = 0;
+    job_.holes = optionalBytes(spec, "holes", &holesLength);
+    job_.base = optionalBytes(spec, "base", &baseLength);
+    job_.counters = countersField(spec);
     // A direct read is whole units of the source inside one cluster's room in the buffer.
     bool alignment = job_.sourceAlignment == 0 ||
                      (job_.sourceAlignment <= job_.clusterSize && job_.clusterSize % job_.sourceAlignment == 0);
-    return resultCapacity_ >= job_.clusterCount && job_.clusterSize >= 512 && alignment &&
-           (!job_.holes || holesLength_ >= job_.clusterCount) &&
-           (!job_.base || baseLength_ >= job_.clusterCount * job_.clusterSize);
-  }
-  Napi::Promise promise() { return deferred_.Promise(); }
-  void Execute() override { result_ = runCaptureJob(job_); }
-  void OnOK() override {
-    if (result_.error.failed) {
-      deferred_.Reject(copyErrorObject(Env(), result_.error));
-      return;
+    if (!(resultCapacity >= job_.clusterCount && job_.clusterSize >= 512 && alignment &&
+          (!job_.holes || holesLength >= job_.clusterCount) &&
+          (!job_.base || baseLength / job_.clusterSize >= job_.clusterCount))) {
+      throw Napi::RangeError::New(env, "capture: results, holes or base shorter than the cluster range, or a source alignment that does not divide the cluster size");
     }
-    deferred_.Resolve(Napi::Number::New(Env(), static_cast<double>(result_.outputPosition)));
   }
-  void OnError(const Napi::Error& error) override { deferred_.Reject(error.Value()); }
+  void Execute() override { result_ = runCaptureJob(job_); }
+  Napi::Value Result(Napi::Env env) override {
+    if (result_.error.failed) throw copyError(env, result_.error);
+    return Napi::Number::New(env, static_cast<double>(result_.outputPosition));
+  }
 
  private:
-  const uint8_t* bytesField(const Napi::Object& spec, const char* name, size_t* length) {
-    if (spec.Get(name).IsUndefined()) return nullptr;
-    auto array = typedField<Napi::Uint8Array>(spec, name, napi_uint8_array, keep_);
-    *length = array.ByteLength();
-    return array.Data();
-  }
-
-  Napi::Promise::Deferred deferred_;
-  std::vector<Napi::ObjectReference> keep_;
   CaptureJob job_;
   CaptureResult result_;
-  size_t resultCapacity_ = 0;
-  size_t holesLength_ = 0;
-  size_t baseLength_ = 0;
 };
 
-// capture(job) -> Promise<number>: the output position after the stored bytes.
-Napi::Value Capture(const Napi::CallbackInfo& info) {
-  if (info.Length() < 1 || !info[0].IsObject()) throw Napi::TypeError::New(info.Env(), "capture(job) needs a job object");
-  auto* worker = new CaptureWorker(info.Env(), info[0].As<Napi::Object>());
-  if (!worker->valid()) {
-    delete worker;
-    throw Napi::RangeError::New(info.Env(), "capture: results, holes or base shorter than the cluster range, or a source alignment that does not divide the cluster size");
-  }
-  Napi::Promise promise = worker->promise();
-  worker->Queue();
-  return promise;
-}
-
-class WriteBenchWorker : public Napi::AsyncWorker {
+// writeBench(job) -> Promise<{bytes, writes, seconds, p50Us, p99Us, p999Us, engine}>
+class WriteBenchWorker : public PromiseWorker {
  public:
-  WriteBenchWorker(Napi::Env env, const Napi::Object& spec)
-      : Napi::AsyncWorker(env, "qcow2img:bench"), deferred_(Napi::Promise::Deferred::New(env)) {
+  static constexpr const char* kFunction = "writeBench";
+  WriteBenchWorker(Napi::Env env, const Napi::Object& spec) : PromiseWorker(env, "qcow2img:bench") {
     job_.fd = intField(spec, "fd", -1);
     job_.offset = unsignedField(spec, "offset");
     job_.size = unsignedField(spec, "size");
@@ -374,18 +494,13 @@ class WriteBenchWorker : public Napi::AsyncWorker {
     job_.seconds = seconds.IsUndefined() ? 0 : seconds.As<Napi::Number>().DoubleValue();
     // A duration the native clock holds (larger ones overflow its nanoseconds).
     if (!(job_.seconds >= 0 && job_.seconds <= 1e6)) throw Napi::RangeError::New(env, "seconds must be from 0 to 1000000");
-    job_.engine = static_cast<BenchEngine>(intField(spec, "engine"));
+    job_.engine = enumField(spec, "engine", BenchEngine::Auto);
     job_.seed = unsignedField(spec, "seed", 1);
-    job_.counters = reinterpret_cast<CopyCounters*>(bigUint64Field(spec, "counters", 4, keep_, nullptr));
+    job_.counters = countersField(spec);
   }
-  Napi::Promise promise() { return deferred_.Promise(); }
   void Execute() override { result_ = runWriteBench(job_); }
-  void OnOK() override {
-    Napi::Env env = Env();
-    if (result_.error.failed) {
-      deferred_.Reject(copyErrorObject(env, result_.error));
-      return;
-    }
+  Napi::Value Result(Napi::Env env) override {
+    if (result_.error.failed) throw copyError(env, result_.error);
     Napi::Object out = Napi::Object::New(env);
     out.Set("bytes", static_cast<double>(result_.bytes));
     out.Set("writes", static_cast<double>(result_.writes));
@@ -394,27 +509,13 @@ class WriteBenchWorker : public Napi::AsyncWorker {
     out.Set("p99Us", result_.p99Us);
     out.Set("p999Us", result_.p999Us);
     out.Set("engine", result_.engine);
-    deferred_.Resolve(out);
+    return out;
   }
-  void OnError(const Napi::Error& error) override { deferred_.Reject(error.Value()); }
 
  private:
-  Napi::Promise::Deferred deferred_;
-  std::vector<Napi::ObjectReference> keep_;
   WriteBenchJob job_;
   WriteBenchResult result_;
 };
-
-// writeBench(job) -> Promise<{bytes, writes, seconds, p50Us, p99Us, p999Us, engine}>
-Napi::Value WriteBench(const Napi::CallbackInfo& info) {
-  if (info.Length() < 1 || !info[0].IsObject()) {
-    throw Napi::TypeError::New(info.Env(), "writeBench(job) needs a job object");
-  }
-  auto* worker = new WriteBenchWorker(info.Env(), info[0].As<Napi::Object>());
-  Napi::Promise promise = worker->promise();
-  worker->Queue();
-  return promise;
-}
 
 // A dump's table of first page occurrences, kept across the batches of one dump.
 class DedupTableWrap : public Napi::ObjectWrap<DedupTableWrap> {
@@ -431,11 +532,18 @@ class DedupTableWrap : public Napi::ObjectWrap<DedupTableWrap> {
   }
 };
 
+// Bytes moved to JavaScript without a copy: the Buffer owns the vector.
+Napi::Buffer<uint8_t> bufferOf(Napi::Env env, std::vector<uint8_t>&& bytes) {
+  auto* owned = new std::vector<uint8_t>(std::move(bytes));
+  return Napi::Buffer<uint8_t>::New(env, owned->data(), owned->size(),
+                                    [](Napi::Env, uint8_t*, std::vector<uint8_t>* v) { delete v; }, owned);
+}
 
-class DumpBatchWorker : public Napi::AsyncWorker {
+// processDumpBatch(job) -> Promise<{states, duplicates, chunks}>
+class DumpBatchWorker : public PromiseWorker {
  public:
-  DumpBatchWorker(Napi::Env env, const Napi::Object& spec)
-      : Napi::AsyncWorker(env, "qcow2img:dump"), deferred_(Napi::Promise::Deferred::New(env)) {
+  static constexpr const char* kFunction = "processDumpBatch";
+  DumpBatchWorker(Napi::Env env, const Napi::Object& spec) : PromiseWorker(env, "qcow2img:dump") {
     batch_.sourceFd = intField(spec, "sourceFd", -1);
     batch_.dumpOffset = unsignedField(spec, "dumpOffset");
     batch_.firstPage = unsignedField(spec, "firstPage");
@@ -444,36 +552,33 @@ class DumpBatchWorker : public Napi::AsyncWorker {
     batch_.spanPages = uint32Field(spec, "spanPages", 512);
     batch_.firstSpan = unsignedField(spec, "firstSpan");
     batch_.incremental = spec.Get("incremental").ToBoolean();
-    batch_.codec = static_cast<ChunkCodec>(intField(spec, "codec", 1));
+    batch_.codec = enumField(spec, "codec", Codec::Zstd);
     batch_.level = intField(spec, "level", 1);
     batch_.chunkTargetBytes = unsignedField(spec, "chunkTargetBytes", 1 << 20);
     batch_.threads = uint32Field(spec, "threads", 2);
-    // The parent must hold every page of the batch; a product that wraps would let a short one pass.
-    if (batch_.pageSize != 0 && batch_.pageCount > UINT64_MAX / batch_.pageSize) invalid_ = true;
-    else batch_.parent = bytes(spec, "parent", batch_.pageCount * batch_.pageSize);
-    batch_.dirty = bytes(spec, "dirty", (batch_.pageCount + 7) / 8);
+    size_t parentLength = 0, dirtyLength = 0;
+    batch_.parent = optionalBytes(spec, "parent", &parentLength);
+    batch_.dirty = optionalBytes(spec, "dirty", &dirtyLength);
     Napi::Value dedup = spec.Get("dedup");
     auto* dedupConstructor = env.GetInstanceData<Napi::FunctionReference>();
     if (dedup.IsObject() && dedupConstructor && dedup.As<Napi::Object>().InstanceOf(dedupConstructor->Value())) {
-      keep_.push_back(Napi::Persistent(dedup.As<Napi::Object>()));
-      batch_.dedup = &DedupTableWrap::Unwrap(dedup.As<Napi::Object>())->table;
+      batch_.dedup = &DedupTableWrap::Unwrap(keep(dedup.As<Napi::Object>()))->table;
+    }
+    // The parent must hold every page of the batch; a product that wraps would let a short one
+    // pass. A chunk's raw length is a uint32: a span and a chunk target well under 4 GiB keep it so.
+    bool pagesFit = batch_.pageSize != 0 && batch_.pageCount <= UINT64_MAX / batch_.pageSize;
+    if (!(batch_.pageSize >= 512 && batch_.spanPages > 0 && pagesFit &&
+          static_cast<uint64_t>(batch_.pageSize) * batch_.spanPages <= (64ULL << 20) &&
+          batch_.chunkTargetBytes <= (256ULL << 20) &&
+          (!batch_.parent || parentLength >= batch_.pageCount * batch_.pageSize) &&
+          (!batch_.dirty || dirtyLength >= (batch_.pageCount + 7) / 8) &&
+          (!batch_.incremental || batch_.parent || batch_.dirty))) {
+      throw Napi::RangeError::New(env, "processDumpBatch: inconsistent batch (sizes, parent or dirty bitmap)");
     }
   }
-  bool valid() const {
-    // A chunk's raw length is a uint32: a span and a chunk target well under 4 GiB keep it so.
-    return batch_.pageSize >= 512 && batch_.spanPages > 0 && !invalid_ &&
-           static_cast<uint64_t>(batch_.pageSize) * batch_.spanPages <= (64ULL << 20) &&
-           batch_.chunkTargetBytes <= (256ULL << 20) &&
-           (!batch_.incremental || batch_.parent || batch_.dirty);
-  }
-  Napi::Promise promise() { return deferred_.Promise(); }
   void Execute() override { result_ = processDumpBatch(batch_); }
-  void OnOK() override {
-    Napi::Env env = Env();
-    if (!result_.error.empty()) {
-      deferred_.Reject(Napi::Error::New(env, result_.error).Value());
-      return;
-    }
+  Napi::Value Result(Napi::Env env) override {
+    if (!result_.error.empty()) throw Napi::Error::New(env, result_.error);
     Napi::Object out = Napi::Object::New(env);
     auto states = Napi::Uint8Array::New(env, result_.states.size());
     std::copy(result_.states.begin(), result_.states.end(), states.Data());
@@ -490,51 +595,23 @@ class DumpBatchWorker : public Napi::AsyncWorker {
       chunk.Set("rawLength", c.rawLength);
       chunk.Set("rawChecksum", Napi::BigInt::New(env, c.rawChecksum));
       chunk.Set("codec", static_cast<int>(c.codec));
-      // The compressed bytes move to JavaScript without a copy.
-      auto* stored = new std::vector<uint8_t>(std::move(c.stored));
-      chunk.Set("stored", Napi::Buffer<uint8_t>::New(env, stored->data(), stored->size(),
-                                                      [](Napi::Env, uint8_t*, std::vector<uint8_t>* v) { delete v; },
-                                                      stored));
+      chunk.Set("stored", bufferOf(env, std::move(c.stored)));
       chunks[i] = chunk;
     }
     out.Set("chunks", chunks);
-    deferred_.Resolve(out);
+    return out;
   }
-  void OnError(const Napi::Error& error) override { deferred_.Reject(error.Value()); }
 
  private:
-  const uint8_t* bytes(const Napi::Object& spec, const char* name, uint64_t needed) {
-    if (spec.Get(name).IsUndefined()) return nullptr;
-    auto array = typedField<Napi::Uint8Array>(spec, name, napi_uint8_array, keep_);
-    if (array.ByteLength() < needed) {
-      invalid_ = true;
-      return nullptr;
-    }
-    return array.Data();
-  }
-  Napi::Promise::Deferred deferred_;
-  std::vector<Napi::ObjectReference> keep_;
   DumpBatch batch_;
   DumpBatchResult result_;
-  bool invalid_ = false;
 };
 
-Napi::Value ProcessDumpBatch(const Napi::CallbackInfo& info) {
-  if (info.Length() < 1 || !info[0].IsObject()) throw Napi::TypeError::New(info.Env(), "processDumpBatch(spec)");
-  auto* worker = new DumpBatchWorker(info.Env(), info[0].As<Napi::Object>());
-  if (!worker->valid()) {
-    delete worker;
-    throw Napi::RangeError::New(info.Env(), "processDumpBatch: inconsistent batch (sizes, parent or dirty bitmap)");
-  }
-  Napi::Promise promise = worker->promise();
-  worker->Queue();
-  return promise;
-}
-
-class RestoreBatchWorker : public Napi::AsyncWorker {
+// restoreBatch(job) -> Promise<number>: the data bytes written.
+class RestoreBatchWorker : public PromiseWorker {
  public:
-  RestoreBatchWorker(Napi::Env env, const Napi::Object& spec)
-      : Napi::AsyncWorker(env, "qcow2img:restore"), deferred_(Napi::Promise::Deferred::New(env)) {
+  static constexpr const char* kFunction = "restoreBatch";
+  RestoreBatchWorker(Napi::Env env, const Napi::Object& spec) : PromiseWorker(env, "qcow2img:restore") {
     batch_.stateFd = intField(spec, "stateFd", -1);
     batch_.outputFd = intField(spec, "outputFd", -1);
     batch_.pageSize = uint32Field(spec, "pageSize", 4096);
@@ -543,138 +620,102 @@ class RestoreBatchWorker : public Napi::AsyncWorker {
     batch_.punchZeros = spec.Get("punchZeros").ToBoolean();
     batch_.startWriteback = spec.Get("startWriteback").ToBoolean();
     batch_.threads = uint32Field(spec, "threads", 2);
-    auto spans = typedField<Napi::Float64Array>(spec, "spans", napi_float64_array, keep_);  // pairs: page count, dump offset
+    auto spans = float64Field(spec, "spans");  // pairs: page count, dump offset
     checkUnsignedElements(env, spans, "spans");
     for (size_t i = 0; i + 1 < spans.ElementLength(); i += 2) {
       if (spans[i] > UINT32_MAX) throw Napi::RangeError::New(env, "spans: a page count over 2^32");
       batch_.spanPageCounts.push_back(static_cast<uint32_t>(spans[i]));
       batch_.spanDumpOffsets.push_back(static_cast<uint64_t>(spans[i + 1]));
     }
-    auto states = typedField<Napi::Uint8Array>(spec, "states", napi_uint8_array, keep_);
+    auto states = typedField<Napi::Uint8Array>(spec, "states", napi_uint8_array);
+    for (size_t i = 0; i < states.ElementLength(); i++) {
+      PageState state;
+      if (!enumFromNumber(states[i], &state)) {
+        throw Napi::RangeError::New(env, "states: element " + std::to_string(i) + " must be " + enumChoices<PageState>());
+      }
+    }
     batch_.states = states.Data();
-    statesLength_ = states.ElementLength();
-    auto chunks = typedField<Napi::Float64Array>(spec, "chunks", napi_float64_array, keep_);  // payload offset, length, checksum as two u32
+    auto chunks = float64Field(spec, "chunks");  // payload offset, length, checksum as two u32
     checkUnsignedElements(env, chunks, "chunks");
     for (size_t i = 0; i + 3 < chunks.ElementLength(); i += 4) {
       uint64_t checksum = (static_cast<uint64_t>(chunks[i + 2]) << 32) | static_cast<uint64_t>(chunks[i + 3]);
       batch_.chunks.push_back(RestoreChunk{static_cast<uint64_t>(chunks[i]), static_cast<uint64_t>(chunks[i + 1]), checksum});
     }
-    auto duplicates = typedField<Napi::Float64Array>(spec, "duplicates", napi_float64_array, keep_);
+    auto duplicates = float64Field(spec, "duplicates");
     checkUnsignedElements(env, duplicates, "duplicates");
     for (size_t i = 0; i < duplicates.ElementLength(); i++) batch_.duplicates.push_back(static_cast<uint64_t>(duplicates[i]));
-  }
-  bool valid() const {
     size_t pages = 0;
     for (uint32_t n : batch_.spanPageCounts) pages += n;
-    return pages <= statesLength_ && batch_.pageSize >= 512 && batch_.spanPages > 0;
+    if (!(pages <= states.ElementLength() && batch_.pageSize >= 512 && batch_.spanPages > 0)) {
+      throw Napi::RangeError::New(env, "restoreBatch: states shorter than the spans");
+    }
   }
-  Napi::Promise promise() { return deferred_.Promise(); }
   void Execute() override { result_ = restoreBatch(batch_); }
-  void OnOK() override {
-    Napi::Env env = Env();
+  Napi::Value Result(Napi::Env env) override {
     if (!result_.error.empty()) {
       Napi::Error error = Napi::Error::New(env, result_.error);
       error.Set("badChunk", Napi::Number::New(env, static_cast<double>(result_.badChunk)));
-      deferred_.Reject(error.Value());
-      return;
+      throw error;
     }
-    deferred_.Resolve(Napi::Number::New(env, static_cast<double>(result_.dataBytes)));
+    return Napi::Number::New(env, static_cast<double>(result_.dataBytes));
   }
-  void OnError(const Napi::Error& error) override { deferred_.Reject(error.Value()); }
 
  private:
-  Napi::Promise::Deferred deferred_;
-  std::vector<Napi::ObjectReference> keep_;
   RestoreBatch batch_;
   RestoreBatchResult result_;
-  size_t statesLength_ = 0;
-};
-
-Napi::Value RestoreBatchFn(const Napi::CallbackInfo& info) {
-  if (info.Length() < 1 || !info[0].IsObject()) throw Napi::TypeError::New(info.Env(), "restoreBatch(spec)");
-  auto* worker = new RestoreBatchWorker(info.Env(), info[0].As<Napi::Object>());
-  if (!worker->valid()) {
-    delete worker;
-    throw Napi::RangeError::New(info.Env(), "restoreBatch: states shorter than the spans");
-  }
-  Napi::Promise promise = worker->promise();
-  worker->Queue();
-  return promise;
-}
-
-class DecompressChunkWorker : public Napi::AsyncWorker {
- public:
-  DecompressChunkWorker(Napi::Env env, int codec, Napi::Buffer<uint8_t> stored, size_t rawLength)
-      : Napi::AsyncWorker(env, "qcow2img:chunk"), deferred_(Napi::Promise::Deferred::New(env)),
-        codec_(static_cast<ChunkCodec>(codec)), stored_(Napi::Persistent(stored)), data_(stored.Data()),
-        length_(stored.Length()), output_(new std::vector<uint8_t>(rawLength)) {}
-  ~DecompressChunkWorker() override { delete output_; }
-  Napi::Promise promise() { return deferred_.Promise(); }
-  void Execute() override { ok_ = decompressChunk(codec_, data_, length_, output_->data(), output_->size()); }
-  void OnOK() override {
-    if (!ok_) {
-      deferred_.Reject(Napi::Error::New(Env(), "chunk does not decompress to its length").Value());
-      return;
-    }
-    std::vector<uint8_t>* out = output_;
-    output_ = nullptr;
-    deferred_.Resolve(Napi::Buffer<uint8_t>::New(Env(), out->data(), out->size(),
-                                                 [](Napi::Env, uint8_t*, std::vector<uint8_t>* v) { delete v; }, out));
-  }
-  void OnError(const Napi::Error& error) override { deferred_.Reject(error.Value()); }
-
- private:
-  Napi::Promise::Deferred deferred_;
-  ChunkCodec codec_;
-  Napi::Reference<Napi::Buffer<uint8_t>> stored_;
-  const uint8_t* data_;
-  size_t length_;
-  std::vector<uint8_t>* output_;
-  bool ok_ = false;
 };
 
 // decompressChunk(codec, stored, rawLength) -> Promise<Buffer>
+class DecompressChunkWorker : public PromiseWorker {
+ public:
+  DecompressChunkWorker(Napi::Env env, Codec codec, Napi::Buffer<uint8_t> stored, size_t rawLength)
+      : PromiseWorker(env, "qcow2img:chunk"), codec_(codec), stored_(keep(stored).Data()), storedLength_(stored.Length()),
+        output_(rawLength) {}
+  void Execute() override { ok_ = decompressChunk(codec_, stored_, storedLength_, output_.data(), output_.size()); }
+  Napi::Value Result(Napi::Env env) override {
+    if (!ok_) throw Napi::Error::New(env, "chunk does not decompress to its length");
+    return bufferOf(env, std::move(output_));
+  }
+
+ private:
+  Codec codec_;
+  const uint8_t* stored_;
+  size_t storedLength_;
+  std::vector<uint8_t> output_;
+  bool ok_ = false;
+};
+
 Napi::Value DecompressChunkFn(const Napi::CallbackInfo& info) {
   if (info.Length() < 3 || !info[1].IsBuffer()) throw Napi::TypeError::New(info.Env(), "decompressChunk(codec, stored, rawLength)");
   uint64_t rawLength = unsignedArg(info, 2, "rawLength");
   if (rawLength > (1u << 30)) throw Napi::RangeError::New(info.Env(), "decompressChunk: raw length out of range");
-  int codec = intArg(info, 0, "codec");
-  auto* worker = new DecompressChunkWorker(info.Env(), codec, info[1].As<Napi::Buffer<uint8_t>>(), static_cast<size_t>(rawLength));
-  Napi::Promise promise = worker->promise();
-  worker->Queue();
-  return promise;
+  Codec codec = enumValue<Codec>(info.Env(), info[0], "codec");
+  return start<DecompressChunkWorker>(info.Env(), codec, info[1].As<Napi::Buffer<uint8_t>>(), static_cast<size_t>(rawLength));
 }
 
-class HashFileWorker : public Napi::AsyncWorker {
+// hashFile(fd, offset = 0, length = to the end) -> Promise<bigint>: XXH3-64 of those bytes.
+class HashFileWorker : public PromiseWorker {
  public:
   HashFileWorker(Napi::Env env, int fd, uint64_t offset, uint64_t length)
-      : Napi::AsyncWorker(env, "qcow2img:hash"), deferred_(Napi::Promise::Deferred::New(env)), fd_(fd),
-        offset_(offset), length_(length) {}
-  Napi::Promise promise() { return deferred_.Promise(); }
+      : PromiseWorker(env, "qcow2img:hash"), fd_(fd), offset_(offset), length_(length) {}
   void Execute() override { ok_ = hashFile(fd_, offset_, length_, &hash_); }
-  void OnOK() override {
-    if (!ok_) deferred_.Reject(Napi::Error::New(Env(), "read error while hashing").Value());
-    else deferred_.Resolve(Napi::BigInt::New(Env(), hash_));
+  Napi::Value Result(Napi::Env env) override {
+    if (!ok_) throw Napi::Error::New(env, "read error while hashing");
+    return Napi::BigInt::New(env, hash_);
   }
-  void OnError(const Napi::Error& error) override { deferred_.Reject(error.Value()); }
 
  private:
-  Napi::Promise::Deferred deferred_;
   int fd_;
   uint64_t offset_, length_;
   uint64_t hash_ = 0;
   bool ok_ = false;
 };
 
-// hashFile(fd, offset = 0, length = to the end) -> Promise<bigint>: XXH3-64 of those bytes.
 Napi::Value HashFileFn(const Napi::CallbackInfo& info) {
   int fd = intArg(info, 0, "fd");
   uint64_t offset = info.Length() > 1 && !info[1].IsUndefined() ? unsignedArg(info, 1, "offset") : 0;
   uint64_t length = info.Length() > 2 && !info[2].IsUndefined() ? unsignedArg(info, 2, "length") : UINT64_MAX;
-  auto* worker = new HashFileWorker(info.Env(), fd, offset, length);
-  Napi::Promise promise = worker->promise();
-  worker->Queue();
-  return promise;
+  return start<HashFileWorker>(info.Env(), fd, offset, length);
 }
 
 // hash64(buffer) -> bigint; hash128(buffer) -> Buffer of 16 bytes (low then high, little-endian)
@@ -761,37 +802,26 @@ class ZstdStreamWrap : public Napi::ObjectWrap<ZstdStreamWrap> {
   }
 
  private:
-  class StepWorker : public Napi::AsyncWorker {
+  class StepWorker : public PromiseWorker {
    public:
     StepWorker(Napi::Env env, ZstdStreamWrap* owner, Napi::Buffer<uint8_t> input, Napi::Buffer<uint8_t> output, bool end)
-        : Napi::AsyncWorker(env, "qcow2img:zstd-stream"), deferred_(Napi::Promise::Deferred::New(env)), owner_(owner),
-          ownerRef_(Napi::Persistent(owner->Value())), inputRef_(Napi::Persistent(input)),
-          outputRef_(Napi::Persistent(output)), input_(input.Data()), inputSize_(input.Length()),
-          output_(output.Data()), outputSize_(output.Length()), end_(end) {}
-    Napi::Promise promise() { return deferred_.Promise(); }
+        : PromiseWorker(env, "qcow2img:zstd-stream"), owner_(owner), input_(keep(input).Data()), inputSize_(input.Length()),
+          output_(keep(output).Data()), outputSize_(output.Length()), end_(end) {
+      keep(owner->Value());
+    }
     void Execute() override { result_ = owner_->stream_->step(input_, inputSize_, output_, outputSize_, end_); }
-    void OnOK() override {
-      owner_->busy_ = false;
-      if (!result_.error.empty()) {
-        deferred_.Reject(Napi::Error::New(Env(), "zstd: " + result_.error).Value());
-        return;
-      }
-      Napi::Object object = Napi::Object::New(Env());
+    void Completed() override { owner_->busy_ = false; }
+    Napi::Value Result(Napi::Env env) override {
+      if (!result_.error.empty()) throw Napi::Error::New(env, "zstd: " + result_.error);
+      Napi::Object object = Napi::Object::New(env);
       object.Set("consumed", static_cast<double>(result_.consumed));
       object.Set("produced", static_cast<double>(result_.produced));
       object.Set("finished", result_.finished);
-      deferred_.Resolve(object);
-    }
-    void OnError(const Napi::Error& error) override {
-      owner_->busy_ = false;
-      deferred_.Reject(error.Value());
+      return object;
     }
 
    private:
-    Napi::Promise::Deferred deferred_;
     ZstdStreamWrap* owner_;
-    Napi::ObjectReference ownerRef_;
-    Napi::Reference<Napi::Buffer<uint8_t>> inputRef_, outputRef_;
     const uint8_t* input_;
     size_t inputSize_;
     uint8_t* output_;
@@ -805,11 +835,9 @@ class ZstdStreamWrap : public Napi::ObjectWrap<ZstdStreamWrap> {
       throw Napi::TypeError::New(info.Env(), "step(input, output, end)");
     }
     if (busy_) throw Napi::Error::New(info.Env(), "ZstdStream: a step is already running");
-    busy_ = true;
-    auto* worker = new StepWorker(info.Env(), this, info[0].As<Napi::Buffer<uint8_t>>(),
-                                  info[1].As<Napi::Buffer<uint8_t>>(), info[2].ToBoolean());
-    Napi::Promise promise = worker->promise();
-    worker->Queue();
+    Napi::Value promise = start<StepWorker>(info.Env(), this, info[0].As<Napi::Buffer<uint8_t>>(),
+                                            info[1].As<Napi::Buffer<uint8_t>>(), info[2].ToBoolean());
+    busy_ = true;  // until the step completes (it cannot before this call returns)
     return promise;
   }
 
@@ -817,19 +845,25 @@ class ZstdStreamWrap : public Napi::ObjectWrap<ZstdStreamWrap> {
   bool busy_ = false;
 };
 
+template <typename Job>
+void exportJob(Napi::Env env, Napi::Object exports) {
+  exports.Set(Job::kFunction, Napi::Function::New(env, JobFn<Job>, Job::kFunction));
+}
+
 Napi::Object Init(Napi::Env env, Napi::Object exports) {
+  exports.Set("enums", enumsObject<Codec, ZeroMode, RunKind, BenchEngine, PageState, UnitKind>(env));
   exports.Set("walkL2", Napi::Function::New(env, WalkL2, "walkL2"));
-  exports.Set("copy", Napi::Function::New(env, Copy, "copy"));
-  exports.Set("verify", Napi::Function::New(env, Verify, "verify"));
-  exports.Set("capture", Napi::Function::New(env, Capture, "capture"));
-  exports.Set("writeBench", Napi::Function::New(env, WriteBench, "writeBench"));
+  exportJob<CopyWorker>(env, exports);
+  exportJob<VerifyWorker>(env, exports);
+  exportJob<CaptureWorker>(env, exports);
+  exportJob<WriteBenchWorker>(env, exports);
   Napi::Function dedup = DedupTableWrap::Define(env);
   // Per environment (worker threads load the addon again), freed with it.
   env.SetInstanceData<Napi::FunctionReference>(new Napi::FunctionReference(Napi::Persistent(dedup)));
   exports.Set("DedupTable", dedup);
   exports.Set("ZstdStream", ZstdStreamWrap::Define(env));
-  exports.Set("processDumpBatch", Napi::Function::New(env, ProcessDumpBatch, "processDumpBatch"));
-  exports.Set("restoreBatch", Napi::Function::New(env, RestoreBatchFn, "restoreBatch"));
+  exportJob<DumpBatchWorker>(env, exports);
+  exportJob<RestoreBatchWorker>(env, exports);
   exports.Set("decompressChunk", Napi::Function::New(env, DecompressChunkFn, "decompressChunk"));
   exports.Set("hash64", Napi::Function::New(env, Hash64, "hash64"));
   exports.Set("hashFile", Napi::Function::New(env, HashFileFn, "hashFile"));

@@ -1,6 +1,14 @@
 /** The one place the addon is loaded: a prebuild first, then the local build. */
 import * as path from 'node:path';
 
+/**
+ * Compression codecs as the addon takes and reports them (native/core/codec.h, one numbering for
+ * every engine; test/addon-arguments.test.ts holds it equal to the addon's `enums.Codec`). Not a
+ * file format: qcow2's compression_type and a VM state chunk's codec byte are mapped to it.
+ */
+export const Codec = { None: 0, Deflate: 1, Zstd: 2 } as const;
+export type Codec = (typeof Codec)[keyof typeof Codec];
+
 /** What the native side of `copy` reports when a job fails. */
 export interface NativeCopyError extends Error {
   operation: string;
@@ -14,8 +22,8 @@ export interface NativeCopyError extends Error {
 export interface NativeSource {
   fd: number;
   size: number;
-  /** Codec of its compressed clusters: 0 deflate, 1 zstd. */
-  codec: number;
+  /** Codec of its compressed clusters (None: it has none). */
+  codec: Codec;
   /** Decompressed size of its compressed clusters. */
   clusterSize: number;
   /** Where the image's byte 0 sits in fd (an image that is a member of an uncompressed tar). */
@@ -71,8 +79,8 @@ export interface NativeCaptureJob {
   base?: Uint8Array;
   /** qcow2 v2 has no zero flag: store zeros that hide base data as data. */
   zeroAsData: boolean;
-  /** 0 none, 1 deflate (4 KiB window), 2 zstd. */
-  codec: number;
+  /** Deflate: a 4 KiB window, as QEMU writes. */
+  codec: Codec;
   level: number;
   outputFd: number;
   /** The output opened again with O_DIRECT, for chunks of whole aligned clusters. */
@@ -94,7 +102,7 @@ export interface NativeWriteBenchJob {
   random: boolean;
   /** > 0: keep writing until this much time has run. */
   seconds: number;
-  /** 0 auto (io_uring, else threads), 1 io_uring, 2 threads. */
+  /** BenchEngine: Auto is io_uring, else threads. */
   engine: number;
   seed?: number;
   counters?: BigUint64Array;
@@ -115,7 +123,8 @@ export interface NativeDumpChunk {
   spanCount: number;
   rawLength: number;
   rawChecksum: bigint;
-  codec: number;
+  /** The batch's codec, or None where compressing did not pay. */
+  codec: Codec;
   stored: Buffer;
 }
 
@@ -131,8 +140,7 @@ export interface NativeDumpBatch {
   parent?: Uint8Array;
   dirty?: Uint8Array;
   dedup?: NativeDedupTable;
-  /** 0 none, 1 zstd, 2 deflate. */
-  codec: number;
+  codec: Codec;
   level: number;
   chunkTargetBytes: number;
   threads: number;
@@ -168,6 +176,8 @@ export interface NativeRestoreBatch {
 }
 
 export interface NativeAddon {
+  /** The native enums' values by name (native/binding.cc EnumTable), to compare with the copies here. */
+  enums: Record<'Codec' | 'ZeroMode' | 'RunKind' | 'BenchEngine' | 'PageState' | 'UnitKind', Record<string, number>>;
   walkL2(
     table: Buffer,
     firstEntry: number,
@@ -186,7 +196,7 @@ export interface NativeAddon {
   processDumpBatch(batch: NativeDumpBatch): Promise<{ states: Uint8Array; duplicates: Float64Array; chunks: NativeDumpChunk[] }>;
   /** Writes the pages of a batch of spans back into a RAM dump; resolves to bytes written. */
   restoreBatch(batch: NativeRestoreBatch): Promise<number>;
-  decompressChunk(codec: number, stored: Buffer, rawLength: number): Promise<Buffer>;
+  decompressChunk(codec: Codec, stored: Buffer, rawLength: number): Promise<Buffer>;
   /** Streaming zstd (compress: level and libzstd worker threads; else a decoder of any zstd stream). */
   ZstdStream: new (compress: boolean, level: number, workers: number) => NativeZstdStream;
   hash64(data: Uint8Array): bigint;
@@ -220,6 +230,8 @@ export const planRunFields = 7;
 export const UnitKind = { Unallocated: 0, Zero: 1, ZeroAllocated: 2, Data: 3, Compressed: 4 } as const;
 export const l2RunFields = 5;
 export const ZeroMode = { Skip: 0, Write: 1, ZeroOut: 2, PunchHole: 3 } as const;
+/** writeBench engines (native/core/write_bench.h BenchEngine). */
+export const BenchEngine = { Auto: 0, IoUring: 1, Threads: 2 } as const;
 
 let addon: NativeAddon | undefined;
 

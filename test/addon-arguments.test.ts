@@ -9,7 +9,8 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
-import { native } from '../src/native';
+import { BenchEngine, Codec, native, PlanKind, UnitKind, ZeroMode } from '../src/native';
+import { PageState } from '../src/vmstate/format';
 
 const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'qcow2img-addon-'));
 afterAll(() => fs.rmSync(dir, { recursive: true, force: true }));
@@ -24,6 +25,17 @@ async function failure(f: () => unknown): Promise<Error> {
   }
   throw new Error('no error');
 }
+
+describe('enums', () => {
+  it('the addon numbers codecs as src/native.ts does (one enum for every engine)', () => {
+    expect(native().enums.Codec).toEqual(Codec);
+  });
+
+  it('and every other enum that crosses the boundary as a number', () => {
+    const pageState = Object.fromEntries(Object.entries(PageState).map(([name, value]) => [name[0]!.toUpperCase() + name.slice(1), value]));
+    expect(native().enums).toEqual({ Codec, ZeroMode, RunKind: PlanKind, BenchEngine, PageState: pageState, UnitKind });
+  });
+});
 
 describe('arguments', () => {
   const file = path.join(dir, 'data.bin');
@@ -59,6 +71,52 @@ describe('arguments', () => {
       expect(error.message).toMatch(message);
     });
   }
+
+  // Every enum value is checked on the way in: a number the engine does not define is a RangeError
+  // naming the field and the values it takes, never a cast.
+  const copyJob = (extra: Record<string, unknown>, source: Record<string, unknown> = {}) => ({
+    runs: Float64Array.from([0, 4096, PlanKind.Data, 0, 0, 0, 0]),
+    sources: [{ fd, size: 1 << 20, codec: Codec.None, clusterSize: 65536, ...source }],
+    memory: Buffer.alloc(4096),
+    ...extra,
+  });
+  const enumCases: [string, () => unknown, RegExp][] = [
+    ['copy with a source codec of 3', () => addon.copy!(copyJob({}, { codec: 3 })), /^codec must be one of 0 \(None\), 1 \(Deflate\), 2 \(Zstd\)$/],
+    ['copy with a negative source codec', () => addon.copy!(copyJob({}, { codec: -1 })), /^codec must be one of/],
+    ['copy with a zero mode of 4', () => addon.copy!(copyJob({ zeroMode: 4 })), /^zeroMode must be one of 0 \(Skip\), 1 \(Write\), 2 \(ZeroOut\), 3 \(PunchHole\)$/],
+    ['copy with a fractional zero mode', () => addon.copy!(copyJob({ zeroMode: 1.5 })), /^zeroMode must be one of/],
+    ['copy with a run kind of 3', () => addon.copy!(copyJob({ runs: Float64Array.from([0, 4096, 3, 0, 0, 0, 0]) })), /^runs: element 2 \(a kind\) must be one of 0 \(Zero\), 1 \(Data\), 2 \(Compressed\)$/],
+    ['copy with a run source past the int range', () => addon.copy!(copyJob({ runs: Float64Array.from([0, 4096, PlanKind.Data, 2 ** 40, 0, 0, 0]) })), /^runs: element 3 \(a source\)/],
+    ['capture with a codec of 3', () => addon.capture!({ results: new Float64Array(3), clusterCount: 1, clusterSize: 65536, sourceFd: fd, codec: 3 }), /^codec must be one of 0 \(None\)/],
+    ['processDumpBatch with a codec of 7', () => addon.processDumpBatch!({ sourceFd: fd, pageCount: 1, codec: 7 }), /^codec must be one of/],
+    ['decompressChunk with a codec of 3', () => addon.decompressChunk!(3, Buffer.alloc(4), 4), /^codec must be one of/],
+    ['decompressChunk with a NaN codec', () => addon.decompressChunk!(NaN, Buffer.alloc(4), 4), /^codec must be one of/],
+    ['writeBench with an engine of 3', () => addon.writeBench!({ fd, size: 4096, blockSize: 4096, engine: 3 }), /^engine must be one of 0 \(Auto\), 1 \(IoUring\), 2 \(Threads\)$/],
+    ['restoreBatch with a page state of 4', () => addon.restoreBatch!({ spans: Float64Array.from([2, 0]), states: Uint8Array.from([1, 4]), chunks: new Float64Array(0), duplicates: new Float64Array(0) }), /^states: element 1 must be one of 0 \(Zero\), 1 \(Data\), 2 \(Duplicate\), 3 \(Parent\)$/],
+  ];
+  for (const [name, call, message] of enumCases) {
+    it(`${name}: a RangeError naming the field`, async () => {
+      const error = await failure(call);
+      expect(error).toBeInstanceOf(RangeError);
+      expect(error.message).toMatch(message);
+    });
+  }
+
+  it('the enum values the engines define pass the checks', async () => {
+    const target = Buffer.alloc(4096);
+    await addon.copy!({ ...copyJob({ zeroMode: ZeroMode.Write }, { codec: Codec.Zstd }), memory: target, threads: 1 });
+    expect(target.equals(Buffer.alloc(4096, 1))).toBe(true);
+    for (const codec of [Codec.Deflate, Codec.Zstd]) {
+      // Empty input of a real codec: refused by the engine (a rejection), not by the argument check.
+      expect((await failure(() => addon.decompressChunk!(codec, Buffer.alloc(0), 4))).message).toMatch(/does not decompress/);
+    }
+  });
+
+  it('decompressChunk resolves through the shared worker, and rejects through it', async () => {
+    const stored = Buffer.from('stored as is');
+    expect(await addon.decompressChunk!(Codec.None, stored, stored.length)).toEqual(stored);
+    expect((await failure(() => addon.decompressChunk!(Codec.None, stored, stored.length + 1))).message).toMatch(/does not decompress to its length/);
+  });
 
   it('a second ZstdStream step while one runs is an error', async () => {
     const stream = new addon.ZstdStream(true, 3, 0);
@@ -123,7 +181,7 @@ describe('hostile file contents that reach an engine', () => {
     const error = await failure(() =>
       addon.copy!({
         runs: Float64Array.from([0, 8192, 2, 0, 0, 100, 2 ** 53 - 4096]),
-        sources: [{ fd: 0, size: 1 << 20, codec: 1, clusterSize: 65536, base: 0 }],
+        sources: [{ fd: 0, size: 1 << 20, codec: Codec.Zstd, clusterSize: 65536, base: 0 }],
         memory,
         memoryGuestOffset: 0,
         threads: 1,

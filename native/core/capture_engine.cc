@@ -158,7 +158,7 @@ class CaptureEngine {
           continue;
         }
         size_t length = 0;
-        if (job_.codec != CompressCodec::None) {
+        if (job_.codec != Codec::None) {
           // QEMU's limit: a stream longer than a cluster minus one byte is stored as data.
           length = compressor.compress(cluster, job_.clusterSize, compressed.data + compressedUsed,
                                        job_.clusterSize - 1);

@@ -31,7 +31,7 @@ struct CaptureJob {
   const uint8_t* holes = nullptr; // optional, one byte per cluster: 1 = known zero, not read
   const uint8_t* base = nullptr;  // optional: the base's bytes for the whole range
   bool zeroAsData = false;        // no zero flag (qcow2 v2): store zeros as data
-  CompressCodec codec = CompressCodec::None;
+  Codec codec = Codec::None;
   int level = 0;
   int outputFd = -1;
   // Optional second descriptor of the output opened with O_DIRECT, used for chunks

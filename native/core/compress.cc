@@ -83,8 +83,8 @@ size_t deflateLevelBufferSize(int level) {
 
 }  // namespace
 
-ClusterCompressor::ClusterCompressor(CompressCodec codec, int level) : codec_(codec), level_(level) {
-  if (codec_ == CompressCodec::Deflate) {
+ClusterCompressor::ClusterCompressor(Codec codec, int level) : codec_(codec), level_(level) {
+  if (codec_ == Codec::Deflate) {
     if (level_ < 0 || level_ > 9) level_ = kRefinedLevel;
     // Levels 0-3 are ISA-L's (fast, a few percent larger than zlib's 6); 5-9 are zlib's own,
     // for output as small as QEMU's at zlib's speed; 4 is ISA-L's 3 with zlib's 6 where it pays.
@@ -109,7 +109,7 @@ ClusterCompressor::ClusterCompressor(CompressCodec codec, int level) : codec_(co
       // Refining is optional: with ISA-L and no zlib, level 4 is ISA-L's 3 alone.
       if (!useIsal_) ok_ = zlibLoaded;
     }
-  } else if (codec_ == CompressCodec::Zstd) {
+  } else if (codec_ == Codec::Zstd) {
     zstd_ = ZSTD_createCCtx();
     ok_ = zstd_ != nullptr &&
           !ZSTD_isError(ZSTD_CCtx_setParameter(zstd_, ZSTD_c_compressionLevel, level_)) &&
@@ -128,8 +128,8 @@ ClusterCompressor::~ClusterCompressor() {
 
 size_t ClusterCompressor::compress(const uint8_t* input, size_t inputSize, uint8_t* output,
                                    size_t limit) {
-  if (codec_ == CompressCodec::Deflate && !useIsal_) return compressZlib(input, inputSize, output, limit);
-  if (codec_ == CompressCodec::Deflate) {
+  if (codec_ == Codec::Deflate && !useIsal_) return compressZlib(input, inputSize, output, limit);
+  if (codec_ == Codec::Deflate) {
     size_t length = compressIsal(input, inputSize, output, limit, std::min(level_, 3));
     // Measured on a disk of system files: zlib's 6 gains about as many bytes per CPU second
     // on every cluster ISA-L shrank, a little more where it shrank them least; these clusters
@@ -144,7 +144,7 @@ size_t ClusterCompressor::compress(const uint8_t* input, size_t inputSize, uint8
     }
     return length;
   }
-  if (codec_ == CompressCodec::Zstd) {
+  if (codec_ == Codec::Zstd) {
     size_t n = ZSTD_compress2(zstd_, output, limit, input, inputSize);
     if (ZSTD_isError(n) || n > limit) return 0;
     return n;

@@ -8,18 +8,18 @@
 #include <cstdint>
 #include <vector>
 
+#include "codec.h"
+
 struct ZSTD_CCtx_s;
 
 namespace qcow2img {
-
-enum class CompressCodec : int { None = 0, Deflate = 1, Zstd = 2 };
 
 class ClusterCompressor {
  public:
   // level: deflate 0..3 (ISA-L's levels), 4 (ISA-L's 3, then zlib's 6 on the clusters it left
   // at 55-85% of their size) or 5..9 (zlib's); without ISA-L, zlib's own level 1..9 (0 = 1);
   // zstd 1..19 (negative: fast modes).
-  ClusterCompressor(CompressCodec codec, int level);
+  ClusterCompressor(Codec codec, int level);
   ~ClusterCompressor();
   ClusterCompressor(const ClusterCompressor&) = delete;
   ClusterCompressor& operator=(const ClusterCompressor&) = delete;
@@ -33,7 +33,7 @@ class ClusterCompressor {
   size_t compressIsal(const uint8_t* input, size_t inputSize, uint8_t* output, size_t limit, int level);
   size_t compressZlib(const uint8_t* input, size_t inputSize, uint8_t* output, size_t limit);
 
-  CompressCodec codec_;
+  Codec codec_;
   int level_;
   bool ok_ = true;
   bool useIsal_ = false;

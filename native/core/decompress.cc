@@ -28,8 +28,12 @@ ClusterDecompressor::~ClusterDecompressor() {
 DecompressStatus ClusterDecompressor::decompress(Codec codec, const uint8_t* input,
                                                  size_t inputSize, uint8_t* output,
                                                  size_t outputSize) {
-  if (codec == Codec::Deflate) return inflateRaw(input, inputSize, output, outputSize);
-  return decompressZstd(input, inputSize, output, outputSize);
+  switch (codec) {
+    case Codec::Deflate: return inflateRaw(input, inputSize, output, outputSize);
+    case Codec::Zstd: return decompressZstd(input, inputSize, output, outputSize);
+    case Codec::None: break;
+  }
+  return DecompressStatus::BadData;
 }
 
 DecompressStatus ClusterDecompressor::inflateRaw(const uint8_t* input, size_t inputSize,

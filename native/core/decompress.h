@@ -1,15 +1,16 @@
-// Cluster decompression for qcow2 compression types 0 (raw deflate) and 1 (zstd).
+// Cluster decompression for qcow2 compression types 0 (raw deflate: Codec::Deflate) and 1
+// (zstd: Codec::Zstd); Codec::None has no compressed clusters, so any is BadData.
 // Plain C++17 over byte spans: no Node-API, no format policy beyond "fill exactly N bytes".
 #pragma once
 #include <cstddef>
 #include <cstdint>
 
+#include "codec.h"
+
 struct libdeflate_decompressor;
 struct ZSTD_DCtx_s;
 
 namespace qcow2img {
-
-enum class Codec : int { Deflate = 0, Zstd = 1 };
 
 enum class DecompressStatus : int {
   Ok = 0,

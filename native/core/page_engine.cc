@@ -107,14 +107,14 @@ struct Mapping {
   Mapping& operator=(const Mapping&) = delete;
 };
 
-size_t compressChunk(ChunkCodec codec, int level, const uint8_t* raw, size_t rawLength,
+size_t compressChunk(Codec codec, int level, const uint8_t* raw, size_t rawLength,
                      std::vector<uint8_t>& out) {
-  if (codec == ChunkCodec::Zstd) {
+  if (codec == Codec::Zstd) {
     out.resize(ZSTD_compressBound(rawLength));
     size_t n = ZSTD_compress(out.data(), out.size(), raw, rawLength, level);
     return ZSTD_isError(n) ? 0 : n;
   }
-  if (codec == ChunkCodec::Deflate) {
+  if (codec == Codec::Deflate) {
     libdeflate_compressor* c = libdeflate_alloc_compressor(std::clamp(level, 1, 12));
     if (!c) return 0;
     out.resize(libdeflate_deflate_compress_bound(c, rawLength));
@@ -127,18 +127,27 @@ size_t compressChunk(ChunkCodec codec, int level, const uint8_t* raw, size_t raw
 
 }  // namespace
 
-bool decompressChunk(ChunkCodec codec, const uint8_t* stored, size_t storedLength, uint8_t* output,
+bool codecFromChunkByte(uint8_t byte, Codec* codec) {
+  switch (byte) {
+    case 0: *codec = Codec::None; return true;
+    case 1: *codec = Codec::Zstd; return true;
+    case 2: *codec = Codec::Deflate; return true;
+    default: return false;
+  }
+}
+
+bool decompressChunk(Codec codec, const uint8_t* stored, size_t storedLength, uint8_t* output,
                      size_t rawLength) {
   switch (codec) {
-    case ChunkCodec::None:
+    case Codec::None:
       if (storedLength != rawLength) return false;
       memcpy(output, stored, rawLength);
       return true;
-    case ChunkCodec::Zstd: {
+    case Codec::Zstd: {
       size_t n = ZSTD_decompress(output, rawLength, stored, storedLength);
       return !ZSTD_isError(n) && n == rawLength;
     }
-    case ChunkCodec::Deflate: {
+    case Codec::Deflate: {
       libdeflate_decompressor* d = libdeflate_alloc_decompressor();
       if (!d) return false;
       bool ok = libdeflate_deflate_decompress(d, stored, storedLength, output, rawLength, nullptr) ==
@@ -246,14 +255,14 @@ DumpBatchResult processDumpBatch(const DumpBatch& b) {
       at += b.pageSize;
     }
     chunk.rawChecksum = XXH3_64bits(raw.data(), raw.size());
-    size_t n = b.codec == ChunkCodec::None ? 0 : compressChunk(b.codec, b.level, raw.data(), raw.size(), chunk.stored);
+    size_t n = b.codec == Codec::None ? 0 : compressChunk(b.codec, b.level, raw.data(), raw.size(), chunk.stored);
     if (n > 0 && n < raw.size()) {
       chunk.stored.resize(n);
       chunk.codec = b.codec;
     } else {
       // Incompressible (or not asked to compress): stored as is.
       chunk.stored = std::move(raw);
-      chunk.codec = ChunkCodec::None;
+      chunk.codec = Codec::None;
     }
   });
   if (!completed) result.error = "out of memory";
@@ -313,7 +322,6 @@ RestoreBatchResult restoreBatch(const RestoreBatch& b) {
     if (XXH3_64bits(payload.data(), payload.size()) != chunk.checksum) {
       return fail("chunk checksum mismatch", static_cast<int64_t>(c));
     }
-    ChunkCodec codec = static_cast<ChunkCodec>(payload[0]);
     uint32_t spanCount, rawLength;
     uint64_t firstSpan, rawChecksum;
     memcpy(&spanCount, payload.data() + 4, 4);
@@ -338,7 +346,9 @@ RestoreBatchResult restoreBatch(const RestoreBatch& b) {
                   static_cast<int64_t>(c));
     }
     std::vector<uint8_t> raw(rawLength);
-    if (!decompressChunk(codec, payload.data() + 32, payload.size() - 32, raw.data(), rawLength) ||
+    Codec codec;
+    if (!codecFromChunkByte(payload[0], &codec) ||
+        !decompressChunk(codec, payload.data() + 32, payload.size() - 32, raw.data(), rawLength) ||
         XXH3_64bits(raw.data(), raw.size()) != rawChecksum) {
       return fail("chunk does not decompress to its checksum", static_cast<int64_t>(c));
     }

@@ -10,10 +10,16 @@
 #include <unordered_map>
 #include <vector>
 
+#include "codec.h"
+
 namespace qcow2img {
 
 enum class PageState : uint8_t { Zero = 0, Data = 1, Duplicate = 2, Parent = 3 };
-enum class ChunkCodec : int { None = 0, Zstd = 1, Deflate = 2 };
+
+// A CHUNK section's codec byte is the file's own numbering (docs/formats/vmstate.md: 0 none,
+// 1 zstd, 2 raw deflate), not Codec's: it is mapped, never cast. False for a byte the format
+// does not define. (The writer's side of the table is src/vmstate/format.ts.)
+bool codecFromChunkByte(uint8_t byte, Codec* codec);
 
 // First occurrences of page contents across a whole dump, by XXH3-128.
 class DedupTable {
@@ -49,7 +55,7 @@ struct DumpBatch {
   const uint8_t* dirty = nullptr;   // optional: 1 bit a page, LSB first; clear = unchanged
   bool incremental = false;     // unchanged pages (per parent or dirty) become PARENT
   DedupTable* dedup = nullptr;  // optional: duplicates are found only with it
-  ChunkCodec codec = ChunkCodec::Zstd;
+  Codec codec = Codec::Zstd;
   int level = 1;
   uint64_t chunkTargetBytes = 1 << 20;  // raw data bytes after which a chunk is closed
   uint32_t threads = 2;
@@ -60,7 +66,7 @@ struct DumpChunk {
   uint32_t spanCount = 0;
   uint32_t rawLength = 0;
   uint64_t rawChecksum = 0;
-  ChunkCodec codec = ChunkCodec::None;
+  Codec codec = Codec::None;
   std::vector<uint8_t> stored;  // what the CHUNK section holds after its 32-byte header
 };
 
@@ -114,7 +120,7 @@ uint64_t hash64(const uint8_t* data, size_t length);
 void hash128(const uint8_t* data, size_t length, uint64_t* low, uint64_t* high);
 
 // Decompresses one chunk's stored bytes into `output` (rawLength bytes); false on any mismatch.
-bool decompressChunk(ChunkCodec codec, const uint8_t* stored, size_t storedLength, uint8_t* output,
+bool decompressChunk(Codec codec, const uint8_t* stored, size_t storedLength, uint8_t* output,
                      size_t rawLength);
 
 }  // namespace qcow2img

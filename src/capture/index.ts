@@ -9,7 +9,7 @@ import { constants as fsConstants } from 'node:fs';
 import * as fs from 'node:fs/promises';
 import * as nodePath from 'node:path';
 import { Qcow2Error, ioError } from '../errors';
-import { native } from '../native';
+import { Codec, native } from '../native';
 import type { Image, OpenOptions } from '../qcow2/image';
 import { open } from '../qcow2/open';
 import { COPIED, compressedClusters, compressedEntry, encodeHeaderCluster, type HeaderFields, refcountLayout } from '../qcow2/writer';
@@ -61,7 +61,7 @@ export interface CaptureResult {
  */
 const batchBytes = 256 * 1024 * 1024;
 const batchBytesWithBase = 64 * 1024 * 1024;
-const codecs = { none: 0, zlib: 1, zstd: 2 } as const;
+const codecs = { none: Codec.None, zlib: Codec.Deflate, zstd: Codec.Zstd } as const;
 
 /** What the capture compares with: qcow2 (through the reader) or raw. */
 interface BaseReader {

@@ -4,7 +4,7 @@
 import { Readable } from 'node:stream';
 import { Qcow2Error } from '../errors';
 import { seekIn } from '../files';
-import { type NativeCopyJob, type NativeSource, native, planRunFields, PlanKind } from '../native';
+import { Codec, type NativeCopyJob, type NativeSource, native, planRunFields, PlanKind } from '../native';
 import { type CompressionType, encryptedError } from './header';
 import { type Layer, type LayerRun, type OpenFile, Qcow2Layer } from './layers';
 import type { EncryptionInfo } from './luks';
@@ -105,7 +105,8 @@ export interface ReadStreamOptions {
   highWaterMark?: number;
 }
 
-const compressionCodec = { zlib: 0, zstd: 1 } as const;
+/** qcow2's compression_type (header.ts names it) as the native codec. */
+const compressionCodec = { zlib: Codec.Deflate, zstd: Codec.Zstd } as const;
 
 export class Image {
   /** @internal */
@@ -355,13 +356,13 @@ export class Image {
   plan(runs: readonly ResolvedRun[]): { runs: Float64Array; sources: NativeSource[] } {
     const files = this.files;
     const sourceIndex = new Map<OpenFile, number>(files.map((f, i) => [f, i]));
-    const codecOf = new Map<OpenFile, { codec: number; clusterSize: number }>();
+    const codecOf = new Map<OpenFile, { codec: Codec; clusterSize: number }>();
     for (const layer of this.layers) {
       if (layer instanceof Qcow2Layer) {
         codecOf.set(layer.file, { codec: compressionCodec[layer.header.compressionType], clusterSize: layer.header.clusterSize });
       }
     }
-    const sources = files.map((f) => ({ fd: f.handle.fd, base: f.base, size: f.size, codec: codecOf.get(f)?.codec ?? 0, clusterSize: codecOf.get(f)?.clusterSize ?? 512 }));
+    const sources = files.map((f) => ({ fd: f.handle.fd, base: f.base, size: f.size, codec: codecOf.get(f)?.codec ?? Codec.None, clusterSize: codecOf.get(f)?.clusterSize ?? 512 }));
     const out = new Float64Array(runs.length * planRunFields);
     let count = 0;
     for (const run of runs) {

@@ -2,6 +2,7 @@
  * Byte layouts of the VM state file: docs/formats/vmstate.md. Little-endian.
  */
 import { Qcow2Error } from '../errors';
+import { Codec } from '../native';
 
 export const HEADER_MAGIC = 'QVMSTATE';
 export const FOOTER_MAGIC = 'QVMSTEND';
@@ -21,7 +22,24 @@ export const SECTION_REQUIRED = 1;
 export const SECTION_VERSION = 1;
 
 export const PageState = { zero: 0, data: 1, duplicate: 2, parent: 3 } as const;
+/**
+ * A CHUNK's codec byte: the file's own numbering (docs/formats/vmstate.md), which the addon's
+ * in-memory Codec does not share. Mapped both ways here (and in native/core/page_engine.cc,
+ * which reads it on restore), never cast.
+ */
 export const ChunkCodec = { none: 0, zstd: 1, deflate: 2 } as const;
+const chunkCodecOf = { [Codec.None]: ChunkCodec.none, [Codec.Deflate]: ChunkCodec.deflate, [Codec.Zstd]: ChunkCodec.zstd } as const;
+const codecOfChunk = new Map<number, Codec>([[ChunkCodec.none, Codec.None], [ChunkCodec.zstd, Codec.Zstd], [ChunkCodec.deflate, Codec.Deflate]]);
+
+/** The codec byte a CHUNK written with `codec` holds. */
+export function chunkCodecByte(codec: Codec): number {
+  return chunkCodecOf[codec];
+}
+
+/** The codec of a CHUNK's codec byte; undefined for a byte the format does not define. */
+export function codecOfChunkByte(byte: number): Codec | undefined {
+  return codecOfChunk.get(byte);
+}
 
 /** Limits on what a state file may claim, checked before allocating. */
 export const stateLimits = {

@@ -12,7 +12,7 @@ import { native } from '../native';
 import * as os from 'node:os';
 import { type CpuState, decodeCpuState } from './cpu';
 import {
-  CHUNK_HEADER_BYTES, decodeFooter, decodeHeader, decodeIndex, decodeRegions, FOOTER_BYTES, HEADER_BYTES,
+  CHUNK_HEADER_BYTES, codecOfChunkByte, decodeFooter, decodeHeader, decodeIndex, decodeRegions, FOOTER_BYTES, HEADER_BYTES,
   type Header, type Index, isRequired, PAGE_SIZE, PageState, type Region, SECTION_HEADER_BYTES, type SectionEntry,
   encodeSectionHeader, SECTION_VERSION, sameRegions, sectionName, SectionType, SPAN_PAGES, stateOf, stateLimits,
 } from './format';
@@ -253,7 +253,9 @@ export class StateFile {
       const payload = await this.checkedSection(this.index.sections[entry.section]!);
       const rawLength = payload.readUInt32LE(16);
       if (rawLength > stateLimits.maxChunkRawBytes || rawLength % PAGE_SIZE) throw new Qcow2Error('BAD_HEADER_FIELD', `chunk ${number} claims ${rawLength} bytes`, { path: this.path });
-      const raw = await native().decompressChunk(payload[0]!, payload.subarray(CHUNK_HEADER_BYTES), rawLength).catch(() => {
+      const codec = codecOfChunkByte(payload[0]!);
+      if (codec === undefined) throw new Qcow2Error('CHECKSUM_MISMATCH', `chunk ${number} does not decompress (codec ${payload[0]})`, { path: this.path });
+      const raw = await native().decompressChunk(codec, payload.subarray(CHUNK_HEADER_BYTES), rawLength).catch(() => {
         throw new Qcow2Error('CHECKSUM_MISMATCH', `chunk ${number} does not decompress`, { path: this.path });
       });
       if (native().hash64(raw) !== payload.readBigUInt64LE(24)) throw new Qcow2Error('CHECKSUM_MISMATCH', `chunk ${number} decompresses to the wrong bytes`, { path: this.path });

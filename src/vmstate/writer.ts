@@ -8,12 +8,12 @@ import * as nodePath from 'node:path';
 import { randomUUID } from 'node:crypto';
 import { Qcow2Error, ioError, throwIfCancelled } from '../errors';
 import { syncFolder, temporaryPathFor } from '../files';
-import { native } from '../native';
+import { Codec, native } from '../native';
 import { threadCount } from '../load/copy';
 import { ProgressSampler, type ProgressCallback } from '../load/progress';
 import { type CpuState, encodeCpuState } from './cpu';
 import {
-  CHUNK_HEADER_BYTES, ChunkCodec, type ChunkMapEntry, encodeFooter, encodeHeader, encodeIndex, encodeRegions,
+  CHUNK_HEADER_BYTES, chunkCodecByte, type ChunkMapEntry, encodeFooter, encodeHeader, encodeIndex, encodeRegions,
   encodeSectionHeader, PAGE_SIZE, padding, packStates, type Region, type SectionEntry,
   sameRegions, SECTION_VERSION, SectionType, SPAN_PAGES, stateLimits,
 } from './format';
@@ -59,7 +59,7 @@ export interface WriteStateResult {
 
 /** Guest bytes per native batch: whole spans, so chunks never cross batches. */
 const batchBytes = 64 * 1024 * 1024;
-const codecs = { none: ChunkCodec.none, zstd: ChunkCodec.zstd, deflate: ChunkCodec.deflate } as const;
+const codecs = { none: Codec.None, zstd: Codec.Zstd, deflate: Codec.Deflate } as const;
 
 export function uuidBytes(id: string): Buffer {
   return Buffer.from(id.replace(/-/g, ''), 'hex');
@@ -235,7 +235,7 @@ export async function writeState(output: string, options: WriteStateOptions): Pr
           for (const d of batch.duplicates) duplicates.push(d);
           for (const chunk of batch.chunks) {
             const chunkHeader = Buffer.alloc(CHUNK_HEADER_BYTES);
-            chunkHeader[0] = chunk.codec;
+            chunkHeader[0] = chunkCodecByte(chunk.codec);
             chunkHeader.writeUInt32LE(chunk.spanCount, 4);
             chunkHeader.writeBigUInt64LE(BigInt(chunk.firstSpan), 8);
             chunkHeader.writeUInt32LE(chunk.rawLength, 16);
