@@ -20,6 +20,129 @@ export async function syncFolder(folder: string): Promise<void> {
   await handle.close();
 }
 
+/** What the errors of a PendingFile say, each followed by the OS's reason. */
+export interface PendingMessages {
+  /** Default: "cannot create the file". */
+  create?: string;
+  /** Default: "cannot flush the file". */
+  flush?: string;
+  /** Default: "cannot rename the finished file into place". */
+  rename?: string;
+}
+
+/**
+ * An output written under its temporary name (temporaryPathFor) and renamed into place only
+ * when complete, so that a file under the final name is always a whole one. `commit` flushes,
+ * closes, renames and syncs the folder; `abandon` closes and removes what was written. Errors
+ * name the final path.
+ */
+export class PendingFile {
+  private readonly extra: fs.FileHandle[] = [];
+  private state: 'open' | 'closed' | 'committed' = 'open';
+
+  private constructor(
+    /** The final name. */
+    readonly target: string,
+    /** Where the bytes are written until `commit`. */
+    readonly temporary: string,
+    /** The descriptor it was created with. */
+    readonly handle: fs.FileHandle,
+    private readonly messages: PendingMessages,
+  ) {}
+
+  /**
+   * Creates the temporary file (exclusively: `open` must fail on an existing name; default
+   * `wx`, mode 0644).
+   */
+  static async create(target: string, messages: PendingMessages = {}, open: (temporary: string) => Promise<fs.FileHandle> = (t) => fs.open(t, 'wx', 0o644)): Promise<PendingFile> {
+    const temporary = temporaryPathFor(target);
+    const handle = await open(temporary).catch((error) => {
+      throw ioError(error, target, messages.create ?? 'cannot create the file');
+    });
+    return new PendingFile(target, temporary, handle, messages);
+  }
+
+  /** Another descriptor of the temporary file (O_DIRECT, a buffered tail), closed with it. */
+  async openAgain(flags: number): Promise<fs.FileHandle> {
+    const handle = await fs.open(this.temporary, flags);
+    this.extra.push(handle);
+    return handle;
+  }
+
+  /** fdatasync of every descriptor: what was written is on the disk. Never retried into a success. */
+  async flush(): Promise<void> {
+    try {
+      for (const handle of [...this.extra, this.handle]) await handle.datasync();
+    } catch (error) {
+      throw ioError(error, this.target, this.messages.flush ?? 'cannot flush the file');
+    }
+  }
+
+  /** Flushes, closes and renames the file into place. */
+  async commit(): Promise<void> {
+    await this.flush();
+    await this.close().catch((error) => {
+      throw ioError(error, this.target, this.messages.flush ?? 'cannot flush the file');
+    });
+    await renameIntoPlace(this.temporary, this.target, this.messages.rename ?? 'cannot rename the finished file into place');
+    this.state = 'committed';
+  }
+
+  /** Closes and removes the temporary file; nothing is left behind. After a commit, nothing is done. */
+  async abandon(): Promise<void> {
+    if (this.state === 'committed') return;
+    await this.close().catch(() => {});
+    await fs.unlink(this.temporary).catch(() => {});
+  }
+
+  private async close(): Promise<void> {
+    if (this.state !== 'open') return;
+    this.state = 'closed';
+    for (const handle of this.extra) await handle.close().catch(() => {});
+    await this.handle.close();
+  }
+}
+
+/**
+ * A folder built under its temporary name and renamed into place when complete (a snapshot
+ * bundle): `commit` syncs it and renames it, `abandon` removes it with all it holds.
+ */
+export class PendingFolder {
+  private committed = false;
+
+  private constructor(
+    readonly target: string,
+    readonly temporary: string,
+  ) {}
+
+  static async create(target: string, what: string): Promise<PendingFolder> {
+    const temporary = temporaryPathFor(target);
+    await fs.mkdir(temporary).catch((error) => {
+      throw ioError(error, target, what);
+    });
+    return new PendingFolder(target, temporary);
+  }
+
+  /** Syncs the folder (the names of the files in it) and renames it into place. */
+  async commit(): Promise<void> {
+    await syncFolder(this.temporary);
+    await renameIntoPlace(this.temporary, this.target, 'cannot rename the finished folder into place');
+    this.committed = true;
+  }
+
+  async abandon(): Promise<void> {
+    if (!this.committed) await fs.rm(this.temporary, { recursive: true, force: true }).catch(() => {});
+  }
+}
+
+/** The last step of every output: the rename, then the folder's fsync so that it survives a crash. */
+async function renameIntoPlace(temporary: string, target: string, what: string): Promise<void> {
+  await fs.rename(temporary, target).catch((error) => {
+    throw ioError(error, target, what);
+  });
+  await syncFolder(nodePath.dirname(target));
+}
+
 /**
  * The next data (SEEK_DATA) or hole (SEEK_HOLE) of the file at or after `offset`, or -1 when
  * there is none; a failure (a file system that cannot say) is an error naming `path`.

@@ -11,7 +11,7 @@ import { Qcow2Error, ioError } from '../errors';
 import { native } from '../native';
 import { load } from '../load/index';
 import { claimDevice } from '../load/target';
-import { ProgressSampler, type ProgressCallback } from '../load/progress';
+import { JobCounters, jobError, ProgressSampler, type ProgressCallback } from '../jobs';
 import type { OpenOptions } from '../qcow2/image';
 import { open } from '../qcow2/open';
 
@@ -165,13 +165,8 @@ export async function bench(target: string, options: BenchOptions = {}): Promise
   try {
     const size = Math.floor(opened.size / blockSize) * blockSize;
     if (size === 0) throw new Qcow2Error('INVALID_ARGUMENT', `target holds less than one ${blockSize}-byte block`, { path });
-    const counters = new BigUint64Array(4);
-    const abort = () => {
-      counters[2] = 1n;
-    };
-    options.signal?.addEventListener('abort', abort, { once: true });
-    // Fired before the listener was there (during the awaits above): the same as after.
-    if (options.signal?.aborted) abort();
+    const counters = new JobCounters();
+    const release = counters.cancelOn(options.signal);
     const sampler = new ProgressSampler(counters, options.time ? Number.MAX_SAFE_INTEGER : size, options.onProgress);
     sampler.start();
     let raw;
@@ -185,16 +180,15 @@ export async function bench(target: string, options: BenchOptions = {}): Promise
         random: pattern === 'rand',
         seconds: options.time ?? 0,
         engine: engines[options.engine ?? 'auto'],
-        counters,
+        counters: counters.words,
       });
     } catch (error) {
-      const e = error as { message?: string; operation?: string };
-      throw new Qcow2Error('IO_ERROR', `${e.operation ?? 'write'} failed: ${e.message}`, { path });
+      throw jobError('bench', error, { path });
     } finally {
       sampler.stop();
-      options.signal?.removeEventListener('abort', abort);
+      release();
     }
-    if (counters[2] !== 0n) throw new Qcow2Error('CANCELLED', 'cancelled', { path });
+    if (counters.cancelled) throw new Qcow2Error('CANCELLED', 'cancelled', { path });
     result = {
       target: path,
       bandwidthBytesPerSec: raw.bytes / raw.seconds,

@@ -14,10 +14,9 @@ import type { Image, OpenOptions } from '../qcow2/image';
 import { open } from '../qcow2/open';
 import { COPIED, compressedClusters, compressedEntry, encodeHeaderCluster, type HeaderFields, refcountLayout } from '../qcow2/writer';
 import { limits } from '../limits';
-import { threadCount } from '../load/copy';
 import { seekIn, syncFolder, temporaryPathFor } from '../files';
 import { holdLocks, lockAsQemu } from '../locks';
-import { ProgressSampler, type ProgressCallback } from '../load/progress';
+import { JobCounters, ProgressSampler, threadCount, type ProgressCallback } from '../jobs';
 
 export interface CaptureOptions extends Omit<OpenOptions, 'snapshot' | 'metadataOnly'> {
   /** Compress clusters (zlib = raw deflate as QEMU writes it). Default: none. */
@@ -230,9 +229,9 @@ export async function capture(source: string, output: string, options: CaptureOp
   let out: fs.FileHandle | undefined;
   let directOut: fs.FileHandle | undefined;
   let renamed = false;
-  const counters = new BigUint64Array(4);
+  const counters = new JobCounters();
   const abort = () => {
-    counters[2] = 1n;
+    counters.cancel();
   };
   options.signal?.addEventListener('abort', abort, { once: true });
   // Fired before the listener was there (during the awaits above): the same as after.
@@ -363,7 +362,7 @@ export async function capture(source: string, output: string, options: CaptureOp
               outputPosition: position,
               threads,
               results: groupResults.subarray(done * 3, (done + count) * 3),
-              counters,
+              counters: counters.words,
             });
           } catch (error) {
             if (error instanceof Qcow2Error) throw error;

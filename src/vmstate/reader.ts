@@ -7,8 +7,8 @@ import * as fs from 'node:fs/promises';
 import * as nodePath from 'node:path';
 import { Qcow2Error, ioError, throwIfCancelled } from '../errors';
 import { syncFolder, temporaryPathFor } from '../files';
-import { threadCount } from '../load/copy';
 import { native } from '../native';
+import { threadCount } from '../jobs';
 import * as os from 'node:os';
 import { type CpuState, decodeCpuState } from './cpu';
 import {

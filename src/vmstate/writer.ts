@@ -9,8 +9,7 @@ import { randomUUID } from 'node:crypto';
 import { Qcow2Error, ioError, throwIfCancelled } from '../errors';
 import { syncFolder, temporaryPathFor } from '../files';
 import { native } from '../native';
-import { threadCount } from '../load/copy';
-import { ProgressSampler, type ProgressCallback } from '../load/progress';
+import { JobCounters, ProgressSampler, threadCount, type ProgressCallback } from '../jobs';
 import { type CpuState, encodeCpuState } from './cpu';
 import {
   CHUNK_HEADER_BYTES, ChunkCodec, type ChunkMapEntry, encodeFooter, encodeHeader, encodeIndex, encodeRegions,
@@ -185,7 +184,7 @@ export async function writeState(output: string, options: WriteStateOptions): Pr
     const duplicates: number[] = [];
     const pages = { zero: 0, data: 0, duplicate: 0, parent: 0 };
     const dedup = new addon.DedupTable();
-    const counters = new BigUint64Array(4);
+    const counters = new JobCounters();
     const sampler = new ProgressSampler(counters, totalPages * PAGE_SIZE, options.onProgress);
     sampler.start();
     try {
@@ -243,7 +242,7 @@ export async function writeState(output: string, options: WriteStateOptions): Pr
             chunks.push({ firstSpan: chunk.firstSpan, section: sections.length, spanCount: chunk.spanCount });
             await writeSection(SectionType.chunk, [chunkHeader, chunk.stored]);
           }
-          counters[0] = BigInt((firstPage + pageCount) * PAGE_SIZE);
+          counters.dataBytes = (firstPage + pageCount) * PAGE_SIZE;
         }
         regionFirstSpan += Math.ceil(regionPages / SPAN_PAGES);
       }
