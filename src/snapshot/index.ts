@@ -10,7 +10,7 @@ import { tmpdir } from 'node:os';
 import * as nodePath from 'node:path';
 import { Qcow2Error, ioError, throwIfCancelled } from '../errors';
 import type { LoadOptions, LoadResult } from '../load/index';
-import { syncFolder, temporaryPathFor } from '../files';
+import { PendingFile, PendingFolder } from '../files';
 import { native } from '../native';
 import { type CpuState, parseCpuState } from '../vmstate/cpu';
 import { stateOf, stateLimits } from '../vmstate/format';
@@ -157,29 +157,29 @@ class ArchiveOutput {
   private readonly top: string;
 
   private constructor(
-    private readonly target: string,
-    private readonly temporary: string,
-    private readonly handle: fs.FileHandle,
+    private readonly file: PendingFile,
     private readonly compressor: CompressingSink | undefined,
   ) {
-    const inner: ByteSink = compressor ?? new FileSink(handle, target);
+    const inner: ByteSink = compressor ?? new FileSink(file.handle, file.target);
     this.tar = new TarWriter({
       write: async (data) => {
         this.bytes += data.length;
         await inner.write(data);
       },
     });
-    this.top = archiveTopFolder(target);
+    this.top = archiveTopFolder(file.target);
   }
 
   static async create(target: string, kind: ArchiveKind, level: number | undefined): Promise<ArchiveOutput> {
-    const temporary = temporaryPathFor(target);
-    const handle = await fs.open(temporary, 'wx', 0o644).catch((error) => {
-      throw ioError(error, target, 'cannot create the archive');
-    });
+    const file = await PendingFile.create(target, { create: 'cannot create the archive', flush: 'cannot flush the archive', rename: 'cannot rename the finished archive into place' });
     // The file sink is the compressor's when there is one, else the tar's own (made by the constructor).
-    const output = new ArchiveOutput(target, temporary, handle, compressingSink(kind, new FileSink(handle, target), level));
-    await output.tar.addDirectory(output.top);
+    const output = new ArchiveOutput(file, compressingSink(kind, new FileSink(file.handle, target), level));
+    try {
+      await output.tar.addDirectory(output.top);
+    } catch (error) {
+      await output.abort();
+      throw error;
+    }
     return output;
   }
 
@@ -191,7 +191,7 @@ class ArchiveOutput {
       await this.tar.addFile(`${this.top}/${name}`, size, async (sink) => {
         const buffer = Buffer.allocUnsafe(4 << 20);
         for (let at = 0; at < size; ) {
-          throwIfCancelled(signal, this.target);
+          throwIfCancelled(signal, this.file.target);
           const { bytesRead } = await source.read(buffer, 0, Math.min(buffer.length, size - at), at);
           if (bytesRead === 0) throw new Qcow2Error('TRUNCATED', `${name} shrank while it was archived`, { path });
           // The sink has taken the bytes when its write resolves: the buffer can be refilled.
@@ -212,31 +212,17 @@ class ArchiveOutput {
   async commit(): Promise<void> {
     await this.tar.finish(this.bytes);
     await this.compressor?.end();
-    await this.handle.datasync();
-    await this.handle.close();
-    await fs.rename(this.temporary, this.target);
-    await syncFolder(nodePath.dirname(this.target));
+    await this.file.commit();
   }
 
   async abort(): Promise<void> {
     this.compressor?.abort();
-    await this.handle.close().catch(() => {});
-    await fs.unlink(this.temporary).catch(() => {});
+    await this.file.abandon();
   }
 }
 
-/**
- * Creates a snapshot bundle at `out`: a folder, or an archive when `out` ends in
- * .tar, .tar.gz or .tar.zst. An archive is written in one pass: each member is
- * made beside it, appended, and removed before the next is made.
- *
- * @example
- * await createSnapshot('snapshots/s1', { disk: '/dev/vg/guest', memory: 'ram.raw', cpu: JSON.parse(cpuJson) });
- */
-export async function createSnapshot(out: string, options: CreateSnapshotOptions): Promise<SnapshotMetadata> {
-  const target = nodePath.resolve(out);
-  if (options.signal?.aborted) throw new Qcow2Error('CANCELLED', 'cancelled; no snapshot was written', { path: target });
-  const kind = archiveKind(target);
+/** Every refusal of createSnapshot made before anything is written; returns the CPU state, parsed. */
+async function checkCreate(target: string, kind: ArchiveKind | undefined, options: CreateSnapshotOptions): Promise<CpuState | undefined> {
   if (await fs.stat(target).catch(() => undefined)) throw new Qcow2Error('TARGET_EXISTS', 'snapshot output exists', { path: target });
   if (!options.disk && !options.memory && options.cpu === undefined && !options.devices?.length) {
     throw new Qcow2Error('INVALID_ARGUMENT', 'nothing to snapshot: give a disk, memory, CPU state or devices', { path: target });
@@ -254,96 +240,120 @@ export async function createSnapshot(out: string, options: CreateSnapshotOptions
     if (deviceNames.has(device.name)) throw new Qcow2Error('INVALID_ARGUMENT', `device name "${device.name}" is given twice`, { path: target });
     deviceNames.add(device.name);
   }
+  return cpu;
+}
+
+type Files = SnapshotMetadata['files'];
+
+/** Captures the disk as disk.qcow2 in the staging folder (over the parent's disk), then moves it into the archive, if any. */
+async function snapshotDisk(staging: string, chain: SnapshotChainLink[], options: CreateSnapshotOptions, archive: ArchiveOutput | undefined): Promise<Files[typeof DISK_FILE]> {
+  const diskPath = nodePath.join(staging, DISK_FILE);
+  const parentLink = chain[0];
+  const parentDisk = parentLink?.metadata.files[DISK_FILE] ? nodePath.join(parentLink.dir, DISK_FILE) : undefined;
+  // Stored relative to the disk's folder; the temporary folder sits beside the
+  // final one, so the name stays right after the rename.
+  const captured = await (await lazy.capture())(options.disk!, diskPath, {
+    ...(options.compress === 'none' ? {} : { compress: options.compress === 'deflate' ? ('zlib' as const) : ('zstd' as const) }),
+    ...(options.threads ? { threads: options.threads } : {}),
+    ...(parentDisk ? { backing: parentDisk, backingFormat: 'qcow2' as const, allowPaths: chain.map((l) => l.dir) } : {}),
+    ...(options.signal ? { signal: options.signal } : {}),
+  });
+  const entry = { ...(await hashFile(diskPath)), virtualSize: captured.virtualSize };
+  await archive?.addStagedFile(diskPath, DISK_FILE, options.signal);
+  return entry;
+}
+
+/** Writes state.qvms in the staging folder (over the parent's state when there is memory), then moves it into the archive, if any. */
+async function snapshotState(staging: string, chain: SnapshotChainLink[], cpu: CpuState | undefined, options: CreateSnapshotOptions, archive: ArchiveOutput | undefined): Promise<{ entry: Files[typeof STATE_FILE]; regions: SnapshotMetadata['memoryRegions'] }> {
+  const parentState = options.memory && chain[0] ? await openStateChain(chain) : undefined;
+  try {
+    const statePath = nodePath.join(staging, STATE_FILE);
+    const written = await (await lazy.writeState())(statePath, {
+      ...(options.memory ? { memory: options.memory } : {}),
+      ...(options.memoryRegions ? { regions: options.memoryRegions } : {}),
+      ...(cpu ? { cpu } : {}),
+      ...(options.devices ? { devices: options.devices } : {}),
+      ...(parentState ? { parent: parentState } : {}),
+      ...(options.dirtyBitmap ? { dirtyBitmap: options.dirtyBitmap } : {}),
+      ...(options.compress ? { compress: options.compress } : {}),
+      ...(options.level !== undefined ? { level: options.level } : {}),
+      ...(options.threads ? { threads: options.threads } : {}),
+      ...(options.signal ? { signal: options.signal } : {}),
+    });
+    const entry = { ...(await hashFile(statePath)), snapshotId: written.snapshotId, digest: written.digest };
+    await archive?.addStagedFile(statePath, STATE_FILE, options.signal);
+    return { entry, regions: written.regions.map((r) => ({ guestBase: r.guestBase, size: r.size, dumpOffset: r.dumpOffset })) };
+  } finally {
+    await closeStateChain(parentState);
+  }
+}
+
+/**
+ * The metadata is written last: a bundle without it is never taken for a finished one. An
+ * archive gets it as its last member and is renamed into place (the staging folder is then
+ * removed); a folder gets it as a file and is renamed into place.
+ */
+async function commitBundle(staging: PendingFolder, archive: ArchiveOutput | undefined, metadata: SnapshotMetadata): Promise<void> {
+  const metadataText = Buffer.from(JSON.stringify(metadata, null, 2) + '\n');
+  if (archive) {
+    await archive.addBuffer(METADATA_FILE, metadataText);
+    await archive.commit();
+    await staging.abandon();
+    return;
+  }
+  const metadataHandle = await fs.open(nodePath.join(staging.temporary, METADATA_FILE), 'wx', 0o644);
+  await metadataHandle.writeFile(metadataText);
+  await metadataHandle.sync();
+  await metadataHandle.close();
+  await staging.commit();
+}
+
+/**
+ * Creates a snapshot bundle at `out`: a folder, or an archive when `out` ends in
+ * .tar, .tar.gz or .tar.zst. An archive is written in one pass: each member is
+ * made beside it, appended, and removed before the next is made.
+ *
+ * @example
+ * await createSnapshot('snapshots/s1', { disk: '/dev/vg/guest', memory: 'ram.raw', cpu: JSON.parse(cpuJson) });
+ */
+export async function createSnapshot(out: string, options: CreateSnapshotOptions): Promise<SnapshotMetadata> {
+  const target = nodePath.resolve(out);
+  if (options.signal?.aborted) throw new Qcow2Error('CANCELLED', 'cancelled; no snapshot was written', { path: target });
+  const kind = archiveKind(target);
+  const cpu = await checkCreate(target, kind, options);
   const chain = options.parent ? await readChain(options.parent) : [];
   const parentLink = chain[0];
   // A folder bundle is built here and renamed into place; an archive's members pass through it one by one.
-  const temporary = temporaryPathFor(target);
-  await fs.mkdir(temporary).catch((error) => {
-    throw ioError(error, target, 'cannot create the snapshot folder');
-  });
-  let parentState: StateFile | undefined;
+  const staging = await PendingFolder.create(target, 'cannot create the snapshot folder');
   let archive: ArchiveOutput | undefined;
-  let done = false;
   try {
     if (kind) archive = await ArchiveOutput.create(target, kind, options.archiveLevel);
-    const files: SnapshotMetadata['files'] = {};
-    if (options.disk) {
-      const diskPath = nodePath.join(temporary, DISK_FILE);
-      const parentDisk = parentLink?.metadata.files[DISK_FILE] ? nodePath.join(parentLink.dir, DISK_FILE) : undefined;
-      // Stored relative to the disk's folder; the temporary folder sits beside the
-      // final one, so the name stays right after the rename.
-      const captured = await (await lazy.capture())(options.disk, diskPath, {
-        ...(options.compress === 'none' ? {} : { compress: options.compress === 'deflate' ? ('zlib' as const) : ('zstd' as const) }),
-        ...(options.threads ? { threads: options.threads } : {}),
-        ...(parentDisk ? { backing: parentDisk, backingFormat: 'qcow2' as const, allowPaths: chain.map((l) => l.dir) } : {}),
-        ...(options.signal ? { signal: options.signal } : {}),
-      });
-      files[DISK_FILE] = { ...(await hashFile(diskPath)), virtualSize: captured.virtualSize };
-      await archive?.addStagedFile(diskPath, DISK_FILE, options.signal);
-    }
-    let vcpuCount = 0;
-    let memoryRegions: SnapshotMetadata['memoryRegions'] = [];
-    if (options.memory || cpu || options.devices?.length) {
-      parentState = options.memory && parentLink ? await openStateChain(chain) : undefined;
-      const statePath = nodePath.join(temporary, STATE_FILE);
-      const written = await (await lazy.writeState())(statePath, {
-        ...(options.memory ? { memory: options.memory } : {}),
-        ...(options.memoryRegions ? { regions: options.memoryRegions } : {}),
-        ...(cpu ? { cpu } : {}),
-        ...(options.devices ? { devices: options.devices } : {}),
-        ...(parentState ? { parent: parentState } : {}),
-        ...(options.dirtyBitmap ? { dirtyBitmap: options.dirtyBitmap } : {}),
-        ...(options.compress ? { compress: options.compress } : {}),
-        ...(options.level !== undefined ? { level: options.level } : {}),
-        ...(options.threads ? { threads: options.threads } : {}),
-        ...(options.signal ? { signal: options.signal } : {}),
-      });
-      memoryRegions = written.regions.map((r) => ({ guestBase: r.guestBase, size: r.size, dumpOffset: r.dumpOffset }));
-      files[STATE_FILE] = { ...(await hashFile(statePath)), snapshotId: written.snapshotId, digest: written.digest };
-      vcpuCount = cpu?.vcpus.length ?? 0;
-      await archive?.addStagedFile(statePath, STATE_FILE, options.signal);
-    }
+    const files: Files = {};
+    if (options.disk) files[DISK_FILE] = await snapshotDisk(staging.temporary, chain, options, archive);
+    const state = options.memory || cpu || options.devices?.length ? await snapshotState(staging.temporary, chain, cpu, options, archive) : undefined;
+    if (state) files[STATE_FILE] = state.entry;
     const metadata: SnapshotMetadata = {
       formatVersion: BUNDLE_FORMAT_VERSION,
       id: randomUUID(),
       created: new Date().toISOString(),
       parent: parentLink ? { id: parentLink.metadata.id, path: nodePath.relative(target, parentLink.dir) } : null,
       producer: producer(),
-      vcpuCount,
-      memoryRegions,
+      vcpuCount: cpu?.vcpus.length ?? 0,
+      memoryRegions: state?.regions ?? [],
       machine: options.machine ?? {},
       devices: (options.devices ?? []).map((d) => d.name),
       files,
     };
     // The last moment to stop: after it, the snapshot is committed.
     throwIfCancelled(options.signal, target);
-    // The metadata is written last: a bundle without it is never taken for a finished one.
-    const metadataText = Buffer.from(JSON.stringify(metadata, null, 2) + '\n');
-    if (archive) {
-      await archive.addBuffer(METADATA_FILE, metadataText);
-      await archive.commit();
-      await fs.rm(temporary, { recursive: true, force: true });
-    } else {
-      const metadataHandle = await fs.open(nodePath.join(temporary, METADATA_FILE), 'wx', 0o644);
-      await metadataHandle.writeFile(metadataText);
-      await metadataHandle.sync();
-      await metadataHandle.close();
-      await syncFolder(temporary);
-      await fs.rename(temporary, target);
-      await syncFolder(nodePath.dirname(target));
-    }
-    done = true;
+    await commitBundle(staging, archive, metadata);
     return metadata;
   } catch (error) {
+    await archive?.abort();
+    await staging.abandon();
     // Whichever step noticed, what matters is the snapshot.
     if (error instanceof Qcow2Error && error.code === 'CANCELLED') throw new Qcow2Error('CANCELLED', 'cancelled; no snapshot was written', { path: target });
     throw error;
-  } finally {
-    await closeStateChain(parentState);
-    if (!done) {
-      await archive?.abort();
-      await fs.rm(temporary, { recursive: true, force: true }).catch(() => {});
-    }
   }
 }
 
