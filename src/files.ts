@@ -8,12 +8,19 @@ import { native } from './native';
  * The name every output is written under until it is complete, then renamed to `target`:
  * hidden, in the same folder (so the rename is atomic), unique to this process and call.
  */
-export function temporaryPathFor(target: string): string {
+function temporaryPathFor(target: string): string {
   return nodePath.join(nodePath.dirname(target), `.${nodePath.basename(target)}.qcow2img-${process.pid}-${randomBytes(4).toString('hex')}.tmp`);
 }
 
+/** Opens `path` for reading; a failure is an IO_ERROR naming it, saying `what` could not be done. */
+export async function openToRead(path: string, what: string): Promise<fs.FileHandle> {
+  return fs.open(path, 'r').catch((error) => {
+    throw ioError(error, path, what);
+  });
+}
+
 /** fsync of a folder, so that a rename in it survives a crash. */
-export async function syncFolder(folder: string): Promise<void> {
+async function syncFolder(folder: string): Promise<void> {
   const handle = await fs.open(folder, 'r').catch(() => undefined);
   if (!handle) return;
   await handle.sync().catch(() => {});

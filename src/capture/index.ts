@@ -9,7 +9,7 @@ import { constants as fsConstants, type Stats } from 'node:fs';
 import * as fs from 'node:fs/promises';
 import * as nodePath from 'node:path';
 import { Qcow2Error, ioError } from '../errors';
-import { seekIn } from '../files';
+import { openToRead, seekIn } from '../files';
 import { JobCounters, jobError, ProgressSampler, threadCount, type ProgressCallback } from '../jobs';
 import { limits } from '../limits';
 import { holdLocks, lockAsQemu } from '../locks';
@@ -80,9 +80,7 @@ interface Backing {
 
 /** A base given without its format: qcow2 when it starts with the qcow2 magic, else raw. */
 async function probeFormat(path: string, options: OpenOptions): Promise<'qcow2' | 'raw'> {
-  const handle = await fs.open(path, 'r').catch((error) => {
-    throw ioError(error, path, 'cannot open the backing file');
-  });
+  const handle = await openToRead(path, 'cannot open the backing file');
   let detected: 'qcow2' | 'raw';
   try {
     const magic = Buffer.alloc(4);
@@ -116,9 +114,7 @@ async function openBase(path: string, format: 'qcow2' | 'raw' | undefined, optio
 }
 
 async function rawBase(path: string, options: OpenOptions): Promise<BaseReader> {
-  const handle = await fs.open(path, 'r').catch((error) => {
-    throw ioError(error, path, 'cannot open the backing file');
-  });
+  const handle = await openToRead(path, 'cannot open the backing file');
   const stats = await lockAsQemu(handle.fd, path, options.forceShare ? 'shared-read' : 'read')
     .then(() => handle.stat())
     .catch(async (error) => {

@@ -8,7 +8,7 @@ import { constants as fsConstants } from 'node:fs';
 import * as fs from 'node:fs/promises';
 import * as nodePath from 'node:path';
 import { Qcow2Error, ioError } from '../errors';
-import { PendingFile } from '../files';
+import { openToRead, PendingFile } from '../files';
 import { holdLocks, type HeldLocks } from '../locks';
 import { native, ZeroMode } from '../native';
 import type { Image } from '../qcow2/image';
@@ -225,9 +225,7 @@ async function openFileRegion(image: Image, path: string, exists: boolean, optio
   }
   let base = options.offset ?? 0;
   if (options.partition !== undefined) {
-    const handle = await fs.open(path, 'r').catch((error) => {
-      throw ioError(error, path, 'cannot open the target file');
-    });
+    const handle = await openToRead(path, 'cannot open the target file');
     try {
       const size = (await handle.stat()).size;
       const partition = await findPartition(handle, size, options.partition, path);
@@ -310,9 +308,7 @@ async function openDevice(image: Image, path: string, rdev: number, options: Tar
   let base = options.offset ?? 0;
   let limit: number | undefined;
   let what = 'device';
-  const probe = await fs.open(path, 'r').catch((error) => {
-    throw ioError(error, path, 'cannot open the target device');
-  });
+  const probe = await openToRead(path, 'cannot open the target device');
   try {
     const device = native().blockDeviceInfo(probe.fd);
     limit = device.sizeBytes;

@@ -10,7 +10,7 @@ import { tmpdir } from 'node:os';
 import * as nodePath from 'node:path';
 import { Qcow2Error, ioError, throwIfCancelled } from '../errors';
 import type { LoadOptions, LoadResult } from '../load/index';
-import { PendingFile, PendingFolder } from '../files';
+import { openToRead, PendingFile, PendingFolder } from '../files';
 import { native } from '../native';
 import { type CpuState, parseCpuState } from '../vmstate/cpu';
 import { stateOf, stateLimits } from '../vmstate/format';
@@ -412,15 +412,9 @@ async function forEachMember(reader: TarSource, archivePath: string, take: (memb
   if (!seen.has(METADATA_FILE)) throw new Qcow2Error('BAD_ARCHIVE', `the archive holds no ${METADATA_FILE}: not a snapshot archive, or an unfinished one`, { path: archivePath });
 }
 
-async function openArchive(archivePath: string): Promise<fs.FileHandle> {
-  return fs.open(archivePath, 'r').catch((error) => {
-    throw ioError(error, archivePath, 'cannot open the archive');
-  });
-}
-
 /** Indexes an uncompressed tar: its members are read where they lie, nothing is extracted. */
 async function readTarInPlace(archivePath: string): Promise<SnapshotChainLink> {
-  const handle = await openArchive(archivePath);
+  const handle = await openToRead(archivePath, 'cannot open the archive');
   try {
     const reader = new FileTarSource(handle, (await handle.stat()).size);
     const members = new Map<string, { offset: number; size: number }>();
@@ -439,7 +433,7 @@ async function readTarInPlace(archivePath: string): Promise<SnapshotChainLink> {
 
 /** Extracts the `wanted` members of an archive into `dir`, checking every entry on the way. */
 async function extractMembers(archivePath: string, kind: ArchiveKind, dir: string, wanted: Set<string>, signal?: AbortSignal): Promise<void> {
-  const handle = await openArchive(archivePath);
+  const handle = await openToRead(archivePath, 'cannot open the archive');
   const stream = tarStream(kind, handle, archivePath);
   try {
     const reader = new ChunkReader(stream[Symbol.asyncIterator]());
@@ -508,6 +502,17 @@ async function openBundle(bundle: string, members: string[], tempDir?: string, s
   }
 }
 
+/** Runs `use` on an opened bundle: its errors name archive members as `ARCHIVE:MEMBER`, and the bundle is closed after. */
+async function withBundle<T>(opened: OpenedBundle, use: (opened: OpenedBundle) => Promise<T>): Promise<T> {
+  try {
+    return await use(opened);
+  } catch (error) {
+    throw opened.mapError(error);
+  } finally {
+    await opened.close();
+  }
+}
+
 export interface RestoreSnapshotOptions extends Omit<LoadOptions, 'allowPaths' | 'allowAnyPath' | 'snapshot'> {
   /** Where the disk goes: a file, a block device, or a disk with `partition`/`offset` (as `load`). */
   disk?: string;
@@ -546,14 +551,7 @@ export async function restoreSnapshot(bundle: string, options: RestoreSnapshotOp
   }
   const members = [...(options.disk ? [DISK_FILE] : []), ...(wantsState ? [STATE_FILE] : [])];
   try {
-    const opened = await openBundle(bundle, members, options.tempDir, options.signal);
-    try {
-      return await restoreChain(opened, options, members);
-    } catch (error) {
-      throw opened.mapError(error);
-    } finally {
-      await opened.close();
-    }
+    return await withBundle(await openBundle(bundle, members, options.tempDir, options.signal), (opened) => restoreChain(opened, options, members));
   } catch (error) {
     if (error instanceof Qcow2Error && error.code === 'CANCELLED') throw new Qcow2Error('CANCELLED', 'cancelled; what was being restored is incomplete or was not written', { path: nodePath.resolve(bundle) });
     throw error;
@@ -661,14 +659,7 @@ export interface SnapshotInspection {
 
 /** What a bundle (folder or archive) holds, from its metadata and its state file's index. */
 export async function inspectSnapshot(bundle: string, options: { tempDir?: string } = {}): Promise<SnapshotInspection> {
-  const opened = await openBundle(bundle, [STATE_FILE], options.tempDir);
-  try {
-    return await inspectChain(opened);
-  } catch (error) {
-    throw opened.mapError(error);
-  } finally {
-    await opened.close();
-  }
+  return withBundle(await openBundle(bundle, [STATE_FILE], options.tempDir), inspectChain);
 }
 
 async function inspectChain(opened: OpenedBundle): Promise<SnapshotInspection> {
@@ -719,13 +710,7 @@ export async function verifySnapshot(bundle: string, options: { tempDir?: string
     if (error instanceof Qcow2Error && error.code === 'BAD_ARCHIVE') return [{ file: error.path ?? nodePath.resolve(bundle), message: error.message.replace(`${error.path}: `, '') }];
     throw error;
   }
-  try {
-    return (await verifyChain(opened.chain)).map((p) => ({ ...p, file: opened.displayName(p.file) }));
-  } catch (error) {
-    throw opened.mapError(error);
-  } finally {
-    await opened.close();
-  }
+  return withBundle(opened, async () => (await verifyChain(opened.chain)).map((p) => ({ ...p, file: opened.displayName(p.file) })));
 }
 
 async function verifyChain(chain: SnapshotChainLink[]): Promise<BundleProblem[]> {

@@ -6,7 +6,7 @@
 import * as fs from 'node:fs/promises';
 import * as nodePath from 'node:path';
 import { Qcow2Error, ioError, throwIfCancelled } from '../errors';
-import { PendingFile } from '../files';
+import { openToRead, PendingFile } from '../files';
 import { native } from '../native';
 import { jobError, threadCount } from '../jobs';
 import * as os from 'node:os';
@@ -115,12 +115,7 @@ export class StateFile {
   }
 
   static async open(path: string, options: OpenStateOptions = {}): Promise<StateFile> {
-    let handle: fs.FileHandle;
-    try {
-      handle = await fs.open(path, 'r');
-    } catch (error) {
-      throw ioError(error, path, 'cannot open the state file');
-    }
+    const handle = await openToRead(path, 'cannot open the state file');
     try {
       const base = options.region?.offset ?? 0;
       const wholeFile = (await handle.stat()).size;

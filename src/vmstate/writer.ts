@@ -7,7 +7,7 @@ import * as fs from 'node:fs/promises';
 import * as nodePath from 'node:path';
 import { randomUUID } from 'node:crypto';
 import { Qcow2Error, ioError, throwIfCancelled } from '../errors';
-import { PendingFile } from '../files';
+import { openToRead, PendingFile } from '../files';
 import { JobCounters, jobError, ProgressSampler, threadCount, type ProgressCallback } from '../jobs';
 import { native, type NativeDedupTable, type NativeDumpChunk } from '../native';
 import { type CpuState, encodeCpuState } from './cpu';
@@ -91,9 +91,7 @@ function planRegions(requested: MemoryRegion[] | undefined, dumpSize: number, pa
 
 /** The RAM dump, opened for mapping its pages: a regular file or a block device, and its size. */
 async function openDump(memory: string, regions: MemoryRegion[] | undefined): Promise<{ handle: fs.FileHandle; size: number }> {
-  const handle = await fs.open(memory, 'r').catch((error) => {
-    throw ioError(error, memory, 'cannot open the RAM dump');
-  });
+  const handle = await openToRead(memory, 'cannot open the RAM dump');
   try {
     const stats = await handle.stat();
     if (!stats.isFile() && !stats.isBlockDevice()) {
