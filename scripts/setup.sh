@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(libdeflate-dev libzstd-dev libxxhash-dev libisal-dev liburing-dev qemu-utils zstd g++ make python3)
+packages=(libdeflate-dev libzstd-dev libxxhash-dev libisal-dev liburing-dev qemu-utils qemu-system-x86 busybox-static cpio fdisk fio zstd g++ make python3)
 missing=()
 for pkg in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
@@ -22,3 +22,5 @@ fi
 npm ci --no-audit --no-fund --loglevel=error
 npm run --silent compile
 bash examples/make-demo.sh
+# The tiny guest kernel the QEMU snapshot test and examples/qemu-snapshot.sh boot.
+bash scripts/guest-kernel.sh
