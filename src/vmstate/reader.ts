@@ -19,15 +19,8 @@ import {
 
 const knownTypes = new Set<number>(Object.values(SectionType));
 
-interface RestoreOptions {
-  threads?: number;
-  /** The output is new (reads zeros): zero pages stay holes. */
-  fresh: boolean;
-  /** Word 0 is set to the dump bytes restored so far. */
-  counters?: BigUint64Array;
-  writeback?: boolean;
-  signal?: AbortSignal;
-}
+/** The options of StateFile.restoreInto. */
+type RestoreOptions = Parameters<StateFile['restoreInto']>[1];
 
 /** One native restore job: spans [span, end) of a region, the chunks they need, and their duplicate pages. */
 interface RestoreBatch {
@@ -465,7 +458,7 @@ export class StateFile {
    * Writes the RAM dump into the open file `outputFd` (already sized): the parent
    * chain first, then this file's pages over it. Zero pages stay holes in a new file.
    */
-  async restoreInto(outputFd: number, options: RestoreOptions): Promise<number> {
+  async restoreInto(outputFd: number, options: { threads?: number; fresh: boolean; counters?: BigUint64Array; writeback?: boolean; signal?: AbortSignal }): Promise<number> {
     let written = 0;
     // A parent's pages may be overwritten by its child's: only the last layer starts writeback.
     if (this.parent) written += await this.parent.restoreInto(outputFd, { ...options, writeback: false });
