@@ -71,11 +71,31 @@ function addCommand(parent: Command, spec: CommandSpec, setResult: (code: number
   command.action(async (...args: unknown[]) => {
     const positionals = args.slice(0, spec.args.length) as string[];
     try {
+      refuseDash(spec, positionals);
       setResult(await runners[spec.name]!()(positionals, command.opts() as never));
     } catch (error) {
       if (error instanceof UsageError) error.command ??= spec.name;
       throw error;
     }
+  });
+}
+
+/** The arguments where `-` means stdin or stdout: the raw disk `load` writes, and the one `capture` reads. */
+const streams: Record<string, string> = { 'load TARGET': 'stdout', 'capture SOURCE': 'stdin' };
+
+/**
+ * `-` is never a file name (`./-` is): where a command cannot stream, it is refused in words.
+ * A qcow2 image is read and written out of order, so it can come from or go to a file only.
+ */
+function refuseDash(spec: CommandSpec, positionals: readonly string[]): void {
+  spec.args.forEach((arg, i) => {
+    if (positionals[i] !== '-' || streams[`${spec.name} ${arg}`]) return;
+    let why: string;
+    if (arg === 'IMAGE') why = 'a qcow2 image cannot be read from stdin: reading one needs random access; save it to a file first';
+    else if (arg === 'OUT.qcow2') why = 'a qcow2 image cannot be written to stdout: it is written out of order; name a file';
+    else if (arg === 'BUNDLE' || arg === 'OUT') why = 'a snapshot bundle cannot be read from stdin or written to stdout; name a folder or an archive file';
+    else why = `${arg} cannot be - (stdin or stdout) here; name a file (./- for a file named -)`;
+    throw new UsageError(`-: ${why}`, spec.name);
   });
 }
 

@@ -1,8 +1,10 @@
 /** `qcow2img load IMAGE TARGET`: the raw virtual disk onto a file, device or partition. */
 import { load } from '../../load/index';
 import type { DirectMode } from '../../load/target';
+import { loadToStream } from '../../load/stream';
 import { humanBytes } from '../format';
 import { type OpenFlags, openOptions } from '../options';
+import { UsageError } from '../usage';
 import { type ProgressFlags, clearProgress, printJson, progressMode, progressReporter, say, untilInterrupted } from '../terminal';
 
 export interface LoadFlags extends OpenFlags, ProgressFlags {
@@ -19,6 +21,7 @@ export interface LoadFlags extends OpenFlags, ProgressFlags {
 }
 
 export async function run([image, target]: string[], flags: LoadFlags): Promise<void> {
+  if (target === '-') return toStdout(image!, flags);
   const mode = progressMode(flags, 'load');
   const onProgress = progressReporter(mode);
   const result = await untilInterrupted((signal) =>
@@ -48,5 +51,34 @@ export async function run([image, target]: string[], flags: LoadFlags): Promise<
     say(
       `qcow2img: loaded ${humanBytes(result.virtualSize)} into ${result.target}${result.offset ? ` at offset ${result.offset}` : ''} in ${result.seconds.toFixed(2)} s (${humanBytes(rate)}/s; ${humanBytes(result.dataBytes)} data, ${humanBytes(result.zeroBytes)} zero${result.direct ? ', O_DIRECT' : ''}${result.verified ? ', verified' : ''})`,
     );
+  }
+}
+
+/** `load IMAGE -`: the raw disk on stdout, in order; the summary and the progress bar on stderr. */
+async function toStdout(image: string, flags: LoadFlags): Promise<void> {
+  const refuse = (what: string) => {
+    throw new UsageError(`${what} cannot be used with TARGET - (stdout carries the disk)`, 'load');
+  };
+  if (flags.partition !== undefined) refuse('--partition');
+  if (flags.offset !== undefined) refuse('--offset');
+  if (flags.verify) refuse('--verify');
+  if (flags.json) refuse('--json');
+  if (flags.progress === 'json') refuse('--progress=json');
+  if (process.stdout.isTTY) throw new UsageError('refusing to write a raw disk to a terminal: pipe or redirect stdout (load IMAGE - | ...)', 'load');
+  const mode = progressMode(flags, 'load');
+  const onProgress = progressReporter(mode);
+  const result = await untilInterrupted((signal) =>
+    loadToStream(image, process.stdout, {
+      ...openOptions(flags),
+      ...(flags.snapshot !== undefined ? { snapshot: flags.snapshot } : {}),
+      ...(onProgress ? { onProgress } : {}),
+      name: 'stdout',
+      signal,
+    }),
+  );
+  clearProgress();
+  if (!flags.quiet) {
+    const rate = result.seconds > 0 ? result.virtualSize / result.seconds : 0;
+    say(`qcow2img: loaded ${humanBytes(result.virtualSize)} to stdout in ${result.seconds.toFixed(2)} s (${humanBytes(rate)}/s; ${humanBytes(result.dataBytes)} data, ${humanBytes(result.zeroBytes)} zero)`);
   }
 }
