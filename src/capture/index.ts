@@ -7,6 +7,8 @@
  */
 import { constants as fsConstants, type Stats } from 'node:fs';
 import * as fs from 'node:fs/promises';
+import { randomBytes } from 'node:crypto';
+import * as os from 'node:os';
 import * as nodePath from 'node:path';
 import { Qcow2Error, ioError } from '../errors';
 import { openToRead, seekIn } from '../files';
@@ -39,8 +41,17 @@ export interface CaptureOptions extends Omit<OpenOptions, 'snapshot' | 'metadata
   backingFormat?: 'qcow2' | 'raw';
   /** Replace an existing output file. */
   overwrite?: boolean;
+  /**
+   * The disk's size in bytes when the source is a stream (a pipe such as /dev/stdin): the
+   * stream must hold exactly that many bytes. Default: read to the stream's end. Ignored for
+   * files and devices, whose size is known.
+   */
+  size?: number;
+  /** Native worker threads, 1 to 64 (default: 4 a CPU, at least 8). */
   threads?: number;
+  /** Called about every 250 ms with the guest bytes captured so far, and once at the end. */
   onProgress?: ProgressCallback;
+  /** Stops the capture at the next batch; nothing is left under the output's name. */
   signal?: AbortSignal;
 }
 
@@ -61,6 +72,8 @@ export interface CaptureResult {
  */
 const batchBytes = 256 * 1024 * 1024;
 const batchBytesWithBase = 64 * 1024 * 1024;
+/** A stream is read into a staging file one batch at a time: this bounds the memory it takes. */
+const batchBytesFromStream = 32 * 1024 * 1024;
 const codecs = { none: Codec.None, zlib: Codec.Deflate, zstd: Codec.Zstd } as const;
 
 /** What the capture compares with: qcow2 (through the reader) or raw. */
@@ -210,7 +223,10 @@ interface Source {
   handle: fs.FileHandle;
   /** A regular file, whose holes are not read. */
   isFile: boolean;
+  /** Bytes of the disk; -1 for a stream read to its end. */
   size: number;
+  /** A pipe: read in order, a batch at a time, through a staging file the native engine can pread. */
+  stream?: StreamSource;
   /** O_DIRECT unit of `handle`, 0 when buffered. */
   alignment: number;
   device: number;
@@ -222,8 +238,9 @@ async function openSource(path: string, clusterSize: number, options: CaptureOpt
   const stats = await fs.stat(path).catch((error) => {
     throw ioError(error, path, 'cannot open the source');
   });
+  if (stats.isFIFO() || stats.isSocket() || stats.isCharacterDevice()) return openStream(path, stats, options);
   if (!stats.isFile() && !stats.isBlockDevice()) {
-    throw new Qcow2Error('INVALID_ARGUMENT', 'source is neither a regular file nor a block device', { path });
+    throw new Qcow2Error('NOT_A_REGULAR_FILE', `source is ${stats.isDirectory() ? 'a folder' : 'neither a regular file nor a block device'}`, { path });
   }
   const locks = await holdLocks(path, options.forceShare ? 'shared-read' : 'read');
   let handle: fs.FileHandle | undefined;
@@ -255,11 +272,99 @@ async function openSource(path: string, clusterSize: number, options: CaptureOpt
   }
 }
 
+/**
+ * A stream (a pipe, /dev/stdin): read in order into a staging file of one batch, which the
+ * native engine reads with pread as it reads a file. The staging file is made in /dev/shm
+ * (memory, as a memfd would be) where there is one, else in the system's temporary folder,
+ * and unlinked at once: nothing is left behind, and it never holds more than one batch.
+ */
+class StreamSource {
+  /** Bytes read from the stream so far. */
+  bytesRead = 0;
+  ended = false;
+  private readonly buffer: Buffer;
+
+  private constructor(
+    private readonly path: string,
+    private readonly input: fs.FileHandle,
+    readonly staging: fs.FileHandle,
+    batchBytes: number,
+  ) {
+    this.buffer = Buffer.allocUnsafe(batchBytes);
+  }
+
+  static async open(path: string, input: fs.FileHandle, batchBytes: number): Promise<StreamSource> {
+    const folders = ['/dev/shm', os.tmpdir()];
+    let lastError: unknown;
+    for (const folder of folders) {
+      const name = nodePath.join(folder, `.qcow2img-capture-${process.pid}-${randomBytes(4).toString('hex')}`);
+      try {
+        const staging = await fs.open(name, 'wx+', 0o600);
+        await fs.unlink(name).catch(() => {});
+        return new StreamSource(path, input, staging, batchBytes);
+      } catch (error) {
+        lastError = error;
+      }
+    }
+    throw ioError(lastError, path, 'cannot make a staging file to read the stream through');
+  }
+
+  /** Reads up to `length` bytes of the stream into the staging file at 0; returns how many (fewer at the end). */
+  async next(length: number): Promise<number> {
+    let done = 0;
+    while (done < length && !this.ended) {
+      const { bytesRead } = await this.input.read(this.buffer, done, length - done, null).catch((error) => {
+        throw ioError(error, this.path, 'cannot read the source');
+      });
+      if (bytesRead === 0) this.ended = true;
+      done += bytesRead;
+    }
+    this.bytesRead += done;
+    if (done > 0) {
+      await this.staging.write(this.buffer, 0, done, 0).catch((error) => {
+        throw ioError(error, this.path, 'cannot write the staging file');
+      });
+    }
+    return done;
+  }
+
+  /** True when the stream holds no more bytes (reads one byte to see). */
+  async atEnd(): Promise<boolean> {
+    if (this.ended) return true;
+    const { bytesRead } = await this.input.read(this.buffer, 0, 1, null).catch((error) => {
+      throw ioError(error, this.path, 'cannot read the source');
+    });
+    if (bytesRead === 0) this.ended = true;
+    return bytesRead === 0;
+  }
+
+  async close(): Promise<void> {
+    await this.staging.close().catch(() => {});
+    await this.input.close().catch(() => {});
+  }
+}
+
+async function openStream(path: string, stats: Stats, options: CaptureOptions): Promise<Source> {
+  if (options.size !== undefined && (!Number.isSafeInteger(options.size) || options.size <= 0)) {
+    throw new Qcow2Error('INVALID_ARGUMENT', `size ${options.size} is not a whole number of bytes above 0`, { path });
+  }
+  const input = await openToRead(path, 'cannot open the source');
+  const stream = await StreamSource.open(path, input, batchBytesFromStream).catch(async (error) => {
+    await input.close();
+    throw error;
+  });
+  return { path, handle: input, isFile: false, size: options.size ?? -1, stream, alignment: 0, device: stats.dev, inode: stats.ino, close: () => stream.close() };
+}
+
 /** An existing output is refused unless `overwrite`, and always when it is the source itself. */
 async function checkOutput(outputPath: string, source: Source, overwrite: boolean | undefined): Promise<Stats | undefined> {
   const existing = await fs.stat(outputPath).catch(() => undefined);
   if (existing && existing.dev === source.device && existing.ino === source.inode) {
     throw new Qcow2Error('TARGET_IS_SOURCE', 'output is the source itself', { path: outputPath });
+  }
+  if (existing && !existing.isFile()) {
+    // Refused before the disk is read: the rename at the end could not replace it.
+    throw new Qcow2Error('NOT_A_REGULAR_FILE', `output is ${existing.isDirectory() ? 'a folder' : 'not a regular file'}; name the image file to write`, { path: outputPath });
   }
   if (existing && !overwrite) {
     throw new Qcow2Error('TARGET_EXISTS', 'output exists; pass --overwrite (overwrite: true) to replace it', { path: outputPath });
@@ -277,16 +382,23 @@ interface Geometry {
   groupClusters: number;
 }
 
-function geometryOf(sourceSize: number, clusterSize: number, withBase: boolean, outputPath: string): Geometry {
+/** `sourceSize` -1: a stream of unknown length, whose geometry sizeFromStream sets at its end. */
+function geometryOf(sourceSize: number, clusterSize: number, withBase: boolean, fromStream: boolean, outputPath: string): Geometry {
+  const l2EntryCount = clusterSize / 8;
+  const clustersPerBatch = Math.max(1, (fromStream ? batchBytesFromStream : withBase ? batchBytesWithBase : batchBytes) / clusterSize);
+  const geometry = { virtualSize: 0, clusterTotal: Infinity, l1Size: 1, l2EntryCount, clustersPerBatch, groupClusters: Math.max(l2EntryCount, clustersPerBatch) };
+  if (sourceSize >= 0) setSize(geometry, sourceSize, clusterSize, outputPath);
+  return geometry;
+}
+
+function setSize(geometry: Geometry, sourceSize: number, clusterSize: number, outputPath: string): void {
   // QEMU sees a raw disk in whole sectors; the image has that size.
   const virtualSize = Math.ceil(sourceSize / 512) * 512;
-  const l2EntryCount = clusterSize / 8;
-  const l1Size = Math.max(1, Math.ceil(virtualSize / (l2EntryCount * clusterSize)));
+  const l1Size = Math.max(1, Math.ceil(virtualSize / (geometry.l2EntryCount * clusterSize)));
   if (l1Size * 8 > limits.maxL1Bytes) {
     throw new Qcow2Error('INVALID_ARGUMENT', `a ${virtualSize}-byte disk in ${clusterSize}-byte clusters needs an L1 table of ${l1Size} entries, more than QEMU opens (${limits.maxL1Bytes / 8}); use larger clusters`, { path: outputPath });
   }
-  const clustersPerBatch = Math.max(1, (withBase ? batchBytesWithBase : batchBytes) / clusterSize);
-  return { virtualSize, clusterTotal: Math.ceil(virtualSize / clusterSize), l1Size, l2EntryCount, clustersPerBatch, groupClusters: Math.max(l2EntryCount, clustersPerBatch) };
+  Object.assign(geometry, { virtualSize, l1Size, clusterTotal: Math.ceil(virtualSize / clusterSize) });
 }
 
 /** Marks clusters that lie wholly inside holes of a sparse file (SEEK_DATA/SEEK_HOLE). */
@@ -327,12 +439,16 @@ async function captureClusters(run: Run, onProgress: ProgressCallback | undefine
     for (let groupFirst = 0; groupFirst < geometry.clusterTotal; groupFirst += geometry.groupClusters) {
       const groupCount = Math.min(geometry.groupClusters, geometry.clusterTotal - groupFirst);
       results.fill(0);
+      let filled = 0;
       for (let done = 0; done < groupCount; done += geometry.clustersPerBatch) {
         const count = Math.min(geometry.clustersPerBatch, groupCount - done);
-        await captureBatch(run, groupFirst + done, count, results.subarray(done * 3, (done + count) * 3), baseBuffer);
+        const got = await captureBatch(run, groupFirst + done, count, results.subarray(done * 3, (done + count) * 3), baseBuffer);
+        filled = done + got;
+        if (got < count) break;
       }
-      for (let first = 0; first < groupCount; first += geometry.l2EntryCount) {
-        const tableClusters = Math.min(geometry.l2EntryCount, groupCount - first);
+      if (run.source.stream) await streamChecked(run);
+      for (let first = 0; first < filled; first += geometry.l2EntryCount) {
+        const tableClusters = Math.min(geometry.l2EntryCount, filled - first);
         await run.out.addTable((groupFirst + first) / geometry.l2EntryCount, results.subarray(first * 3, (first + tableClusters) * 3));
       }
     }
@@ -343,19 +459,55 @@ async function captureClusters(run: Run, onProgress: ProgressCallback | undefine
   return sampler;
 }
 
-/** One native job: `count` clusters from `firstCluster`, stored at the output's position. */
-async function captureBatch(run: Run, firstCluster: number, count: number, results: Float64Array, baseBuffer: Buffer | undefined): Promise<void> {
+/**
+ * After a stream's batches: a stream of unknown length that ended sets the disk's size; one
+ * of a given size must hold exactly that many bytes.
+ */
+async function streamChecked(run: Run): Promise<void> {
+  const { source, geometry, settings } = run;
+  const stream = source.stream!;
+  if (source.size < 0) {
+    if (!stream.ended) return;
+    if (stream.bytesRead === 0) throw new Qcow2Error('INVALID_ARGUMENT', 'the source stream is empty: no disk to capture', { path: source.path });
+    setSize(geometry, stream.bytesRead, settings.clusterSize, run.outputPath);
+    run.out.setSize(geometry.virtualSize, geometry.l1Size);
+    return;
+  }
+  if (stream.ended && stream.bytesRead < source.size) {
+    throw new Qcow2Error('INVALID_ARGUMENT', `the source stream ended after ${stream.bytesRead} bytes, before the ${source.size} bytes --size (size) gives`, { path: source.path });
+  }
+  if (stream.bytesRead >= source.size && !(await stream.atEnd())) {
+    throw new Qcow2Error('INVALID_ARGUMENT', `the source stream holds more than the ${source.size} bytes --size (size) gives`, { path: source.path });
+  }
+}
+
+/** One native job: `count` clusters from `firstCluster`, stored at the output's position. Returns the clusters captured (fewer only at a stream's end). */
+async function captureBatch(run: Run, firstCluster: number, count: number, results: Float64Array, baseBuffer: Buffer | undefined): Promise<number> {
   const { settings, source, out } = run;
-  const guestStart = firstCluster * settings.clusterSize;
+  let guestStart = firstCluster * settings.clusterSize;
+  let sourceSize = source.size;
+  let readFrom = guestStart;
+  if (source.stream) {
+    // The batch's bytes, staged at offset 0 of the staging file.
+    const wanted = source.size < 0 ? count * settings.clusterSize : Math.min(count * settings.clusterSize, source.size - guestStart);
+    const got = await source.stream.next(wanted);
+    if (got < wanted || got === 0) {
+      count = Math.ceil(got / settings.clusterSize);
+      if (count === 0) return 0;
+    }
+    sourceSize = got;
+    readFrom = 0;
+  }
   const holes = source.isFile ? holeMap(source.handle.fd, guestStart, count, settings.clusterSize, source.size, source.path) : undefined;
   const baseBytes = baseBuffer?.subarray(0, count * settings.clusterSize);
   if (baseBytes) await run.base!.read(baseBytes, guestStart);
   out.reserve(count);
+  guestStart = readFrom;
   try {
     out.position = await native().capture({
-      sourceFd: source.handle.fd,
+      sourceFd: source.stream ? source.stream.staging.fd : source.handle.fd,
       sourceAlignment: source.alignment,
-      sourceSize: source.size,
+      sourceSize,
       guestStart,
       clusterCount: count,
       clusterSize: settings.clusterSize,
@@ -374,6 +526,7 @@ async function captureBatch(run: Run, firstCluster: number, count: number, resul
   } catch (error) {
     throw jobError('capture', error, { path: run.outputPath, cancelled: 'cancelled; no image was written', source: source.path, target: run.outputPath });
   }
+  return count;
 }
 
 /**
@@ -393,7 +546,7 @@ export async function capture(source: string, output: string, options: CaptureOp
   let out: CaptureOutput | undefined;
   try {
     const existing = await checkOutput(outputPath, input, options.overwrite);
-    const geometry = geometryOf(input.size, settings.clusterSize, options.backing !== undefined, outputPath);
+    const geometry = geometryOf(input.size, settings.clusterSize, options.backing !== undefined, input.stream !== undefined, outputPath);
     const header: HeaderStart = { version: settings.version, clusterBits: settings.clusterBits, virtualSize: geometry.virtualSize, l1Size: geometry.l1Size, compressionType: options.compress === 'zstd' ? 'zstd' : 'zlib' };
     backing = options.backing !== undefined ? await openBacking(outputPath, existing, header, options) : undefined;
     out = await CaptureOutput.create(outputPath, backing?.header ?? header, options.compress === undefined);

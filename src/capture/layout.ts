@@ -36,7 +36,7 @@ export class CaptureOutput {
     private readonly file: PendingFile,
     /** The output opened again with O_DIRECT, for uncompressed data (whole clusters). */
     readonly direct: { handle: fs.FileHandle; alignment: number } | undefined,
-    private readonly header: HeaderStart,
+    private header: HeaderStart,
   ) {
     this.clusterSize = 2 ** header.clusterBits;
     this.position = this.clusterSize;
@@ -94,6 +94,15 @@ export class CaptureOutput {
     await this.writeAt(table, this.position);
     this.l1[tableIndex] = this.position;
     this.position += this.clusterSize;
+  }
+
+  /**
+   * A disk read from a stream of unknown length: its size, and with it the L1 table's, is
+   * known only at the stream's end, before `finish` (L1 and the header are written last).
+   */
+  setSize(virtualSize: number, l1Size: number): void {
+    this.header = { ...this.header, virtualSize, l1Size };
+    this.l1.length = Math.max(this.l1.length, l1Size);
   }
 
   /** Writes L1, the refcounts and the header, and renames the file into place. Returns the file's size. */

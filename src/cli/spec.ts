@@ -117,7 +117,7 @@ export const commands: readonly CommandSpec[] = [
     args: ['IMAGE', 'TARGET'],
     summary: 'write the raw virtual disk of IMAGE to TARGET at disk speed',
     details: [
-      'TARGET is a file (written under a temporary name, then renamed), a block device, or a disk or disk image with --partition N or --offset SIZE.',
+      'TARGET is a file (written under a temporary name, then renamed; a symbolic link is written through, as cp and dd do), a block device, a disk or disk image with --partition N or --offset SIZE, or - for stdout.',
       'A summary line goes to stderr at the end; --json prints the result on stdout instead.',
     ],
     options: [
@@ -133,13 +133,17 @@ export const commands: readonly CommandSpec[] = [
       { command: 'qcow2img load disk.qcow2 /dev/vg/guest', does: 'write the disk onto a logical volume' },
       { command: 'qcow2img load -p --verify disk.qcow2 /dev/sdb --partition 2', does: 'into partition 2 of /dev/sdb, with a progress bar, then read back' },
       { command: 'qcow2img load disk.qcow2 disk.img --offset 1M --overwrite', does: 'into a disk image, 1 MiB in' },
+      { command: 'qcow2img load disk.qcow2 - | ssh host dd of=/dev/sdb bs=4M', does: 'the raw disk on stdout, in order, zeros included' },
     ],
   },
   {
     name: 'capture',
     args: ['SOURCE', 'OUT.qcow2'],
     summary: 'capture a raw file or block device into a qcow2 image',
-    details: ['Zero runs are left out; with --backing only the clusters that differ from BASE are stored.'],
+    details: [
+      'Zero runs are left out; with --backing only the clusters that differ from BASE are stored.',
+      'SOURCE - reads the raw disk from stdin (a pipe is read in order, 32 MiB at a time); OUT.qcow2 must be a file.',
+    ],
     options: [
       { long: 'compress', value: 'CODEC', ...choice(codecs, { deflate: 'zlib' }), help: 'compressed clusters: zlib (raw deflate, as QEMU writes it; "deflate" is accepted) or zstd; default: none' },
       {
@@ -152,6 +156,7 @@ export const commands: readonly CommandSpec[] = [
       { long: 'compat', value: 'VER', ...choice(['0.10', '1.1']), default: '1.1', help: 'qcow2 version 2 (0.10) or 3 (1.1)' },
       { long: 'backing', value: 'BASE', help: 'store only the clusters that differ from BASE, which becomes the backing file' },
       { long: 'backing-format', value: 'FMT', ...choice(['qcow2', 'raw']), default: 'probed', help: 'the format of BASE' },
+      { ...size, long: 'size', default: 'read to the end of the stream', help: 'with SOURCE - (stdin) or a pipe: the disk\'s size; the stream must hold exactly that many bytes' },
       threads,
       { long: 'overwrite', help: 'replace an existing OUT.qcow2' },
       ...progressOptions,
@@ -162,6 +167,7 @@ export const commands: readonly CommandSpec[] = [
       { command: 'qcow2img capture /dev/vg/guest guest.qcow2', does: 'a logical volume into a sparse qcow2 image' },
       { command: 'qcow2img capture --compress zstd --cluster-size 1M disk.img disk.qcow2', does: 'zstd-compressed, in 1 MiB clusters' },
       { command: 'qcow2img capture --backing base.qcow2 /dev/vg/guest delta.qcow2', does: 'only what changed since base.qcow2' },
+      { command: 'ssh host cat /dev/sdb | qcow2img capture - disk.qcow2', does: 'a disk read over ssh from stdin' },
     ],
   },
   {

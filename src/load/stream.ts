@@ -52,8 +52,8 @@ export async function loadToStream(source: string | Image, output: Writable, opt
     let written = 0;
     const count = new Transform({
       transform(chunk: Buffer, _encoding, done) {
-        // Whole zero chunks are counted as zeros: the stream carries them either way.
-        if (isZero(chunk)) zeroBytes += chunk.length;
+        // Counted in 64 KiB pieces (the stream carries the zeros either way).
+        zeroBytes += zeroBytesOf(chunk);
         written += chunk.length;
         counters.words[0] = BigInt(written - zeroBytes);
         counters.words[1] = BigInt(zeroBytes);
@@ -81,10 +81,11 @@ export async function loadToStream(source: string | Image, output: Writable, opt
 
 const zeros = Buffer.alloc(64 * 1024);
 
-function isZero(chunk: Buffer): boolean {
+function zeroBytesOf(chunk: Buffer): number {
+  let count = 0;
   for (let i = 0; i < chunk.length; i += zeros.length) {
     const piece = chunk.subarray(i, Math.min(chunk.length, i + zeros.length));
-    if (!piece.equals(zeros.subarray(0, piece.length))) return false;
+    if (piece.equals(zeros.subarray(0, piece.length))) count += piece.length;
   }
-  return true;
+  return count;
 }

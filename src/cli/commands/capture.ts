@@ -11,6 +11,7 @@ export interface CaptureFlags extends OpenFlags, ProgressFlags {
   compat?: '0.10' | '1.1';
   backing?: string;
   backingFormat?: 'qcow2' | 'raw';
+  size?: number;
   threads?: number;
   overwrite?: boolean;
   json?: boolean;
@@ -20,7 +21,8 @@ export async function run([source, output]: string[], flags: CaptureFlags): Prom
   const mode = progressMode(flags, 'capture');
   const onProgress = progressReporter(mode);
   const result = await untilInterrupted((signal) =>
-    capture(source!, output!, {
+    // - is stdin; the library reads a pipe in order (and a redirected file as a file).
+    capture(source === '-' ? '/dev/stdin' : source!, output!, {
       ...openOptions(flags),
       ...(flags.compress ? { compress: flags.compress } : {}),
       ...(flags.level !== undefined ? { level: flags.level } : {}),
@@ -28,6 +30,7 @@ export async function run([source, output]: string[], flags: CaptureFlags): Prom
       ...(flags.compat ? { compat: flags.compat } : {}),
       ...(flags.backing !== undefined ? { backing: flags.backing } : {}),
       ...(flags.backingFormat ? { backingFormat: flags.backingFormat } : {}),
+      ...(flags.size !== undefined ? { size: flags.size } : {}),
       ...(flags.threads !== undefined ? { threads: flags.threads } : {}),
       ...(onProgress ? { onProgress } : {}),
       overwrite: flags.overwrite === true,
