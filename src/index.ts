@@ -10,6 +10,7 @@ export type { PathPolicy } from './qcow2/paths';
 export type { CompressionType } from './qcow2/header';
 export type { EncryptionInfo, LuksInfo, LuksSlot } from './qcow2/luks';
 export { load, type LoadOptions, type LoadResult, type Progress, type ProgressCallback, type DirectMode, type TargetOptions } from './load/index';
+export { loadToStream, type LoadToStreamOptions, type LoadToStreamResult } from './load/stream';
 export { capture, type CaptureOptions, type CaptureResult } from './capture/index';
 export { check, checkExitCode, type CheckIssue, type CheckResult } from './check/index';
 export { bench, type BenchOptions, type BenchResult } from './bench/index';
