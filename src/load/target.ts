@@ -88,12 +88,30 @@ export async function openTarget(image: Image, targetPath: string, options: Targ
     throw new Qcow2Error('TARGET_IS_SOURCE', 'target is the image itself or one of its backing or data files', { path });
   }
   if (stats?.isBlockDevice()) return openDevice(image, path, stats.rdev, options);
-  if (stats && !stats.isFile()) throw new Qcow2Error('INVALID_ARGUMENT', 'target is neither a regular file nor a block device', { path });
-  if (options.partition !== undefined || options.offset !== undefined) return openFileRegion(image, path, stats !== undefined, options);
+  if (stats && !stats.isFile()) {
+    throw new Qcow2Error('NOT_A_REGULAR_FILE', `target is ${stats.isDirectory() ? 'a folder' : 'neither a regular file nor a block device'}`, { path });
+  }
+  // A symbolic link is written through, as cp and dd do: the file it names is the target (and
+  // the temporary name and the rename are beside that file); the link stays as it is.
+  const file = await throughLinks(path);
+  if (options.partition !== undefined || options.offset !== undefined) return openFileRegion(image, file, stats !== undefined, options);
   if (stats && !options.overwrite) {
     throw new Qcow2Error('TARGET_EXISTS', 'target exists; pass --overwrite (overwrite: true) to replace it', { path });
   }
-  return openNewFile(image, path, stats !== undefined, options);
+  return openNewFile(image, file, stats !== undefined, options);
+}
+
+/** The file `path` names through any symbolic links: its real path, or for a dangling link the (new) file the link names. */
+async function throughLinks(path: string): Promise<string> {
+  let current = path;
+  for (let hops = 0; hops < 40; hops++) {
+    const stats = await fs.lstat(current).catch(() => undefined);
+    if (!stats?.isSymbolicLink()) break;
+    const real = await fs.realpath(current).catch(() => undefined);
+    if (real) return real;
+    current = nodePath.resolve(nodePath.dirname(current), await fs.readlink(current));
+  }
+  return current;
 }
 
 async function openNewFile(image: Image, path: string, exists: boolean, options: TargetOptions): Promise<OpenTarget> {
