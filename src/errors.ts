@@ -104,11 +104,31 @@ export function throwIfCancelled(signal: AbortSignal | undefined, path: string):
   if (signal?.aborted) throw new Qcow2Error('CANCELLED', 'cancelled', { path });
 }
 
+const reasons: Record<string, string> = {
+  ENOENT: 'no such file',
+  EACCES: 'permission denied',
+  EPERM: 'operation not permitted',
+  ENOTDIR: 'a part of the path is not a folder',
+  EISDIR: 'it is a folder',
+  EEXIST: 'it already exists',
+  ENOSPC: 'no space left on the device',
+  EDQUOT: 'disk quota exceeded',
+  EROFS: 'read-only file system',
+  ELOOP: 'too many levels of symbolic links',
+  ENAMETOOLONG: 'file name too long',
+  EIO: 'input/output error',
+  EBUSY: 'device or resource busy',
+  ENXIO: 'no such device',
+  ENODEV: 'no such device',
+  EMFILE: 'too many open files',
+};
+
 /** Wraps an fs error as a Qcow2Error naming the file. */
 export function ioError(error: unknown, path: string, what: string): Qcow2Error {
   if (error instanceof Qcow2Error) return error;
   const err = error as NodeJS.ErrnoException;
   const code = err?.code;
-  const reason = code === 'ENOENT' ? 'no such file' : code === 'EACCES' ? 'permission denied' : err?.message ?? String(error);
+  // In words, without Node's "ENOTDIR: ..., open '/the/path'" (the path is said once, first).
+  const reason = (code !== undefined ? reasons[code] : undefined) ?? (err?.message ?? String(error)).replace(/, \w+ '.*'$/, '');
   return new Qcow2Error('IO_ERROR', `${what}: ${reason}`, { path, cause: error, ...(code ? { syscallCode: code } : {}) });
 }

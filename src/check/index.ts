@@ -521,8 +521,13 @@ export async function check(path: string, options: { region?: { offset: number; 
     throw ioError(error, path, 'cannot open the image');
   }
   try {
+    const stats = await handle.stat().catch((error: unknown) => {
+      throw ioError(error, path, 'cannot open the image');
+    });
+    // As open() says it: a folder or a character device is refused before it is read.
+    if (!stats.isFile() && !stats.isBlockDevice()) throw new Qcow2Error('NOT_A_REGULAR_FILE', `image is ${stats.isDirectory() ? 'a folder' : 'not a regular file or block device'}`, { path });
     await lockAsQemu(handle.fd, path, options.forceShare ? 'shared-read' : 'read');
-    const wholeFile = (await handle.stat()).size;
+    const wholeFile = stats.size;
     const base = options.region?.offset ?? 0;
     const fileSize = options.region?.length ?? wholeFile;
     if (base + fileSize > wholeFile) throw new Qcow2Error('TRUNCATED', `image region at ${base} (+${fileSize} bytes) runs past the end of the file`, { path, offset: base });

@@ -129,10 +129,11 @@ export function parseHeader(start: Buffer, path: string, fileSize: number, optio
       throw new Qcow2Error('TRUNCATED', `file ends inside the ${what} (${start.length} of ${length} bytes)`, { path, offset: start.length });
     }
   };
-  need(72, 'qcow2 header');
-  if (u32(start, 0) !== QCOW2_MAGIC) {
-    throw new Qcow2Error('BAD_MAGIC', 'not a qcow2 image (bad magic)', { path, offset: 0 });
+  // The magic first: a short file that is no qcow2 image (a text file) is "not a qcow2 image", not a cut one.
+  if (start.length < 4 || u32(start, 0) !== QCOW2_MAGIC) {
+    throw new Qcow2Error('BAD_MAGIC', start.length < 4 ? `not a qcow2 image (${start.length === 0 ? 'the file is empty' : `only ${start.length} bytes`})` : 'not a qcow2 image (bad magic)', { path, offset: 0 });
   }
+  need(72, 'qcow2 header');
   const version = u32(start, 4);
   if (version !== 2 && version !== 3) {
     throw new Qcow2Error('UNSUPPORTED_VERSION', `unsupported qcow2 version ${version} (2 and 3 are supported)`, { path, offset: 4 });

@@ -99,7 +99,11 @@ async function hashFile(path: string, region?: { offset: number; length: number 
 /** Reads and validates snapshot.json of a bundle folder. */
 export async function readBundle(dir: string): Promise<SnapshotChainLink> {
   const metadataPath = nodePath.join(dir, METADATA_FILE);
-  const text = await fs.readFile(metadataPath, 'utf8').catch((error) => {
+  const text = await fs.readFile(metadataPath, 'utf8').catch((error: NodeJS.ErrnoException) => {
+    // A folder without snapshot.json, or a file where a folder was named: the bundle is at fault.
+    if (error?.code === 'ENOENT' || error?.code === 'ENOTDIR') {
+      throw new Qcow2Error('IO_ERROR', `not a snapshot bundle: ${error.code === 'ENOTDIR' ? 'not a folder' : `no ${METADATA_FILE} in it`}`, { path: nodePath.resolve(dir), cause: error, syscallCode: error.code });
+    }
     throw ioError(error, metadataPath, 'not a snapshot bundle (cannot read its metadata)');
   });
   return { dir: nodePath.resolve(dir), metadata: parseMetadata(text, metadataPath) };
@@ -482,8 +486,13 @@ async function extractMembers(archivePath: string, kind: ArchiveKind, dir: strin
 async function openBundle(bundle: string, members: string[], tempDir?: string, signal?: AbortSignal): Promise<OpenedBundle> {
   const path = nodePath.resolve(bundle);
   const kind = archiveKind(path);
-  const stats = await fs.stat(path).catch(() => undefined);
-  if (!kind || !stats?.isFile()) {
+  const stats = await fs.stat(path).catch((error: unknown) => {
+    throw ioError(error, path, 'cannot open the snapshot bundle');
+  });
+  if (stats.isFile() && !kind) {
+    throw new Qcow2Error('INVALID_ARGUMENT', 'not a snapshot bundle: a file that is not an archive (.tar, .tar.gz, .tar.zst); a bundle is a folder or one of those', { path });
+  }
+  if (!kind || !stats.isFile()) {
     return { chain: await readChain(path), path, displayName: (p) => p, mapError: (e) => e, close: async () => {} };
   }
   if (kind === 'tar') return { chain: [await readTarInPlace(path)], path, displayName: (p) => p, mapError: (e) => e, close: async () => {} };

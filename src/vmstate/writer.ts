@@ -95,7 +95,7 @@ async function openDump(memory: string, regions: MemoryRegion[] | undefined): Pr
   try {
     const stats = await handle.stat();
     if (!stats.isFile() && !stats.isBlockDevice()) {
-      throw new Qcow2Error('INVALID_ARGUMENT', 'the RAM dump must be a regular file or a block device (its pages are mapped, not streamed)', { path: memory });
+      throw new Qcow2Error('NOT_A_REGULAR_FILE', 'the RAM dump must be a regular file or a block device (its pages are mapped, not streamed)', { path: memory });
     }
     const size = stats.isBlockDevice() ? native().blockDeviceInfo(handle.fd).sizeBytes : stats.size;
     if (size === 0) throw new Qcow2Error('INVALID_ARGUMENT', 'the RAM dump is empty', { path: memory });

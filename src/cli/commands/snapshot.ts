@@ -1,6 +1,7 @@
 /** `qcow2img snapshot create|restore|inspect|verify`: VM snapshot bundles. */
 import * as fs from 'node:fs/promises';
-import { Qcow2Error } from '../../errors';
+import { ioError, Qcow2Error } from '../../errors';
+import { parseCpuState } from '../../vmstate/cpu';
 import { createSnapshot, inspectSnapshot, restoreSnapshot, verifySnapshot } from '../../snapshot/index';
 import { humanBytes } from '../format';
 import { memoryMapFromMtree, qemuMemoryMap, type QemuMachine } from '../../vmstate/machine-memory';
@@ -9,14 +10,21 @@ import { parseSize, UsageError } from '../options';
 import { printJson, say, untilInterrupted } from '../terminal';
 
 async function readJsonFile(path: string, what: string): Promise<unknown> {
-  const text = await fs.readFile(path, 'utf8').catch((error: NodeJS.ErrnoException) => {
-    throw new Qcow2Error('IO_ERROR', `cannot read the ${what}: ${error.code === 'ENOENT' ? 'no such file' : error.message}`, { path });
+  const text = await fs.readFile(path, 'utf8').catch((error: unknown) => {
+    throw ioError(error, path, `cannot read the ${what}`);
   });
   try {
     return JSON.parse(text);
   } catch (error) {
     throw new Qcow2Error('INVALID_ARGUMENT', `${what} is not JSON: ${(error as Error).message}`, { path });
   }
+}
+
+/** --cpu: the file's JSON, checked here so that a wrong field blames the file, not the snapshot. */
+async function readCpuFile(path: string): Promise<unknown> {
+  const json = await readJsonFile(path, 'CPU state');
+  parseCpuState(json, path);
+  return json;
 }
 
 /**
@@ -72,8 +80,8 @@ export async function create([out]: string[], flags: CreateFlags): Promise<void>
       const at = spec.indexOf('=');
       if (at <= 0) throw new UsageError(`--device takes NAME=FILE (got "${spec}")`, command);
       const file = spec.slice(at + 1);
-      const data = await fs.readFile(file).catch((error: Error) => {
-        throw new Qcow2Error('IO_ERROR', `cannot read the device blob: ${error.message}`, { path: file });
+      const data = await fs.readFile(file).catch((error: unknown) => {
+        throw ioError(error, file, 'cannot read the device blob');
       });
       return { name: spec.slice(0, at), data };
     }),
@@ -84,10 +92,10 @@ export async function create([out]: string[], flags: CreateFlags): Promise<void>
       ...(flags.disk !== undefined ? { disk: flags.disk } : {}),
       ...(flags.memory !== undefined ? { memory: flags.memory } : {}),
       ...(flags.memoryMap !== undefined ? { memoryRegions: await memoryRegions(flags.memoryMap) } : {}),
-      ...(flags.cpu !== undefined ? { cpu: await readJsonFile(flags.cpu, 'CPU state') } : {}),
+      ...(flags.cpu !== undefined ? { cpu: await readCpuFile(flags.cpu) } : {}),
       ...(devices.length ? { devices } : {}),
       ...(flags.parent !== undefined ? { parent: flags.parent } : {}),
-      ...(flags.dirtyBitmap !== undefined ? { dirtyBitmap: await fs.readFile(flags.dirtyBitmap) } : {}),
+      ...(flags.dirtyBitmap !== undefined ? { dirtyBitmap: await fs.readFile(flags.dirtyBitmap).catch((error: unknown) => { throw ioError(error, flags.dirtyBitmap!, 'cannot read the dirty bitmap'); }) } : {}),
       // The library's name for zlib clusters is "deflate".
       ...(flags.compress ? { compress: flags.compress === 'zlib' ? ('deflate' as const) : flags.compress } : {}),
       ...(flags.level !== undefined ? { level: flags.level } : {}),
