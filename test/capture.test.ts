@@ -551,10 +551,10 @@ describe('capture refusals and failures', () => {
     expect(listing(dir)).toEqual(before);
   });
 
-  it('fails on a source that is a directory, leaving nothing behind', async () => {
+  it('fails on a source that is a directory (NOT_A_REGULAR_FILE, as open() says it), leaving nothing behind', async () => {
     const before = listing(dir);
     const error = await capture(work, path.join(dir, 'dir.qcow2')).catch((e: unknown) => e);
-    expect((error as Qcow2Error).code).toBe('INVALID_ARGUMENT');
+    expect((error as Qcow2Error).code).toBe('NOT_A_REGULAR_FILE');
     expect(listing(dir)).toEqual(before);
   });
 
