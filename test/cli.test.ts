@@ -235,13 +235,14 @@ describe('qcow2img errors: exit 1, one line naming the file', () => {
   });
 
   it('backing chain loops and missing backing files', () => {
-    expectCliError(['info', f.loopA], f.loopA);
+    // info names the backing file without opening it (as qemu-img info); --backing-chain follows it.
+    expectCliError(['info', '--backing-chain', f.loopA], f.loopA);
     expectCliError(['map', f.loopSelf], f.loopSelf);
     expect(expectCliError(['load', f.missingBacking, outputPath('missing-backing')], f.missingBacking)).toContain('missing.qcow2');
   });
 
   it('backing and data files outside the folder: refused, then allowed by --allow-path or --allow-any-path', () => {
-    expectCliError(['info', f.absoluteBacking], f.absoluteBacking);
+    expectCliError(['info', '--backing-chain', f.absoluteBacking], f.absoluteBacking);
     expectCliError(['load', f.dotDotBacking, outputPath('dotdot')], f.dotDotBacking);
     expectCliError(['map', f.symlinkBacking], f.symlinkBacking);
     expectCliError(['info', f.absoluteDataFile], f.absoluteDataFile);

@@ -117,6 +117,8 @@ export class Image {
     readonly info: ImageInfo,
     /** Info for each backing file, nearest first. */
     readonly backingChain: readonly ImageInfo[],
+    /** Opened without its backing file (openToDescribe): described, never read. @internal */
+    private readonly withoutBacking = false,
   ) {}
 
   private closed = false;
@@ -143,6 +145,9 @@ export class Image {
 
   /** ENCRYPTED, naming the file, when a layer is encrypted (opened with metadataOnly). @internal */
   checkReadable(): void {
+    if (this.withoutBacking) {
+      throw new Qcow2Error('INVALID_ARGUMENT', 'the image was opened only to be described: its backing file was not opened, so its disk cannot be read', { path: this.path });
+    }
     const encrypted = this.layers.find((layer): layer is Qcow2Layer => layer instanceof Qcow2Layer && layer.header.encryption !== undefined);
     if (encrypted) throw encryptedError(encrypted.header.encryption!, encrypted.file.path);
   }

@@ -19,6 +19,21 @@ import type { Qcow2Snapshot } from './snapshots';
  * await image.close();
  */
 export async function open(path: string, options: OpenOptions = {}): Promise<Image> {
+  return openChain(path, options, true);
+}
+
+/**
+ * Opens the image alone, to describe it as `qemu-img info` does (which opens with
+ * BDRV_O_NO_BACKING): the header's backing file name and format are reported, the backing
+ * file is neither looked up nor opened, so no allow-list applies. Its disk cannot be read
+ * (checkReadable refuses). An external data file is still opened, through the allow-list.
+ * @internal
+ */
+export async function openToDescribe(path: string, options: OpenOptions = {}): Promise<Image> {
+  return openChain(path, { ...options, metadataOnly: true }, false);
+}
+
+async function openChain(path: string, options: OpenOptions, followBacking: boolean): Promise<Image> {
   const layers: Layer[] = [];
   const infos: ImageInfo[] = [];
   try {
@@ -46,14 +61,14 @@ export async function open(path: string, options: OpenOptions = {}): Promise<Ima
       const layer = await openQcow2Layer(file, layers.length === 0 ? options.snapshot : undefined, options, seen);
       layers.push(layer);
       infos.push(await qcow2Info(layer));
-      current = await nextInChain(layer, options);
+      current = followBacking ? await nextInChain(layer, options) : undefined;
     }
   } catch (error) {
     for (const layer of layers) await layer.close().catch(() => {});
     throw error;
   }
   const [info, ...backingChain] = infos;
-  return new Image(path, layers, info!, backingChain);
+  return new Image(path, layers, info!, backingChain, !followBacking && info!.backingFile !== undefined);
 }
 
 async function openQcow2Layer(file: OpenFile, snapshotName: string | undefined, options: OpenOptions, seen: Set<string>): Promise<Qcow2Layer> {
