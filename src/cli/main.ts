@@ -30,8 +30,8 @@ commands:
   check IMAGE [--json]                         consistency check (exit 0 clean, 2 corrupt, 3 leaks, 1 failed)
   capture SOURCE OUT.qcow2 [options]           raw file or block device to a qcow2 image
       --compress zlib|zstd  compressed clusters (zlib: raw deflate as QEMU writes it)
-      --level N             zlib 0-3 (ISA-L), 4 (ISA-L + zlib, default) or 5-9 (zlib; 6 = qemu-img's size;
-                            zlib's own levels without ISA-L), zstd -7 to 19 (default 1)
+      --level N             zlib 0-3 (ISA-L), 4 (ISA-L + zlib, default) or 5-9 (zlib; 6 = qemu-img's size),
+                            zstd -7 to 19 (default 1)
       --cluster-size BYTES  512 to 2M (default 64k; k, M, G suffixes accepted)
       --compat 0.10|1.1     qcow2 version 2 or 3 (default 1.1)
       --backing BASE        store only clusters that differ from BASE (its backing file)
