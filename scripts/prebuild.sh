@@ -36,12 +36,21 @@ root_recipe="bullseye minbase; $root_packages; sources from bookworm: $source_pa
 
 in_root() { chroot "$root" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LC_ALL=C DEBIAN_FRONTEND=noninteractive "$@"; }
 sha() { sha256sum "$@" | sha256sum | cut -c1-64; }
+# debootstrap mounts /proc, /sys and (in a container) /dev inside the root it makes; a run that
+# died there may have left them. Never delete through a mount.
+unmount_under() {
+  local dir="$1" target
+  for target in $(awk -v d="$dir/" 'index($2, d) == 1 { print $2 }' /proc/self/mounts | sort -r); do umount -l "$target" || true; done
+  ! awk -v d="$dir/" 'index($2, d) == 1 { found = 1 } END { exit !found }' /proc/self/mounts ||
+    fail "$dir still has file systems mounted inside; unmount them first"
+}
 started=$SECONDS
 step() { echo "prebuild.sh: $* ($((SECONDS - started)) s)" >&2; }
 
 # ---- the root: Debian 11, its compilers, and Debian 12's codec sources unpacked in /opt/src ----
 if [ "$(cat "$root/.qcow2img-root" 2>/dev/null)" != "$root_recipe" ]; then
   step "debootstrap bullseye into $root"
+  unmount_under "$root" && unmount_under "$root.new"
   rm -rf "$root" "$root.new"
   debootstrap --variant=minbase bullseye "$root.new" "$mirror" >"$cache/debootstrap.log" 2>&1 ||
     fail "debootstrap bullseye failed (log: $cache/debootstrap.log)"
