@@ -143,6 +143,29 @@ describe.each(['oldest', 'lts'] as const)('on Node %s (engines: oldest; lts: the
   });
 });
 
+describe('on Debian 11 (the root scripts/prebuild.sh builds in: glibc 2.31, GCC 10\'s libstdc++), the oldest Node', () => {
+  it('the installed package loads a zlib image byte for byte as qemu-img converts it', () => {
+    const bullseye = path.join(root, '.cache', 'roots', 'bullseye');
+    expect(fs.existsSync(path.join(bullseye, 'usr', 'bin', 'ldd')), `${bullseye} missing: npm run prebuild makes it`).toBe(true);
+    const inside = fs.mkdtempSync(path.join(bullseye, 'tmp', 'qcow2img-package-'));
+    const there = `/tmp/${path.basename(inside)}`;
+    const chroot = (args: string[]) => run('chroot', [bullseye, '/usr/bin/env', '-i', 'PATH=/usr/bin:/bin', ...args], root);
+    try {
+      expect(chroot(['ldd', '--version']).split('\n')[0]).toMatch(/ 2\.31$/);
+      // The package and its dependencies as installed, without the consumer's TypeScript.
+      fs.cpSync(path.join(consumer, 'node_modules'), path.join(inside, 'node_modules'), { recursive: true, filter: (from) => !/node_modules\/(typescript\d|@typescript|@types)(\/|$)/.test(from) });
+      fs.mkdirSync(path.join(inside, 'bin'));
+      fs.copyFileSync(path.join(nodes.oldest.dir, 'bin', 'node'), path.join(inside, 'bin', 'node'));
+      fs.chmodSync(path.join(inside, 'bin', 'node'), 0o755);
+      fs.copyFileSync(zlibImage, path.join(inside, 'zlib.qcow2'));
+      chroot([`${there}/bin/node`, `${there}/node_modules/qcow2img/dist/cli/main.js`, 'load', `${there}/zlib.qcow2`, `${there}/out.raw`, '--progress=none']);
+      expect(fs.readFileSync(path.join(inside, 'out.raw')).equals(qemuImgRaw(zlibImage))).toBe(true);
+    } finally {
+      fs.rmSync(inside, { recursive: true, force: true });
+    }
+  });
+});
+
 describe.each(['5', '7'] as const)('TypeScript %s, @types/node and no tsconfig', (major) => {
   const version = () => (major === '5' ? installedVersion('typescript') : typescript7);
   const tsc = () => path.join(consumer, 'node_modules', `typescript${major}`, 'bin', 'tsc');
