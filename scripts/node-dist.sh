@@ -27,8 +27,7 @@ if [ ! -x "$dir/bin/node" ]; then
   tar xzf "$tmp/$tarball" -C "$tmp" --strip-components=1
   rm "$tmp/$tarball"
   [ -x "$tmp/bin/node" ] || { echo "node-dist.sh: node-linux-$arch@$version holds no bin/node" >&2; exit 1; }
-  rm -rf "$dir"
-  mv "$tmp" "$dir"
-  trap - EXIT
+  # Another run may have unpacked it meanwhile: then its copy stands.
+  mv -T "$tmp" "$dir" 2>/dev/null || [ -x "$dir/bin/node" ] || { echo "node-dist.sh: cannot move $tmp to $dir" >&2; exit 1; }
 fi
 echo "$dir"
