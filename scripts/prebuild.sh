@@ -8,16 +8,18 @@
 # builds it. See docs/building.md.
 #
 #   scripts/prebuild.sh [--force]   (as root: debootstrap and chroot; `npm run prebuild`)
+#     --force: build the addons again even when they are current.
+#     DEBIAN_MIRROR: where bullseye comes from (default deb.debian.org; archive.debian.org once it moves
+#     there); DEBIAN_SOURCES_MIRROR: where bookworm's sources come from (default deb.debian.org).
 #
 # Idempotent: the root, the codecs and the addons are cached under .cache/roots/ and rebuilt only
 # when what they are made from changed; a run with nothing to do takes about a second.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo="$PWD"
-force=0
-[ "${1:-}" = "--force" ] && force=1
-
 fail() { echo "prebuild.sh: $*" >&2; exit 1; }
+force=0
+case "${1:-}" in --force) force=1 ;; "") ;; *) fail "unknown argument '$1' (usage: scripts/prebuild.sh [--force])" ;; esac
 [ "$(id -u)" -eq 0 ] || fail "needs root (debootstrap and chroot); run: sudo npm run prebuild"
 command -v debootstrap >/dev/null || fail "debootstrap is missing; apt-get install debootstrap"
 [ -f node_modules/node-gyp/package.json ] && [ -f node_modules/node-addon-api/package.json ] || fail "node_modules is missing; run npm ci first"
@@ -25,6 +27,7 @@ command -v debootstrap >/dev/null || fail "debootstrap is missing; apt-get insta
 cache="$repo/.cache/roots"
 root="$cache/bullseye"
 mirror="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
+sources_mirror="${DEBIAN_SOURCES_MIRROR:-http://deb.debian.org/debian}"
 mkdir -p "$cache"
 exec 9>"$cache/lock"
 flock 9
@@ -54,7 +57,7 @@ if [ "$(cat "$root/.qcow2img-root" 2>/dev/null)" != "$root_recipe" ]; then
   rm -rf "$root" "$root.new"
   debootstrap --variant=minbase bullseye "$root.new" "$mirror" >"$cache/debootstrap.log" 2>&1 ||
     fail "debootstrap bullseye failed (log: $cache/debootstrap.log)"
-  echo "deb-src $mirror bookworm bookworm-updates main" >"$root.new/etc/apt/sources.list.d/bookworm-src.list"
+  echo "deb-src $sources_mirror bookworm bookworm-updates main" >"$root.new/etc/apt/sources.list.d/bookworm-src.list"
   # A root made to build in and thrown away: dpkg need not fsync every file it unpacks.
   echo force-unsafe-io >"$root.new/etc/dpkg/dpkg.cfg.d/qcow2img-unsafe-io"
   mv "$root.new" "$root"
@@ -72,7 +75,7 @@ src() { find "$root/opt/src" -mindepth 1 -maxdepth 1 -type d -name "$1-[0-9]*" -
 
 # ---- the codecs, static and position-independent, per architecture, into /opt/codecs/ARCH ----
 build_codecs() {
-  local arch="$1" cc="$2" host="$3"
+  local arch="$1" cc="$2"
   local recipe
   recipe="$(declare -f build_codecs | sha256sum | cut -c1-16) $(ls "$root/opt/src" | tr '\n' ' ')"
   [ "$(cat "$root/opt/codecs/$arch/.recipe" 2>/dev/null)" = "$recipe" ] && return 0
@@ -102,8 +105,8 @@ build_codecs() {
   rm -rf "$root/opt/build/$arch"
   echo "$recipe" >"$root/opt/codecs/$arch/.recipe"
 }
-build_codecs x64 gcc x86_64-linux-gnu
-build_codecs arm64 aarch64-linux-gnu-gcc aarch64-linux-gnu
+build_codecs x64 gcc
+build_codecs arm64 aarch64-linux-gnu-gcc
 
 # ---- Node for node-gyp: the current LTS runs it; the headers are the oldest Node's (engines) ----
 node_lts="$(bash scripts/node-dist.sh x64 lts)"
