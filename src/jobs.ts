@@ -69,7 +69,8 @@ export class JobCounters {
 
 /** Progress of a long operation, as events for the API and lines for the CLI. */
 export interface Progress {
-  phase: 'write' | 'flush' | 'verify' | 'done';
+  /** check reports 'check': bytesDone counts the guest bytes whose tables were walked. */
+  phase: 'write' | 'flush' | 'verify' | 'check' | 'done';
   /** Guest bytes handled so far (data written plus zero ranges handled). */
   bytesDone: number;
   bytesTotal: number;
@@ -98,9 +99,10 @@ export class ProgressSampler {
     private readonly intervalMs = 250,
   ) {}
 
-  start(): void {
+  /** Emits `phase` events every interval until stop(). */
+  start(phase: Progress['phase'] = 'write'): void {
     if (!this.callback) return;
-    this.timer = setInterval(() => this.emit('write'), this.intervalMs);
+    this.timer = setInterval(() => this.emit(phase), this.intervalMs);
     this.timer.unref();
   }
 

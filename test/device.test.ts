@@ -9,6 +9,7 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { load, Qcow2Error } from '../src/index';
+import { loadWith } from '../src/load/index';
 import { attachLoop, type LoopDevice, loopUnavailable, makeLoop, partition, partitionsOf, readRange } from './helpers/loop';
 
 const skip = loopUnavailable();
@@ -134,7 +135,7 @@ describe.skipIf(skip !== undefined)('load onto block devices', () => {
     const offset = 3 * MiB + 100;
     const notices: string[] = [];
     let claimed: string | undefined;
-    const result = await load(image, loop.device, {
+    const result = await loadWith(image, loop.device, {
       offset,
       verify: true,
       onNotice: (m) => notices.push(m),
@@ -214,7 +215,7 @@ describe.skipIf(skip !== undefined)('load onto block devices', () => {
   it('catches a byte changed behind its back with the exact offset', async () => {
     const loop = newLoop('verify.img', 32 * MiB);
     const victim = 12 * MiB + 777; // inside the 0xc3 write
-    const error = await load(image, loop.device, {
+    const error = await loadWith(image, loop.device, {
       verify: true,
       beforeVerify: () => {
         const fd = fs.openSync(loop.device, 'r+');

@@ -147,9 +147,16 @@ for (const spec of catalog) {
         expect(firstDifference(whole, expected)).toBe(-1);
         const start = 4097;
         const end = expected.length - 1001;
+        // end is inclusive, as in fs.createReadStream: the same range of the raw file read by fs is the expectation.
         const part = await readAll(image.createReadStream({ start, end, highWaterMark: 100_003 }));
-        expect(part.length).toBe(end - start);
-        expect(firstDifference(part, expected.subarray(start, end))).toBe(-1);
+        expect(part.length).toBe(end - start + 1);
+        expect(firstDifference(part, expected.subarray(start, end + 1))).toBe(-1);
+        const raw = await readAll(fs.createReadStream(qemuRaw(fixture), { start, end }));
+        expect(Buffer.compare(part, raw)).toBe(0);
+        const sector = await readAll(image.createReadStream({ start: 0, end: 511 }));
+        expect(Buffer.compare(sector, expected.subarray(0, 512))).toBe(0);
+        const last = await readAll(image.createReadStream({ start: expected.length - 1 }));
+        expect(Buffer.compare(last, expected.subarray(expected.length - 1))).toBe(0);
       });
     });
 

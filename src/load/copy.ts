@@ -35,8 +35,11 @@ export interface CopyTarget {
 }
 
 export interface CopyOptions {
+  /** Native worker threads, 1 to 64 (default: 4 a CPU, at least 8). */
   threads?: number;
+  /** Called about every 250 ms with the bytes done, then at the flush (and the read-back with verify). */
   onProgress?: ProgressCallback;
+  /** Stops the copy at the next task; a new file is removed, a device or region is left part written (CANCELLED). */
   signal?: AbortSignal;
 }
 

@@ -12,11 +12,20 @@ import { openTarget, type OpenTarget, type TargetOptions } from './target';
 export type { Progress, ProgressCallback } from '../jobs';
 export type { DirectMode, TargetOptions } from './target';
 
-export interface LoadOptions extends Omit<OpenOptions, 'metadataOnly'>, TargetOptions, CopyOptions {
+export interface LoadOptions extends Omit<OpenOptions, 'metadataOnly' | 'region'>, TargetOptions, CopyOptions {
   /** Read the target back (O_DIRECT) and compare with hashes taken while writing. */
   verify?: boolean;
-  /** Called after the data is flushed and before it is read back (tests, inspection). */
+}
+
+/**
+ * What the library's own callers and its tests pass besides LoadOptions; not part of the API.
+ * @internal
+ */
+export interface LoadHooks {
+  /** Called after the data is flushed and before it is read back (tests). */
   beforeVerify?: () => Promise<void> | void;
+  /** The image is bytes [offset, offset + length) of its file (a member of a snapshot tar). */
+  region?: OpenOptions['region'];
 }
 
 export interface LoadResult {
@@ -42,7 +51,12 @@ export interface LoadResult {
  * @example
  * await load('disk.qcow2', '/dev/sdb', { partition: 2, verify: true, onProgress: (p) => console.log(p.bytesDone) });
  */
-export async function load(source: string | Image, target: string, options: LoadOptions = {}): Promise<LoadResult> {
+export function load(source: string | Image, target: string, options: LoadOptions = {}): Promise<LoadResult> {
+  return loadWith(source, target, options);
+}
+
+/** `load` with the hooks only the library and its tests pass. @internal */
+export async function loadWith(source: string | Image, target: string, options: LoadOptions & LoadHooks = {}): Promise<LoadResult> {
   // Before anything is opened: a bad option writes nothing.
   threadCount(options.threads, nodePath.resolve(target));
   const image = typeof source === 'string' ? await open(source, { ...options, metadataOnly: false }) : source;

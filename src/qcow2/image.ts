@@ -99,10 +99,13 @@ export interface ResolvedRun extends LayerRun {
   present: boolean;
 }
 
+/** Which bytes `createReadStream` reads, as `fs.createReadStream` takes them. */
 export interface ReadStreamOptions {
+  /** First guest byte (default 0). */
   start?: number;
-  /** Exclusive end; default the virtual size. */
+  /** Last guest byte, inclusive as in `fs.createReadStream` (default: the disk's last byte). */
   end?: number;
+  /** Bytes read from the image at a time (default 4 MiB). */
   highWaterMark?: number;
 }
 
@@ -328,11 +331,21 @@ export class Image {
     return end - offset;
   }
 
-  /** A readable stream of guest bytes [start, end). */
+  /**
+   * A readable stream of guest bytes `start` to `end`, both included (as `fs.createReadStream`):
+   * `{ start: 0, end: 511 }` is the first sector. Zero ranges read as zeros.
+   */
   createReadStream(options: ReadStreamOptions = {}): Readable {
     const image = this;
+    for (const key of ['start', 'end'] as const) {
+      const value = options[key];
+      if (value !== undefined && (!Number.isSafeInteger(value) || value < 0)) {
+        throw new Qcow2Error('INVALID_ARGUMENT', `createReadStream ${key} ${value} is not a non-negative integer`, { path: this.path });
+      }
+    }
     const start = options.start ?? 0;
-    const end = Math.min(options.end ?? this.virtualSize, this.virtualSize);
+    // Exclusive from here on.
+    const end = Math.min(options.end !== undefined ? options.end + 1 : this.virtualSize, this.virtualSize);
     const chunk = options.highWaterMark ?? 4 * 1024 * 1024;
     let position = start;
     return new Readable({

@@ -24,7 +24,7 @@ import { ChunkReader, entryData, FileTarSource, tarEntries, TarWriter, type Byte
 const lazy = {
   capture: async () => (await import('../capture/index.js')).capture,
   check: () => import('../check/index.js'),
-  load: async () => (await import('../load/index.js')).load,
+  load: async () => (await import('../load/index.js')).loadWith,
   writeState: async () => (await import('../vmstate/writer.js')).writeState,
 };
 

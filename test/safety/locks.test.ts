@@ -10,6 +10,7 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createSnapshot, load, Qcow2Error } from '../../src/index';
+import { loadWith } from '../../src/load/index';
 import { attachLoop, type LoopDevice, loopUnavailable } from '../helpers/loop';
 import { cliPath, MiB, qemuImg, qemuIo, run, sha256File } from '../helpers/qemu';
 
@@ -191,7 +192,7 @@ describe.skipIf(skip)('QEMU image locks', () => {
       const loop = attachLoop(file);
       try {
         let during: { status: number | null; stderr: string } | undefined;
-        await load(image, loop.device, { verify: true, beforeVerify: () => void (during = qemuStartsOn(loop.device)) });
+        await loadWith(image, loop.device, { verify: true, beforeVerify: () => void (during = qemuStartsOn(loop.device)) });
         expect(during!.status).not.toBe(0);
         expect(during!.stderr).toContain('Failed to get "write" lock');
         // Released at the end: QEMU starts now.
@@ -207,7 +208,7 @@ describe.skipIf(skip)('QEMU image locks', () => {
       fs.writeFileSync(file, Buffer.alloc(16 * MiB));
       for (const options of [{ overwrite: true }, { offset: 0 }]) {
         let during: { status: number | null; stderr: string } | undefined;
-        await load(image, file, { ...options, verify: true, beforeVerify: () => void (during = qemuStartsOn(file)) });
+        await loadWith(image, file, { ...options, verify: true, beforeVerify: () => void (during = qemuStartsOn(file)) });
         expect(during!.status).not.toBe(0);
         expect(during!.stderr).toContain('Failed to get "write" lock');
       }
