@@ -73,17 +73,21 @@ export interface Progress {
   phase: 'write' | 'flush' | 'verify' | 'check' | 'done';
   /** Guest bytes handled so far (data written plus zero ranges handled). */
   bytesDone: number;
+  /** The disk's size: bytesDone's end. */
   bytesTotal: number;
   /** Guest bytes that held data and were written. */
   dataBytes: number;
   /** Guest bytes that read as zero (skipped, punched or zeroed). */
   zeroBytes: number;
+  /** Since the operation started. */
   elapsedSeconds: number;
   /** Over the last two seconds. */
   bytesPerSecond: number;
+  /** Seconds left at the current pace; undefined before there is a pace. */
   etaSeconds: number | undefined;
 }
 
+/** Receives Progress events; called on the main thread, so it should return quickly. */
 export type ProgressCallback = (progress: Progress) => void;
 
 /** Samples a job's counters every 250 ms (etcher-sdk's cadence) into Progress events. */

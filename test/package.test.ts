@@ -228,6 +228,17 @@ describe('API reference', () => {
     expect(result.status).toBe(0);
     expect(fs.existsSync(path.join(dir, 'api', 'index.html'))).toBe(true);
   });
+
+  it('every option of the public API has TSDoc (typedoc names none undocumented)', () => {
+    const result = spawnSync('npx', ['--no-install', 'typedoc', '--out', path.join(dir, 'api-documented'), '--validation.notDocumented'], { cwd: root, encoding: 'utf8' });
+    // The option interfaces, their members and the progress events; CpuState's register fields are the schema's.
+    const undocumented = (result.stdout + result.stderr)
+      .split('\n')
+      .filter((line) => /does not have any documentation/.test(line))
+      .map((line) => line.replace(/\x1b\[[0-9;]*m/g, '').replace(/^\[warning\] /, '').split(',')[0]!)
+      .filter((name) => /Options|Progress|Callback/.test(name) && !/\.cpu\.__type/.test(name));
+    expect(undocumented).toEqual([]);
+  });
 });
 
 describe('examples', () => {

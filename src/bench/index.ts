@@ -15,24 +15,29 @@ import { JobCounters, jobError, ProgressSampler, type ProgressCallback } from '.
 import type { OpenOptions } from '../qcow2/image';
 import { open } from '../qcow2/open';
 
-export interface BenchOptions extends Omit<OpenOptions, 'metadataOnly'> {
+/** What `bench` writes, and how (fio's words: size, block size, queue depth, pattern). */
+export interface BenchOptions extends Omit<OpenOptions, 'metadataOnly' | 'region'> {
   /** Bytes to write (default 1 GiB, or the image's virtual size with `image`; a device's size caps it). */
   size?: number;
   /** Bytes per write (default 1 MiB), a multiple of 512. */
   blockSize?: number;
   /** Writes in flight (default 16). */
   queueDepth?: number;
+  /** Sequential offsets (default) or random ones, as fio's rw=write and rw=randwrite. */
   pattern?: 'seq' | 'rand';
   /** Keep writing for this many seconds (wrapping around the region) instead of writing it once. */
   time?: number;
   /** O_DIRECT (default always; never = through the page cache, flushed at the end). */
   direct?: 'always' | 'never';
+  /** io_uring where the kernel has it (auto, the default), required, or a thread per write in flight. */
   engine?: 'auto' | 'io_uring' | 'threads';
   /** Benchmark a mounted or in-use device anyway (never the root disk). */
   force?: boolean;
   /** Also load this image onto the same target and report its throughput beside the raw bandwidth. */
   image?: string;
+  /** Called about every 250 ms with the bytes written so far. */
   onProgress?: ProgressCallback;
+  /** Stops the run at the next write; files it made are removed (CANCELLED). */
   signal?: AbortSignal;
 }
 

@@ -21,7 +21,8 @@ import { open } from '../qcow2/open';
 import { encodeHeaderCluster } from '../qcow2/writer';
 import { CaptureOutput, type HeaderStart } from './layout';
 
-export interface CaptureOptions extends Omit<OpenOptions, 'snapshot' | 'metadataOnly'> {
+/** The qcow2 image `capture` writes: cluster size, compression, version, base; and the run's threads, progress and cancel. */
+export interface CaptureOptions extends Omit<OpenOptions, 'snapshot' | 'metadataOnly' | 'region'> {
   /** Compress clusters (zlib = raw deflate as QEMU writes it). Default: none. */
   compress?: 'zlib' | 'zstd';
   /**

@@ -12,6 +12,7 @@ import { openTarget, type OpenTarget, type TargetOptions } from './target';
 export type { Progress, ProgressCallback } from '../jobs';
 export type { DirectMode, TargetOptions } from './target';
 
+/** How `load` opens the image, where and how it writes, and the copy's threads, progress and cancel. */
 export interface LoadOptions extends Omit<OpenOptions, 'metadataOnly' | 'region'>, TargetOptions, CopyOptions {
   /** Read the target back (O_DIRECT) and compare with hashes taken while writing. */
   verify?: boolean;

@@ -10,7 +10,8 @@ import { JobCounters, ProgressSampler, type ProgressCallback } from '../jobs';
 import type { Image, OpenOptions } from '../qcow2/image';
 import { open } from '../qcow2/open';
 
-export interface LoadToStreamOptions extends Omit<OpenOptions, 'metadataOnly'> {
+/** How `loadToStream` opens the image, its progress, cancel and chunk size. */
+export interface LoadToStreamOptions extends Omit<OpenOptions, 'metadataOnly' | 'region'> {
   /** Called about every 250 ms with the bytes written so far, and once at the end. */
   onProgress?: ProgressCallback;
   /** Stops the copy at the next chunk; the promise rejects with CANCELLED. */

@@ -17,6 +17,7 @@ import { deviceInUse, majorMinor, type SourceFile } from './safety';
 
 export type DirectMode = 'auto' | 'always' | 'never';
 
+/** Where in the target `load` writes, and what it may replace. */
 export interface TargetOptions {
   /** Replace an existing regular file (default: refuse). */
   overwrite?: boolean;

@@ -11,6 +11,7 @@ import { type Layer, type LayerRun, type OpenFile, Qcow2Layer } from './layers';
 import type { EncryptionInfo } from './luks';
 import type { PathPolicy } from './paths';
 
+/** How `open` reads an image: which snapshot, which external files it may follow, locks. */
 export interface OpenOptions extends PathPolicy {
   /** Read the disk as it was at this internal snapshot (id or name). */
   snapshot?: string;
@@ -22,7 +23,12 @@ export interface OpenOptions extends PathPolicy {
    * The image is bytes [offset, offset + length) of the file (a member of an
    * uncompressed tar). Such an image cannot name backing or data files.
    */
-  region?: { offset: number; length: number };
+  region?: {
+    /** Byte of the file where the image starts. */
+    offset: number;
+    /** Bytes of the image. */
+    length: number;
+  };
   /**
    * Open only to describe the image (`info`): encrypted images are accepted, and
    * every read, map or copy of one refuses with ENCRYPTED. Default: refused at open.

@@ -8,6 +8,7 @@ import * as fs from 'node:fs/promises';
 import * as nodePath from 'node:path';
 import { Qcow2Error } from '../errors';
 
+/** Which external files (backing and data files) an image may make the library open. */
 export interface PathPolicy {
   /** Folders (and their subfolders) from which external files may be opened. */
   allowPaths?: readonly string[];

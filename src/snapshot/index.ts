@@ -35,6 +35,7 @@ export type { MemoryRegion } from '../vmstate/writer';
 /** Device blobs are restored as files of these names. */
 const deviceNamePattern = /^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$/;
 
+/** What `createSnapshot` saves (disk, memory, vCPU and device state) and how it compresses it. */
 export interface CreateSnapshotOptions {
   /** Raw disk (file, block device or partition) to capture as disk.qcow2. */
   disk?: string;
@@ -45,7 +46,12 @@ export interface CreateSnapshotOptions {
   /** vCPU state as JSON ({arch: "x86_64", vcpus: [...]}). */
   cpu?: unknown;
   /** Opaque device-state blobs, by name. */
-  devices?: { name: string; data: Buffer }[];
+  devices?: {
+    /** A plain file name (letters, digits, . _ -): restore writes the blob under it. */
+    name: string;
+    /** The blob's bytes. */
+    data: Buffer;
+  }[];
   /** The previous snapshot: the disk and memory hold only what changed since. */
   parent?: string;
   /** With a parent: 1 bit a RAM page set = changed, instead of comparing with the parent. */
@@ -54,7 +60,9 @@ export interface CreateSnapshotOptions {
   machine?: Record<string, unknown>;
   /** For the state file and the disk (deflate = zlib clusters). Default zstd. */
   compress?: 'zstd' | 'deflate' | 'none';
+  /** Compression level of `compress`, for the disk and the state file (default: each one's own, as `capture` and `writeState` take it). */
   level?: number;
+  /** Native worker threads, 1 to 64 (default: 4 a CPU, at least 8). */
   threads?: number;
   /** Compression level of a .tar.zst (default 3) or .tar.gz (default 6) archive. */
   archiveLevel?: number;
@@ -531,6 +539,7 @@ async function withBundle<T>(opened: OpenedBundle, use: (opened: OpenedBundle) =
   }
 }
 
+/** Where `restoreSnapshot` puts each part; the disk goes through the same options and checks as `load`. */
 export interface RestoreSnapshotOptions extends Omit<LoadOptions, 'allowPaths' | 'allowAnyPath' | 'snapshot'> {
   /** Where the disk goes: a file, a block device, or a disk with `partition`/`offset` (as `load`). */
   disk?: string;

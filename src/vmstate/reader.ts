@@ -46,13 +46,19 @@ function understood(section: SectionEntry): boolean {
   return knownTypes.has(section.type) && section.version === SECTION_VERSION;
 }
 
+/** How `StateFile.open` reads a state file: its parent, or alone; inside a tar. */
 export interface OpenStateOptions {
   /** The parent dump, for incremental files (checked against the id and digest this file names). */
   parent?: StateFile;
   /** Open an incremental file without its parent, to check it alone (its PARENT pages cannot be read). */
   withoutParent?: boolean;
   /** The state file is bytes [offset, offset + length) of the file (a member of an uncompressed tar). */
-  region?: { offset: number; length: number };
+  region?: {
+    /** Byte of the file where the state file starts. */
+    offset: number;
+    /** Bytes of the state file. */
+    length: number;
+  };
 }
 
 export interface StateProblem {

@@ -25,23 +25,34 @@ export interface MemoryRegion {
   dumpOffset?: number;
 }
 
+/** What a state file holds: memory, vCPU state, device blobs; and how it is compressed. */
 export interface WriteStateOptions {
   /** Raw guest RAM dump. Without it, the state holds no memory. */
   memory?: string;
   /** How the dump maps to guest-physical memory (default: one region from 0). */
   regions?: MemoryRegion[];
+  /** vCPU state, as `cpuStateSchema` describes it. */
   cpu?: CpuState;
-  devices?: { name: string; data: Buffer }[];
+  /** Opaque device-state blobs, by name. */
+  devices?: {
+    /** The blob's name. */
+    name: string;
+    /** The blob's bytes. */
+    data: Buffer;
+  }[];
   /** Store only what differs from this dump (pages equal to it become PARENT). */
   parent?: StateFile;
   /** With a parent: 1 bit a page (LSB first) over the dump's pages, set = changed. Without it, pages are compared. */
   dirtyBitmap?: Buffer;
+  /** How pages and blobs are compressed (default zstd). */
   compress?: 'zstd' | 'deflate' | 'none';
   /** zstd 1-19 (default 2), deflate 1-12 (default 6). */
   level?: number;
+  /** Native worker threads, 1 to 64 (default: 4 a CPU, at least 8). */
   threads?: number;
   /** Stops between batches of pages; the state file is then not written. */
   signal?: AbortSignal;
+  /** Called about every 250 ms with the RAM bytes done. */
   onProgress?: ProgressCallback;
 }
 
