@@ -81,7 +81,6 @@ L2WalkResult walkL2(const L2WalkParams& p, double* runs, size_t runCapacity) {
   const uint64_t sectorFieldMask = (1ULL << (p.clusterBits - 8)) - 1;
   const size_t entryBytes = p.extendedL2 ? 16 : 8;
   const uint64_t subclusterSize = clusterSize / 32;
-  const uint64_t reserved = kStandardReserved | (p.extendedL2 ? kZeroBit : 0);
 
   auto fail = [&](L2Defect defect, size_t entry) {
     result.defect = defect;
@@ -107,7 +106,9 @@ L2WalkResult walkL2(const L2WalkParams& p, double* runs, size_t runCapacity) {
       if (p.extendedL2) runs[(writer.count() - 1) * kL2RunFields + 1] = 32;
       continue;
     }
-    if (entry & reserved) return fail(L2Defect::ReservedBits, i);
+    // Bit 0 (reads as zero) is not reserved with extended L2: QEMU ignores it there
+    // (qcow2_get_cluster_type), and the bitmap alone says what reads as zero.
+    if (entry & kStandardReserved) return fail(L2Defect::ReservedBits, i);
     uint64_t hostOffset = entry & kOffsetMask;
     if (hostOffset & clusterMask) return fail(L2Defect::UnalignedOffset, i);
     // External data files map offset 0 when COPIED is set: it is a real cluster.

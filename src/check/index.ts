@@ -525,7 +525,7 @@ export async function check(path: string, options: { region?: { offset: number; 
     if (base + fileSize > wholeFile) throw new Qcow2Error('TRUNCATED', `image region at ${base} (+${fileSize} bytes) runs past the end of the file`, { path, offset: base });
     const start = Buffer.alloc(Math.min(fileSize, headerReadSize));
     await handle.read(start, 0, start.length, base);
-    const header = parseHeader(start, path, fileSize, { checkTableLocations: false });
+    const header = parseHeader(start, path, fileSize, { forCheck: true });
     if (header.refcountBits > 64) throw new Qcow2Error('BAD_REFCOUNT_ORDER', 'refcount width above 64 bits', { path });
     let snapshots: Qcow2Snapshot[] = [];
     if (header.snapshotCount > 0) {
