@@ -10,7 +10,7 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
-import { type Layout, parseLayout } from '../helpers/damage';
+import { type L2Kind, type Layout, parseLayout } from '../helpers/damage';
 import { checkCountKeys, cliPath, expectSameFile, parseJsonOutput, qemuImg, qemuIo, type Ran, runAsync, u64 } from '../helpers/qemu';
 
 const scratch = fs.mkdtempSync(path.join(os.tmpdir(), 'qcow2img-rules-'));
@@ -148,6 +148,41 @@ describe('no refcount table (qcow2_do_open accepts it under BDRV_O_CHECK)', () =
       damage(b) {
         put64(b, 48, 0n);
         put32(b, 56, 0);
+      },
+    });
+    await expectQemuAnswers(image);
+  });
+});
+
+/** The first L2 entry of a kind in the active image. */
+const l2Entry = (layout: Layout, kind: L2Kind) => layout.l2.flatMap((table) => table.entries).find((entry) => entry.kind === kind)!;
+/** A cluster-aligned offset `clusters` clusters past the end of the file. */
+const pastEnd = (layout: Layout, clusters: number) => Math.ceil(layout.fileSize / layout.clusterSize) * layout.clusterSize + clusters * layout.clusterSize;
+const COPIED = 1n << 63n;
+
+describe('past the end of the file, reads return zeros (bdrv_aligned_preadv)', () => {
+  it('an image cut inside its last data cluster (qemu-img check: clean) reads, maps and checks as qemu-img', async () => {
+    const image = make({ io: ['write -q -P 0x5a 0 192k'], damage: (b) => b.subarray(0, b.length - 1000) });
+    await expectQemuAnswers(image);
+  });
+
+  it('a data cluster 16 clusters past the end of the file reads as zeros, as qemu-img reads it', async () => {
+    const image = make({
+      io: ['write -q -P 0x5a 0 192k'],
+      damage(b, l) {
+        put64(b, l2Entry(l, 'normal').at, BigInt(pastEnd(l, 16)) | COPIED);
+      },
+    });
+    await expectQemuAnswers(image);
+  });
+
+  it('a compressed cluster past the end of the file maps as qemu-img maps it, and fails to load as qemu-img convert fails', async () => {
+    const image = make({
+      io: ['write -q -c -P 0x5a 0 64k', 'write -q -c -P 0x6b 64k 64k'],
+      damage(b, l) {
+        const entry = l2Entry(l, 'compressed');
+        const offsetMask = (1n << BigInt(62 - (l.clusterBits - 8))) - 1n;
+        put64(b, entry.at, (entry.raw & ~offsetMask) | BigInt(pastEnd(l, 2) + 100));
       },
     });
     await expectQemuAnswers(image);
