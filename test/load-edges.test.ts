@@ -153,7 +153,7 @@ describe.skipIf(mountSkip !== undefined)('a write that fails (a 1 MiB tmpfs)', (
 });
 
 describe('native jobs and closed descriptors', () => {
-  /** 2 GiB: 256 MiB of data in the first 1 GiB batch; an L2 entry with a reserved bit at 1.5 GiB. */
+  /** 2 GiB: 256 MiB of data in the first 1 GiB batch; an L2 entry with an unaligned host offset at 1.5 GiB. */
   function badSecondBatch(): string {
     const file = image('bad-second-batch.qcow2', 2048 * MiB, ['write -P 0x5a 0 256M', `write -P 0x66 ${1536 * MiB} 64k`]);
     const header = Buffer.alloc(48);
@@ -166,7 +166,7 @@ describe('native jobs and closed descriptors', () => {
       const l2Offset = Number(l1Entry.readBigUInt64BE(0) & 0x00fffffffffffe00n);
       const l2Entry = Buffer.alloc(8);
       fs.readSync(fd, l2Entry, 0, 8, l2Offset);
-      l2Entry.writeBigUInt64BE(l2Entry.readBigUInt64BE(0) | 0x4n);
+      l2Entry.writeBigUInt64BE(l2Entry.readBigUInt64BE(0) | 0x200n);
       fs.writeSync(fd, l2Entry, 0, 8, l2Offset);
     } finally {
       fs.closeSync(fd);

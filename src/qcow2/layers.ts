@@ -84,7 +84,21 @@ export async function readExactly(file: OpenFile, offset: number, length: number
       offset,
     });
   }
-  const buffer = Buffer.allocUnsafe(length);
+  return readInto(file, Buffer.allocUnsafe(length), offset, length, what);
+}
+
+/**
+ * Reads metadata as QEMU reads it: the bytes past the end of the file read as zeros (its block
+ * layer zero-fills them, bdrv_aligned_preadv), so a table there reads as an empty one.
+ */
+export async function readPadded(file: OpenFile, offset: number, length: number, what: string): Promise<Buffer> {
+  const buffer = Buffer.alloc(length);
+  const inside = Math.max(0, Math.min(length, file.size - offset));
+  return inside > 0 ? readInto(file, buffer, offset, inside, what) : buffer;
+}
+
+/** Reads `length` bytes at `offset` into the start of `buffer`; the file must hold them. */
+async function readInto(file: OpenFile, buffer: Buffer, offset: number, length: number, what: string): Promise<Buffer> {
   let done = 0;
   try {
     while (done < length) {
@@ -184,24 +198,14 @@ export class Qcow2Layer implements Layer {
     if (this.l1) return this.l1;
     // From the size being read: a snapshot's disk may be larger than the image's is now.
     const entries = Math.min(this.l1Size, Math.ceil(this.virtualSize / (this.header.l2EntryCount * this.header.clusterSize)));
-    const raw = entries > 0 ? await readExactly(this.file, this.l1Offset, entries * 8, 'L1 table') : Buffer.alloc(0);
+    const raw = await readPadded(this.file, this.l1Offset, entries * 8, 'L1 table');
     const l1 = new Float64Array(entries);
     for (let i = 0; i < entries; i++) {
-      const hi = raw.readUInt32BE(i * 8);
-      const lo = raw.readUInt32BE(i * 8 + 4);
-      // Reserved: bits 56-62 and 0-8; the offset is bits 9-55.
-      if ((hi & 0x7f000000) !== 0 || (lo & 0x1ff) !== 0) {
-        throw new Qcow2Error('BAD_L1_ENTRY', `L1 entry ${i} has reserved bits set`, { path: this.file.path, offset: this.l1Offset + i * 8 });
-      }
-      const offset = (hi & 0x00ffffff) * 2 ** 32 + (lo >>> 0);
+      // As QEMU reads it: the offset is bits 9-55, the reserved bits (0-8, 56-62) are ignored
+      // (qemu-img check reports them), and a table past the end of the file reads as zeros.
+      const offset = entryOffset(raw, i * 8);
       if (offset % this.header.clusterSize !== 0) {
         throw new Qcow2Error('UNALIGNED_OFFSET', `L1 entry ${i} points at L2 table offset ${offset}, not cluster aligned`, {
-          path: this.file.path,
-          offset: this.l1Offset + i * 8,
-        });
-      }
-      if (offset !== 0 && offset + this.header.clusterSize > this.file.size) {
-        throw new Qcow2Error('OFFSET_BEYOND_FILE', `L1 entry ${i} points at L2 table offset ${offset}, beyond the end of the file`, {
           path: this.file.path,
           offset: this.l1Offset + i * 8,
         });
@@ -213,7 +217,7 @@ export class Qcow2Layer implements Layer {
   }
 
   private l2Table(offset: number): Promise<Buffer> {
-    return this.l2Cache.get(offset, () => readExactly(this.file, offset, this.header.clusterSize, 'L2 table'));
+    return this.l2Cache.get(offset, () => readPadded(this.file, offset, this.header.clusterSize, 'L2 table'));
   }
 
   async status(start: number, end: number, out: LayerRun[]): Promise<void> {
@@ -251,6 +255,14 @@ export class Qcow2Layer implements Layer {
         const kindCode = runs[r + 2]!;
         const host = runs[r + 3]!;
         const skip = runStart - unitStart;
+        // Version 2 has no zero flag: QEMU takes a zero cluster there for corruption (qcow2_get_host_offset).
+        if (this.header.version < 3 && (kindCode === UnitKind.Zero || kindCode === UnitKind.ZeroAllocated)) {
+          const entry = runs[r]! + Math.floor((runStart - unitStart) / clusterSize);
+          throw new Qcow2Error('BAD_L2_ENTRY', `L2 entry ${entry} of the table at ${l2Offset}: a zero cluster in a version 2 image`, {
+            path: this.file.path,
+            offset: l2Offset + entry * l2EntryBytes,
+          });
+        }
         switch (kindCode) {
           case UnitKind.Unallocated:
             if (extendedL2) this.pushUnallocatedSubclusters(out, table, tableStart, runStart, runEnd, dataFile);
@@ -306,7 +318,7 @@ export class Qcow2Layer implements Layer {
     const table = await readExactly(this.file, refcountTableOffset, refcountTableClusters * clusterSize, 'refcount table');
     let count = 0;
     for (let index = 0; index * perBlock < endCluster && index * 8 < table.length && count < threshold; index++) {
-      const blockOffset = (table.readUInt32BE(index * 8) & 0x00ffffff) * 2 ** 32 + ((table.readUInt32BE(index * 8 + 4) & 0xfffffe00) >>> 0);
+      const blockOffset = entryOffset(table, index * 8);
       if (blockOffset === 0) continue;
       const block = await readExactly(this.file, blockOffset, clusterSize, 'refcount block');
       const entries = Math.min(perBlock, endCluster - index * perBlock);
@@ -334,10 +346,8 @@ export class Qcow2Layer implements Layer {
       const index = Math.floor((at - tableStart) / clusterSize);
       const clusterStart = tableStart + index * clusterSize;
       const pieceEnd = Math.min(end, clusterStart + clusterSize);
-      const hi = table.readUInt32BE(index * l2EntryBytes);
-      const lo = table.readUInt32BE(index * l2EntryBytes + 4);
-      const host = (hi & 0x00ffffff) * 2 ** 32 + ((lo & 0xfffffe00) >>> 0);
-      const hasHost = host !== 0 || (hasExternalDataFile && (hi & 0x80000000) !== 0);
+      const host = entryOffset(table, index * l2EntryBytes);
+      const hasHost = host !== 0 || (hasExternalDataFile && (table.readUInt32BE(index * l2EntryBytes) & 0x80000000) !== 0);
       pushRun(out, {
         start: at,
         length: pieceEnd - at,
@@ -356,6 +366,11 @@ export class Qcow2Layer implements Layer {
     const failed = results.find((r): r is PromiseRejectedResult => r.status === 'rejected');
     if (failed) throw failed.reason;
   }
+}
+
+/** Bits 9-55 of the big-endian table entry at `at`: the offset an L1, L2 or refcount table entry holds. */
+function entryOffset(table: Buffer, at: number): number {
+  return (table.readUInt32BE(at) & 0x00ffffff) * 2 ** 32 + ((table.readUInt32BE(at + 4) & 0xfffffe00) >>> 0);
 }
 
 /** Appends a run, merging it into the previous one when it continues it. */

@@ -188,3 +188,80 @@ describe('past the end of the file, reads return zeros (bdrv_aligned_preadv)', (
     await expectQemuAnswers(image);
   });
 });
+
+describe('entries as QEMU reads them (qcow2_get_host_offset, qcow2_get_cluster_type)', () => {
+  it('reserved bits 1-8 of a data cluster entry: read and mapped as qemu-img does, checked as corrupt as qemu-img check does', async () => {
+    const image = make({
+      io: ['write -q -P 0x5a 0 128k'],
+      damage(b, l) {
+        put64(b, l2Entry(l, 'normal').at, l2Entry(l, 'normal').raw | 0x100n);
+      },
+    });
+    await expectQemuAnswers(image);
+  });
+
+  it('reserved bits 56-61 of a data cluster entry, extended L2: read, mapped and checked as qemu-img does', async () => {
+    const image = make({
+      options: 'extended_l2=on',
+      io: ['write -q -P 0x5a 0 128k'],
+      damage(b, l) {
+        put64(b, l2Entry(l, 'normal').at, l2Entry(l, 'normal').raw | (1n << 57n));
+      },
+    });
+    await expectQemuAnswers(image);
+  });
+
+  it('reserved bits of a zero cluster entry without a host cluster: read, mapped and checked as qemu-img does', async () => {
+    const image = make({
+      io: ['write -q -P 0x5a 0 64k', 'write -q -z 64k 64k'],
+      damage(b, l) {
+        put64(b, l2Entry(l, 'zero-plain').at, l2Entry(l, 'zero-plain').raw | 0x1fen | (0x3fn << 56n));
+      },
+    });
+    await expectQemuAnswers(image);
+  });
+
+  it('reserved bits 0-8 and 56-62 of an L1 entry: read and mapped as qemu-img does, checked as corrupt as qemu-img check does', async () => {
+    const image = make({
+      io: ['write -q -P 0x5a 0 64k'],
+      damage(b, l) {
+        const entry = l.l1.find((e) => e.offset !== 0)!;
+        put64(b, entry.at, entry.raw | 0x1ffn | (0x7fn << 56n));
+      },
+    });
+    await expectQemuAnswers(image);
+  });
+
+  it('an L1 entry pointing 1 GiB past the end of the file: its L2 table reads as zeros, as in qemu-img', async () => {
+    const image = make({
+      io: ['write -q -P 0x5a 0 64k'],
+      damage(b, l) {
+        put64(b, l.l1.find((e) => e.offset !== 0)!.at, BigInt(pastEnd(l, 2 ** 30 / l.clusterSize)) | COPIED);
+      },
+    });
+    await expectQemuAnswers(image);
+  });
+
+  it('a compressed cluster with a subcluster bitmap, extended L2: read and mapped as qemu-img does, checked as corrupt (iotest 271)', async () => {
+    const image = make({
+      options: 'extended_l2=on',
+      io: ['write -q -c -P 11 0 64k'],
+      damage(b, l) {
+        b[l2Entry(l, 'compressed').at + 11] = 0x01;
+        b[l2Entry(l, 'compressed').at + 12] = 0x80;
+      },
+    });
+    await expectQemuAnswers(image);
+  });
+
+  it('a zero cluster in a version 2 image: qemu-img refuses to read and map it (corruption), check finds it clean', async () => {
+    const image = make({
+      options: 'compat=0.10',
+      io: ['write -q -P 0x5a 0 128k'],
+      damage(b, l) {
+        put64(b, l2Entry(l, 'normal').at, l2Entry(l, 'normal').raw | 1n);
+      },
+    });
+    await expectQemuAnswers(image);
+  });
+});
