@@ -380,11 +380,18 @@ export class Image {
     for (const run of runs) {
       const kind = run.kind === 'data' ? PlanKind.Data : run.kind === 'compressed' ? PlanKind.Compressed : PlanKind.Zero;
       if (kind === PlanKind.Zero) {
-        add(run.start, run.length, kind, 0, run.hostOffset, 0, 0);
+        add(run.start, run.length, kind, 0, 0, 0, 0);
         continue;
       }
       const source = sourceIndex.get(run.file!)!;
       if (kind === PlanKind.Compressed) {
+        // QEMU reads zeros there, which do not decompress (map reports such a cluster; reading it fails).
+        if (run.hostOffset >= run.file!.size) {
+          throw new Qcow2Error('BAD_COMPRESSED_CLUSTER', `compressed cluster at guest offset ${run.clusterStart} points at ${run.hostOffset}, beyond the end of the file`, {
+            path: run.file!.path,
+            offset: run.hostOffset,
+          });
+        }
         add(run.start, run.length, kind, source, run.hostOffset, run.compressedBytes, run.start - run.clusterStart);
         continue;
       }

@@ -7,7 +7,7 @@ import * as fs from 'node:fs/promises';
 import { Qcow2Error, ioError } from '../errors';
 import { limits } from '../limits';
 import { native, UnitKind, l2RunFields } from '../native';
-import { type Qcow2Header, headerReadSize, parseHeader, checkTable } from './header';
+import { type Qcow2Header, headerReadSize, parseHeader, checkTableOffset } from './header';
 import { type Qcow2Snapshot, parseSnapshotTable, snapshotTableReadSize } from './snapshots';
 
 export type LayerRunKind = 'unallocated' | 'zero' | 'zeroAllocated' | 'data' | 'compressed';
@@ -171,7 +171,8 @@ export class Qcow2Layer implements Layer {
     const header = parseHeader(start, file.path, file.size, options);
     let snapshots: Qcow2Snapshot[] = [];
     if (header.snapshotCount > 0) {
-      const table = await readExactly(file, header.snapshotsOffset, snapshotTableReadSize(header, file.size), 'snapshot table');
+      // Past the end of the file the table reads as zeros, as QEMU reads it.
+      const table = await readPadded(file, header.snapshotsOffset, snapshotTableReadSize(header, file.size, true), 'snapshot table');
       snapshots = parseSnapshotTable(table, header, file.path);
     }
     return { header, snapshots };
@@ -189,7 +190,8 @@ export class Qcow2Layer implements Layer {
       if (snapshot.l1Size < needed) {
         throw new Qcow2Error('L1_TOO_SMALL', `L1 table of snapshot "${snapshot.name}" is too small for its disk size`, { path: file.path });
       }
-      if (snapshot.l1Size > 0) checkTable(file.path, `L1 table of snapshot "${snapshot.name}"`, snapshot.l1TableOffset, snapshot.l1Size * 8, header.clusterSize, file.size);
+      // As qcow2_snapshot_load_tmp: aligned, wherever it lies (past the end it reads as zeros).
+      checkTableOffset(file.path, `L1 table of snapshot "${snapshot.name}"`, snapshot.l1TableOffset, header.clusterSize);
     }
     return new Qcow2Layer(file, header, snapshots, dataFile, snapshot);
   }

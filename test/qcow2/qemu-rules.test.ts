@@ -24,6 +24,8 @@ interface Recipe {
   backing?: number;
   /** qemu-io commands run on the new image. */
   io?: readonly string[];
+  /** Internal snapshots taken after the qemu-io commands (qemu-img snapshot -c), with more commands after each. */
+  snapshots?: readonly { name: string; io?: readonly string[] }[];
   /** The damage: patches the image's bytes in place (or returns new bytes). */
   damage(bytes: Buffer, layout: Layout): Buffer | void;
 }
@@ -43,6 +45,10 @@ function make(recipe: Recipe): string {
   args.push(image, recipe.size ?? '1M');
   qemuImg(args, dir);
   if (recipe.io?.length) qemuIo(image, recipe.io, { cwd: dir });
+  for (const snapshot of recipe.snapshots ?? []) {
+    qemuImg(['snapshot', '-c', snapshot.name, image], dir);
+    if (snapshot.io?.length) qemuIo(image, snapshot.io, { cwd: dir });
+  }
   const bytes = fs.readFileSync(image);
   fs.writeFileSync(image, recipe.damage(bytes, parseLayout(bytes)) ?? bytes);
   return image;
@@ -55,7 +61,8 @@ const put32 = (bytes: Buffer, at: number, value: number): void => {
   bytes.writeUInt32BE(value, at);
 };
 
-type Question = 'info' | 'load' | 'map' | 'check';
+/** `load` of the image, or of one of its internal snapshots (against qemu-img convert -l snapshot.name=NAME). */
+type Question = 'info' | 'load' | 'map' | 'check' | { snapshot: string };
 
 const ours = (args: readonly string[], cwd: string) => runAsync(process.execPath, [cliPath, ...args], cwd);
 const why = (ran: Ran) => ran.stderr.trim().split('\n')[0] ?? '';
@@ -64,6 +71,19 @@ const why = (ran: Ran) => ran.stderr.trim().split('\n')[0] ?? '';
 async function expectQemuAnswers(image: string, questions: readonly Question[] = ['info', 'load', 'map', 'check']): Promise<void> {
   const dir = path.dirname(image);
   for (const question of questions) {
+    if (typeof question === 'object') {
+      const expected = path.join(dir, 'qemu-snapshot.raw');
+      const actual = path.join(dir, 'ours-snapshot.raw');
+      const [q, o] = await Promise.all([
+        runAsync('qemu-img', ['convert', '-f', 'qcow2', '-O', 'raw', '-l', `snapshot.name=${question.snapshot}`, image, expected], dir),
+        ours(['load', image, actual, '--snapshot', question.snapshot, '--overwrite', '--progress=none'], dir),
+      ]);
+      expect(o.status === 0, `load --snapshot reads it as qemu-img convert -l does (qemu-img: ${why(q) || 'ok'}; ours: ${why(o) || 'ok'})`).toBe(q.status === 0);
+      if (q.status === 0) expectSameFile(actual, expected);
+      fs.rmSync(expected, { force: true });
+      fs.rmSync(actual, { force: true });
+      continue;
+    }
     switch (question) {
       case 'info': {
         const [q, o] = await Promise.all([runAsync('qemu-img', ['info', '--output=json', image], dir), ours(['info', '--json', image], dir)]);
@@ -263,5 +283,54 @@ describe('entries as QEMU reads them (qcow2_get_host_offset, qcow2_get_cluster_t
       },
     });
     await expectQemuAnswers(image);
+  });
+});
+
+describe("where the header's tables lie (qcow2_do_open, qcow2_validate_table: only their alignment is checked)", () => {
+  it('an L1 table at offset 0 (the header read as L1 entries) opens, reads, maps and checks as in qemu-img', async () => {
+    const image = make({ io: ['write -q -P 0x5a 0 64k'], damage: (b) => put64(b, 40, 0n) });
+    await expectQemuAnswers(image);
+  });
+
+  it('an L1 table 1 GiB past the end of the file reads as zeros: opens, reads, maps and checks as in qemu-img', async () => {
+    const image = make({ io: ['write -q -P 0x5a 0 64k'], damage: (b, l) => put64(b, 40, BigInt(pastEnd(l, 2 ** 30 / l.clusterSize))) });
+    await expectQemuAnswers(image);
+  });
+
+  it('a refcount table 16 clusters past the end of the file: opens, reads, maps and checks as in qemu-img', async () => {
+    const image = make({ io: ['write -q -P 0x5a 0 64k'], damage: (b, l) => put64(b, 48, BigInt(pastEnd(l, 16))) });
+    await expectQemuAnswers(image);
+  });
+
+  it('a refcount table at offset 0 (the header read as refcount block offsets): opens, reads, maps and checks as in qemu-img', async () => {
+    const image = make({ io: ['write -q -P 0x5a 0 64k'], damage: (b) => put64(b, 48, 0n) });
+    await expectQemuAnswers(image);
+  });
+
+  it('a snapshot table offset off a cluster boundary with no snapshots: refused as qemu-img refuses it, check fails as qemu-img check does', async () => {
+    const image = make({ damage: (b) => put64(b, 64, 512n) });
+    await expectQemuAnswers(image);
+  });
+
+  it('a snapshot table that runs past the end of the file (a 65535-byte name) reads as zeros there, as in qemu-img', async () => {
+    const image = make({
+      io: ['write -q -P 0x5a 0 64k'],
+      snapshots: [{ name: 'one', io: ['write -q -P 0x6b 0 64k'] }],
+      damage(b, l) {
+        b.writeUInt16BE(65535, l.snapshots[0]!.at + 14);
+      },
+    });
+    await expectQemuAnswers(image);
+  });
+
+  it("a snapshot's L1 table 16 clusters past the end of the file: its disk reads as zeros, as qemu-img convert -l reads it", async () => {
+    const image = make({
+      io: ['write -q -P 0x5a 0 64k'],
+      snapshots: [{ name: 'one', io: ['write -q -P 0x6b 0 64k'] }],
+      damage(b, l) {
+        put64(b, l.snapshots[0]!.at, BigInt(pastEnd(l, 16)));
+      },
+    });
+    await expectQemuAnswers(image, ['info', 'load', 'map', 'check', { snapshot: 'one' }]);
   });
 });
