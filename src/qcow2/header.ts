@@ -85,6 +85,7 @@ export interface Qcow2Header {
   backingFormat: string | undefined;
   externalDataFile: string | undefined;
   featureNames: FeatureName[];
+  /** The bitmaps extension, while autoclear bit 0 says the bitmaps are consistent (QEMU ignores them otherwise). */
   bitmaps: BitmapsExtension | undefined;
   /** Full-disk encryption header pointer (LUKS), if present. */
   encryptionHeader: { offset: number; length: number } | undefined;
@@ -108,8 +109,12 @@ export interface ParseHeaderOptions {
    * table is accepted, for the check to report every cluster it uses as corrupt.
    */
   forCheck?: boolean;
-  /** Accept an encrypted image, to describe it; its data must not be read. Default: ENCRYPTED. */
-  allowEncrypted?: boolean;
+  /**
+   * Open only to describe the image, as qemu-img info does (QEMU's BDRV_O_NO_IO): an encrypted
+   * image is accepted (its data must not be read), and so is the data-file-raw bit without an
+   * external data file. Default: both refused.
+   */
+  metadataOnly?: boolean;
 }
 
 /** The refusal to read an encrypted image's data. */
@@ -187,7 +192,7 @@ export function parseHeader(start: Buffer, path: string, fileSize: number, optio
       throw new Qcow2Error('BAD_BACKING_NAME', `backing file name length ${backingFileSize} is too long`, { path, offset: 16 });
     }
   }
-  const parsed = parseExtensions(start, path, headerLength, Math.min(extensionsEnd, start.length));
+  const parsed = parseExtensions(start, path, headerLength, Math.min(extensionsEnd, start.length), clusterSize, autoclearFeatures, cryptMethod);
 
   let backingFile: string | undefined;
   if (backingFileOffset !== 0 && backingFileSize > 0) {
@@ -230,7 +235,7 @@ export function parseHeader(start: Buffer, path: string, fileSize: number, optio
   }
   const encryption = cryptMethod === 0 ? undefined : cryptMethod === 1 ? 'aes' : cryptMethod === 2 ? 'luks' : null;
   if (encryption === null) throw new Qcow2Error('ENCRYPTED', `image is encrypted by an unknown method ${cryptMethod}`, { path, offset: 32 });
-  if (encryption !== undefined && !options.allowEncrypted) throw encryptedError(encryption, path);
+  if (encryption !== undefined && !options.metadataOnly) throw encryptedError(encryption, path);
   if (encryption === 'luks' && parsed.encryptionHeader === undefined) {
     throw new Qcow2Error('BAD_ENCRYPTION_HEADER', 'LUKS-encrypted image without its encryption header extension', { path, offset: 32 });
   }
@@ -239,6 +244,10 @@ export function parseHeader(start: Buffer, path: string, fileSize: number, optio
     throw new Qcow2Error('MISSING_DATA_FILE', 'image uses an external data file but does not name it', { path, offset: 72 });
   }
   const dataFileRaw = bit(autoclearFeatures, AutoclearFeature.dataFileRaw);
+  // As qcow2_do_open, which checks it only where it opens the data file (not for qemu-img info).
+  if (dataFileRaw && !hasExternalDataFile && !options.metadataOnly) {
+    throw new Qcow2Error('BAD_HEADER_FIELD', 'the data-file-raw bit is set but the image has no external data file', { path, offset: 88 });
+  }
 
   // Sizes and tables, checked before anything is allocated from them.
   const virtualSize = Math.floor(headerSize / 512) * 512;
@@ -327,12 +336,13 @@ interface ParsedExtensions {
   backingFormat: string | undefined;
   externalDataFile: string | undefined;
   featureNames: FeatureName[];
+  /** The bitmaps extension, while autoclear bit 0 says the bitmaps are consistent (QEMU ignores them otherwise). */
   bitmaps: BitmapsExtension | undefined;
   encryptionHeader: { offset: number; length: number } | undefined;
   extensions: HeaderExtension[];
 }
 
-function parseExtensions(start: Buffer, path: string, from: number, end: number): ParsedExtensions {
+function parseExtensions(start: Buffer, path: string, from: number, end: number, clusterSize: number, autoclearFeatures: bigint, cryptMethod: number): ParsedExtensions {
   const result: ParsedExtensions = {
     backingFormat: undefined,
     externalDataFile: undefined,
@@ -383,16 +393,12 @@ function parseExtensions(start: Buffer, path: string, from: number, end: number)
         }
         break;
       case ExtensionType.bitmaps:
-        if (length !== 24) {
-          throw new Qcow2Error('BAD_EXTENSION', `bitmaps extension has ${length} bytes, not 24`, { path, offset });
-        }
-        result.bitmaps = {
-          count: u32(data, 0),
-          directorySize: u64Safe(data, 8, path, 'bitmap directory size', 'BAD_EXTENSION'),
-          directoryOffset: u64Safe(data, 16, path, 'bitmap directory offset', 'BAD_EXTENSION'),
-        };
+        result.bitmaps = parseBitmapsExtension(data, path, offset, clusterSize, autoclearFeatures);
         break;
       case ExtensionType.fullDiskEncryption:
+        if (cryptMethod !== 2) {
+          throw new Qcow2Error('BAD_EXTENSION', 'a full disk encryption header extension in an image not encrypted with LUKS', { path, offset });
+        }
         if (length !== 16) {
           throw new Qcow2Error('BAD_EXTENSION', `encryption header extension has ${length} bytes, not 16`, { path, offset });
         }
@@ -407,4 +413,26 @@ function parseExtensions(start: Buffer, path: string, from: number, end: number)
     offset = dataStart + Math.ceil(length / 8) * 8;
   }
   return result;
+}
+
+/**
+ * The bitmaps extension, as QEMU's qcow2_read_extensions takes it: its length is always
+ * checked; the rest only while autoclear bit 0 says the bitmaps are consistent (otherwise
+ * QEMU warns and ignores them, and so does this: undefined).
+ */
+function parseBitmapsExtension(data: Buffer, path: string, offset: number, clusterSize: number, autoclearFeatures: bigint): BitmapsExtension | undefined {
+  const fail = (message: string): never => {
+    throw new Qcow2Error('BAD_EXTENSION', `bitmaps extension: ${message}`, { path, offset });
+  };
+  if (data.length !== 24) fail(`${data.length} bytes, not 24`);
+  if (!bit(autoclearFeatures, AutoclearFeature.bitmaps)) return undefined;
+  if (u32(data, 4) !== 0) fail('its reserved field is not zero');
+  const count = u32(data, 0);
+  if (count > limits.maxBitmaps) fail(`${count} bitmaps exceed the limit of ${limits.maxBitmaps}`);
+  if (count === 0) fail('no bitmaps');
+  const directorySize = u64Safe(data, 8, path, 'bitmap directory size', 'BAD_EXTENSION');
+  const directoryOffset = u64Safe(data, 16, path, 'bitmap directory offset', 'BAD_EXTENSION');
+  if (directoryOffset % clusterSize !== 0) fail('the directory offset is not cluster aligned');
+  if (directorySize > limits.maxBitmapDirectoryBytes) fail(`a directory of ${directorySize} bytes exceeds ${limits.maxBitmapDirectoryBytes}`);
+  return { count, directorySize, directoryOffset };
 }

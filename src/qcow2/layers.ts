@@ -162,7 +162,7 @@ export class Qcow2Layer implements Layer {
   }
 
   /** Reads and validates the header and snapshot table of an open qcow2 file. */
-  static async readHeader(file: OpenFile, options: { allowEncrypted?: boolean } = {}): Promise<{ header: Qcow2Header; snapshots: Qcow2Snapshot[] }> {
+  static async readHeader(file: OpenFile, options: { metadataOnly?: boolean } = {}): Promise<{ header: Qcow2Header; snapshots: Qcow2Snapshot[] }> {
     const first = await readExactly(file, 0, Math.min(file.size, 112), 'qcow2 header');
     // Cluster 0 holds the header, extensions and backing name: read it whole.
     const clusterBits = first.length >= 24 ? first.readUInt32BE(20) : 0;

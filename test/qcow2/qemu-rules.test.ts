@@ -24,6 +24,8 @@ interface Recipe {
   backing?: number;
   /** qemu-io commands run on the new image. */
   io?: readonly string[];
+  /** Persistent dirty bitmaps added after the qemu-io commands (qemu-img bitmap --add). */
+  bitmaps?: readonly string[];
   /** Internal snapshots taken after the qemu-io commands (qemu-img snapshot -c), with more commands after each. */
   snapshots?: readonly { name: string; io?: readonly string[] }[];
   /** The damage: patches the image's bytes in place (or returns new bytes). */
@@ -45,6 +47,7 @@ function make(recipe: Recipe): string {
   args.push(image, recipe.size ?? '1M');
   qemuImg(args, dir);
   if (recipe.io?.length) qemuIo(image, recipe.io, { cwd: dir });
+  for (const bitmap of recipe.bitmaps ?? []) qemuImg(['bitmap', '--add', image, bitmap], dir);
   for (const snapshot of recipe.snapshots ?? []) {
     qemuImg(['snapshot', '-c', snapshot.name, image], dir);
     if (snapshot.io?.length) qemuIo(image, snapshot.io, { cwd: dir });
@@ -332,5 +335,60 @@ describe("where the header's tables lie (qcow2_do_open, qcow2_validate_table: on
       },
     });
     await expectQemuAnswers(image, ['info', 'load', 'map', 'check', { snapshot: 'one' }]);
+  });
+});
+
+/** Where the data of the bitmaps extension starts (count u32, reserved u32, directory size u64, directory offset u64). */
+const bitmapsData = (layout: Layout) => layout.bitmaps!.extensionAt + 8;
+const withBitmap = { io: ['write -q -P 0x5a 0 64k'], bitmaps: ['b0'] };
+
+describe('header extensions and autoclear bits (qcow2_read_extensions, qcow2_do_open)', () => {
+  it('bitmaps extension with a non-zero reserved field: refused as qemu-img refuses it', async () => {
+    await expectQemuAnswers(make({ ...withBitmap, damage: (b, l) => put32(b, bitmapsData(l) + 4, 1) }));
+  });
+
+  it('bitmaps extension with no bitmaps: refused as qemu-img refuses it', async () => {
+    await expectQemuAnswers(make({ ...withBitmap, damage: (b, l) => put32(b, bitmapsData(l), 0) }));
+  });
+
+  it('bitmaps extension with more bitmaps than QCOW2_MAX_BITMAPS: refused as qemu-img refuses it', async () => {
+    await expectQemuAnswers(make({ ...withBitmap, damage: (b, l) => put32(b, bitmapsData(l), 65536) }));
+  });
+
+  it('bitmap directory offset off a cluster boundary: refused as qemu-img refuses it', async () => {
+    await expectQemuAnswers(make({ ...withBitmap, damage: (b, l) => put64(b, bitmapsData(l) + 16, BigInt(l.bitmaps!.directoryOffset + 512)) }));
+  });
+
+  it('bitmap directory one byte over QCOW2_MAX_BITMAP_DIRECTORY_SIZE (1 KiB a bitmap, not 64 MiB): refused as qemu-img refuses it', async () => {
+    await expectQemuAnswers(make({ ...withBitmap, damage: (b, l) => put64(b, bitmapsData(l) + 8, BigInt(1024 * 65535 + 1)) }));
+  });
+
+  it('a damaged bitmaps extension while autoclear bit 0 is clear is ignored, as qemu-img ignores it (check: leaks)', async () => {
+    const image = make({
+      ...withBitmap,
+      damage(b, l) {
+        put32(b, bitmapsData(l) + 4, 1);
+        put64(b, 88, b.readBigUInt64BE(88) & ~1n);
+      },
+    });
+    await expectQemuAnswers(image);
+  });
+
+  it('a full disk encryption header extension in an image that is not LUKS-encrypted: refused as qemu-img refuses it', async () => {
+    const image = make({
+      ...withBitmap,
+      damage(b, l) {
+        // The bitmaps extension becomes an encryption header extension of 16 bytes.
+        put32(b, l.bitmaps!.extensionAt, 0x0537be77);
+        put32(b, l.bitmaps!.extensionAt + 4, 16);
+        put64(b, 88, b.readBigUInt64BE(88) & ~1n);
+      },
+    });
+    await expectQemuAnswers(image);
+  });
+
+  it('the data-file-raw bit without an external data file: described by info, refused by load, map and check as by qemu-img', async () => {
+    const image = make({ io: ['write -q -P 0x5a 0 64k'], damage: (b) => put64(b, 88, b.readBigUInt64BE(88) | 2n) });
+    await expectQemuAnswers(image);
   });
 });
