@@ -184,23 +184,21 @@ export function parseHeader(start: Buffer, path: string, fileSize: number, optio
 
   // Extensions sit between the header and the backing name (or the end of cluster 0).
   const extensionsEnd = backingFileOffset !== 0 ? backingFileOffset : clusterSize;
-  if (backingFileOffset !== 0) {
-    if (backingFileOffset > clusterSize || backingFileOffset < headerLength) {
-      throw new Qcow2Error('BAD_BACKING_NAME', `backing file name offset ${backingFileOffset} is outside the header cluster`, { path, offset: 8 });
-    }
-    if (backingFileSize > limits.maxBackingNameLength || backingFileSize > clusterSize - backingFileOffset) {
-      throw new Qcow2Error('BAD_BACKING_NAME', `backing file name length ${backingFileSize} is too long`, { path, offset: 16 });
-    }
+  // As QEMU (qcow2_do_open): the offset is bounded by the cluster size only; one inside the
+  // header reads the name from the header's own bytes, and leaves no room for extensions.
+  if (backingFileOffset > clusterSize) {
+    throw new Qcow2Error('BAD_BACKING_NAME', `backing file name offset ${backingFileOffset} is outside the header cluster`, { path, offset: 8 });
+  }
+  if (backingFileOffset !== 0 && (backingFileSize > limits.maxBackingNameLength || backingFileSize > clusterSize - backingFileOffset)) {
+    throw new Qcow2Error('BAD_BACKING_NAME', `backing file name length ${backingFileSize} is too long`, { path, offset: 16 });
   }
   const parsed = parseExtensions(start, path, headerLength, Math.min(extensionsEnd, start.length), clusterSize, autoclearFeatures, cryptMethod);
 
   let backingFile: string | undefined;
   if (backingFileOffset !== 0 && backingFileSize > 0) {
     need(backingFileOffset + backingFileSize, 'backing file name');
-    backingFile = start.toString('utf8', backingFileOffset, backingFileOffset + backingFileSize);
-    if (backingFile.includes('\0')) {
-      throw new Qcow2Error('BAD_BACKING_NAME', 'backing file name contains a NUL byte', { path, offset: backingFileOffset });
-    }
+    // QEMU keeps the name as a C string: it ends at the first NUL, and an empty name is none.
+    backingFile = cString(start.subarray(backingFileOffset, backingFileOffset + backingFileSize), 'utf8') || undefined;
   }
 
   // Incompatible features: refuse what we cannot read correctly.
@@ -332,6 +330,12 @@ export function checkTableOffset(path: string, what: string, offset: number, clu
   }
 }
 
+/** Bytes up to the first NUL: how QEMU reads the names it keeps as C strings. */
+function cString(bytes: Buffer, encoding: 'utf8' | 'latin1'): string {
+  const nul = bytes.indexOf(0);
+  return bytes.toString(encoding, 0, nul < 0 ? bytes.length : nul);
+}
+
 interface ParsedExtensions {
   backingFormat: string | undefined;
   externalDataFile: string | undefined;
@@ -351,7 +355,6 @@ function parseExtensions(start: Buffer, path: string, from: number, end: number,
     encryptionHeader: undefined,
     extensions: [],
   };
-  const seen = new Set<number>();
   let offset = from;
   while (offset < end) {
     if (offset + 8 > end) {
@@ -364,10 +367,7 @@ function parseExtensions(start: Buffer, path: string, from: number, end: number,
     if (length > end - dataStart) {
       throw new Qcow2Error('BAD_EXTENSION', `header extension 0x${type.toString(16)} at ${offset} is too large (${length} bytes)`, { path, offset });
     }
-    if (seen.has(type)) {
-      throw new Qcow2Error('BAD_EXTENSION', `header extension 0x${type.toString(16)} appears twice`, { path, offset });
-    }
-    seen.add(type);
+    // A type that appears again replaces what the earlier one said, as in QEMU (qcow2_read_extensions).
     result.extensions.push({ type, offset, length });
     const data = start.subarray(dataStart, dataStart + length);
     switch (type) {
@@ -375,18 +375,20 @@ function parseExtensions(start: Buffer, path: string, from: number, end: number,
         if (length > limits.maxBackingFormatLength) {
           throw new Qcow2Error('BAD_EXTENSION', `backing format name of ${length} bytes is too long`, { path, offset });
         }
-        result.backingFormat = data.toString('latin1').replace(/\0+$/, '');
+        // An empty name (or one that starts with NUL) records no format: the backing file is probed.
+        result.backingFormat = cString(data, 'latin1') || undefined;
         break;
       case ExtensionType.externalDataFile:
         if (length > limits.maxExternalDataFileNameLength) {
           throw new Qcow2Error('BAD_EXTENSION', `external data file name of ${length} bytes is too long`, { path, offset });
         }
-        result.externalDataFile = data.toString('utf8').replace(/\0+$/, '');
+        result.externalDataFile = cString(data, 'utf8');
         break;
       case ExtensionType.featureNameTable:
+        result.featureNames = [];
         for (let at = 0; at + 48 <= length; at += 48) {
           const kind = data[at]!;
-          const name = data.toString('utf8', at + 2, at + 48).replace(/\0.*$/s, '');
+          const name = cString(data.subarray(at + 2, at + 48), 'utf8');
           if (kind <= 2) {
             result.featureNames.push({ type: (['incompatible', 'compatible', 'autoclear'] as const)[kind]!, bit: data[at + 1]!, name });
           }

@@ -392,3 +392,83 @@ describe('header extensions and autoclear bits (qcow2_read_extensions, qcow2_do_
     await expectQemuAnswers(image);
   });
 });
+
+/** The header extension of a type: where its header (type, length) starts, and its length. */
+function extension(bytes: Buffer, type: number): { at: number; length: number } {
+  const version = bytes.readUInt32BE(4);
+  for (let at = version >= 3 ? bytes.readUInt32BE(100) : 72; at + 8 <= bytes.length; ) {
+    const length = bytes.readUInt32BE(at + 4);
+    if (bytes.readUInt32BE(at) === type) return { at, length };
+    if (bytes.readUInt32BE(at) === 0) break;
+    at += 8 + Math.ceil(length / 8) * 8;
+  }
+  throw new Error(`no header extension 0x${type.toString(16)}`);
+}
+const backingFormatType = 0xe2792aca;
+const featureTableType = 0x6803f857;
+
+describe('names in the header, as QEMU reads them (qcow2_do_open, qcow2_read_extensions)', () => {
+  it('a backing file name with a NUL byte in it ends there (a C string): the backing file is found, as by qemu-img', async () => {
+    const image = make({
+      backing: 1024 * 1024,
+      io: ['write -q -P 0x5a 0 64k'],
+      damage(b) {
+        const offset = Number(b.readBigUInt64BE(8));
+        const size = b.readUInt32BE(16);
+        Buffer.from('\0junk').copy(b, offset + size);
+        put32(b, 16, size + 5);
+      },
+    });
+    await expectQemuAnswers(image);
+  });
+
+  it('a backing file name offset inside the header, with no name: no backing file and no extensions, as in qemu-img', async () => {
+    const image = make({
+      io: ['write -q -P 0x5a 0 64k'],
+      damage(b) {
+        put64(b, 8, 104n);
+        put32(b, 16, 0);
+      },
+    });
+    await expectQemuAnswers(image);
+  });
+
+  it('an empty backing format name records no format: the backing file is probed, as by qemu-img', async () => {
+    const image = make({
+      backing: 1024 * 1024,
+      io: ['write -q -P 0x5a 0 64k'],
+      damage: (b) => put32(b, extension(b, backingFormatType).at + 4, 0),
+    });
+    await expectQemuAnswers(image);
+  });
+
+  it('a backing format name that starts with a NUL records no format either, as in qemu-img', async () => {
+    const image = make({
+      backing: 1024 * 1024,
+      io: ['write -q -P 0x5a 0 64k'],
+      damage(b) {
+        b[extension(b, backingFormatType).at + 8] = 0;
+      },
+    });
+    await expectQemuAnswers(image);
+  });
+
+  it('a backing format extension that appears twice: the later one holds, as in qemu-img', async () => {
+    const image = make({
+      backing: 1024 * 1024,
+      io: ['write -q -P 0x5a 0 64k'],
+      damage(b) {
+        // The feature name table makes room: "xyz" (unsupported), then "raw", then the end.
+        const first = extension(b, backingFormatType);
+        const table = extension(b, featureTableType);
+        expect(table.at).toBe(first.at + 16);
+        b.fill(0, table.at, table.at + 8 + table.length);
+        Buffer.from('xyz').copy(b, first.at + 8);
+        put32(b, table.at, backingFormatType);
+        put32(b, table.at + 4, 3);
+        Buffer.from('raw').copy(b, table.at + 8);
+      },
+    });
+    await expectQemuAnswers(image);
+  });
+});
