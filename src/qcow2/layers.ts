@@ -267,7 +267,7 @@ export class Qcow2Layer implements Layer {
         }
         switch (kindCode) {
           case UnitKind.Unallocated:
-            if (extendedL2) this.pushUnallocatedSubclusters(out, table, tableStart, runStart, runEnd, dataFile);
+            if (extendedL2) this.pushUnallocatedSubclusters(out, table, tableStart, l2Offset, runStart, runEnd, dataFile);
             else pushRun(out, { start: runStart, length: runEnd - runStart, kind: 'unallocated', hostOffset: 0, compressedBytes: 0, clusterStart: 0 });
             break;
           case UnitKind.Zero:
@@ -275,6 +275,7 @@ export class Qcow2Layer implements Layer {
             break;
           case UnitKind.ZeroAllocated:
           case UnitKind.Data:
+            if (hasExternalDataFile) this.checkDataFileOffset(host, unitStart, l2Offset, tableStart);
             pushRun(out, {
               start: runStart,
               length: runEnd - runStart,
@@ -342,7 +343,7 @@ export class Qcow2Layer implements Layer {
    * Unallocated subclusters of a cluster that has a host cluster keep its offset: QEMU's map
    * reports it (QCOW2_SUBCLUSTER_UNALLOCATED_ALLOC) where no backing file decides the range.
    */
-  private pushUnallocatedSubclusters(out: LayerRun[], table: Buffer, tableStart: number, start: number, end: number, dataFile: OpenFile): void {
+  private pushUnallocatedSubclusters(out: LayerRun[], table: Buffer, tableStart: number, l2Offset: number, start: number, end: number, dataFile: OpenFile): void {
     const { clusterSize, l2EntryBytes, hasExternalDataFile } = this.header;
     for (let at = start; at < end; ) {
       const index = Math.floor((at - tableStart) / clusterSize);
@@ -350,6 +351,7 @@ export class Qcow2Layer implements Layer {
       const pieceEnd = Math.min(end, clusterStart + clusterSize);
       const host = entryOffset(table, index * l2EntryBytes);
       const hasHost = host !== 0 || (hasExternalDataFile && (table.readUInt32BE(index * l2EntryBytes) & 0x80000000) !== 0);
+      if (hasHost && hasExternalDataFile) this.checkDataFileOffset(host, clusterStart, l2Offset, tableStart);
       pushRun(out, {
         start: at,
         length: pieceEnd - at,
@@ -360,6 +362,20 @@ export class Qcow2Layer implements Layer {
       });
       at = pieceEnd;
     }
+  }
+
+  /**
+   * In an external data file a cluster lies at its own guest offset: QEMU takes any other host
+   * offset for corruption and fails the read (qcow2_get_host_offset). `host` and `guest` are those
+   * of the same byte.
+   */
+  private checkDataFileOffset(host: number, guest: number, l2Offset: number, tableStart: number): void {
+    if (host === guest) return;
+    const entry = Math.floor((guest - tableStart) / this.header.clusterSize);
+    throw new Qcow2Error('BAD_L2_ENTRY', `L2 entry ${entry} of the table at ${l2Offset}: host offset ${host} in the external data file is not the guest offset ${guest}`, {
+      path: this.file.path,
+      offset: l2Offset + entry * this.header.l2EntryBytes,
+    });
   }
 
   async close(): Promise<void> {

@@ -472,3 +472,31 @@ describe('names in the header, as QEMU reads them (qcow2_do_open, qcow2_read_ext
     await expectQemuAnswers(image);
   });
 });
+
+describe('external data files (qcow2_get_host_offset)', () => {
+  it('a cluster whose host offset is not its guest offset: refused when read or mapped, as qemu-img refuses it', async () => {
+    const image = make({
+      options: 'data_file=image.data',
+      io: ['write -q -P 0x5a 0 64k', 'write -q -P 0x6b 128k 64k'],
+      damage(b, l) {
+        const table = l.l2[0]!;
+        put64(b, table.offset, table.entries.find((e) => e.index === 2)!.raw);
+      },
+    });
+    await expectQemuAnswers(image);
+  });
+
+  it('extended L2: unallocated subclusters of a cluster whose host offset is not its guest offset, as qemu-img', async () => {
+    const image = make({
+      options: 'data_file=image.data,extended_l2=on',
+      io: ['write -q -P 0x5a 0 2k', 'write -q -P 0x6b 128k 64k'],
+      damage(b, l) {
+        const table = l.l2[0]!;
+        // Cluster 0 takes cluster 2's host offset, with no subcluster allocated.
+        put64(b, table.offset, table.entries.find((e) => e.index === 2)!.raw);
+        put64(b, table.offset + 8, 0n);
+      },
+    });
+    await expectQemuAnswers(image);
+  });
+});
