@@ -183,13 +183,11 @@ export class Qcow2Layer implements Layer {
       if (header.hasExternalDataFile) {
         throw new Qcow2Error('BAD_SNAPSHOT_TABLE', 'internal snapshots cannot be read from an image with an external data file', { path: file.path });
       }
-      const needed = Math.ceil(Math.floor(snapshot.virtualSize / 512) * 512 / (header.l2EntryCount * header.clusterSize));
       if (snapshot.l1Size * 8 > limits.maxL1Bytes) {
         throw new Qcow2Error('L1_TOO_LARGE', `L1 table of snapshot "${snapshot.name}" has ${snapshot.l1Size} entries`, { path: file.path });
       }
-      if (snapshot.l1Size < needed) {
-        throw new Qcow2Error('L1_TOO_SMALL', `L1 table of snapshot "${snapshot.name}" is too small for its disk size`, { path: file.path });
-      }
+      // An L1 table too small for the snapshot's disk is not refused: QEMU reads what lies past
+      // its end as unallocated (qcow2_snapshot_load_tmp, qcow2_snapshot_goto).
       // As qcow2_snapshot_load_tmp: aligned, wherever it lies (past the end it reads as zeros).
       checkTableOffset(file.path, `L1 table of snapshot "${snapshot.name}"`, snapshot.l1TableOffset, header.clusterSize);
     }

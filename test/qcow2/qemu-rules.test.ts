@@ -500,3 +500,16 @@ describe('external data files (qcow2_get_host_offset)', () => {
     await expectQemuAnswers(image);
   });
 });
+
+describe('internal snapshots (qcow2_snapshot_load_tmp)', () => {
+  it("a snapshot whose L1 table is too small for its disk (l1_size 0): what lies past it reads as unallocated, as qemu-img convert -l reads it", async () => {
+    const image = make({
+      io: ['write -q -P 0x5a 0 64k'],
+      snapshots: [{ name: 'one', io: ['write -q -P 0x6b 0 64k'] }],
+      damage(b, l) {
+        put32(b, l.snapshots[0]!.at + 8, 0);
+      },
+    });
+    await expectQemuAnswers(image, ['info', 'load', 'map', 'check', { snapshot: 'one' }]);
+  });
+});
