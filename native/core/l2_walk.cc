@@ -110,7 +110,9 @@ L2WalkResult walkL2(const L2WalkParams& p, double* runs, size_t runCapacity) {
     if (!p.extendedL2) {
       UnitKind kind;
       if (entry & kZeroBit) {
-        kind = hasHost ? UnitKind::ZeroAllocated : UnitKind::Zero;
+        // The zero flag comes first (qcow2_get_cluster_type): offset 0 is a plain zero
+        // cluster, even with COPIED in an image with an external data file.
+        kind = hostOffset != 0 ? UnitKind::ZeroAllocated : UnitKind::Zero;
       } else {
         kind = hasHost ? UnitKind::Data : UnitKind::Unallocated;
       }

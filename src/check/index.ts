@@ -308,7 +308,9 @@ class Checker {
       const hostOffset = (hi & L1_OFFSET_MASK_HI) * 2 ** 32 + ((lo & 0xfffffe00) >>> 0);
       const zeroFlag = !h.extendedL2 && (lo & 1) === 1;
       const copied = (hi & COPIED_HI) !== 0;
-      const isData = hostOffset !== 0 || (h.hasExternalDataFile && copied);
+      // As qcow2_get_cluster_type: the zero flag comes first, so offset 0 with it is a plain zero
+      // cluster even with COPIED and an external data file.
+      const isData = hostOffset !== 0 || (h.hasExternalDataFile && copied && !zeroFlag);
       if (!isData) {
         if (h.extendedL2 && bitmapAllocated !== 0) {
           corrupt(() => `unallocated cluster entry ${i} of the L2 table at ${l2Offset} has allocated subclusters`, where);

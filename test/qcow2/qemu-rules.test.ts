@@ -473,7 +473,19 @@ describe('names in the header, as QEMU reads them (qcow2_do_open, qcow2_read_ext
   });
 });
 
-describe('external data files (qcow2_get_host_offset)', () => {
+describe('external data files (qcow2_get_host_offset, qcow2_get_cluster_type)', () => {
+  it('the zero flag on a cluster at host offset 0 with COPIED is a plain zero cluster: mapped and counted as qemu-img does', async () => {
+    const image = make({
+      options: 'data_file=image.data',
+      io: ['write -q -P 0x5a 0 64k', 'write -q -P 0x6b 128k 64k'],
+      damage(b, l) {
+        const entry = l.l2[0]!.entries.find((e) => e.index === 0)!;
+        put64(b, entry.at, entry.raw | 1n);
+      },
+    });
+    await expectQemuAnswers(image);
+  });
+
   it('a cluster whose host offset is not its guest offset: refused when read or mapped, as qemu-img refuses it', async () => {
     const image = make({
       options: 'data_file=image.data',
