@@ -6,6 +6,8 @@
 import * as fs from 'node:fs/promises';
 import { Qcow2Error, ioError } from '../errors';
 import { limits } from '../limits';
+import { checkBitmapTable, parseBitmapDirectory } from '../qcow2/bitmaps';
+import { entryOffset } from '../qcow2/bytes';
 import { type Qcow2Header, headerReadSize, parseHeader } from '../qcow2/header';
 import { type Qcow2Snapshot, parseSnapshotTable, snapshotTableBytes, snapshotTableReadSize } from '../qcow2/snapshots';
 
@@ -334,37 +336,21 @@ class Checker {
 
   private async checkBitmaps(): Promise<void> {
     // Only while the autoclear bit says the bitmaps are consistent (parseHeader leaves them out
-    // otherwise), and with the extension's fields as QEMU opens them (parseHeader refuses the rest).
+    // otherwise). What QEMU refuses to open, the check cannot run on either (exit 1): parseHeader
+    // and parseBitmapDirectory refuse it, as checkBitmapTable refuses the table of a consistent bitmap.
     const bitmaps = this.header.bitmaps;
     if (!bitmaps) return;
-    // What QEMU refuses to open, the check cannot run on either (exit 1).
-    const unusable = (message: string): never => {
-      throw new Qcow2Error('BAD_EXTENSION', `bitmaps: ${message}`, { path: this.path });
-    };
+    const { clusterSize, virtualSize } = this.header;
     this.reference(bitmaps.directoryOffset, bitmaps.directorySize);
     const directory = await this.read(bitmaps.directoryOffset, bitmaps.directorySize);
-    let at = 0;
-    for (let n = 0; n < bitmaps.count && at + 24 <= directory.length; n++) {
-      const tableOffset = Number(directory.readBigUInt64BE(at));
-      const tableSize = directory.readUInt32BE(at + 8);
-      const type = directory[at + 16]!;
-      const granularityBits = directory[at + 17]!;
-      const nameSize = directory.readUInt16BE(at + 18);
-      const extraSize = directory.readUInt32BE(at + 20);
-      // QEMU's BME_MAX_PHYS_SIZE: a bitmap's table covers at most 512 MiB of bitmap.
-      const tooLarge = tableSize * this.clusterSize > 512 * 1024 * 1024;
-      if (tableOffset === 0 || tableOffset % this.clusterSize !== 0 || tableSize === 0 || tooLarge || type !== 1 || granularityBits < 9 || granularityBits > 31 || nameSize === 0) {
-        unusable(`directory entry ${n} does not satisfy the constraints`);
-      }
-      this.reference(tableOffset, tableSize * 8);
-      const table = await this.read(tableOffset, tableSize * 8);
-      for (let i = 0; i < tableSize; i++) {
-        const hi = table.readUInt32BE(i * 8) & L1_OFFSET_MASK_HI;
-        const lo = table.readUInt32BE(i * 8 + 4) & 0xfffffe00;
-        const dataOffset = hi * 2 ** 32 + (lo >>> 0);
+    for (const entry of parseBitmapDirectory(directory, bitmaps, clusterSize, virtualSize, this.path)) {
+      this.reference(entry.tableOffset, entry.tableSize * 8);
+      const table = await this.read(entry.tableOffset, entry.tableSize * 8);
+      if (!entry.inUse) checkBitmapTable(table, entry, clusterSize, virtualSize, this.path);
+      for (let i = 0; i < entry.tableSize; i++) {
+        const dataOffset = entryOffset(table, i * 8);
         if (dataOffset > 1) this.reference(dataOffset, this.clusterSize);
       }
-      at += Math.ceil((24 + extraSize + nameSize) / 8) * 8;
     }
   }
 

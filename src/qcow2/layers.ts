@@ -7,6 +7,8 @@ import * as fs from 'node:fs/promises';
 import { Qcow2Error, ioError } from '../errors';
 import { limits } from '../limits';
 import { native, UnitKind, l2RunFields } from '../native';
+import { checkBitmapTable, parseBitmapDirectory } from './bitmaps';
+import { entryOffset } from './bytes';
 import { type Qcow2Header, headerReadSize, parseHeader, checkTableOffset } from './header';
 import { type Qcow2Snapshot, parseSnapshotTable, snapshotTableReadSize } from './snapshots';
 
@@ -174,6 +176,16 @@ export class Qcow2Layer implements Layer {
       // Past the end of the file the table reads as zeros, as QEMU reads it.
       const table = await readPadded(file, header.snapshotsOffset, snapshotTableReadSize(header, file.size, true), 'snapshot table');
       snapshots = parseSnapshotTable(table, header, file.path);
+    }
+    // QEMU loads the persistent bitmaps when it opens an image (qcow2_load_dirty_bitmaps): one it
+    // cannot load is an image it does not open.
+    if (header.bitmaps) {
+      const { clusterSize, virtualSize } = header;
+      const directory = await readPadded(file, header.bitmaps.directoryOffset, header.bitmaps.directorySize, 'bitmap directory');
+      for (const entry of parseBitmapDirectory(directory, header.bitmaps, clusterSize, virtualSize, file.path)) {
+        if (entry.inUse) continue;
+        checkBitmapTable(await readPadded(file, entry.tableOffset, entry.tableSize * 8, 'bitmap table'), entry, clusterSize, virtualSize, file.path);
+      }
     }
     return { header, snapshots };
   }
@@ -382,11 +394,6 @@ export class Qcow2Layer implements Layer {
     const failed = results.find((r): r is PromiseRejectedResult => r.status === 'rejected');
     if (failed) throw failed.reason;
   }
-}
-
-/** Bits 9-55 of the big-endian table entry at `at`: the offset an L1, L2 or refcount table entry holds. */
-function entryOffset(table: Buffer, at: number): number {
-  return (table.readUInt32BE(at) & 0x00ffffff) * 2 ** 32 + ((table.readUInt32BE(at + 4) & 0xfffffe00) >>> 0);
 }
 
 /** Appends a run, merging it into the previous one when it continues it. */

@@ -6,7 +6,7 @@
  */
 export const expectedCodes: Record<string, { open: string; load: string }> = {
   'bitmap-data-shared': { open: 'ok', load: 'ok' },
-  'bitmap-directory-past-eof': { open: 'ok', load: 'ok' },
+  'bitmap-directory-past-eof': { open: 'BAD_EXTENSION', load: 'BAD_EXTENSION' },
   'bitmap-table-past-eof': { open: 'ok', load: 'ok' },
   'compressed-bitmap': { open: 'ok', load: 'ok' },
   'compressed-copied': { open: 'ok', load: 'ok' },

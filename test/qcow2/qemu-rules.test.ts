@@ -525,3 +525,51 @@ describe('internal snapshots (qcow2_snapshot_load_tmp)', () => {
     await expectQemuAnswers(image, ['info', 'load', 'map', 'check', { snapshot: 'one' }]);
   });
 });
+
+describe('persistent bitmaps, loaded when QEMU opens an image (bitmap_list_load, check_dir_entry, load_bitmap)', () => {
+  /** Byte `field` of the first directory entry: 8 table size, 12 flags, 16 type, 17 granularity, 18 name size, 20 extra size. */
+  const entry = (l: Layout, field: number) => l.bitmaps!.directoryOffset + field;
+
+  it('a directory entry with granularity bits above 31: refused as qemu-img refuses it', async () => {
+    await expectQemuAnswers(make({ ...withBitmap, damage: (b, l) => void (b[entry(l, 17)] = 32) }));
+  });
+
+  it('a directory entry of another type than dirty tracking: refused as qemu-img refuses it', async () => {
+    await expectQemuAnswers(make({ ...withBitmap, damage: (b, l) => void (b[entry(l, 16)] = 2) }));
+  });
+
+  it('a directory entry whose table has no entries: refused as qemu-img refuses it', async () => {
+    await expectQemuAnswers(make({ ...withBitmap, damage: (b, l) => put32(b, entry(l, 8), 0) }));
+  });
+
+  it('a directory entry with a reserved flag: refused as qemu-img refuses it', async () => {
+    await expectQemuAnswers(make({ ...withBitmap, damage: (b, l) => put32(b, entry(l, 12), b.readUInt32BE(entry(l, 12)) | 4) }));
+  });
+
+  it('a bitmap table with more entries than the disk needs: refused as qemu-img refuses it, unless the bitmap is in use', async () => {
+    const damage = (inUse: boolean) => (b: Buffer, l: Layout) => {
+      put32(b, entry(l, 8), 2);
+      put32(b, entry(l, 12), inUse ? b.readUInt32BE(entry(l, 12)) | 1 : b.readUInt32BE(entry(l, 12)) & ~1);
+    };
+    await expectQemuAnswers(make({ ...withBitmap, damage: damage(false) }));
+    await expectQemuAnswers(make({ ...withBitmap, damage: damage(true) }));
+  });
+
+  it('a bitmap table entry with a reserved bit: refused as qemu-img refuses it', async () => {
+    await expectQemuAnswers(make({ ...withBitmap, damage: (b, l) => put64(b, l.bitmaps!.tableOffset, b.readBigUInt64BE(l.bitmaps!.tableOffset) | 2n) }));
+  });
+
+  it('two bitmaps of one name: refused as qemu-img refuses it', async () => {
+    const image = make({
+      ...withBitmap,
+      bitmaps: ['b0', 'b1'],
+      damage(b, l) {
+        // The second entry follows the first (24 bytes and a 2-byte name, padded to 32).
+        const second = l.bitmaps!.directoryOffset + 32;
+        expect(b.toString('utf8', second + 24, second + 26)).toBe('b1');
+        b.write('b0', second + 24);
+      },
+    });
+    await expectQemuAnswers(image);
+  });
+});
