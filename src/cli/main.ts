@@ -133,6 +133,8 @@ async function map(args: string[]): Promise<void> {
   const image = await library.open()(positionals[0]!, openOptions(values));
   try {
     const entries = await image.extents();
+    // qemu-img map prints one empty entry for an empty disk (img_map dumps the entry it starts from).
+    if (entries.length === 0) entries.push({ start: 0, length: 0, depth: 0, present: false, zero: false, data: false });
     process.stdout.write((values.json ? JSON.stringify(entries, null, 2) : formatMap(entries)) + '\n');
   } finally {
     await image.close();

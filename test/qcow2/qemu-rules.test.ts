@@ -573,3 +573,13 @@ describe('persistent bitmaps, loaded when QEMU opens an image (bitmap_list_load,
     await expectQemuAnswers(image);
   });
 });
+
+describe('an empty disk', () => {
+  it('a disk of 0 bytes maps as qemu-img map maps it (one empty entry), and opens, reads and checks as in qemu-img', async () => {
+    await expectQemuAnswers(make({ size: '0', damage: () => undefined }));
+  });
+
+  it('with l1_size 0, the L1 table offset must still be cluster aligned (qcow2_validate_table), as in qemu-img', async () => {
+    await expectQemuAnswers(make({ size: '0', damage: (b) => put64(b, 40, 512n) }));
+  });
+});
