@@ -11,6 +11,7 @@ import { afterAll, describe, expect, it } from 'vitest';
 import { type Image, Qcow2Error, load, open } from '../src/index';
 import { copyImage } from '../src/load/copy';
 import { native, PlanKind, planRunFields, ZeroMode } from '../src/native';
+import { parseLayout } from './helpers/damage';
 import { MiB, KiB, cliPath, qemuImg, qemuIo, randomBytes, run } from './helpers/qemu';
 
 const work = fs.mkdtempSync(path.join(os.tmpdir(), 'qcow2img-load-edges-'));
@@ -112,9 +113,13 @@ describe('a file region (--offset) in a new file', () => {
   });
 
   it('is removed again when the load fails', () => {
-    // Data clusters cut off the end of the image: the copy fails after the target exists.
-    const broken = image('cut.qcow2', 4 * MiB, ['write -P 0x33 0 2M']);
-    fs.truncateSync(broken, 512 * KiB);
+    // A compressed cluster whose stream does not decode: the copy fails after the target exists.
+    // (Data cut off the end of the image would read as zeros, as QEMU reads it.)
+    const broken = image('undecodable.qcow2', 4 * MiB, ['write -c -P 0x33 0 64k']);
+    const bytes = fs.readFileSync(broken);
+    const compressed = parseLayout(bytes).l2.flatMap((t) => t.entries).find((e) => e.kind === 'compressed')!;
+    bytes.fill(0xff, compressed.host, compressed.host + 64);
+    fs.writeFileSync(broken, bytes);
     const target = path.join(work, 'failed-region.raw');
     const ran = run(process.execPath, [cliPath, 'load', broken, target, '--offset', '4096', '--progress=none']);
     expect(ran.status).not.toBe(0);

@@ -11,7 +11,8 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { type L2Kind, type Layout, parseLayout } from '../helpers/damage';
-import { checkCountKeys, cliPath, expectSameFile, parseJsonOutput, qemuImg, qemuIo, type Ran, runAsync, u64 } from '../helpers/qemu';
+import { ExtensionType } from '../../src/qcow2/header';
+import { checkCountKeys, cliPath, expectSameFile, headerExtensions, parseJsonOutput, qemuImg, qemuIo, type Ran, runAsync, u64 } from '../helpers/qemu';
 
 const scratch = fs.mkdtempSync(path.join(os.tmpdir(), 'qcow2img-rules-'));
 afterAll(() => fs.rmSync(scratch, { recursive: true, force: true }));
@@ -134,6 +135,23 @@ async function expectQemuAnswers(image: string, questions: readonly Question[] =
 /** The first L2 entry of the active image's first L2 table. */
 const firstL2Entry = (layout: Layout) => layout.l1.find((entry) => entry.offset !== 0)!.offset;
 
+/** The first L2 entry of a kind in the active image. */
+const l2Entry = (layout: Layout, kind: L2Kind) => layout.l2.flatMap((table) => table.entries).find((entry) => entry.kind === kind)!;
+/** A cluster-aligned offset `clusters` clusters past the end of the file. */
+const pastEnd = (layout: Layout, clusters: number) => Math.ceil(layout.fileSize / layout.clusterSize) * layout.clusterSize + clusters * layout.clusterSize;
+const COPIED = 1n << 63n;
+
+/** Where the data of the bitmaps extension starts (count u32, reserved u32, directory size u64, directory offset u64). */
+const bitmapsData = (layout: Layout) => layout.bitmaps!.extensionAt + 8;
+const withBitmap = { io: ['write -q -P 0x5a 0 64k'], bitmaps: ['b0'] };
+
+/** The header extension of a type: where its header (type, length) starts, and its length. */
+function extension(bytes: Buffer, type: number): { at: number; length: number } {
+  const found = headerExtensions(bytes).find((e) => e.type === type);
+  if (!found) throw new Error(`no header extension 0x${type.toString(16)}`);
+  return { at: found.dataOffset - 8, length: found.length };
+}
+
 describe('extended L2: bit 0 of the standard entry (qcow2_get_cluster_type ignores it with subclusters)', () => {
   it('allocated cluster with bit 0 set reads, maps and checks as qemu-img (iotest 271)', async () => {
     const image = make({
@@ -176,12 +194,6 @@ describe('no refcount table (qcow2_do_open accepts it under BDRV_O_CHECK)', () =
     await expectQemuAnswers(image);
   });
 });
-
-/** The first L2 entry of a kind in the active image. */
-const l2Entry = (layout: Layout, kind: L2Kind) => layout.l2.flatMap((table) => table.entries).find((entry) => entry.kind === kind)!;
-/** A cluster-aligned offset `clusters` clusters past the end of the file. */
-const pastEnd = (layout: Layout, clusters: number) => Math.ceil(layout.fileSize / layout.clusterSize) * layout.clusterSize + clusters * layout.clusterSize;
-const COPIED = 1n << 63n;
 
 describe('past the end of the file, reads return zeros (bdrv_aligned_preadv)', () => {
   it('an image cut inside its last data cluster (qemu-img check: clean) reads, maps and checks as qemu-img', async () => {
@@ -338,10 +350,6 @@ describe("where the header's tables lie (qcow2_do_open, qcow2_validate_table: on
   });
 });
 
-/** Where the data of the bitmaps extension starts (count u32, reserved u32, directory size u64, directory offset u64). */
-const bitmapsData = (layout: Layout) => layout.bitmaps!.extensionAt + 8;
-const withBitmap = { io: ['write -q -P 0x5a 0 64k'], bitmaps: ['b0'] };
-
 describe('header extensions and autoclear bits (qcow2_read_extensions, qcow2_do_open)', () => {
   it('bitmaps extension with a non-zero reserved field: refused as qemu-img refuses it', async () => {
     await expectQemuAnswers(make({ ...withBitmap, damage: (b, l) => put32(b, bitmapsData(l) + 4, 1) }));
@@ -379,7 +387,7 @@ describe('header extensions and autoclear bits (qcow2_read_extensions, qcow2_do_
       ...withBitmap,
       damage(b, l) {
         // The bitmaps extension becomes an encryption header extension of 16 bytes.
-        put32(b, l.bitmaps!.extensionAt, 0x0537be77);
+        put32(b, l.bitmaps!.extensionAt, ExtensionType.fullDiskEncryption);
         put32(b, l.bitmaps!.extensionAt + 4, 16);
         put64(b, 88, b.readBigUInt64BE(88) & ~1n);
       },
@@ -392,20 +400,6 @@ describe('header extensions and autoclear bits (qcow2_read_extensions, qcow2_do_
     await expectQemuAnswers(image);
   });
 });
-
-/** The header extension of a type: where its header (type, length) starts, and its length. */
-function extension(bytes: Buffer, type: number): { at: number; length: number } {
-  const version = bytes.readUInt32BE(4);
-  for (let at = version >= 3 ? bytes.readUInt32BE(100) : 72; at + 8 <= bytes.length; ) {
-    const length = bytes.readUInt32BE(at + 4);
-    if (bytes.readUInt32BE(at) === type) return { at, length };
-    if (bytes.readUInt32BE(at) === 0) break;
-    at += 8 + Math.ceil(length / 8) * 8;
-  }
-  throw new Error(`no header extension 0x${type.toString(16)}`);
-}
-const backingFormatType = 0xe2792aca;
-const featureTableType = 0x6803f857;
 
 describe('names in the header, as QEMU reads them (qcow2_do_open, qcow2_read_extensions)', () => {
   it('a backing file name with a NUL byte in it ends there (a C string): the backing file is found, as by qemu-img', async () => {
@@ -437,7 +431,7 @@ describe('names in the header, as QEMU reads them (qcow2_do_open, qcow2_read_ext
     const image = make({
       backing: 1024 * 1024,
       io: ['write -q -P 0x5a 0 64k'],
-      damage: (b) => put32(b, extension(b, backingFormatType).at + 4, 0),
+      damage: (b) => put32(b, extension(b, ExtensionType.backingFormat).at + 4, 0),
     });
     await expectQemuAnswers(image);
   });
@@ -447,7 +441,7 @@ describe('names in the header, as QEMU reads them (qcow2_do_open, qcow2_read_ext
       backing: 1024 * 1024,
       io: ['write -q -P 0x5a 0 64k'],
       damage(b) {
-        b[extension(b, backingFormatType).at + 8] = 0;
+        b[extension(b, ExtensionType.backingFormat).at + 8] = 0;
       },
     });
     await expectQemuAnswers(image);
@@ -459,12 +453,12 @@ describe('names in the header, as QEMU reads them (qcow2_do_open, qcow2_read_ext
       io: ['write -q -P 0x5a 0 64k'],
       damage(b) {
         // The feature name table makes room: "xyz" (unsupported), then "raw", then the end.
-        const first = extension(b, backingFormatType);
-        const table = extension(b, featureTableType);
+        const first = extension(b, ExtensionType.backingFormat);
+        const table = extension(b, ExtensionType.featureNameTable);
         expect(table.at).toBe(first.at + 16);
         b.fill(0, table.at, table.at + 8 + table.length);
         Buffer.from('xyz').copy(b, first.at + 8);
-        put32(b, table.at, backingFormatType);
+        put32(b, table.at, ExtensionType.backingFormat);
         put32(b, table.at + 4, 3);
         Buffer.from('raw').copy(b, table.at + 8);
       },
