@@ -506,8 +506,9 @@ export async function check(path: string, options: { region?: { offset: number; 
     const base = options.region?.offset ?? 0;
     const fileSize = options.region?.length ?? wholeFile;
     if (base + fileSize > wholeFile) throw new Qcow2Error('TRUNCATED', `image region at ${base} (+${fileSize} bytes) runs past the end of the file`, { path, offset: base });
-    const start = Buffer.alloc(Math.min(fileSize, headerReadSize));
-    await handle.read(start, 0, start.length, base);
+    // Past the end of the file, cluster 0 reads as zeros, as QEMU reads it.
+    const start = Buffer.alloc(fileSize >= 24 ? headerReadSize : fileSize);
+    await handle.read(start, 0, Math.min(fileSize, headerReadSize), base);
     const header = parseHeader(start, path, fileSize, { forCheck: true });
     if (header.refcountBits > 64) throw new Qcow2Error('BAD_REFCOUNT_ORDER', 'refcount width above 64 bits', { path });
     let snapshots: Qcow2Snapshot[] = [];

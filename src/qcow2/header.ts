@@ -363,10 +363,11 @@ function parseExtensions(start: Buffer, path: string, from: number, end: number,
     const type = u32(start, offset);
     const length = u32(start, offset + 4);
     const dataStart = offset + 8;
-    if (type === ExtensionType.end) break;
+    // Checked before the type, as QEMU does: even the end marker's length must fit the area.
     if (length > end - dataStart) {
       throw new Qcow2Error('BAD_EXTENSION', `header extension 0x${type.toString(16)} at ${offset} is too large (${length} bytes)`, { path, offset });
     }
+    if (type === ExtensionType.end) break;
     // A type that appears again replaces what the earlier one said, as in QEMU (qcow2_read_extensions).
     result.extensions.push({ type, offset, length });
     const data = start.subarray(dataStart, dataStart + length);

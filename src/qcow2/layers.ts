@@ -166,10 +166,11 @@ export class Qcow2Layer implements Layer {
   /** Reads and validates the header and snapshot table of an open qcow2 file. */
   static async readHeader(file: OpenFile, options: { metadataOnly?: boolean } = {}): Promise<{ header: Qcow2Header; snapshots: Qcow2Snapshot[] }> {
     const first = await readExactly(file, 0, Math.min(file.size, 112), 'qcow2 header');
-    // Cluster 0 holds the header, extensions and backing name: read it whole.
+    // Cluster 0 holds the header, extensions and backing name: read it whole, zeros past the end
+    // of the file as QEMU reads them (a file cut inside it may still open).
     const clusterBits = first.length >= 24 ? first.readUInt32BE(20) : 0;
     const clusterBytes = clusterBits >= 9 && clusterBits <= 21 ? 2 ** clusterBits : 0;
-    const start = clusterBytes > first.length ? await readExactly(file, 0, Math.min(file.size, clusterBytes, headerReadSize), 'qcow2 header') : first;
+    const start = clusterBytes > first.length ? await readPadded(file, 0, Math.min(clusterBytes, headerReadSize), 'qcow2 header') : first;
     const header = parseHeader(start, file.path, file.size, options);
     let snapshots: Qcow2Snapshot[] = [];
     if (header.snapshotCount > 0) {

@@ -577,3 +577,23 @@ describe('an empty disk', () => {
     await expectQemuAnswers(make({ size: '0', damage: (b) => put64(b, 40, 512n) }));
   });
 });
+
+describe('cluster 0 cut short or overrun (qcow2_do_open, qcow2_read_extensions)', () => {
+  it('an end-of-extensions marker whose length runs past the header cluster: refused as qemu-img refuses it', async () => {
+    const image = make({
+      damage(b) {
+        const last = headerExtensions(b).at(-1)!;
+        put32(b, last.dataOffset + Math.ceil(last.length / 8) * 8 + 4, 0x10000);
+      },
+    });
+    await expectQemuAnswers(image);
+  });
+
+  it('a version 2 image cut after its 72-byte header: cluster 0 reads as zeros past the end, as in qemu-img', async () => {
+    await expectQemuAnswers(make({ options: 'compat=0.10', io: ['write -q -P 0x5a 0 64k'], damage: (b) => b.subarray(0, 74) }));
+  });
+
+  it('an image with a backing file cut inside its header extensions: opens and reads as in qemu-img', async () => {
+    await expectQemuAnswers(make({ backing: 1024 * 1024, io: ['write -q -P 0x5a 0 64k'], damage: (b) => b.subarray(0, 276) }));
+  });
+});
