@@ -54,7 +54,8 @@ export function parseBitmapDirectory(directory: Buffer, extension: BitmapsExtens
   while (at < directory.length) {
     if (at + entryHeaderBytes > directory.length) fail('an entry runs past its end');
     if (entries.length + 1 > extension.count) fail(`more bitmaps than the ${extension.count} the header extension counts`);
-    const tableOffset = Number(directory.readBigUInt64BE(at));
+    const rawTableOffset = directory.readBigUInt64BE(at);
+    const tableOffset = Number(rawTableOffset);
     const tableSize = directory.readUInt32BE(at + 8);
     const flags = directory.readUInt32BE(at + 12);
     const type = directory[at + 16]!;
@@ -69,8 +70,8 @@ export function parseBitmapDirectory(directory: Buffer, extension: BitmapsExtens
     const bitmapBytes = tableSize * clusterSize;
     const satisfied =
       tableSize !== 0 &&
-      tableOffset !== 0 &&
-      tableOffset % clusterSize === 0 &&
+      rawTableOffset !== 0n &&
+      rawTableOffset % BigInt(clusterSize) === 0n &&
       tableSize <= maxTableEntries &&
       granularityBits >= minGranularityBits &&
       granularityBits <= maxGranularityBits &&

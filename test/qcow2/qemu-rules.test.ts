@@ -553,6 +553,18 @@ describe('persistent bitmaps, loaded when QEMU opens an image (bitmap_list_load,
     await expectQemuAnswers(make({ ...withBitmap, damage: (b, l) => put64(b, l.bitmaps!.tableOffset, b.readBigUInt64BE(l.bitmaps!.tableOffset) | 2n) }));
   });
 
+  it('a bitmap with an empty name: accepted as qemu-img accepts it (check had refused it)', async () => {
+    const image = make({
+      ...withBitmap,
+      damage(b, l) {
+        b.writeUInt16BE(0, entry(l, 18));
+        // The directory shrinks to the one 24-byte entry.
+        put64(b, bitmapsData(l) + 8, 24n);
+      },
+    });
+    await expectQemuAnswers(image);
+  });
+
   it('two bitmaps of one name: refused as qemu-img refuses it', async () => {
     const image = make({
       ...withBitmap,
