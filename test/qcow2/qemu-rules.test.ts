@@ -132,8 +132,8 @@ async function expectQemuAnswers(image: string, questions: readonly Question[] =
   }
 }
 
-/** The first L2 entry of the active image's first L2 table. */
-const firstL2Entry = (layout: Layout) => layout.l1.find((entry) => entry.offset !== 0)!.offset;
+/** Where the first entry of the active image's first L2 table lies in the file. */
+const firstL2EntryAt = (layout: Layout) => layout.l1.find((entry) => entry.offset !== 0)!.offset;
 
 /** The first L2 entry of a kind in the active image. */
 const l2Entry = (layout: Layout, kind: L2Kind) => layout.l2.flatMap((table) => table.entries).find((entry) => entry.kind === kind)!;
@@ -158,7 +158,7 @@ describe('extended L2: bit 0 of the standard entry (qcow2_get_cluster_type ignor
       options: 'extended_l2=on',
       io: ['write -q -P 0x11 0 2k'],
       damage(b, l) {
-        b[firstL2Entry(l) + 7]! |= 1;
+        b[firstL2EntryAt(l) + 7]! |= 1;
       },
     });
     await expectQemuAnswers(image);
@@ -170,7 +170,7 @@ describe('extended L2: bit 0 of the standard entry (qcow2_get_cluster_type ignor
       backing: 1024 * 1024,
       io: ['write -q -P 0x11 256k 1k'],
       damage(b, l) {
-        b[firstL2Entry(l) + 7]! |= 1;
+        b[firstL2EntryAt(l) + 7]! |= 1;
       },
     });
     await expectQemuAnswers(image);
