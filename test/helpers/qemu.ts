@@ -223,12 +223,17 @@ export function setFeatureBits(file: string, offset: number, mask: bigint): void
   patchFile(file, offset, u64(b.readBigUInt64BE(0) | mask));
 }
 
-/** Header extensions of a qcow2 file as [type, dataOffset, length]. */
-export function headerExtensions(file: string): { type: number; dataOffset: number; length: number }[] {
-  const head = Buffer.alloc(64 * KiB);
-  const fd = fs.openSync(file, 'r');
-  fs.readSync(fd, head, 0, head.length, 0);
-  fs.closeSync(fd);
+/** Header extensions of a qcow2 file (or of its bytes) as [type, dataOffset, length]. */
+export function headerExtensions(file: string | Buffer): { type: number; dataOffset: number; length: number }[] {
+  let head: Buffer;
+  if (typeof file === 'string') {
+    head = Buffer.alloc(64 * KiB);
+    const fd = fs.openSync(file, 'r');
+    fs.readSync(fd, head, 0, head.length, 0);
+    fs.closeSync(fd);
+  } else {
+    head = file;
+  }
   const version = head.readUInt32BE(4);
   let at = version >= 3 ? head.readUInt32BE(100) : 72;
   const out: { type: number; dataOffset: number; length: number }[] = [];
