@@ -92,16 +92,18 @@ export function qemuImg(args: readonly string[], cwd?: string): string {
 }
 
 /**
- * qemu-img create of an encrypted image. qemu-img 7.2 sizes LUKS key derivation by timing PBKDF2
- * with the thread's CPU time from getrusage, and gives up with "Unable to get accurate CPU usage"
- * when a timing reads 0 ms: about one create in ten on this project's machines, on a busy host
- * and in a fresh root alike. That failure, and only it, is tried again.
+ * qemu-img create of an encrypted image. Debian 12's qemu-img sizes LUKS key derivation by timing
+ * 32768 PBKDF2 iterations with the thread's CPU time from getrusage, which the kernel updates in
+ * steps, and gives up with "Unable to get accurate CPU usage" when that reads 0 ms. Here, on a
+ * busy 2-core host, that is one create in ten with a 64-byte key and nearly one in two with a
+ * 16-byte key (cast5-128, aes-128). That failure, and only it, is tried again, up to 20 times (a
+ * failed try costs at most what a create does): the chance that all fail is about 1e-7.
  */
 export function qemuImgCreateEncrypted(args: readonly string[], cwd?: string): string {
   for (let attempt = 1; ; attempt += 1) {
     const result = run('qemu-img', ['create', ...args], cwd !== undefined ? { cwd } : {});
     if (result.status === 0) return result.stdout;
-    if (attempt === 5 || !result.stderr.includes('Unable to get accurate CPU usage')) {
+    if (attempt === 20 || !result.stderr.includes('Unable to get accurate CPU usage')) {
       throw new Error(`qemu-img create ${args.join(' ')} failed (${result.status ?? result.signal}): ${result.stderr.trim()}`);
     }
   }
