@@ -55,10 +55,12 @@ give_apt() {
   rm -f "$root/etc/apt/sources.list"
   copy_from_host /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources \
     /etc/apt/apt.conf.d/* /usr/sbin/policy-rc.d
-  local keyring
-  for keyring in $(cat /etc/apt/sources.list.d/*.sources /etc/apt/sources.list.d/*.list /etc/apt/sources.list 2>/dev/null |
-    grep -oE '(Signed-By: *|signed-by=)/[^] ]+' | sed -E 's/^(Signed-By: *|signed-by=)//' | sort -u); do
-    [ -e "$root$keyring" ] || copy_from_host "$keyring"
+  local source keyring
+  for source in /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources; do
+    [ -e "$source" ] || continue
+    while IFS= read -r keyring; do
+      [ -e "$root$keyring" ] || copy_from_host "$keyring"
+    done < <(sed -nE 's/.*(Signed-By: *|signed-by=)(\/[^] ]+).*/\2/p' "$source")
   done
 }
 
@@ -68,6 +70,10 @@ give_apt() {
 # local CAs, so a ca-certificates that setup may pull in rebuilds a bundle that still has them.
 give_node() {
   local npm=/usr/lib/node_modules/npm
+  if ! dpkg-query -W nodejs >/dev/null 2>&1; then
+    echo "ci: the host's Node.js is not the Debian package nodejs, whose files the root gets" >&2
+    return 1
+  fi
   dpkg -L nodejs | grep -vE "^/\.?$|^$npm(/|$)" | while IFS= read -r file; do
     if [ -e "$file" ] || [ -L "$file" ]; then echo "${file#/}"; fi
   done | tar -C / --no-recursion -cf - -T - | tar -C "$root" -xf -
