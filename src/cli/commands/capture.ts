@@ -1,6 +1,7 @@
 /** `qcow2img capture SOURCE OUT.qcow2`: a raw file or block device into a qcow2 image. */
 import { capture } from '../../capture/index';
 import { humanBytes } from '../format';
+import { UsageError } from '../usage';
 import { type OpenFlags, openOptions } from '../options';
 import { type ProgressFlags, clearProgress, printJson, progressMode, progressReporter, say, untilInterrupted } from '../terminal';
 
@@ -18,6 +19,7 @@ export interface CaptureFlags extends OpenFlags, ProgressFlags {
 }
 
 export async function run([source, output]: string[], flags: CaptureFlags): Promise<void> {
+  if (source === '-' && process.stdin.isTTY) throw new UsageError('refusing to read a raw disk from a terminal: pipe or redirect stdin (... | capture - OUT.qcow2)', 'capture');
   const mode = progressMode(flags, 'capture');
   const onProgress = progressReporter(mode);
   const result = await untilInterrupted((signal) =>
