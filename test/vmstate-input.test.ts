@@ -26,13 +26,13 @@ afterAll(() => {
   if (dir) fs.rmSync(dir, { recursive: true, force: true });
 });
 
-async function refused(promise: Promise<unknown>, pattern: RegExp, file: string): Promise<void> {
+async function refused(promise: Promise<unknown>, pattern: RegExp, file: string, code = 'INVALID_ARGUMENT'): Promise<void> {
   const error = await promise.then(
     () => undefined,
     (e: unknown) => e,
   );
   expect(error).toBeInstanceOf(Qcow2Error);
-  expect((error as Qcow2Error).code).toBe('INVALID_ARGUMENT');
+  expect((error as Qcow2Error).code).toBe(code);
   expect((error as Qcow2Error).message).toMatch(pattern);
   expect((error as Qcow2Error).path).toBe(file);
 }
@@ -57,7 +57,7 @@ describe('the RAM dump', () => {
     // Opening a FIFO for reading waits for a writer: keep one open meanwhile.
     const writer = fs.createWriteStream(fifo);
     try {
-      await refused(writeState(path.join(dir, 'fifo.qvms'), { memory: fifo }), /regular file or a block device/, fifo);
+      await refused(writeState(path.join(dir, 'fifo.qvms'), { memory: fifo }), /regular file or a block device/, fifo, 'NOT_A_REGULAR_FILE');
     } finally {
       writer.destroy();
     }
