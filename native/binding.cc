@@ -787,6 +787,12 @@ Napi::Value RangeFn(const Napi::CallbackInfo& info) {
   return Napi::Number::New(info.Env(), Operation(fd, offset, length));
 }
 
+// memoryFile(name) -> fd or -errno.
+Napi::Value MemoryFile(const Napi::CallbackInfo& info) {
+  if (info.Length() < 1 || !info[0].IsString()) throw Napi::TypeError::New(info.Env(), "memoryFile(name)");
+  return Napi::Number::New(info.Env(), memoryFile(info[0].As<Napi::String>().Utf8Value().c_str()));
+}
+
 // new ZstdStream(compress, level, workers); stream.step(input, output, end)
 //   -> Promise<{consumed, produced, finished}>. One step in flight at a time (the
 //   JS side awaits each); the step runs on a worker thread, buffers used in place.
@@ -876,6 +882,8 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("willNeed", Napi::Function::New(env, RangeFn<willNeed>, "willNeed"));
   exports.Set("lockByte", Napi::Function::New(env, ByteLockFn<lockByte>, "lockByte"));
   exports.Set("byteLocked", Napi::Function::New(env, ByteLockFn<byteLocked>, "byteLocked"));
+  exports.Set("memoryFile", Napi::Function::New(env, MemoryFile, "memoryFile"));
+  exports.Set("punchHole", Napi::Function::New(env, RangeFn<punchHole>, "punchHole"));
   exports.Set("directIoAlignment", Napi::Function::New(env, DirectIoAlignment, "directIoAlignment"));
   return exports;
 }

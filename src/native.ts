@@ -220,6 +220,10 @@ export interface NativeAddon {
   willNeed(fd: number, offset: number, length: number): number;
   /** Drops cached pages of the range (and a block device's buffer cache); 0 or errno. */
   dropCache(fd: number, offset: number, length: number): number;
+  /** An anonymous memory file (memfd_create, close-on-exec): its fd, or -errno. */
+  memoryFile(name: string): number;
+  /** fallocate PUNCH_HOLE|KEEP_SIZE of the range; 0 or errno. */
+  punchHole(fd: number, offset: number, length: number): number;
 }
 
 /** Run kinds of the copy plan (native/core/copy_engine.h RunKind). */

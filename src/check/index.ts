@@ -3,6 +3,9 @@
  * compare with the stored refcounts, as `qemu-img check` does (QEMU
  * block/qcow2-refcount.c), with the same counts and the same exit status.
  */
+import type { HttpOptions } from '../http/client';
+import { openChainFile } from '../http/chain';
+import { isUrl, shownUrl } from '../http/url';
 import * as fs from 'node:fs/promises';
 import { Qcow2Error, ioError } from '../errors';
 import { limits } from '../limits';
@@ -513,12 +516,17 @@ class Checker {
  * const result = await check('disk.qcow2');
  * process.exitCode = checkExitCode(result);
  */
-export async function check(path: string, options: { region?: { offset: number; length: number }; forceShare?: boolean } = {}): Promise<CheckResult> {
+export async function check(path: string, options: { region?: { offset: number; length: number }; forceShare?: boolean; http?: HttpOptions } = {}): Promise<CheckResult> {
   let handle: fs.FileHandle;
   try {
-    handle = await fs.open(path, 'r');
+    if (isUrl(path)) {
+      // A remote image: read through its block cache, named without its query string.
+      const file = await openChainFile(path, 'image', { region: options.region }, options);
+      handle = file.handle;
+      path = file.path;
+    } else handle = await fs.open(path, 'r');
   } catch (error) {
-    throw ioError(error, path, 'cannot open the image');
+    throw ioError(error, isUrl(path) ? shownUrl(path) : path, 'cannot open the image');
   }
   try {
     await lockAsQemu(handle.fd, path, options.forceShare ? 'shared-read' : 'read');

@@ -73,10 +73,13 @@ export interface OpenFlags {
   allowPath?: string[];
   allowAnyPath?: boolean;
   forceShare?: boolean;
+  /** --header 'Name: value' for http(s) images. */
+  header?: string[];
 }
 
 export function openOptions(flags: OpenFlags): OpenOptions {
   return {
+    ...(flags.header?.length ? { http: { headers: flags.header } } : {}),
     onWarning: (message) => say(`qcow2img: warning: ${message}`),
     ...(flags.allowPath?.length ? { allowPaths: flags.allowPath } : {}),
     ...(flags.allowAnyPath ? { allowAnyPath: true } : {}),

@@ -54,6 +54,15 @@ const openOptions: OptionSpec[] = [
   },
 ];
 
+/** Request headers for an http(s) IMAGE. */
+const header: OptionSpec = {
+  long: 'header',
+  short: 'H',
+  value: "'NAME: VALUE'",
+  repeatable: true,
+  help: 'send this request header when IMAGE is an http(s) URL (repeatable; tokens): sent to the image\'s origin only, never printed',
+};
+
 const qemuOutput: OptionSpec[] = [
   { long: 'output', value: 'FMT', ...choice(['human', 'json']), default: 'human', help: 'human: as qemu-img prints it; json: exactly what qemu-img --output=json prints' },
   { long: 'format', short: 'f', value: 'FMT', ...choice(['qcow2', 'raw']), default: 'qcow2', help: 'the image format, as qemu-img -f; only qcow2 is read (raw is refused)' },
@@ -94,7 +103,7 @@ export const commands: readonly CommandSpec[] = [
     args: ['IMAGE'],
     summary: 'describe an image, as qemu-img info does',
     details: ['The human output is qemu-img info\'s, line for line; --output=json is qemu-img info --output=json byte for byte.'],
-    options: [{ long: 'backing-chain', help: 'describe every file of the backing chain, nearest first' }, ...qemuOutput, json('the description'), ...openOptions],
+    options: [{ long: 'backing-chain', help: 'describe every file of the backing chain, nearest first' }, ...qemuOutput, json('the description'), ...openOptions, header],
     examples: [
       { command: 'qcow2img info disk.qcow2', does: 'virtual size, disk size, cluster size, backing file, snapshots' },
       { command: 'qcow2img info --backing-chain --output=json overlay.qcow2', does: 'the whole chain as qemu-img info --backing-chain --output=json prints it' },
@@ -106,7 +115,7 @@ export const commands: readonly CommandSpec[] = [
     args: ['IMAGE'],
     summary: 'the allocation map of the guest disk, as qemu-img map prints it',
     details: ['Each run of the disk: where it comes from (depth in the backing chain), whether it holds data or reads as zeros, and its host offset.'],
-    options: [...qemuOutput, json('the map'), ...openOptions],
+    options: [...qemuOutput, json('the map'), ...openOptions, header],
     examples: [
       { command: 'qcow2img map disk.qcow2', does: 'the data runs with their host offsets and files' },
       { command: 'qcow2img map --output=json disk.qcow2', does: 'every run, as qemu-img map --output=json prints it' },
@@ -128,9 +137,11 @@ export const commands: readonly CommandSpec[] = [
       ...progressOptions,
       json('the result'),
       ...openOptions,
+      header,
     ],
     examples: [
       { command: 'qcow2img load disk.qcow2 /dev/vg/guest', does: 'write the disk onto a logical volume' },
+      { command: "qcow2img load -H 'Authorization: Bearer TOKEN' https://images.example/arch.qcow2 /dev/sdb", does: 'straight from an image server, with ranged reads' },
       { command: 'qcow2img load -p --verify disk.qcow2 /dev/sdb --partition 2', does: 'into partition 2 of /dev/sdb, with a progress bar, then read back' },
       { command: 'qcow2img load disk.qcow2 disk.img --offset 1M --overwrite', does: 'into a disk image, 1 MiB in' },
     ],
@@ -172,7 +183,7 @@ export const commands: readonly CommandSpec[] = [
       'Exit status as qemu-img check: 0 clean, 2 corruptions, 3 leaked clusters only, 1 the check failed.',
       'Problems go to stderr, the summary to stdout; --output=json prints qemu-img check --output=json\'s document.',
     ],
-    options: [...qemuOutput, json('the result, with the first 1000 issues'), { long: 'quiet', short: 'q', help: 'no summary (as qemu-img -q); the exit status still tells' }, openOptions[2]!],
+    options: [...qemuOutput, json('the result, with the first 1000 issues'), { long: 'quiet', short: 'q', help: 'no summary (as qemu-img -q); the exit status still tells' }, openOptions[2]!, header],
     examples: [
       { command: 'qcow2img check disk.qcow2', does: 'refcounts, leaks and corruptions, as qemu-img check prints them' },
       { command: 'qcow2img check --output=json disk.qcow2', does: 'the counts as qemu-img check --output=json' },

@@ -8,10 +8,13 @@ import { Qcow2Error } from '../errors';
 import type { Image } from '../qcow2/image';
 import { Qcow2Layer } from '../qcow2/layers';
 import { native, type NativeSource, planRunFields, PlanKind } from '../native';
+import { hasRemote, type Prefetch, prefetchPlan } from '../http/prefetch';
 import { ProgressSampler, type ProgressCallback } from './progress';
 
 /** Guest bytes planned per batch. */
 const batchBytes = 1024 * 1024 * 1024;
+/** Guest bytes per batch from an http(s) image: two batches' source bytes are held in memory. */
+const remoteBatchBytes = 256 * 1024 * 1024;
 
 export interface CopyTarget {
   /** What errors of writing name. */
@@ -132,14 +135,25 @@ export async function copyImage(image: Image, target: CopyTarget, options: CopyO
   const incomplete = () => new Qcow2Error('CANCELLED', 'cancelled; the target is incomplete', { path: image.path });
   sampler.start();
   let pending: Promise<void> | undefined;
+  // Remote files: the next batch is fetched (into memfds) while this one is written; smaller
+  // batches bound the memory that holds.
+  const remote = hasRemote(image.files);
+  const step = remote ? remoteBatchBytes : batchBytes;
+  let fetched: Prefetch | undefined;
+  let fetching: Prefetch | undefined;
   try {
-    for (let start = 0; start < size; start += batchBytes) {
-      const runs = await image.copyRuns(start, Math.min(size, start + batchBytes));
+    for (let start = 0; start < size; start += step) {
+      const runs = await image.copyRuns(start, Math.min(size, start + step));
       const plan = image.plan(runs);
       if (target.preallocate) preallocateData(target, plan.runs, size);
-      readAhead(plan.runs, plan.sources);
+      if (remote) fetching = prefetchPlan(image.files, plan.runs);
+      else readAhead(plan.runs, plan.sources);
       if (pending) await pending;
+      fetched?.release();
+      fetched = fetching;
+      fetching = undefined;
       if (counters[2] !== 0n) break;
+      if (fetched) await fetched.ready;
       pending = image.runCopy({
         runs: plan.runs,
         sources: plan.sources,
@@ -168,8 +182,11 @@ export async function copyImage(image: Image, target: CopyTarget, options: CopyO
     // closes the target's and the image's descriptors next, and the job writes by number.
     counters[2] = 1n;
     await pending?.catch(() => {});
+    await fetching?.ready.catch(() => {});
     throw error;
   } finally {
+    fetched?.release();
+    fetching?.release();
     sampler.stop();
     options.signal?.removeEventListener('abort', abort);
   }
