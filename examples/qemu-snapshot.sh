@@ -115,7 +115,7 @@ stop_qemu() {
 }
 
 cleanup() {
-  kill "${qemu_pid:-0}" 2>/dev/null || true
+  [ -n "${qemu_pid:-}" ] && kill "$qemu_pid" 2>/dev/null || true
   [ -n "${disk:-}" ] && losetup -d "$disk" 2>/dev/null || true
 }
 trap cleanup EXIT

@@ -8,16 +8,162 @@ import { native } from './native';
  * The name every output is written under until it is complete, then renamed to `target`:
  * hidden, in the same folder (so the rename is atomic), unique to this process and call.
  */
-export function temporaryPathFor(target: string): string {
+function temporaryPathFor(target: string): string {
   return nodePath.join(nodePath.dirname(target), `.${nodePath.basename(target)}.qcow2img-${process.pid}-${randomBytes(4).toString('hex')}.tmp`);
 }
 
+/** Opens `path` for reading; a failure is an IO_ERROR naming it, saying `what` could not be done. */
+export async function openToRead(path: string, what: string): Promise<fs.FileHandle> {
+  return fs.open(path, 'r').catch((error) => {
+    throw ioError(error, path, what);
+  });
+}
+
 /** fsync of a folder, so that a rename in it survives a crash. */
-export async function syncFolder(folder: string): Promise<void> {
+async function syncFolder(folder: string): Promise<void> {
   const handle = await fs.open(folder, 'r').catch(() => undefined);
   if (!handle) return;
   await handle.sync().catch(() => {});
   await handle.close();
+}
+
+/** What the errors of a PendingFile say, each followed by the OS's reason. */
+export interface PendingMessages {
+  /** Default: "cannot create the file". */
+  create?: string;
+  /** Default: "cannot flush the file". */
+  flush?: string;
+  /** Default: "cannot rename the finished file into place". */
+  rename?: string;
+}
+
+/**
+ * An output written under its temporary name (temporaryPathFor) and renamed into place only
+ * when complete, so that a file under the final name is always a whole one. `commit` flushes,
+ * closes, renames and syncs the folder; `abandon` closes and removes what was written. Errors
+ * name the final path.
+ */
+export class PendingFile {
+  private readonly extra: fs.FileHandle[] = [];
+  private state: 'open' | 'closed' | 'committed' = 'open';
+
+  private constructor(
+    /** The final name. */
+    readonly target: string,
+    /** Where the bytes are written until `commit`. */
+    readonly temporary: string,
+    /** The descriptor it was created with. */
+    readonly handle: fs.FileHandle,
+    private readonly messages: PendingMessages,
+  ) {}
+
+  /**
+   * Creates the temporary file (exclusively: `open` must fail on an existing name; default
+   * `wx`, mode 0644).
+   */
+  static async create(target: string, messages: PendingMessages = {}, open: (temporary: string) => Promise<fs.FileHandle> = (t) => fs.open(t, 'wx', 0o644)): Promise<PendingFile> {
+    const temporary = temporaryPathFor(target);
+    const handle = await open(temporary).catch((error) => {
+      throw ioError(error, target, messages.create ?? 'cannot create the file');
+    });
+    return new PendingFile(target, temporary, handle, messages);
+  }
+
+  /** Another descriptor of the temporary file (O_DIRECT, a buffered tail), closed with it. */
+  async openAgain(flags: number): Promise<fs.FileHandle> {
+    const handle = await fs.open(this.temporary, flags);
+    this.extra.push(handle);
+    return handle;
+  }
+
+  /** fdatasync of every descriptor: what was written is on the disk. Never retried into a success. */
+  async flush(): Promise<void> {
+    try {
+      for (const handle of [...this.extra, this.handle]) await handle.datasync();
+    } catch (error) {
+      throw ioError(error, this.target, this.messages.flush ?? 'cannot flush the file');
+    }
+  }
+
+  /** Flushes, closes and renames the file into place. */
+  async commit(): Promise<void> {
+    await this.flush();
+    await this.close().catch((error) => {
+      throw ioError(error, this.target, this.messages.flush ?? 'cannot flush the file');
+    });
+    await renameIntoPlace(this.temporary, this.target, this.messages.rename ?? 'cannot rename the finished file into place');
+    this.state = 'committed';
+  }
+
+  /** Closes and removes the temporary file; nothing is left behind. After a commit, nothing is done. */
+  async abandon(): Promise<void> {
+    if (this.state === 'committed') return;
+    await this.close().catch(() => {});
+    await fs.unlink(this.temporary).catch(() => {});
+  }
+
+  private async close(): Promise<void> {
+    if (this.state !== 'open') return;
+    this.state = 'closed';
+    for (const handle of this.extra) await handle.close().catch(() => {});
+    await this.handle.close();
+  }
+}
+
+/**
+ * A folder built under its temporary name and renamed into place when complete (a snapshot
+ * bundle): `commit` syncs it and renames it, `abandon` removes it with all it holds.
+ */
+export class PendingFolder {
+  private committed = false;
+
+  private constructor(
+    readonly target: string,
+    readonly temporary: string,
+  ) {}
+
+  static async create(target: string, what: string): Promise<PendingFolder> {
+    const temporary = temporaryPathFor(target);
+    await fs.mkdir(temporary).catch((error) => {
+      throw ioError(error, target, what);
+    });
+    return new PendingFolder(target, temporary);
+  }
+
+  /**
+   * Syncs the folder (the names of the files in it) and renames it into place. With `replace`,
+   * a folder already there steps aside first (a rename cannot go over a non-empty folder) and
+   * is removed once the new one is in place.
+   */
+  async commit(replace = false): Promise<void> {
+    await syncFolder(this.temporary);
+    if (!replace) {
+      await renameIntoPlace(this.temporary, this.target, 'cannot rename the finished folder into place');
+    } else {
+      const aside = temporaryPathFor(this.target);
+      await fs.rename(this.target, aside).catch((error) => {
+        throw ioError(error, this.target, 'cannot move the old folder aside');
+      });
+      await renameIntoPlace(this.temporary, this.target, 'cannot rename the finished folder into place').catch(async (error: unknown) => {
+        await fs.rename(aside, this.target).catch(() => {});
+        throw error;
+      });
+      await fs.rm(aside, { recursive: true, force: true });
+    }
+    this.committed = true;
+  }
+
+  async abandon(): Promise<void> {
+    if (!this.committed) await fs.rm(this.temporary, { recursive: true, force: true }).catch(() => {});
+  }
+}
+
+/** The last step of every output: the rename, then the folder's fsync so that it survives a crash. */
+async function renameIntoPlace(temporary: string, target: string, what: string): Promise<void> {
+  await fs.rename(temporary, target).catch((error) => {
+    throw ioError(error, target, what);
+  });
+  await syncFolder(nodePath.dirname(target));
 }
 
 /**

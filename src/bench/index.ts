@@ -11,7 +11,7 @@ import { Qcow2Error, ioError } from '../errors';
 import { native } from '../native';
 import { load } from '../load/index';
 import { claimDevice } from '../load/target';
-import { ProgressSampler, type ProgressCallback } from '../load/progress';
+import { JobCounters, jobError, ProgressSampler, type ProgressCallback } from '../jobs';
 import type { OpenOptions } from '../qcow2/image';
 import { open } from '../qcow2/open';
 
@@ -128,19 +128,16 @@ async function openBenchTarget(path: string, wanted: number | undefined, options
   };
 }
 
-/**
- * Measures write bandwidth, IOPS and latency on `target` (a block device, a
- * folder, or a new file name; files are created and removed afterwards).
- *
- * @example
- * const result = await bench('/dev/nvme1n1', { blockSize: 1 << 20, queueDepth: 16 });
- * console.log(result.bandwidthBytesPerSec / 1e6, 'MB/s');
- */
-export async function bench(target: string, options: BenchOptions = {}): Promise<BenchResult> {
-  const path = nodePath.resolve(target);
+/** The options of a raw run, checked. */
+interface Settings {
+  blockSize: number;
+  queueDepth: number;
+  pattern: 'seq' | 'rand';
+}
+
+function validate(options: BenchOptions, path: string): Settings {
   const blockSize = options.blockSize ?? 1 << 20;
   const queueDepth = options.queueDepth ?? 16;
-  const pattern = options.pattern ?? 'seq';
   if (!Number.isInteger(blockSize) || blockSize < 512 || blockSize % 512 !== 0 || blockSize > 64 * 1024 * 1024) {
     throw new Qcow2Error('INVALID_ARGUMENT', `block size ${blockSize} must be a multiple of 512 up to 64 MiB`, { path });
   }
@@ -154,6 +151,84 @@ export async function bench(target: string, options: BenchOptions = {}): Promise
   if (options.time !== undefined && !(options.time > 0 && options.time <= 1e6)) {
     throw new Qcow2Error('INVALID_ARGUMENT', `time ${options.time} must be a number of seconds above 0, up to 1000000`, { path });
   }
+  return { blockSize, queueDepth, pattern: options.pattern ?? 'seq' };
+}
+
+/** The raw run: whole blocks over the target (or for `time` seconds), with progress and cancel. */
+async function writeRun(opened: BenchTarget, settings: Settings, options: BenchOptions, path: string): Promise<BenchResult> {
+  const { blockSize, queueDepth, pattern } = settings;
+  const size = Math.floor(opened.size / blockSize) * blockSize;
+  if (size === 0) throw new Qcow2Error('INVALID_ARGUMENT', `target holds less than one ${blockSize}-byte block`, { path });
+  const counters = new JobCounters();
+  const release = counters.cancelOn(options.signal);
+  const sampler = new ProgressSampler(counters, options.time ? Number.MAX_SAFE_INTEGER : size, options.onProgress);
+  sampler.start();
+  let raw;
+  try {
+    raw = await native().writeBench({
+      fd: opened.fd,
+      offset: 0,
+      size,
+      blockSize,
+      queueDepth,
+      random: pattern === 'rand',
+      seconds: options.time ?? 0,
+      engine: engines[options.engine ?? 'auto'],
+      counters: counters.words,
+    });
+  } catch (error) {
+    throw jobError('bench', error, { path });
+  } finally {
+    sampler.stop();
+    release();
+  }
+  if (counters.cancelled) throw new Qcow2Error('CANCELLED', 'cancelled', { path });
+  return {
+    target: path,
+    bandwidthBytesPerSec: raw.bytes / raw.seconds,
+    iops: raw.writes / raw.seconds,
+    latencyUs: { p50: raw.p50Us, p99: raw.p99Us, p999: raw.p999Us },
+    bytes: raw.bytes,
+    seconds: raw.seconds,
+    blockSize,
+    queueDepth,
+    pattern,
+    direct: opened.direct,
+    engine: raw.engine,
+  };
+}
+
+/** The load of `image` onto the same target, beside the raw bandwidth. */
+async function loadRun(image: string, opened: BenchTarget, raw: BenchResult, options: BenchOptions): Promise<NonNullable<BenchResult['load']>> {
+  // The load claims the device itself: ours must be let go first.
+  if (opened.loadPath === raw.target) await opened.release();
+  const loaded = await load(image, opened.loadPath, {
+    ...options,
+    direct: options.direct === 'never' ? 'never' : 'auto',
+    ...(options.onProgress ? { onProgress: options.onProgress } : {}),
+  });
+  const bytesPerSec = loaded.dataBytes / loaded.seconds;
+  return {
+    image: nodePath.resolve(image),
+    virtualSize: loaded.virtualSize,
+    dataBytes: loaded.dataBytes,
+    seconds: loaded.seconds,
+    bytesPerSec,
+    ratio: bytesPerSec / raw.bandwidthBytesPerSec,
+  };
+}
+
+/**
+ * Measures write bandwidth, IOPS and latency on `target` (a block device, a
+ * folder, or a new file name; files are created and removed afterwards).
+ *
+ * @example
+ * const result = await bench('/dev/nvme1n1', { blockSize: 1 << 20, queueDepth: 16 });
+ * console.log(result.bandwidthBytesPerSec / 1e6, 'MB/s');
+ */
+export async function bench(target: string, options: BenchOptions = {}): Promise<BenchResult> {
+  const path = nodePath.resolve(target);
+  const settings = validate(options, path);
   let imageSize: number | undefined;
   if (options.image !== undefined) {
     const image = await open(options.image, { ...options, metadataOnly: false });
@@ -161,75 +236,12 @@ export async function bench(target: string, options: BenchOptions = {}): Promise
     await image.close();
   }
   const opened = await openBenchTarget(path, options.size ?? imageSize, options);
-  let result: BenchResult;
   try {
-    const size = Math.floor(opened.size / blockSize) * blockSize;
-    if (size === 0) throw new Qcow2Error('INVALID_ARGUMENT', `target holds less than one ${blockSize}-byte block`, { path });
-    const counters = new BigUint64Array(4);
-    const abort = () => {
-      counters[2] = 1n;
-    };
-    options.signal?.addEventListener('abort', abort, { once: true });
-    // Fired before the listener was there (during the awaits above): the same as after.
-    if (options.signal?.aborted) abort();
-    const sampler = new ProgressSampler(counters, options.time ? Number.MAX_SAFE_INTEGER : size, options.onProgress);
-    sampler.start();
-    let raw;
-    try {
-      raw = await native().writeBench({
-        fd: opened.fd,
-        offset: 0,
-        size,
-        blockSize,
-        queueDepth,
-        random: pattern === 'rand',
-        seconds: options.time ?? 0,
-        engine: engines[options.engine ?? 'auto'],
-        counters,
-      });
-    } catch (error) {
-      const e = error as { message?: string; operation?: string };
-      throw new Qcow2Error('IO_ERROR', `${e.operation ?? 'write'} failed: ${e.message}`, { path });
-    } finally {
-      sampler.stop();
-      options.signal?.removeEventListener('abort', abort);
-    }
-    if (counters[2] !== 0n) throw new Qcow2Error('CANCELLED', 'cancelled', { path });
-    result = {
-      target: path,
-      bandwidthBytesPerSec: raw.bytes / raw.seconds,
-      iops: raw.writes / raw.seconds,
-      latencyUs: { p50: raw.p50Us, p99: raw.p99Us, p999: raw.p999Us },
-      bytes: raw.bytes,
-      seconds: raw.seconds,
-      blockSize,
-      queueDepth,
-      pattern,
-      direct: opened.direct,
-      engine: raw.engine,
-    };
-    if (options.image !== undefined) {
-      const isDevice = opened.loadPath === path;
-      // The load claims the device itself: ours must be let go first.
-      if (isDevice) await opened.release();
-      const loaded = await load(options.image, opened.loadPath, {
-        ...options,
-        direct: options.direct === 'never' ? 'never' : 'auto',
-        ...(options.onProgress ? { onProgress: options.onProgress } : {}),
-      });
-      const bytesPerSec = loaded.dataBytes / loaded.seconds;
-      result.load = {
-        image: nodePath.resolve(options.image),
-        virtualSize: loaded.virtualSize,
-        dataBytes: loaded.dataBytes,
-        seconds: loaded.seconds,
-        bytesPerSec,
-        ratio: bytesPerSec / result.bandwidthBytesPerSec,
-      };
-    }
+    const result = await writeRun(opened, settings, options, path);
+    if (options.image !== undefined) result.load = await loadRun(options.image, opened, result, options);
+    return result;
   } finally {
     // The bench file and the load's file, whatever happened (release runs once).
     await opened.release();
   }
-  return result;
 }

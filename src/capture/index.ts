@@ -2,22 +2,22 @@
  * `capture`: a raw disk (file or block device) back into a qcow2 image that QEMU
  * trusts. Native workers read, drop zero clusters (holes of a sparse file are not
  * even read) and clusters equal to a base image, and compress; this module lays
- * out the file: data first, then L2 tables, L1, refcount structures, and the
- * header last, all under a temporary name that is renamed when complete.
+ * out the file (./layout.ts): data first, then L2 tables, L1, refcount structures, and
+ * the header last, all under a temporary name that is renamed when complete.
  */
-import { constants as fsConstants } from 'node:fs';
+import { constants as fsConstants, type Stats } from 'node:fs';
 import * as fs from 'node:fs/promises';
 import * as nodePath from 'node:path';
 import { Qcow2Error, ioError } from '../errors';
+import { openToRead, seekIn } from '../files';
+import { JobCounters, jobError, ProgressSampler, threadCount, type ProgressCallback } from '../jobs';
+import { limits } from '../limits';
+import { holdLocks, lockAsQemu } from '../locks';
 import { Codec, native } from '../native';
 import type { Image, OpenOptions } from '../qcow2/image';
 import { open } from '../qcow2/open';
-import { COPIED, compressedClusters, compressedEntry, encodeHeaderCluster, type HeaderFields, refcountLayout } from '../qcow2/writer';
-import { limits } from '../limits';
-import { threadCount } from '../load/copy';
-import { seekIn, syncFolder, temporaryPathFor } from '../files';
-import { holdLocks, lockAsQemu } from '../locks';
-import { ProgressSampler, type ProgressCallback } from '../load/progress';
+import { encodeHeaderCluster } from '../qcow2/writer';
+import { CaptureOutput, type HeaderStart } from './layout';
 
 export interface CaptureOptions extends Omit<OpenOptions, 'snapshot' | 'metadataOnly'> {
   /** Compress clusters (zlib = raw deflate as QEMU writes it). Default: none. */
@@ -71,41 +71,50 @@ interface BaseReader {
   files: { device: number; inode: number }[];
 }
 
-async function openBase(path: string, format: 'qcow2' | 'raw' | undefined, options: OpenOptions): Promise<{ reader: BaseReader; format: 'qcow2' | 'raw' }> {
-  let detected = format;
-  if (detected === undefined) {
-    const handle = await fs.open(path, 'r').catch((error) => {
-      throw ioError(error, path, 'cannot open the backing file');
-    });
-    try {
-      const magic = Buffer.alloc(4);
-      await handle.read(magic, 0, 4, 0);
-      detected = magic.readUInt32BE(0) === 0x514649fb ? 'qcow2' : 'raw';
-    } catch (error) {
-      throw ioError(error, path, 'cannot read the backing file');
-    } finally {
-      await handle.close();
-    }
-    // A raw disk can start with a qcow2 header its guest wrote: say what was guessed.
-    options.onWarning?.(`${path}: backing format not given; probed as ${detected} (pass --backing-format to be sure)`);
+
+/** The base a capture compares with, and the header fields that name it. */
+interface Backing {
+  reader: BaseReader;
+  format: 'qcow2' | 'raw';
+}
+
+/** A base given without its format: qcow2 when it starts with the qcow2 magic, else raw. */
+async function probeFormat(path: string, options: OpenOptions): Promise<'qcow2' | 'raw'> {
+  const handle = await openToRead(path, 'cannot open the backing file');
+  let detected: 'qcow2' | 'raw';
+  try {
+    const magic = Buffer.alloc(4);
+    await handle.read(magic, 0, 4, 0);
+    detected = magic.readUInt32BE(0) === 0x514649fb ? 'qcow2' : 'raw';
+  } catch (error) {
+    throw ioError(error, path, 'cannot read the backing file');
+  } finally {
+    await handle.close();
   }
-  if (detected === 'qcow2') {
-    const image: Image = await open(path, { ...options, metadataOnly: false });
-    return {
-      format: detected,
-      reader: {
-        async read(buffer, offset) {
-          const n = await image.read(buffer, offset);
-          buffer.fill(0, n);
-        },
-        close: () => image.close(),
-        files: image.files.map((f) => ({ device: f.device, inode: f.inode })),
+  // A raw disk can start with a qcow2 header its guest wrote: say what was guessed.
+  options.onWarning?.(`${path}: backing format not given; probed as ${detected} (pass --backing-format to be sure)`);
+  return detected;
+}
+
+async function openBase(path: string, format: 'qcow2' | 'raw' | undefined, options: OpenOptions): Promise<Backing> {
+  const detected = format ?? (await probeFormat(path, options));
+  if (detected === 'raw') return { format: detected, reader: await rawBase(path, options) };
+  const image: Image = await open(path, { ...options, metadataOnly: false });
+  return {
+    format: detected,
+    reader: {
+      async read(buffer, offset) {
+        const n = await image.read(buffer, offset);
+        buffer.fill(0, n);
       },
-    };
-  }
-  const handle = await fs.open(path, 'r').catch((error) => {
-    throw ioError(error, path, 'cannot open the backing file');
-  });
+      close: () => image.close(),
+      files: image.files.map((f) => ({ device: f.device, inode: f.inode })),
+    },
+  };
+}
+
+async function rawBase(path: string, options: OpenOptions): Promise<BaseReader> {
+  const handle = await openToRead(path, 'cannot open the backing file');
   const stats = await lockAsQemu(handle.fd, path, options.forceShare ? 'shared-read' : 'read')
     .then(() => handle.stat())
     .catch(async (error) => {
@@ -113,22 +122,19 @@ async function openBase(path: string, format: 'qcow2' | 'raw' | undefined, optio
       throw ioError(error, path, 'cannot read the backing file');
     });
   return {
-    format: detected,
-    reader: {
-      async read(buffer, offset) {
-        let done = 0;
-        while (done < buffer.length) {
-          const { bytesRead } = await handle.read(buffer, done, buffer.length - done, offset + done).catch((error) => {
-            throw ioError(error, path, 'cannot read the backing file');
-          });
-          if (bytesRead === 0) break;
-          done += bytesRead;
-        }
-        buffer.fill(0, done);
-      },
-      close: () => handle.close(),
-      files: [{ device: stats.dev, inode: stats.ino }],
+    async read(buffer, offset) {
+      let done = 0;
+      while (done < buffer.length) {
+        const { bytesRead } = await handle.read(buffer, done, buffer.length - done, offset + done).catch((error) => {
+          throw ioError(error, path, 'cannot read the backing file');
+        });
+        if (bytesRead === 0) break;
+        done += bytesRead;
+      }
+      buffer.fill(0, done);
     },
+    close: () => handle.close(),
+    files: [{ device: stats.dev, inode: stats.ino }],
   };
 }
 
@@ -144,7 +150,42 @@ async function backingName(outputPath: string, backing: string): Promise<string>
   return relative.split(nodePath.sep)[0]!.includes(':') ? `.${nodePath.sep}${relative}` : relative;
 }
 
-function validate(options: CaptureOptions, output: string): { clusterBits: number; version: 2 | 3; level: number } {
+/**
+ * Opens options.backing and adds its name and format to the header, encoded once now so that a
+ * name the header cluster cannot hold is refused before anything is written.
+ */
+async function openBacking(outputPath: string, existing: Stats | undefined, header: HeaderStart, options: CaptureOptions): Promise<{ base: Backing; header: HeaderStart }> {
+  const backing = options.backing!;
+  const base = await openBase(nodePath.resolve(backing), options.backingFormat, options);
+  try {
+    if (existing && base.reader.files.some((f) => f.device === existing.dev && f.inode === existing.ino)) {
+      throw new Qcow2Error('TARGET_IS_SOURCE', 'output is the backing file (or in its chain): it would be replaced by an image over itself', { path: outputPath });
+    }
+    const backingFile = await backingName(outputPath, backing);
+    const withBacking = { ...header, backingFile, backingFormat: base.format };
+    try {
+      encodeHeaderCluster({ ...withBacking, l1TableOffset: 0, refcountTableOffset: 0, refcountTableClusters: 1 });
+    } catch {
+      throw new Qcow2Error('INVALID_ARGUMENT', `the backing file's name (${Buffer.byteLength(backingFile)} bytes) does not fit in a ${2 ** header.clusterBits}-byte header cluster; use larger clusters or a shorter path`, { path: outputPath });
+    }
+    return { base, header: withBacking };
+  } catch (error) {
+    await base.reader.close().catch(() => {});
+    throw error;
+  }
+}
+
+/** The options, checked: cluster geometry, format version, codec and level, threads. */
+interface Settings {
+  clusterBits: number;
+  clusterSize: number;
+  version: 2 | 3;
+  codec: Codec;
+  level: number;
+  threads: number;
+}
+
+function validate(options: CaptureOptions, output: string): Settings {
   const clusterSize = options.clusterSize ?? 65536;
   const clusterBits = Math.log2(clusterSize);
   if (!Number.isInteger(clusterBits) || clusterBits < 9 || clusterBits > 21) {
@@ -160,7 +201,92 @@ function validate(options: CaptureOptions, output: string): { clusterBits: numbe
   if (options.compress && (!Number.isInteger(level) || level < range[0]! || level > range[1]!)) {
     throw new Qcow2Error('INVALID_ARGUMENT', `${options.compress} level ${level} is outside ${range[0]}..${range[1]}`, { path: output });
   }
-  return { clusterBits, version, level };
+  return { clusterBits, clusterSize, version, codec: codecs[options.compress ?? 'none'], level, threads: threadCount(options.threads, output) };
+}
+
+/** The disk read, locked against writers to the end: a running VM would make the image a mix of two moments. */
+interface Source {
+  path: string;
+  handle: fs.FileHandle;
+  /** A regular file, whose holes are not read. */
+  isFile: boolean;
+  size: number;
+  /** O_DIRECT unit of `handle`, 0 when buffered. */
+  alignment: number;
+  device: number;
+  inode: number;
+  close(): Promise<void>;
+}
+
+async function openSource(path: string, clusterSize: number, options: CaptureOptions): Promise<Source> {
+  const stats = await fs.stat(path).catch((error) => {
+    throw ioError(error, path, 'cannot open the source');
+  });
+  if (!stats.isFile() && !stats.isBlockDevice()) {
+    throw new Qcow2Error('INVALID_ARGUMENT', 'source is neither a regular file nor a block device', { path });
+  }
+  const locks = await holdLocks(path, options.forceShare ? 'shared-read' : 'read');
+  let handle: fs.FileHandle | undefined;
+  try {
+    let direct = stats.isBlockDevice();
+    handle = await fs.open(path, fsConstants.O_RDONLY | (direct ? fsConstants.O_DIRECT : 0)).catch((error) => {
+      if (!direct) throw ioError(error, path, 'cannot open the source');
+      direct = false;
+      return fs.open(path, 'r');
+    });
+    const size = stats.isBlockDevice() ? native().blockDeviceInfo(handle.fd).sizeBytes : stats.size;
+    let alignment = direct ? native().blockDeviceInfo(handle.fd).logicalBlockSize : 0;
+    if (alignment > clusterSize) {
+      // Clusters smaller than the device's sector cannot be read with O_DIRECT one by one.
+      await handle.close();
+      handle = await fs.open(path, 'r');
+      alignment = 0;
+    }
+    const opened = handle;
+    const close = async () => {
+      await opened.close().catch(() => {});
+      await locks.close().catch(() => {});
+    };
+    return { path, handle: opened, isFile: stats.isFile(), size, alignment, device: stats.dev, inode: stats.ino, close };
+  } catch (error) {
+    await handle?.close().catch(() => {});
+    await locks.close().catch(() => {});
+    throw error;
+  }
+}
+
+/** An existing output is refused unless `overwrite`, and always when it is the source itself. */
+async function checkOutput(outputPath: string, source: Source, overwrite: boolean | undefined): Promise<Stats | undefined> {
+  const existing = await fs.stat(outputPath).catch(() => undefined);
+  if (existing && existing.dev === source.device && existing.ino === source.inode) {
+    throw new Qcow2Error('TARGET_IS_SOURCE', 'output is the source itself', { path: outputPath });
+  }
+  if (existing && !overwrite) {
+    throw new Qcow2Error('TARGET_EXISTS', 'output exists; pass --overwrite (overwrite: true) to replace it', { path: outputPath });
+  }
+  return existing;
+}
+
+/** How the disk is cut: L2 tables, native batches, and groups (one table's span or, with small clusters, many tables). */
+interface Geometry {
+  virtualSize: number;
+  clusterTotal: number;
+  l1Size: number;
+  l2EntryCount: number;
+  clustersPerBatch: number;
+  groupClusters: number;
+}
+
+function geometryOf(sourceSize: number, clusterSize: number, withBase: boolean, outputPath: string): Geometry {
+  // QEMU sees a raw disk in whole sectors; the image has that size.
+  const virtualSize = Math.ceil(sourceSize / 512) * 512;
+  const l2EntryCount = clusterSize / 8;
+  const l1Size = Math.max(1, Math.ceil(virtualSize / (l2EntryCount * clusterSize)));
+  if (l1Size * 8 > limits.maxL1Bytes) {
+    throw new Qcow2Error('INVALID_ARGUMENT', `a ${virtualSize}-byte disk in ${clusterSize}-byte clusters needs an L1 table of ${l1Size} entries, more than QEMU opens (${limits.maxL1Bytes / 8}); use larger clusters`, { path: outputPath });
+  }
+  const clustersPerBatch = Math.max(1, (withBase ? batchBytesWithBase : batchBytes) / clusterSize);
+  return { virtualSize, clusterTotal: Math.ceil(virtualSize / clusterSize), l1Size, l2EntryCount, clustersPerBatch, groupClusters: Math.max(l2EntryCount, clustersPerBatch) };
 }
 
 /** Marks clusters that lie wholly inside holes of a sparse file (SEEK_DATA/SEEK_HOLE). */
@@ -179,6 +305,77 @@ function holeMap(fd: number, start: number, clusterCount: number, clusterSize: n
   return holes;
 }
 
+/** Everything the stages of one capture share. */
+interface Run {
+  settings: Settings;
+  geometry: Geometry;
+  source: Source;
+  base: BaseReader | undefined;
+  out: CaptureOutput;
+  counters: JobCounters;
+  outputPath: string;
+}
+
+/** Every cluster of the disk, group by group: the data from the native jobs, then the group's L2 tables. */
+async function captureClusters(run: Run, onProgress: ProgressCallback | undefined): Promise<ProgressSampler> {
+  const { geometry } = run;
+  const sampler = new ProgressSampler(run.counters, geometry.virtualSize, onProgress);
+  const results = new Float64Array(geometry.groupClusters * 3);
+  const baseBuffer = run.base ? Buffer.alloc(geometry.clustersPerBatch * run.settings.clusterSize) : undefined;
+  sampler.start();
+  try {
+    for (let groupFirst = 0; groupFirst < geometry.clusterTotal; groupFirst += geometry.groupClusters) {
+      const groupCount = Math.min(geometry.groupClusters, geometry.clusterTotal - groupFirst);
+      results.fill(0);
+      for (let done = 0; done < groupCount; done += geometry.clustersPerBatch) {
+        const count = Math.min(geometry.clustersPerBatch, groupCount - done);
+        await captureBatch(run, groupFirst + done, count, results.subarray(done * 3, (done + count) * 3), baseBuffer);
+      }
+      for (let first = 0; first < groupCount; first += geometry.l2EntryCount) {
+        const tableClusters = Math.min(geometry.l2EntryCount, groupCount - first);
+        await run.out.addTable((groupFirst + first) / geometry.l2EntryCount, results.subarray(first * 3, (first + tableClusters) * 3));
+      }
+    }
+  } finally {
+    sampler.stop();
+  }
+  sampler.emit('write');
+  return sampler;
+}
+
+/** One native job: `count` clusters from `firstCluster`, stored at the output's position. */
+async function captureBatch(run: Run, firstCluster: number, count: number, results: Float64Array, baseBuffer: Buffer | undefined): Promise<void> {
+  const { settings, source, out } = run;
+  const guestStart = firstCluster * settings.clusterSize;
+  const holes = source.isFile ? holeMap(source.handle.fd, guestStart, count, settings.clusterSize, source.size, source.path) : undefined;
+  const baseBytes = baseBuffer?.subarray(0, count * settings.clusterSize);
+  if (baseBytes) await run.base!.read(baseBytes, guestStart);
+  out.reserve(count);
+  try {
+    out.position = await native().capture({
+      sourceFd: source.handle.fd,
+      sourceAlignment: source.alignment,
+      sourceSize: source.size,
+      guestStart,
+      clusterCount: count,
+      clusterSize: settings.clusterSize,
+      ...(holes ? { holes } : {}),
+      ...(baseBytes ? { base: baseBytes } : {}),
+      zeroAsData: settings.version === 2,
+      codec: settings.codec,
+      level: settings.level,
+      outputFd: out.fd,
+      ...(out.direct ? { outputDirectFd: out.direct.handle.fd, outputDirectAlignment: out.direct.alignment } : {}),
+      outputPosition: out.position,
+      threads: settings.threads,
+      results,
+      counters: run.counters.words,
+    });
+  } catch (error) {
+    throw jobError('capture', error, { path: run.outputPath, cancelled: 'cancelled; no image was written', source: source.path, target: run.outputPath });
+  }
+}
+
 /**
  * Captures `source` (raw file or block device) into the qcow2 file `output`.
  *
@@ -188,286 +385,26 @@ function holeMap(fd: number, start: number, clusterCount: number, clusterSize: n
 export async function capture(source: string, output: string, options: CaptureOptions = {}): Promise<CaptureResult> {
   const outputPath = nodePath.resolve(output);
   if (options.signal?.aborted) throw new Qcow2Error('CANCELLED', 'cancelled before the first byte', { path: outputPath });
-  const { clusterBits, version, level } = validate(options, outputPath);
-  const threads = threadCount(options.threads, outputPath);
-  const clusterSize = 2 ** clusterBits;
-  const sourcePath = nodePath.resolve(source);
-
-  let sourceHandle: fs.FileHandle;
-  let direct = false;
-  const sourceStats = await fs.stat(sourcePath).catch((error) => {
-    throw ioError(error, sourcePath, 'cannot open the source');
-  });
-  if (!sourceStats.isFile() && !sourceStats.isBlockDevice()) {
-    throw new Qcow2Error('INVALID_ARGUMENT', 'source is neither a regular file nor a block device', { path: sourcePath });
-  }
-  // Held to the end: a running VM writing the disk would make the image a mix of two moments.
-  const sourceLocks = await holdLocks(sourcePath, options.forceShare ? 'shared-read' : 'read');
+  const settings = validate(options, outputPath);
+  const input = await openSource(nodePath.resolve(source), settings.clusterSize, options);
+  const counters = new JobCounters();
+  const release = counters.cancelOn(options.signal);
+  let backing: { base: Backing; header: HeaderStart } | undefined;
+  let out: CaptureOutput | undefined;
   try {
-    sourceHandle = await fs.open(sourcePath, fsConstants.O_RDONLY | (sourceStats.isBlockDevice() ? fsConstants.O_DIRECT : 0));
-    direct = sourceStats.isBlockDevice();
-  } catch (error) {
-    if (!sourceStats.isBlockDevice()) {
-      await sourceLocks.close();
-      throw ioError(error, sourcePath, 'cannot open the source');
-    }
-    sourceHandle = await fs.open(sourcePath, 'r');
-  }
-  const existing = await fs.stat(outputPath).catch(() => undefined);
-  if (existing && existing.dev === sourceStats.dev && existing.ino === sourceStats.ino) {
-    await sourceHandle.close();
-    await sourceLocks.close();
-    throw new Qcow2Error('TARGET_IS_SOURCE', 'output is the source itself', { path: outputPath });
-  }
-  if (existing && !options.overwrite) {
-    await sourceHandle.close();
-    await sourceLocks.close();
-    throw new Qcow2Error('TARGET_EXISTS', 'output exists; pass --overwrite (overwrite: true) to replace it', { path: outputPath });
-  }
-
-  const temporary = temporaryPathFor(outputPath);
-  let base: { reader: BaseReader; format: 'qcow2' | 'raw' } | undefined;
-  let out: fs.FileHandle | undefined;
-  let directOut: fs.FileHandle | undefined;
-  let renamed = false;
-  const counters = new BigUint64Array(4);
-  const abort = () => {
-    counters[2] = 1n;
-  };
-  options.signal?.addEventListener('abort', abort, { once: true });
-  // Fired before the listener was there (during the awaits above): the same as after.
-  if (options.signal?.aborted) abort();
-  try {
-    const sourceSize = sourceStats.isBlockDevice() ? native().blockDeviceInfo(sourceHandle.fd).sizeBytes : sourceStats.size;
-    let sourceAlignment = direct ? native().blockDeviceInfo(sourceHandle.fd).logicalBlockSize : 0;
-    if (sourceAlignment > clusterSize) {
-      // Clusters smaller than the device's sector cannot be read with O_DIRECT one by one.
-      await sourceHandle.close();
-      sourceHandle = await fs.open(sourcePath, 'r');
-      sourceAlignment = 0;
-    }
-    // QEMU sees a raw disk in whole sectors; the image has that size.
-    const virtualSize = Math.ceil(sourceSize / 512) * 512;
-    const l2EntryCount = clusterSize / 8;
-    const l2Span = l2EntryCount * clusterSize;
-    const l1Size = Math.max(1, Math.ceil(virtualSize / l2Span));
-    if (l1Size * 8 > limits.maxL1Bytes) {
-      throw new Qcow2Error('INVALID_ARGUMENT', `a ${virtualSize}-byte disk in ${clusterSize}-byte clusters needs an L1 table of ${l1Size} entries, more than QEMU opens (${limits.maxL1Bytes / 8}); use larger clusters`, { path: outputPath });
-    }
-    // The header's fields but the table offsets, known at the end: encoded once now, so that a
-    // backing name it cannot hold is refused before anything is written.
-    let headerFields: Omit<HeaderFields, 'l1TableOffset' | 'refcountTableOffset' | 'refcountTableClusters'> = {
-      version,
-      clusterBits,
-      virtualSize,
-      l1Size,
-      compressionType: options.compress === 'zstd' ? 'zstd' : 'zlib',
-    };
-    if (options.backing !== undefined) {
-      base = await openBase(nodePath.resolve(options.backing), options.backingFormat, options);
-      if (existing && base.reader.files.some((f) => f.device === existing.dev && f.inode === existing.ino)) {
-        throw new Qcow2Error('TARGET_IS_SOURCE', 'output is the backing file (or in its chain): it would be replaced by an image over itself', { path: outputPath });
-      }
-      const backingFile = await backingName(outputPath, options.backing);
-      headerFields = { ...headerFields, backingFile, backingFormat: base.format };
-      try {
-        encodeHeaderCluster({ ...headerFields, l1TableOffset: 0, refcountTableOffset: 0, refcountTableClusters: 1 });
-      } catch {
-        throw new Qcow2Error('INVALID_ARGUMENT', `the backing file's name (${Buffer.byteLength(backingFile)} bytes) does not fit in a ${clusterSize}-byte header cluster; use larger clusters or a shorter path`, { path: outputPath });
-      }
-    }
-
-    out = await fs.open(temporary, fsConstants.O_RDWR | fsConstants.O_CREAT | fsConstants.O_EXCL, 0o644).catch((error) => {
-      throw ioError(error, outputPath, 'cannot create the output file');
-    });
-    // Uncompressed data is whole clusters: written with O_DIRECT it reaches the disk
-    // while the source is still being read, instead of all at the final fdatasync.
-    let directAlignment = 0;
-    if (options.compress === undefined) {
-      directOut = await fs.open(temporary, fsConstants.O_WRONLY | fsConstants.O_DIRECT).catch(() => undefined);
-      directAlignment = directOut ? Math.max(native().directIoAlignment(directOut.fd), 4096) : 0;
-      if (directAlignment > clusterSize) {
-        await directOut?.close();
-        directOut = undefined;
-      }
-    }
-    // ext4 serialises direct writes that extend a file or fill holes; direct writes into
-    // allocated blocks run side by side. So before each batch the most it can store is
-    // allocated, and what stays unused is cut off at the end.
-    let allocatedEnd = 0;
-    let allocateRefused = false;
-    const l1 = new Array<number>(l1Size).fill(0);
-    // Native jobs of a batch each; tables are emitted a group at a time, a group
-    // being one L2 table's span or, with small clusters, many tables.
-    const clustersPerBatch = Math.max(1, (options.backing !== undefined ? batchBytesWithBase : batchBytes) / clusterSize);
-    const groupClusters = Math.max(l2EntryCount, clustersPerBatch);
-    const groupResults = new Float64Array(groupClusters * 3);
-    // Host clusters touched by compressed streams, with how many streams touch each.
-    let touches = new Uint16Array(1024);
-    const touch = (cluster: number) => {
-      if (cluster >= touches.length) {
-        const grown = new Uint16Array(Math.max(cluster + 1, touches.length * 2));
-        grown.set(touches);
-        touches = grown;
-      }
-      touches[cluster]! += 1;
-    };
-    let position = clusterSize; // cluster 0 is the header, written last
-    let dataClusters = 0;
-    let compressed = 0;
-    let zeroClusters = 0;
-    const sampler = new ProgressSampler(counters, virtualSize, options.onProgress);
-    sampler.start();
-    const baseBuffer = base ? Buffer.alloc(clustersPerBatch * clusterSize) : undefined;
-    const alignUp = (value: number) => Math.ceil(value / clusterSize) * clusterSize;
-    const writeAt = async (buffer: Buffer, at: number) => {
-      await out!.write(buffer, 0, buffer.length, at).catch((error) => {
-        throw ioError(error, outputPath, 'cannot write the image');
-      });
-    };
-    try {
-      const clusterTotal = Math.ceil(virtualSize / clusterSize);
-      for (let groupFirst = 0; groupFirst < clusterTotal; groupFirst += groupClusters) {
-        const groupCount = Math.min(groupClusters, clusterTotal - groupFirst);
-        groupResults.fill(0);
-        for (let done = 0; done < groupCount; done += clustersPerBatch) {
-          const count = Math.min(clustersPerBatch, groupCount - done);
-          const guestStart = (groupFirst + done) * clusterSize;
-          const holes = sourceStats.isFile() ? holeMap(sourceHandle.fd, guestStart, count, clusterSize, sourceSize, sourcePath) : undefined;
-          let baseBytes: Buffer | undefined;
-          if (base && baseBuffer) {
-            baseBytes = baseBuffer.subarray(0, count * clusterSize);
-            await base.reader.read(baseBytes, guestStart);
-          }
-          if (directOut && !allocateRefused && position + count * clusterSize > allocatedEnd) {
-            const end = position + count * clusterSize;
-            // Refused (no fallocate on this filesystem): the writes work, only slower.
-            if (native().allocate(out.fd, allocatedEnd, end - allocatedEnd) === 0) allocatedEnd = end;
-            else allocateRefused = true;
-          }
-          try {
-            position = await native().capture({
-              sourceFd: sourceHandle.fd,
-              sourceAlignment,
-              sourceSize,
-              guestStart,
-              clusterCount: count,
-              clusterSize,
-              ...(holes ? { holes } : {}),
-              ...(baseBytes ? { base: baseBytes } : {}),
-              zeroAsData: version === 2,
-              codec: codecs[options.compress ?? 'none'],
-              level,
-              outputFd: out.fd,
-              ...(directOut ? { outputDirectFd: directOut.fd, outputDirectAlignment: directAlignment } : {}),
-              outputPosition: position,
-              threads,
-              results: groupResults.subarray(done * 3, (done + count) * 3),
-              counters,
-            });
-          } catch (error) {
-            if (error instanceof Qcow2Error) throw error;
-            const e = error as { cancelled?: boolean; operation?: string; message?: string; guestOffset?: number };
-            if (e.cancelled) throw new Qcow2Error('CANCELLED', 'cancelled; no image was written', { path: outputPath });
-            const path = e.operation === 'read' ? sourcePath : outputPath;
-            throw new Qcow2Error('IO_ERROR', `${e.operation} failed at offset ${e.guestOffset}: ${e.message}`, { path, ...(e.guestOffset !== undefined ? { offset: e.guestOffset } : {}) });
-          }
-        }
-        // Each table's entries, and the refcounts compressed streams add.
-        for (let first = 0; first < groupCount; first += l2EntryCount) {
-          const tableIndex = (groupFirst + first) / l2EntryCount;
-          const tableClusters = Math.min(l2EntryCount, groupCount - first);
-          const table = Buffer.alloc(clusterSize);
-          let used = false;
-          for (let i = 0; i < tableClusters; i++) {
-            const at = (first + i) * 3;
-            const kind = groupResults[at]!;
-            const host = groupResults[at + 1]!;
-            if (kind === 0) continue;
-            used = true;
-            if (kind === 1) {
-              table.writeBigUInt64BE(1n, i * 8); // reads as zero, hides the backing file
-              zeroClusters++;
-            } else if (kind === 2) {
-              table.writeBigUInt64BE(BigInt(host) | COPIED, i * 8);
-              dataClusters++;
-            } else {
-              const bytes = groupResults[at + 2]!;
-              table.writeBigUInt64BE(compressedEntry(clusterBits, host, bytes), i * 8);
-              const [firstTouched, lastTouched] = compressedClusters(clusterSize, host, bytes);
-              for (let c = firstTouched; c <= lastTouched; c++) touch(c);
-              compressed++;
-            }
-          }
-          if (used) {
-            position = alignUp(position);
-            await writeAt(table, position);
-            l1[tableIndex] = position;
-            position += clusterSize;
-          }
-        }
-      }
-    } finally {
-      sampler.stop();
-    }
-    sampler.emit('write');
-
-    // L1, then the refcount table and blocks, which count themselves.
-    const l1Offset = alignUp(position);
-    const l1Buffer = Buffer.alloc(alignUp(l1Size * 8));
-    l1.forEach((offset, i) => {
-      if (offset !== 0) l1Buffer.writeBigUInt64BE(BigInt(offset) | COPIED, i * 8);
-    });
-    await writeAt(l1Buffer, l1Offset);
-    const firstFree = (l1Offset + l1Buffer.length) / clusterSize;
-    const layout = refcountLayout(firstFree, clusterSize, 16);
-    const tableOffset = firstFree * clusterSize;
-    const blocksOffset = tableOffset + layout.tableClusters * clusterSize;
-    const entriesPerBlock = clusterSize / 2;
-    const refcountTable = Buffer.alloc(layout.tableClusters * clusterSize);
-    for (let block = 0; block < layout.blockCount; block++) {
-      const buffer = Buffer.alloc(clusterSize);
-      for (let i = 0; i < entriesPerBlock; i++) {
-        const cluster = block * entriesPerBlock + i;
-        if (cluster >= layout.totalClusters) break;
-        // Every cluster up to the end is in use once, except those holding compressed streams.
-        buffer.writeUInt16BE(cluster < touches.length && touches[cluster]! > 0 ? touches[cluster]! : 1, i * 2);
-      }
-      const blockOffset = blocksOffset + block * clusterSize;
-      await writeAt(buffer, blockOffset);
-      refcountTable.writeBigUInt64BE(BigInt(blockOffset), block * 8);
-    }
-    await writeAt(refcountTable, tableOffset);
-    const finishing = (what: string) => (error: unknown) => {
-      throw ioError(error, outputPath, what);
-    };
-    // Cuts what was allocated and not used.
-    if (allocatedEnd > 0) await out.truncate(layout.totalClusters * clusterSize).catch(finishing('cannot cut the image to size'));
-    const header = encodeHeaderCluster({ ...headerFields, l1TableOffset: l1Offset, refcountTableOffset: tableOffset, refcountTableClusters: layout.tableClusters });
-    await out.datasync().catch(finishing('cannot flush the image'));
-    await writeAt(header, 0);
-    await out.datasync().catch(finishing('cannot flush the image'));
-    await out.close();
-    out = undefined;
-    await fs.rename(temporary, outputPath).catch(finishing('cannot rename the finished image into place'));
-    renamed = true;
-    await syncFolder(nodePath.dirname(outputPath));
-    return {
-      output: outputPath,
-      virtualSize,
-      fileSize: layout.totalClusters * clusterSize,
-      dataClusters,
-      compressedClusters: compressed,
-      zeroClusters,
-      seconds: sampler.elapsedSeconds(),
-    };
+    const existing = await checkOutput(outputPath, input, options.overwrite);
+    const geometry = geometryOf(input.size, settings.clusterSize, options.backing !== undefined, outputPath);
+    const header: HeaderStart = { version: settings.version, clusterBits: settings.clusterBits, virtualSize: geometry.virtualSize, l1Size: geometry.l1Size, compressionType: options.compress === 'zstd' ? 'zstd' : 'zlib' };
+    backing = options.backing !== undefined ? await openBacking(outputPath, existing, header, options) : undefined;
+    out = await CaptureOutput.create(outputPath, backing?.header ?? header, options.compress === undefined);
+    const run: Run = { settings, geometry, source: input, base: backing?.base.reader, out, counters, outputPath };
+    const sampler = await captureClusters(run, options.onProgress);
+    const fileSize = await out.finish();
+    return { output: outputPath, virtualSize: geometry.virtualSize, fileSize, ...out.counts, seconds: sampler.elapsedSeconds() };
   } finally {
-    options.signal?.removeEventListener('abort', abort);
-    await out?.close().catch(() => {});
-    await directOut?.close().catch(() => {});
-    if (!renamed) await fs.unlink(temporary).catch(() => {});
-    await sourceHandle.close().catch(() => {});
-    await sourceLocks.close().catch(() => {});
-    await base?.reader.close().catch(() => {});
+    release();
+    await out?.abandon();
+    await input.close();
+    await backing?.base.reader.close().catch(() => {});
   }
 }

@@ -3,13 +3,12 @@
  * is planned (table walks, chain resolution) while the native threads write
  * the current one, so memory stays bounded whatever the image size.
  */
-import * as os from 'node:os';
 import { Qcow2Error } from '../errors';
 import type { Image } from '../qcow2/image';
 import { Qcow2Layer } from '../qcow2/layers';
 import { native, type NativeSource, planRunFields, PlanKind } from '../native';
 import { hasRemote, type Prefetch, prefetchPlan } from '../http/prefetch';
-import { ProgressSampler, type ProgressCallback } from './progress';
+import { JobCounters, ProgressSampler, threadCount, type ProgressCallback } from '../jobs';
 
 /** Guest bytes planned per batch. */
 const batchBytes = 1024 * 1024 * 1024;
@@ -42,24 +41,6 @@ export interface CopyOptions {
   threads?: number;
   onProgress?: ProgressCallback;
   signal?: AbortSignal;
-}
-
-/**
- * The native threads of a job: the caller's (a whole number from 1 to 64, as --threads takes)
- * or the default. Checked here, so a bad value is an INVALID_ARGUMENT naming the file rather
- * than an error from the addon.
- */
-export function threadCount(threads: number | undefined, path: string): number {
-  if (threads === undefined) return defaultThreads();
-  if (!Number.isInteger(threads) || threads < 1 || threads > 64) {
-    throw new Qcow2Error('INVALID_ARGUMENT', `threads ${threads} must be a whole number from 1 to 64`, { path });
-  }
-  return threads;
-}
-
-function defaultThreads(): number {
-  // Writes block in the kernel, so more threads than cores keep the disk's queue full.
-  return Math.max(8, os.availableParallelism() * 4);
 }
 
 /** Guest bytes per native task: 1 MiB, or a whole cluster or O_DIRECT unit if larger. */
@@ -123,17 +104,29 @@ function preallocateData(target: CopyTarget, runs: Float64Array, size: number): 
 }
 
 export async function copyImage(image: Image, target: CopyTarget, options: CopyOptions = {}): Promise<{ dataBytes: number; zeroBytes: number; seconds: number }> {
-  const size = image.virtualSize;
-  const counters = new BigUint64Array(4);
-  const sampler = new ProgressSampler(counters, size, options.onProgress);
-  const abort = () => {
-    counters[2] = 1n;
-  };
   if (options.signal?.aborted) throw new Qcow2Error('CANCELLED', 'cancelled before the first byte', { path: image.path });
-  options.signal?.addEventListener('abort', abort, { once: true });
+  const counters = new JobCounters();
+  const sampler = new ProgressSampler(counters, image.virtualSize, options.onProgress);
+  const release = counters.cancelOn(options.signal);
+  sampler.start();
+  try {
+    await copyBatches(image, target, counters, options.threads);
+  } finally {
+    sampler.stop();
+    release();
+  }
+  sampler.emit('write');
+  return { dataBytes: counters.dataBytes, zeroBytes: counters.zeroBytes, seconds: sampler.elapsedSeconds() };
+}
+
+/**
+ * The batches of a copy, each planned while the one before it is written. Any failure stops
+ * the running job and waits for it: the caller closes the descriptors it writes by number next.
+ */
+async function copyBatches(image: Image, target: CopyTarget, counters: JobCounters, threads: number | undefined): Promise<void> {
+  const size = image.virtualSize;
   const windowSize = copyWindowSize(image, target.alignment);
   const incomplete = () => new Qcow2Error('CANCELLED', 'cancelled; the target is incomplete', { path: image.path });
-  sampler.start();
   let pending: Promise<void> | undefined;
   // Remote files: the next batch is fetched (into memfds) while this one is written; smaller
   // batches bound the memory that holds.
@@ -143,8 +136,7 @@ export async function copyImage(image: Image, target: CopyTarget, options: CopyO
   let fetching: Prefetch | undefined;
   try {
     for (let start = 0; start < size; start += step) {
-      const runs = await image.copyRuns(start, Math.min(size, start + step));
-      const plan = image.plan(runs);
+      const plan = image.plan(await image.copyRuns(start, Math.min(size, start + step)));
       if (target.preallocate) preallocateData(target, plan.runs, size);
       if (remote) fetching = prefetchPlan(image.files, plan.runs);
       else readAhead(plan.runs, plan.sources);
@@ -152,7 +144,7 @@ export async function copyImage(image: Image, target: CopyTarget, options: CopyO
       fetched?.release();
       fetched = fetching;
       fetching = undefined;
-      if (counters[2] !== 0n) break;
+      if (counters.cancelled) break;
       if (fetched) await fetched.ready;
       pending = image.runCopy({
         runs: plan.runs,
@@ -164,9 +156,9 @@ export async function copyImage(image: Image, target: CopyTarget, options: CopyO
         limitEnd: target.base + size,
         alignment: target.alignment,
         zeroMode: target.zeroMode,
-        threads: threadCount(options.threads, target.path),
+        threads: threadCount(threads, target.path),
         windowSize,
-        counters,
+        counters: counters.words,
         ...(target.windowHashes ? { windowHashes: target.windowHashes, hashedSize: size } : {}),
       }, target.path).catch((error: unknown) => {
         // A job stopped by the signal says "cancelled": what matters to the user is the target.
@@ -176,20 +168,16 @@ export async function copyImage(image: Image, target: CopyTarget, options: CopyO
       pending.catch(() => {});
     }
     if (pending) await pending;
-    if (counters[2] !== 0n) throw incomplete();
+    if (counters.cancelled) throw incomplete();
   } catch (error) {
     // Planning the next batch failed while a job runs: stop it and wait, for the caller
     // closes the target's and the image's descriptors next, and the job writes by number.
-    counters[2] = 1n;
+    counters.cancel();
     await pending?.catch(() => {});
     await fetching?.ready.catch(() => {});
     throw error;
   } finally {
     fetched?.release();
     fetching?.release();
-    sampler.stop();
-    options.signal?.removeEventListener('abort', abort);
   }
-  sampler.emit('write');
-  return { dataBytes: Number(counters[0]), zeroBytes: Number(counters[1]), seconds: sampler.elapsedSeconds() };
 }

@@ -5,10 +5,11 @@ import { Qcow2Error } from '../errors';
 import { native } from '../native';
 import type { Image, OpenOptions } from '../qcow2/image';
 import { open } from '../qcow2/open';
-import { copyImage, copyWindowSize, threadCount, type CopyOptions } from './copy';
+import { copyImage, copyWindowSize, type CopyOptions } from './copy';
+import { JobCounters, jobError, threadCount } from '../jobs';
 import { openTarget, type OpenTarget, type TargetOptions } from './target';
 
-export type { Progress, ProgressCallback } from './progress';
+export type { Progress, ProgressCallback } from '../jobs';
 export type { DirectMode, TargetOptions } from './target';
 
 export interface LoadOptions extends Omit<OpenOptions, 'metadataOnly'>, TargetOptions, CopyOptions {
@@ -89,13 +90,8 @@ export async function load(source: string | Image, target: string, options: Load
 async function verifyTarget(image: Image, target: OpenTarget, windowHashes: BigUint64Array, windowSize: number, options: LoadOptions): Promise<void> {
   const reader = await target.openForVerify();
   try {
-    const counters = new BigUint64Array(4);
-    const abort = () => {
-      counters[2] = 1n;
-    };
-    options.signal?.addEventListener('abort', abort, { once: true });
-    // Fired before the listener was there (during the awaits above): the same as after.
-    if (options.signal?.aborted) abort();
+    const counters = new JobCounters();
+    const release = counters.cancelOn(options.signal);
     let firstBad: number;
     try {
       firstBad = await native().verify({
@@ -106,14 +102,12 @@ async function verifyTarget(image: Image, target: OpenTarget, windowHashes: BigU
         alignment: reader.alignment,
         threads: threadCount(options.threads, target.path),
         windowHashes,
-        counters,
+        counters: counters.words,
       });
     } catch (error) {
-      const e = error as { cancelled?: boolean; message?: string; hostOffset?: number };
-      if (e.cancelled) throw new Qcow2Error('CANCELLED', 'cancelled during verification; the target is written but unverified', { path: target.path });
-      throw new Qcow2Error('IO_ERROR', `reading the target back failed: ${e.message}`, { path: target.path, ...(e.hostOffset !== undefined ? { offset: e.hostOffset } : {}) });
+      throw jobError('verify', error, { path: target.path, cancelled: 'cancelled during verification; the target is written but unverified' });
     } finally {
-      options.signal?.removeEventListener('abort', abort);
+      release();
     }
     if (firstBad >= 0) {
       const offset = await firstDifference(image, reader.fd, target.base, firstBad * windowSize, windowSize);

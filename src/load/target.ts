@@ -8,7 +8,7 @@ import { constants as fsConstants } from 'node:fs';
 import * as fs from 'node:fs/promises';
 import * as nodePath from 'node:path';
 import { Qcow2Error, ioError } from '../errors';
-import { syncFolder, temporaryPathFor } from '../files';
+import { openToRead, PendingFile } from '../files';
 import { holdLocks, type HeldLocks } from '../locks';
 import { native, ZeroMode } from '../native';
 import type { Image } from '../qcow2/image';
@@ -97,63 +97,49 @@ export async function openTarget(image: Image, targetPath: string, options: Targ
 }
 
 async function openNewFile(image: Image, path: string, exists: boolean, options: TargetOptions): Promise<OpenTarget> {
-  const temporary = temporaryPathFor(path);
-  const notice = options.onNotice ?? (() => {});
-  let main: fs.FileHandle | undefined;
-  let tail: fs.FileHandle | undefined;
   let direct = false;
   // The file being replaced may be a running VM's disk: refused, and held until the rename so
   // that none starts on it meanwhile.
   const locks = exists ? await holdLocks(path, 'write') : undefined;
+  const release = () => locks?.close().catch(() => {});
+  let file: PendingFile | undefined;
+  let tail: fs.FileHandle;
   try {
-    ({ handle: main, direct } = await openMaybeDirect(temporary, fsConstants.O_WRONLY | fsConstants.O_CREAT | fsConstants.O_EXCL, options.direct ?? 'auto', notice, 'filesystem'));
-    tail = await fs.open(temporary, fsConstants.O_WRONLY);
+    file = await PendingFile.create(path, { create: 'cannot create the target file', flush: 'flushing the target failed' }, async (temporary) => {
+      const opened = await openMaybeDirect(temporary, fsConstants.O_WRONLY | fsConstants.O_CREAT | fsConstants.O_EXCL, options.direct ?? 'auto', options.onNotice ?? (() => {}), 'filesystem');
+      direct = opened.direct;
+      return opened.handle;
+    });
+    tail = await file.openAgain(fsConstants.O_WRONLY);
     // A new file of the exact size reads zeros everywhere: zero ranges stay holes.
-    await main.truncate(image.virtualSize);
+    await file.handle.truncate(image.virtualSize);
   } catch (error) {
-    await tail?.close().catch(() => {});
-    await main?.close().catch(() => {});
-    await locks?.close().catch(() => {});
-    await fs.unlink(temporary).catch(() => {});
+    await file?.abandon();
+    await release();
     throw ioError(error, path, 'cannot create the target file');
   }
-  const mainHandle = main;
-  const tailHandle = tail;
-  let closed = false;
-  const close = async () => {
-    if (closed) return;
-    closed = true;
-    await tailHandle.close().catch(() => {});
-    await mainHandle.close().catch(() => {});
-  };
-  const release = () => locks?.close().catch(() => {});
+  const pending = file;
   return {
     kind: 'file',
     path,
-    fd: mainHandle.fd,
-    tailFd: tailHandle.fd,
+    fd: pending.handle.fd,
+    tailFd: tail.fd,
     base: 0,
-    alignment: direct ? Math.max(native().directIoAlignment(mainHandle.fd), 512) : 0,
+    alignment: direct ? Math.max(native().directIoAlignment(pending.handle.fd), 512) : 0,
     zeroMode: ZeroMode.Skip,
     direct,
-    openForVerify: () => openReadBack(temporary, direct, image.virtualSize, 0),
-    flush: () => flushBoth(mainHandle, tailHandle, path),
+    openForVerify: () => openReadBack(pending.temporary, direct, image.virtualSize, 0),
+    flush: () => pending.flush(),
     async finish() {
-      await flushBoth(mainHandle, tailHandle, path);
-      await close();
       try {
-        await fs.rename(temporary, path).catch((error) => {
-          throw ioError(error, path, 'cannot rename the finished file into place');
-        });
+        await pending.commit();
       } finally {
         await release();
       }
-      await syncFolder(nodePath.dirname(path));
     },
     async abort() {
-      await close();
+      await pending.abandon();
       await release();
-      await fs.unlink(temporary).catch(() => {});
     },
   };
 }
@@ -239,9 +225,7 @@ async function openFileRegion(image: Image, path: string, exists: boolean, optio
   }
   let base = options.offset ?? 0;
   if (options.partition !== undefined) {
-    const handle = await fs.open(path, 'r').catch((error) => {
-      throw ioError(error, path, 'cannot open the target file');
-    });
+    const handle = await openToRead(path, 'cannot open the target file');
     try {
       const size = (await handle.stat()).size;
       const partition = await findPartition(handle, size, options.partition, path);
@@ -324,9 +308,7 @@ async function openDevice(image: Image, path: string, rdev: number, options: Tar
   let base = options.offset ?? 0;
   let limit: number | undefined;
   let what = 'device';
-  const probe = await fs.open(path, 'r').catch((error) => {
-    throw ioError(error, path, 'cannot open the target device');
-  });
+  const probe = await openToRead(path, 'cannot open the target device');
   try {
     const device = native().blockDeviceInfo(probe.fd);
     limit = device.sizeBytes;

@@ -6,6 +6,7 @@ import { Qcow2Error } from '../errors';
 import { seekIn } from '../files';
 import type { HttpOptions } from '../http/client';
 import { prefetchPlan } from '../http/prefetch';
+import { jobError } from '../jobs';
 import { Codec, type NativeCopyJob, type NativeSource, native, planRunFields, PlanKind } from '../native';
 import { type CompressionType, encryptedError } from './header';
 import { type Layer, type LayerRun, type OpenFile, Qcow2Layer } from './layers';
@@ -411,31 +412,9 @@ export class Image {
     // Once close() has begun, no new job: the descriptors in its plan are being closed.
     return this.tracked(() =>
       native().copy(job).catch((error: unknown) => {
-        throw this.copyError(error, targetPath);
+        throw jobError('copy', error, { path: this.path, sources: this.files, ...(targetPath !== undefined ? { target: targetPath } : {}) });
       }),
     );
-  }
-
-  /** @internal */
-  copyError(error: unknown, targetPath?: string): Qcow2Error {
-    const e = error as { message?: string; operation?: string; sourceIndex?: number; guestOffset?: number; hostOffset?: number; cancelled?: boolean; errno?: number };
-    if (e.cancelled) return new Qcow2Error('CANCELLED', 'cancelled', { path: this.path });
-    const file = e.sourceIndex !== undefined && e.sourceIndex >= 0 ? this.files[e.sourceIndex] : undefined;
-    const where = `guest offset ${e.guestOffset}, host offset ${e.hostOffset}`;
-    switch (e.operation) {
-      case 'decompress':
-        return new Qcow2Error('BAD_COMPRESSED_CLUSTER', `compressed cluster at ${where}: ${e.message}`, { path: file?.path ?? this.path, offset: e.hostOffset });
-      case 'read':
-        return new Qcow2Error(e.errno ? 'IO_ERROR' : 'OFFSET_BEYOND_FILE', `reading ${where}: ${e.message}`, { path: file?.path ?? this.path, offset: e.hostOffset });
-      case 'write':
-      case 'zero':
-      case 'bounds':
-        // The target's failure, at a target offset.
-        return new Qcow2Error('IO_ERROR', `${e.operation} failed at guest offset ${e.guestOffset}, target offset ${e.hostOffset}: ${e.message}`, { path: targetPath ?? this.path, offset: e.hostOffset });
-      default:
-        // A plan the image gave (host offsets in its files), or memory.
-        return new Qcow2Error('IO_ERROR', `${e.operation ?? 'copy'} failed at ${where}: ${e.message}`, { path: this.path });
-    }
   }
 
   async close(): Promise<void> {

@@ -10,7 +10,7 @@ import { tmpdir } from 'node:os';
 import * as nodePath from 'node:path';
 import { Qcow2Error, ioError, throwIfCancelled } from '../errors';
 import type { LoadOptions, LoadResult } from '../load/index';
-import { syncFolder, temporaryPathFor } from '../files';
+import { openToRead, PendingFile, PendingFolder } from '../files';
 import { native } from '../native';
 import { type CpuState, parseCpuState } from '../vmstate/cpu';
 import { stateOf, stateLimits } from '../vmstate/format';
@@ -159,29 +159,29 @@ class ArchiveOutput {
   private readonly top: string;
 
   private constructor(
-    private readonly target: string,
-    private readonly temporary: string,
-    private readonly handle: fs.FileHandle,
+    private readonly file: PendingFile,
     private readonly compressor: CompressingSink | undefined,
   ) {
-    const inner: ByteSink = compressor ?? new FileSink(handle, target);
+    const inner: ByteSink = compressor ?? new FileSink(file.handle, file.target);
     this.tar = new TarWriter({
       write: async (data) => {
         this.bytes += data.length;
         await inner.write(data);
       },
     });
-    this.top = archiveTopFolder(target);
+    this.top = archiveTopFolder(file.target);
   }
 
   static async create(target: string, kind: ArchiveKind, level: number | undefined): Promise<ArchiveOutput> {
-    const temporary = temporaryPathFor(target);
-    const handle = await fs.open(temporary, 'wx', 0o644).catch((error) => {
-      throw ioError(error, target, 'cannot create the archive');
-    });
+    const file = await PendingFile.create(target, { create: 'cannot create the archive', flush: 'cannot flush the archive', rename: 'cannot rename the finished archive into place' });
     // The file sink is the compressor's when there is one, else the tar's own (made by the constructor).
-    const output = new ArchiveOutput(target, temporary, handle, compressingSink(kind, new FileSink(handle, target), level));
-    await output.tar.addDirectory(output.top);
+    const output = new ArchiveOutput(file, compressingSink(kind, new FileSink(file.handle, target), level));
+    try {
+      await output.tar.addDirectory(output.top);
+    } catch (error) {
+      await output.abort();
+      throw error;
+    }
     return output;
   }
 
@@ -193,7 +193,7 @@ class ArchiveOutput {
       await this.tar.addFile(`${this.top}/${name}`, size, async (sink) => {
         const buffer = Buffer.allocUnsafe(4 << 20);
         for (let at = 0; at < size; ) {
-          throwIfCancelled(signal, this.target);
+          throwIfCancelled(signal, this.file.target);
           const { bytesRead } = await source.read(buffer, 0, Math.min(buffer.length, size - at), at);
           if (bytesRead === 0) throw new Qcow2Error('TRUNCATED', `${name} shrank while it was archived`, { path });
           // The sink has taken the bytes when its write resolves: the buffer can be refilled.
@@ -214,31 +214,17 @@ class ArchiveOutput {
   async commit(): Promise<void> {
     await this.tar.finish(this.bytes);
     await this.compressor?.end();
-    await this.handle.datasync();
-    await this.handle.close();
-    await fs.rename(this.temporary, this.target);
-    await syncFolder(nodePath.dirname(this.target));
+    await this.file.commit();
   }
 
   async abort(): Promise<void> {
     this.compressor?.abort();
-    await this.handle.close().catch(() => {});
-    await fs.unlink(this.temporary).catch(() => {});
+    await this.file.abandon();
   }
 }
 
-/**
- * Creates a snapshot bundle at `out`: a folder, or an archive when `out` ends in
- * .tar, .tar.gz or .tar.zst. An archive is written in one pass: each member is
- * made beside it, appended, and removed before the next is made.
- *
- * @example
- * await createSnapshot('snapshots/s1', { disk: '/dev/vg/guest', memory: 'ram.raw', cpu: JSON.parse(cpuJson) });
- */
-export async function createSnapshot(out: string, options: CreateSnapshotOptions): Promise<SnapshotMetadata> {
-  const target = nodePath.resolve(out);
-  if (options.signal?.aborted) throw new Qcow2Error('CANCELLED', 'cancelled; no snapshot was written', { path: target });
-  const kind = archiveKind(target);
+/** Every refusal of createSnapshot made before anything is written; returns the CPU state, parsed. */
+async function checkCreate(target: string, kind: ArchiveKind | undefined, options: CreateSnapshotOptions): Promise<CpuState | undefined> {
   const existing = await fs.lstat(target).catch(() => undefined);
   if (existing && !options.overwrite) throw new Qcow2Error('TARGET_EXISTS', 'snapshot output exists; pass --overwrite (overwrite: true) to replace it', { path: target });
   if (existing) {
@@ -263,107 +249,120 @@ export async function createSnapshot(out: string, options: CreateSnapshotOptions
     if (deviceNames.has(device.name)) throw new Qcow2Error('INVALID_ARGUMENT', `device name "${device.name}" is given twice`, { path: target });
     deviceNames.add(device.name);
   }
+  return cpu;
+}
+
+type Files = SnapshotMetadata['files'];
+
+/** Captures the disk as disk.qcow2 in the staging folder (over the parent's disk), then moves it into the archive, if any. */
+async function snapshotDisk(staging: string, chain: SnapshotChainLink[], options: CreateSnapshotOptions, archive: ArchiveOutput | undefined): Promise<Files[typeof DISK_FILE]> {
+  const diskPath = nodePath.join(staging, DISK_FILE);
+  const parentLink = chain[0];
+  const parentDisk = parentLink?.metadata.files[DISK_FILE] ? nodePath.join(parentLink.dir, DISK_FILE) : undefined;
+  // Stored relative to the disk's folder; the temporary folder sits beside the
+  // final one, so the name stays right after the rename.
+  const captured = await (await lazy.capture())(options.disk!, diskPath, {
+    ...(options.compress === 'none' ? {} : { compress: options.compress === 'deflate' ? ('zlib' as const) : ('zstd' as const) }),
+    ...(options.threads ? { threads: options.threads } : {}),
+    ...(parentDisk ? { backing: parentDisk, backingFormat: 'qcow2' as const, allowPaths: chain.map((l) => l.dir) } : {}),
+    ...(options.signal ? { signal: options.signal } : {}),
+  });
+  const entry = { ...(await hashFile(diskPath)), virtualSize: captured.virtualSize };
+  await archive?.addStagedFile(diskPath, DISK_FILE, options.signal);
+  return entry;
+}
+
+/** Writes state.qvms in the staging folder (over the parent's state when there is memory), then moves it into the archive, if any. */
+async function snapshotState(staging: string, chain: SnapshotChainLink[], cpu: CpuState | undefined, options: CreateSnapshotOptions, archive: ArchiveOutput | undefined): Promise<{ entry: Files[typeof STATE_FILE]; regions: SnapshotMetadata['memoryRegions'] }> {
+  const parentState = options.memory && chain[0] ? await openStateChain(chain) : undefined;
+  try {
+    const statePath = nodePath.join(staging, STATE_FILE);
+    const written = await (await lazy.writeState())(statePath, {
+      ...(options.memory ? { memory: options.memory } : {}),
+      ...(options.memoryRegions ? { regions: options.memoryRegions } : {}),
+      ...(cpu ? { cpu } : {}),
+      ...(options.devices ? { devices: options.devices } : {}),
+      ...(parentState ? { parent: parentState } : {}),
+      ...(options.dirtyBitmap ? { dirtyBitmap: options.dirtyBitmap } : {}),
+      ...(options.compress ? { compress: options.compress } : {}),
+      ...(options.level !== undefined ? { level: options.level } : {}),
+      ...(options.threads ? { threads: options.threads } : {}),
+      ...(options.signal ? { signal: options.signal } : {}),
+    });
+    const entry = { ...(await hashFile(statePath)), snapshotId: written.snapshotId, digest: written.digest };
+    await archive?.addStagedFile(statePath, STATE_FILE, options.signal);
+    return { entry, regions: written.regions.map((r) => ({ guestBase: r.guestBase, size: r.size, dumpOffset: r.dumpOffset })) };
+  } finally {
+    await closeStateChain(parentState);
+  }
+}
+
+/**
+ * The metadata is written last: a bundle without it is never taken for a finished one. An
+ * archive gets it as its last member and is renamed into place (the staging folder is then
+ * removed); a folder gets it as a file and is renamed into place.
+ */
+async function commitBundle(staging: PendingFolder, archive: ArchiveOutput | undefined, metadata: SnapshotMetadata, replace: boolean): Promise<void> {
+  const metadataText = Buffer.from(JSON.stringify(metadata, null, 2) + '\n');
+  if (archive) {
+    await archive.addBuffer(METADATA_FILE, metadataText);
+    await archive.commit();
+    await staging.abandon();
+    return;
+  }
+  const metadataHandle = await fs.open(nodePath.join(staging.temporary, METADATA_FILE), 'wx', 0o644);
+  await metadataHandle.writeFile(metadataText);
+  await metadataHandle.sync();
+  await metadataHandle.close();
+  await staging.commit(replace);
+}
+
+/**
+ * Creates a snapshot bundle at `out`: a folder, or an archive when `out` ends in
+ * .tar, .tar.gz or .tar.zst. An archive is written in one pass: each member is
+ * made beside it, appended, and removed before the next is made.
+ *
+ * @example
+ * await createSnapshot('snapshots/s1', { disk: '/dev/vg/guest', memory: 'ram.raw', cpu: JSON.parse(cpuJson) });
+ */
+export async function createSnapshot(out: string, options: CreateSnapshotOptions): Promise<SnapshotMetadata> {
+  const target = nodePath.resolve(out);
+  if (options.signal?.aborted) throw new Qcow2Error('CANCELLED', 'cancelled; no snapshot was written', { path: target });
+  const kind = archiveKind(target);
+  const cpu = await checkCreate(target, kind, options);
   const chain = options.parent ? await readChain(options.parent) : [];
   const parentLink = chain[0];
   // A folder bundle is built here and renamed into place; an archive's members pass through it one by one.
-  const temporary = temporaryPathFor(target);
-  await fs.mkdir(temporary).catch((error) => {
-    throw ioError(error, target, 'cannot create the snapshot folder');
-  });
-  let parentState: StateFile | undefined;
+  const staging = await PendingFolder.create(target, 'cannot create the snapshot folder');
   let archive: ArchiveOutput | undefined;
-  let done = false;
   try {
     if (kind) archive = await ArchiveOutput.create(target, kind, options.archiveLevel);
-    const files: SnapshotMetadata['files'] = {};
-    if (options.disk) {
-      const diskPath = nodePath.join(temporary, DISK_FILE);
-      const parentDisk = parentLink?.metadata.files[DISK_FILE] ? nodePath.join(parentLink.dir, DISK_FILE) : undefined;
-      // Stored relative to the disk's folder; the temporary folder sits beside the
-      // final one, so the name stays right after the rename.
-      const captured = await (await lazy.capture())(options.disk, diskPath, {
-        ...(options.compress === 'none' ? {} : { compress: options.compress === 'deflate' ? ('zlib' as const) : ('zstd' as const) }),
-        ...(options.threads ? { threads: options.threads } : {}),
-        ...(parentDisk ? { backing: parentDisk, backingFormat: 'qcow2' as const, allowPaths: chain.map((l) => l.dir) } : {}),
-        ...(options.signal ? { signal: options.signal } : {}),
-      });
-      files[DISK_FILE] = { ...(await hashFile(diskPath)), virtualSize: captured.virtualSize };
-      await archive?.addStagedFile(diskPath, DISK_FILE, options.signal);
-    }
-    let vcpuCount = 0;
-    let memoryRegions: SnapshotMetadata['memoryRegions'] = [];
-    if (options.memory || cpu || options.devices?.length) {
-      parentState = options.memory && parentLink ? await openStateChain(chain) : undefined;
-      const statePath = nodePath.join(temporary, STATE_FILE);
-      const written = await (await lazy.writeState())(statePath, {
-        ...(options.memory ? { memory: options.memory } : {}),
-        ...(options.memoryRegions ? { regions: options.memoryRegions } : {}),
-        ...(cpu ? { cpu } : {}),
-        ...(options.devices ? { devices: options.devices } : {}),
-        ...(parentState ? { parent: parentState } : {}),
-        ...(options.dirtyBitmap ? { dirtyBitmap: options.dirtyBitmap } : {}),
-        ...(options.compress ? { compress: options.compress } : {}),
-        ...(options.level !== undefined ? { level: options.level } : {}),
-        ...(options.threads ? { threads: options.threads } : {}),
-        ...(options.signal ? { signal: options.signal } : {}),
-      });
-      memoryRegions = written.regions.map((r) => ({ guestBase: r.guestBase, size: r.size, dumpOffset: r.dumpOffset }));
-      files[STATE_FILE] = { ...(await hashFile(statePath)), snapshotId: written.snapshotId, digest: written.digest };
-      vcpuCount = cpu?.vcpus.length ?? 0;
-      await archive?.addStagedFile(statePath, STATE_FILE, options.signal);
-    }
+    const files: Files = {};
+    if (options.disk) files[DISK_FILE] = await snapshotDisk(staging.temporary, chain, options, archive);
+    const state = options.memory || cpu || options.devices?.length ? await snapshotState(staging.temporary, chain, cpu, options, archive) : undefined;
+    if (state) files[STATE_FILE] = state.entry;
     const metadata: SnapshotMetadata = {
       formatVersion: BUNDLE_FORMAT_VERSION,
       id: randomUUID(),
       created: new Date().toISOString(),
       parent: parentLink ? { id: parentLink.metadata.id, path: nodePath.relative(target, parentLink.dir) } : null,
       producer: producer(),
-      vcpuCount,
-      memoryRegions,
+      vcpuCount: cpu?.vcpus.length ?? 0,
+      memoryRegions: state?.regions ?? [],
       machine: options.machine ?? {},
       devices: (options.devices ?? []).map((d) => d.name),
       files,
     };
     // The last moment to stop: after it, the snapshot is committed.
     throwIfCancelled(options.signal, target);
-    // The metadata is written last: a bundle without it is never taken for a finished one.
-    const metadataText = Buffer.from(JSON.stringify(metadata, null, 2) + '\n');
-    if (archive) {
-      await archive.addBuffer(METADATA_FILE, metadataText);
-      await archive.commit();
-      await fs.rm(temporary, { recursive: true, force: true });
-    } else {
-      const metadataHandle = await fs.open(nodePath.join(temporary, METADATA_FILE), 'wx', 0o644);
-      await metadataHandle.writeFile(metadataText);
-      await metadataHandle.sync();
-      await metadataHandle.close();
-      await syncFolder(temporary);
-      if (existing) {
-        // A folder cannot be renamed over another: the old one steps aside, then goes.
-        const aside = temporaryPathFor(target);
-        await fs.rename(target, aside);
-        await fs.rename(temporary, target).catch(async (error: unknown) => {
-          await fs.rename(aside, target).catch(() => {});
-          throw error;
-        });
-        await fs.rm(aside, { recursive: true, force: true });
-      } else {
-        await fs.rename(temporary, target);
-      }
-      await syncFolder(nodePath.dirname(target));
-    }
-    done = true;
+    await commitBundle(staging, archive, metadata, options.overwrite === true);
     return metadata;
   } catch (error) {
+    await archive?.abort();
+    await staging.abandon();
     // Whichever step noticed, what matters is the snapshot.
     if (error instanceof Qcow2Error && error.code === 'CANCELLED') throw new Qcow2Error('CANCELLED', 'cancelled; no snapshot was written', { path: target });
     throw error;
-  } finally {
-    await closeStateChain(parentState);
-    if (!done) {
-      await archive?.abort();
-      await fs.rm(temporary, { recursive: true, force: true }).catch(() => {});
-    }
   }
 }
 
@@ -422,15 +421,9 @@ async function forEachMember(reader: TarSource, archivePath: string, take: (memb
   if (!seen.has(METADATA_FILE)) throw new Qcow2Error('BAD_ARCHIVE', `the archive holds no ${METADATA_FILE}: not a snapshot archive, or an unfinished one`, { path: archivePath });
 }
 
-async function openArchive(archivePath: string): Promise<fs.FileHandle> {
-  return fs.open(archivePath, 'r').catch((error) => {
-    throw ioError(error, archivePath, 'cannot open the archive');
-  });
-}
-
 /** Indexes an uncompressed tar: its members are read where they lie, nothing is extracted. */
 async function readTarInPlace(archivePath: string): Promise<SnapshotChainLink> {
-  const handle = await openArchive(archivePath);
+  const handle = await openToRead(archivePath, 'cannot open the archive');
   try {
     const reader = new FileTarSource(handle, (await handle.stat()).size);
     const members = new Map<string, { offset: number; size: number }>();
@@ -449,7 +442,7 @@ async function readTarInPlace(archivePath: string): Promise<SnapshotChainLink> {
 
 /** Extracts the `wanted` members of an archive into `dir`, checking every entry on the way. */
 async function extractMembers(archivePath: string, kind: ArchiveKind, dir: string, wanted: Set<string>, signal?: AbortSignal): Promise<void> {
-  const handle = await openArchive(archivePath);
+  const handle = await openToRead(archivePath, 'cannot open the archive');
   const stream = tarStream(kind, handle, archivePath);
   try {
     const reader = new ChunkReader(stream[Symbol.asyncIterator]());
@@ -518,6 +511,17 @@ async function openBundle(bundle: string, members: string[], tempDir?: string, s
   }
 }
 
+/** Runs `use` on an opened bundle: its errors name archive members as `ARCHIVE:MEMBER`, and the bundle is closed after. */
+async function withBundle<T>(opened: OpenedBundle, use: (opened: OpenedBundle) => Promise<T>): Promise<T> {
+  try {
+    return await use(opened);
+  } catch (error) {
+    throw opened.mapError(error);
+  } finally {
+    await opened.close();
+  }
+}
+
 export interface RestoreSnapshotOptions extends Omit<LoadOptions, 'allowPaths' | 'allowAnyPath' | 'snapshot'> {
   /** Where the disk goes: a file, a block device, or a disk with `partition`/`offset` (as `load`). */
   disk?: string;
@@ -556,14 +560,7 @@ export async function restoreSnapshot(bundle: string, options: RestoreSnapshotOp
   }
   const members = [...(options.disk ? [DISK_FILE] : []), ...(wantsState ? [STATE_FILE] : [])];
   try {
-    const opened = await openBundle(bundle, members, options.tempDir, options.signal);
-    try {
-      return await restoreChain(opened, options, members);
-    } catch (error) {
-      throw opened.mapError(error);
-    } finally {
-      await opened.close();
-    }
+    return await withBundle(await openBundle(bundle, members, options.tempDir, options.signal), (opened) => restoreChain(opened, options, members));
   } catch (error) {
     if (error instanceof Qcow2Error && error.code === 'CANCELLED') throw new Qcow2Error('CANCELLED', 'cancelled; what was being restored is incomplete or was not written', { path: nodePath.resolve(bundle) });
     throw error;
@@ -671,14 +668,7 @@ export interface SnapshotInspection {
 
 /** What a bundle (folder or archive) holds, from its metadata and its state file's index. */
 export async function inspectSnapshot(bundle: string, options: { tempDir?: string } = {}): Promise<SnapshotInspection> {
-  const opened = await openBundle(bundle, [STATE_FILE], options.tempDir);
-  try {
-    return await inspectChain(opened);
-  } catch (error) {
-    throw opened.mapError(error);
-  } finally {
-    await opened.close();
-  }
+  return withBundle(await openBundle(bundle, [STATE_FILE], options.tempDir), inspectChain);
 }
 
 async function inspectChain(opened: OpenedBundle): Promise<SnapshotInspection> {
@@ -729,13 +719,7 @@ export async function verifySnapshot(bundle: string, options: { tempDir?: string
     if (error instanceof Qcow2Error && error.code === 'BAD_ARCHIVE') return [{ file: error.path ?? nodePath.resolve(bundle), message: error.message.replace(`${error.path}: `, '') }];
     throw error;
   }
-  try {
-    return (await verifyChain(opened.chain)).map((p) => ({ ...p, file: opened.displayName(p.file) }));
-  } catch (error) {
-    throw opened.mapError(error);
-  } finally {
-    await opened.close();
-  }
+  return withBundle(opened, async () => (await verifyChain(opened.chain)).map((p) => ({ ...p, file: opened.displayName(p.file) })));
 }
 
 async function verifyChain(chain: SnapshotChainLink[]): Promise<BundleProblem[]> {

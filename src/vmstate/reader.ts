@@ -6,9 +6,9 @@
 import * as fs from 'node:fs/promises';
 import * as nodePath from 'node:path';
 import { Qcow2Error, ioError, throwIfCancelled } from '../errors';
-import { syncFolder, temporaryPathFor } from '../files';
-import { threadCount } from '../load/copy';
+import { openToRead, PendingFile } from '../files';
 import { native } from '../native';
+import { jobError, threadCount } from '../jobs';
 import * as os from 'node:os';
 import { type CpuState, decodeCpuState } from './cpu';
 import {
@@ -18,6 +18,22 @@ import {
 } from './format';
 
 const knownTypes = new Set<number>(Object.values(SectionType));
+
+/** The options of StateFile.restoreInto. */
+type RestoreOptions = Parameters<StateFile['restoreInto']>[1];
+
+/** One native restore job: spans [span, end) of a region, the chunks they need, and their duplicate pages. */
+interface RestoreBatch {
+  span: number;
+  end: number;
+  /** Chunk numbers of the index. */
+  chunks: number[];
+  /** Per span: its page count and its dump offset. */
+  spans: Float64Array;
+  states: Uint8Array;
+  lastPage: number;
+  duplicates: Float64Array;
+}
 
 /** How many of the four 2-bit page states of a byte are `state`. */
 const statesInByte = (state: number) => Uint8Array.from({ length: 256 }, (_, byte) => [0, 2, 4, 6].filter((shift) => ((byte >> shift) & 3) === state).length);
@@ -92,12 +108,7 @@ export class StateFile {
   }
 
   static async open(path: string, options: OpenStateOptions = {}): Promise<StateFile> {
-    let handle: fs.FileHandle;
-    try {
-      handle = await fs.open(path, 'r');
-    } catch (error) {
-      throw ioError(error, path, 'cannot open the state file');
-    }
+    const handle = await openToRead(path, 'cannot open the state file');
     try {
       const base = options.region?.offset ?? 0;
       const wholeFile = (await handle.stat()).size;
@@ -453,86 +464,100 @@ export class StateFile {
     let written = 0;
     // A parent's pages may be overwritten by its child's: only the last layer starts writeback.
     if (this.parent) written += await this.parent.restoreInto(outputFd, { ...options, writeback: false });
-    const overwrite = !options.fresh || this.parent !== undefined;
-    const duplicatePairs = this.index.duplicates;
-    let duplicateCursor = 0;
+    const cursors = { chunk: 0, duplicate: 0 };
     for (const [regionNumber, region] of this.regions.entries()) {
-      const regionSpans = Math.ceil(region.size / PAGE_SIZE / SPAN_PAGES);
       const firstRegionSpan = this.regionFirstSpan[regionNumber]!;
-      let span = firstRegionSpan;
-      let chunkCursor = this.index.chunks.findIndex((c) => c.firstSpan >= firstRegionSpan);
-      if (chunkCursor < 0) chunkCursor = this.index.chunks.length;
-      while (span < firstRegionSpan + regionSpans) {
+      const endSpan = firstRegionSpan + Math.ceil(region.size / PAGE_SIZE / SPAN_PAGES);
+      cursors.chunk = this.index.chunks.findIndex((c) => c.firstSpan >= firstRegionSpan);
+      if (cursors.chunk < 0) cursors.chunk = this.index.chunks.length;
+      for (let span = firstRegionSpan; span < endSpan; ) {
         throwIfCancelled(options.signal, this.path);
-        // A batch of about 32 spans, stretched so that no chunk is cut.
-        let end = Math.min(span + 32, firstRegionSpan + regionSpans);
-        const chunks: number[] = [];
-        while (chunkCursor < this.index.chunks.length && this.index.chunks[chunkCursor]!.firstSpan < end) {
-          const chunk = this.index.chunks[chunkCursor]!;
-          end = Math.max(end, chunk.firstSpan + chunk.spanCount);
-          chunks.push(chunkCursor++);
-        }
-        end = Math.min(end, firstRegionSpan + regionSpans);
-        const spans = new Float64Array((end - span) * 2);
-        let pageCount = 0;
-        for (let s = span; s < end; s++) {
-          const inRegion = s - firstRegionSpan;
-          const pages = Math.min(SPAN_PAGES, region.size / PAGE_SIZE - inRegion * SPAN_PAGES);
-          spans[(s - span) * 2] = pages;
-          spans[(s - span) * 2 + 1] = region.dumpOffset + inRegion * SPAN_PAGES * PAGE_SIZE;
-          pageCount += pages;
-        }
-        const states = new Uint8Array(pageCount);
-        let at = 0;
-        for (let s = span; s < end; s++) {
-          for (let p = 0; p < spans[(s - span) * 2]!; p++) states[at++] = stateOf(this.index.states, s * SPAN_PAGES + p);
-        }
-        const chunkSpecs = new Float64Array(chunks.length * 4);
-        chunks.forEach((c, i) => {
-          const section = this.index.sections[this.index.chunks[c]!.section]!;
-          chunkSpecs[i * 4] = this.base + section.offset + SECTION_HEADER_BYTES;
-          chunkSpecs[i * 4 + 1] = section.length;
-          chunkSpecs[i * 4 + 2] = Number(section.checksum >> 32n);
-          chunkSpecs[i * 4 + 3] = Number(section.checksum & 0xffffffffn);
-        });
-        // Duplicates whose page lies in this batch, as dump offsets.
-        const firstPage = region.firstPage + (span - firstRegionSpan) * SPAN_PAGES;
-        const lastPage = firstPage + pageCount;
-        const duplicates: number[] = [];
-        while (duplicateCursor < duplicatePairs.length / 2 && duplicatePairs[duplicateCursor * 2]! < lastPage) {
-          const page = duplicatePairs[duplicateCursor * 2]!;
-          const source = duplicatePairs[duplicateCursor * 2 + 1]!;
-          if (page >= firstPage) duplicates.push(this.dumpOffsetOfPage(page), this.dumpOffsetOfPage(source));
-          duplicateCursor++;
-        }
-        try {
-          written += await native().restoreBatch({
-            stateFd: this.handle.fd,
-            outputFd,
-            pageSize: PAGE_SIZE,
-            spanPages: SPAN_PAGES,
-            firstSpan: span,
-            spans,
-            states,
-            chunks: chunkSpecs,
-            duplicates: Float64Array.from(duplicates),
-            punchZeros: overwrite,
-            // The batch's pages go to the disk while the next batch decompresses, not all at
-            // the final fdatasync.
-            startWriteback: options.writeback !== false,
-            // Restore is memory-bound: more threads than cores only add contention (measured).
-            threads: options.threads === undefined ? os.availableParallelism() : threadCount(options.threads, this.path),
-          });
-        } catch (error) {
-          const bad = (error as { badChunk?: number }).badChunk;
-          const where = bad !== undefined && bad >= 0 ? ` (chunk ${chunks[bad]}, guest ${this.guestRangesOfSpans(this.index.chunks[chunks[bad]!]!.firstSpan, this.index.chunks[chunks[bad]!]!.spanCount).map((r) => `0x${r.start.toString(16)}-0x${r.end.toString(16)}`).join(', ')})` : '';
-          throw new Qcow2Error(where ? 'CHECKSUM_MISMATCH' : 'IO_ERROR', `restore failed: ${(error as Error).message}${where}`, { path: this.path });
-        }
-        if (options.counters) options.counters[0] = BigInt(this.dumpOffsetOfPage(lastPage - 1) + PAGE_SIZE);
-        span = end;
+        const batch = this.restoreBatch(region, firstRegionSpan, span, endSpan, cursors);
+        written += await this.runRestoreBatch(outputFd, batch, options);
+        if (options.counters) options.counters[0] = BigInt(this.dumpOffsetOfPage(batch.lastPage - 1) + PAGE_SIZE);
+        span = batch.end;
       }
     }
     return written;
+  }
+
+  /**
+   * The next batch of a region's restore from `span`: about 32 spans, stretched so that no
+   * chunk is cut, with the chunks it reads and the duplicate pages it copies.
+   */
+  private restoreBatch(region: Region, firstRegionSpan: number, span: number, endSpan: number, cursors: { chunk: number; duplicate: number }): RestoreBatch {
+    let end = Math.min(span + 32, endSpan);
+    const chunks: number[] = [];
+    while (cursors.chunk < this.index.chunks.length && this.index.chunks[cursors.chunk]!.firstSpan < end) {
+      const chunk = this.index.chunks[cursors.chunk]!;
+      end = Math.max(end, chunk.firstSpan + chunk.spanCount);
+      chunks.push(cursors.chunk++);
+    }
+    end = Math.min(end, endSpan);
+    const spans = new Float64Array((end - span) * 2);
+    let pageCount = 0;
+    for (let s = span; s < end; s++) {
+      const inRegion = s - firstRegionSpan;
+      const pages = Math.min(SPAN_PAGES, region.size / PAGE_SIZE - inRegion * SPAN_PAGES);
+      spans[(s - span) * 2] = pages;
+      spans[(s - span) * 2 + 1] = region.dumpOffset + inRegion * SPAN_PAGES * PAGE_SIZE;
+      pageCount += pages;
+    }
+    const states = new Uint8Array(pageCount);
+    let at = 0;
+    for (let s = span; s < end; s++) {
+      for (let p = 0; p < spans[(s - span) * 2]!; p++) states[at++] = stateOf(this.index.states, s * SPAN_PAGES + p);
+    }
+    const firstPage = region.firstPage + (span - firstRegionSpan) * SPAN_PAGES;
+    return { span, end, chunks, spans, states, lastPage: firstPage + pageCount, duplicates: this.duplicatesIn(firstPage, firstPage + pageCount, cursors) };
+  }
+
+  /** Duplicate pages in [firstPage, lastPage), as pairs of dump offsets (page, the page it copies). */
+  private duplicatesIn(firstPage: number, lastPage: number, cursors: { duplicate: number }): Float64Array {
+    const pairs = this.index.duplicates;
+    const duplicates: number[] = [];
+    while (cursors.duplicate < pairs.length / 2 && pairs[cursors.duplicate * 2]! < lastPage) {
+      const page = pairs[cursors.duplicate * 2]!;
+      const source = pairs[cursors.duplicate * 2 + 1]!;
+      if (page >= firstPage) duplicates.push(this.dumpOffsetOfPage(page), this.dumpOffsetOfPage(source));
+      cursors.duplicate++;
+    }
+    return Float64Array.from(duplicates);
+  }
+
+  private async runRestoreBatch(outputFd: number, batch: RestoreBatch, options: RestoreOptions): Promise<number> {
+    const chunkSpecs = new Float64Array(batch.chunks.length * 4);
+    batch.chunks.forEach((c, i) => {
+      const section = this.index.sections[this.index.chunks[c]!.section]!;
+      chunkSpecs[i * 4] = this.base + section.offset + SECTION_HEADER_BYTES;
+      chunkSpecs[i * 4 + 1] = section.length;
+      chunkSpecs[i * 4 + 2] = Number(section.checksum >> 32n);
+      chunkSpecs[i * 4 + 3] = Number(section.checksum & 0xffffffffn);
+    });
+    const describeChunk = (bad: number) => {
+      const chunk = this.index.chunks[batch.chunks[bad]!]!;
+      return `chunk ${batch.chunks[bad]}, guest ${this.guestRangesOfSpans(chunk.firstSpan, chunk.spanCount).map((r) => `0x${r.start.toString(16)}-0x${r.end.toString(16)}`).join(', ')}`;
+    };
+    try {
+      return await native().restoreBatch({
+        stateFd: this.handle.fd,
+        outputFd,
+        pageSize: PAGE_SIZE,
+        spanPages: SPAN_PAGES,
+        firstSpan: batch.span,
+        spans: batch.spans,
+        states: batch.states,
+        chunks: chunkSpecs,
+        duplicates: batch.duplicates,
+        punchZeros: !options.fresh || this.parent !== undefined,
+        // The batch's pages go to the disk while the next batch decompresses, not all at the final fdatasync.
+        startWriteback: options.writeback !== false,
+        // Restore is memory-bound: more threads than cores only add contention (measured).
+        threads: options.threads === undefined ? os.availableParallelism() : threadCount(options.threads, this.path),
+      });
+    } catch (error) {
+      throw jobError('restore', error, { path: this.path, describeChunk });
+    }
   }
 
   private dumpOffsetOfPage(page: number): number {
@@ -549,25 +574,14 @@ export async function restoreMemory(state: StateFile, output: string, options: {
   const path = nodePath.resolve(output);
   const exists = await fs.stat(path).catch(() => undefined);
   if (exists && !options.overwrite) throw new Qcow2Error('TARGET_EXISTS', 'output exists; pass --overwrite to replace it', { path });
-  const temporary = temporaryPathFor(path);
   // Read and write: duplicate pages are copied from pages already restored.
-  const handle = await fs.open(temporary, 'wx+', 0o644).catch((error) => {
-    throw ioError(error, path, 'cannot create the memory file');
-  });
-  let done = false;
+  const file = await PendingFile.create(path, { create: 'cannot create the memory file', flush: 'cannot flush the memory file', rename: 'cannot rename the finished memory file into place' }, (temporary) => fs.open(temporary, 'wx+', 0o644));
   try {
-    await handle.truncate(state.dumpSize);
-    const dataBytes = await state.restoreInto(handle.fd, { fresh: true, ...(options.threads ? { threads: options.threads } : {}), ...(options.signal ? { signal: options.signal } : {}) });
-    await handle.datasync();
-    await handle.close();
-    await fs.rename(temporary, path);
-    done = true;
-    await syncFolder(nodePath.dirname(path));
+    await file.handle.truncate(state.dumpSize);
+    const dataBytes = await state.restoreInto(file.handle.fd, { fresh: true, ...(options.threads ? { threads: options.threads } : {}), ...(options.signal ? { signal: options.signal } : {}) });
+    await file.commit();
     return { path, bytes: state.dumpSize, dataBytes };
   } finally {
-    if (!done) {
-      await handle.close().catch(() => {});
-      await fs.unlink(temporary).catch(() => {});
-    }
+    await file.abandon();
   }
 }
