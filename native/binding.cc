@@ -393,9 +393,38 @@ class CopyWorker : public PromiseWorker {
     job_.windowHashes = bigUint64Field(spec, "windowHashes", 2, &hashWords);
     job_.windowHashCount = hashWords / 2;
     job_.hashedSize = unsignedField(spec, "hashedSize");
+    // extraTargets: [{fd, tailFd, base, limitStart, limitEnd, alignment, zeroMode}]. With it the
+    // job resolves to one entry per target (its own first): null, or the error that stopped it.
+    Napi::Value extra = spec.Get("extraTargets");
+    if (!extra.IsUndefined()) {
+      if (!extra.IsArray()) throw Napi::TypeError::New(env, "extraTargets must be an array");
+      if (job_.memory != nullptr) throw Napi::TypeError::New(env, "extraTargets cannot go with memory");
+      auto list = extra.As<Napi::Array>();
+      for (uint32_t i = 0; i < list.Length(); i++) {
+        Napi::Value entry = list.Get(i);
+        if (!entry.IsObject()) throw Napi::TypeError::New(env, "extraTargets must hold objects");
+        Napi::Object t = entry.As<Napi::Object>();
+        job_.extraTargets.push_back(ExtraTarget{intField(t, "fd", -1), intField(t, "tailFd", -1), unsignedField(t, "base"),
+                                                unsignedField(t, "limitStart"), unsignedField(t, "limitEnd"),
+                                                uint32Field(t, "alignment"), enumField(t, "zeroMode", ZeroMode::Skip)});
+      }
+      perTarget_ = true;
+    }
   }
-  void Execute() override { result_ = runCopyJob(job_); }
+  void Execute() override { result_ = perTarget_ ? runCopyJob(job_, &targetErrors_) : runCopyJob(job_); }
   Napi::Value Result(Napi::Env env) override {
+    if (perTarget_) {
+      // Only a failure of the job as such (read, decompress, plan, cancel) rejects; a target's
+      // own failure is its entry, even when every target failed.
+      bool allTargets = !targetErrors_.empty();
+      for (const CopyError& e : targetErrors_) allTargets = allTargets && e.failed;
+      if (result_.failed && !allTargets) throw copyError(env, result_);
+      Napi::Array out = Napi::Array::New(env, targetErrors_.size());
+      for (uint32_t i = 0; i < targetErrors_.size(); i++) {
+        out.Set(i, targetErrors_[i].failed ? copyError(env, targetErrors_[i]).Value() : env.Null());
+      }
+      return out;
+    }
     if (result_.failed) throw copyError(env, result_);
     return env.Undefined();
   }
@@ -403,6 +432,8 @@ class CopyWorker : public PromiseWorker {
  private:
   CopyJob job_;
   CopyError result_;
+  bool perTarget_ = false;
+  std::vector<CopyError> targetErrors_;
 };
 
 // verify(job) -> Promise<number>: the first window whose bytes differ, or -1.

@@ -186,6 +186,8 @@ export interface NativeAddon {
     extendedL2: boolean,
     externalDataFile: boolean,
   ): { runs: Float64Array; defect: number; defectEntry: number; defectName?: string };
+  /** With extraTargets: one entry per target (the job's own first), null or the error that stopped it. */
+  copy(job: NativeCopyJob & { extraTargets: object[] }): Promise<(object | null)[]>;
   copy(job: NativeCopyJob): Promise<void>;
   /** Stores a range of source clusters; resolves to the output position after them. */
   capture(job: NativeCaptureJob): Promise<number>;

@@ -81,7 +81,7 @@ function readAhead(runs: Float64Array, sources: readonly NativeSource[]): void {
  * out to the O_DIRECT unit (as the writes are). Zero runs stay holes. Best effort: a
  * filesystem that refuses only loses the speed-up.
  */
-function preallocateData(target: CopyTarget, runs: Float64Array, size: number): void {
+export function preallocateData(target: CopyTarget, runs: Float64Array, size: number): void {
   const unit = Math.max(target.alignment, 512);
   let from = -1;
   let to = -1;
