@@ -123,9 +123,10 @@ export const commands: readonly CommandSpec[] = [
   },
   {
     name: 'load',
-    args: ['IMAGE', 'TARGET'],
+    args: ['IMAGE', 'TARGET...'],
     summary: 'write the raw virtual disk of IMAGE to TARGET at disk speed',
     details: [
+      'IMAGE may be an http(s) URL (ranged reads; --header for tokens). With several TARGETs the image is read and decoded once and written to each; a target that fails stops only itself, the others finish, and the exit status is 1 if any failed.',
       'TARGET is a file (written under a temporary name, then renamed), a block device, or a disk or disk image with --partition N or --offset SIZE.',
       'A summary line goes to stderr at the end; --json prints the result on stdout instead.',
     ],
@@ -142,6 +143,7 @@ export const commands: readonly CommandSpec[] = [
     examples: [
       { command: 'qcow2img load disk.qcow2 /dev/vg/guest', does: 'write the disk onto a logical volume' },
       { command: "qcow2img load -H 'Authorization: Bearer TOKEN' https://images.example/arch.qcow2 /dev/sdb", does: 'straight from an image server, with ranged reads' },
+      { command: 'qcow2img load disk.qcow2 /dev/sdb /dev/sdc /dev/sdd', does: 'one read and decode, three disks written' },
       { command: 'qcow2img load -p --verify disk.qcow2 /dev/sdb --partition 2', does: 'into partition 2 of /dev/sdb, with a progress bar, then read back' },
       { command: 'qcow2img load disk.qcow2 disk.img --offset 1M --overwrite', does: 'into a disk image, 1 MiB in' },
     ],
