@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(libdeflate-dev libzstd-dev libxxhash-dev libisal-dev liburing-dev qemu-utils qemu-system-x86 busybox-static cpio fdisk fio zstd g++ make python3)
+packages=(libdeflate-dev libzstd-dev libxxhash-dev libisal-dev liburing-dev qemu-utils qemu-system-x86 busybox-static cpio fdisk fio zstd g++ make python3 nginx openssl qemu-block-extra)
 missing=()
 for pkg in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
