@@ -12,7 +12,7 @@
  */
 import * as fs from 'node:fs';
 import type { FileHandle } from 'node:fs/promises';
-import { Qcow2Error } from '../errors';
+import { Qcow2Error, ioError } from '../errors';
 import { native } from '../native';
 import type { OpenFile } from '../qcow2/layers';
 import { HttpFile, type HttpOptions } from './client';
@@ -167,7 +167,12 @@ export class RemoteHandle {
           const [a, b] = pieces[next++]!;
           await this.http.fetch(a, b - a, (chunk, at) => {
             let written = 0;
-            while (written < chunk.length) written += fs.writeSync(this.fd, chunk, written, chunk.length - written, at + written);
+            try {
+              while (written < chunk.length) written += fs.writeSync(this.fd, chunk, written, chunk.length - written, at + written);
+            } catch (error) {
+              // ENOMEM/ENOSPC of the memory file: a Qcow2Error naming the URL, not a raw errno.
+              throw ioError(error, this.http.shown, 'cannot hold the fetched bytes in memory');
+            }
           });
         }
       };
