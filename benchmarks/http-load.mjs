@@ -32,6 +32,7 @@ const { values } = parseArgs({
     'cache-dir': { type: 'string' },
     'no-qemu': { type: 'boolean' },
     'no-many': { type: 'boolean' },
+    'only-many': { type: 'boolean' },
   },
 });
 const runs = Number(values.runs);
@@ -82,7 +83,7 @@ const nginx = await startNginx(path.join(cacheDir, 'variants'), path.join(cacheD
 const rows = [];
 let others = 0;
 try {
-  for (const variant of variants) {
+  for (const variant of values['only-many'] ? [] : variants) {
     const relative = path.relative(path.join(cacheDir, 'variants'), variant.image);
     const url = `${nginx.url}/${relative}`;
     const output = path.join(out, `${variant.name}.raw`);
