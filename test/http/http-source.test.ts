@@ -232,14 +232,16 @@ describe('headers', () => {
     const proxy = await new FaultProxy(nginx.http).start();
     try {
       make('cross-base.qcow2', '8M', ['write -P 0x71 0 8M']);
-      const top = make('cross-top.qcow2', '8M', ['write -P 0x72 0 1M'], ['-b', `${proxy.url}/images/cross-base.qcow2`, '-F', 'qcow2', '-u']);
-      const refused = (await open(url('cross-top.qcow2')).catch((e: unknown) => e)) as Qcow2Error;
-      expect(refused.code).toBe('PATH_NOT_ALLOWED');
-      const target = path.join(work, 'cross.raw');
+      // Written before it names its backing URL (qemu-io would open the URL through this process's proxy, blocked meanwhile).
+      const top = make('cross-top.qcow2', '8M', ['write -P 0x72 0 1M']);
       const localTop = path.join(work, 'cross-top-local.qcow2');
       // The oracle reads a copy whose backing name is the local base.
       fs.copyFileSync(top, localTop);
       qemuImg(['rebase', '-u', '-b', path.join(images, 'cross-base.qcow2'), '-F', 'qcow2', localTop]);
+      qemuImg(['rebase', '-u', '-b', `${proxy.url}/images/cross-base.qcow2`, '-F', 'qcow2', top]);
+      const refused = (await open(url('cross-top.qcow2')).catch((e: unknown) => e)) as Qcow2Error;
+      expect(refused.code).toBe('PATH_NOT_ALLOWED');
+      const target = path.join(work, 'cross.raw');
       await load(url('cross-top.qcow2'), target, { allowAnyPath: true, http: { headers: [`Authorization: ${token}`] } });
       expectSameFile(target, qemuConvert(localTop));
       expect(proxy.requests.length).toBeGreaterThan(0);
