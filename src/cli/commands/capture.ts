@@ -1,8 +1,8 @@
 /** `qcow2img capture SOURCE OUT.qcow2`: a raw file or block device into a qcow2 image. */
 import { capture } from '../../capture/index';
 import { humanBytes } from '../format';
-import { type OpenFlags, openOptions } from '../options';
-import { type ProgressFlags, clearProgress, printJson, progressMode, progressReporter, say, untilInterrupted } from '../terminal';
+import { defined, type OpenFlags, openOptions } from '../options';
+import { type ProgressFlags, progressMode, progressReporter, reportResult, untilInterrupted } from '../terminal';
 
 export interface CaptureFlags extends OpenFlags, ProgressFlags {
   compress?: 'zlib' | 'zstd';
@@ -22,26 +22,25 @@ export async function run([source, output]: string[], flags: CaptureFlags): Prom
   const result = await untilInterrupted((signal) =>
     capture(source!, output!, {
       ...openOptions(flags),
-      ...(flags.compress ? { compress: flags.compress } : {}),
-      ...(flags.level !== undefined ? { level: flags.level } : {}),
-      ...(flags.clusterSize !== undefined ? { clusterSize: flags.clusterSize } : {}),
-      ...(flags.compat ? { compat: flags.compat } : {}),
-      ...(flags.backing !== undefined ? { backing: flags.backing } : {}),
-      ...(flags.backingFormat ? { backingFormat: flags.backingFormat } : {}),
-      ...(flags.threads !== undefined ? { threads: flags.threads } : {}),
-      ...(onProgress ? { onProgress } : {}),
+      ...defined({
+        compress: flags.compress,
+        level: flags.level,
+        clusterSize: flags.clusterSize,
+        compat: flags.compat,
+        backing: flags.backing,
+        backingFormat: flags.backingFormat,
+        threads: flags.threads,
+        onProgress,
+      }),
       overwrite: flags.overwrite === true,
       signal,
     }),
   );
-  clearProgress();
-  if (mode === 'json') {
-    process.stdout.write(JSON.stringify({ phase: 'done', ...result }) + '\n');
-  } else if (flags.json) {
-    printJson(result);
-  } else if (!flags.quiet) {
-    say(
+  reportResult(
+    mode,
+    flags,
+    result,
+    () =>
       `qcow2img: captured ${humanBytes(result.virtualSize)} into ${result.output} (${humanBytes(result.fileSize)}; ${result.dataClusters} data, ${result.compressedClusters} compressed, ${result.zeroClusters} zero clusters) in ${result.seconds.toFixed(2)} s`,
-    );
-  }
+  );
 }

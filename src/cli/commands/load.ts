@@ -3,8 +3,8 @@ import { load, type LoadOptions } from '../../load/index';
 import { loadMany } from '../../load/many';
 import type { DirectMode } from '../../load/target';
 import { humanBytes } from '../format';
-import { type OpenFlags, openOptions } from '../options';
-import { type ProgressFlags, clearProgress, printJson, progressMode, progressReporter, say, untilInterrupted } from '../terminal';
+import { defined, type OpenFlags, openOptions } from '../options';
+import { type ProgressFlags, progressMode, progressReporter, reportResult, say, untilInterrupted } from '../terminal';
 
 export interface LoadFlags extends OpenFlags, ProgressFlags {
   snapshot?: string;
@@ -28,11 +28,7 @@ export async function run([image, targetArg]: (string | string[])[], flags: Load
   const result = await untilInterrupted((signal) =>
     load(image as string, target, {
       ...openOptions(flags),
-      ...(flags.snapshot !== undefined ? { snapshot: flags.snapshot } : {}),
-      ...(flags.threads !== undefined ? { threads: flags.threads } : {}),
-      ...(onProgress ? { onProgress } : {}),
-      ...(flags.partition !== undefined ? { partition: flags.partition } : {}),
-      ...(flags.offset !== undefined ? { offset: flags.offset } : {}),
+      ...defined({ snapshot: flags.snapshot, threads: flags.threads, onProgress, partition: flags.partition, offset: flags.offset }),
       verify: flags.verify === true,
       targetIsZero: flags.targetIsZero === true,
       force: flags.force === true,
@@ -42,17 +38,10 @@ export async function run([image, targetArg]: (string | string[])[], flags: Load
       onNotice: (message) => say(`qcow2img: ${message}`),
     }),
   );
-  clearProgress();
-  if (mode === 'json') {
-    process.stdout.write(JSON.stringify({ phase: 'done', ...result }) + '\n');
-  } else if (flags.json) {
-    printJson(result);
-  } else if (!flags.quiet) {
+  reportResult(mode, flags, result, () => {
     const rate = result.seconds > 0 ? result.virtualSize / result.seconds : 0;
-    say(
-      `qcow2img: loaded ${humanBytes(result.virtualSize)} into ${result.target}${result.offset ? ` at offset ${result.offset}` : ''} in ${result.seconds.toFixed(2)} s (${humanBytes(rate)}/s; ${humanBytes(result.dataBytes)} data, ${humanBytes(result.zeroBytes)} zero${result.direct ? ', O_DIRECT' : ''}${result.verified ? ', verified' : ''})`,
-    );
-  }
+    return `qcow2img: loaded ${humanBytes(result.virtualSize)} into ${result.target}${result.offset ? ` at offset ${result.offset}` : ''} in ${result.seconds.toFixed(2)} s (${humanBytes(rate)}/s; ${humanBytes(result.dataBytes)} data, ${humanBytes(result.zeroBytes)} zero${result.direct ? ', O_DIRECT' : ''}${result.verified ? ', verified' : ''})`;
+  });
 }
 
 function loadOptions(flags: LoadFlags, onProgress: LoadOptions['onProgress'], signal: AbortSignal): LoadOptions {
