@@ -4,7 +4,7 @@ import { loadMany } from '../../load/many';
 import type { DirectMode } from '../../load/target';
 import { humanBytes } from '../format';
 import { defined, type OpenFlags, openOptions } from '../options';
-import { type ProgressFlags, progressMode, progressReporter, reportResult, say, untilInterrupted } from '../terminal';
+import { type ProgressFlags, clearProgress, printJson, progressMode, progressReporter, reportResult, say, untilInterrupted } from '../terminal';
 
 export interface LoadFlags extends OpenFlags, ProgressFlags {
   snapshot?: string;
