@@ -212,7 +212,7 @@ export const commands: readonly CommandSpec[] = [
     options: [
       { long: 'disk', value: 'SRC', help: 'raw disk (file, block device or partition) to capture as disk.qcow2' },
       { long: 'memory', value: 'RAM', help: 'raw guest RAM dump' },
-      { long: 'memory-map', value: 'MAP', help: 'how the dump maps to guest-physical memory (needs --memory): q35:SIZE or pc:SIZE as QEMU lays out that machine\'s RAM, a JSON file of regions, or a file of `info mtree -f` output; default: one region from 0' },
+      { long: 'memory-map', value: 'MAP', help: 'how the dump maps to guest-physical memory (needs --memory): q35:SIZE or pc:SIZE as QEMU lays out that machine\'s RAM, a JSON file of regions, or a file of `info mtree -f` output; its regions must cover the whole dump without overlapping; default: one region from 0' },
       { long: 'cpu', value: 'CPU.json', help: 'vCPU state, as JSON' },
       { long: 'device', value: 'NAME=FILE', repeatable: true, help: 'an opaque device-state blob (repeatable)' },
       { long: 'parent', value: 'BUNDLE', help: 'the previous snapshot: store only what changed since' },

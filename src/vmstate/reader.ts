@@ -85,6 +85,10 @@ export class StateFile {
     readonly parent: StateFile | undefined,
     /** Where the state file's byte 0 sits in the file opened. */
     private readonly base: number,
+    /** Bytes of the RAM dump this state restores: as recorded (1.1), else the end of the last region in the dump. */
+    readonly dumpSize: number,
+    /** Whether the file records the dump's size (1.1) rather than leaving it to the regions. */
+    readonly dumpSizeRecorded: boolean,
   ) {
     this.regionFirstSpan = [];
     let span = 0;
@@ -100,11 +104,6 @@ export class StateFile {
 
   get hasParent(): boolean {
     return this.header.parentId.some((b) => b !== 0);
-  }
-
-  /** Bytes of the RAM dump this state restores (regions at their dump offsets). */
-  get dumpSize(): number {
-    return this.regions.reduce((end, r) => Math.max(end, r.dumpOffset + r.size), 0);
   }
 
   static async open(path: string, options: OpenStateOptions = {}): Promise<StateFile> {
@@ -156,11 +155,11 @@ export class StateFile {
       if (addon.hash64(regionsPayload) !== regionsEntry.checksum) {
         throw new Qcow2Error('CHECKSUM_MISMATCH', 'REGIONS section checksum mismatch', { path, offset: regionsEntry.offset });
       }
-      const { regions } = decodeRegions(regionsPayload, path);
+      const { regions, dumpSize, recorded } = decodeRegions(regionsPayload, path);
       const spans = regions.reduce((n, r) => n + Math.ceil(r.size / PAGE_SIZE / SPAN_PAGES), 0);
       const index = decodeIndex(indexPayload, path, spans * SPAN_PAGES);
       if (index.spanCount !== spans) throw new Qcow2Error('BAD_HEADER_FIELD', `INDEX has ${index.spanCount} spans, the regions ${spans}`, { path });
-      const state = new StateFile(path, handle, fileSize, header, regions, index, digest, options.parent, base);
+      const state = new StateFile(path, handle, fileSize, header, regions, index, digest, options.parent, base, dumpSize, recorded);
       state.checkDuplicates();
       state.checkStates();
       if (state.hasParent && !options.withoutParent) {
@@ -172,6 +171,9 @@ export class StateFile {
         // Each layer restores at its own dump offsets: the layouts must be one.
         if (!sameRegions(parent.regions, regions)) {
           throw new Qcow2Error('PARENT_MISMATCH', `parent ${parent.path} lays out memory differently (regions, or where they lie in the RAM dump)`, { path });
+        }
+        if (recorded && parent.dumpSizeRecorded && parent.dumpSize !== dumpSize) {
+          throw new Qcow2Error('PARENT_MISMATCH', `parent ${parent.path} was taken from a RAM dump of ${parent.dumpSize} bytes, this file from one of ${dumpSize}`, { path });
         }
       }
       return state;
