@@ -239,6 +239,8 @@ export const commands: readonly CommandSpec[] = [
     options: [
       { long: 'disk', value: 'TARGET', help: 'where the disk goes: a file, a block device, or a disk with --partition/--offset' },
       { long: 'memory', value: 'FILE', help: 'where the RAM dump goes (a new file; zero pages stay holes)' },
+      { long: 'in-place', help: 'with --memory: restore into the existing FILE where it stands (tmpfs, hugetlbfs through a mapping, a block device; an empty file is sized), zeroing the snapshot\'s zero pages' },
+      { long: 'memory-is-zero', help: 'with --in-place: FILE already reads as zeros, so the snapshot\'s zero pages are left untouched' },
       { long: 'cpu', value: 'FILE.json', help: 'where the vCPU state goes' },
       { long: 'device-dir', value: 'DIR', help: 'folder that receives one file a device blob' },
       ...targetOptions,
@@ -249,6 +251,7 @@ export const commands: readonly CommandSpec[] = [
     examples: [
       { command: 'qcow2img snapshot restore snaps/s2 --disk /dev/vg/guest --memory ram.raw --cpu cpu.json', does: 'disk, memory and vCPU state, through the parent chain' },
       { command: 'qcow2img snapshot restore s1.tar.zst --memory ram.raw --temp-dir /var/tmp', does: 'from an archive' },
+      { command: 'qcow2img snapshot restore snaps/s2 --memory /dev/hugepages/vm1.ram --in-place', does: 'into the existing memory backend file of a VM' },
     ],
   },
   {

@@ -14,7 +14,7 @@ import { openToRead, PendingFile, PendingFolder } from '../files';
 import { native } from '../native';
 import { type CpuState, parseCpuState } from '../vmstate/cpu';
 import { stateOf, stateLimits } from '../vmstate/format';
-import { restoreMemory, type StateFile, StateFile as StateFileClass } from '../vmstate/reader';
+import { restoreMemory, restoreMemoryInto, type MemoryTarget, type RestoreMemoryResult, type StateFile, StateFile as StateFileClass } from '../vmstate/reader';
 import type { MemoryRegion } from '../vmstate/writer';
 import { type ArchiveKind, archiveKind, compressingSink, type CompressingSink, FileSink, tarStream } from './archive';
 import { DISK_FILE, METADATA_FILE, parseMetadata, type SnapshotMetadata, STATE_FILE, BUNDLE_FORMAT_VERSION } from './metadata';
@@ -525,8 +525,17 @@ async function withBundle<T>(opened: OpenedBundle, use: (opened: OpenedBundle) =
 export interface RestoreSnapshotOptions extends Omit<LoadOptions, 'allowPaths' | 'allowAnyPath' | 'snapshot'> {
   /** Where the disk goes: a file, a block device, or a disk with `partition`/`offset` (as `load`). */
   disk?: string;
-  /** Where the RAM dump goes (a new file; zero pages stay holes). */
-  memory?: string;
+  /**
+   * Where the RAM dump goes: a path (a new file under a temporary name, zero pages left as holes;
+   * or with `memoryInPlace`, an existing file rewritten where it stands), or memory that already
+   * exists: `{ fd }` opened read-write, an ArrayBuffer, a SharedArrayBuffer or a Uint8Array (a
+   * VMM's guest memory).
+   */
+  memory?: string | MemoryTarget;
+  /** Restore into the existing file at `memory` (tmpfs, hugetlbfs through a mapping, a block device) instead of a new one. */
+  memoryInPlace?: boolean;
+  /** The existing memory holds only zeros: pages that are zero in the snapshot are left untouched (else they are zeroed). */
+  memoryZeroed?: boolean;
   /** Where the vCPU state JSON goes. */
   cpu?: string;
   /** Folder that receives one file per device blob. */
@@ -537,7 +546,7 @@ export interface RestoreSnapshotOptions extends Omit<LoadOptions, 'allowPaths' |
 
 export interface RestoreSnapshotResult {
   disk?: LoadResult;
-  memory?: { path: string; bytes: number; dataBytes: number };
+  memory?: RestoreMemoryResult;
   cpu?: string;
   devices?: string[];
 }
@@ -584,7 +593,15 @@ async function restoreChain(opened: OpenedBundle, options: RestoreSnapshotOption
     try {
       if (options.memory) {
         if (state!.regions.length === 0) throw new Qcow2Error('INVALID_ARGUMENT', 'this snapshot holds no memory', { path: opened.path });
-        result.memory = await restoreMemory(state!, options.memory, { ...(options.threads ? { threads: options.threads } : {}), overwrite: options.overwrite === true, ...(options.signal ? { signal: options.signal } : {}) });
+        const memoryOptions = {
+          ...(options.threads ? { threads: options.threads } : {}),
+          ...(options.signal ? { signal: options.signal } : {}),
+          ...(options.onProgress ? { onProgress: options.onProgress } : {}),
+          ...(options.memoryZeroed ? { zeroed: true } : {}),
+        };
+        result.memory = typeof options.memory === 'string'
+          ? await restoreMemory(state!, options.memory, { ...memoryOptions, overwrite: options.overwrite === true, inPlace: options.memoryInPlace === true })
+          : await restoreMemoryInto(state!, options.memory, memoryOptions);
       }
       if (options.cpu) {
         const cpu = await state!.cpu();
