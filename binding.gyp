@@ -1,6 +1,7 @@
 {
-  # The build `npm install` runs (through node-gyp-build). CMakeLists.txt builds the
-  # same sources, listed once in native/sources.txt, for native tests and fuzzing.
+  # The one build of the addon: `npm install` runs it (through node-gyp-build) where no
+  # prebuild fits, and scripts/prebuild.sh runs it inside a Debian 11 root for the
+  # prebuilds. CMakeLists.txt builds the same sources (native/sources.txt) for fuzzing only.
   "targets": [
     {
       "target_name": "qcow2img",
@@ -20,11 +21,13 @@
       ],
       "cflags_cc": ["-std=c++17", "-O3", "-fexceptions", "-fvisibility=hidden", "-Wall", "-Wextra"],
       "cflags_cc!": ["-fno-exceptions", "-std=gnu++17"],
-      # Static, so the addon (and its prebuild) needs none of them installed; their
-      # symbols stay inside it (--exclude-libs), away from Node's own zlib and zstd.
-      # ISA-L and zlib are loaded at run time by native/core/compress.cc.
-      "libraries": ["-l:libdeflate.a", "-l:libzstd.a", "-l:liburing.a", "-ldl"],
-      "ldflags": ["-Wl,--as-needed", "-Wl,--exclude-libs,ALL", "-Wl,-z,noexecstack,-z,relro,-z,now"]
+      # Static, so the addon needs none of them installed; their symbols stay inside it
+      # (--exclude-libs), away from the zlib and zstd Node exports. ISA-L: the static
+      # library where one is found first on the library path (the prebuilds' own, see
+      # scripts/prebuild.sh), else libisal.so.2 (Debian ships no static ISA-L).
+      # libstdc++ and libgcc static too: the addon asks nothing of the C++ runtime installed.
+      "libraries": ["-l:libdeflate.a", "-l:libzstd.a", "-l:liburing.a", "-l:libz.a", "-lisal"],
+      "ldflags": ["-static-libstdc++", "-static-libgcc", "-Wl,--as-needed", "-Wl,--exclude-libs,ALL", "-Wl,-z,noexecstack,-z,relro,-z,now"]
     }
   ]
 }

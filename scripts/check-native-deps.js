@@ -14,6 +14,7 @@ const needed = [
   { header: 'xxhash.h', pkg: 'libxxhash-dev' },
   { header: 'isa-l/igzip_lib.h', pkg: 'libisal-dev' },
   { header: 'liburing.h', pkg: 'liburing-dev' },
+  { header: 'zlib.h', pkg: 'zlib1g-dev' },
 ];
 const includeDirs = ['/usr/include', '/usr/local/include', ...(process.env.CPATH || '').split(':').filter(Boolean)];
 const missing = needed.filter(({ header }) => !includeDirs.some((dir) => fs.existsSync(path.join(dir, header))));

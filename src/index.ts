@@ -1,3 +1,6 @@
+// Kept in dist/index.d.ts (preserve): the declarations use Buffer and other Node types, and
+// TypeScript 6+ no longer includes @types/node in a consumer's program by itself.
+/// <reference types="node" preserve="true" />
 /**
  * qcow2img: host-side qcow2 tooling. Read images (info, map, read), load them
  * onto files and disks at disk speed.

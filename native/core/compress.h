@@ -1,8 +1,7 @@
 // Cluster compression for qcow2 writers: raw deflate with a 4 KiB window (as
 // QEMU's own deflateInit2(-12) produces: every reader can inflate it), or zstd.
-// Deflate comes from ISA-L when libisal.so.2 is installed (about 10x faster),
-// else from the system zlib (libz.so.1); both are loaded at run time, so the
-// prebuilt addon needs neither to load.
+// Deflate comes from ISA-L (levels 0-3, about 10x faster than zlib) and zlib
+// (levels 5-9, and the second pass of level 4); the prebuilt addon has both inside.
 #pragma once
 #include <cstddef>
 #include <cstdint>
@@ -11,14 +10,14 @@
 #include "codec.h"
 
 struct ZSTD_CCtx_s;
+struct z_stream_s;
 
 namespace qcow2img {
 
 class ClusterCompressor {
  public:
   // level: deflate 0..3 (ISA-L's levels), 4 (ISA-L's 3, then zlib's 6 on the clusters it left
-  // at 55-85% of their size) or 5..9 (zlib's); without ISA-L, zlib's own level 1..9 (0 = 1);
-  // zstd 1..19 (negative: fast modes).
+  // at 55-85% of their size) or 5..9 (zlib's); zstd 1..19 (negative: fast modes).
   ClusterCompressor(Codec codec, int level);
   ~ClusterCompressor();
   ClusterCompressor(const ClusterCompressor&) = delete;
@@ -39,7 +38,7 @@ class ClusterCompressor {
   bool useIsal_ = false;
   std::vector<uint8_t> deflateLevelBuffer_;
   std::vector<uint8_t> refined_;  // zlib's attempt at a cluster ISA-L compressed first
-  void* zlibStream_ = nullptr;  // z_stream: the fallback, or the refining pass
+  ::z_stream_s* zlibStream_ = nullptr;  // levels 4-9: zlib's encoder
   ::ZSTD_CCtx_s* zstd_ = nullptr;
 };
 

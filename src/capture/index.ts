@@ -26,7 +26,7 @@ export interface CaptureOptions extends Omit<OpenOptions, 'snapshot' | 'metadata
    * Compression level: zlib 0-3 (ISA-L's levels: fastest, about 6% larger than qemu-img's
    * output), 4 (default: ISA-L's 3, then zlib's 6 on the clusters ISA-L shrank least; about
    * 4% larger, half ISA-L's speed) or 5-9 (zlib's own: 6 matches qemu-img's size at zlib's
-   * speed); zstd -7 to 19 (default 1). Without ISA-L installed, zlib's encoder does every level.
+   * speed); zstd -7 to 19 (default 1).
    */
   level?: number;
   /** 512 B to 2 MiB, a power of two (default 64 KiB). */
