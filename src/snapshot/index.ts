@@ -715,6 +715,8 @@ export interface SnapshotInspection {
   chain: { dir: string; id: string; created: string }[];
   state?: {
     regions: { guestBase: number; size: number; dumpOffset: number }[];
+    /** Bytes of the RAM dump restore makes (recorded by the state file since 1.1, else where its last region ends). */
+    dumpSize: number;
     pages: { zero: number; data: number; duplicate: number; parent: number };
     chunks: number;
     bytes: number;
@@ -749,6 +751,7 @@ async function inspectChain(opened: OpenedBundle): Promise<SnapshotInspection> {
       }
       inspection.state = {
         regions: state!.regions.map((r) => ({ guestBase: r.guestBase, size: r.size, dumpOffset: r.dumpOffset })),
+        dumpSize: state!.dumpSize,
         pages,
         chunks: state!.index.chunks.length,
         bytes: state!.fileSize,

@@ -71,6 +71,7 @@ describe('an incremental chain of archives', () => {
     const inspection = await inspectSnapshot(path.join(moved, 's3.tar.zst'));
     expect(inspection.chain.map((l) => l.id)).toEqual([m3.id, m2.id, inspection.chain[2]!.id]);
     expect(inspection.chain).toHaveLength(3);
+    expect(inspection.state!.dumpSize).toBe(SIZE);
   });
 
   it('a mixed chain: folder, then .tar read in place, then .tar.gz, through the CLI', () => {
@@ -95,7 +96,8 @@ describe('an incremental chain of archives', () => {
     await createSnapshot(s1, { memory: path.join(dir, 'ram1.raw') });
     await createSnapshot(s2, { memory: path.join(dir, 'ram2.raw'), parent: s1 });
     const bytes = fs.readFileSync(s1);
-    bytes[Math.floor(bytes.length / 2)] ^= 0xff;
+    const middle = Math.floor(bytes.length / 2);
+    bytes[middle] = bytes[middle]! ^ 0xff;
     fs.writeFileSync(s1, bytes);
     const error = await restoreSnapshot(s2, { memory: path.join(dir, 'bad.ram') }).catch((e: unknown) => e);
     expect(error).toBeInstanceOf(Qcow2Error);
