@@ -10,14 +10,16 @@
  *
  *   node benchmarks/ram-dump.mjs [--force] [--cache-dir DIR] [--boot-timeout 180]
  *
- * How: installs what is missing (apt-get --no-install-recommends: qemu-system-x86,
- * linux-image-cloud-amd64, busybox-static, cpio), builds a busybox initramfs whose init mounts
- * proc/sys/dev, fills a tmpfs with text (numbers, kernel symbols and copies of them), a little random
- * data, starts a few processes and prints a marker; boots Debian's cloud kernel under TCG with 1 GiB
- * and 2 vCPUs; waits for the marker on the serial log; then over QMP `stop`, `pmemsave` and
- * `human-monitor-command` `info registers -a`, and `quit`. QEMU is killed on any failure or signal;
- * nothing half-made is left under the final names. An existing dump made by the same recipe is
- * reused (its make-up is printed again); --force makes it anew.
+ * Needs qemu-system-x86, busybox-static and cpio (npm run setup installs them) and
+ * linux-image-cloud-amd64, installed by hand (setup installs no kernel).
+ *
+ * How: builds a busybox initramfs whose init mounts proc/sys/dev, fills a tmpfs with text (numbers,
+ * kernel symbols and copies of them), a little random data, starts a few processes and prints a
+ * marker; boots Debian's cloud kernel under TCG with 1 GiB and 2 vCPUs; waits for the marker on the
+ * serial log; then over QMP `stop`, `pmemsave` and `human-monitor-command` `info registers -a`, and
+ * `quit`. QEMU is killed on any failure or signal; nothing half-made is left under the final names.
+ * An existing dump made by the same recipe is reused (its make-up is printed again); --force makes
+ * it anew.
  */
 import { spawn, spawnSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
@@ -33,7 +35,9 @@ const RAM_BYTES = 1024 * 1024 * 1024;
 const PAGE = 4096;
 const VCPUS = 2;
 const MARKER = 'QCOW2IMG-GUEST-READY';
-const PACKAGES = ['qemu-system-x86', 'linux-image-cloud-amd64', 'busybox-static', 'cpio'];
+// The kernel is not in scripts/setup.sh: on a real machine a second kernel flavour changes its boot menu.
+const KERNEL_PACKAGE = 'linux-image-cloud-amd64';
+const PACKAGES = ['qemu-system-x86', KERNEL_PACKAGE, 'busybox-static', 'cpio'];
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
 // The guest's init. Memory it fills (tmpfs pages): about 20 MB of numbers as text, the kernel's
@@ -110,19 +114,15 @@ function installed(pkg) {
   return result.status === 0 && result.stdout.includes('install ok installed');
 }
 
-/** apt-get install of what is missing; `apt-get update` first, once, only when something is. */
-export async function ensurePackages(packages, log = console.error) {
+/** Fails naming what is missing: no benchmark installs packages (scripts/setup.sh does). */
+function requirePackages(packages) {
   const missing = packages.filter((pkg) => !installed(pkg));
-  if (missing.length === 0) return [];
-  log(`installing ${missing.join(' ')} (apt-get --no-install-recommends)...`);
-  const env = { ...process.env, DEBIAN_FRONTEND: 'noninteractive' };
-  const apt = (args) => {
-    const result = spawnSync('apt-get', args, { encoding: 'utf8', env, timeout: 15 * 60 * 1000, maxBuffer: 64 << 20 });
-    if (result.status !== 0) throw new Error(`apt-get ${args.join(' ')} failed:\n${(result.stderr || result.stdout || String(result.error)).trim().split('\n').slice(-8).join('\n')}`);
-  };
-  apt(['update', '-qq']);
-  apt(['install', '-y', '-qq', '--no-install-recommends', ...missing]);
-  return missing;
+  if (missing.length === 0) return;
+  const bySetup = missing.filter((pkg) => pkg !== KERNEL_PACKAGE);
+  const hints = [];
+  if (bySetup.length) hints.push('npm run setup installs ' + bySetup.join(', '));
+  if (missing.includes(KERNEL_PACKAGE)) hints.push(`the guest kernel: apt-get install --no-install-recommends ${KERNEL_PACKAGE}`);
+  throw new Error(`missing ${missing.join(' ')}: ${hints.join('; ')}`);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -454,8 +454,7 @@ async function makeDump(dir, { bootTimeoutSeconds }) {
     t = now;
   };
 
-  const installedNow = await ensurePackages(PACKAGES);
-  lap('install');
+  requirePackages(PACKAGES);
   const kernel = cloudKernel();
   const digest = recipeDigest(kernel);
 
@@ -519,7 +518,7 @@ async function makeDump(dir, { bootTimeoutSeconds }) {
     fs.writeFileSync(path.join(dir, 'cpu.json'), JSON.stringify(cpu, null, 2) + '\n');
     fs.renameSync(ramTemporary, path.join(dir, 'ram.raw'));
     temporaryPaths.delete(ramTemporary);
-    return { digest, kernel, times, installedNow, guestLines, qemuArgs: args };
+    return { digest, kernel, times, guestLines, qemuArgs: args };
   } finally {
     qmp?.close();
     killQemu();
@@ -579,7 +578,7 @@ async function main() {
   made.times.total = (performance.now() - started) / 1000;
   fs.writeFileSync(
     metaPath,
-    JSON.stringify({ created: new Date().toISOString(), digest: made.digest, kernel: made.kernel, qemu: ['qemu-system-x86_64', ...made.qemuArgs].join(' '), installed: made.installedNow, guest: made.guestLines, times: made.times, makeup }, null, 2) + '\n',
+    JSON.stringify({ created: new Date().toISOString(), digest: made.digest, kernel: made.kernel, qemu: ['qemu-system-x86_64', ...made.qemuArgs].join(' '), guest: made.guestLines, times: made.times, makeup }, null, 2) + '\n',
   );
 
   console.log(`made ${ramPath} (${humanBytes(RAM_BYTES)}) and ${cpuPath} (${VCPUS} vCPUs, validated with parseCpuState) from ${path.basename(made.kernel)}`);

@@ -72,15 +72,10 @@ function installed(pkg) {
   return result.status === 0 && result.stdout.includes('install ok installed');
 }
 
-function ensurePackages(packages) {
+/** Fails naming what is missing: no benchmark installs packages (scripts/setup.sh does). */
+function requirePackages(packages) {
   const missing = packages.filter((pkg) => !installed(pkg));
-  if (!missing.length) return;
-  console.error(`installing ${missing.join(' ')} (apt-get --no-install-recommends)...`);
-  const env = { ...process.env, DEBIAN_FRONTEND: 'noninteractive' };
-  for (const args of [['update', '-qq'], ['install', '-y', '-qq', '--no-install-recommends', ...missing]]) {
-    const result = spawnSync('apt-get', args, { encoding: 'utf8', env, timeout: 10 * 60 * 1000 });
-    if (result.status !== 0) throw new Error(`apt-get ${args.join(' ')} failed: ${(result.stderr || '').trim().split('\n').slice(-5).join('\n')}`);
-  }
+  if (missing.length) throw new Error(`missing ${missing.join(' ')}: npm run setup installs them`);
 }
 
 /** Reads the file through the page cache, so the timed runs find it there. */
@@ -536,7 +531,7 @@ async function main() {
   const ram = path.join(dir, 'ram.raw');
   const cpu = path.join(dir, 'cpu.json');
   if (!fs.existsSync(ram) || !fs.existsSync(cpu)) throw new Error(`${ram} or ${cpu} is missing: run node benchmarks/ram-dump.mjs first`);
-  ensurePackages(['zstd', 'time']);
+  requirePackages(['zstd', 'time']);
 
   const work = path.join(dir, 'bench');
   const outDir = path.join(work, 'out');

@@ -7,12 +7,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 seconds="${1:-20}"
-if ! command -v clang++-14 >/dev/null || [ ! -d /usr/lib/llvm-14/lib/clang/14.0.6/lib/linux ]; then
-  if [ "$(id -u)" -ne 0 ]; then
-    echo "fuzz: needs clang-14 and libclang-rt-14-dev (apt-get install clang-14 libclang-rt-14-dev)" >&2
-    exit 1
-  fi
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends clang-14 libclang-rt-14-dev >/dev/null
+# clang-14, its sanitizer runtimes and cmake come from scripts/setup.sh (npm run setup).
+if ! command -v clang++-14 >/dev/null || ! command -v cmake >/dev/null || [ ! -d /usr/lib/llvm-14/lib/clang/14.0.6/lib/linux ]; then
+  echo "fuzz: needs clang-14, libclang-rt-14-dev and cmake: run npm run setup (as root)" >&2
+  exit 1
 fi
 build=build-fuzz
 cmake -S . -B "$build" -DQCOW2IMG_FUZZ=ON -DCMAKE_CXX_COMPILER=clang++-14 -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null

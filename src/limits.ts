@@ -23,6 +23,10 @@ export const limits = {
   /** QCOW_MAX_SNAPSHOT_EXTRA_DATA. */
   maxSnapshotExtraData: 1024,
   maxSnapshotIdOrNameLength: 65535,
+  /** QCOW2_MAX_BITMAPS. */
+  maxBitmaps: 65535,
+  /** QCOW2_MAX_BITMAP_DIRECTORY_SIZE: 1 KiB a bitmap. */
+  maxBitmapDirectoryBytes: 1024 * 65535,
   /** Offsets in qcow2 entries have 56 bits; JavaScript numbers are exact to 2^53. */
   maxOffset: 2 ** 53 - 1,
   /** Largest virtual size accepted: what a maximal L1 can map with 2 MiB clusters is larger. */

@@ -217,11 +217,10 @@ describe('qcow2img errors: exit 1, one line naming the file', () => {
     expectCliError(['load', missing, outputPath('missing')], missing);
   });
 
-  it('bad magic, truncated files', () => {
+  it('bad magic, a file cut inside its header', () => {
+    // A file cut after its header reads as QEMU reads it, zeros past the end (test/reader.test.ts).
     expectCliError(['info', f.badMagic], f.badMagic);
     expectCliError(['info', f.truncatedHeader], f.truncatedHeader);
-    expectCliError(['map', f.truncatedTables], f.truncatedTables);
-    expectCliError(['load', f.truncatedData, outputPath('truncated')], f.truncatedData);
   });
 
   it('encrypted images (info describes them: test/encrypted-info.test.ts)', () => {

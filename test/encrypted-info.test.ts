@@ -9,7 +9,7 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { type EncryptionInfo, load, open, Qcow2Error } from '../src/index';
-import { cliPath } from './helpers/qemu';
+import { cliPath, qemuImgCreateEncrypted } from './helpers/qemu';
 
 const work = fs.mkdtempSync(path.join(os.tmpdir(), 'qcow2img-encrypted-'));
 afterAll(() => fs.rmSync(work, { recursive: true, force: true }));
@@ -53,7 +53,7 @@ async function refusal(work: Promise<unknown>): Promise<Qcow2Error> {
 beforeAll(() => {
   for (const [name, options] of Object.entries(images)) {
     // In the folder, where the data file's relative name is made and resolved.
-    execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', ...secret, '-o', options, name, '1M'], { cwd: work });
+    qemuImgCreateEncrypted(['-q', '-f', 'qcow2', ...secret, '-o', options, name, '1M'], work);
   }
   // Made without opening the base, which would need its key.
   execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', '-u', '-b', 'luks.qcow2', '-F', 'qcow2', path.join(work, 'over-luks.qcow2'), '1M']);

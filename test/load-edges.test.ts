@@ -11,6 +11,7 @@ import { afterAll, describe, expect, it } from 'vitest';
 import { type Image, Qcow2Error, load, open } from '../src/index';
 import { copyImage } from '../src/load/copy';
 import { native, PlanKind, planRunFields, ZeroMode } from '../src/native';
+import { parseLayout } from './helpers/damage';
 import { MiB, KiB, cliPath, qemuImg, qemuIo, randomBytes, run } from './helpers/qemu';
 
 const work = fs.mkdtempSync(path.join(os.tmpdir(), 'qcow2img-load-edges-'));
@@ -112,9 +113,13 @@ describe('a file region (--offset) in a new file', () => {
   });
 
   it('is removed again when the load fails', () => {
-    // Data clusters cut off the end of the image: the copy fails after the target exists.
-    const broken = image('cut.qcow2', 4 * MiB, ['write -P 0x33 0 2M']);
-    fs.truncateSync(broken, 512 * KiB);
+    // A compressed cluster whose stream does not decode: the copy fails after the target exists.
+    // (Data cut off the end of the image would read as zeros, as QEMU reads it.)
+    const broken = image('undecodable.qcow2', 4 * MiB, ['write -c -P 0x33 0 64k']);
+    const bytes = fs.readFileSync(broken);
+    const compressed = parseLayout(bytes).l2.flatMap((t) => t.entries).find((e) => e.kind === 'compressed')!;
+    bytes.fill(0xff, compressed.host, compressed.host + 64);
+    fs.writeFileSync(broken, bytes);
     const target = path.join(work, 'failed-region.raw');
     const ran = run(process.execPath, [cliPath, 'load', broken, target, '--offset', '4096', '--progress=none']);
     expect(ran.status).not.toBe(0);
@@ -153,7 +158,7 @@ describe.skipIf(mountSkip !== undefined)('a write that fails (a 1 MiB tmpfs)', (
 });
 
 describe('native jobs and closed descriptors', () => {
-  /** 2 GiB: 256 MiB of data in the first 1 GiB batch; an L2 entry with a reserved bit at 1.5 GiB. */
+  /** 2 GiB: 256 MiB of data in the first 1 GiB batch; an L2 entry with an unaligned host offset at 1.5 GiB. */
   function badSecondBatch(): string {
     const file = image('bad-second-batch.qcow2', 2048 * MiB, ['write -P 0x5a 0 256M', `write -P 0x66 ${1536 * MiB} 64k`]);
     const header = Buffer.alloc(48);
@@ -166,7 +171,7 @@ describe('native jobs and closed descriptors', () => {
       const l2Offset = Number(l1Entry.readBigUInt64BE(0) & 0x00fffffffffffe00n);
       const l2Entry = Buffer.alloc(8);
       fs.readSync(fd, l2Entry, 0, 8, l2Offset);
-      l2Entry.writeBigUInt64BE(l2Entry.readBigUInt64BE(0) | 0x4n);
+      l2Entry.writeBigUInt64BE(l2Entry.readBigUInt64BE(0) | 0x200n);
       fs.writeSync(fd, l2Entry, 0, 8, l2Offset);
     } finally {
       fs.closeSync(fd);

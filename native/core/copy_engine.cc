@@ -345,8 +345,9 @@ class Engine {
                        Scratch& scratch) {
     const int sourceIndex = pieces[first].run.source;
     const Source& source = job_.sources[static_cast<size_t>(sourceIndex)];
+    // Past the end of the file QEMU reads zeros, which do not decompress: a decompression failure.
     if (groupStart >= source.sizeBytes) {
-      fail("read", "compressed cluster beyond the end of the file", 0, sourceIndex,
+      fail("decompress", "compressed cluster beyond the end of the file", 0, sourceIndex,
            pieces[first].start, groupStart);
       return false;
     }
@@ -364,7 +365,7 @@ class Engine {
       const Piece& p = pieces[i];
       uint64_t at = p.run.host - groupStart;
       if (at >= available) {
-        fail("read", "compressed cluster beyond the end of the file", 0, sourceIndex, p.start,
+        fail("decompress", "compressed cluster beyond the end of the file", 0, sourceIndex, p.start,
              p.run.host);
         return false;
       }

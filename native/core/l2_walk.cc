@@ -7,7 +7,6 @@ constexpr uint64_t kCopiedBit = 1ULL << 63;
 constexpr uint64_t kCompressedBit = 1ULL << 62;
 constexpr uint64_t kZeroBit = 1ULL;
 constexpr uint64_t kOffsetMask = 0x00FFFFFFFFFFFE00ULL;
-constexpr uint64_t kStandardReserved = 0x3F000000000001FEULL;
 
 uint64_t readBigEndian64(const uint8_t* p) {
   uint64_t value = 0;
@@ -61,10 +60,8 @@ class RunWriter {
 const char* l2DefectName(L2Defect defect) {
   switch (defect) {
     case L2Defect::None: return "none";
-    case L2Defect::ReservedBits: return "reserved bits set in L2 entry";
     case L2Defect::UnalignedOffset: return "L2 entry host offset not cluster aligned";
     case L2Defect::InvalidSubclusters: return "invalid subcluster allocation bitmap";
-    case L2Defect::CompressedBitmap: return "compressed L2 entry with a subcluster bitmap";
     case L2Defect::CompressedWithExternalData: return "compressed cluster in an image with an external data file";
   }
   return "unknown";
@@ -81,7 +78,6 @@ L2WalkResult walkL2(const L2WalkParams& p, double* runs, size_t runCapacity) {
   const uint64_t sectorFieldMask = (1ULL << (p.clusterBits - 8)) - 1;
   const size_t entryBytes = p.extendedL2 ? 16 : 8;
   const uint64_t subclusterSize = clusterSize / 32;
-  const uint64_t reserved = kStandardReserved | (p.extendedL2 ? kZeroBit : 0);
 
   auto fail = [&](L2Defect defect, size_t entry) {
     result.defect = defect;
@@ -97,7 +93,6 @@ L2WalkResult walkL2(const L2WalkParams& p, double* runs, size_t runCapacity) {
 
     if (entry & kCompressedBit) {
       if (p.externalDataFile) return fail(L2Defect::CompressedWithExternalData, i);
-      if (bitmap != 0) return fail(L2Defect::CompressedBitmap, i);
       uint64_t hostOffset = entry & compressedOffsetMask;
       uint64_t sectors = ((entry >> offsetBits) & sectorFieldMask) + 1;
       uint64_t compressedBytes = sectors * 512 - (hostOffset & 511);
@@ -107,7 +102,6 @@ L2WalkResult walkL2(const L2WalkParams& p, double* runs, size_t runCapacity) {
       if (p.extendedL2) runs[(writer.count() - 1) * kL2RunFields + 1] = 32;
       continue;
     }
-    if (entry & reserved) return fail(L2Defect::ReservedBits, i);
     uint64_t hostOffset = entry & kOffsetMask;
     if (hostOffset & clusterMask) return fail(L2Defect::UnalignedOffset, i);
     // External data files map offset 0 when COPIED is set: it is a real cluster.
@@ -116,7 +110,9 @@ L2WalkResult walkL2(const L2WalkParams& p, double* runs, size_t runCapacity) {
     if (!p.extendedL2) {
       UnitKind kind;
       if (entry & kZeroBit) {
-        kind = hasHost ? UnitKind::ZeroAllocated : UnitKind::Zero;
+        // The zero flag comes first (qcow2_get_cluster_type): offset 0 is a plain zero
+        // cluster, even with COPIED in an image with an external data file.
+        kind = hostOffset != 0 ? UnitKind::ZeroAllocated : UnitKind::Zero;
       } else {
         kind = hasHost ? UnitKind::Data : UnitKind::Unallocated;
       }

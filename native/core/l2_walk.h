@@ -16,11 +16,11 @@ enum class UnitKind : int {
 };
 
 enum class L2Defect : int {
+  // As QEMU's reader (qcow2_get_host_offset), reserved bits and the bitmap of a compressed
+  // entry are ignored: qemu-img check reports them, reading does not fail on them.
   None = 0,
-  ReservedBits = 1,         // reserved bits of the entry are set
   UnalignedOffset = 2,      // host offset not aligned to the cluster size
   InvalidSubclusters = 3,   // a subcluster both allocated and zero, or allocated without a cluster
-  CompressedBitmap = 4,     // a compressed entry with a non-zero subcluster bitmap
   CompressedWithExternalData = 5,
 };
 

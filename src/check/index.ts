@@ -7,6 +7,8 @@ import * as fs from 'node:fs/promises';
 import { Qcow2Error, ioError } from '../errors';
 import { limits } from '../limits';
 import { lockAsQemu } from '../locks';
+import { checkBitmapTable, parseBitmapDirectory } from '../qcow2/bitmaps';
+import { entryOffset } from '../qcow2/bytes';
 import { type Qcow2Header, headerReadSize, parseHeader } from '../qcow2/header';
 import { type Qcow2Snapshot, parseSnapshotTable, snapshotTableBytes, snapshotTableReadSize } from '../qcow2/snapshots';
 
@@ -309,7 +311,9 @@ class Checker {
       const hostOffset = (hi & L1_OFFSET_MASK_HI) * 2 ** 32 + ((lo & 0xfffffe00) >>> 0);
       const zeroFlag = !h.extendedL2 && (lo & 1) === 1;
       const copied = (hi & COPIED_HI) !== 0;
-      const isData = hostOffset !== 0 || (h.hasExternalDataFile && copied);
+      // As qcow2_get_cluster_type: the zero flag comes first, so offset 0 with it is a plain zero
+      // cluster even with COPIED and an external data file.
+      const isData = hostOffset !== 0 || (h.hasExternalDataFile && copied && !zeroFlag);
       if (!isData) {
         if (h.extendedL2 && bitmapAllocated !== 0) {
           corrupt(() => `unallocated cluster entry ${i} of the L2 table at ${l2Offset} has allocated subclusters`, where);
@@ -332,43 +336,22 @@ class Checker {
   }
 
   private async checkBitmaps(): Promise<void> {
+    // Only while the autoclear bit says the bitmaps are consistent (parseHeader leaves them out
+    // otherwise). What QEMU refuses to open, the check cannot run on either (exit 1): parseHeader
+    // and parseBitmapDirectory refuse it, as checkBitmapTable refuses the table of a consistent bitmap.
     const bitmaps = this.header.bitmaps;
-    // QEMU only trusts the bitmap directory while the autoclear bit says it is consistent.
-    if (!bitmaps || (this.header.autoclearFeatures & 1n) === 0n) return;
-    if (bitmaps.directorySize > 64 * 1024 * 1024) {
-      this.report('corruption', `bitmap directory of ${bitmaps.directorySize} bytes is too large`);
-      return;
-    }
-    // What QEMU refuses to open, the check cannot run on either (exit 1).
-    const unusable = (message: string): never => {
-      throw new Qcow2Error('BAD_EXTENSION', `bitmaps: ${message}`, { path: this.path });
-    };
-    if (bitmaps.count === 0 || bitmaps.count > 65535) unusable(`${bitmaps.count} bitmaps`);
-    if (bitmaps.directoryOffset % this.clusterSize !== 0) unusable('directory offset is not cluster aligned');
+    if (!bitmaps) return;
+    const { clusterSize, virtualSize } = this.header;
     this.reference(bitmaps.directoryOffset, bitmaps.directorySize);
     const directory = await this.read(bitmaps.directoryOffset, bitmaps.directorySize);
-    let at = 0;
-    for (let n = 0; n < bitmaps.count && at + 24 <= directory.length; n++) {
-      const tableOffset = Number(directory.readBigUInt64BE(at));
-      const tableSize = directory.readUInt32BE(at + 8);
-      const type = directory[at + 16]!;
-      const granularityBits = directory[at + 17]!;
-      const nameSize = directory.readUInt16BE(at + 18);
-      const extraSize = directory.readUInt32BE(at + 20);
-      // QEMU's BME_MAX_PHYS_SIZE: a bitmap's table covers at most 512 MiB of bitmap.
-      const tooLarge = tableSize * this.clusterSize > 512 * 1024 * 1024;
-      if (tableOffset === 0 || tableOffset % this.clusterSize !== 0 || tableSize === 0 || tooLarge || type !== 1 || granularityBits < 9 || granularityBits > 31 || nameSize === 0) {
-        unusable(`directory entry ${n} does not satisfy the constraints`);
-      }
-      this.reference(tableOffset, tableSize * 8);
-      const table = await this.read(tableOffset, tableSize * 8);
-      for (let i = 0; i < tableSize; i++) {
-        const hi = table.readUInt32BE(i * 8) & L1_OFFSET_MASK_HI;
-        const lo = table.readUInt32BE(i * 8 + 4) & 0xfffffe00;
-        const dataOffset = hi * 2 ** 32 + (lo >>> 0);
+    for (const entry of parseBitmapDirectory(directory, bitmaps, clusterSize, virtualSize, this.path)) {
+      this.reference(entry.tableOffset, entry.tableSize * 8);
+      const table = await this.read(entry.tableOffset, entry.tableSize * 8);
+      if (!entry.inUse) checkBitmapTable(table, entry, clusterSize, virtualSize, this.path);
+      for (let i = 0; i < entry.tableSize; i++) {
+        const dataOffset = entryOffset(table, i * 8);
         if (dataOffset > 1) this.reference(dataOffset, this.clusterSize);
       }
-      at += Math.ceil((24 + extraSize + nameSize) / 8) * 8;
     }
   }
 
@@ -526,9 +509,10 @@ export async function check(path: string, options: { region?: { offset: number; 
     const base = options.region?.offset ?? 0;
     const fileSize = options.region?.length ?? wholeFile;
     if (base + fileSize > wholeFile) throw new Qcow2Error('TRUNCATED', `image region at ${base} (+${fileSize} bytes) runs past the end of the file`, { path, offset: base });
-    const start = Buffer.alloc(Math.min(fileSize, headerReadSize));
-    await handle.read(start, 0, start.length, base);
-    const header = parseHeader(start, path, fileSize, { checkTableLocations: false });
+    // Past the end of the file, cluster 0 reads as zeros, as QEMU reads it.
+    const start = Buffer.alloc(fileSize >= 24 ? headerReadSize : fileSize);
+    await handle.read(start, 0, Math.min(fileSize, headerReadSize), base);
+    const header = parseHeader(start, path, fileSize, { forCheck: true });
     if (header.refcountBits > 64) throw new Qcow2Error('BAD_REFCOUNT_ORDER', 'refcount width above 64 bits', { path });
     let snapshots: Qcow2Snapshot[] = [];
     if (header.snapshotCount > 0) {

@@ -85,6 +85,7 @@ export interface Qcow2Header {
   backingFormat: string | undefined;
   externalDataFile: string | undefined;
   featureNames: FeatureName[];
+  /** The bitmaps extension, while autoclear bit 0 says the bitmaps are consistent (QEMU ignores them otherwise). */
   bitmaps: BitmapsExtension | undefined;
   /** Full-disk encryption header pointer (LUKS), if present. */
   encryptionHeader: { offset: number; length: number } | undefined;
@@ -104,13 +105,16 @@ export const headerReadSize = 1 << limits.maxClusterBits;
 
 export interface ParseHeaderOptions {
   /**
-   * Check that the L1, refcount and snapshot tables lie inside the file and off
-   * the header (default). The checker turns this off to open what QEMU opens and
-   * report such damage as corruption instead.
+   * Open as qemu-img check opens an image (QEMU's BDRV_O_CHECK): an image without a refcount
+   * table is accepted, for the check to report every cluster it uses as corrupt.
    */
-  checkTableLocations?: boolean;
-  /** Accept an encrypted image, to describe it; its data must not be read. Default: ENCRYPTED. */
-  allowEncrypted?: boolean;
+  forCheck?: boolean;
+  /**
+   * Open only to describe the image, as qemu-img info does (QEMU's BDRV_O_NO_IO): an encrypted
+   * image is accepted (its data must not be read), and so is the data-file-raw bit without an
+   * external data file. Default: both refused.
+   */
+  metadataOnly?: boolean;
 }
 
 /** The refusal to read an encrypted image's data. */
@@ -123,7 +127,6 @@ export function encryptedError(encryption: 'aes' | 'luks', path: string): Qcow2E
  * (`start` holds at least min(fileSize, clusterSize) bytes, or all of cluster 0).
  */
 export function parseHeader(start: Buffer, path: string, fileSize: number, options: ParseHeaderOptions = {}): Qcow2Header {
-  const locate = options.checkTableLocations ?? true;
   const need = (length: number, what: string) => {
     if (start.length < length) {
       throw new Qcow2Error('TRUNCATED', `file ends inside the ${what} (${start.length} of ${length} bytes)`, { path, offset: start.length });
@@ -181,23 +184,21 @@ export function parseHeader(start: Buffer, path: string, fileSize: number, optio
 
   // Extensions sit between the header and the backing name (or the end of cluster 0).
   const extensionsEnd = backingFileOffset !== 0 ? backingFileOffset : clusterSize;
-  if (backingFileOffset !== 0) {
-    if (backingFileOffset > clusterSize || backingFileOffset < headerLength) {
-      throw new Qcow2Error('BAD_BACKING_NAME', `backing file name offset ${backingFileOffset} is outside the header cluster`, { path, offset: 8 });
-    }
-    if (backingFileSize > limits.maxBackingNameLength || backingFileSize > clusterSize - backingFileOffset) {
-      throw new Qcow2Error('BAD_BACKING_NAME', `backing file name length ${backingFileSize} is too long`, { path, offset: 16 });
-    }
+  // As QEMU (qcow2_do_open): the offset is bounded by the cluster size only; one inside the
+  // header reads the name from the header's own bytes, and leaves no room for extensions.
+  if (backingFileOffset > clusterSize) {
+    throw new Qcow2Error('BAD_BACKING_NAME', `backing file name offset ${backingFileOffset} is outside the header cluster`, { path, offset: 8 });
   }
-  const parsed = parseExtensions(start, path, headerLength, Math.min(extensionsEnd, start.length));
+  if (backingFileOffset !== 0 && (backingFileSize > limits.maxBackingNameLength || backingFileSize > clusterSize - backingFileOffset)) {
+    throw new Qcow2Error('BAD_BACKING_NAME', `backing file name length ${backingFileSize} is too long`, { path, offset: 16 });
+  }
+  const parsed = parseExtensions(start, path, headerLength, Math.min(extensionsEnd, start.length), clusterSize, autoclearFeatures, cryptMethod);
 
   let backingFile: string | undefined;
   if (backingFileOffset !== 0 && backingFileSize > 0) {
     need(backingFileOffset + backingFileSize, 'backing file name');
-    backingFile = start.toString('utf8', backingFileOffset, backingFileOffset + backingFileSize);
-    if (backingFile.includes('\0')) {
-      throw new Qcow2Error('BAD_BACKING_NAME', 'backing file name contains a NUL byte', { path, offset: backingFileOffset });
-    }
+    // QEMU keeps the name as a C string: it ends at the first NUL, and an empty name is none.
+    backingFile = cString(start.subarray(backingFileOffset, backingFileOffset + backingFileSize), 'utf8') || undefined;
   }
 
   // Incompatible features: refuse what we cannot read correctly.
@@ -232,7 +233,7 @@ export function parseHeader(start: Buffer, path: string, fileSize: number, optio
   }
   const encryption = cryptMethod === 0 ? undefined : cryptMethod === 1 ? 'aes' : cryptMethod === 2 ? 'luks' : null;
   if (encryption === null) throw new Qcow2Error('ENCRYPTED', `image is encrypted by an unknown method ${cryptMethod}`, { path, offset: 32 });
-  if (encryption !== undefined && !options.allowEncrypted) throw encryptedError(encryption, path);
+  if (encryption !== undefined && !options.metadataOnly) throw encryptedError(encryption, path);
   if (encryption === 'luks' && parsed.encryptionHeader === undefined) {
     throw new Qcow2Error('BAD_ENCRYPTION_HEADER', 'LUKS-encrypted image without its encryption header extension', { path, offset: 32 });
   }
@@ -241,6 +242,10 @@ export function parseHeader(start: Buffer, path: string, fileSize: number, optio
     throw new Qcow2Error('MISSING_DATA_FILE', 'image uses an external data file but does not name it', { path, offset: 72 });
   }
   const dataFileRaw = bit(autoclearFeatures, AutoclearFeature.dataFileRaw);
+  // As qcow2_do_open, which checks it only where it opens the data file (not for qemu-img info).
+  if (dataFileRaw && !hasExternalDataFile && !options.metadataOnly) {
+    throw new Qcow2Error('BAD_HEADER_FIELD', 'the data-file-raw bit is set but the image has no external data file', { path, offset: 88 });
+  }
 
   // Sizes and tables, checked before anything is allocated from them.
   const virtualSize = Math.floor(headerSize / 512) * 512;
@@ -260,27 +265,21 @@ export function parseHeader(start: Buffer, path: string, fileSize: number, optio
   if (l1Size < l1EntriesNeeded) {
     throw new Qcow2Error('L1_TOO_SMALL', `L1 table of ${l1Size} entries is too small for the virtual size (needs ${l1EntriesNeeded})`, { path, offset: 36 });
   }
-  if (l1Size > 0 && locate) checkTable(path, 'L1 table', l1TableOffset, l1Size * 8, clusterSize, fileSize, 40);
-  if (!locate && l1TableOffset % clusterSize !== 0) {
-    throw new Qcow2Error('UNALIGNED_OFFSET', `L1 table offset ${l1TableOffset} is not cluster aligned`, { path, offset: 40 });
-  }
+  // QEMU's qcow2_validate_table: each table's offset is cluster aligned, whatever its size (the
+  // snapshot table's is checked by qemu-img check too, as a check error). Where a table lies is not
+  // checked: one at offset 0 reads the header, one past the end of the file reads as zeros.
+  checkTableOffset(path, 'L1 table', l1TableOffset, clusterSize, 40);
   if (refcountTableClusters * clusterSize > limits.maxRefcountTableBytes) {
     throw new Qcow2Error('REFCOUNT_TABLE_TOO_LARGE', `refcount table of ${refcountTableClusters} clusters exceeds ${limits.maxRefcountTableBytes} bytes`, { path, offset: 56 });
   }
-  if (refcountTableClusters === 0) {
+  if (refcountTableClusters === 0 && !options.forCheck) {
     throw new Qcow2Error('BAD_HEADER_FIELD', 'image has no refcount table', { path, offset: 56 });
   }
-  if (locate) checkTable(path, 'refcount table', refcountTableOffset, refcountTableClusters * clusterSize, clusterSize, fileSize, 48);
-  else if (refcountTableOffset % clusterSize !== 0) {
-    throw new Qcow2Error('UNALIGNED_OFFSET', `refcount table offset ${refcountTableOffset} is not cluster aligned`, { path, offset: 48 });
-  }
+  checkTableOffset(path, 'refcount table', refcountTableOffset, clusterSize, 48);
   if (snapshotCount > limits.maxSnapshots) {
     throw new Qcow2Error('TOO_MANY_SNAPSHOTS', `${snapshotCount} snapshots exceed the limit of ${limits.maxSnapshots}`, { path, offset: 60 });
   }
-  if (snapshotCount > 0 && locate) checkTable(path, 'snapshot table', snapshotsOffset, 40, clusterSize, fileSize, 64);
-  else if (snapshotCount > 0 && snapshotsOffset % clusterSize !== 0) {
-    throw new Qcow2Error('UNALIGNED_OFFSET', `snapshot table offset ${snapshotsOffset} is not cluster aligned`, { path, offset: 64 });
-  }
+  checkTableOffset(path, 'snapshot table', snapshotsOffset, clusterSize, 64);
 
   return {
     version,
@@ -324,30 +323,30 @@ export function parseHeader(start: Buffer, path: string, fileSize: number, optio
   };
 }
 
-/** A table must be cluster aligned and lie inside the file. */
-export function checkTable(path: string, what: string, offset: number, length: number, clusterSize: number, fileSize: number, fieldOffset?: number): void {
-  const at = fieldOffset ?? offset;
+/** A table's offset must be cluster aligned (QEMU's qcow2_validate_table). */
+export function checkTableOffset(path: string, what: string, offset: number, clusterSize: number, fieldOffset?: number): void {
   if (offset % clusterSize !== 0) {
-    throw new Qcow2Error('UNALIGNED_OFFSET', `${what} offset ${offset} is not cluster aligned`, { path, offset: at });
+    throw new Qcow2Error('UNALIGNED_OFFSET', `${what} offset ${offset} is not cluster aligned`, { path, offset: fieldOffset ?? offset });
   }
-  if (offset === 0) {
-    throw new Qcow2Error('BAD_HEADER_FIELD', `${what} overlaps the header at offset 0`, { path, offset: at });
-  }
-  if (offset + length > fileSize) {
-    throw new Qcow2Error('OFFSET_BEYOND_FILE', `${what} at ${offset} (+${length} bytes) lies beyond the end of the file (${fileSize} bytes)`, { path, offset: at });
-  }
+}
+
+/** Bytes up to the first NUL: how QEMU reads the names it keeps as C strings. */
+function cString(bytes: Buffer, encoding: 'utf8' | 'latin1'): string {
+  const nul = bytes.indexOf(0);
+  return bytes.toString(encoding, 0, nul < 0 ? bytes.length : nul);
 }
 
 interface ParsedExtensions {
   backingFormat: string | undefined;
   externalDataFile: string | undefined;
   featureNames: FeatureName[];
+  /** The bitmaps extension, while autoclear bit 0 says the bitmaps are consistent (QEMU ignores them otherwise). */
   bitmaps: BitmapsExtension | undefined;
   encryptionHeader: { offset: number; length: number } | undefined;
   extensions: HeaderExtension[];
 }
 
-function parseExtensions(start: Buffer, path: string, from: number, end: number): ParsedExtensions {
+function parseExtensions(start: Buffer, path: string, from: number, end: number, clusterSize: number, autoclearFeatures: bigint, cryptMethod: number): ParsedExtensions {
   const result: ParsedExtensions = {
     backingFormat: undefined,
     externalDataFile: undefined,
@@ -356,7 +355,6 @@ function parseExtensions(start: Buffer, path: string, from: number, end: number)
     encryptionHeader: undefined,
     extensions: [],
   };
-  const seen = new Set<number>();
   let offset = from;
   while (offset < end) {
     if (offset + 8 > end) {
@@ -365,14 +363,12 @@ function parseExtensions(start: Buffer, path: string, from: number, end: number)
     const type = u32(start, offset);
     const length = u32(start, offset + 4);
     const dataStart = offset + 8;
-    if (type === ExtensionType.end) break;
+    // Checked before the type, as QEMU does: even the end marker's length must fit the area.
     if (length > end - dataStart) {
       throw new Qcow2Error('BAD_EXTENSION', `header extension 0x${type.toString(16)} at ${offset} is too large (${length} bytes)`, { path, offset });
     }
-    if (seen.has(type)) {
-      throw new Qcow2Error('BAD_EXTENSION', `header extension 0x${type.toString(16)} appears twice`, { path, offset });
-    }
-    seen.add(type);
+    if (type === ExtensionType.end) break;
+    // A type that appears again replaces what the earlier one said, as in QEMU (qcow2_read_extensions).
     result.extensions.push({ type, offset, length });
     const data = start.subarray(dataStart, dataStart + length);
     switch (type) {
@@ -380,34 +376,32 @@ function parseExtensions(start: Buffer, path: string, from: number, end: number)
         if (length > limits.maxBackingFormatLength) {
           throw new Qcow2Error('BAD_EXTENSION', `backing format name of ${length} bytes is too long`, { path, offset });
         }
-        result.backingFormat = data.toString('latin1').replace(/\0+$/, '');
+        // An empty name (or one that starts with NUL) records no format: the backing file is probed.
+        result.backingFormat = cString(data, 'latin1') || undefined;
         break;
       case ExtensionType.externalDataFile:
         if (length > limits.maxExternalDataFileNameLength) {
           throw new Qcow2Error('BAD_EXTENSION', `external data file name of ${length} bytes is too long`, { path, offset });
         }
-        result.externalDataFile = data.toString('utf8').replace(/\0+$/, '');
+        result.externalDataFile = cString(data, 'utf8');
         break;
       case ExtensionType.featureNameTable:
+        result.featureNames = [];
         for (let at = 0; at + 48 <= length; at += 48) {
           const kind = data[at]!;
-          const name = data.toString('utf8', at + 2, at + 48).replace(/\0.*$/s, '');
+          const name = cString(data.subarray(at + 2, at + 48), 'utf8');
           if (kind <= 2) {
             result.featureNames.push({ type: (['incompatible', 'compatible', 'autoclear'] as const)[kind]!, bit: data[at + 1]!, name });
           }
         }
         break;
       case ExtensionType.bitmaps:
-        if (length !== 24) {
-          throw new Qcow2Error('BAD_EXTENSION', `bitmaps extension has ${length} bytes, not 24`, { path, offset });
-        }
-        result.bitmaps = {
-          count: u32(data, 0),
-          directorySize: u64Safe(data, 8, path, 'bitmap directory size', 'BAD_EXTENSION'),
-          directoryOffset: u64Safe(data, 16, path, 'bitmap directory offset', 'BAD_EXTENSION'),
-        };
+        result.bitmaps = parseBitmapsExtension(data, path, offset, clusterSize, autoclearFeatures);
         break;
       case ExtensionType.fullDiskEncryption:
+        if (cryptMethod !== 2) {
+          throw new Qcow2Error('BAD_EXTENSION', 'a full disk encryption header extension in an image not encrypted with LUKS', { path, offset });
+        }
         if (length !== 16) {
           throw new Qcow2Error('BAD_EXTENSION', `encryption header extension has ${length} bytes, not 16`, { path, offset });
         }
@@ -422,4 +416,26 @@ function parseExtensions(start: Buffer, path: string, from: number, end: number)
     offset = dataStart + Math.ceil(length / 8) * 8;
   }
   return result;
+}
+
+/**
+ * The bitmaps extension, as QEMU's qcow2_read_extensions takes it: its length is always
+ * checked; the rest only while autoclear bit 0 says the bitmaps are consistent (otherwise
+ * QEMU warns and ignores them, and so does this: undefined).
+ */
+function parseBitmapsExtension(data: Buffer, path: string, offset: number, clusterSize: number, autoclearFeatures: bigint): BitmapsExtension | undefined {
+  const fail = (message: string): never => {
+    throw new Qcow2Error('BAD_EXTENSION', `bitmaps extension: ${message}`, { path, offset });
+  };
+  if (data.length !== 24) fail(`${data.length} bytes, not 24`);
+  if (!bit(autoclearFeatures, AutoclearFeature.bitmaps)) return undefined;
+  if (u32(data, 4) !== 0) fail('its reserved field is not zero');
+  const count = u32(data, 0);
+  if (count > limits.maxBitmaps) fail(`${count} bitmaps exceed the limit of ${limits.maxBitmaps}`);
+  if (count === 0) fail('no bitmaps');
+  const directorySize = u64Safe(data, 8, path, 'bitmap directory size', 'BAD_EXTENSION');
+  const directoryOffset = u64Safe(data, 16, path, 'bitmap directory offset', 'BAD_EXTENSION');
+  if (directoryOffset % clusterSize !== 0) fail('the directory offset is not cluster aligned');
+  if (directorySize > limits.maxBitmapDirectoryBytes) fail(`a directory of ${directorySize} bytes exceeds ${limits.maxBitmapDirectoryBytes}`);
+  return { count, directorySize, directoryOffset };
 }

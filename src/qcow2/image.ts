@@ -364,32 +364,49 @@ export class Image {
       }
     }
     const sources = files.map((f) => ({ fd: f.handle.fd, base: f.base, size: f.size, codec: codecOf.get(f)?.codec ?? Codec.None, clusterSize: codecOf.get(f)?.clusterSize ?? 512 }));
-    const out = new Float64Array(runs.length * planRunFields);
+    // A data run may end past its file's end: up to two plan runs each.
+    const out = new Float64Array(runs.length * 2 * planRunFields);
     let count = 0;
-    for (const run of runs) {
-      const kind = run.kind === 'data' ? PlanKind.Data : run.kind === 'compressed' ? PlanKind.Compressed : PlanKind.Zero;
-      const source = kind === PlanKind.Zero ? 0 : sourceIndex.get(run.file!)!;
+    const add = (start: number, length: number, kind: number, source: number, hostOffset: number, compressedBytes: number, offsetInCluster: number) => {
       if (count > 0) {
         const last = (count - 1) * planRunFields;
         const lastEnd = out[last]! + out[last + 1]!;
         const continues =
-          lastEnd === run.start &&
+          lastEnd === start &&
           out[last + 2] === kind &&
-          (kind === PlanKind.Zero || (kind === PlanKind.Data && out[last + 3] === source && out[last + 4]! + out[last + 1]! === run.hostOffset));
+          (kind === PlanKind.Zero || (kind === PlanKind.Data && out[last + 3] === source && out[last + 4]! + out[last + 1]! === hostOffset));
         if (continues) {
-          out[last + 1]! += run.length;
-          continue;
+          out[last + 1]! += length;
+          return;
         }
       }
       const at = count * planRunFields;
-      out[at] = run.start;
-      out[at + 1] = run.length;
-      out[at + 2] = kind;
-      out[at + 3] = source;
-      out[at + 4] = run.hostOffset;
-      out[at + 5] = run.compressedBytes;
-      out[at + 6] = kind === PlanKind.Compressed ? run.start - run.clusterStart : 0;
+      out.set([start, length, kind, source, hostOffset, compressedBytes, offsetInCluster], at);
       count++;
+    };
+    for (const run of runs) {
+      const kind = run.kind === 'data' ? PlanKind.Data : run.kind === 'compressed' ? PlanKind.Compressed : PlanKind.Zero;
+      if (kind === PlanKind.Zero) {
+        add(run.start, run.length, kind, 0, 0, 0, 0);
+        continue;
+      }
+      const source = sourceIndex.get(run.file!)!;
+      if (kind === PlanKind.Compressed) {
+        // QEMU reads zeros there, which do not decompress (map reports such a cluster; reading it fails).
+        if (run.hostOffset >= run.file!.size) {
+          throw new Qcow2Error('BAD_COMPRESSED_CLUSTER', `compressed cluster at guest offset ${run.clusterStart} points at ${run.hostOffset}, beyond the end of the file`, {
+            path: run.file!.path,
+            offset: run.hostOffset,
+          });
+        }
+        add(run.start, run.length, kind, source, run.hostOffset, run.compressedBytes, run.start - run.clusterStart);
+        continue;
+      }
+      // Data past the end of its file reads as zeros, as QEMU reads it (bdrv_aligned_preadv):
+      // a truncated image, or a cluster that points past the end.
+      const inside = Math.max(0, Math.min(run.length, run.file!.size - run.hostOffset));
+      if (inside > 0) add(run.start, inside, kind, source, run.hostOffset, 0, 0);
+      if (inside < run.length) add(run.start + inside, run.length - inside, PlanKind.Zero, 0, 0, 0, 0);
     }
     return { runs: out.subarray(0, count * planRunFields), sources };
   }

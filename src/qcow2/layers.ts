@@ -8,7 +8,9 @@ import { Qcow2Error, ioError } from '../errors';
 import { limits } from '../limits';
 import { lockAsQemu } from '../locks';
 import { native, UnitKind, l2RunFields } from '../native';
-import { type Qcow2Header, headerReadSize, parseHeader, checkTable } from './header';
+import { checkBitmapTable, parseBitmapDirectory } from './bitmaps';
+import { entryOffset } from './bytes';
+import { type Qcow2Header, headerReadSize, parseHeader, checkTableOffset } from './header';
 import { type Qcow2Snapshot, parseSnapshotTable, snapshotTableReadSize } from './snapshots';
 
 export type LayerRunKind = 'unallocated' | 'zero' | 'zeroAllocated' | 'data' | 'compressed';
@@ -91,7 +93,21 @@ export async function readExactly(file: OpenFile, offset: number, length: number
       offset,
     });
   }
-  const buffer = Buffer.allocUnsafe(length);
+  return readInto(file, Buffer.allocUnsafe(length), offset, length, what);
+}
+
+/**
+ * Reads metadata as QEMU reads it: the bytes past the end of the file read as zeros (its block
+ * layer zero-fills them, bdrv_aligned_preadv), so a table there reads as an empty one.
+ */
+export async function readPadded(file: OpenFile, offset: number, length: number, what: string): Promise<Buffer> {
+  const buffer = Buffer.alloc(length);
+  const inside = Math.max(0, Math.min(length, file.size - offset));
+  return inside > 0 ? readInto(file, buffer, offset, inside, what) : buffer;
+}
+
+/** Reads `length` bytes at `offset` into the start of `buffer`; the file must hold them. */
+async function readInto(file: OpenFile, buffer: Buffer, offset: number, length: number, what: string): Promise<Buffer> {
   let done = 0;
   try {
     while (done < length) {
@@ -155,17 +171,29 @@ export class Qcow2Layer implements Layer {
   }
 
   /** Reads and validates the header and snapshot table of an open qcow2 file. */
-  static async readHeader(file: OpenFile, options: { allowEncrypted?: boolean } = {}): Promise<{ header: Qcow2Header; snapshots: Qcow2Snapshot[] }> {
+  static async readHeader(file: OpenFile, options: { metadataOnly?: boolean } = {}): Promise<{ header: Qcow2Header; snapshots: Qcow2Snapshot[] }> {
     const first = await readExactly(file, 0, Math.min(file.size, 112), 'qcow2 header');
-    // Cluster 0 holds the header, extensions and backing name: read it whole.
+    // Cluster 0 holds the header, extensions and backing name: read it whole, zeros past the end
+    // of the file as QEMU reads them (a file cut inside it may still open).
     const clusterBits = first.length >= 24 ? first.readUInt32BE(20) : 0;
     const clusterBytes = clusterBits >= 9 && clusterBits <= 21 ? 2 ** clusterBits : 0;
-    const start = clusterBytes > first.length ? await readExactly(file, 0, Math.min(file.size, clusterBytes, headerReadSize), 'qcow2 header') : first;
+    const start = clusterBytes > first.length ? await readPadded(file, 0, Math.min(clusterBytes, headerReadSize), 'qcow2 header') : first;
     const header = parseHeader(start, file.path, file.size, options);
     let snapshots: Qcow2Snapshot[] = [];
     if (header.snapshotCount > 0) {
-      const table = await readExactly(file, header.snapshotsOffset, snapshotTableReadSize(header, file.size), 'snapshot table');
+      // Past the end of the file the table reads as zeros, as QEMU reads it.
+      const table = await readPadded(file, header.snapshotsOffset, snapshotTableReadSize(header, file.size, true), 'snapshot table');
       snapshots = parseSnapshotTable(table, header, file.path);
+    }
+    // QEMU loads the persistent bitmaps when it opens an image (qcow2_load_dirty_bitmaps): one it
+    // cannot load is an image it does not open.
+    if (header.bitmaps) {
+      const { clusterSize, virtualSize } = header;
+      const directory = await readPadded(file, header.bitmaps.directoryOffset, header.bitmaps.directorySize, 'bitmap directory');
+      for (const entry of parseBitmapDirectory(directory, header.bitmaps, clusterSize, virtualSize, file.path)) {
+        if (entry.inUse) continue;
+        checkBitmapTable(await readPadded(file, entry.tableOffset, entry.tableSize * 8, 'bitmap table'), entry, clusterSize, virtualSize, file.path);
+      }
     }
     return { header, snapshots };
   }
@@ -175,14 +203,13 @@ export class Qcow2Layer implements Layer {
       if (header.hasExternalDataFile) {
         throw new Qcow2Error('BAD_SNAPSHOT_TABLE', 'internal snapshots cannot be read from an image with an external data file', { path: file.path });
       }
-      const needed = Math.ceil(Math.floor(snapshot.virtualSize / 512) * 512 / (header.l2EntryCount * header.clusterSize));
       if (snapshot.l1Size * 8 > limits.maxL1Bytes) {
         throw new Qcow2Error('L1_TOO_LARGE', `L1 table of snapshot "${snapshot.name}" has ${snapshot.l1Size} entries`, { path: file.path });
       }
-      if (snapshot.l1Size < needed) {
-        throw new Qcow2Error('L1_TOO_SMALL', `L1 table of snapshot "${snapshot.name}" is too small for its disk size`, { path: file.path });
-      }
-      if (snapshot.l1Size > 0) checkTable(file.path, `L1 table of snapshot "${snapshot.name}"`, snapshot.l1TableOffset, snapshot.l1Size * 8, header.clusterSize, file.size);
+      // An L1 table too small for the snapshot's disk is not refused: QEMU reads what lies past
+      // its end as unallocated (qcow2_snapshot_load_tmp, qcow2_snapshot_goto).
+      // As qcow2_snapshot_load_tmp: aligned, wherever it lies (past the end it reads as zeros).
+      checkTableOffset(file.path, `L1 table of snapshot "${snapshot.name}"`, snapshot.l1TableOffset, header.clusterSize);
     }
     return new Qcow2Layer(file, header, snapshots, dataFile, snapshot);
   }
@@ -191,24 +218,14 @@ export class Qcow2Layer implements Layer {
     if (this.l1) return this.l1;
     // From the size being read: a snapshot's disk may be larger than the image's is now.
     const entries = Math.min(this.l1Size, Math.ceil(this.virtualSize / (this.header.l2EntryCount * this.header.clusterSize)));
-    const raw = entries > 0 ? await readExactly(this.file, this.l1Offset, entries * 8, 'L1 table') : Buffer.alloc(0);
+    const raw = await readPadded(this.file, this.l1Offset, entries * 8, 'L1 table');
     const l1 = new Float64Array(entries);
     for (let i = 0; i < entries; i++) {
-      const hi = raw.readUInt32BE(i * 8);
-      const lo = raw.readUInt32BE(i * 8 + 4);
-      // Reserved: bits 56-62 and 0-8; the offset is bits 9-55.
-      if ((hi & 0x7f000000) !== 0 || (lo & 0x1ff) !== 0) {
-        throw new Qcow2Error('BAD_L1_ENTRY', `L1 entry ${i} has reserved bits set`, { path: this.file.path, offset: this.l1Offset + i * 8 });
-      }
-      const offset = (hi & 0x00ffffff) * 2 ** 32 + (lo >>> 0);
+      // As QEMU reads it: the offset is bits 9-55, the reserved bits (0-8, 56-62) are ignored
+      // (qemu-img check reports them), and a table past the end of the file reads as zeros.
+      const offset = entryOffset(raw, i * 8);
       if (offset % this.header.clusterSize !== 0) {
         throw new Qcow2Error('UNALIGNED_OFFSET', `L1 entry ${i} points at L2 table offset ${offset}, not cluster aligned`, {
-          path: this.file.path,
-          offset: this.l1Offset + i * 8,
-        });
-      }
-      if (offset !== 0 && offset + this.header.clusterSize > this.file.size) {
-        throw new Qcow2Error('OFFSET_BEYOND_FILE', `L1 entry ${i} points at L2 table offset ${offset}, beyond the end of the file`, {
           path: this.file.path,
           offset: this.l1Offset + i * 8,
         });
@@ -220,7 +237,7 @@ export class Qcow2Layer implements Layer {
   }
 
   private l2Table(offset: number): Promise<Buffer> {
-    return this.l2Cache.get(offset, () => readExactly(this.file, offset, this.header.clusterSize, 'L2 table'));
+    return this.l2Cache.get(offset, () => readPadded(this.file, offset, this.header.clusterSize, 'L2 table'));
   }
 
   async status(start: number, end: number, out: LayerRun[]): Promise<void> {
@@ -258,9 +275,17 @@ export class Qcow2Layer implements Layer {
         const kindCode = runs[r + 2]!;
         const host = runs[r + 3]!;
         const skip = runStart - unitStart;
+        // Version 2 has no zero flag: QEMU takes a zero cluster there for corruption (qcow2_get_host_offset).
+        if (this.header.version < 3 && (kindCode === UnitKind.Zero || kindCode === UnitKind.ZeroAllocated)) {
+          const entry = runs[r]! + Math.floor((runStart - unitStart) / clusterSize);
+          throw new Qcow2Error('BAD_L2_ENTRY', `L2 entry ${entry} of the table at ${l2Offset}: a zero cluster in a version 2 image`, {
+            path: this.file.path,
+            offset: l2Offset + entry * l2EntryBytes,
+          });
+        }
         switch (kindCode) {
           case UnitKind.Unallocated:
-            if (extendedL2) this.pushUnallocatedSubclusters(out, table, tableStart, runStart, runEnd, dataFile);
+            if (extendedL2) this.pushUnallocatedSubclusters(out, table, tableStart, l2Offset, runStart, runEnd, dataFile);
             else pushRun(out, { start: runStart, length: runEnd - runStart, kind: 'unallocated', hostOffset: 0, compressedBytes: 0, clusterStart: 0 });
             break;
           case UnitKind.Zero:
@@ -268,6 +293,7 @@ export class Qcow2Layer implements Layer {
             break;
           case UnitKind.ZeroAllocated:
           case UnitKind.Data:
+            if (hasExternalDataFile) this.checkDataFileOffset(host, unitStart, l2Offset, tableStart);
             pushRun(out, {
               start: runStart,
               length: runEnd - runStart,
@@ -279,12 +305,7 @@ export class Qcow2Layer implements Layer {
             });
             break;
           case UnitKind.Compressed:
-            if (host >= this.file.size) {
-              throw new Qcow2Error('BAD_COMPRESSED_CLUSTER', `compressed cluster at guest offset ${unitStart} points at ${host}, beyond the end of the file`, {
-                path: this.file.path,
-                offset: l2Offset,
-              });
-            }
+            // One that lies past the end of the file is mapped as QEMU maps it; reading it fails.
             out.push({ start: runStart, length: runEnd - runStart, kind: 'compressed', file: this.file, hostOffset: host, compressedBytes: runs[r + 4]!, clusterStart: unitStart });
             break;
           default:
@@ -318,7 +339,7 @@ export class Qcow2Layer implements Layer {
     const table = await readExactly(this.file, refcountTableOffset, refcountTableClusters * clusterSize, 'refcount table');
     let count = 0;
     for (let index = 0; index * perBlock < endCluster && index * 8 < table.length && count < threshold; index++) {
-      const blockOffset = (table.readUInt32BE(index * 8) & 0x00ffffff) * 2 ** 32 + ((table.readUInt32BE(index * 8 + 4) & 0xfffffe00) >>> 0);
+      const blockOffset = entryOffset(table, index * 8);
       if (blockOffset === 0) continue;
       const block = await readExactly(this.file, blockOffset, clusterSize, 'refcount block');
       const entries = Math.min(perBlock, endCluster - index * perBlock);
@@ -340,16 +361,15 @@ export class Qcow2Layer implements Layer {
    * Unallocated subclusters of a cluster that has a host cluster keep its offset: QEMU's map
    * reports it (QCOW2_SUBCLUSTER_UNALLOCATED_ALLOC) where no backing file decides the range.
    */
-  private pushUnallocatedSubclusters(out: LayerRun[], table: Buffer, tableStart: number, start: number, end: number, dataFile: OpenFile): void {
+  private pushUnallocatedSubclusters(out: LayerRun[], table: Buffer, tableStart: number, l2Offset: number, start: number, end: number, dataFile: OpenFile): void {
     const { clusterSize, l2EntryBytes, hasExternalDataFile } = this.header;
     for (let at = start; at < end; ) {
       const index = Math.floor((at - tableStart) / clusterSize);
       const clusterStart = tableStart + index * clusterSize;
       const pieceEnd = Math.min(end, clusterStart + clusterSize);
-      const hi = table.readUInt32BE(index * l2EntryBytes);
-      const lo = table.readUInt32BE(index * l2EntryBytes + 4);
-      const host = (hi & 0x00ffffff) * 2 ** 32 + ((lo & 0xfffffe00) >>> 0);
-      const hasHost = host !== 0 || (hasExternalDataFile && (hi & 0x80000000) !== 0);
+      const host = entryOffset(table, index * l2EntryBytes);
+      const hasHost = host !== 0 || (hasExternalDataFile && (table.readUInt32BE(index * l2EntryBytes) & 0x80000000) !== 0);
+      if (hasHost && hasExternalDataFile) this.checkDataFileOffset(host, clusterStart, l2Offset, tableStart);
       pushRun(out, {
         start: at,
         length: pieceEnd - at,
@@ -360,6 +380,20 @@ export class Qcow2Layer implements Layer {
       });
       at = pieceEnd;
     }
+  }
+
+  /**
+   * In an external data file a cluster lies at its own guest offset: QEMU takes any other host
+   * offset for corruption and fails the read (qcow2_get_host_offset). `host` and `guest` are those
+   * of the same byte.
+   */
+  private checkDataFileOffset(host: number, guest: number, l2Offset: number, tableStart: number): void {
+    if (host === guest) return;
+    const entry = Math.floor((guest - tableStart) / this.header.clusterSize);
+    throw new Qcow2Error('BAD_L2_ENTRY', `L2 entry ${entry} of the table at ${l2Offset}: host offset ${host} in the external data file is not the guest offset ${guest}`, {
+      path: this.file.path,
+      offset: l2Offset + entry * this.header.l2EntryBytes,
+    });
   }
 
   async close(): Promise<void> {

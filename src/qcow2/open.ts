@@ -59,7 +59,7 @@ export async function open(path: string, options: OpenOptions = {}): Promise<Ima
 async function openQcow2Layer(file: OpenFile, snapshotName: string | undefined, options: OpenOptions, seen: Set<string>): Promise<Qcow2Layer> {
   let dataFile: OpenFile | undefined;
   try {
-    const { header, snapshots } = await Qcow2Layer.readHeader(file, { allowEncrypted: options.metadataOnly });
+    const { header, snapshots } = await Qcow2Layer.readHeader(file, { metadataOnly: options.metadataOnly });
     if (header.corrupt) options.onWarning?.(`${file.path}: image is marked corrupt; reading it anyway`);
     let snapshot: Qcow2Snapshot | undefined;
     if (snapshotName !== undefined) {

@@ -1013,7 +1013,7 @@ export const defects: readonly Defect[] = [
   },
   {
     name: 'xl2-bit0',
-    description: 'bit 0 (the zero flag without extended L2; reserved with it) set on an extended L2 data entry',
+    description: 'bit 0 (the zero flag without extended L2; ignored with it) set on an extended L2 data entry',
     bases: ['xl2'],
     apply(b, l) {
       const e = need(allEntries(l, 'normal')[0], 'data cluster');

@@ -92,6 +92,24 @@ export function qemuImg(args: readonly string[], cwd?: string): string {
 }
 
 /**
+ * qemu-img create of an encrypted image. Debian 12's qemu-img sizes LUKS key derivation by timing
+ * 32768 PBKDF2 iterations with the thread's CPU time from getrusage, which the kernel updates in
+ * steps, and gives up with "Unable to get accurate CPU usage" when that reads 0 ms. Here, on a
+ * busy 2-core host, that is one create in ten with a 64-byte key and nearly one in two with a
+ * 16-byte key (cast5-128, aes-128). That failure, and only it, is tried again, up to 20 times (a
+ * failed try costs at most what a create does): the chance that all fail is about 1e-7.
+ */
+export function qemuImgCreateEncrypted(args: readonly string[], cwd?: string): string {
+  for (let attempt = 1; ; attempt += 1) {
+    const result = run('qemu-img', ['create', ...args], cwd !== undefined ? { cwd } : {});
+    if (result.status === 0) return result.stdout;
+    if (attempt === 20 || !result.stderr.includes('Unable to get accurate CPU usage')) {
+      throw new Error(`qemu-img create ${args.join(' ')} failed (${result.status ?? result.signal}): ${result.stderr.trim()}`);
+    }
+  }
+}
+
+/**
  * Runs qemu-io commands on an image. With `kill`, the last command is expected to kill
  * qemu-io (`sigraise 9`), leaving the image as a crashed QEMU would.
  */
@@ -223,12 +241,17 @@ export function setFeatureBits(file: string, offset: number, mask: bigint): void
   patchFile(file, offset, u64(b.readBigUInt64BE(0) | mask));
 }
 
-/** Header extensions of a qcow2 file as [type, dataOffset, length]. */
-export function headerExtensions(file: string): { type: number; dataOffset: number; length: number }[] {
-  const head = Buffer.alloc(64 * KiB);
-  const fd = fs.openSync(file, 'r');
-  fs.readSync(fd, head, 0, head.length, 0);
-  fs.closeSync(fd);
+/** Header extensions of a qcow2 file (or of its bytes) as [type, dataOffset, length]. */
+export function headerExtensions(file: string | Buffer): { type: number; dataOffset: number; length: number }[] {
+  let head: Buffer;
+  if (typeof file === 'string') {
+    head = Buffer.alloc(64 * KiB);
+    const fd = fs.openSync(file, 'r');
+    fs.readSync(fd, head, 0, head.length, 0);
+    fs.closeSync(fd);
+  } else {
+    head = file;
+  }
   const version = head.readUInt32BE(4);
   let at = version >= 3 ? head.readUInt32BE(100) : 72;
   const out: { type: number; dataOffset: number; length: number }[] = [];
@@ -1138,7 +1161,7 @@ export function refusalFixtures(): RefusalFiles {
   const unknownBitName = 'qcow2img test feature';
   const build = (dir: string) => {
     const img = (...args: string[]) => qemuImg(args, dir);
-    img('create', '-q', '-f', 'qcow2', '--object', 'secret,id=sec0,data=abc', '-o', 'encrypt.format=luks,encrypt.key-secret=sec0', 'luks.qcow2', '1M');
+    qemuImgCreateEncrypted(['-q', '-f', 'qcow2', '--object', 'secret,id=sec0,data=abc', '-o', 'encrypt.format=luks,encrypt.key-secret=sec0', 'luks.qcow2', '1M'], dir);
     img('create', '-q', '-f', 'qcow2', '--object', 'secret,id=sec0,data=abc', '-o', 'encrypt.format=aes,encrypt.key-secret=sec0', 'aes.qcow2', '1M');
 
     img('create', '-q', '-f', 'qcow2', 'unknown-bit.qcow2', '1M');
