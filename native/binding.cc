@@ -651,6 +651,16 @@ class RestoreBatchWorker : public PromiseWorker {
     batch_.punchZeros = spec.Get("punchZeros").ToBoolean();
     batch_.startWriteback = spec.Get("startWriteback").ToBoolean();
     batch_.threads = uint32Field(spec, "threads", 2);
+    // The output as memory: a Uint8Array (over an ArrayBuffer or a SharedArrayBuffer) used in
+    // place, or outputFd mapped for the batch.
+    if (!spec.Get("outputBuffer").IsUndefined()) {
+      auto output = typedField<Napi::Uint8Array>(spec, "outputBuffer", napi_uint8_array);
+      batch_.outputMemory = output.Data();
+      batch_.outputLength = output.ByteLength();
+    } else if (spec.Get("mapOutput").ToBoolean()) {
+      batch_.mapOutput = true;
+      batch_.outputLength = unsignedField(spec, "outputLength");
+    }
     auto spans = float64Field(spec, "spans");  // pairs: page count, dump offset
     checkUnsignedElements(env, spans, "spans");
     for (size_t i = 0; i + 1 < spans.ElementLength(); i += 2) {

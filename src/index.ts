@@ -27,4 +27,4 @@ export { metadataSchema } from './snapshot/metadata';
 export { cpuStateSchema } from './vmstate/cpu';
 export type { Header as StateHeader, Index as StateIndex, Region as StateRegion, SectionEntry, ChunkMapEntry } from './vmstate/format';
 export { writeState, type WriteStateOptions, type WriteStateResult } from './vmstate/writer';
-export { StateFile, restoreMemory, type OpenStateOptions, type StateProblem } from './vmstate/reader';
+export { StateFile, restoreMemory, restoreMemoryInto, type MemoryTarget, type OpenStateOptions, type RestoreMemoryOptions, type RestoreMemoryResult, type StateProblem } from './vmstate/reader';

@@ -173,6 +173,11 @@ export interface NativeRestoreBatch {
   /** Start the batch's writeback at its end (sync_file_range), for a faster final fdatasync. */
   startWriteback?: boolean;
   threads: number;
+  /** Restore into this memory (dump offset 0 at its byte 0) instead of writing outputFd. */
+  outputBuffer?: Uint8Array;
+  /** Map outputFd (its first outputLength bytes) shared for the batch and write through the mapping (hugetlbfs). */
+  mapOutput?: boolean;
+  outputLength?: number;
 }
 
 export interface NativeAddon {

@@ -225,7 +225,7 @@ export const commands: readonly CommandSpec[] = [
     options: [
       { long: 'disk', value: 'SRC', help: 'raw disk (file, block device or partition) to capture as disk.qcow2' },
       { long: 'memory', value: 'RAM', help: 'raw guest RAM dump' },
-      { long: 'memory-map', value: 'MAP', help: 'how the dump maps to guest-physical memory (needs --memory): q35:SIZE or pc:SIZE as QEMU lays out that machine\'s RAM, a JSON file of regions, or a file of `info mtree -f` output; default: one region from 0' },
+      { long: 'memory-map', value: 'MAP', help: 'how the dump maps to guest-physical memory (needs --memory): q35:SIZE or pc:SIZE as QEMU lays out that machine\'s RAM, a JSON file of regions, or a file of `info mtree -f` output; its regions must cover the whole dump without overlapping; default: one region from 0' },
       { long: 'cpu', value: 'CPU.json', help: 'vCPU state, as JSON' },
       { long: 'device', value: 'NAME=FILE', repeatable: true, help: 'an opaque device-state blob (repeatable)' },
       { long: 'parent', value: 'BUNDLE', help: 'the previous snapshot: store only what changed since' },
@@ -252,6 +252,8 @@ export const commands: readonly CommandSpec[] = [
     options: [
       { long: 'disk', value: 'TARGET', help: 'where the disk goes: a file, a block device, or a disk with --partition/--offset' },
       { long: 'memory', value: 'FILE', help: 'where the RAM dump goes (a new file; zero pages stay holes)' },
+      { long: 'in-place', help: 'with --memory: restore into the existing FILE where it stands (tmpfs, hugetlbfs through a mapping, a block device; an empty file is sized), zeroing the snapshot\'s zero pages' },
+      { long: 'memory-is-zero', help: 'with --in-place: FILE already reads as zeros, so the snapshot\'s zero pages are left untouched' },
       { long: 'cpu', value: 'FILE.json', help: 'where the vCPU state goes' },
       { long: 'device-dir', value: 'DIR', help: 'folder that receives one file a device blob' },
       ...targetOptions,
@@ -262,6 +264,7 @@ export const commands: readonly CommandSpec[] = [
     examples: [
       { command: 'qcow2img snapshot restore snaps/s2 --disk /dev/vg/guest --memory ram.raw --cpu cpu.json', does: 'disk, memory and vCPU state, through the parent chain' },
       { command: 'qcow2img snapshot restore s1.tar.zst --memory ram.raw --temp-dir /var/tmp', does: 'from an archive' },
+      { command: 'qcow2img snapshot restore snaps/s2 --memory /dev/hugepages/vm1.ram --in-place', does: 'into the existing memory backend file of a VM' },
     ],
   },
   {

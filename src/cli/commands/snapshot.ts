@@ -113,12 +113,16 @@ export interface RestoreFlags {
   force?: boolean;
   overwrite?: boolean;
   targetIsZero?: boolean;
+  inPlace?: boolean;
+  memoryIsZero?: boolean;
   threads?: number;
   tempDir?: string;
   json?: boolean;
 }
 
 export async function restore([bundle]: string[], flags: RestoreFlags): Promise<void> {
+  if (flags.inPlace && flags.memory === undefined) throw new UsageError('--in-place needs --memory', 'snapshot restore');
+  if (flags.memoryIsZero && !flags.inPlace) throw new UsageError('--memory-is-zero needs --in-place', 'snapshot restore');
   const result = await untilInterrupted((signal) =>
     restoreSnapshot(bundle!, {
       signal,
@@ -136,6 +140,8 @@ export async function restore([bundle]: string[], flags: RestoreFlags): Promise<
       force: flags.force === true,
       overwrite: flags.overwrite === true,
       targetIsZero: flags.targetIsZero === true,
+      ...(flags.inPlace ? { memoryInPlace: true } : {}),
+      ...(flags.memoryIsZero ? { memoryZeroed: true } : {}),
     }),
   );
   if (flags.json) {
@@ -144,7 +150,7 @@ export async function restore([bundle]: string[], flags: RestoreFlags): Promise<
   }
   const parts: string[] = [];
   if (result.disk) parts.push(`disk ${humanBytes(result.disk.virtualSize)} into ${result.disk.target}${result.disk.verified ? ' (verified)' : ''}`);
-  if (result.memory) parts.push(`memory ${humanBytes(result.memory.bytes)} into ${result.memory.path}`);
+  if (result.memory) parts.push(`memory ${humanBytes(result.memory.bytes)} into ${result.memory.path ?? 'memory'}${flags.inPlace ? ` (in place${result.memory.method === 'mmap' ? ', through a mapping' : ''})` : ''}`);
   if (result.cpu) parts.push(`vCPU state into ${result.cpu}`);
   if (result.devices?.length) parts.push(`${result.devices.length} device blob${result.devices.length === 1 ? '' : 's'}`);
   say(`qcow2img: restored ${parts.join('; ') || 'nothing'} from ${bundle}`);
