@@ -10,6 +10,12 @@
  *
  *   node benchmarks/snapshot.mjs [--runs 3] [--cache-dir .cache/vm] [--quiet-timeout 15]
  *                                [--max-others-cpu 0.3] [--attempts 4] [--profile|--no-profile]
+ *                                [--skip-busy] [--skip-library]
+ *
+ * Two dumps, side by side: the booted guest's (mostly zero pages) and a busy guest's (busy.raw,
+ * made once from it by makeBusyDump: its zero pages, but for every 40th, filled page by page with the
+ * host's files, as a busy guest's page cache holds them: real, compressible but varied data). The
+ * summary table gives, for each dump, the time ratio and size ratio against zstd and both peak RSS.
  *
  * The issue's bars: create at least 3x faster than zstd and no larger (our size = state.qvms);
  * restore at least as fast as zstd -d. Each figure is the median of --runs runs, the tools taking
@@ -257,6 +263,243 @@ async function child(spec, prepare) {
   return { ...JSON.parse(line), processSeconds: result.seconds, cpuSeconds: result.cpuSeconds, rssBytes: result.rssBytes, othersCpuSeconds: result.othersCpuSeconds, attempts: result.attempts };
 }
 
+/**
+ * Create and restore of one RAM dump, each tool in turn, `runs` times: prints the two tables and
+ * returns the medians for the side-by-side summary.
+ */
+async function compare({ label, ram, cpu, build, outDir, runs }) {
+  const name = path.basename(ram);
+  const bundle = path.join(outDir, 'snap');
+  const restored = path.join(outDir, 'snap.raw');
+  const zst = path.join(outDir, 'ram.zst');
+  const zstOut = path.join(outDir, 'ram.out');
+  const cpuOut = path.join(outDir, 'cpu.out.json');
+  for (const file of [ram, path.join(bundle, 'state.qvms'), zst]) warmFiles.add(file);
+  warm(ram);
+  const ours = { create: [], restore: [] };
+  const zstd = { create: [], restore: [] };
+  let verified;
+  for (let r = 0; r < runs; r++) {
+    const doOurs = async () => {
+      const c = await measured(() => rm(bundle), process.execPath, [build.cliPath, 'snapshot', 'create', bundle, '--memory', ram, '--cpu', cpu]);
+      c.bytes = fs.statSync(path.join(bundle, 'state.qvms')).size;
+      ours.create.push(c);
+      ours.restore.push(await measured(() => rm(restored), process.execPath, [build.cliPath, 'snapshot', 'restore', bundle, '--memory', restored]));
+    };
+    const doZstd = async () => {
+      const c = await measured(() => rm(zst), 'zstd', ['-q', '-T2', '-3', '-f', ram, '-o', zst]);
+      c.bytes = fs.statSync(zst).size;
+      zstd.create.push(c);
+      zstd.restore.push(await measured(() => rm(zstOut), 'zstd', ['-q', '-d', '-f', zst, '-o', zstOut]));
+    };
+    // The tools take turns at going first.
+    for (const step of r % 2 === 0 ? [doOurs, doZstd] : [doZstd, doOurs]) await step();
+    if (!verified) {
+      // Once, untimed: the RAM byte for byte, the CPU JSON back equal, zstd's output too.
+      const same = (a, b) => spawnSync('cmp', ['-s', a, b]).status === 0;
+      rm(cpuOut);
+      await run(process.execPath, [build.cliPath, 'snapshot', 'restore', bundle, '--cpu', cpuOut]);
+      const cpuBack = isDeepStrictEqual(JSON.parse(fs.readFileSync(cpuOut, 'utf8')), JSON.parse(fs.readFileSync(cpu, 'utf8')));
+      const verify = await run(process.execPath, [build.cliPath, 'snapshot', 'verify', bundle], { allowFailure: true });
+      verified = { ram: same(ram, restored), cpu: cpuBack, zstd: same(ram, zstOut), verify: verify.code === 0 };
+    }
+    rm(restored, zstOut);
+  }
+
+  const m = (list, key) => median(list.map((x) => x[key]));
+  const worst = (list, key) => Math.max(...list.map((x) => x[key]));
+  const row = (name, list) => [name, f2(m(list, 'seconds')), f2(m(list, 'sync')), f2(m(list, 'cpuSeconds')), humanBytes(m(list, 'rssBytes')), `${f2(worst(list, 'othersCpuSeconds'))} (${list.reduce((n, x) => n + x.attempts, 0)} runs)`];
+  const header = ['command', 'seconds', 'sync after', 'CPU s', 'peak RSS', 'others\' CPU s (worst)'];
+  const ourCreate = m(ours.create, 'seconds');
+  const zstdCreate = m(zstd.create, 'seconds');
+  const ourRestore = m(ours.restore, 'seconds');
+  const zstdRestore = m(zstd.restore, 'seconds');
+  const ourBytes = ours.create.at(-1).bytes;
+  const zstdBytes = zstd.create.at(-1).bytes;
+  const pass = (ok) => (ok ? 'PASS' : 'FAIL');
+  const createBar = zstdCreate / ourCreate >= 3 && ourBytes <= zstdBytes;
+  const restoreBar = ourRestore <= zstdRestore;
+
+  console.log(`## Create: ${label} (median of ${runs})`);
+  console.log('');
+  console.log(
+    markdownTable(
+      [...header, 'output'],
+      [
+        [...row(`qcow2img snapshot create OUT --memory ${name} --cpu cpu.json`, ours.create), `${mb(ourBytes)} (state.qvms)`],
+        [...row(`zstd -T2 -3 -f ${name} -o ram.zst`, zstd.create), mb(zstdBytes)],
+      ],
+    ),
+  );
+  console.log('');
+  console.log(`- speed: zstd / qcow2img = ${f2(zstdCreate / ourCreate)}x (bar: >= 3x); CPU: zstd / qcow2img = ${f2(m(zstd.create, 'cpuSeconds') / m(ours.create, 'cpuSeconds'))}x; size: qcow2img / zstd = ${f3(ourBytes / zstdBytes)} (bar: <= 1): ${pass(createBar)}`);
+  console.log('');
+  console.log(`## Restore: ${label} (median of ${runs})`);
+  console.log('');
+  console.log(
+    markdownTable(header, [
+      row('qcow2img snapshot restore OUT --memory OUT.raw', ours.restore),
+      row('zstd -d -f ram.zst -o ram.out', zstd.restore),
+    ]),
+  );
+  console.log('');
+  console.log(`- speed: zstd / qcow2img = ${f2(zstdRestore / ourRestore)}x (bar: >= 1x); CPU: zstd / qcow2img = ${f2(m(zstd.restore, 'cpuSeconds') / m(ours.restore, 'cpuSeconds'))}x: ${pass(restoreBar)}`);
+  console.log(`- verified once: restored RAM ${verified.ram ? 'equals' : 'DIFFERS FROM'} ${name} (cmp); CPU JSON ${verified.cpu ? 'round-trips equal' : 'DIFFERS'}; snapshot verify ${verified.verify ? 'clean' : 'FAILED'}; zstd's output ${verified.zstd ? 'equals' : 'DIFFERS FROM'} ${name}`);
+  console.log('');
+
+  return {
+    label, createSeconds: [ourCreate, zstdCreate], restoreSeconds: [ourRestore, zstdRestore], bytes: [ourBytes, zstdBytes],
+    createRss: [m(ours.create, 'rssBytes'), m(zstd.create, 'rssBytes')], restoreRss: [m(ours.restore, 'rssBytes'), m(zstd.restore, 'rssBytes')],
+    createBar, restoreBar, verified,
+  };
+}
+
+// ---- the busy guest's RAM dump ----
+
+/** Host folders whose files fill the busy dump, in this order (sorted walk): binaries, libraries, text. */
+const busySources = ['/usr/lib/x86_64-linux-gnu', '/usr/bin', '/usr/share/perl', '/usr/share/locale', '/usr/share/doc', '/usr/lib/python3', '/usr/share'];
+const BUSY_RECIPE = 'busy-2: booted guest pages kept; its zero pages, but for every 40th, filled with host files page by page, a file from each folder in turn (' + busySources.join(', ') + ')';
+
+function* filesUnder(root, seen) {
+  let entries;
+  try {
+    entries = fs.readdirSync(root, { withFileTypes: true }).sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0));
+  } catch {
+    return;
+  }
+  for (const entry of entries) {
+    const full = path.join(root, entry.name);
+    if (entry.isDirectory()) yield* filesUnder(full, seen);
+    else if (entry.isFile() && !seen.has(full)) {
+      seen.add(full);
+      yield full;
+    }
+  }
+}
+
+/**
+ * A RAM dump of a busy guest, made once from the booted guest's (ram.raw): its non-zero pages kept
+ * where they are (kernel, processes, tmpfs text), and its zero pages, but for every 40th, filled with
+ * what a busy guest's page cache holds: the host's files (shared libraries, executables, documentation,
+ * Perl modules, locale catalogues) read page by page, each file's last page zero-padded as the page
+ * cache holds it. Real, compressible but varied data, with few zero pages. Cached as busy.raw with
+ * its make-up in busy.json, made again when the recipe changes.
+ */
+function makeBusyDump(dir, ram) {
+  const out = path.join(dir, 'busy.raw');
+  const metaPath = path.join(dir, 'busy.json');
+  try {
+    const meta = JSON.parse(fs.readFileSync(metaPath, 'utf8'));
+    if (meta.recipe === BUSY_RECIPE && fs.statSync(out).size === fs.statSync(ram).size) return out;
+  } catch {
+    // made below
+  }
+  console.error('making the busy RAM dump (once)...');
+  const size = fs.statSync(ram).size;
+  const page = 4096;
+  const source = fs.openSync(ram, 'r');
+  const temporary = `${out}.tmp`;
+  const target = fs.openSync(temporary, 'w');
+  // A file from each folder in turn: a page cache holds libraries, executables and text side by side.
+  const files = (function* () {
+    const seen = new Set();
+    const walks = busySources.map((root) => filesUnder(root, seen));
+    while (walks.length) {
+      for (let i = 0; i < walks.length; ) {
+        const next = walks[i].next();
+        if (next.done) walks.splice(i, 1);
+        else {
+          yield next.value;
+          i++;
+        }
+      }
+    }
+  })();
+  let current; // { fd, position, size }
+  const nextFilePage = (into) => {
+    for (;;) {
+      if (!current) {
+        const next = files.next();
+        if (next.done) return false;
+        try {
+          const fd = fs.openSync(next.value, 'r');
+          current = { fd, position: 0, size: fs.fstatSync(fd).size };
+        } catch {
+          continue;
+        }
+      }
+      if (current.position < current.size) {
+        into.fill(0);
+        const n = fs.readSync(current.fd, into, 0, page, current.position);
+        current.position += page;
+        if (n > 0) return true;
+      }
+      fs.closeSync(current.fd);
+      current = undefined;
+    }
+  };
+  const batch = Buffer.alloc(16 << 20);
+  const makeup = { pages: size / page, keptFromGuest: 0, fromFiles: 0, zero: 0 };
+  const zeroPage = Buffer.alloc(page);
+  let zeroSeen = 0;
+  for (let offset = 0; offset < size; offset += batch.length) {
+    const n = fs.readSync(source, batch, 0, Math.min(batch.length, size - offset), offset);
+    for (let at = 0; at < n; at += page) {
+      const p = batch.subarray(at, at + page);
+      if (!p.equals(zeroPage)) {
+        makeup.keptFromGuest++;
+        continue;
+      }
+      if (zeroSeen++ % 40 === 0 || !nextFilePage(p)) {
+        makeup.zero++;
+        continue;
+      }
+      makeup.fromFiles++;
+    }
+    fs.writeSync(target, batch, 0, n, offset);
+  }
+  if (current) fs.closeSync(current.fd);
+  fs.closeSync(source);
+  fs.fsyncSync(target);
+  fs.closeSync(target);
+  fs.renameSync(temporary, out);
+  fs.writeFileSync(metaPath, JSON.stringify({ recipe: BUSY_RECIPE, makeup }, null, 2) + '\n');
+  return out;
+}
+
+function busyDescription(busyRam) {
+  try {
+    const { makeup } = JSON.parse(fs.readFileSync(path.join(path.dirname(busyRam), 'busy.json'), 'utf8'));
+    const pct = (n) => `${((100 * n) / makeup.pages).toFixed(1)}%`;
+    return `the booted guest's pages (${pct(makeup.keptFromGuest)}) with its zero pages filled from host files (${pct(makeup.fromFiles)}: libraries, executables, docs, Perl, locales); ${pct(makeup.zero)} zero pages`;
+  } catch {
+    return 'made from ram.raw';
+  }
+}
+
+/** Both dumps side by side: time and size ratios (zstd / qcow2img for time, qcow2img / zstd for size) and peak RSS. */
+function printSideBySide(results, runs) {
+  console.log(`## Side by side: qcow2img vs \`zstd -T2 -3\` / \`zstd -d\` (medians of ${runs})`);
+  console.log('');
+  const rows = [];
+  for (const r of results) {
+    const name = r.label.split(':')[0];
+    rows.push([
+      `${name}: create`,
+      `${f2(r.createSeconds[0])} s, ${mb(r.bytes[0])}`,
+      `${f2(r.createSeconds[1])} s, ${mb(r.bytes[1])}`,
+      `${f2(r.createSeconds[1] / r.createSeconds[0])}x`,
+      f3(r.bytes[0] / r.bytes[1]),
+      `${humanBytes(r.createRss[0])} / ${humanBytes(r.createRss[1])}`,
+    ]);
+    rows.push([`${name}: restore`, `${f2(r.restoreSeconds[0])} s`, `${f2(r.restoreSeconds[1])} s`, `${f2(r.restoreSeconds[1] / r.restoreSeconds[0])}x`, '-', `${humanBytes(r.restoreRss[0])} / ${humanBytes(r.restoreRss[1])}`]);
+  }
+  console.log(markdownTable(['dump: step', 'qcow2img', 'zstd', 'time ratio (zstd / qcow2img)', 'size ratio (qcow2img / zstd)', 'peak RSS (qcow2img / zstd)'], rows));
+  console.log('');
+  for (const r of results) console.log(`- ${r.label}; verified: restored RAM ${r.verified.ram ? 'equals' : 'DIFFERS FROM'} the dump, zstd's output ${r.verified.zstd ? 'equals' : 'DIFFERS FROM'} it`);
+  console.log('');
+}
+
 // ---- main ----
 
 async function main() {
@@ -269,13 +512,15 @@ async function main() {
       attempts: { type: 'string', default: String(runOptions.attempts) },
       profile: { type: 'boolean' },
       'no-profile': { type: 'boolean' },
+      'skip-busy': { type: 'boolean' },
+      'skip-library': { type: 'boolean' },
       child: { type: 'string' },
       help: { type: 'boolean', short: 'h' },
     },
   });
   if (values.child) return childMain(JSON.parse(values.child));
   if (values.help) {
-    console.log('usage: node benchmarks/snapshot.mjs [--runs 3] [--cache-dir .cache/vm] [--quiet-timeout 15] [--max-others-cpu 0.3] [--attempts 4] [--profile|--no-profile]');
+    console.log('usage: node benchmarks/snapshot.mjs [--runs 3] [--cache-dir .cache/vm] [--quiet-timeout 15] [--max-others-cpu 0.3] [--attempts 4] [--profile|--no-profile] [--skip-busy] [--skip-library]');
     return;
   }
   const runs = Math.max(1, Number(values.runs));
@@ -330,77 +575,20 @@ async function main() {
   console.log(`- each run waited up to ${runOptions.quietTimeout} s for a quiet second and was redone (up to ${runOptions.attempts} attempts, least disturbed kept) when the rest of the machine used over ${runOptions.maxOthersCpu} CPU s during it`);
   console.log('');
 
-  const ours = { create: [], restore: [] };
-  const zstd = { create: [], restore: [] };
-  let verified;
-  for (let r = 0; r < runs; r++) {
-    const doOurs = async () => {
-      const c = await measured(() => rm(bundle), process.execPath, [build.cliPath, 'snapshot', 'create', bundle, '--memory', ram, '--cpu', cpu]);
-      c.bytes = fs.statSync(path.join(bundle, 'state.qvms')).size;
-      ours.create.push(c);
-      ours.restore.push(await measured(() => rm(restored), process.execPath, [build.cliPath, 'snapshot', 'restore', bundle, '--memory', restored]));
-    };
-    const doZstd = async () => {
-      const c = await measured(() => rm(zst), 'zstd', ['-q', '-T2', '-3', '-f', ram, '-o', zst]);
-      c.bytes = fs.statSync(zst).size;
-      zstd.create.push(c);
-      zstd.restore.push(await measured(() => rm(zstOut), 'zstd', ['-q', '-d', '-f', zst, '-o', zstOut]));
-    };
-    // The tools take turns at going first.
-    for (const step of r % 2 === 0 ? [doOurs, doZstd] : [doZstd, doOurs]) await step();
-    if (!verified) {
-      // Once, untimed: the RAM byte for byte, the CPU JSON back equal, zstd's output too.
-      const same = (a, b) => spawnSync('cmp', ['-s', a, b]).status === 0;
-      rm(cpuOut);
-      await run(process.execPath, [build.cliPath, 'snapshot', 'restore', bundle, '--cpu', cpuOut]);
-      const cpuBack = isDeepStrictEqual(JSON.parse(fs.readFileSync(cpuOut, 'utf8')), JSON.parse(fs.readFileSync(cpu, 'utf8')));
-      const verify = await run(process.execPath, [build.cliPath, 'snapshot', 'verify', bundle], { allowFailure: true });
-      verified = { ram: same(ram, restored), cpu: cpuBack, zstd: same(ram, zstOut), verify: verify.code === 0 };
-    }
-    rm(restored, zstOut);
+  const mostlyZero = await compare({ label: `mostly-zero: ${path.basename(ram)}, the booted guest${makeup}`, ram, cpu, build, outDir, runs });
+  const { zstdCreate, zstdRestore, createBar, restoreBar } = { zstdCreate: mostlyZero.createSeconds[1], zstdRestore: mostlyZero.restoreSeconds[1], createBar: mostlyZero.createBar, restoreBar: mostlyZero.restoreBar };
+  const results = [mostlyZero];
+  if (!values['skip-busy']) {
+    const busyRam = makeBusyDump(dir, ram);
+    results.push(await compare({ label: `busy: ${path.basename(busyRam)}, ${busyDescription(busyRam)}`, ram: busyRam, cpu, build, outDir, runs }));
+    warmFiles.delete(busyRam);
   }
-
-  const m = (list, key) => median(list.map((x) => x[key]));
-  const worst = (list, key) => Math.max(...list.map((x) => x[key]));
-  const row = (name, list) => [name, f2(m(list, 'seconds')), f2(m(list, 'sync')), f2(m(list, 'cpuSeconds')), humanBytes(m(list, 'rssBytes')), `${f2(worst(list, 'othersCpuSeconds'))} (${list.reduce((n, x) => n + x.attempts, 0)} runs)`];
-  const header = ['command', 'seconds', 'sync after', 'CPU s', 'peak RSS', 'others\' CPU s (worst)'];
-  const ourCreate = m(ours.create, 'seconds');
-  const zstdCreate = m(zstd.create, 'seconds');
-  const ourRestore = m(ours.restore, 'seconds');
-  const zstdRestore = m(zstd.restore, 'seconds');
-  const ourBytes = ours.create.at(-1).bytes;
-  const zstdBytes = zstd.create.at(-1).bytes;
-  const pass = (ok) => (ok ? 'PASS' : 'FAIL');
-  const createBar = zstdCreate / ourCreate >= 3 && ourBytes <= zstdBytes;
-  const restoreBar = ourRestore <= zstdRestore;
-
-  console.log(`## Create (median of ${runs})`);
-  console.log('');
-  console.log(
-    markdownTable(
-      [...header, 'output'],
-      [
-        [...row('qcow2img snapshot create OUT --memory ram.raw --cpu cpu.json', ours.create), `${mb(ourBytes)} (state.qvms)`],
-        [...row('zstd -T2 -3 -f ram.raw -o ram.zst', zstd.create), mb(zstdBytes)],
-      ],
-    ),
-  );
-  console.log('');
-  console.log(`- speed: zstd / qcow2img = ${f2(zstdCreate / ourCreate)}x (bar: >= 3x); CPU: zstd / qcow2img = ${f2(m(zstd.create, 'cpuSeconds') / m(ours.create, 'cpuSeconds'))}x; size: qcow2img / zstd = ${f3(ourBytes / zstdBytes)} (bar: <= 1): ${pass(createBar)}`);
-  console.log('');
-  console.log(`## Restore (median of ${runs})`);
-  console.log('');
-  console.log(
-    markdownTable(header, [
-      row('qcow2img snapshot restore OUT --memory OUT.raw', ours.restore),
-      row('zstd -d -f ram.zst -o ram.out', zstd.restore),
-    ]),
-  );
-  console.log('');
-  console.log(`- speed: zstd / qcow2img = ${f2(zstdRestore / ourRestore)}x (bar: >= 1x); CPU: zstd / qcow2img = ${f2(m(zstd.restore, 'cpuSeconds') / m(ours.restore, 'cpuSeconds'))}x: ${pass(restoreBar)}`);
-  console.log(`- verified once: restored RAM ${verified.ram ? 'equals' : 'DIFFERS FROM'} ram.raw (cmp); CPU JSON ${verified.cpu ? 'round-trips equal' : 'DIFFERS'}; snapshot verify ${verified.verify ? 'clean' : 'FAILED'}; zstd's output ${verified.zstd ? 'equals' : 'DIFFERS FROM'} ram.raw`);
-  console.log('');
-
+  printSideBySide(results, runs);
+  if (values['skip-library']) {
+    rm(bundle, restored);
+    if (coldFound) console.log(`- note: ${coldFound} times an input file had partly left the page cache before a run and was read back in before that run started`);
+    return;
+  }
   // ---- the library alone, and start-up ----
   const startup = { node0: [], cliHelp: [], inspect: [], load: [] };
   const lib = { write: [], bundle: [], restore: [] };

@@ -393,9 +393,38 @@ class CopyWorker : public PromiseWorker {
     job_.windowHashes = bigUint64Field(spec, "windowHashes", 2, &hashWords);
     job_.windowHashCount = hashWords / 2;
     job_.hashedSize = unsignedField(spec, "hashedSize");
+    // extraTargets: [{fd, tailFd, base, limitStart, limitEnd, alignment, zeroMode}]. With it the
+    // job resolves to one entry per target (its own first): null, or the error that stopped it.
+    Napi::Value extra = spec.Get("extraTargets");
+    if (!extra.IsUndefined()) {
+      if (!extra.IsArray()) throw Napi::TypeError::New(env, "extraTargets must be an array");
+      if (job_.memory != nullptr) throw Napi::TypeError::New(env, "extraTargets cannot go with memory");
+      auto list = extra.As<Napi::Array>();
+      for (uint32_t i = 0; i < list.Length(); i++) {
+        Napi::Value entry = list.Get(i);
+        if (!entry.IsObject()) throw Napi::TypeError::New(env, "extraTargets must hold objects");
+        Napi::Object t = entry.As<Napi::Object>();
+        job_.extraTargets.push_back(ExtraTarget{intField(t, "fd", -1), intField(t, "tailFd", -1), unsignedField(t, "base"),
+                                                unsignedField(t, "limitStart"), unsignedField(t, "limitEnd"),
+                                                uint32Field(t, "alignment"), enumField(t, "zeroMode", ZeroMode::Skip)});
+      }
+      perTarget_ = true;
+    }
   }
-  void Execute() override { result_ = runCopyJob(job_); }
+  void Execute() override { result_ = perTarget_ ? runCopyJob(job_, &targetErrors_) : runCopyJob(job_); }
   Napi::Value Result(Napi::Env env) override {
+    if (perTarget_) {
+      // Only a failure of the job as such (read, decompress, plan, cancel) rejects; a target's
+      // own failure is its entry, even when every target failed.
+      bool allTargets = !targetErrors_.empty();
+      for (const CopyError& e : targetErrors_) allTargets = allTargets && e.failed;
+      if (result_.failed && !allTargets) throw copyError(env, result_);
+      Napi::Array out = Napi::Array::New(env, targetErrors_.size());
+      for (uint32_t i = 0; i < targetErrors_.size(); i++) {
+        out.Set(i, targetErrors_[i].failed ? copyError(env, targetErrors_[i]).Value() : env.Null());
+      }
+      return out;
+    }
     if (result_.failed) throw copyError(env, result_);
     return env.Undefined();
   }
@@ -403,6 +432,8 @@ class CopyWorker : public PromiseWorker {
  private:
   CopyJob job_;
   CopyError result_;
+  bool perTarget_ = false;
+  std::vector<CopyError> targetErrors_;
 };
 
 // verify(job) -> Promise<number>: the first window whose bytes differ, or -1.
@@ -620,6 +651,16 @@ class RestoreBatchWorker : public PromiseWorker {
     batch_.punchZeros = spec.Get("punchZeros").ToBoolean();
     batch_.startWriteback = spec.Get("startWriteback").ToBoolean();
     batch_.threads = uint32Field(spec, "threads", 2);
+    // The output as memory: a Uint8Array (over an ArrayBuffer or a SharedArrayBuffer) used in
+    // place, or outputFd mapped for the batch.
+    if (!spec.Get("outputBuffer").IsUndefined()) {
+      auto output = typedField<Napi::Uint8Array>(spec, "outputBuffer", napi_uint8_array);
+      batch_.outputMemory = output.Data();
+      batch_.outputLength = output.ByteLength();
+    } else if (spec.Get("mapOutput").ToBoolean()) {
+      batch_.mapOutput = true;
+      batch_.outputLength = unsignedField(spec, "outputLength");
+    }
     auto spans = float64Field(spec, "spans");  // pairs: page count, dump offset
     checkUnsignedElements(env, spans, "spans");
     for (size_t i = 0; i + 1 < spans.ElementLength(); i += 2) {
@@ -787,6 +828,12 @@ Napi::Value RangeFn(const Napi::CallbackInfo& info) {
   return Napi::Number::New(info.Env(), Operation(fd, offset, length));
 }
 
+// memoryFile(name) -> fd or -errno.
+Napi::Value MemoryFile(const Napi::CallbackInfo& info) {
+  if (info.Length() < 1 || !info[0].IsString()) throw Napi::TypeError::New(info.Env(), "memoryFile(name)");
+  return Napi::Number::New(info.Env(), memoryFile(info[0].As<Napi::String>().Utf8Value().c_str()));
+}
+
 // new ZstdStream(compress, level, workers); stream.step(input, output, end)
 //   -> Promise<{consumed, produced, finished}>. One step in flight at a time (the
 //   JS side awaits each); the step runs on a worker thread, buffers used in place.
@@ -876,6 +923,8 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("willNeed", Napi::Function::New(env, RangeFn<willNeed>, "willNeed"));
   exports.Set("lockByte", Napi::Function::New(env, ByteLockFn<lockByte>, "lockByte"));
   exports.Set("byteLocked", Napi::Function::New(env, ByteLockFn<byteLocked>, "byteLocked"));
+  exports.Set("memoryFile", Napi::Function::New(env, MemoryFile, "memoryFile"));
+  exports.Set("punchHole", Napi::Function::New(env, RangeFn<punchHole>, "punchHole"));
   exports.Set("directIoAlignment", Napi::Function::New(env, DirectIoAlignment, "directIoAlignment"));
   return exports;
 }

@@ -43,9 +43,9 @@ qemu-user-static  | qemu-aarch64-static    | running arm64 builds on x86-64
 debootstrap       | debootstrap            | prebuilds made in an older Debian root; .ci/run
 binutils          | readelf                | checks of the prebuilt addon (symbol versions)
 man-db            | man                    | tests render the man page qcow2img.1
-groff-base        | nroff                  | man's formatter
+groff-base        | nroff                  | the formatter man runs
 openssl           | openssl                | HTTPS tests make their CA and certificates
-qemu-block-extra  |                        | benchmarks: qemu-img's curl driver reads http(s) images
+qemu-block-extra  |                        | benchmarks: the curl driver of qemu-img reads http(s) images
 '
 
 # The first column of REQUIREMENTS.

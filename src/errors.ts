@@ -51,7 +51,11 @@ export type Qcow2ErrorCode =
   | 'INVALID_ARGUMENT'
   | 'CLOSED'
   | 'CANCELLED'
-  | 'IO_ERROR';
+  | 'IO_ERROR'
+  // http(s) sources
+  | 'HTTP_ERROR'
+  | 'SOURCE_CHANGED'
+  | 'RANGE_NOT_SUPPORTED';
 
 const brand = Symbol.for('qcow2img.Qcow2Error');
 

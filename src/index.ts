@@ -12,6 +12,8 @@ export { Image, type ImageInfo, type MapEntry, type OpenOptions, type ReadStream
 export type { PathPolicy } from './qcow2/paths';
 export type { CompressionType } from './qcow2/header';
 export type { EncryptionInfo, LuksInfo, LuksSlot } from './qcow2/luks';
+export { loadMany, type LoadManyResult, type TargetOutcome } from './load/many';
+export type { HttpOptions } from './http/client';
 export { load, type LoadOptions, type LoadResult, type Progress, type ProgressCallback, type DirectMode, type TargetOptions } from './load/index';
 export { loadToStream, type LoadToStreamOptions, type LoadToStreamResult } from './load/stream';
 export { capture, type CaptureOptions, type CaptureResult } from './capture/index';
@@ -26,4 +28,4 @@ export { metadataSchema } from './snapshot/metadata';
 export { cpuStateSchema } from './vmstate/cpu';
 export type { Header as StateHeader, Index as StateIndex, Region as StateRegion, SectionEntry, ChunkMapEntry } from './vmstate/format';
 export { writeState, type WriteStateOptions, type WriteStateResult } from './vmstate/writer';
-export { StateFile, restoreMemory, type OpenStateOptions, type StateProblem } from './vmstate/reader';
+export { StateFile, restoreMemory, restoreMemoryInto, type MemoryTarget, type OpenStateOptions, type RestoreMemoryOptions, type RestoreMemoryResult, type StateProblem } from './vmstate/reader';

@@ -173,6 +173,11 @@ export interface NativeRestoreBatch {
   /** Start the batch's writeback at its end (sync_file_range), for a faster final fdatasync. */
   startWriteback?: boolean;
   threads: number;
+  /** Restore into this memory (dump offset 0 at its byte 0) instead of writing outputFd. */
+  outputBuffer?: Uint8Array;
+  /** Map outputFd (its first outputLength bytes) shared for the batch and write through the mapping (hugetlbfs). */
+  mapOutput?: boolean;
+  outputLength?: number;
 }
 
 export interface NativeAddon {
@@ -186,6 +191,8 @@ export interface NativeAddon {
     extendedL2: boolean,
     externalDataFile: boolean,
   ): { runs: Float64Array; defect: number; defectEntry: number; defectName?: string };
+  /** With extraTargets: one entry per target (the job's own first), null or the error that stopped it. */
+  copy(job: NativeCopyJob & { extraTargets: object[] }): Promise<(object | null)[]>;
   copy(job: NativeCopyJob): Promise<void>;
   /** Stores a range of source clusters; resolves to the output position after them. */
   capture(job: NativeCaptureJob): Promise<number>;
@@ -220,6 +227,10 @@ export interface NativeAddon {
   willNeed(fd: number, offset: number, length: number): number;
   /** Drops cached pages of the range (and a block device's buffer cache); 0 or errno. */
   dropCache(fd: number, offset: number, length: number): number;
+  /** An anonymous memory file (memfd_create, close-on-exec): its fd, or -errno. */
+  memoryFile(name: string): number;
+  /** fallocate PUNCH_HOLE|KEEP_SIZE of the range; 0 or errno. */
+  punchHole(fd: number, offset: number, length: number): number;
 }
 
 /** Run kinds of the copy plan (native/core/copy_engine.h RunKind). */

@@ -231,11 +231,14 @@ describe('snapshot archives', () => {
     expect(fs.readdirSync(folder)).toEqual(['empty.raw']);
   });
 
-  it('refuses an incremental snapshot as an archive, leaving nothing behind', async () => {
+  it('refuses an incremental disk in an archive (its backing file is named by path), leaving nothing behind', async () => {
     const parent = path.join(dir, 'parent-folder');
     await createSnapshot(parent, { memory: path.join(dir, 'ram.raw') });
     const out = path.join(dir, 'child.tar.zst');
-    await expect(createSnapshot(out, { memory: path.join(dir, 'ram.raw'), parent })).rejects.toMatchObject({ code: 'INVALID_ARGUMENT' });
+    const disk = path.join(dir, 'child-disk.raw');
+    fs.writeFileSync(disk, Buffer.alloc(1 << 20, 3));
+    await expect(createSnapshot(out, { disk, memory: path.join(dir, 'ram.raw'), parent })).rejects.toMatchObject({ code: 'INVALID_ARGUMENT' });
+    fs.rmSync(disk);
     expect(fs.existsSync(out)).toBe(false);
     expect(leftovers(dir)).toEqual([]);
   });

@@ -113,6 +113,8 @@ interface Parsed {
   pageSize: number;
   spanPages: number;
   regions: Region[];
+  /** The RAM dump's size, after the region table (1.1). */
+  dumpSize: number;
   regionFirstSpan: number[];
   spanCount: number;
   cpu?: { value: unknown; tags: Map<string, number> };
@@ -202,7 +204,7 @@ function parseStateFile(bytes: Buffer): Parsed {
   // Header
   expect(bytes.toString('latin1', 0, 8)).toBe('QVMSTATE');
   expect(bytes.readUInt16LE(8), 'major').toBe(1);
-  expect(bytes.readUInt16LE(10), 'minor').toBe(0);
+  expect(bytes.readUInt16LE(10), 'minor').toBe(1);
   expect(bytes.readUInt32LE(12), 'header size').toBe(64);
   const snapshotId = bytes.subarray(16, 32);
   expect(snapshotId[6]! >> 4, 'UUID v4').toBe(4);
@@ -274,7 +276,8 @@ function parseStateFile(bytes: Buffer): Parsed {
   const pageSize = rp.readUInt32LE(4);
   const spanPages = rp.readUInt32LE(8);
   expect([pageSize, spanPages, rp.readUInt32LE(12)]).toEqual([4096, 512, 0]);
-  expect(rp.length).toBe(16 + 32 * regionCount);
+  expect(rp.length, 'the region table, then the dump size (1.1)').toBe(16 + 32 * regionCount + 8);
+  const dumpSize = u64(rp, 16 + 32 * regionCount);
   const regions: Region[] = [];
   const regionFirstSpan: number[] = [];
   let nextPage = 0;
@@ -309,7 +312,7 @@ function parseStateFile(bytes: Buffer): Parsed {
     }
   }
 
-  const parsed: Parsed = { header: { snapshotId, parentId, parentDigest, hasParent }, digest, table, pageSize, spanPages, regions, regionFirstSpan, spanCount, ...(cpu ? { cpu } : {}), devices, chunks: [], states, duplicates };
+  const parsed: Parsed = { header: { snapshotId, parentId, parentDigest, hasParent }, digest, table, pageSize, spanPages, regions, dumpSize, regionFirstSpan, spanCount, ...(cpu ? { cpu } : {}), devices, chunks: [], states, duplicates };
 
   // Page states: padding slots of a short last span are ZERO; PARENT only with a parent.
   for (const [r, region] of regions.entries()) {
@@ -367,8 +370,8 @@ const uuidOf = (b: Buffer) => b.toString('hex').replace(/^(.{8})(.{4})(.{4})(.{4
 
 /** The RAM dump, rebuilt: each region at its dump offset; PARENT pages from the parent's dump. */
 function rebuildDump(p: Parsed, parentDump?: Buffer): Buffer {
-  const size = p.regions.reduce((n, r) => Math.max(n, r.dumpOffset + r.size), 0);
-  const out = Buffer.alloc(size);
+  expect(p.dumpSize, 'the dump size covers every region').toBeGreaterThanOrEqual(p.regions.reduce((n, r) => Math.max(n, r.dumpOffset + r.size), 0));
+  const out = Buffer.alloc(p.dumpSize);
   const slotToDump = new Map<number, number>();
   for (const [r, region] of p.regions.entries()) {
     for (let i = 0; i < region.size / p.pageSize; i++) slotToDump.set(p.regionFirstSpan[r]! * p.spanPages + i, region.dumpOffset + i * p.pageSize);
@@ -602,6 +605,8 @@ describe('vmstate.md, read by an independent parser', () => {
       expect([...new Set(p.chunks.map((ch) => ch.codec))].sort()).toEqual([...c.codecs].sort());
       // The RAM, rebuilt from the file alone.
       const rebuilt = rebuildDump(p);
+      expect(p.dumpSize, 'REGIONS records the size of the dump').toBe(c.dump().length);
+      expect(rebuilt.equals(c.dump()), 'the whole dump, rebuilt from the file alone').toBe(true);
       expect(regionBytes(rebuilt, regions).every((b, i) => b.equals(regionBytes(c.dump(), regions)[i]!))).toBe(true);
       // Random access: a range over every region, crossing pages of every state.
       for (const r of regions) {
@@ -847,13 +852,14 @@ describe('bundle.md: snapshot.json and members', () => {
     // code does: bit i is global page i (region pages in REGIONS order), not dump page i.
     const parentRam = makeDump(12, 3, (p) => (p >= 4 ? 'text' : 'zero'));
     write('bm-ram1.raw', parentRam);
-    const regions = [{ guestBase: 0x100000, size: 8 * PAGE, dumpOffset: 4 * PAGE }];
+    // The dump's first 4 pages come last (a map must cover the whole dump).
+    const regions = [{ guestBase: 0x100000, size: 8 * PAGE, dumpOffset: 4 * PAGE }, { guestBase: 0, size: 4 * PAGE, dumpOffset: 0 }];
     const b1 = path.join(dir, 'bm1');
     await createSnapshot(b1, { memory: path.join(dir, 'bm-ram1.raw'), memoryRegions: regions });
     const childRam = makeDump(12, 4, (p) => (p === 5 || p === 9 ? 'text' : 'zero'), parentRam);
     write('bm-ram2.raw', childRam);
     const b2 = path.join(dir, 'bm2');
-    await createSnapshot(b2, { parent: b1, memory: path.join(dir, 'bm-ram2.raw'), memoryRegions: regions, dirtyBitmap: Buffer.from([1 << 5]) });
+    await createSnapshot(b2, { parent: b1, memory: path.join(dir, 'bm-ram2.raw'), memoryRegions: regions, dirtyBitmap: Buffer.from([1 << 5, 0]) });
     const child = parseStateFile(fs.readFileSync(path.join(b2, 'state.qvms')));
     const states = statesByPage(child);
     expect(states[5], 'bit 5 = global page 5 (dump page 9)').toBe(S.DATA);

@@ -63,12 +63,12 @@ describe('the RAM dump', () => {
     }
   });
 
-  it('a memory map may still name a part of a dump of any size', async () => {
+  it('a memory map must cover the whole dump: bytes left out are refused, and named', async () => {
     const headed = path.join(dir, 'headed.raw');
     fs.writeFileSync(headed, Buffer.concat([Buffer.alloc(100, 7), ram]));
     const out = path.join(dir, 'headed.qvms');
-    await writeState(out, { memory: headed, regions: [{ guestBase: 0, size: 4 * MiB, dumpOffset: 0 }] });
-    expect(fs.existsSync(out)).toBe(true);
+    await refused(writeState(out, { memory: headed, regions: [{ guestBase: 0, size: 4 * MiB, dumpOffset: 0 }] }), /memory map leaves bytes 0x400000-0x800064 of the RAM dump \(0x800064 bytes\) uncovered/, headed);
+    expect(fs.existsSync(out)).toBe(false);
   });
 });
 
@@ -82,7 +82,7 @@ describe('an incremental dump', () => {
     try {
       const child = path.join(dir, 'child.qvms');
       await refused(
-        writeState(child, { memory: headed, regions: [{ guestBase: 0, size: ram.length, dumpOffset: 4096 }], parent }),
+        writeState(child, { memory: headed, regions: [{ guestBase: 0, size: ram.length, dumpOffset: 4096 }, { guestBase: 0x10000000, size: 4096, dumpOffset: 0 }], parent }),
         /same memory regions as its parent, at the same places of the RAM dump/,
         child,
       );

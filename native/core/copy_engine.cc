@@ -61,12 +61,22 @@ struct Task {
 
 class Engine {
  public:
-  explicit Engine(const CopyJob& job) : job_(job) {}
+  Engine(const CopyJob& job, std::vector<CopyError>* targetErrors) : job_(job), targetErrors_(targetErrors) {
+    if (job.memory == nullptr) {
+      targets_.push_back(ExtraTarget{job.targetFd, job.targetTailFd, job.targetBase, job.limitStart, job.limitEnd,
+                                     job.alignment, job.zeroMode});
+      for (const ExtraTarget& t : job.extraTargets) targets_.push_back(t);
+    }
+    states_ = std::make_unique<TargetState[]>(targets_.size());
+    for (const ExtraTarget& t : targets_) {
+      if (t.zeroMode != ZeroMode::Skip) writesZeros_ = true;
+    }
+  }
 
   CopyError run() {
-    if (!validate()) return error_;
+    if (!validate()) return finish();
     buildTasks();
-    if (job_.counters && job_.zeroMode == ZeroMode::Skip && job_.memory == nullptr) {
+    if (job_.counters && !writesZeros_ && job_.memory == nullptr) {
       __atomic_fetch_add(&job_.counters->zeroBytes, skippedZeroBytes_, __ATOMIC_RELAXED);
     }
     if (needsZeroBuffer()) {
@@ -83,12 +93,50 @@ class Engine {
       error_.operation = "cancel";
       error_.message = "cancelled";
     }
-    return error_;
+    return finish();
   }
 
  private:
+  struct TargetState {
+    std::atomic<bool> failed{false};
+    CopyError error;
+  };
+
+  CopyError finish() {
+    if (targetErrors_) {
+      targetErrors_->clear();
+      for (size_t i = 0; i < targets_.size(); i++) targetErrors_->push_back(states_[i].error);
+    }
+    return error_;
+  }
+
   bool toMemory() const { return job_.memory != nullptr; }
-  bool needsZeroBuffer() const { return !toMemory() && job_.zeroMode != ZeroMode::Skip; }
+  bool needsZeroBuffer() const { return !toMemory() && writesZeros_; }
+  bool targetFailed(size_t t) const { return states_[t].failed.load(std::memory_order_relaxed); }
+
+  // A failure of writing target `t`: with per-target errors it stops only that target (the job
+  // stops once none is left); without, the job.
+  void failTarget(size_t t, const char* operation, const std::string& message, int err, uint64_t guest, uint64_t host) {
+    if (!targetErrors_) return fail(operation, message, err, -1, guest, host);
+    std::lock_guard<std::mutex> lock(errorMutex_);
+    TargetState& state = states_[t];
+    if (state.error.failed) return;
+    state.error.failed = true;
+    state.error.operation = operation;
+    state.error.message = message;
+    state.error.errnoValue = err;
+    state.error.guestOffset = guest;
+    state.error.hostOffset = host;
+    state.failed.store(true, std::memory_order_relaxed);
+    for (size_t i = 0; i < targets_.size(); i++) {
+      if (!states_[i].failed.load(std::memory_order_relaxed)) return;
+    }
+    // Every target failed: nothing left to write. The job's error is the first target's.
+    if (!error_.failed) {
+      error_ = states_[0].error;
+      failed_.store(true, std::memory_order_relaxed);
+    }
+  }
   bool cancelled() const {
     return job_.counters && __atomic_load_n(&job_.counters->cancel, __ATOMIC_RELAXED) != 0;
   }
@@ -118,6 +166,12 @@ class Engine {
         (job_.alignment & (job_.alignment - 1))) {
       fail("plan", "window size must be a non-zero multiple of the alignment", EINVAL, -1, 0, 0);
       return false;
+    }
+    for (const ExtraTarget& t : targets_) {
+      if ((t.alignment && job_.windowSize % t.alignment) || (t.alignment & (t.alignment - 1)) || t.fd < 0) {
+        fail("plan", "a target's fd or alignment is invalid", EINVAL, -1, 0, 0);
+        return false;
+      }
     }
     uint64_t previousEnd = 0;
     for (size_t i = 0; i < job_.runCount; i++) {
@@ -151,7 +205,7 @@ class Engine {
     for (size_t i = 0; i < job_.runCount; i++) {
       PlanRun r = runAt(job_, i);
       if (r.kind == RunKind::Zero && !toMemory()) {
-        if (job_.zeroMode == ZeroMode::Skip) {
+        if (!writesZeros_) {
           skippedZeroBytes_ += r.length;
           continue;
         }
@@ -238,20 +292,30 @@ class Engine {
     }
     if (job_.windowHashes) hashWindow(task, pieces, scratch.window->data);
 
+    for (size_t t = 0; t < targets_.size(); t++) {
+      if (targetFailed(t)) continue;
+      writeWindow(t, task, pieces, scratch.window->data);
+    }
+    addProgress(pieces);
+  }
+
+  // Writes the pieces of a filled window to target `t`: spans rounded out to its O_DIRECT unit.
+  void writeWindow(size_t t, const Task& task, const std::vector<Piece>& pieces, uint8_t* window) {
+    const uint64_t alignment = targets_[t].alignment;
     // Spans to write: pieces rounded out to the O_DIRECT unit, within the window.
     struct Span { uint64_t start, end; };
     std::vector<Span> spans;
     for (const Piece& p : pieces) {
-      uint64_t s = std::max(alignDown(p.start, job_.alignment), task.start);
-      uint64_t e = std::min(alignUp(p.end, job_.alignment), task.end);
+      uint64_t s = std::max(alignDown(p.start, alignment), task.start);
+      uint64_t e = std::min(alignUp(p.end, alignment), task.end);
       if (!spans.empty() && s <= spans.back().end) {
         spans.back().end = std::max(spans.back().end, e);
       } else {
         spans.push_back(Span{s, e});
       }
     }
-    // Bytes of a span that no piece fills are zeros (the target must read zeros there).
-    uint8_t* window = scratch.window->data;
+    // Bytes of a span that no piece fills are zeros (the target must read zeros there). Only
+    // bytes outside every piece are set, so the window stays the same for the next target.
     size_t pieceIndex = 0;
     for (const Span& span : spans) {
       uint64_t cursor = span.start;
@@ -261,9 +325,8 @@ class Engine {
         cursor = p.end;
       }
       if (cursor < span.end) memset(window + (cursor - task.start), 0, span.end - cursor);
-      if (!writeSpan(span.start, span.end, window + (span.start - task.start))) return;
+      if (!writeSpan(t, span.start, span.end, window + (span.start - task.start))) return;
     }
-    addProgress(pieces);
   }
 
   // The whole window as the target must read it: pieces, zeros elsewhere.
@@ -389,25 +452,26 @@ class Engine {
   // Writes guest [start, end) from `data` to the target, clamped to the limit; the
   // part of the last O_DIRECT unit past limitEnd is never written, and the bytes
   // before it inside that unit go through the buffered tail fd.
-  bool writeSpan(uint64_t start, uint64_t end, const uint8_t* data) {
-    uint64_t targetStart = job_.targetBase + start;
-    uint64_t targetEnd = std::min(job_.targetBase + end, job_.limitEnd);
-    if (targetStart < job_.limitStart || targetStart >= targetEnd) {
-      fail("bounds", "write outside the target range", ERANGE, -1, start, targetStart);
+  bool writeSpan(size_t t, uint64_t start, uint64_t end, const uint8_t* data) {
+    const ExtraTarget& target = targets_[t];
+    uint64_t targetStart = target.base + start;
+    uint64_t targetEnd = std::min(target.base + end, target.limitEnd);
+    if (targetStart < target.limitStart || targetStart >= targetEnd) {
+      failTarget(t, "bounds", "write outside the target range", ERANGE, start, targetStart);
       return false;
     }
     uint64_t directEnd = targetEnd;
-    if (job_.alignment) directEnd = alignDown(targetEnd, job_.alignment);
+    if (target.alignment) directEnd = alignDown(targetEnd, target.alignment);
     if (directEnd > targetStart &&
-        !pwriteFully(job_.targetFd, data, directEnd - targetStart, targetStart)) {
-      fail("write", strerror(errno), errno, -1, start, targetStart);
+        !pwriteFully(target.fd, data, directEnd - targetStart, targetStart)) {
+      failTarget(t, "write", strerror(errno), errno, start, targetStart);
       return false;
     }
     if (directEnd < targetEnd) {
       uint64_t tailStart = std::max(directEnd, targetStart);
-      int fd = job_.targetTailFd >= 0 ? job_.targetTailFd : job_.targetFd;
+      int fd = target.tailFd >= 0 ? target.tailFd : target.fd;
       if (!pwriteFully(fd, data + (tailStart - targetStart), targetEnd - tailStart, tailStart)) {
-        fail("write", strerror(errno), errno, -1, start + (tailStart - targetStart), tailStart);
+        failTarget(t, "write", strerror(errno), errno, start + (tailStart - targetStart), tailStart);
         return false;
       }
     }
@@ -418,47 +482,56 @@ class Engine {
   // are touched here: a partial unit at either edge also holds data, and the data
   // window that writes it fills its zeros, so no unit is written twice.
   void zeroRange(uint64_t start, uint64_t end) {
-    uint64_t targetStart = job_.targetBase + start;
-    uint64_t targetEnd = std::min(job_.targetBase + end, job_.limitEnd);
-    if (targetStart < job_.limitStart) {
-      fail("bounds", "zeroing outside the target range", ERANGE, -1, start, targetStart);
-      return;
-    }
-    if (targetStart < targetEnd) {
-      uint64_t a = job_.alignment;
-      uint64_t innerStart = alignUp(targetStart, a);
-      uint64_t innerEnd = alignDown(targetEnd, a);
-      bool tailIsOurs = a && targetEnd == job_.limitEnd && targetEnd % a != 0 &&
-                        alignDown(targetEnd, a) >= targetStart;
-      if (innerStart < innerEnd && !zeroTarget(innerStart, innerEnd, job_.targetFd)) return;
-      // Buffered (a == 0): zeroTarget above covered [targetStart, targetEnd) exactly.
-      if (tailIsOurs) {
-        uint64_t tailStart = std::max(innerEnd, targetStart);
-        int fd = job_.targetTailFd >= 0 ? job_.targetTailFd : job_.targetFd;
-        if (!writeZeros(fd, tailStart, targetEnd)) return;
-      }
+    for (size_t t = 0; t < targets_.size(); t++) {
+      if (targetFailed(t) || targets_[t].zeroMode == ZeroMode::Skip) continue;
+      zeroTargetRange(t, start, end);
     }
     if (job_.counters) __atomic_fetch_add(&job_.counters->zeroBytes, end - start, __ATOMIC_RELAXED);
   }
 
-  bool zeroTarget(uint64_t start, uint64_t end, int fd) {
-    if (job_.zeroMode == ZeroMode::ZeroOut && start % 512 == 0 && end % 512 == 0) {
+  void zeroTargetRange(size_t t, uint64_t start, uint64_t end) {
+    const ExtraTarget& target = targets_[t];
+    uint64_t targetStart = target.base + start;
+    uint64_t targetEnd = std::min(target.base + end, target.limitEnd);
+    if (targetStart < target.limitStart) {
+      failTarget(t, "bounds", "zeroing outside the target range", ERANGE, start, targetStart);
+      return;
+    }
+    if (targetStart < targetEnd) {
+      uint64_t a = target.alignment;
+      uint64_t innerStart = alignUp(targetStart, a);
+      uint64_t innerEnd = alignDown(targetEnd, a);
+      bool tailIsOurs = a && targetEnd == target.limitEnd && targetEnd % a != 0 &&
+                        alignDown(targetEnd, a) >= targetStart;
+      if (innerStart < innerEnd && !zeroTarget(t, innerStart, innerEnd, target.fd)) return;
+      // Buffered (a == 0): zeroTarget above covered [targetStart, targetEnd) exactly.
+      if (tailIsOurs) {
+        uint64_t tailStart = std::max(innerEnd, targetStart);
+        int fd = target.tailFd >= 0 ? target.tailFd : target.fd;
+        if (!writeZeros(t, fd, tailStart, targetEnd)) return;
+      }
+    }
+  }
+
+  bool zeroTarget(size_t t, uint64_t start, uint64_t end, int fd) {
+    const ZeroMode mode = targets_[t].zeroMode;
+    if (mode == ZeroMode::ZeroOut && start % 512 == 0 && end % 512 == 0) {
       uint64_t range[2] = {start, end - start};
       if (ioctl(fd, BLKZEROOUT, &range) == 0) return true;
-    } else if (job_.zeroMode == ZeroMode::PunchHole) {
+    } else if (mode == ZeroMode::PunchHole) {
       if (fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, static_cast<off_t>(start),
                     static_cast<off_t>(end - start)) == 0) {
         return true;
       }
     }
-    return writeZeros(fd, start, end);
+    return writeZeros(t, fd, start, end);
   }
 
-  bool writeZeros(int fd, uint64_t start, uint64_t end) {
+  bool writeZeros(size_t t, int fd, uint64_t start, uint64_t end) {
     for (uint64_t at = start; at < end;) {
       uint64_t n = std::min(end - at, kZeroBufferSize);
       if (!pwriteFully(fd, zeroBuffer_->data, n, at)) {
-        fail("zero", strerror(errno), errno, -1, at - job_.targetBase, at);
+        failTarget(t, "zero", strerror(errno), errno, at - targets_[t].base, at);
         return false;
       }
       at += n;
@@ -467,6 +540,10 @@ class Engine {
   }
 
   const CopyJob& job_;
+  std::vector<CopyError>* targetErrors_;
+  std::vector<ExtraTarget> targets_;
+  std::unique_ptr<TargetState[]> states_;
+  bool writesZeros_ = false;
   std::vector<Task> tasks_;
   uint64_t skippedZeroBytes_ = 0;
   uint64_t maxClusterSize_ = 512;
@@ -569,8 +646,8 @@ class Verifier {
 
 }  // namespace
 
-CopyError runCopyJob(const CopyJob& job) {
-  Engine engine(job);
+CopyError runCopyJob(const CopyJob& job, std::vector<CopyError>* targetErrors) {
+  Engine engine(job, targetErrors);
   return engine.run();
 }
 

@@ -45,6 +45,18 @@ struct CopyCounters {
   uint64_t reserved;
 };
 
+// A further fd target of a job (load onto many targets): written from the same decoded windows
+// as the job's own target, with its own placement, limits, O_DIRECT unit and zero mode.
+struct ExtraTarget {
+  int fd = -1;
+  int tailFd = -1;
+  uint64_t base = 0;
+  uint64_t limitStart = 0;
+  uint64_t limitEnd = 0;
+  uint32_t alignment = 0;
+  ZeroMode zeroMode = ZeroMode::Skip;
+};
+
 struct CopyJob {
   const double* runs = nullptr;
   size_t runCount = 0;
@@ -63,6 +75,8 @@ struct CopyJob {
   uint64_t limitEnd = 0;
   uint32_t alignment = 0;    // O_DIRECT unit of targetFd; 0 for buffered
   ZeroMode zeroMode = ZeroMode::Skip;
+  // More fd targets (not with memory). Each keeps its own bounds checks.
+  std::vector<ExtraTarget> extraTargets;
 
   uint32_t threads = 4;
   uint64_t windowSize = 1 << 20;
@@ -87,7 +101,11 @@ struct CopyError {
 };
 
 // Runs the job on `job.threads` threads and returns when all are done.
-CopyError runCopyJob(const CopyJob& job);
+// With `targetErrors` (one per target: the job's own, then extraTargets), a write, zero or bounds
+// failure of a target stops only that target and is reported there; the job goes on for the
+// others (and fails as a whole only for reads, decompression, the plan, memory or cancel, or
+// once every target has failed). Without it, any failure stops the job, as before.
+CopyError runCopyJob(const CopyJob& job, std::vector<CopyError>* targetErrors = nullptr);
 
 struct VerifyJob {
   int fd = -1;               // the target, opened for reading (O_DIRECT where possible)

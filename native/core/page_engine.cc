@@ -285,6 +285,37 @@ RestoreBatchResult restoreBatch(const RestoreBatch& b) {
   };
   std::atomic<uint64_t> dataBytes{0};
 
+  // Memory output: the caller's, or outputFd mapped shared for this batch.
+  uint8_t* memory = b.outputMemory;
+  void* mapping = MAP_FAILED;
+  if (memory == nullptr && b.mapOutput) {
+    if (b.outputLength == 0) {
+      result.error = "nothing to map: the output is empty";
+      return result;
+    }
+    mapping = mmap(nullptr, b.outputLength, PROT_READ | PROT_WRITE, MAP_SHARED, b.outputFd, 0);
+    if (mapping == MAP_FAILED) {
+      result.error = std::string("cannot map the output: ") + strerror(errno);
+      return result;
+    }
+    memory = static_cast<uint8_t*>(mapping);
+  }
+  auto inOutput = [&](uint64_t offset, uint64_t length) {
+    return offset <= b.outputLength && length <= b.outputLength - offset;
+  };
+  // ZERO pages of an fd: holes, or written zeros where the file system punches none.
+  auto zeroRange = [&](uint64_t offset, uint64_t length) -> bool {
+    if (fallocate(b.outputFd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, static_cast<off_t>(offset), static_cast<off_t>(length)) == 0) return true;
+    if (errno != EOPNOTSUPP && errno != ENOTSUP && errno != ENODEV && errno != EINVAL) return false;
+    static const std::vector<uint8_t> zeros(1 << 20, 0);
+    for (uint64_t done = 0; done < length;) {
+      uint64_t n = std::min<uint64_t>(zeros.size(), length - done);
+      if (!pwriteFully(b.outputFd, zeros.data(), n, offset + done)) return false;
+      done += n;
+    }
+    return true;
+  };
+
   // Writes runs of consecutive pages in `state` of span s from `source` (or punches them);
   // the caller has checked that `source` holds every DATA page of the span.
   auto writeRuns = [&](size_t s, PageState state, const uint8_t* source, uint64_t* sourceCursor) -> bool {
@@ -299,12 +330,21 @@ RestoreBatchResult restoreBatch(const RestoreBatch& b) {
       while (j < count && states[j] == static_cast<uint8_t>(state)) j++;
       uint64_t offset = b.spanDumpOffsets[s] + static_cast<uint64_t>(i) * b.pageSize;
       uint64_t length = static_cast<uint64_t>(j - i) * b.pageSize;
+      if (memory != nullptr && !inOutput(offset, length)) {
+        fail("a page at dump offset " + std::to_string(offset) + " lies outside the output (" + std::to_string(b.outputLength) + " bytes)", -1);
+        return true;
+      }
       if (state == PageState::Data) {
-        if (!pwriteFully(b.outputFd, source + *sourceCursor, length, offset)) return false;
+        if (memory != nullptr) {
+          memcpy(memory + offset, source + *sourceCursor, length);
+        } else if (!pwriteFully(b.outputFd, source + *sourceCursor, length, offset)) {
+          return false;
+        }
         *sourceCursor += length;
         dataBytes += length;
-      } else if (fallocate(b.outputFd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
-                           static_cast<off_t>(offset), static_cast<off_t>(length)) != 0) {
+      } else if (memory != nullptr) {
+        memset(memory + offset, 0, length);
+      } else if (!zeroRange(offset, length)) {
         return false;
       }
       i = j;
@@ -373,6 +413,14 @@ RestoreBatchResult restoreBatch(const RestoreBatch& b) {
     completed = parallelFor((pairs + pairsPerTask - 1) / pairsPerTask, b.threads, [&](uint64_t task) {
       std::vector<uint8_t> page(b.pageSize);
       for (uint64_t pair = task * pairsPerTask; pair < std::min(pairs, (task + 1) * pairsPerTask) && !failed; pair++) {
+        if (memory != nullptr) {
+          if (!inOutput(b.duplicates[pair * 2], b.pageSize) || !inOutput(b.duplicates[pair * 2 + 1], b.pageSize)) {
+            return fail("a duplicate page lies outside the output", -1);
+          }
+          memcpy(memory + b.duplicates[pair * 2], memory + b.duplicates[pair * 2 + 1], b.pageSize);
+          dataBytes += b.pageSize;
+          continue;
+        }
         if (preadFully(b.outputFd, page.data(), b.pageSize, b.duplicates[pair * 2 + 1]) != static_cast<int64_t>(b.pageSize) ||
             !pwriteFully(b.outputFd, page.data(), b.pageSize, b.duplicates[pair * 2])) {
           return fail("cannot copy a duplicate page", -1);
@@ -383,7 +431,8 @@ RestoreBatchResult restoreBatch(const RestoreBatch& b) {
     if (!completed) fail("out of memory", -1);
   }
   result.dataBytes = dataBytes;
-  if (!failed && b.startWriteback && !b.spanDumpOffsets.empty()) {
+  if (mapping != MAP_FAILED) munmap(mapping, b.outputLength);
+  if (!failed && memory == nullptr && b.startWriteback && !b.spanDumpOffsets.empty()) {
     uint64_t start = b.spanDumpOffsets.front();
     uint64_t end = b.spanDumpOffsets.back() + static_cast<uint64_t>(b.spanPageCounts.back()) * b.pageSize;
     // Advisory: a refusal only leaves more for the fdatasync.

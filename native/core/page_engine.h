@@ -97,7 +97,13 @@ struct RestoreBatch {
   const uint8_t* states = nullptr;   // one PageState a page of the batch's spans, in order
   std::vector<RestoreChunk> chunks;  // the chunks covering exactly the batch's spans
   std::vector<uint64_t> duplicates;  // pairs: dump offset of the page, dump offset of its source
-  bool punchZeros = false;           // ZERO pages over old content: punch holes
+  bool punchZeros = false;           // ZERO pages over old content: punch holes (fd), or zero them
+  // The output as memory instead of outputFd's write(): a caller's buffer (outputMemory), or
+  // outputFd mapped shared for the batch (mapOutput; hugetlbfs takes no write()). outputLength
+  // bytes from dump offset 0; a page outside them is an error.
+  uint8_t* outputMemory = nullptr;
+  bool mapOutput = false;
+  uint64_t outputLength = 0;
   // Start writing the batch's range to the disk at the end (sync_file_range), so a
   // final fdatasync has less left; off where a later layer rewrites the pages.
   bool startWriteback = false;

@@ -3,6 +3,9 @@
  * compare with the stored refcounts, as `qemu-img check` does (QEMU
  * block/qcow2-refcount.c), with the same counts and the same exit status.
  */
+import type { HttpOptions } from '../http/client';
+import { openChainFile } from '../http/chain';
+import { isUrl, shownUrl } from '../http/url';
 import * as fs from 'node:fs/promises';
 import { Qcow2Error, ioError, throwIfCancelled } from '../errors';
 import { JobCounters, ProgressSampler, type ProgressCallback } from '../jobs';
@@ -520,21 +523,29 @@ export async function check(
     signal?: AbortSignal;
     /** Called about every 250 ms (phase 'check': guest bytes whose tables were walked), then once with 'done'. */
     onProgress?: ProgressCallback;
+    /** Headers, retries and timeouts for an http(s) image. */
+    http?: HttpOptions;
   } = {},
 ): Promise<CheckResult> {
   throwIfCancelled(options.signal, path);
+  const remote = isUrl(path);
   let handle: fs.FileHandle;
   try {
-    handle = await fs.open(path, 'r');
+    if (isUrl(path)) {
+      // A remote image: read through its block cache, named without its query string.
+      const file = await openChainFile(path, 'image', { region: options.region }, options);
+      handle = file.handle;
+      path = file.path;
+    } else handle = await fs.open(path, 'r');
   } catch (error) {
-    throw ioError(error, path, 'cannot open the image');
+    throw ioError(error, isUrl(path) ? shownUrl(path) : path, 'cannot open the image');
   }
   try {
     const stats = await handle.stat().catch((error: unknown) => {
       throw ioError(error, path, 'cannot open the image');
     });
     // As open() says it: a folder or a character device is refused before it is read.
-    if (!stats.isFile() && !stats.isBlockDevice()) throw new Qcow2Error('NOT_A_REGULAR_FILE', `image is ${stats.isDirectory() ? 'a folder' : 'not a regular file or block device'}`, { path });
+    if (!remote && !stats.isFile() && !stats.isBlockDevice()) throw new Qcow2Error('NOT_A_REGULAR_FILE', `image is ${stats.isDirectory() ? 'a folder' : 'not a regular file or block device'}`, { path });
     await lockAsQemu(handle.fd, path, options.forceShare ? 'shared-read' : 'read');
     const wholeFile = stats.size;
     const base = options.region?.offset ?? 0;

@@ -69,14 +69,25 @@ export function parseChoice<T extends string>(text: string, option: string, choi
 }
 
 /** The options every command that opens an image shares: --allow-path, --allow-any-path, -U. */
+/**
+ * The options given, without those left undefined: the library's option types take no explicit
+ * undefined (exactOptionalPropertyTypes), and a flag not given must mean the library's default.
+ */
+export function defined<T extends object>(options: T): { [K in keyof T]?: Exclude<T[K], undefined> } {
+  return Object.fromEntries(Object.entries(options).filter(([, value]) => value !== undefined)) as { [K in keyof T]?: Exclude<T[K], undefined> };
+}
+
 export interface OpenFlags {
   allowPath?: string[];
   allowAnyPath?: boolean;
   forceShare?: boolean;
+  /** --header 'Name: value' for http(s) images. */
+  header?: string[];
 }
 
 export function openOptions(flags: OpenFlags): OpenOptions {
   return {
+    ...(flags.header?.length ? { http: { headers: flags.header } } : {}),
     onWarning: (message) => say(`qcow2img: warning: ${message}`),
     ...(flags.allowPath?.length ? { allowPaths: flags.allowPath } : {}),
     ...(flags.allowAnyPath ? { allowAnyPath: true } : {}),

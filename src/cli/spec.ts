@@ -54,6 +54,15 @@ const openOptions: OptionSpec[] = [
   },
 ];
 
+/** Request headers for an http(s) IMAGE. */
+const header: OptionSpec = {
+  long: 'header',
+  short: 'H',
+  value: "'NAME: VALUE'",
+  repeatable: true,
+  help: 'send this request header when IMAGE is an http(s) URL (repeatable; tokens): sent to the image\'s origin only, never printed',
+};
+
 const qemuOutput: OptionSpec[] = [
   { long: 'output', value: 'FMT', ...choice(['human', 'json']), default: 'human', help: 'human: as qemu-img prints it; json: exactly what qemu-img --output=json prints' },
   { long: 'format', short: 'f', value: 'FMT', ...choice(['qcow2', 'raw']), default: 'qcow2', help: 'the image format, as qemu-img -f; only qcow2 is read (raw is refused)' },
@@ -94,7 +103,7 @@ export const commands: readonly CommandSpec[] = [
     args: ['IMAGE'],
     summary: 'describe an image, as qemu-img info does',
     details: ['The human output is qemu-img info\'s, line for line; --output=json is qemu-img info --output=json byte for byte.'],
-    options: [{ long: 'backing-chain', help: 'describe every file of the backing chain, nearest first' }, ...qemuOutput, json('the description'), ...openOptions],
+    options: [{ long: 'backing-chain', help: 'describe every file of the backing chain, nearest first' }, ...qemuOutput, json('the description'), ...openOptions, header],
     examples: [
       { command: 'qcow2img info disk.qcow2', does: 'virtual size, disk size, cluster size, backing file, snapshots' },
       { command: 'qcow2img info --backing-chain --output=json overlay.qcow2', does: 'the whole chain as qemu-img info --backing-chain --output=json prints it' },
@@ -106,7 +115,7 @@ export const commands: readonly CommandSpec[] = [
     args: ['IMAGE'],
     summary: 'the allocation map of the guest disk, as qemu-img map prints it',
     details: ['Each run of the disk: where it comes from (depth in the backing chain), whether it holds data or reads as zeros, and its host offset.'],
-    options: [...qemuOutput, json('the map'), ...openOptions],
+    options: [...qemuOutput, json('the map'), ...openOptions, header],
     examples: [
       { command: 'qcow2img map disk.qcow2', does: 'the data runs with their host offsets and files' },
       { command: 'qcow2img map --output=json disk.qcow2', does: 'every run, as qemu-img map --output=json prints it' },
@@ -114,9 +123,10 @@ export const commands: readonly CommandSpec[] = [
   },
   {
     name: 'load',
-    args: ['IMAGE', 'TARGET'],
+    args: ['IMAGE', 'TARGET...'],
     summary: 'write the raw virtual disk of IMAGE to TARGET at disk speed',
     details: [
+      'IMAGE may be an http(s) URL (ranged reads; --header for tokens). With several TARGETs the image is read and decoded once and written to each; a target that fails stops only itself, the others finish, and the exit status is 1 if any failed.',
       'TARGET is a file (written under a temporary name, then renamed; a symbolic link is written through, as cp and dd do), a block device, a disk or disk image with --partition N or --offset SIZE, or - for stdout.',
       'A summary line goes to stderr at the end; --json prints the result on stdout instead.',
     ],
@@ -128,9 +138,12 @@ export const commands: readonly CommandSpec[] = [
       ...progressOptions,
       json('the result'),
       ...openOptions,
+      header,
     ],
     examples: [
       { command: 'qcow2img load disk.qcow2 /dev/vg/guest', does: 'write the disk onto a logical volume' },
+      { command: "qcow2img load -H 'Authorization: Bearer TOKEN' https://images.example/arch.qcow2 /dev/sdb", does: 'straight from an image server, with ranged reads' },
+      { command: 'qcow2img load disk.qcow2 /dev/sdb /dev/sdc /dev/sdd', does: 'one read and decode, three disks written' },
       { command: 'qcow2img load -p --verify disk.qcow2 /dev/sdb --partition 2', does: 'into partition 2 of /dev/sdb, with a progress bar, then read back' },
       { command: 'qcow2img load disk.qcow2 disk.img --offset 1M --overwrite', does: 'into a disk image, 1 MiB in' },
       { command: 'qcow2img load disk.qcow2 - | ssh host dd of=/dev/sdb bs=4M', does: 'the raw disk on stdout, in order, zeros included' },
@@ -178,7 +191,7 @@ export const commands: readonly CommandSpec[] = [
       'Exit status as qemu-img check: 0 clean, 2 corruptions, 3 leaked clusters only, 1 the check failed.',
       'Problems go to stderr, the summary to stdout; --output=json prints qemu-img check --output=json\'s document.',
     ],
-    options: [...qemuOutput, json('the result, with the first 1000 issues'), { long: 'quiet', short: 'q', help: 'no summary (as qemu-img -q); the exit status still tells' }, openOptions[2]!],
+    options: [...qemuOutput, json('the result, with the first 1000 issues'), { long: 'quiet', short: 'q', help: 'no summary (as qemu-img -q); the exit status still tells' }, openOptions[2]!, header],
     examples: [
       { command: 'qcow2img check disk.qcow2', does: 'refcounts, leaks and corruptions, as qemu-img check prints them' },
       { command: 'qcow2img check --output=json disk.qcow2', does: 'the counts as qemu-img check --output=json' },
@@ -218,7 +231,7 @@ export const commands: readonly CommandSpec[] = [
     options: [
       { long: 'disk', value: 'SRC', help: 'raw disk (file, block device or partition) to capture as disk.qcow2' },
       { long: 'memory', value: 'RAM', help: 'raw guest RAM dump' },
-      { long: 'memory-map', value: 'MAP', help: 'how the dump maps to guest-physical memory (needs --memory): q35:SIZE or pc:SIZE as QEMU lays out that machine\'s RAM, a JSON file of regions, or a file of `info mtree -f` output; default: one region from 0' },
+      { long: 'memory-map', value: 'MAP', help: 'how the dump maps to guest-physical memory (needs --memory): q35:SIZE or pc:SIZE as QEMU lays out that machine\'s RAM, a JSON file of regions, or a file of `info mtree -f` output; its regions must cover the whole dump without overlapping; default: one region from 0' },
       { long: 'cpu', value: 'CPU.json', help: 'vCPU state, as JSON' },
       { long: 'device', value: 'NAME=FILE', repeatable: true, help: 'an opaque device-state blob (repeatable)' },
       { long: 'parent', value: 'BUNDLE', help: 'the previous snapshot: store only what changed since' },
@@ -245,6 +258,8 @@ export const commands: readonly CommandSpec[] = [
     options: [
       { long: 'disk', value: 'TARGET', help: 'where the disk goes: a file, a block device, or a disk with --partition/--offset' },
       { long: 'memory', value: 'FILE', help: 'where the RAM dump goes (a new file; zero pages stay holes)' },
+      { long: 'in-place', help: 'with --memory: restore into the existing FILE where it stands (tmpfs, hugetlbfs through a mapping, a block device; an empty file is sized), zeroing the snapshot\'s zero pages' },
+      { long: 'memory-is-zero', help: 'with --in-place: FILE already reads as zeros, so the snapshot\'s zero pages are left untouched' },
       { long: 'cpu', value: 'FILE.json', help: 'where the vCPU state goes' },
       { long: 'device-dir', value: 'DIR', help: 'folder that receives one file a device blob' },
       ...targetOptions,
@@ -255,6 +270,7 @@ export const commands: readonly CommandSpec[] = [
     examples: [
       { command: 'qcow2img snapshot restore snaps/s2 --disk /dev/vg/guest --memory ram.raw --cpu cpu.json', does: 'disk, memory and vCPU state, through the parent chain' },
       { command: 'qcow2img snapshot restore s1.tar.zst --memory ram.raw --temp-dir /var/tmp', does: 'from an archive' },
+      { command: 'qcow2img snapshot restore snaps/s2 --memory /dev/hugepages/vm1.ram --in-place', does: 'into the existing memory backend file of a VM' },
     ],
   },
   {

@@ -23,6 +23,17 @@ export function say(line: string): void {
   process.stderr.write(`${line}\n`);
 }
 
+/**
+ * How a command that made something ends: with --progress=json a last "done" event, with --json
+ * the result, else (unless -q) its one summary line.
+ */
+export function reportResult(mode: 'bar' | 'json' | 'none', flags: ProgressFlags & { json?: boolean }, result: object, summary: () => string): void {
+  clearProgress();
+  if (mode === 'json') process.stdout.write(JSON.stringify({ phase: 'done', ...result }) + '\n');
+  else if (flags.json) printJson(result);
+  else if (!flags.quiet) say(summary());
+}
+
 export interface ProgressFlags {
   progress?: 'auto' | 'bar' | 'json' | 'none';
   /** -p */

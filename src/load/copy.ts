@@ -7,10 +7,13 @@ import { Qcow2Error } from '../errors';
 import type { Image } from '../qcow2/image';
 import { Qcow2Layer } from '../qcow2/layers';
 import { native, type NativeSource, planRunFields, PlanKind } from '../native';
+import { hasRemote, type Prefetch, prefetchPlan } from '../http/prefetch';
 import { JobCounters, ProgressSampler, threadCount, type ProgressCallback } from '../jobs';
 
 /** Guest bytes planned per batch. */
 const batchBytes = 1024 * 1024 * 1024;
+/** Guest bytes per batch from an http(s) image: two batches' source bytes are held in memory. */
+const remoteBatchBytes = 256 * 1024 * 1024;
 
 export interface CopyTarget {
   /** What errors of writing name. */
@@ -81,7 +84,7 @@ function readAhead(runs: Float64Array, sources: readonly NativeSource[]): void {
  * out to the O_DIRECT unit (as the writes are). Zero runs stay holes. Best effort: a
  * filesystem that refuses only loses the speed-up.
  */
-function preallocateData(target: CopyTarget, runs: Float64Array, size: number): void {
+export function preallocateData(target: CopyTarget, runs: Float64Array, size: number): void {
   const unit = Math.max(target.alignment, 512);
   let from = -1;
   let to = -1;
@@ -128,13 +131,24 @@ async function copyBatches(image: Image, target: CopyTarget, counters: JobCounte
   const windowSize = copyWindowSize(image, target.alignment);
   const incomplete = () => new Qcow2Error('CANCELLED', 'cancelled; the target is incomplete', { path: image.path });
   let pending: Promise<void> | undefined;
+  // Remote files: the next batch is fetched (into memfds) while this one is written; smaller
+  // batches bound the memory that holds.
+  const remote = hasRemote(image.files);
+  const step = remote ? remoteBatchBytes : batchBytes;
+  let fetched: Prefetch | undefined;
+  let fetching: Prefetch | undefined;
   try {
-    for (let start = 0; start < size; start += batchBytes) {
-      const plan = image.plan(await image.copyRuns(start, Math.min(size, start + batchBytes)));
+    for (let start = 0; start < size; start += step) {
+      const plan = image.plan(await image.copyRuns(start, Math.min(size, start + step)));
       if (target.preallocate) preallocateData(target, plan.runs, size);
-      readAhead(plan.runs, plan.sources);
+      if (remote) fetching = prefetchPlan(image.files, plan.runs);
+      else readAhead(plan.runs, plan.sources);
       if (pending) await pending;
+      fetched?.release();
+      fetched = fetching;
+      fetching = undefined;
       if (counters.cancelled) break;
+      if (fetched) await fetched.ready;
       pending = image.runCopy({
         runs: plan.runs,
         sources: plan.sources,
@@ -163,6 +177,10 @@ async function copyBatches(image: Image, target: CopyTarget, counters: JobCounte
     // closes the target's and the image's descriptors next, and the job writes by number.
     counters.cancel();
     await pending?.catch(() => {});
+    await fetching?.ready.catch(() => {});
     throw error;
+  } finally {
+    fetched?.release();
+    fetching?.release();
   }
 }

@@ -8,6 +8,7 @@ import { open } from '../qcow2/open';
 import { copyImage, copyWindowSize, type CopyOptions } from './copy';
 import { JobCounters, jobError, threadCount } from '../jobs';
 import { openTarget, type OpenTarget, type TargetOptions } from './target';
+import { loadMany, type LoadManyResult } from './many';
 
 export type { Progress, ProgressCallback } from '../jobs';
 export type { DirectMode, TargetOptions } from './target';
@@ -52,7 +53,11 @@ export interface LoadResult {
  * @example
  * await load('disk.qcow2', '/dev/sdb', { partition: 2, verify: true, onProgress: (p) => console.log(p.bytesDone) });
  */
-export function load(source: string | Image, target: string, options: LoadOptions = {}): Promise<LoadResult> {
+export async function load(source: string | Image, target: string, options?: LoadOptions): Promise<LoadResult>;
+/** Many targets: the image is read and decoded once and written to each; see loadMany. */
+export async function load(source: string | Image, targets: readonly string[], options?: LoadOptions): Promise<LoadManyResult>;
+export async function load(source: string | Image, target: string | readonly string[], options: LoadOptions = {}): Promise<LoadResult | LoadManyResult> {
+  if (typeof target !== 'string') return loadMany(source, target, options);
   return loadWith(source, target, options);
 }
 
@@ -102,7 +107,8 @@ export async function loadWith(source: string | Image, target: string, options: 
   }
 }
 
-async function verifyTarget(image: Image, target: OpenTarget, windowHashes: BigUint64Array, windowSize: number, options: LoadOptions): Promise<void> {
+/** @internal */
+export async function verifyTarget(image: Image, target: OpenTarget, windowHashes: BigUint64Array, windowSize: number, options: LoadOptions): Promise<void> {
   const reader = await target.openForVerify();
   try {
     const counters = new JobCounters();

@@ -4,6 +4,8 @@
 import { Readable } from 'node:stream';
 import { Qcow2Error } from '../errors';
 import { seekIn } from '../files';
+import type { HttpOptions } from '../http/client';
+import { prefetchPlan } from '../http/prefetch';
 import { jobError } from '../jobs';
 import { Codec, type NativeCopyJob, type NativeSource, native, planRunFields, PlanKind } from '../native';
 import { type CompressionType, encryptedError } from './header';
@@ -39,6 +41,11 @@ export interface OpenOptions extends PathPolicy {
    * QEMU's locks are taken shared. Default: refused with LOCKED while one holds them.
    */
   forceShare?: boolean;
+  /**
+   * For http(s) images: request headers (tokens), timeouts, retries, connections. Headers are
+   * sent to the image's own origin only, never to a backing file's on another origin.
+   */
+  http?: HttpOptions;
 }
 
 export interface SnapshotInfo {
@@ -327,13 +334,19 @@ export class Image {
     const runs = await this.resolve(offset, end);
     const target = Buffer.isBuffer(buffer) ? buffer : Buffer.from(buffer.buffer, buffer.byteOffset, buffer.byteLength);
     const plan = this.plan(runs);
-    await this.runCopy({
-      runs: plan.runs,
-      sources: plan.sources,
-      memory: target.subarray(0, end - offset),
-      memoryGuestOffset: offset,
-      threads: Math.min(4, Math.max(1, Math.ceil((end - offset) / (1 << 20)))),
-    });
+    const fetched = prefetchPlan(this.files, plan.runs);
+    try {
+      await fetched.ready;
+      await this.runCopy({
+        runs: plan.runs,
+        sources: plan.sources,
+        memory: target.subarray(0, end - offset),
+        memoryGuestOffset: offset,
+        threads: Math.min(4, Math.max(1, Math.ceil((end - offset) / (1 << 20)))),
+      });
+    } finally {
+      fetched.release();
+    }
     return end - offset;
   }
 

@@ -438,6 +438,13 @@ export class RawLayer implements Layer {
     let position = start;
     const hole = (from: number, to: number) =>
       pushRun(out, { start: from, length: to - from, kind: 'zeroAllocated', file: this.file, hostOffset: from, compressedBytes: 0, clusterStart: 0 });
+    // A remote raw file has no holes to seek: all of it is data, past its end zeros.
+    if ((this.file.handle as { remote?: boolean }).remote === true) {
+      const dataEnd = Math.min(end, this.file.size);
+      if (position < dataEnd) pushRun(out, { start: position, length: dataEnd - position, kind: 'data', file: this.file, hostOffset: position, compressedBytes: 0, clusterStart: 0 });
+      if (Math.max(position, dataEnd) < end) hole(Math.max(position, dataEnd), end);
+      return;
+    }
     while (position < end) {
       // Raw layers are whole files: backing files are never opened as regions.
       const dataAt = position < this.file.size ? addon.seekData(fd, position) : -1;

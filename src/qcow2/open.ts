@@ -5,9 +5,10 @@ import { Qcow2Error } from '../errors';
 import { limits } from '../limits';
 import { QCOW2_MAGIC } from './header';
 import { Image, type ImageInfo, type OpenOptions, type SnapshotInfo } from './image';
-import { type Layer, type OpenFile, Qcow2Layer, RawLayer, openFile, readExactly } from './layers';
+import { type Layer, type OpenFile, Qcow2Layer, RawLayer, readExactly } from './layers';
 import { type LuksInfo, luksHeaderSize, parseLuksHeader } from './luks';
-import { resolveExternalFile } from './paths';
+import { isUrl } from '../http/url';
+import { openChainFile, resolveChainName } from '../http/chain';
 import type { Qcow2Snapshot } from './snapshots';
 
 /**
@@ -34,6 +35,8 @@ export async function openToDescribe(path: string, options: OpenOptions = {}): P
 }
 
 async function openChain(path: string, options: OpenOptions, followBacking: boolean): Promise<Image> {
+  // Headers (tokens) go to the image's own origin only.
+  options = { ...options, http: { ...options.http, headersOrigin: isUrl(path) ? new URL(path).origin : '' } };
   const layers: Layer[] = [];
   const infos: ImageInfo[] = [];
   try {
@@ -44,7 +47,7 @@ async function openChain(path: string, options: OpenOptions, followBacking: bool
       if (layers.length > maxDepth) {
         throw new Qcow2Error('BACKING_CHAIN_TOO_DEEP', `backing chain is deeper than ${maxDepth} files`, { path });
       }
-      const file = await openFile(current.path, layers.length === 0 ? 'image' : 'backing file', { region: layers.length === 0 ? options.region : undefined, forceShare: options.forceShare });
+      const file = await openChainFile(current.path, layers.length === 0 ? 'image' : 'backing file', { region: layers.length === 0 ? options.region : undefined, forceShare: options.forceShare }, options);
       const identity = `${file.device}:${file.inode}`;
       if (seen.has(identity)) {
         await file.handle.close();
@@ -68,7 +71,7 @@ async function openChain(path: string, options: OpenOptions, followBacking: bool
     throw error;
   }
   const [info, ...backingChain] = infos;
-  return new Image(path, layers, info!, backingChain, !followBacking && info!.backingFile !== undefined);
+  return new Image(isUrl(path) ? layers[0]!.file.path : path, layers, info!, backingChain, !followBacking && info!.backingFile !== undefined);
 }
 
 async function openQcow2Layer(file: OpenFile, snapshotName: string | undefined, options: OpenOptions, seen: Set<string>): Promise<Qcow2Layer> {
@@ -86,8 +89,8 @@ async function openQcow2Layer(file: OpenFile, snapshotName: string | undefined, 
       throw new Qcow2Error('PATH_NOT_ALLOWED', 'an image inside an archive cannot name backing or data files', { path: file.path });
     }
     if (header.externalDataFile !== undefined) {
-      const dataPath = await resolveExternalFile(file.path, header.externalDataFile, 'external data file', options);
-      dataFile = await openFile(dataPath, 'external data file', { forceShare: options.forceShare });
+      const dataPath = await resolveChainName(file, header.externalDataFile, 'external data file', options);
+      dataFile = await openChainFile(dataPath, 'external data file', { forceShare: options.forceShare }, options);
       seen.add(`${dataFile.device}:${dataFile.inode}`);
     }
     return await Qcow2Layer.open(file, header, snapshots, dataFile, snapshot);
@@ -101,17 +104,17 @@ async function openQcow2Layer(file: OpenFile, snapshotName: string | undefined, 
 async function nextInChain(layer: Qcow2Layer, options: OpenOptions): Promise<{ path: string; format: 'qcow2' | 'raw' } | undefined> {
   const { backingFile, backingFormat } = layer.header;
   if (backingFile === undefined) return undefined;
-  const backingPath = await resolveExternalFile(layer.file.path, backingFile, 'backing file', options);
+  const backingPath = await resolveChainName(layer.file, backingFile, 'backing file', options);
   if (backingFormat === 'qcow2' || backingFormat === 'raw') return { path: backingPath, format: backingFormat };
   if (backingFormat !== undefined) {
     throw new Qcow2Error('UNSUPPORTED_BACKING_FORMAT', `backing file format "${backingFormat}" is not supported (qcow2 and raw are)`, { path: layer.file.path });
   }
   // Unrecorded: probe between qcow2 and raw only, and say so.
-  const probe = await openFile(backingPath, 'backing file', { forceShare: options.forceShare });
+  const probe = await openChainFile(backingPath, 'backing file', { forceShare: options.forceShare }, options);
   try {
     const magic = probe.size >= 4 ? (await readExactly(probe, 0, 4, 'backing file header')).readUInt32BE(0) : 0;
     const format = magic === QCOW2_MAGIC ? 'qcow2' : 'raw';
-    options.onWarning?.(`${layer.file.path}: backing file format not recorded in the image; probed ${backingPath} as ${format}`);
+    options.onWarning?.(`${layer.file.path}: backing file format not recorded in the image; probed ${probe.path} as ${format}`);
     return { path: backingPath, format };
   } finally {
     await probe.handle.close();
@@ -119,8 +122,21 @@ async function nextInChain(layer: Qcow2Layer, options: OpenOptions): Promise<{ p
 }
 
 async function allocatedBytes(path: string): Promise<number> {
+  // A remote file: its size (qemu-img's curl driver reports no actual size at all).
+  if (isUrl(path)) return 0;
   const stats = await fs.stat(path);
   return stats.blocks * 512;
+}
+
+/** How qemu-img names a remote image's backing file: resolved against its URL (shown without a query). */
+function fullRemoteName(referrer: string, name: string): string {
+  if (name.startsWith('/')) return name;
+  try {
+    const url = new URL(name, referrer);
+    return `${url.protocol}//${url.host}${url.pathname}`;
+  } catch {
+    return name;
+  }
 }
 
 async function rawInfo(file: OpenFile, virtualSize: number): Promise<ImageInfo> {
@@ -177,7 +193,7 @@ async function qcow2Info(layer: Qcow2Layer): Promise<ImageInfo> {
   if (h.encryption === 'luks') info.encryption = await luksInfo(layer);
   if (h.backingFile !== undefined) {
     info.backingFile = h.backingFile;
-    info.fullBackingFile = nodePath.resolve(nodePath.dirname(layer.file.path), h.backingFile);
+    info.fullBackingFile = isUrl(layer.file.path) ? fullRemoteName(layer.file.path, h.backingFile) : nodePath.resolve(nodePath.dirname(layer.file.path), h.backingFile);
   }
   if (h.backingFormat !== undefined) info.backingFormat = h.backingFormat;
   if (h.externalDataFile !== undefined) {

@@ -14,7 +14,7 @@ import { openToRead, PendingFile, PendingFolder } from '../files';
 import { native } from '../native';
 import { type CpuState, parseCpuState } from '../vmstate/cpu';
 import { stateOf, stateLimits } from '../vmstate/format';
-import { restoreMemory, type StateFile, StateFile as StateFileClass } from '../vmstate/reader';
+import { restoreMemory, restoreMemoryInto, type MemoryTarget, type RestoreMemoryResult, type StateFile, StateFile as StateFileClass } from '../vmstate/reader';
 import type { MemoryRegion } from '../vmstate/writer';
 import { type ArchiveKind, archiveKind, compressingSink, type CompressingSink, FileSink, tarStream } from './archive';
 import { DISK_FILE, METADATA_FILE, parseMetadata, type SnapshotMetadata, STATE_FILE, BUNDLE_FORMAT_VERSION } from './metadata';
@@ -75,6 +75,8 @@ export interface CreateSnapshotOptions {
 export interface SnapshotChainLink {
   dir: string;
   metadata: SnapshotMetadata;
+  /** The bundle as named: the folder, or the archive file (whose members may have been extracted to `dir`). */
+  bundle?: string;
   /** A bundle read in place from an uncompressed tar: the archive, and where each member's bytes lie in it. */
   archive?: { path: string; members: Map<string, { offset: number; size: number }> };
 }
@@ -117,22 +119,35 @@ export async function readBundle(dir: string): Promise<SnapshotChainLink> {
   return { dir: nodePath.resolve(dir), metadata: parseMetadata(text, metadataPath) };
 }
 
-/** The bundle and its parents, nearest first; loops and excessive depth refused. */
+/** The bundle and its parents, nearest first; loops and excessive depth refused. Folders only: archives go through openBundle. */
 export async function readChain(dir: string): Promise<SnapshotChainLink[]> {
+  return readChainWith(nodePath.resolve(dir), async (path) => readBundle(path));
+}
+
+/**
+ * Where a snapshot's `parent.path` is resolved from: a folder bundle's own folder (`../s1`), or
+ * the folder holding an archive bundle (`s1.tar.zst`, beside it).
+ */
+function parentBase(link: SnapshotChainLink): string {
+  return link.bundle !== undefined && archiveKind(link.bundle) && link.bundle !== link.dir ? nodePath.dirname(link.bundle) : link.dir;
+}
+
+async function readChainWith(first: string, read: (path: string) => Promise<SnapshotChainLink>): Promise<SnapshotChainLink[]> {
   const chain: SnapshotChainLink[] = [];
   const seen = new Set<string>();
-  let current: string | undefined = nodePath.resolve(dir);
+  let current: string | undefined = first;
   while (current) {
     if (seen.has(current)) throw new Qcow2Error('BACKING_CHAIN_LOOP', 'snapshot parents loop', { path: current });
-    if (chain.length >= stateLimits.maxChainDepth) throw new Qcow2Error('BACKING_CHAIN_TOO_DEEP', `more than ${stateLimits.maxChainDepth} snapshots in the chain`, { path: dir });
+    if (chain.length >= stateLimits.maxChainDepth) throw new Qcow2Error('BACKING_CHAIN_TOO_DEEP', `more than ${stateLimits.maxChainDepth} snapshots in the chain`, { path: first });
     seen.add(current);
-    const link = await readBundle(current);
+    const link = await read(current);
+    link.bundle ??= current;
     const expectedId = chain.length > 0 ? chain[chain.length - 1]!.metadata.parent?.id : undefined;
     if (expectedId !== undefined && link.metadata.id !== expectedId) {
       throw new Qcow2Error('PARENT_MISMATCH', `parent bundle has id ${link.metadata.id}, the child names ${expectedId}`, { path: current });
     }
     chain.push(link);
-    current = link.metadata.parent ? nodePath.resolve(current, link.metadata.parent.path) : undefined;
+    current = link.metadata.parent ? nodePath.resolve(parentBase(link), link.metadata.parent.path) : undefined;
   }
   return chain;
 }
@@ -248,8 +263,9 @@ async function checkCreate(target: string, kind: ArchiveKind | undefined, option
   if (!options.disk && !options.memory && options.cpu === undefined && !options.devices?.length) {
     throw new Qcow2Error('INVALID_ARGUMENT', 'nothing to snapshot: give a disk, memory, CPU state or devices', { path: target });
   }
-  if (kind && options.parent) {
-    throw new Qcow2Error('INVALID_ARGUMENT', 'an archive holds a self-contained snapshot: create an incremental one (--parent) as a folder', { path: target });
+  if (kind && options.parent && options.disk) {
+    // The disk's qcow2 names its backing file by path, which an archive cannot give.
+    throw new Qcow2Error('INVALID_ARGUMENT', 'an incremental archive (--parent) holds memory, CPU and device state, not a disk: snapshot the disk incrementally into a folder bundle', { path: target });
   }
   const cpu: CpuState | undefined = options.cpu !== undefined ? parseCpuState(options.cpu, target) : undefined;
   const deviceNames = new Set<string>();
@@ -342,8 +358,21 @@ export async function createSnapshot(out: string, options: CreateSnapshotOptions
   if (options.signal?.aborted) throw new Qcow2Error('CANCELLED', 'cancelled; no snapshot was written', { path: target });
   const kind = archiveKind(target);
   const cpu = await checkCreate(target, kind, options);
-  const chain = options.parent ? await readChain(options.parent) : [];
+  const parentBundle = options.parent ? await openBundle(options.parent, options.memory ? [STATE_FILE] : [], undefined, options.signal) : undefined;
+  try {
+    return await createWithChain(target, kind, cpu, parentBundle?.chain ?? [], options);
+  } catch (error) {
+    throw parentBundle ? parentBundle.mapError(error) : error;
+  } finally {
+    await parentBundle?.close();
+  }
+}
+
+async function createWithChain(target: string, kind: ArchiveKind | undefined, cpu: CpuState | undefined, chain: SnapshotChainLink[], options: CreateSnapshotOptions): Promise<SnapshotMetadata> {
   const parentLink = chain[0];
+  if (options.disk && chain.some((link) => link.bundle !== link.dir)) {
+    throw new Qcow2Error('INVALID_ARGUMENT', 'the disk cannot be snapshotted over a parent chain that holds an archive: its backing file must be a file', { path: target });
+  }
   // A folder bundle is built here and renamed into place; an archive's members pass through it one by one.
   const staging = await PendingFolder.create(target, 'cannot create the snapshot folder');
   let archive: ArchiveOutput | undefined;
@@ -357,7 +386,8 @@ export async function createSnapshot(out: string, options: CreateSnapshotOptions
       formatVersion: BUNDLE_FORMAT_VERSION,
       id: randomUUID(),
       created: new Date().toISOString(),
-      parent: parentLink ? { id: parentLink.metadata.id, path: nodePath.relative(target, parentLink.dir) } : null,
+      // Relative to the folder itself, or for an archive to the folder holding it.
+      parent: parentLink ? { id: parentLink.metadata.id, path: nodePath.relative(kind ? nodePath.dirname(target) : target, parentLink.bundle ?? parentLink.dir) } : null,
       producer: producer(),
       vcpuCount: cpu?.vcpus.length ?? 0,
       memoryRegions: state?.regions ?? [],
@@ -445,8 +475,7 @@ async function readTarInPlace(archivePath: string): Promise<SnapshotChainLink> {
       await entryData(reader, entry.size, archivePath, member === METADATA_FILE ? { write: async (data) => void metadataParts.push(data) } : undefined);
     });
     const metadata = parseMetadata(Buffer.concat(metadataParts).toString('utf8'), `${archivePath}:${METADATA_FILE}`);
-    if (metadata.parent) throw new Qcow2Error('BAD_ARCHIVE', 'the archived snapshot names a parent; archives hold self-contained snapshots only', { path: archivePath });
-    return { dir: nodePath.dirname(archivePath), metadata, archive: { path: archivePath, members } };
+    return { dir: nodePath.dirname(archivePath), bundle: archivePath, metadata, archive: { path: archivePath, members } };
   } finally {
     await handle.close();
   }
@@ -487,43 +516,55 @@ async function extractMembers(archivePath: string, kind: ArchiveKind, dir: strin
 }
 
 /**
- * Opens a bundle folder and its parents, or an archive: its snapshot.json and the
- * `members` asked for are extracted into a temporary folder under `tempDir`
- * (default: the system's), which `close` removes.
+ * Opens a bundle and its parents, each a folder or an archive: a plain tar is read in place; a
+ * compressed archive has its snapshot.json and the `members` asked for extracted into a
+ * temporary folder under `tempDir` (default: the system's), which `close` removes.
  */
 async function openBundle(bundle: string, members: string[], tempDir?: string, signal?: AbortSignal): Promise<OpenedBundle> {
   const path = nodePath.resolve(bundle);
-  const kind = archiveKind(path);
   const stats = await fs.stat(path).catch((error: unknown) => {
     throw ioError(error, path, 'cannot open the snapshot bundle');
   });
-  if (stats.isFile() && !kind) {
+  if (stats.isFile() && !archiveKind(path)) {
     throw new Qcow2Error('INVALID_ARGUMENT', 'not a snapshot bundle: a file that is not an archive (.tar, .tar.gz, .tar.zst); a bundle is a folder or one of those', { path });
   }
-  if (!kind || !stats.isFile()) {
-    return { chain: await readChain(path), path, displayName: (p) => p, mapError: (e) => e, close: async () => {} };
-  }
-  if (kind === 'tar') return { chain: [await readTarInPlace(path)], path, displayName: (p) => p, mapError: (e) => e, close: async () => {} };
-  const dir = await fs.mkdtemp(nodePath.join(tempDir ?? tmpdir(), 'qcow2img-bundle-')).catch((error) => {
-    throw ioError(error, tempDir ?? tmpdir(), 'cannot make a temporary folder for the archive\'s members');
-  });
-  const displayName = (p: string) => (p.startsWith(dir + nodePath.sep) ? `${path}:${p.slice(dir.length + 1)}` : p);
+  let root: string | undefined;
+  /** Each extraction folder, and the archive whose members it holds. */
+  const extracted = new Map<string, string>();
+  const displayName = (p: string) => {
+    for (const [dir, archive] of extracted) if (p.startsWith(dir + nodePath.sep)) return `${archive}:${p.slice(dir.length + 1)}`;
+    return p;
+  };
   const mapError = (error: unknown) => {
-    if (!(error instanceof Qcow2Error) || !error.message.includes(dir)) return error;
-    const message = error.path !== undefined && error.message.startsWith(`${error.path}: `) ? error.message.slice(error.path.length + 2) : error.message;
-    return new Qcow2Error(error.code, message.split(dir + nodePath.sep).join(`${path}:`), {
+    if (!(error instanceof Qcow2Error) || ![...extracted.keys()].some((dir) => error.message.includes(dir))) return error;
+    let message = error.path !== undefined && error.message.startsWith(`${error.path}: `) ? error.message.slice(error.path.length + 2) : error.message;
+    for (const [dir, archive] of extracted) message = message.split(dir + nodePath.sep).join(`${archive}:`);
+    return new Qcow2Error(error.code, message, {
       ...(error.path !== undefined ? { path: displayName(error.path) } : {}),
       ...(error.offset !== undefined ? { offset: error.offset } : {}),
       cause: error,
     });
   };
+  const close = async () => {
+    if (root) await fs.rm(root, { recursive: true, force: true }).catch(() => {});
+  };
+  const read = async (link: string): Promise<SnapshotChainLink> => {
+    const kind = archiveKind(link);
+    if (!kind || !(await fs.stat(link).catch(() => undefined))?.isFile()) return readBundle(link);
+    if (kind === 'tar') return readTarInPlace(link);
+    root ??= await fs.mkdtemp(nodePath.join(tempDir ?? tmpdir(), 'qcow2img-bundle-')).catch((error) => {
+      throw ioError(error, tempDir ?? tmpdir(), 'cannot make a temporary folder for the archive\'s members');
+    });
+    const dir = nodePath.join(root, String(extracted.size));
+    await fs.mkdir(dir);
+    extracted.set(dir, link);
+    await extractMembers(link, kind, dir, new Set([METADATA_FILE, ...members]), signal);
+    return { ...(await readBundle(dir)), bundle: link };
+  };
   try {
-    await extractMembers(path, kind, dir, new Set([METADATA_FILE, ...members]), signal);
-    const link = await readBundle(dir);
-    if (link.metadata.parent) throw new Qcow2Error('BAD_ARCHIVE', 'the archived snapshot names a parent; archives hold self-contained snapshots only', { path });
-    return { chain: [link], path, displayName, mapError, close: () => fs.rm(dir, { recursive: true, force: true }) };
+    return { chain: await readChainWith(path, read), path, displayName, mapError, close };
   } catch (error) {
-    await fs.rm(dir, { recursive: true, force: true }).catch(() => {});
+    await close();
     throw mapError(error);
   }
 }
@@ -543,8 +584,17 @@ async function withBundle<T>(opened: OpenedBundle, use: (opened: OpenedBundle) =
 export interface RestoreSnapshotOptions extends Omit<LoadOptions, 'allowPaths' | 'allowAnyPath' | 'snapshot'> {
   /** Where the disk goes: a file, a block device, or a disk with `partition`/`offset` (as `load`). */
   disk?: string;
-  /** Where the RAM dump goes (a new file; zero pages stay holes). */
-  memory?: string;
+  /**
+   * Where the RAM dump goes: a path (a new file under a temporary name, zero pages left as holes;
+   * or with `memoryInPlace`, an existing file rewritten where it stands), or memory that already
+   * exists: `{ fd }` opened read-write, an ArrayBuffer, a SharedArrayBuffer or a Uint8Array (a
+   * VMM's guest memory).
+   */
+  memory?: string | MemoryTarget;
+  /** Restore into the existing file at `memory` (tmpfs, hugetlbfs through a mapping, a block device) instead of a new one. */
+  memoryInPlace?: boolean;
+  /** The existing memory holds only zeros: pages that are zero in the snapshot are left untouched (else they are zeroed). */
+  memoryZeroed?: boolean;
   /** Where the vCPU state JSON goes. */
   cpu?: string;
   /** Folder that receives one file per device blob. */
@@ -555,7 +605,7 @@ export interface RestoreSnapshotOptions extends Omit<LoadOptions, 'allowPaths' |
 
 export interface RestoreSnapshotResult {
   disk?: LoadResult;
-  memory?: { path: string; bytes: number; dataBytes: number };
+  memory?: RestoreMemoryResult;
   cpu?: string;
   devices?: string[];
 }
@@ -602,7 +652,15 @@ async function restoreChain(opened: OpenedBundle, options: RestoreSnapshotOption
     try {
       if (options.memory) {
         if (state!.regions.length === 0) throw new Qcow2Error('INVALID_ARGUMENT', 'this snapshot holds no memory', { path: opened.path });
-        result.memory = await restoreMemory(state!, options.memory, { ...(options.threads ? { threads: options.threads } : {}), overwrite: options.overwrite === true, ...(options.signal ? { signal: options.signal } : {}) });
+        const memoryOptions = {
+          ...(options.threads ? { threads: options.threads } : {}),
+          ...(options.signal ? { signal: options.signal } : {}),
+          ...(options.onProgress ? { onProgress: options.onProgress } : {}),
+          ...(options.memoryZeroed ? { zeroed: true } : {}),
+        };
+        result.memory = typeof options.memory === 'string'
+          ? await restoreMemory(state!, options.memory, { ...memoryOptions, overwrite: options.overwrite === true, inPlace: options.memoryInPlace === true })
+          : await restoreMemoryInto(state!, options.memory, memoryOptions);
       }
       if (options.cpu) {
         const cpu = await state!.cpu();
@@ -676,6 +734,8 @@ export interface SnapshotInspection {
   chain: { dir: string; id: string; created: string }[];
   state?: {
     regions: { guestBase: number; size: number; dumpOffset: number }[];
+    /** Bytes of the RAM dump restore makes (recorded by the state file since 1.1, else where its last region ends). */
+    dumpSize: number;
     pages: { zero: number; data: number; duplicate: number; parent: number };
     chunks: number;
     bytes: number;
@@ -710,6 +770,7 @@ async function inspectChain(opened: OpenedBundle): Promise<SnapshotInspection> {
       }
       inspection.state = {
         regions: state!.regions.map((r) => ({ guestBase: r.guestBase, size: r.size, dumpOffset: r.dumpOffset })),
+        dumpSize: state!.dumpSize,
         pages,
         chunks: state!.index.chunks.length,
         bytes: state!.fileSize,

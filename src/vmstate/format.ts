@@ -7,7 +7,8 @@ import { Codec } from '../native';
 export const HEADER_MAGIC = 'QVMSTATE';
 export const FOOTER_MAGIC = 'QVMSTEND';
 export const MAJOR_VERSION = 1;
-export const MINOR_VERSION = 0;
+/** 1: the REGIONS payload ends with the RAM dump's size. */
+export const MINOR_VERSION = 1;
 export const HEADER_BYTES = 64;
 export const FOOTER_BYTES = 64;
 export const SECTION_HEADER_BYTES = 32;
@@ -119,8 +120,9 @@ export interface Region {
   firstPage: number;
 }
 
-export function encodeRegions(regions: readonly Region[]): Buffer {
-  const out = Buffer.alloc(16 + 32 * regions.length);
+/** The REGIONS payload: the table, then (since 1.1) the RAM dump's size. */
+export function encodeRegions(regions: readonly Region[], dumpSize: number): Buffer {
+  const out = Buffer.alloc(16 + 32 * regions.length + 8);
   out.writeUInt32LE(regions.length, 0);
   out.writeUInt32LE(PAGE_SIZE, 4);
   out.writeUInt32LE(SPAN_PAGES, 8);
@@ -131,6 +133,7 @@ export function encodeRegions(regions: readonly Region[]): Buffer {
     out.writeBigUInt64LE(BigInt(r.dumpOffset), at + 16);
     out.writeBigUInt64LE(BigInt(r.firstPage), at + 24);
   });
+  out.writeBigUInt64LE(BigInt(dumpSize), 16 + 32 * regions.length);
   return out;
 }
 
@@ -139,7 +142,11 @@ function safe(value: bigint, path: string, what: string): number {
   return Number(value);
 }
 
-export function decodeRegions(payload: Buffer, path: string): { regions: Region[]; pageSize: number; spanPages: number } {
+/**
+ * The REGIONS payload. `dumpSize` is the recorded size of the RAM dump (1.1), or for a 1.0 file
+ * (no size after the table) the end of the region that ends last in the dump.
+ */
+export function decodeRegions(payload: Buffer, path: string): { regions: Region[]; pageSize: number; spanPages: number; dumpSize: number; recorded: boolean } {
   if (payload.length < 16) throw new Qcow2Error('TRUNCATED', 'REGIONS section is too short', { path });
   const count = payload.readUInt32LE(0);
   const pageSize = payload.readUInt32LE(4);
@@ -166,7 +173,14 @@ export function decodeRegions(payload: Buffer, path: string): { regions: Region[
     expectedPage += region.size / pageSize;
     regions.push(region);
   }
-  return { regions, pageSize, spanPages };
+  const regionsEnd = regions.reduce((end, r) => Math.max(end, r.dumpOffset + r.size), 0);
+  const sizeAt = 16 + 32 * count;
+  if (payload.length < sizeAt + 8) return { regions, pageSize, spanPages, dumpSize: regionsEnd, recorded: false };
+  const dumpSize = safe(payload.readBigUInt64LE(sizeAt), path, 'RAM dump size');
+  if (dumpSize < regionsEnd) {
+    throw new Qcow2Error('BAD_HEADER_FIELD', `REGIONS: the RAM dump size ${dumpSize} is smaller than the end of a region in the dump (${regionsEnd})`, { path });
+  }
+  return { regions, pageSize, spanPages, dumpSize, recorded: true };
 }
 
 export interface SectionEntry {

@@ -4,11 +4,12 @@
  * dump (pages written in parallel, zero pages left as holes).
  */
 import * as fs from 'node:fs/promises';
+import * as fsSync from 'node:fs';
 import * as nodePath from 'node:path';
 import { Qcow2Error, ioError, throwIfCancelled } from '../errors';
 import { openToRead, PendingFile } from '../files';
 import { native } from '../native';
-import { jobError, threadCount } from '../jobs';
+import { JobCounters, jobError, ProgressSampler, threadCount, type ProgressCallback } from '../jobs';
 import * as os from 'node:os';
 import { type CpuState, decodeCpuState } from './cpu';
 import {
@@ -91,6 +92,10 @@ export class StateFile {
     readonly parent: StateFile | undefined,
     /** Where the state file's byte 0 sits in the file opened. */
     private readonly base: number,
+    /** Bytes of the RAM dump this state restores: as recorded (1.1), else the end of the last region in the dump. */
+    readonly dumpSize: number,
+    /** Whether the file records the dump's size (1.1) rather than leaving it to the regions. */
+    readonly dumpSizeRecorded: boolean,
   ) {
     this.regionFirstSpan = [];
     let span = 0;
@@ -106,11 +111,6 @@ export class StateFile {
 
   get hasParent(): boolean {
     return this.header.parentId.some((b) => b !== 0);
-  }
-
-  /** Bytes of the RAM dump this state restores (regions at their dump offsets). */
-  get dumpSize(): number {
-    return this.regions.reduce((end, r) => Math.max(end, r.dumpOffset + r.size), 0);
   }
 
   static async open(path: string, options: OpenStateOptions = {}): Promise<StateFile> {
@@ -162,11 +162,11 @@ export class StateFile {
       if (addon.hash64(regionsPayload) !== regionsEntry.checksum) {
         throw new Qcow2Error('CHECKSUM_MISMATCH', 'REGIONS section checksum mismatch', { path, offset: regionsEntry.offset });
       }
-      const { regions } = decodeRegions(regionsPayload, path);
+      const { regions, dumpSize, recorded } = decodeRegions(regionsPayload, path);
       const spans = regions.reduce((n, r) => n + Math.ceil(r.size / PAGE_SIZE / SPAN_PAGES), 0);
       const index = decodeIndex(indexPayload, path, spans * SPAN_PAGES);
       if (index.spanCount !== spans) throw new Qcow2Error('BAD_HEADER_FIELD', `INDEX has ${index.spanCount} spans, the regions ${spans}`, { path });
-      const state = new StateFile(path, handle, fileSize, header, regions, index, digest, options.parent, base);
+      const state = new StateFile(path, handle, fileSize, header, regions, index, digest, options.parent, base, dumpSize, recorded);
       state.checkDuplicates();
       state.checkStates();
       if (state.hasParent && !options.withoutParent) {
@@ -178,6 +178,9 @@ export class StateFile {
         // Each layer restores at its own dump offsets: the layouts must be one.
         if (!sameRegions(parent.regions, regions)) {
           throw new Qcow2Error('PARENT_MISMATCH', `parent ${parent.path} lays out memory differently (regions, or where they lie in the RAM dump)`, { path });
+        }
+        if (recorded && parent.dumpSizeRecorded && parent.dumpSize !== dumpSize) {
+          throw new Qcow2Error('PARENT_MISMATCH', `parent ${parent.path} was taken from a RAM dump of ${parent.dumpSize} bytes, this file from one of ${dumpSize}`, { path });
         }
       }
       return state;
@@ -466,7 +469,7 @@ export class StateFile {
    * Writes the RAM dump into the open file `outputFd` (already sized): the parent
    * chain first, then this file's pages over it. Zero pages stay holes in a new file.
    */
-  async restoreInto(outputFd: number, options: { threads?: number; fresh: boolean; counters?: BigUint64Array; writeback?: boolean; signal?: AbortSignal }): Promise<number> {
+  async restoreInto(outputFd: number, options: { threads?: number; fresh: boolean; counters?: BigUint64Array; writeback?: boolean; signal?: AbortSignal; outputBuffer?: Uint8Array; mapOutput?: { length: number } }): Promise<number> {
     let written = 0;
     // A parent's pages may be overwritten by its child's: only the last layer starts writeback.
     if (this.parent) written += await this.parent.restoreInto(outputFd, { ...options, writeback: false });
@@ -556,6 +559,8 @@ export class StateFile {
         chunks: chunkSpecs,
         duplicates: batch.duplicates,
         punchZeros: !options.fresh || this.parent !== undefined,
+        ...(options.outputBuffer ? { outputBuffer: options.outputBuffer } : {}),
+        ...(options.mapOutput ? { mapOutput: true, outputLength: options.mapOutput.length } : {}),
         // The batch's pages go to the disk while the next batch decompresses, not all at the final fdatasync.
         startWriteback: options.writeback !== false,
         // Restore is memory-bound: more threads than cores only add contention (measured).
@@ -575,18 +580,148 @@ export class StateFile {
   }
 }
 
-/** Writes the RAM dump of `state` (and its parents) to a new file at `output`. */
-export async function restoreMemory(state: StateFile, output: string, options: { threads?: number; overwrite?: boolean; signal?: AbortSignal } = {}): Promise<{ path: string; bytes: number; dataBytes: number }> {
+/**
+ * Where a RAM dump may be restored besides a new file: a file descriptor the caller opened
+ * read-write (a memory backend file on tmpfs or hugetlbfs, a block device), or guest memory in
+ * this process (an ArrayBuffer, a SharedArrayBuffer, or a Uint8Array over either). Dump offset 0
+ * lands at its byte 0; it must hold the whole dump. Do not transfer or detach a buffer meanwhile.
+ */
+export type MemoryTarget = { fd: number } | ArrayBuffer | SharedArrayBuffer | Uint8Array;
+
+export interface RestoreMemoryOptions {
+  threads?: number;
+  /** Stops between batches of pages; the target is then partly restored. */
+  signal?: AbortSignal;
+  onProgress?: ProgressCallback;
+  /**
+   * The target is known to hold only zeros (a fresh mapping, a new file): pages that are zero in
+   * the snapshot are then left untouched. Otherwise they are zeroed (holes punched in a file
+   * that takes them, zeros written or stored elsewhere).
+   */
+  zeroed?: boolean;
+}
+
+export interface RestoreMemoryResult {
+  /** The file restored (absent for a file descriptor or a buffer). */
+  path?: string;
+  /** Bytes of the RAM dump. */
+  bytes: number;
+  /** Bytes of pages that held data, written. */
+  dataBytes: number;
+  /** How the pages were written: write() to a file, through a shared mapping of it, or into memory. */
+  method: 'write' | 'mmap' | 'memory';
+}
+
+/** hugetlbfs (linux/magic.h HUGETLBFS_MAGIC) takes no write(): its files are written through a mapping. */
+const HUGETLBFS_MAGIC = 0x958458f6;
+
+async function isHugetlbfs(path: string): Promise<boolean> {
+  const stats = await fs.statfs(path).catch(() => undefined);
+  return stats !== undefined && stats.type === HUGETLBFS_MAGIC;
+}
+
+/** Runs `state.restoreInto` with progress sampled from its counters. */
+async function restoreWithProgress(state: StateFile, outputFd: number, options: RestoreMemoryOptions, extra: { fresh: boolean; outputBuffer?: Uint8Array; mapOutput?: { length: number } }): Promise<number> {
+  const counters = new JobCounters();
+  const sampler = new ProgressSampler(counters, state.dumpSize, options.onProgress);
+  sampler.start();
+  try {
+    const dataBytes = await state.restoreInto(outputFd, {
+      fresh: extra.fresh,
+      counters: counters.words,
+      ...(options.threads ? { threads: options.threads } : {}),
+      ...(options.signal ? { signal: options.signal } : {}),
+      ...(extra.outputBuffer ? { outputBuffer: extra.outputBuffer } : {}),
+      ...(extra.mapOutput ? { mapOutput: extra.mapOutput } : {}),
+    });
+    counters.dataBytes = state.dumpSize;
+    sampler.emit('done');
+    return dataBytes;
+  } finally {
+    sampler.stop();
+  }
+}
+
+/** The bytes of a memory target, checked to hold the dump. */
+function targetBytes(target: ArrayBuffer | SharedArrayBuffer | Uint8Array, state: StateFile): Uint8Array {
+  const bytes = target instanceof Uint8Array ? target : new Uint8Array(target);
+  if (bytes.byteLength < state.dumpSize) {
+    throw new Qcow2Error('INVALID_ARGUMENT', `the memory buffer holds ${bytes.byteLength} bytes, the RAM dump ${state.dumpSize}`, { path: state.path });
+  }
+  return bytes;
+}
+
+/**
+ * Restores the RAM dump of `state` (and its parents) into memory that already exists: a file
+ * descriptor (written in place with pwrite, or through a shared mapping on hugetlbfs) or a
+ * buffer. Nothing is renamed or created; a target smaller than the dump is refused.
+ *
+ * @example
+ * const guest = new SharedArrayBuffer(state.dumpSize);
+ * await restoreMemoryInto(state, guest, { zeroed: true, onProgress: (p) => console.log(p.bytesDone) });
+ */
+export async function restoreMemoryInto(state: StateFile, target: MemoryTarget, options: RestoreMemoryOptions = {}): Promise<RestoreMemoryResult> {
+  if (target instanceof ArrayBuffer || target instanceof Uint8Array || (typeof SharedArrayBuffer !== 'undefined' && target instanceof SharedArrayBuffer)) {
+    const outputBuffer = targetBytes(target as ArrayBuffer | SharedArrayBuffer | Uint8Array, state);
+    const dataBytes = await restoreWithProgress(state, -1, options, { fresh: options.zeroed === true, outputBuffer });
+    return { bytes: state.dumpSize, dataBytes, method: 'memory' };
+  }
+  const fd = (target as { fd: number }).fd;
+  const where = `/proc/self/fd/${fd}`;
+  if (!Number.isInteger(fd) || fd < 0) throw new Qcow2Error('INVALID_ARGUMENT', `memory target fd ${fd} is not a file descriptor`, { path: state.path });
+  return restoreIntoFd(state, fd, where, options);
+}
+
+async function restoreIntoFd(state: StateFile, fd: number, path: string, options: RestoreMemoryOptions & { sized?: boolean }): Promise<RestoreMemoryResult> {
+  const stats = await new Promise<import('node:fs').Stats>((resolve, reject) => fsSync.fstat(fd, (error, st) => (error ? reject(ioError(error, path, 'cannot stat the memory target')) : resolve(st))));
+  if (!stats.isFile() && !stats.isBlockDevice()) throw new Qcow2Error('INVALID_ARGUMENT', 'the memory target must be a regular file (tmpfs, hugetlbfs, ...) or a block device', { path });
+  const size = stats.isBlockDevice() ? native().blockDeviceInfo(fd).sizeBytes : stats.size;
+  if (size < state.dumpSize) throw new Qcow2Error('INVALID_ARGUMENT', `the memory target holds ${size} bytes, the RAM dump ${state.dumpSize}`, { path });
+  const mapped = stats.isFile() && (await isHugetlbfs(path));
+  const dataBytes = await restoreWithProgress(state, fd, options, { fresh: options.zeroed === true, ...(mapped ? { mapOutput: { length: size } } : {}) });
+  if (!mapped) {
+    await new Promise<void>((resolve, reject) => fsSync.fdatasync(fd, (error) => (error ? reject(ioError(error, path, 'cannot flush the memory target')) : resolve())));
+  }
+  return { bytes: state.dumpSize, dataBytes, method: mapped ? 'mmap' : 'write' };
+}
+
+/**
+ * Writes the RAM dump of `state` (and its parents) to a new file at `output`, under a temporary
+ * name renamed into place. With `inPlace`, into the existing file at `output` instead (its bytes
+ * rewritten where they stand, through a mapping on hugetlbfs; an empty file is first sized to the
+ * dump and counts as zeroed).
+ */
+export async function restoreMemory(state: StateFile, output: string, options: RestoreMemoryOptions & { overwrite?: boolean; inPlace?: boolean } = {}): Promise<RestoreMemoryResult & { path: string }> {
   const path = nodePath.resolve(output);
+  if (options.inPlace) {
+    const handle = await fs.open(path, fsSync.constants.O_RDWR).catch((error) => {
+      throw ioError(error, path, 'cannot open the memory file to restore in place');
+    });
+    try {
+      let zeroed = options.zeroed === true;
+      const st = await handle.stat();
+      if (st.isFile() && st.size === 0) {
+        // Sized here: a new file reads as zeros (on hugetlbfs, sized in whole huge pages).
+        const block = (await isHugetlbfs(path)) ? st.blksize : 1;
+        await handle.truncate(Math.ceil(state.dumpSize / block) * block).catch((error) => {
+          throw ioError(error, path, 'cannot size the memory file');
+        });
+        zeroed = true;
+      }
+      return { ...(await restoreIntoFd(state, handle.fd, path, { ...options, zeroed })), path };
+    } finally {
+      await handle.close();
+    }
+  }
   const exists = await fs.stat(path).catch(() => undefined);
-  if (exists && !options.overwrite) throw new Qcow2Error('TARGET_EXISTS', 'output exists; pass --overwrite to replace it', { path });
+  if (exists && !options.overwrite) throw new Qcow2Error('TARGET_EXISTS', 'output exists; pass --overwrite to replace it, or --in-place to restore into it', { path });
   // Read and write: duplicate pages are copied from pages already restored.
   const file = await PendingFile.create(path, { create: 'cannot create the memory file', flush: 'cannot flush the memory file', rename: 'cannot rename the finished memory file into place' }, (temporary) => fs.open(temporary, 'wx+', 0o644));
   try {
     await file.handle.truncate(state.dumpSize);
-    const dataBytes = await state.restoreInto(file.handle.fd, { fresh: true, ...(options.threads ? { threads: options.threads } : {}), ...(options.signal ? { signal: options.signal } : {}) });
+    const dataBytes = await restoreWithProgress(state, file.handle.fd, options, { fresh: true });
     await file.commit();
-    return { path, bytes: state.dumpSize, dataBytes };
+    return { path, bytes: state.dumpSize, dataBytes, method: 'write' };
   } finally {
     await file.abandon();
   }

@@ -75,6 +75,15 @@ export function uuidBytes(id: string): Buffer {
   return Buffer.from(id.replace(/-/g, ''), 'hex');
 }
 
+const hex = (n: number) => `0x${n.toString(16)}`;
+const describeRegion = (i: number, r: { guestBase: number; size: number; dumpOffset: number }) =>
+  `region ${i} (guest ${hex(r.guestBase)}-${hex(r.guestBase + r.size)}, dump ${hex(r.dumpOffset)}-${hex(r.dumpOffset + r.size)})`;
+
+/**
+ * The regions of the state file from the memory map: each page aligned, and together tiling the
+ * dump exactly: none runs past its end, none overlaps another in guest space or in the dump, and
+ * no byte of the dump is left out (restore recreates the dump whole, at its recorded size).
+ */
 function planRegions(requested: MemoryRegion[] | undefined, dumpSize: number, path: string): Region[] {
   const wanted = requested ?? (dumpSize > 0 ? [{ guestBase: 0, size: Math.floor(dumpSize / PAGE_SIZE) * PAGE_SIZE, dumpOffset: 0 }] : []);
   const regions: Region[] = [];
@@ -82,20 +91,39 @@ function planRegions(requested: MemoryRegion[] | undefined, dumpSize: number, pa
   let nextDump = 0;
   for (const [i, r] of wanted.entries()) {
     const dumpOffset = r.dumpOffset ?? nextDump;
-    if (!Number.isSafeInteger(r.guestBase) || !Number.isSafeInteger(r.size) || r.size <= 0 || r.size % PAGE_SIZE || r.guestBase % PAGE_SIZE || dumpOffset % PAGE_SIZE) {
+    if (!Number.isSafeInteger(r.guestBase) || !Number.isSafeInteger(r.size) || !Number.isSafeInteger(dumpOffset) || r.guestBase < 0 || dumpOffset < 0 || r.size <= 0 || r.size % PAGE_SIZE || r.guestBase % PAGE_SIZE || dumpOffset % PAGE_SIZE) {
       throw new Qcow2Error('INVALID_ARGUMENT', `memory region ${i} must have page-aligned base, size and dump offset`, { path });
     }
     if (dumpOffset + r.size > dumpSize) {
-      throw new Qcow2Error('INVALID_ARGUMENT', `memory region ${i} ends at ${dumpOffset + r.size}, past the end of the RAM dump (${dumpSize} bytes)`, { path });
-    }
-    for (const other of regions) {
-      if (r.guestBase < other.guestBase + other.size && other.guestBase < r.guestBase + r.size) {
-        throw new Qcow2Error('INVALID_ARGUMENT', `memory region ${i} overlaps another region`, { path });
-      }
+      throw new Qcow2Error('INVALID_ARGUMENT', `memory map: ${describeRegion(i, { ...r, dumpOffset })} runs past the end of the RAM dump (${hex(dumpSize)} bytes)`, { path });
     }
     regions.push({ guestBase: r.guestBase, size: r.size, dumpOffset, firstPage });
     firstPage += r.size / PAGE_SIZE;
     nextDump = dumpOffset + r.size;
+  }
+  const numbered = regions.map((r, i) => ({ r, i }));
+  for (const [space, key] of [['guest space', 'guestBase'], ['the RAM dump', 'dumpOffset']] as const) {
+    const sorted = [...numbered].sort((a, b) => a.r[key] - b.r[key]);
+    for (let k = 1; k < sorted.length; k++) {
+      const a = sorted[k - 1]!;
+      const b = sorted[k]!;
+      if (b.r[key] < a.r[key] + a.r.size) {
+        const [first, second] = a.i < b.i ? [a, b] : [b, a];
+        throw new Qcow2Error('INVALID_ARGUMENT', `memory map: ${describeRegion(first.i, first.r)} and ${describeRegion(second.i, second.r)} overlap in ${space}`, { path });
+      }
+    }
+  }
+  // No overlap in the dump: sorted by dump offset, any gap between neighbours is uncovered.
+  const gaps: string[] = [];
+  let covered = 0;
+  for (const { r } of [...numbered].sort((a, b) => a.r.dumpOffset - b.r.dumpOffset)) {
+    if (r.dumpOffset > covered) gaps.push(`${hex(covered)}-${hex(r.dumpOffset)}`);
+    covered = r.dumpOffset + r.size;
+  }
+  if (covered < dumpSize) gaps.push(`${hex(covered)}-${hex(dumpSize)}`);
+  if (gaps.length > 0) {
+    const shown = gaps.length > 8 ? [...gaps.slice(0, 8), `and ${gaps.length - 8} more`] : gaps;
+    throw new Qcow2Error('INVALID_ARGUMENT', `memory map leaves bytes ${shown.join(', ')} of the RAM dump (${hex(dumpSize)} bytes) uncovered; every byte of the dump must be in a region`, { path });
   }
   return regions;
 }
@@ -121,11 +149,14 @@ async function openDump(memory: string, regions: MemoryRegion[] | undefined): Pr
 }
 
 /** An incremental dump is refused unless it has its parent's regions and a bitmap covering its pages. */
-function checkParent(options: WriteStateOptions, regions: Region[], totalPages: number, path: string): void {
+function checkParent(options: WriteStateOptions, regions: Region[], dumpSize: number, totalPages: number, path: string): void {
   if (!options.parent) return;
   // Restore writes each layer at its own dump offsets, so those must match too.
   if (!sameRegions(options.parent.regions, regions)) {
     throw new Qcow2Error('INVALID_ARGUMENT', 'an incremental dump needs the same memory regions as its parent, at the same places of the RAM dump', { path });
+  }
+  if (options.parent.dumpSize !== dumpSize) {
+    throw new Qcow2Error('INVALID_ARGUMENT', `the RAM dump is ${dumpSize} bytes, its parent's was ${options.parent.dumpSize}`, { path: options.memory ?? path });
   }
   if (options.dirtyBitmap && options.dirtyBitmap.length * 8 < totalPages) {
     throw new Qcow2Error('INVALID_ARGUMENT', `dirty bitmap covers ${options.dirtyBitmap.length * 8} pages, the regions hold ${totalPages}`, { path });
@@ -182,8 +213,8 @@ class StateOutput {
 }
 
 /** REGIONS, then CPU and DEVICE sections, each within what a reader accepts: a file its own reader refuses would be a lost snapshot. */
-async function writeDescription(out: StateOutput, regions: Region[], options: WriteStateOptions, path: string): Promise<void> {
-  await out.writeSection(SectionType.regions, [encodeRegions(regions)]);
+async function writeDescription(out: StateOutput, regions: Region[], dumpSize: number, options: WriteStateOptions, path: string): Promise<void> {
+  await out.writeSection(SectionType.regions, [encodeRegions(regions, dumpSize)]);
   if (options.cpu) {
     const cpu = encodeCpuState(options.cpu, path);
     if (cpu.length > stateLimits.maxCpuBytes) throw new Qcow2Error('INVALID_ARGUMENT', `the CPU state takes ${cpu.length} bytes, over the ${stateLimits.maxCpuBytes} a state file holds`, { path });
@@ -325,7 +356,7 @@ export async function writeState(output: string, options: WriteStateOptions): Pr
   let out: StateOutput | undefined;
   try {
     const regions = planRegions(options.regions, dump?.size ?? 0, options.memory ?? path);
-    checkParent(options, regions, regions.reduce((n, r) => n + r.size / PAGE_SIZE, 0), path);
+    checkParent(options, regions, dump?.size ?? 0, regions.reduce((n, r) => n + r.size / PAGE_SIZE, 0), path);
     out = await StateOutput.create(path);
     const snapshotId = randomUUID();
     const header = encodeHeader({
@@ -334,7 +365,7 @@ export async function writeState(output: string, options: WriteStateOptions): Pr
       parentDigest: options.parent ? options.parent.digest : Buffer.alloc(16),
     });
     await out.write(header);
-    await writeDescription(out, regions, options, path);
+    await writeDescription(out, regions, dump?.size ?? 0, options, path);
     const index = await writePages(out, dump?.handle, regions, options, path);
     throwIfCancelled(options.signal, path);
     const digest = await out.finish(header, index.encode(out.sections));

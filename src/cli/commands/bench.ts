@@ -1,7 +1,7 @@
 /** `qcow2img bench TARGET`: write bandwidth, IOPS and latency, as fio measures them. */
 import { bench } from '../../bench/index';
 import { humanBytes } from '../format';
-import { type OpenFlags, openOptions } from '../options';
+import { defined, type OpenFlags, openOptions } from '../options';
 import { type ProgressFlags, clearProgress, printJson, progressMode, progressReporter, untilInterrupted } from '../terminal';
 
 export interface BenchFlags extends OpenFlags, ProgressFlags {
@@ -23,12 +23,7 @@ export async function run([target]: string[], flags: BenchFlags): Promise<void> 
   const result = await untilInterrupted((signal) =>
     bench(target!, {
       ...openOptions(flags),
-      ...(flags.size !== undefined ? { size: flags.size } : {}),
-      ...(flags.blockSize !== undefined ? { blockSize: flags.blockSize } : {}),
-      ...(flags.queueDepth !== undefined ? { queueDepth: flags.queueDepth } : {}),
-      ...(flags.time !== undefined ? { time: flags.time } : {}),
-      ...(flags.image !== undefined ? { image: flags.image } : {}),
-      ...(onProgress ? { onProgress } : {}),
+      ...defined({ size: flags.size, blockSize: flags.blockSize, queueDepth: flags.queueDepth, time: flags.time, image: flags.image, onProgress }),
       pattern: flags.pattern ?? 'seq',
       direct: flags.direct ?? 'always',
       engine: flags.engine ?? 'auto',

@@ -2,8 +2,8 @@
 import { capture } from '../../capture/index';
 import { humanBytes } from '../format';
 import { UsageError } from '../usage';
-import { type OpenFlags, openOptions } from '../options';
-import { type ProgressFlags, clearProgress, printJson, progressMode, progressReporter, say, untilInterrupted } from '../terminal';
+import { defined, type OpenFlags, openOptions } from '../options';
+import { type ProgressFlags, progressMode, progressReporter, reportResult, untilInterrupted } from '../terminal';
 
 export interface CaptureFlags extends OpenFlags, ProgressFlags {
   compress?: 'zlib' | 'zstd';
@@ -26,27 +26,26 @@ export async function run([source, output]: string[], flags: CaptureFlags): Prom
     // - is stdin; the library reads a pipe in order (and a redirected file as a file).
     capture(source === '-' ? '/dev/stdin' : source!, output!, {
       ...openOptions(flags),
-      ...(flags.compress ? { compress: flags.compress } : {}),
-      ...(flags.level !== undefined ? { level: flags.level } : {}),
-      ...(flags.clusterSize !== undefined ? { clusterSize: flags.clusterSize } : {}),
-      ...(flags.compat ? { compat: flags.compat } : {}),
-      ...(flags.backing !== undefined ? { backing: flags.backing } : {}),
-      ...(flags.backingFormat ? { backingFormat: flags.backingFormat } : {}),
-      ...(flags.size !== undefined ? { size: flags.size } : {}),
-      ...(flags.threads !== undefined ? { threads: flags.threads } : {}),
-      ...(onProgress ? { onProgress } : {}),
+      ...defined({
+        compress: flags.compress,
+        level: flags.level,
+        clusterSize: flags.clusterSize,
+        compat: flags.compat,
+        backing: flags.backing,
+        backingFormat: flags.backingFormat,
+        size: flags.size,
+        threads: flags.threads,
+        onProgress,
+      }),
       overwrite: flags.overwrite === true,
       signal,
     }),
   );
-  clearProgress();
-  if (mode === 'json') {
-    process.stdout.write(JSON.stringify({ phase: 'done', ...result }) + '\n');
-  } else if (flags.json) {
-    printJson(result);
-  } else if (!flags.quiet) {
-    say(
+  reportResult(
+    mode,
+    flags,
+    result,
+    () =>
       `qcow2img: captured ${humanBytes(result.virtualSize)} into ${result.output} (${humanBytes(result.fileSize)}; ${result.dataClusters} data, ${result.compressedClusters} compressed, ${result.zeroClusters} zero clusters) in ${result.seconds.toFixed(2)} s`,
-    );
-  }
+  );
 }

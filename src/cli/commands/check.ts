@@ -8,11 +8,12 @@ import { printJson } from '../terminal';
 export interface CheckFlags extends QemuOutputFlags {
   forceShare?: boolean;
   quiet?: boolean;
+  header?: string[];
 }
 
 export async function run([path]: string[], flags: CheckFlags): Promise<number> {
   const kind = outputKind(flags, 'check');
-  const result = await check(path!, flags.forceShare ? { forceShare: true } : {});
+  const result = await check(path!, { ...(flags.forceShare ? { forceShare: true } : {}), ...(flags.header?.length ? { http: { headers: flags.header } } : {}) });
   const exitCode = checkExitCode(result);
   if (kind === 'json') {
     if (!flags.quiet) printJson(result);
@@ -23,7 +24,7 @@ export async function run([path]: string[], flags: CheckFlags): Promise<number> 
   if (result.issueCount > result.issues.length) problems.push(`... and ${result.issueCount - result.issues.length} more`);
   if (problems.length) process.stderr.write(problems.join('\n') + '\n');
   if (flags.quiet) return exitCode;
-  process.stdout.write(kind === 'qemu-json' ? qemuCheckJson(result, path!) : summary(result));
+  process.stdout.write(kind === 'qemu-json' ? qemuCheckJson(result, result.filename) : summary(result));
   return exitCode;
 }
 

@@ -6,7 +6,7 @@ import { createSnapshot, inspectSnapshot, restoreSnapshot, verifySnapshot } from
 import { humanBytes } from '../format';
 import { memoryMapFromMtree, qemuMemoryMap, type QemuMachine } from '../../vmstate/machine-memory';
 import type { MemoryRegion } from '../../vmstate/writer';
-import { parseSize, UsageError } from '../options';
+import { defined, parseSize, UsageError } from '../options';
 import { printJson, say, untilInterrupted } from '../terminal';
 
 async function readJsonFile(path: string, what: string): Promise<unknown> {
@@ -89,19 +89,14 @@ export async function create([out]: string[], flags: CreateFlags): Promise<void>
   const metadata = await untilInterrupted(async (signal) =>
     createSnapshot(out!, {
       signal,
-      ...(flags.disk !== undefined ? { disk: flags.disk } : {}),
-      ...(flags.memory !== undefined ? { memory: flags.memory } : {}),
+      ...defined({ disk: flags.disk, memory: flags.memory, parent: flags.parent, level: flags.level, threads: flags.threads, archiveLevel: flags.archiveLevel }),
       ...(flags.memoryMap !== undefined ? { memoryRegions: await memoryRegions(flags.memoryMap) } : {}),
       ...(flags.cpu !== undefined ? { cpu: await readCpuFile(flags.cpu) } : {}),
       ...(devices.length ? { devices } : {}),
-      ...(flags.parent !== undefined ? { parent: flags.parent } : {}),
       ...(flags.dirtyBitmap !== undefined ? { dirtyBitmap: await fs.readFile(flags.dirtyBitmap).catch((error: unknown) => { throw ioError(error, flags.dirtyBitmap!, 'cannot read the dirty bitmap'); }) } : {}),
       // The library's name for zlib clusters is "deflate".
       ...(flags.compress ? { compress: flags.compress === 'zlib' ? ('deflate' as const) : flags.compress } : {}),
-      ...(flags.level !== undefined ? { level: flags.level } : {}),
       ...(machine ? { machine } : {}),
-      ...(flags.threads !== undefined ? { threads: flags.threads } : {}),
-      ...(flags.archiveLevel !== undefined ? { archiveLevel: flags.archiveLevel } : {}),
       ...(flags.overwrite ? { overwrite: true } : {}),
     }),
   );
@@ -126,27 +121,35 @@ export interface RestoreFlags {
   force?: boolean;
   overwrite?: boolean;
   targetIsZero?: boolean;
+  inPlace?: boolean;
+  memoryIsZero?: boolean;
   threads?: number;
   tempDir?: string;
   json?: boolean;
 }
 
 export async function restore([bundle]: string[], flags: RestoreFlags): Promise<void> {
+  if (flags.inPlace && flags.memory === undefined) throw new UsageError('--in-place needs --memory', 'snapshot restore');
+  if (flags.memoryIsZero && !flags.inPlace) throw new UsageError('--memory-is-zero needs --in-place', 'snapshot restore');
   const result = await untilInterrupted((signal) =>
     restoreSnapshot(bundle!, {
       signal,
-      ...(flags.disk !== undefined ? { disk: flags.disk } : {}),
-      ...(flags.memory !== undefined ? { memory: flags.memory } : {}),
-      ...(flags.cpu !== undefined ? { cpu: flags.cpu } : {}),
-      ...(flags.deviceDir !== undefined ? { deviceDir: flags.deviceDir } : {}),
-      ...(flags.partition !== undefined ? { partition: flags.partition } : {}),
-      ...(flags.offset !== undefined ? { offset: flags.offset } : {}),
-      ...(flags.threads !== undefined ? { threads: flags.threads } : {}),
-      ...(flags.tempDir !== undefined ? { tempDir: flags.tempDir } : {}),
+      ...defined({
+        disk: flags.disk,
+        memory: flags.memory,
+        cpu: flags.cpu,
+        deviceDir: flags.deviceDir,
+        partition: flags.partition,
+        offset: flags.offset,
+        threads: flags.threads,
+        tempDir: flags.tempDir,
+      }),
       verify: flags.verify === true,
       force: flags.force === true,
       overwrite: flags.overwrite === true,
       targetIsZero: flags.targetIsZero === true,
+      ...(flags.inPlace ? { memoryInPlace: true } : {}),
+      ...(flags.memoryIsZero ? { memoryZeroed: true } : {}),
     }),
   );
   if (flags.json) {
@@ -155,14 +158,14 @@ export async function restore([bundle]: string[], flags: RestoreFlags): Promise<
   }
   const parts: string[] = [];
   if (result.disk) parts.push(`disk ${humanBytes(result.disk.virtualSize)} into ${result.disk.target}${result.disk.verified ? ' (verified)' : ''}`);
-  if (result.memory) parts.push(`memory ${humanBytes(result.memory.bytes)} into ${result.memory.path}`);
+  if (result.memory) parts.push(`memory ${humanBytes(result.memory.bytes)} into ${result.memory.path ?? 'memory'}${flags.inPlace ? ` (in place${result.memory.method === 'mmap' ? ', through a mapping' : ''})` : ''}`);
   if (result.cpu) parts.push(`vCPU state into ${result.cpu}`);
   if (result.devices?.length) parts.push(`${result.devices.length} device blob${result.devices.length === 1 ? '' : 's'}`);
   say(`qcow2img: restored ${parts.join('; ') || 'nothing'} from ${bundle}`);
 }
 
 export async function inspect([bundle]: string[], flags: { tempDir?: string; json?: boolean }): Promise<void> {
-  const inspection = await inspectSnapshot(bundle!, flags.tempDir !== undefined ? { tempDir: flags.tempDir } : {});
+  const inspection = await inspectSnapshot(bundle!, defined({ tempDir: flags.tempDir }));
   if (flags.json) {
     printJson(inspection);
     return;
@@ -181,7 +184,7 @@ export async function inspect([bundle]: string[], flags: { tempDir?: string; jso
 }
 
 export async function verify([bundle]: string[], flags: { tempDir?: string }): Promise<number> {
-  const problems = await verifySnapshot(bundle!, flags.tempDir !== undefined ? { tempDir: flags.tempDir } : {});
+  const problems = await verifySnapshot(bundle!, defined({ tempDir: flags.tempDir }));
   for (const p of problems) {
     const ranges = p.guestRanges?.map((r) => `0x${r.start.toString(16)}-0x${r.end.toString(16)}`).join(', ');
     process.stderr.write(`qcow2img: ${p.file}: ${p.part ? `${p.part}: ` : ''}${p.message}${ranges ? ` (guest-physical ${ranges})` : ''}\n`);

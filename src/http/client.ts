@@ -1,0 +1,254 @@
+/**
+ * Ranged GETs of one remote file over a pool of kept-alive connections (node:http/https).
+ *
+ * - The first response pins the file: its ETag (or Last-Modified) and size. Every later
+ *   request carries If-Match (If-Unmodified-Since without an ETag), and every response is
+ *   checked against the pin, so a file replaced on the server is an error (SOURCE_CHANGED),
+ *   never a mix of two files.
+ * - A server that answers a ranged GET with the whole file (200) is refused (RANGE_NOT_SUPPORTED).
+ * - A dropped connection, a stall, a 5xx, 408 or 429 is retried with backoff, resuming at the
+ *   byte reached; a try that brought bytes resets the count. Other 4xx are not retried.
+ * - What is shown anywhere is scheme://host/path: never the query string or header values.
+ */
+import * as http from 'node:http';
+import * as https from 'node:https';
+import { Qcow2Error } from '../errors';
+import { shownUrl } from './url';
+
+export interface HttpOptions {
+  /** Extra request headers ("Name: value" strings or an object), sent to the image's origin only. */
+  headers?: readonly string[] | Record<string, string>;
+  /** Milliseconds without a byte before a request counts as stalled (default 30000). */
+  timeoutMs?: number;
+  /** Tries of one range without progress before giving up (default 6). */
+  tries?: number;
+  /** First backoff in milliseconds, doubled each try up to 5 s (default 200). */
+  retryDelayMs?: number;
+  /** Connections kept to the server (default 8). */
+  connections?: number;
+  /** @internal The origin `headers` belong to (the chain's first image); undefined: any. */
+  headersOrigin?: string;
+}
+
+/** The headers of `--header 'Name: value'` strings, checked; values are never echoed. */
+export function parseHeaders(headers: HttpOptions['headers'], shown: string): Record<string, string> {
+  if (!headers) return {};
+  const out: Record<string, string> = {};
+  const entries = Array.isArray(headers)
+    ? headers.map((line: string) => {
+        const colon = line.indexOf(':');
+        if (colon <= 0) throw new Qcow2Error('INVALID_ARGUMENT', `a header must be "Name: value" (got one without a name or colon)`, { path: shown });
+        return [line.slice(0, colon).trim(), line.slice(colon + 1).trim()] as const;
+      })
+    : Object.entries(headers);
+  for (const [name, value] of entries) {
+    if (!/^[!#$%&'*+.^_`|~0-9A-Za-z-]+$/.test(name)) throw new Qcow2Error('INVALID_ARGUMENT', `header name "${name}" is not a valid HTTP header name`, { path: shown });
+    if (/[\r\n\0]/.test(value)) throw new Qcow2Error('INVALID_ARGUMENT', `the value of header ${name} holds a line break`, { path: shown });
+    if (/^(range|if-match|if-range|if-unmodified-since|host|content-length|transfer-encoding|connection)$/i.test(name)) {
+      throw new Qcow2Error('INVALID_ARGUMENT', `header ${name} is set by qcow2img itself`, { path: shown });
+    }
+    out[name] = value;
+  }
+  return out;
+}
+
+/** Why one try failed, and whether another may help. */
+class TryError extends Error {
+  constructor(
+    message: string,
+    readonly retry: boolean,
+    readonly final?: Qcow2Error,
+  ) {
+    super(message);
+  }
+}
+
+export class HttpFile {
+  readonly shown: string;
+  /** Size of the file, from the first response's Content-Range. */
+  size = 0;
+  private etag: string | undefined;
+  private lastModified: string | undefined;
+  private readonly agent: http.Agent;
+  private readonly headers: Record<string, string>;
+  private readonly timeoutMs: number;
+  private readonly tries: number;
+  private readonly retryDelayMs: number;
+  private closed = false;
+  /** Bytes received, all requests (for benchmarks and tests). */
+  bytesReceived = 0;
+  requests = 0;
+
+  private constructor(
+    readonly url: URL,
+    options: HttpOptions,
+  ) {
+    this.shown = shownUrl(url);
+    this.headers = parseHeaders(options.headers, this.shown);
+    this.timeoutMs = options.timeoutMs ?? 30000;
+    this.tries = options.tries ?? 6;
+    this.retryDelayMs = options.retryDelayMs ?? 200;
+    const agentOptions = { keepAlive: true, maxSockets: options.connections ?? 8, maxFreeSockets: options.connections ?? 8, scheduling: 'lifo' as const };
+    this.agent = url.protocol === 'https:' ? new https.Agent(agentOptions) : new http.Agent(agentOptions);
+  }
+
+  /** Opens the file: a first ranged GET of up to `firstBytes` bytes, which pins it. Resolves with those bytes too. */
+  static async open(url: URL, options: HttpOptions = {}, firstBytes = 65536): Promise<{ file: HttpFile; head: Buffer }> {
+    const file = new HttpFile(url, options);
+    try {
+      const parts: Buffer[] = [];
+      await file.fetch(0, firstBytes, (chunk) => {
+        parts.push(chunk);
+      });
+      return { file, head: Buffer.concat(parts) };
+    } catch (error) {
+      file.close();
+      throw error;
+    }
+  }
+
+  close(): void {
+    this.closed = true;
+    this.agent.destroy();
+  }
+
+  private error(code: 'HTTP_ERROR' | 'SOURCE_CHANGED' | 'RANGE_NOT_SUPPORTED' | 'CLOSED', message: string): Qcow2Error {
+    return new Qcow2Error(code, message, { path: this.shown });
+  }
+
+  /**
+   * GETs bytes [offset, offset + length) (clipped to the file once its size is known), handing
+   * each chunk to `sink` in order with its file offset. Retries and resumes as the file says.
+   */
+  async fetch(offset: number, length: number, sink: (chunk: Buffer, position: number) => void): Promise<void> {
+    let end = offset + length;
+    let position = offset;
+    let failures = 0;
+    for (;;) {
+      if (this.size > 0) end = Math.min(end, this.size);
+      if (position >= end) return;
+      if (this.closed) throw this.error('CLOSED', 'closed while reading');
+      const before = position;
+      try {
+        await this.once(position, end, (chunk, at) => {
+          sink(chunk, at);
+          position = at + chunk.length;
+        });
+      } catch (error) {
+        if (!(error instanceof TryError)) throw error;
+        if (!error.retry) throw error.final ?? this.error('HTTP_ERROR', error.message);
+        if (position > before) failures = 0;
+        failures++;
+        if (failures >= this.tries) throw this.error('HTTP_ERROR', `${error.message}; gave up after ${this.tries} tries at byte ${position}`);
+        const delay = Math.min(5000, this.retryDelayMs * 2 ** (failures - 1));
+        await new Promise((resolve) => setTimeout(resolve, delay));
+      }
+    }
+  }
+
+  /** One request for [from, to): resolves when the body is complete, rejects with a TryError. */
+  private once(from: number, end: number, sink: (chunk: Buffer, position: number) => void): Promise<void> {
+    let to = end;
+    const headers: Record<string, string> = { ...this.headers, range: `bytes=${from}-${to - 1}`, 'accept-encoding': 'identity' };
+    if (this.etag !== undefined && !this.etag.startsWith('W/')) headers['if-match'] = this.etag;
+    else if (this.lastModified !== undefined) headers['if-unmodified-since'] = this.lastModified;
+    const request = this.url.protocol === 'https:' ? https.request : http.request;
+    this.requests++;
+    return new Promise<void>((resolve, reject) => {
+      let settled = false;
+      const fail = (error: TryError) => {
+        if (settled) return;
+        settled = true;
+        req.destroy();
+        reject(error);
+      };
+      const req = request(this.url, { method: 'GET', headers, agent: this.agent }, (res) => {
+        const status = res.statusCode ?? 0;
+        if (status !== 206) {
+          res.resume();
+          fail(this.statusError(res));
+          return;
+        }
+        const pinError = this.checkPin(res, from);
+        if (pinError) {
+          res.resume();
+          fail(new TryError(pinError.message, false, pinError));
+          return;
+        }
+        to = Math.min(to, this.size);
+        let at = from;
+        res.on('data', (chunk: Buffer) => {
+          if (settled) return;
+          // Never past what was asked: a server sending more is cut.
+          const take = Math.min(chunk.length, to - at);
+          if (take <= 0) return;
+          const piece = take === chunk.length ? chunk : chunk.subarray(0, take);
+          this.bytesReceived += take;
+          try {
+            sink(piece, at);
+          } catch (error) {
+            settled = true;
+            req.destroy();
+            reject(error);
+            return;
+          }
+          at += take;
+        });
+        res.on('end', () => {
+          if (settled) return;
+          if (at < to) fail(new TryError(`the connection ended at byte ${at} of a range to ${to}`, true));
+          else {
+            settled = true;
+            resolve();
+          }
+        });
+        res.on('aborted', () => fail(new TryError(`the connection was cut at byte ${at}`, true)));
+        res.on('error', (error: NodeJS.ErrnoException) => fail(new TryError(`the connection failed at byte ${at} (${error.code ?? 'error'})`, true)));
+      });
+      req.setTimeout(this.timeoutMs, () => fail(new TryError(`no data for ${this.timeoutMs / 1000} s`, true)));
+      req.on('error', (error: NodeJS.ErrnoException) => {
+        const tls = /CERT|SSL|TLS|SELF_SIGNED|UNABLE_TO/i.test(error.code ?? '');
+        if (tls) fail(new TryError('', false, this.error('HTTP_ERROR', `TLS: ${error.code ?? 'handshake failed'} (the server's certificate is not trusted: add its CA to the system's or NODE_EXTRA_CA_CERTS)`)));
+        else if (error.code === 'ENOTFOUND' || error.code === 'EAI_AGAIN') fail(new TryError(`cannot resolve the host (${error.code})`, error.code === 'EAI_AGAIN'));
+        else fail(new TryError(`request failed (${error.code ?? 'error'})`, true));
+      });
+      req.end();
+    });
+  }
+
+  private statusError(res: http.IncomingMessage): TryError {
+    const status = res.statusCode ?? 0;
+    if (status === 200) {
+      const etag = res.headers.etag;
+      if (this.etag !== undefined && etag !== undefined && etag !== this.etag) {
+        return new TryError('', false, this.error('SOURCE_CHANGED', 'the file on the server changed (its ETag is not the one first seen)'));
+      }
+      return new TryError('', false, this.error('RANGE_NOT_SUPPORTED', 'the server ignores Range requests (it answered a ranged GET with the whole file); qcow2img needs ranged reads'));
+    }
+    if (status === 412) return new TryError('', false, this.error('SOURCE_CHANGED', 'the file on the server changed since it was opened (412 Precondition Failed)'));
+    if (status === 416) return new TryError('', false, this.error('SOURCE_CHANGED', 'the file on the server is shorter than when it was opened (416)'));
+    if (status >= 500 || status === 408 || status === 429) return new TryError(`HTTP ${status}`, true);
+    if (status >= 300 && status < 400) return new TryError('', false, this.error('HTTP_ERROR', `HTTP ${status}: redirects are not followed; give the final URL`));
+    return new TryError('', false, this.error('HTTP_ERROR', `HTTP ${status}${res.statusMessage ? ` ${res.statusMessage}` : ''}`));
+  }
+
+  /** The first 206 pins the file; later ones must match it. Returns the error, if any. */
+  private checkPin(res: http.IncomingMessage, from: number): Qcow2Error | undefined {
+    const range = /^bytes (\d+)-(\d+)\/(\d+|\*)$/.exec(res.headers['content-range'] ?? '');
+    if (!range || Number(range[1]) !== from) return this.error('HTTP_ERROR', 'the server answered a ranged GET with a Content-Range that does not match the request');
+    const total = range[3] === '*' ? NaN : Number(range[3]);
+    const etag = res.headers.etag;
+    const lastModified = res.headers['last-modified'];
+    if (this.size === 0) {
+      if (!Number.isSafeInteger(total)) return this.error('HTTP_ERROR', 'the server does not say the size of the file (Content-Range */)');
+      this.size = total;
+      this.etag = etag;
+      this.lastModified = lastModified;
+      return undefined;
+    }
+    if (total !== this.size || (this.etag !== undefined && etag !== this.etag) || (this.etag === undefined && this.lastModified !== undefined && lastModified !== this.lastModified)) {
+      return this.error('SOURCE_CHANGED', 'the file on the server changed since it was opened (size, ETag or Last-Modified differ)');
+    }
+    return undefined;
+  }
+}
