@@ -15,6 +15,7 @@ import * as https from 'node:https';
 import { Qcow2Error } from '../errors';
 import { shownUrl } from './url';
 
+/** How http(s) images are fetched: headers for tokens, and the patience of each request. */
 export interface HttpOptions {
   /** Extra request headers ("Name: value" strings or an object), sent to the image's origin only. */
   headers?: readonly string[] | Record<string, string>;

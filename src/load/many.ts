@@ -43,7 +43,7 @@ function asError(error: unknown, path: string): Qcow2Error {
  * @example
  * const { targets, failed } = await loadMany('disk.qcow2', ['/dev/sdb', '/dev/sdc'], { verify: true });
  */
-export async function loadMany(source: string | Image, targets: readonly string[], options: LoadOptions & LoadHooks = {}): Promise<LoadManyResult> {
+export async function loadMany(source: string | Image, targets: readonly string[], options: LoadOptions = {}): Promise<LoadManyResult> {
   if (targets.length === 0) throw new Qcow2Error('INVALID_ARGUMENT', 'no target given', { path: typeof source === 'string' ? source : source.path });
   const resolved = targets.map((t) => nodePath.resolve(t));
   for (const t of resolved) threadCount(options.threads, t);
@@ -92,7 +92,8 @@ export async function loadMany(source: string | Image, targets: readonly string[
         try {
           if (windowHashes) {
             await target.flush();
-            await options.beforeVerify?.();
+            // Tests reach the hook through loadWith's options; it is not part of the public type.
+            await (options as LoadOptions & LoadHooks).beforeVerify?.();
             await verifyTarget(image, target, windowHashes, windowSize, options);
           }
           await target.finish();

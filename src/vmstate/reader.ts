@@ -588,10 +588,13 @@ export class StateFile {
  */
 export type MemoryTarget = { fd: number } | ArrayBuffer | SharedArrayBuffer | Uint8Array;
 
+/** How a RAM dump is restored into memory that already exists. */
 export interface RestoreMemoryOptions {
+  /** Native worker threads, 1 to 64 (default: 4 a CPU, at least 8). */
   threads?: number;
   /** Stops between batches of pages; the target is then partly restored. */
   signal?: AbortSignal;
+  /** Called about every 250 ms with the bytes restored so far, then once with phase 'done'. */
   onProgress?: ProgressCallback;
   /**
    * The target is known to hold only zeros (a fresh mapping, a new file): pages that are zero in

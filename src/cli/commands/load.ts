@@ -29,17 +29,7 @@ export async function run([image, targetArg]: (string | string[])[], flags: Load
   const mode = progressMode(flags, 'load');
   const onProgress = progressReporter(mode);
   const result = await untilInterrupted((signal) =>
-    load(image as string, target, {
-      ...openOptions(flags),
-      ...defined({ snapshot: flags.snapshot, threads: flags.threads, onProgress, partition: flags.partition, offset: flags.offset }),
-      verify: flags.verify === true,
-      targetIsZero: flags.targetIsZero === true,
-      force: flags.force === true,
-      overwrite: flags.overwrite === true,
-      direct: flags.direct ?? 'auto',
-      signal,
-      onNotice: (message) => say(`qcow2img: ${message}`),
-    }),
+    load(image as string, target, loadOptions(flags, onProgress, signal)),
   );
   reportResult(mode, flags, result, () => {
     const rate = result.seconds > 0 ? result.virtualSize / result.seconds : 0;
@@ -50,11 +40,7 @@ export async function run([image, targetArg]: (string | string[])[], flags: Load
 function loadOptions(flags: LoadFlags, onProgress: LoadOptions['onProgress'], signal: AbortSignal): LoadOptions {
   return {
     ...openOptions(flags),
-    ...(flags.snapshot !== undefined ? { snapshot: flags.snapshot } : {}),
-    ...(flags.threads !== undefined ? { threads: flags.threads } : {}),
-    ...(onProgress ? { onProgress } : {}),
-    ...(flags.partition !== undefined ? { partition: flags.partition } : {}),
-    ...(flags.offset !== undefined ? { offset: flags.offset } : {}),
+    ...defined({ snapshot: flags.snapshot, threads: flags.threads, onProgress, partition: flags.partition, offset: flags.offset }),
     verify: flags.verify === true,
     targetIsZero: flags.targetIsZero === true,
     force: flags.force === true,
