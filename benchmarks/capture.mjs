@@ -38,22 +38,11 @@ import {
   run,
 } from './common.mjs';
 import { buildRealisticImages, defaultCacheDir } from './realistic-image.mjs';
-import { gnuTime, Cleanup, detachLoop, loadAverage, loadableBuild, timed, timedSync } from './harness.mjs';
+import { gnuTime, Cleanup, detachLoop, loadAverage, loadableBuild, timed, timedSync, warmPageCache } from './harness.mjs';
 
 const f2 = (value) => (Number.isFinite(value) ? value.toFixed(2) : '-');
 
 // ---- capture ----
-
-/** Reads the file through the page cache, so the timed runs find it there. */
-function warm(file) {
-  const fd = fs.openSync(file, 'r');
-  const buffer = Buffer.allocUnsafe(16 * 1024 * 1024);
-  try {
-    for (let position = 0; fs.readSync(fd, buffer, 0, buffer.length, position) > 0; position += buffer.length);
-  } finally {
-    fs.closeSync(fd);
-  }
-}
 
 function oursCommand(build, source, output, compress, env, extra = []) {
   const args = [build.cliPath, 'capture', source, output, '--progress=none', '--overwrite', ...extra];
@@ -102,7 +91,7 @@ async function compare(tools, { runs, reference, output, warmFile, quietTimeout,
     for (const name of order) {
       fs.rmSync(output, { force: true });
       timedSync();
-      if (warmFile) warm(warmFile);
+      if (warmFile) warmPageCache(warmFile);
       const [command, args] = tools[name];
       const sample = await timed(command, args, { quietTimeout });
       sample.syncSeconds = timedSync();

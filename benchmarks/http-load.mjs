@@ -15,13 +15,13 @@
  * rotate which goes first; each figure is the median of --runs runs; the CPU seconds other processes
  * used during the runs are reported (the machine is shared).
  */
-import { spawn, spawnSync } from 'node:child_process';
+import { spawn } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as net from 'node:net';
 import * as path from 'node:path';
 import { parseArgs } from 'node:util';
 import { cliPath, markdownTable, median } from './common.mjs';
-import { timed } from './harness.mjs';
+import { timed, warmPageCache } from './harness.mjs';
 import { buildRealisticImages, defaultCacheDir } from './realistic-image.mjs';
 
 const { values } = parseArgs({
@@ -72,10 +72,6 @@ http { access_log off; sendfile on; keepalive_requests 100000; keepalive_timeout
   return { url: `http://127.0.0.1:${port}`, stop: () => child.kill('SIGTERM') };
 }
 
-function warm(file) {
-  spawnSync('cat', [file], { stdio: ['ignore', 'ignore', 'ignore'] });
-}
-
 const variants = await buildRealisticImages({ cacheDir, only: values.images.split(','), log: console.error });
 const out = path.join(cacheDir, 'http-out');
 fs.mkdirSync(out, { recursive: true });
@@ -101,7 +97,7 @@ try {
       for (const name of [...names.slice(r % names.length), ...names.slice(0, r % names.length)]) {
         fs.rmSync(output, { force: true });
         const [command, args] = tools[name];
-        const result = await timed(command, args, { quietTimeout, beforeRun: () => warm(variant.image) });
+        const result = await timed(command, args, { quietTimeout, beforeRun: () => warmPageCache(variant.image) });
         times[name].push(result.seconds);
         others += result.othersCpuSeconds;
         console.error(`${variant.name} ${name} run ${r + 1}: ${result.seconds.toFixed(2)} s (others used ${result.othersCpuSeconds.toFixed(1)} CPU s)`);
@@ -128,7 +124,7 @@ if (!values['no-many'] && variants.some((v) => v.name === 'zlib')) {
     for (const count of [...counts.slice(r % counts.length), ...counts.slice(0, r % counts.length)]) {
       const outputs = Array.from({ length: count }, (_, i) => path.join(out, `many-${i}.raw`));
       for (const o of outputs) fs.rmSync(o, { force: true });
-      const result = await timed(process.execPath, [cliPath, 'load', variant.image, ...outputs, '--overwrite', '--progress=none'], { quietTimeout, beforeRun: () => warm(variant.image) });
+      const result = await timed(process.execPath, [cliPath, 'load', variant.image, ...outputs, '--overwrite', '--progress=none'], { quietTimeout, beforeRun: () => warmPageCache(variant.image) });
       times[count].push(result.seconds);
       others += result.othersCpuSeconds;
       console.error(`zlib ${count} target(s) run ${r + 1}: ${result.seconds.toFixed(2)} s (others used ${result.othersCpuSeconds.toFixed(1)} CPU s)`);

@@ -42,6 +42,7 @@ import {
   seconds,
 } from './common.mjs';
 import { buildRealisticImages, defaultCacheDir } from './realistic-image.mjs';
+import { warmPageCache } from './harness.mjs';
 
 const gnuTime = '/usr/bin/time';
 const defaultImages = ['uncompressed', 'zlib', 'zstd'];
@@ -251,16 +252,6 @@ async function diskThroughput(image, outDir) {
 }
 
 /** Reads the image into the page cache, for the warm runs. */
-function warmUp(file) {
-  const fd = fs.openSync(file, 'r');
-  const buffer = Buffer.allocUnsafe(8 * 1024 * 1024);
-  try {
-    for (let position = 0; fs.readSync(fd, buffer, 0, buffer.length, position) > 0; position += buffer.length);
-  } finally {
-    fs.closeSync(fd);
-  }
-}
-
 async function main() {
   const { values } = parseArgs({
     options: {
@@ -339,7 +330,7 @@ async function main() {
       noteDisturbed(`${variant.name} cold ${tool}`, summary);
     }
     if (!values['no-warm']) {
-      warmUp(variant.image);
+      warmPageCache(variant.image);
       const warm = await compareTools(tools, output, { runs, cold: false, log, ...runOptions });
       rows.push(resultRow(variant, 'warm', warm));
       if (warm.floor) floorRows.push(floorRow(variant, 'warm', dataBytes, warm));

@@ -18,19 +18,9 @@ import * as path from 'node:path';
 import { parseArgs } from 'node:util';
 import { humanBytes, machineFacts, markdownTable, median, printFacts, repoRoot, run } from './common.mjs';
 import { buildRealisticImages, defaultCacheDir } from './realistic-image.mjs';
-import { Cleanup, gnuTime, loadAverage, loadableBuild, timed, timedSync } from './harness.mjs';
+import { Cleanup, gnuTime, loadAverage, loadableBuild, timed, timedSync, warmPageCache } from './harness.mjs';
 
 const f2 = (value) => (Number.isFinite(value) ? value.toFixed(2) : '-');
-
-function warm(file) {
-  const fd = fs.openSync(file, 'r');
-  const buffer = Buffer.allocUnsafe(16 * 1024 * 1024);
-  try {
-    for (let position = 0; fs.readSync(fd, buffer, 0, buffer.length, position) > 0; position += buffer.length);
-  } finally {
-    fs.closeSync(fd);
-  }
-}
 
 /** The packed package installed without scripts into an empty project; returns its CLI and the addon it loads. */
 async function installPacked(workDir) {
@@ -95,7 +85,7 @@ async function main() {
       for (const name of names.map((_, i) => names[(i + index) % names.length])) {
         fs.rmSync(output, { force: true });
         timedSync();
-        warm(disk);
+        warmPageCache(disk);
         const sample = await timed(process.execPath, [builds[name], 'capture', disk, output, '--compress', 'zlib', '--level', values.level, '--progress=none', '--overwrite'], { quietTimeout });
         sample.fileSize = fs.statSync(output).size;
         samples[name].push(sample);

@@ -58,7 +58,7 @@ import {
   repoRoot,
   run,
 } from './common.mjs';
-import { timed, timedSync } from './harness.mjs';
+import { timed, timedSync, warmPageCache } from './harness.mjs';
 
 const f2 = (value) => (Number.isFinite(value) ? value.toFixed(2) : '-');
 const f3 = (value) => (Number.isFinite(value) ? value.toFixed(3) : '-');
@@ -76,17 +76,6 @@ function installed(pkg) {
 function requirePackages(packages) {
   const missing = packages.filter((pkg) => !installed(pkg));
   if (missing.length) throw new Error(`missing ${missing.join(' ')}: npm run setup installs them`);
-}
-
-/** Reads the file through the page cache, so the timed runs find it there. */
-function warm(file) {
-  const fd = fs.openSync(file, 'r');
-  const buffer = Buffer.allocUnsafe(16 * 1024 * 1024);
-  try {
-    for (let position = 0; fs.readSync(fd, buffer, 0, buffer.length, position) > 0; position += buffer.length);
-  } finally {
-    fs.closeSync(fd);
-  }
 }
 
 /** Cached pages of a file, out of all (fincore from util-linux), to say the cache is warm. */
@@ -252,7 +241,7 @@ function rewarm() {
   for (const file of warmFiles) {
     if (!fs.existsSync(file)) continue;
     if (cachedShare(file) < 0.999) coldFound += 1;
-    warm(file);
+    warmPageCache(file);
   }
 }
 
@@ -275,7 +264,7 @@ async function compare({ label, ram, cpu, build, outDir, runs }) {
   const zstOut = path.join(outDir, 'ram.out');
   const cpuOut = path.join(outDir, 'cpu.out.json');
   for (const file of [ram, path.join(bundle, 'state.qvms'), zst]) warmFiles.add(file);
-  warm(ram);
+  warmPageCache(ram);
   const ours = { create: [], restore: [] };
   const zstd = { create: [], restore: [] };
   let verified;
@@ -570,7 +559,7 @@ async function main() {
     ['load average at start', fs.readFileSync('/proc/loadavg', 'utf8').split(' ').slice(0, 3).join(' ')],
   ]);
   for (const file of [ram, path.join(bundle, 'state.qvms'), zst, stateOut]) warmFiles.add(file);
-  warm(ram);
+  warmPageCache(ram);
   console.log(`- page cache: warm for both tools (ram.raw read once before the runs; ${(100 * cachedShare(ram)).toFixed(0)}% of it cached); restore inputs were just written; before every run each input is read again if any of it left the cache`);
   console.log(`- each run waited up to ${runOptions.quietTimeout} s for a quiet second and was redone (up to ${runOptions.attempts} attempts, least disturbed kept) when the rest of the machine used over ${runOptions.maxOthersCpu} CPU s during it`);
   console.log('');
