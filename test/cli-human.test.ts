@@ -9,7 +9,7 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { percent } from '../src/cli/format';
-import { cliPath } from './helpers/qemu';
+import { cliPath, makeCorruptRefcountImage } from './helpers/qemu';
 
 const work = fs.mkdtempSync(path.join(os.tmpdir(), 'qcow2img-cli-human-'));
 afterAll(() => fs.rmSync(work, { recursive: true, force: true }));
@@ -52,13 +52,7 @@ describe('info', () => {
 describe('check', () => {
   it('a corrupt image: the same stdout, the same problems on stderr, the same exit status', () => {
     const image = path.join(work, 'corrupt.qcow2');
-    execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', image, '10M']);
-    execFileSync('qemu-io', ['-c', 'write 0 128k', image], { stdio: 'ignore' });
-    // The refcount of the first data cluster set to 0: a corruption, and its COPIED flag is now wrong.
-    const bytes = fs.readFileSync(image);
-    const refcountBlock = Number(bytes.readBigUInt64BE(Number(bytes.readBigUInt64BE(48))));
-    bytes.writeUInt16BE(0, refcountBlock + 2 * 4);
-    fs.writeFileSync(image, bytes);
+    makeCorruptRefcountImage(image);
     const { qemu, ours } = both(['check', image], work);
     expect(qemu.status).toBe(2);
     expect(ours.status).toBe(qemu.status);

@@ -9,7 +9,7 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { catalog, cliPath, prepare, repoRoot, run } from '../helpers/qemu';
+import { catalog, cliPath, makeCorruptRefcountImage, prepare, repoRoot, run } from '../helpers/qemu';
 
 const work = fs.mkdtempSync(path.join(os.tmpdir(), 'qcow2img-qemu-output-'));
 afterAll(() => fs.rmSync(work, { recursive: true, force: true }));
@@ -88,12 +88,7 @@ describe('--output=json on images the catalog lacks', () => {
 
   it('a corrupt image: the same JSON, the same problems on stderr, exit 2', () => {
     const image = path.join(work, 'corrupt.qcow2');
-    execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', image, '10M']);
-    execFileSync('qemu-io', ['-c', 'write 0 128k', image], { stdio: 'ignore' });
-    const bytes = fs.readFileSync(image);
-    const refcountBlock = Number(bytes.readBigUInt64BE(Number(bytes.readBigUInt64BE(48))));
-    bytes.writeUInt16BE(0, refcountBlock + 2 * 4);
-    fs.writeFileSync(image, bytes);
+    makeCorruptRefcountImage(image);
     expectSame(['check', '--output=json', image], work, 'check --output=json of a corrupt image', true);
     const quiet = both(['check', '-q', image], work);
     expect(quiet.ours.status).toBe(2);

@@ -217,6 +217,19 @@ export function mixedRegions(size: number, cluster: number): Region[] {
 }
 
 /** Patches big-endian bytes of a file in place. */
+/**
+ * A 10 MiB image with 128 KiB written, whose first data cluster's refcount is then set to 0:
+ * a corruption, and its COPIED flag wrong (qemu-img check exits 2).
+ */
+export function makeCorruptRefcountImage(image: string): void {
+  qemuImg(['create', '-q', '-f', 'qcow2', image, '10M']);
+  qemuIo(image, ['write 0 128k']);
+  const bytes = fs.readFileSync(image);
+  const refcountBlock = Number(bytes.readBigUInt64BE(Number(bytes.readBigUInt64BE(48))));
+  bytes.writeUInt16BE(0, refcountBlock + 2 * 4);
+  fs.writeFileSync(image, bytes);
+}
+
 export function patchFile(file: string, offset: number, bytes: Buffer): void {
   const fd = fs.openSync(file, 'r+');
   try {
