@@ -73,7 +73,7 @@ export interface Progress {
   phase: 'write' | 'flush' | 'verify' | 'check' | 'done';
   /** Guest bytes handled so far (data written plus zero ranges handled). */
   bytesDone: number;
-  /** The disk's size: bytesDone's end. */
+  /** The disk's size: bytesDone's end. For a bench run bounded by time, an estimate: the bytes done plus the current pace over the time left. */
   bytesTotal: number;
   /** Guest bytes that held data and were written. */
   dataBytes: number;
@@ -96,9 +96,10 @@ export class ProgressSampler {
   private readonly history: { t: number; bytes: number }[] = [];
   private timer: NodeJS.Timeout | undefined;
 
+  /** `total`: the bytes the job handles, or the seconds it runs for (a bench bounded by time). */
   constructor(
     private readonly counters: JobCounters,
-    private readonly bytesTotal: number,
+    private readonly total: number | { seconds: number },
     private readonly callback: ProgressCallback | undefined,
     private readonly intervalMs = 250,
   ) {}
@@ -122,15 +123,24 @@ export class ProgressSampler {
   emit(phase: Progress['phase']): void {
     if (!this.callback) return;
     const { dataBytes, zeroBytes } = this.counters;
-    const bytesDone = Math.min(this.bytesTotal, dataBytes + zeroBytes);
     const t = this.elapsedSeconds();
+    const bytesDone = typeof this.total === 'object' ? dataBytes + zeroBytes : Math.min(this.total, dataBytes + zeroBytes);
     this.history.push({ t, bytes: bytesDone });
     while (this.history.length > 2 && t - this.history[0]!.t > 2) this.history.shift();
     const first = this.history[0]!;
     const bytesPerSecond = t > first.t ? (bytesDone - first.bytes) / (t - first.t) : 0;
-    const etaSeconds = bytesPerSecond > 0 ? (this.bytesTotal - bytesDone) / bytesPerSecond : undefined;
-    this.callback({ phase, bytesDone, bytesTotal: this.bytesTotal, dataBytes, zeroBytes, elapsedSeconds: t, bytesPerSecond, etaSeconds });
+    let bytesTotal: number;
+    let etaSeconds: number | undefined;
+    if (typeof this.total === 'object') {
+      etaSeconds = Math.max(0, this.total.seconds - t);
+      bytesTotal = phase === 'done' ? bytesDone : bytesDone + Math.round(bytesPerSecond * etaSeconds);
+    } else {
+      bytesTotal = this.total;
+      etaSeconds = bytesPerSecond > 0 ? (bytesTotal - bytesDone) / bytesPerSecond : undefined;
+    }
+    this.callback({ phase, bytesDone, bytesTotal, dataBytes, zeroBytes, elapsedSeconds: t, bytesPerSecond, etaSeconds });
   }
+
 }
 
 /**

@@ -166,7 +166,7 @@ async function writeRun(opened: BenchTarget, settings: Settings, options: BenchO
   if (size === 0) throw new Qcow2Error('INVALID_ARGUMENT', `target holds less than one ${blockSize}-byte block`, { path });
   const counters = new JobCounters();
   const release = counters.cancelOn(options.signal);
-  const sampler = new ProgressSampler(counters, options.time ? Number.MAX_SAFE_INTEGER : size, options.onProgress);
+  const sampler = new ProgressSampler(counters, options.time ? { seconds: options.time } : size, options.onProgress);
   sampler.start();
   let raw;
   try {
