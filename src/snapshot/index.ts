@@ -68,6 +68,8 @@ export interface CreateSnapshotOptions {
   threads?: number;
   /** Compression level of a .tar.zst (default 3) or .tar.gz (default 6) archive. */
   archiveLevel?: number;
+  /** Where the members of a compressed parent archive are extracted: its state file with memory, the disks of its chain with a disk (default: the system's temporary folder). */
+  tempDir?: string;
   /** Replace a snapshot already at `out` (a bundle folder, or an archive file) once the new one is complete. Default: TARGET_EXISTS. */
   overwrite?: boolean;
   /** Stops the work between steps; nothing is left behind. */
@@ -430,7 +432,7 @@ export async function createSnapshot(out: string, options: CreateSnapshotOptions
   const cpu = await checkCreate(target, kind, options);
   // A disk over a compressed parent is captured over the parent chain's disks, extracted.
   const parentMembers = [...(options.disk ? [DISK_FILE] : []), ...(options.memory ? [STATE_FILE] : [])];
-  const parentBundle = options.parent ? await openBundle(options.parent, parentMembers, undefined, options.signal) : undefined;
+  const parentBundle = options.parent ? await openBundle(options.parent, parentMembers, options.tempDir, options.signal) : undefined;
   try {
     return await createWithChain(target, kind, cpu, parentBundle?.chain ?? [], options);
   } catch (error) {

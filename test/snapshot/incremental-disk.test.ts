@@ -17,7 +17,7 @@ let dir: string;
 /** The disk after each generation (1, 2, 3): raw files to snapshot and to compare with. */
 const disks: string[] = [];
 let ram: string;
-/** Where the library extracts archive members (TMPDIR for create, tempDir for restore): must end empty. */
+/** Where the library extracts archive members (tempDir, and TMPDIR for anything else): must end empty. */
 let temp: string;
 let savedTmpdir: string | undefined;
 
@@ -43,7 +43,7 @@ beforeAll(() => {
   dir = fs.mkdtempSync(path.join(os.tmpdir(), 'qcow2img-incremental-disk-'));
   temp = path.join(dir, 'temp');
   fs.mkdirSync(temp);
-  // create has no temp-dir option: its extractions go to the system's temporary folder.
+  // Nothing may go to the system's temporary folder either.
   savedTmpdir = process.env.TMPDIR;
   process.env.TMPDIR = temp;
   const disk = path.join(dir, 'disk.raw');
@@ -85,7 +85,7 @@ async function makeChain(bundles: readonly string[], withMemory = false): Promis
     const metadata = await createSnapshot(bundle, {
       disk: disks[i]!,
       ...(withMemory ? { memory: ram } : {}),
-      ...(i > 0 ? { parent: bundles[i - 1]! } : {}),
+      ...(i > 0 ? { parent: bundles[i - 1]!, tempDir: temp } : {}),
     });
     ids.push(metadata.id);
   }
@@ -135,6 +135,13 @@ describe('incremental disks in archives', () => {
 
     expect(await verifySnapshot(movedBundles[2]!, { tempDir: temp })).toEqual([]);
     expect(tempLeft()).toEqual([]);
+
+    // create extracts the parents' disks under its tempDir: one that does not exist is named.
+    const nowhere = path.join(dir, 'no-such-temp');
+    const child = path.join(moved, 's4.tar.zst');
+    const error = await createSnapshot(child, { disk: disks[2]!, parent: movedBundles[2]!, tempDir: nowhere }).catch((e: unknown) => e);
+    expect((error as Qcow2Error).path).toBe(nowhere);
+    expect(fs.existsSync(child)).toBe(false);
   });
 
   it('unpacked with tar -xf, the chain is one qemu-img accepts: each disk equals its generation', async () => {
@@ -186,7 +193,7 @@ describe('incremental disks in archives', () => {
   it('through the CLI: create and restore a chain of archives with a disk', () => {
     const bundles = ['c1', 'c2', 'c3'].map((name) => path.join(dir, `${name}.tar.zst`));
     for (const [i, bundle] of bundles.entries()) {
-      const args = ['snapshot', 'create', bundle, '--disk', disks[i]!, ...(i > 0 ? ['--parent', bundles[i - 1]!] : [])];
+      const args = ['snapshot', 'create', bundle, '--disk', disks[i]!, ...(i > 0 ? ['--parent', bundles[i - 1]!, '--temp-dir', temp] : [])];
       const made = run(process.execPath, [cliPath, ...args]);
       expect(made.status, made.stderr).toBe(0);
     }
@@ -221,7 +228,7 @@ describe('refusals', () => {
 
     // Creating over it fails the same way.
     const child = path.join(dir, 'x4.tar.zst');
-    const created = await createSnapshot(child, { disk: disks[2]!, parent: bundles[2]! }).catch((e: unknown) => e);
+    const created = await createSnapshot(child, { disk: disks[2]!, parent: bundles[2]!, tempDir: temp }).catch((e: unknown) => e);
     expect((created as Qcow2Error).path).toBe(bundles[0]);
     expect(fs.existsSync(child)).toBe(false);
     expect(tempLeft()).toEqual([]);
