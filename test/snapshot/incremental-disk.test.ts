@@ -254,6 +254,31 @@ describe('refusals', () => {
     expect(cli.stderr).toContain('r2.tar.zst');
   });
 
+  it('a parent archive whose disk was altered is refused by restore and by create, naming the member', async () => {
+    const bundles = ['d1', 'd2'].map((name) => path.join(dir, `${name}.tar`));
+    await makeChain(bundles);
+    // A plain tar: the folder entry, then disk.qcow2's header, then its data from byte 1024.
+    const listing = run('tar', ['-tvf', bundles[0]!]).stdout.split('\n');
+    expect(listing[1]).toMatch(/ d1\/disk\.qcow2$/);
+    const fd = fs.openSync(bundles[0]!, 'r+');
+    const at = 1024 + 2 * MiB + 17;
+    const byte = Buffer.alloc(1);
+    fs.readSync(fd, byte, 0, 1, at);
+    fs.writeSync(fd, Buffer.from([byte[0]! ^ 0x5a]), 0, 1, at);
+    fs.closeSync(fd);
+    const out = path.join(dir, 'altered.raw');
+    const error = await restoreSnapshot(bundles[1]!, { disk: out, tempDir: temp }).catch((e: unknown) => e);
+    expect((error as Qcow2Error).code).toBe('CHECKSUM_MISMATCH');
+    expect((error as Qcow2Error).path).toBe(`${bundles[0]}:disk.qcow2`);
+    expect(fs.existsSync(out)).toBe(false);
+    const child = path.join(dir, 'd3.tar.zst');
+    const created = await createSnapshot(child, { disk: disks[2]!, parent: bundles[1]!, tempDir: temp }).catch((e: unknown) => e);
+    expect((created as Qcow2Error).code).toBe('CHECKSUM_MISMATCH');
+    expect((created as Qcow2Error).path).toBe(`${bundles[0]}:disk.qcow2`);
+    expect(fs.existsSync(child)).toBe(false);
+    expect(tempLeft()).toEqual([]);
+  });
+
   it('a disk naming another backing file than its parent snapshot\'s disk is refused, naming the disk', async () => {
     // A folder over an archive, then moved into a subfolder with its parent path fixed by hand:
     // its disk still names ../p1/disk.qcow2, which is no longer where the parent unpacks.
