@@ -16,7 +16,7 @@ import type { OpenOptions } from '../qcow2/image';
 import { open } from '../qcow2/open';
 
 /** What `bench` writes, and how (fio's words: size, block size, queue depth, pattern). */
-export interface BenchOptions extends Omit<OpenOptions, 'metadataOnly' | 'region'> {
+export interface BenchOptions extends Omit<OpenOptions, 'metadataOnly' | 'region' | 'backingOf'> {
   /** Bytes to write (default 1 GiB, or the image's virtual size with `image`; a device's size caps it). */
   size?: number;
   /** Bytes per write (default 1 MiB), a multiple of 512. */

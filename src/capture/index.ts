@@ -22,7 +22,7 @@ import { encodeHeaderCluster } from '../qcow2/writer';
 import { CaptureOutput, type HeaderStart } from './layout';
 
 /** The qcow2 image `capture` writes: cluster size, compression, version, base; and the run's threads, progress and cancel. */
-export interface CaptureOptions extends Omit<OpenOptions, 'snapshot' | 'metadataOnly' | 'region'> {
+export interface CaptureOptions extends Omit<OpenOptions, 'snapshot' | 'metadataOnly' | 'region' | 'backingOf'> {
   /** Compress clusters (zlib = raw deflate as QEMU writes it). Default: none. */
   compress?: 'zlib' | 'zstd';
   /**
@@ -54,6 +54,22 @@ export interface CaptureOptions extends Omit<OpenOptions, 'snapshot' | 'metadata
   onProgress?: ProgressCallback;
   /** Stops the capture at the next batch; nothing is left under the output's name. */
   signal?: AbortSignal;
+}
+
+/**
+ * What the library's own callers pass besides CaptureOptions; not part of the API.
+ * @internal
+ */
+export interface CaptureHooks {
+  /** The backing file (qcow2) is bytes [offset, offset + length) of `backing` (a disk in a snapshot tar). */
+  backingRegion?: OpenOptions['region'];
+  /** Finds the backing file's own backing files (a snapshot chain that holds archives). */
+  backingOf?: OpenOptions['backingOf'];
+  /**
+   * The name the image records for its backing file, instead of the backing file's path relative
+   * to the output's folder: where the parent's disk lies once the snapshot archives are unpacked.
+   */
+  backingName?: string;
 }
 
 export interface CaptureResult {
@@ -110,10 +126,11 @@ async function probeFormat(path: string, options: OpenOptions): Promise<'qcow2' 
   return detected;
 }
 
-async function openBase(path: string, format: 'qcow2' | 'raw' | undefined, options: OpenOptions): Promise<Backing> {
+async function openBase(path: string, format: 'qcow2' | 'raw' | undefined, options: OpenOptions & CaptureHooks): Promise<Backing> {
   const detected = format ?? (await probeFormat(path, options));
   if (detected === 'raw') return { format: detected, reader: await rawBase(path, options) };
-  const image: Image = await open(path, { ...options, metadataOnly: false });
+  const { backingRegion, backingName: _name, ...openOptions } = options;
+  const image: Image = await open(path, { ...openOptions, ...(backingRegion ? { region: backingRegion } : {}), metadataOnly: false });
   return {
     format: detected,
     reader: {
@@ -168,14 +185,15 @@ async function backingName(outputPath: string, backing: string): Promise<string>
  * Opens options.backing and adds its name and format to the header, encoded once now so that a
  * name the header cluster cannot hold is refused before anything is written.
  */
-async function openBacking(outputPath: string, existing: Stats | undefined, header: HeaderStart, options: CaptureOptions): Promise<{ base: Backing; header: HeaderStart }> {
+async function openBacking(outputPath: string, existing: Stats | undefined, header: HeaderStart, options: CaptureOptions & CaptureHooks): Promise<{ base: Backing; header: HeaderStart }> {
   const backing = options.backing!;
+  if (options.backingRegion && options.backingFormat !== 'qcow2') throw new Qcow2Error('INVALID_ARGUMENT', 'a backing file inside an archive must be qcow2', { path: backing });
   const base = await openBase(nodePath.resolve(backing), options.backingFormat, options);
   try {
     if (existing && base.reader.files.some((f) => f.device === existing.dev && f.inode === existing.ino)) {
       throw new Qcow2Error('TARGET_IS_SOURCE', 'output is the backing file (or in its chain): it would be replaced by an image over itself', { path: outputPath });
     }
-    const backingFile = await backingName(outputPath, backing);
+    const backingFile = options.backingName ?? (await backingName(outputPath, backing));
     const withBacking = { ...header, backingFile, backingFormat: base.format };
     try {
       encodeHeaderCluster({ ...withBacking, l1TableOffset: 0, refcountTableOffset: 0, refcountTableClusters: 1 });
@@ -537,6 +555,11 @@ async function captureBatch(run: Run, firstCluster: number, count: number, resul
  * await capture('/dev/vg/guest-disk', 'snapshot.qcow2', { compress: 'zstd' });
  */
 export async function capture(source: string, output: string, options: CaptureOptions = {}): Promise<CaptureResult> {
+  return captureWith(source, output, options);
+}
+
+/** `capture` with the hooks only the library passes. @internal */
+export async function captureWith(source: string, output: string, options: CaptureOptions & CaptureHooks = {}): Promise<CaptureResult> {
   const outputPath = nodePath.resolve(output);
   if (options.signal?.aborted) throw new Qcow2Error('CANCELLED', 'cancelled before the first byte', { path: outputPath });
   const settings = validate(options, outputPath);

@@ -241,6 +241,7 @@ export const commands: readonly CommandSpec[] = [
       { long: 'machine', value: 'JSON', help: 'a free-form machine description kept in snapshot.json' },
       threads,
       { long: 'archive-level', value: 'N', parse: (text, option) => parseInteger(text, option, 0), default: '3 (.tar.zst), 6 (.tar.gz)', help: 'compression level of the archive' },
+      { long: 'temp-dir', value: 'DIR', default: 'the system\'s', help: 'where a compressed parent archive\'s members are extracted' },
       { long: 'overwrite', help: 'replace an existing snapshot at OUT (a bundle folder or an archive file)' },
       json('the snapshot\'s metadata'),
     ],

@@ -14,7 +14,7 @@ export type { Progress, ProgressCallback } from '../jobs';
 export type { DirectMode, TargetOptions } from './target';
 
 /** How `load` opens the image, where and how it writes, and the copy's threads, progress and cancel. */
-export interface LoadOptions extends Omit<OpenOptions, 'metadataOnly' | 'region'>, TargetOptions, CopyOptions {
+export interface LoadOptions extends Omit<OpenOptions, 'metadataOnly' | 'region' | 'backingOf'>, TargetOptions, CopyOptions {
   /** Read the target back (O_DIRECT) and compare with hashes taken while writing. */
   verify?: boolean;
 }
@@ -28,6 +28,8 @@ export interface LoadHooks {
   beforeVerify?: () => Promise<void> | void;
   /** The image is bytes [offset, offset + length) of its file (a member of a snapshot tar). */
   region?: OpenOptions['region'];
+  /** Finds each backing file (the disks of a snapshot chain that holds archives). */
+  backingOf?: OpenOptions['backingOf'];
 }
 
 export interface LoadResult {

@@ -11,7 +11,7 @@ import type { Image, OpenOptions } from '../qcow2/image';
 import { open } from '../qcow2/open';
 
 /** How `loadToStream` opens the image, its progress, cancel and chunk size. */
-export interface LoadToStreamOptions extends Omit<OpenOptions, 'metadataOnly' | 'region'> {
+export interface LoadToStreamOptions extends Omit<OpenOptions, 'metadataOnly' | 'region' | 'backingOf'> {
   /** Called about every 250 ms with the bytes written so far, and once at the end. */
   onProgress?: ProgressCallback;
   /** Stops the copy at the next chunk; the promise rejects with CANCELLED. */

@@ -46,7 +46,17 @@ export interface OpenOptions extends PathPolicy {
    * sent to the image's own origin only, never to a backing file's on another origin.
    */
   http?: HttpOptions;
+  /**
+   * Finds the backing file named by the image at `depth` of the chain (0 = the image itself)
+   * instead of looking the name up as a path: the disks of a snapshot chain whose links are
+   * archives, each disk a file or a byte range of its archive. Names are checked by the
+   * resolver, so images opened as regions may name backing files. @internal
+   */
+  backingOf?: BackingResolver;
 }
+
+/** @internal */
+export type BackingResolver = (depth: number, name: string) => Promise<{ path: string; region?: { offset: number; length: number } }>;
 
 export interface SnapshotInfo {
   id: string;

@@ -42,12 +42,12 @@ async function openChain(path: string, options: OpenOptions, followBacking: bool
   try {
     const seen = new Set<string>();
     const maxDepth = options.maxChainDepth ?? limits.maxChainDepth;
-    let current: { path: string; format: 'qcow2' | 'raw' } | undefined = { path, format: 'qcow2' };
+    let current: ChainFile | undefined = { path, format: 'qcow2', ...(options.region ? { region: options.region } : {}) };
     while (current) {
       if (layers.length > maxDepth) {
         throw new Qcow2Error('BACKING_CHAIN_TOO_DEEP', `backing chain is deeper than ${maxDepth} files`, { path });
       }
-      const file = await openChainFile(current.path, layers.length === 0 ? 'image' : 'backing file', { region: layers.length === 0 ? options.region : undefined, forceShare: options.forceShare }, options);
+      const file = await openChainFile(current.path, layers.length === 0 ? 'image' : 'backing file', { region: current.region, forceShare: options.forceShare }, options);
       const identity = `${file.device}:${file.inode}`;
       if (seen.has(identity)) {
         await file.handle.close();
@@ -64,7 +64,7 @@ async function openChain(path: string, options: OpenOptions, followBacking: bool
       const layer = await openQcow2Layer(file, layers.length === 0 ? options.snapshot : undefined, options, seen);
       layers.push(layer);
       infos.push(await qcow2Info(layer));
-      current = followBacking ? await nextInChain(layer, options) : undefined;
+      current = followBacking ? await nextInChain(layer, layers.length - 1, options) : undefined;
     }
   } catch (error) {
     for (const layer of layers) await layer.close().catch(() => {});
@@ -84,8 +84,9 @@ async function openQcow2Layer(file: OpenFile, snapshotName: string | undefined, 
       snapshot = snapshots.find((s) => s.id === snapshotName) ?? snapshots.find((s) => s.name === snapshotName);
       if (!snapshot) throw new Qcow2Error('SNAPSHOT_NOT_FOUND', `no snapshot with id or name "${snapshotName}"`, { path: file.path });
     }
-    if (file.base !== 0 && (header.externalDataFile !== undefined || header.backingFile !== undefined)) {
-      // Names in an image inside an archive would resolve against the archive's folder: refused.
+    if (file.base !== 0 && (header.externalDataFile !== undefined || (header.backingFile !== undefined && !options.backingOf))) {
+      // Names in an image inside an archive would resolve against the archive's folder: refused
+      // (a backing file is found by the caller's resolver, when there is one, never by path).
       throw new Qcow2Error('PATH_NOT_ALLOWED', 'an image inside an archive cannot name backing or data files', { path: file.path });
     }
     if (header.externalDataFile !== undefined) {
@@ -101,9 +102,24 @@ async function openQcow2Layer(file: OpenFile, snapshotName: string | undefined, 
   }
 }
 
-async function nextInChain(layer: Qcow2Layer, options: OpenOptions): Promise<{ path: string; format: 'qcow2' | 'raw' } | undefined> {
+/** A file of the chain still to open: its path, format, and for a member of an archive its byte range. */
+interface ChainFile {
+  path: string;
+  format: 'qcow2' | 'raw';
+  region?: { offset: number; length: number };
+}
+
+async function nextInChain(layer: Qcow2Layer, depth: number, options: OpenOptions): Promise<ChainFile | undefined> {
   const { backingFile, backingFormat } = layer.header;
   if (backingFile === undefined) return undefined;
+  if (options.backingOf) {
+    // The resolver's files are qcow2 (a snapshot's disks): a name recording another format is refused.
+    if (backingFormat !== undefined && backingFormat !== 'qcow2') {
+      throw new Qcow2Error('UNSUPPORTED_BACKING_FORMAT', `backing file format "${backingFormat}" where the chain holds qcow2 images`, { path: layer.file.path });
+    }
+    const found = await options.backingOf(depth, backingFile);
+    return { path: found.path, format: 'qcow2', ...(found.region ? { region: found.region } : {}) };
+  }
   const backingPath = await resolveChainName(layer.file, backingFile, 'backing file', options);
   if (backingFormat === 'qcow2' || backingFormat === 'raw') return { path: backingPath, format: backingFormat };
   if (backingFormat !== undefined) {

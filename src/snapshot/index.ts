@@ -16,13 +16,15 @@ import { type CpuState, parseCpuState } from '../vmstate/cpu';
 import { stateOf, stateLimits } from '../vmstate/format';
 import { restoreMemory, restoreMemoryInto, type MemoryTarget, type RestoreMemoryResult, type StateFile, StateFile as StateFileClass } from '../vmstate/reader';
 import type { MemoryRegion } from '../vmstate/writer';
+import type { BackingResolver } from '../qcow2/image';
+import type { CaptureHooks, CaptureOptions } from '../capture/index';
 import { type ArchiveKind, archiveKind, compressingSink, type CompressingSink, FileSink, tarStream } from './archive';
 import { DISK_FILE, METADATA_FILE, parseMetadata, type SnapshotMetadata, STATE_FILE, BUNDLE_FORMAT_VERSION } from './metadata';
 import { ChunkReader, entryData, FileTarSource, tarEntries, TarWriter, type ByteSink, type TarEntry, type TarSource } from './tar';
 
 // Each verb loads only the parts of the library it uses: start-up is part of every command's time.
 const lazy = {
-  capture: async () => (await import('../capture/index.js')).capture,
+  capture: async () => (await import('../capture/index.js')).captureWith,
   check: () => import('../check/index.js'),
   load: async () => (await import('../load/index.js')).loadWith,
   writeState: async () => (await import('../vmstate/writer.js')).writeState,
@@ -66,6 +68,8 @@ export interface CreateSnapshotOptions {
   threads?: number;
   /** Compression level of a .tar.zst (default 3) or .tar.gz (default 6) archive. */
   archiveLevel?: number;
+  /** Where the members of a compressed parent archive are extracted: its state file with memory, the disks of its chain with a disk (default: the system's temporary folder). */
+  tempDir?: string;
   /** Replace a snapshot already at `out` (a bundle folder, or an archive file) once the new one is complete. Default: TARGET_EXISTS. */
   overwrite?: boolean;
   /** Stops the work between steps; nothing is left behind. */
@@ -79,6 +83,52 @@ export interface SnapshotChainLink {
   bundle?: string;
   /** A bundle read in place from an uncompressed tar: the archive, and where each member's bytes lie in it. */
   archive?: { path: string; members: Map<string, { offset: number; size: number }> };
+  /** An archive's top folder as its entries name it (null: its members lie at the root). */
+  top?: string | null;
+}
+
+/** A link read from an archive (in place or extracted), not from a folder. */
+function isArchiveLink(link: SnapshotChainLink): boolean {
+  return link.bundle !== undefined && link.bundle !== link.dir && archiveKind(link.bundle) !== undefined;
+}
+
+/**
+ * Where a bundle's members lie once it is a folder: the folder itself, or for an archive the
+ * folder `tar -xf` makes beside it (its top folder). An incremental disk names its parent's disk
+ * relative to these: docs/formats/bundle.md, "Incremental snapshots".
+ */
+function unpackedFolder(link: SnapshotChainLink): string {
+  if (!isArchiveLink(link)) return link.dir;
+  const beside = nodePath.dirname(link.bundle!);
+  return link.top === null ? beside : nodePath.join(beside, link.top ?? archiveTopFolder(link.bundle!));
+}
+
+/** The name a disk in `folder` records for the disk of the bundle unpacked at `parentFolder` ("./" before a first part holding ':', which QEMU would read as a protocol). */
+function diskBackingName(folder: string, parentFolder: string): string {
+  const relative = nodePath.relative(folder, nodePath.join(parentFolder, DISK_FILE));
+  return relative.split(nodePath.sep)[0]!.includes(':') ? `.${nodePath.sep}${relative}` : relative;
+}
+
+/**
+ * Finds the backing files of the disk of `chain[0]` in the chain itself: the disk at depth N names
+ * the disk of chain[N + 1] by its place once the bundles are unpacked (diskBackingName), and gets
+ * that disk's file or archive byte range. Any other name (a parent replaced, a disk altered) is refused.
+ */
+function diskResolver(chain: SnapshotChainLink[]): BackingResolver {
+  return async (depth, name) => {
+    const link = chain[depth];
+    const parent = chain[depth + 1];
+    const referrer = link ? memberFile(link, DISK_FILE).label : '?';
+    if (!link || !parent?.metadata.files[DISK_FILE]) {
+      throw new Qcow2Error('PARENT_MISMATCH', `${DISK_FILE} names backing file "${name}", but ${parent ? 'its parent snapshot holds no disk' : 'its snapshot has no parent'}`, { path: referrer });
+    }
+    const expected = nodePath.join(unpackedFolder(parent), DISK_FILE);
+    if (nodePath.resolve(unpackedFolder(link), name) !== expected) {
+      throw new Qcow2Error('PARENT_MISMATCH', `${DISK_FILE} names backing file "${name}", not its parent snapshot's disk (${diskBackingName(unpackedFolder(link), unpackedFolder(parent))})`, { path: referrer });
+    }
+    const member = memberFile(parent, DISK_FILE);
+    return { path: member.path, ...(member.region ? { region: member.region } : {}) };
+  };
 }
 
 /** Where a member of a bundle is: its own file, or a byte range of the archive holding it. */
@@ -140,6 +190,11 @@ async function readChainWith(first: string, read: (path: string) => Promise<Snap
     if (seen.has(current)) throw new Qcow2Error('BACKING_CHAIN_LOOP', 'snapshot parents loop', { path: current });
     if (chain.length >= stateLimits.maxChainDepth) throw new Qcow2Error('BACKING_CHAIN_TOO_DEEP', `more than ${stateLimits.maxChainDepth} snapshots in the chain`, { path: first });
     seen.add(current);
+    const child = chain[chain.length - 1];
+    if (child && (await fs.lstat(current).catch((error: NodeJS.ErrnoException) => error.code)) === 'ENOENT') {
+      // Say whose parent it is: the path alone does not tell why it was looked for.
+      throw new Qcow2Error('IO_ERROR', `parent snapshot not found (${child.bundle ?? child.dir} names it as its parent)`, { path: current, syscallCode: 'ENOENT' });
+    }
     const link = await read(current);
     link.bundle ??= current;
     const expectedId = chain.length > 0 ? chain[chain.length - 1]!.metadata.parent?.id : undefined;
@@ -263,10 +318,6 @@ async function checkCreate(target: string, kind: ArchiveKind | undefined, option
   if (!options.disk && !options.memory && options.cpu === undefined && !options.devices?.length) {
     throw new Qcow2Error('INVALID_ARGUMENT', 'nothing to snapshot: give a disk, memory, CPU state or devices', { path: target });
   }
-  if (kind && options.parent && options.disk) {
-    // The disk's qcow2 names its backing file by path, which an archive cannot give.
-    throw new Qcow2Error('INVALID_ARGUMENT', 'an incremental archive (--parent) holds memory, CPU and device state, not a disk: snapshot the disk incrementally into a folder bundle', { path: target });
-  }
   const cpu: CpuState | undefined = options.cpu !== undefined ? parseCpuState(options.cpu, target) : undefined;
   const deviceNames = new Set<string>();
   for (const device of options.devices ?? []) {
@@ -282,17 +333,38 @@ async function checkCreate(target: string, kind: ArchiveKind | undefined, option
 
 type Files = SnapshotMetadata['files'];
 
-/** Captures the disk as disk.qcow2 in the staging folder (over the parent's disk), then moves it into the archive, if any. */
-async function snapshotDisk(staging: string, chain: SnapshotChainLink[], options: CreateSnapshotOptions, archive: ArchiveOutput | undefined): Promise<Files[typeof DISK_FILE]> {
-  const diskPath = nodePath.join(staging, DISK_FILE);
+/**
+ * The base of an incremental disk. Over a chain of folders: the parent's disk.qcow2, named relative
+ * to the disk's folder (the temporary folder sits beside the final one, so the name stays right
+ * after the rename). Into an archive, or over a chain holding one: the parent's disk where it lies
+ * (a file, an extracted member, or a byte range of a tar), its own parents found through the chain,
+ * and named where it lies once the bundles are unpacked, relative to this bundle's unpacked folder.
+ */
+async function diskBase(chain: SnapshotChainLink[], folder: string, intoArchive: boolean): Promise<CaptureOptions & CaptureHooks> {
   const parentLink = chain[0];
-  const parentDisk = parentLink?.metadata.files[DISK_FILE] ? nodePath.join(parentLink.dir, DISK_FILE) : undefined;
-  // Stored relative to the disk's folder; the temporary folder sits beside the
-  // final one, so the name stays right after the rename.
+  if (!parentLink?.metadata.files[DISK_FILE]) return {};
+  if (!intoArchive && !chain.some(isArchiveLink)) {
+    return { backing: nodePath.join(parentLink.dir, DISK_FILE), backingFormat: 'qcow2', allowPaths: chain.map((l) => l.dir) };
+  }
+  // The new disk holds only what differs from these: each must be the one its snapshot.json names.
+  await verifyFiles(chain, new Set([DISK_FILE]));
+  const member = memberFile(parentLink, DISK_FILE);
+  return {
+    backing: member.path,
+    backingFormat: 'qcow2',
+    ...(member.region ? { backingRegion: member.region } : {}),
+    backingOf: diskResolver(chain),
+    backingName: diskBackingName(folder, unpackedFolder(parentLink)),
+  };
+}
+
+/** Captures the disk as disk.qcow2 in the staging folder (over the parent's disk), then moves it into the archive, if any. */
+async function snapshotDisk(staging: string, chain: SnapshotChainLink[], options: CreateSnapshotOptions, archive: ArchiveOutput | undefined, folder: string): Promise<Files[typeof DISK_FILE]> {
+  const diskPath = nodePath.join(staging, DISK_FILE);
   const captured = await (await lazy.capture())(options.disk!, diskPath, {
     ...(options.compress === 'none' ? {} : { compress: options.compress === 'deflate' ? ('zlib' as const) : ('zstd' as const) }),
     ...(options.threads ? { threads: options.threads } : {}),
-    ...(parentDisk ? { backing: parentDisk, backingFormat: 'qcow2' as const, allowPaths: chain.map((l) => l.dir) } : {}),
+    ...(await diskBase(chain, folder, archive !== undefined)),
     ...(options.signal ? { signal: options.signal } : {}),
   });
   const entry = { ...(await hashFile(diskPath)), virtualSize: captured.virtualSize };
@@ -358,7 +430,9 @@ export async function createSnapshot(out: string, options: CreateSnapshotOptions
   if (options.signal?.aborted) throw new Qcow2Error('CANCELLED', 'cancelled; no snapshot was written', { path: target });
   const kind = archiveKind(target);
   const cpu = await checkCreate(target, kind, options);
-  const parentBundle = options.parent ? await openBundle(options.parent, options.memory ? [STATE_FILE] : [], undefined, options.signal) : undefined;
+  // A disk over a compressed parent is captured over the parent chain's disks, extracted.
+  const parentMembers = [...(options.disk ? [DISK_FILE] : []), ...(options.memory ? [STATE_FILE] : [])];
+  const parentBundle = options.parent ? await openBundle(options.parent, parentMembers, options.tempDir, options.signal) : undefined;
   try {
     return await createWithChain(target, kind, cpu, parentBundle?.chain ?? [], options);
   } catch (error) {
@@ -370,8 +444,12 @@ export async function createSnapshot(out: string, options: CreateSnapshotOptions
 
 async function createWithChain(target: string, kind: ArchiveKind | undefined, cpu: CpuState | undefined, chain: SnapshotChainLink[], options: CreateSnapshotOptions): Promise<SnapshotMetadata> {
   const parentLink = chain[0];
-  if (options.disk && chain.some((link) => link.bundle !== link.dir)) {
-    throw new Qcow2Error('INVALID_ARGUMENT', 'the disk cannot be snapshotted over a parent chain that holds an archive: its backing file must be a file', { path: target });
+  // Where this bundle's members lie once it is a folder (an archive: unpacked beside it).
+  const folder = kind ? nodePath.join(nodePath.dirname(target), archiveTopFolder(target)) : target;
+  const clash = options.disk ? chain.find((link) => link.metadata.files[DISK_FILE] && unpackedFolder(link) === folder) : undefined;
+  if (clash) {
+    // Its disk would name itself as its backing file, and unpacking would overwrite the parent's.
+    throw new Qcow2Error('INVALID_ARGUMENT', `the snapshot would unpack into the folder of the parent snapshot ${clash.bundle ?? clash.dir} (${folder}): give it another name`, { path: target });
   }
   // A folder bundle is built here and renamed into place; an archive's members pass through it one by one.
   const staging = await PendingFolder.create(target, 'cannot create the snapshot folder');
@@ -379,7 +457,7 @@ async function createWithChain(target: string, kind: ArchiveKind | undefined, cp
   try {
     if (kind) archive = await ArchiveOutput.create(target, kind, options.archiveLevel);
     const files: Files = {};
-    if (options.disk) files[DISK_FILE] = await snapshotDisk(staging.temporary, chain, options, archive);
+    if (options.disk) files[DISK_FILE] = await snapshotDisk(staging.temporary, chain, options, archive, folder);
     const state = options.memory || cpu || options.devices?.length ? await snapshotState(staging.temporary, chain, cpu, options, archive) : undefined;
     if (state) files[STATE_FILE] = state.entry;
     const metadata: SnapshotMetadata = {
@@ -449,7 +527,7 @@ function memberOf(entryName: string, isDirectory: boolean, archivePath: string, 
  * Walks the entries of a snapshot archive, checking each by the rules of memberOf, and
  * calls `take` once for each member with its entry; `take` reads or skips the entry's data.
  */
-async function forEachMember(reader: TarSource, archivePath: string, take: (member: string, entry: TarEntry) => Promise<void>): Promise<void> {
+async function forEachMember(reader: TarSource, archivePath: string, take: (member: string, entry: TarEntry) => Promise<void>): Promise<string | null> {
   const seen = new Set<string>();
   const top: { name?: string | null } = {};
   for await (const entry of tarEntries(reader, archivePath)) {
@@ -461,6 +539,7 @@ async function forEachMember(reader: TarSource, archivePath: string, take: (memb
     await take(member, entry);
   }
   if (!seen.has(METADATA_FILE)) throw new Qcow2Error('BAD_ARCHIVE', `the archive holds no ${METADATA_FILE}: not a snapshot archive, or an unfinished one`, { path: archivePath });
+  return top.name ?? null;
 }
 
 /** Indexes an uncompressed tar: its members are read where they lie, nothing is extracted. */
@@ -470,26 +549,26 @@ async function readTarInPlace(archivePath: string): Promise<SnapshotChainLink> {
     const reader = new FileTarSource(handle, (await handle.stat()).size);
     const members = new Map<string, { offset: number; size: number }>();
     const metadataParts: Buffer[] = [];
-    await forEachMember(reader, archivePath, async (member, entry) => {
+    const top = await forEachMember(reader, archivePath, async (member, entry) => {
       members.set(member, { offset: entry.dataOffset, size: entry.size });
       await entryData(reader, entry.size, archivePath, member === METADATA_FILE ? { write: async (data) => void metadataParts.push(data) } : undefined);
     });
     const metadata = parseMetadata(Buffer.concat(metadataParts).toString('utf8'), `${archivePath}:${METADATA_FILE}`);
-    return { dir: nodePath.dirname(archivePath), bundle: archivePath, metadata, archive: { path: archivePath, members } };
+    return { dir: nodePath.dirname(archivePath), bundle: archivePath, metadata, archive: { path: archivePath, members }, top };
   } finally {
     await handle.close();
   }
 }
 
-/** Extracts the `wanted` members of an archive into `dir`, checking every entry on the way. */
-async function extractMembers(archivePath: string, kind: ArchiveKind, dir: string, wanted: Set<string>, signal?: AbortSignal): Promise<void> {
+/** Extracts the `wanted` members of an archive into `dir`, checking every entry on the way; returns the archive's top folder. */
+async function extractMembers(archivePath: string, kind: ArchiveKind, dir: string, wanted: Set<string>, signal?: AbortSignal): Promise<string | null> {
   const handle = await openToRead(archivePath, 'cannot open the archive');
   const stream = tarStream(kind, handle, archivePath);
   try {
     const reader = new ChunkReader(stream[Symbol.asyncIterator]());
     // Skipped members still stream through the decoder (a disk's gigabytes): a cancel stops them too.
     const skip = { write: async () => throwIfCancelled(signal, archivePath) };
-    await forEachMember(reader, archivePath, async (member, entry) => {
+    const top = await forEachMember(reader, archivePath, async (member, entry) => {
       if (!wanted.has(member)) return entryData(reader, entry.size, archivePath, skip);
       const file = nodePath.join(dir, member);
       const out = await fs.open(file, 'wx', 0o600);
@@ -507,6 +586,7 @@ async function extractMembers(archivePath: string, kind: ArchiveKind, dir: strin
     });
     // Read to the end, so that the compressed stream's own end checks (frame checksum, gzip trailer) run.
     while ((await reader.some(1 << 22)).length > 0) throwIfCancelled(signal, archivePath);
+    return top;
   } finally {
     // Stopped early (a refused entry, a cancel): the decoders' own cleanup runs only when
     // the stream is returned, and fflate's worker would keep the process alive.
@@ -558,8 +638,8 @@ async function openBundle(bundle: string, members: string[], tempDir?: string, s
     const dir = nodePath.join(root, String(extracted.size));
     await fs.mkdir(dir);
     extracted.set(dir, link);
-    await extractMembers(link, kind, dir, new Set([METADATA_FILE, ...members]), signal);
-    return { ...(await readBundle(dir)), bundle: link };
+    const top = await extractMembers(link, kind, dir, new Set([METADATA_FILE, ...members]), signal);
+    return { ...(await readBundle(dir)), bundle: link, top };
   };
   try {
     return { chain: await readChainWith(path, read), path, displayName, mapError, close };
@@ -642,9 +722,15 @@ async function restoreChain(opened: OpenedBundle, options: RestoreSnapshotOption
   await verifyFiles(chain, new Set(members));
   if (options.disk) {
     if (!link.metadata.files[DISK_FILE]) throw new Qcow2Error('INVALID_ARGUMENT', 'this snapshot holds no disk', { path: opened.path });
-    // The bundle names its parents itself: their folders are the only ones its disk may reach.
+    // The bundle names its parents itself: their folders are the only ones its disk may reach, and
+    // through archives, its backing files are found in the chain (diskResolver), never by path.
     const member = memberFile(link, DISK_FILE);
-    result.disk = await (await lazy.load())(member.path, options.disk, { ...options, allowPaths: chain.map((l) => l.dir), ...(member.region ? { region: member.region } : {}) });
+    result.disk = await (await lazy.load())(member.path, options.disk, {
+      ...options,
+      allowPaths: chain.map((l) => l.dir),
+      ...(member.region ? { region: member.region } : {}),
+      ...(chain.some(isArchiveLink) ? { backingOf: diskResolver(chain) } : {}),
+    });
   }
   if (members.includes(STATE_FILE)) {
     if (!link.metadata.files[STATE_FILE]) throw new Qcow2Error('INVALID_ARGUMENT', 'this snapshot holds no memory, CPU or device state', { path: opened.path });

@@ -60,6 +60,7 @@ export interface CreateFlags {
   machine?: string;
   threads?: number;
   archiveLevel?: number;
+  tempDir?: string;
   overwrite?: boolean;
   json?: boolean;
 }
@@ -89,7 +90,7 @@ export async function create([out]: string[], flags: CreateFlags): Promise<void>
   const metadata = await untilInterrupted(async (signal) =>
     createSnapshot(out!, {
       signal,
-      ...defined({ disk: flags.disk, memory: flags.memory, parent: flags.parent, level: flags.level, threads: flags.threads, archiveLevel: flags.archiveLevel }),
+      ...defined({ disk: flags.disk, memory: flags.memory, parent: flags.parent, level: flags.level, threads: flags.threads, archiveLevel: flags.archiveLevel, tempDir: flags.tempDir }),
       ...(flags.memoryMap !== undefined ? { memoryRegions: await memoryRegions(flags.memoryMap) } : {}),
       ...(flags.cpu !== undefined ? { cpu: await readCpuFile(flags.cpu) } : {}),
       ...(devices.length ? { devices } : {}),
