@@ -17,10 +17,10 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import * as zlib from 'node:zlib';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { createSnapshot, inspectSnapshot, writeState } from '../src/index';
-import { sampleCpuState } from './helpers/cpu';
+import { createSnapshot, inspectSnapshot, writeState } from '../../src/index';
+import { sampleCpuState } from '../helpers/cpu';
 
-const root = path.join(__dirname, '..');
+const root = path.join(__dirname, '..', '..');
 const addon = createRequire(path.join(root, 'package.json'))('node-gyp-build')(root) as {
   hash64(data: Uint8Array): bigint;
   hash128(data: Uint8Array): Buffer;

@@ -12,11 +12,11 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { crc32 } from 'node:zlib';
 import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
-import { load, Qcow2Error, restoreSnapshot } from '../src/index';
-import { findPartition } from '../src/load/partitions';
-import { ChunkReader, tarEntries } from '../src/snapshot/tar';
-import { attachLoop, type LoopDevice, loopUnavailable, partition, partitionsOf, readRange } from './helpers/loop';
-import { cliPath, qemuImg, qemuIo, repoRoot } from './helpers/qemu';
+import { load, Qcow2Error, restoreSnapshot } from '../../src/index';
+import { findPartition } from '../../src/load/partitions';
+import { ChunkReader, tarEntries } from '../../src/snapshot/tar';
+import { attachLoop, type LoopDevice, loopUnavailable, partition, partitionsOf, readRange } from '../helpers/loop';
+import { cliPath, qemuImg, qemuIo, repoRoot } from '../helpers/qemu';
 
 /** /proc/self/mountinfo as safety.ts reads it, when a test stands in for it. */
 const mountinfo = vi.hoisted(() => ({ fake: undefined as string | undefined }));

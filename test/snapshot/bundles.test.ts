@@ -7,9 +7,9 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { createSnapshot, inspectSnapshot, Qcow2Error, restoreSnapshot, StateFile, verifySnapshot, writeState } from '../src/index';
-import { sampleCpuState as cpu } from './helpers/cpu';
-import { makeRamDump } from './helpers/ram';
+import { createSnapshot, inspectSnapshot, Qcow2Error, restoreSnapshot, StateFile, verifySnapshot, writeState } from '../../src/index';
+import { sampleCpuState as cpu } from '../helpers/cpu';
+import { makeRamDump } from '../helpers/ram';
 
 const MiB = 1024 * 1024;
 let dir: string;
@@ -144,7 +144,7 @@ describe('snapshot bundles', () => {
     const stateProblem = problems.find((p) => p.part === 'CHUNK 2');
     expect(stateProblem?.file).toBe(statePath);
     expect(stateProblem?.guestRanges?.[0]?.start).toBe(chunk.firstSpan * 512 * 4096);
-    const cli = spawnSync(process.execPath, [path.join(__dirname, '..', 'dist', 'cli', 'main.js'), 'snapshot', 'verify', bundle], { encoding: 'utf8' });
+    const cli = spawnSync(process.execPath, [path.join(__dirname, '..', '..', 'dist', 'cli', 'main.js'), 'snapshot', 'verify', bundle], { encoding: 'utf8' });
     expect(cli.status).toBe(1);
     expect(cli.stderr).toContain('state.qvms: CHUNK 2');
     expect(cli.stderr).toContain('guest-physical 0x');

@@ -7,16 +7,16 @@
  * status and message, library error code) in .cache/damage-report.json; the only assertion on
  * those for now is "no crash".
  */
-import { expectedCodes } from './helpers/damage-expectations';
+import { expectedCodes } from '../helpers/damage-expectations';
 import { spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { baseImages, buildImages, defects, extraCleanImages, makeDamagedImages, type ManifestEntry, plannedImages } from './helpers/damage';
-import { checkCountKeys, parseJsonOutput, type Ran, runAsync } from './helpers/qemu';
+import { baseImages, buildImages, defects, extraCleanImages, makeDamagedImages, type ManifestEntry, plannedImages } from '../helpers/damage';
+import { checkCountKeys, parseJsonOutput, type Ran, runAsync } from '../helpers/qemu';
 
-const repoRoot = path.resolve(__dirname, '..');
+const repoRoot = path.resolve(__dirname, '..', '..');
 const cli = path.join(repoRoot, 'dist', 'cli', 'main.js');
 const reportFile = path.join(repoRoot, '.cache', 'damage-report.json');
 
