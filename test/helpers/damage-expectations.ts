@@ -1,7 +1,7 @@
 /**
  * The error code each defect of test/helpers/damage.ts must give ("ok" where it reads fine):
  * `open` is what `open()` and `info` give, `load` what `load()` gives, on the defect's first base image.
- * `check` is held to qemu-img's own verdict by test/check.test.ts. A change here is a change of behaviour:
+ * `check` is held to qemu-img's own verdict by test/check/damaged.test.ts. A change here is a change of behaviour:
  * review it as one.
  */
 export const expectedCodes: Record<string, { open: string; load: string }> = {

@@ -1,6 +1,6 @@
 /**
- * Mutants of QEMU-made images, for the hardening tests (test/hardening.test.ts, in-process with
- * fast-check) and the mutant runs (test/mutants.test.ts, the CLI in separate processes).
+ * Mutants of QEMU-made images, for the hardening tests (test/qcow2/hardening.test.ts, in-process with
+ * fast-check) and the mutant runs (test/qcow2/mutants.test.ts, the CLI in separate processes).
  *
  * Seeds are real images made with qemu-img and qemu-io in a scratch folder (v2, v3 with 4 KiB
  * clusters and 1-bit refcounts, zstd and zlib compressed, extended L2 with 64-bit refcounts, internal

@@ -1,5 +1,5 @@
 /**
- * Seeded random qcow2 images for the differential test (test/differential.test.ts).
+ * Seeded random qcow2 images for the differential test (test/qcow2/differential.test.ts).
  *
  * From a seed, randomImage() picks qcow2 creation options (compat, cluster size, compression type,
  * extended L2, refcount width, lazy refcounts, preallocation=metadata, external data file with or

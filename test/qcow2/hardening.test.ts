@@ -16,7 +16,7 @@
  * field of cluster 0, the snapshot table and the bitmap directory (open..read and check).
  * Targeted: check() of an L1 table that runs over data clusters, against the bound.
  *
- * Reproduce a failure with the seed fast-check prints: QCOW2IMG_FC_SEED=<seed> npx vitest run test/hardening.test.ts
+ * Reproduce a failure with the seed fast-check prints: QCOW2IMG_FC_SEED=<seed> npx vitest run test/qcow2/hardening.test.ts
  * More runs: QCOW2IMG_FC_RUNS=<factor> (multiplies the default counts).
  */
 import { spawnSync } from 'node:child_process';
