@@ -13,7 +13,8 @@ import * as path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { ImageInfo, MapEntry } from '../../src/index';
 import { open } from '../../src/index';
-import { MiB, type Ran, checkCountKeys, cliPath, expectInfoAgrees, expectMapAgrees, firstDifference, interestingReads, parseJsonOutput, prng, qemuInfoChain, qemuMap, runAsync } from '../helpers/qemu';
+import { MiB, type Ran, checkCountKeys, cliPath, expectInfoAgrees, expectMapAgrees, firstDifference, interestingReads, parseJsonOutput, qemuInfoChain, qemuMap, runAsync } from '../helpers/qemu';
+import { prng } from '../helpers/prng';
 import { type RandomImage, randomImage } from '../helpers/random-image';
 
 /**

@@ -29,7 +29,8 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { type Patch, type Seed, Random, applyPatches, buildSeeds, formatPatches, randomPatches, seedOf } from '../helpers/mutate';
+import { type Patch, type Seed, applyPatches, buildSeeds, formatPatches, randomPatches, seedOf } from '../helpers/mutate';
+import { Random } from '../helpers/prng';
 
 const repoRoot = path.resolve(__dirname, '..', '..');
 const cli = path.join(repoRoot, 'dist', 'cli', 'main.js');
