@@ -75,7 +75,7 @@ int intArg(const Napi::CallbackInfo& info, size_t index, const char* name) {
 
 // The enums whose values JavaScript passes or reads as numbers: each enumerator by name, so a
 // number is checked against the values the engine defines (never cast), and the addon exports
-// them (`enums`) for test/addon-arguments.test.ts to hold equal to src/native.ts.
+// them (`enums`) for test/package/addon-arguments.test.ts to hold equal to src/native.ts.
 template <typename E>
 struct Enumerator {
   const char* name;

@@ -12,15 +12,15 @@ cd "$(dirname "$0")/.."
 readonly REQUIREMENTS='
 g++               | g++                    | the native addon (node-gyp)
 make              | make                   | node-gyp; the fuzz build (cmake)
-python3           | python3                | node-gyp; test/format-docs; scripts/fuzz.sh seeds
+python3           | python3                | node-gyp; test/vmstate/format-docs; scripts/fuzz.sh seeds
 libdeflate-dev    |                        | the addon links libdeflate.a
 libzstd-dev       |                        | the addon links libzstd.a
-libxxhash-dev     |                        | the addon (XXH3); test/format-docs loads libxxhash.so.0
+libxxhash-dev     |                        | the addon (XXH3); test/vmstate/format-docs loads libxxhash.so.0
 libisal-dev       |                        | the addon (ISA-L deflate)
 liburing-dev      |                        | the addon links liburing.a
 zlib1g-dev        |                        | the addon links libz.a
 qemu-utils        | qemu-img qemu-io       | tests, examples/make-demo.sh, fuzz seeds, benchmarks
-zstd              | zstd                   | tests (format-docs, hostile-input), benchmarks
+zstd              | zstd                   | tests (vmstate/format-docs, snapshot/hostile-archives), benchmarks
 fdisk             | sfdisk                 | tests (partitioned loop devices), benchmarks
 mount             | losetup mount umount   | tests and benchmarks on loop devices
 util-linux        | partx blkid blockdev fallocate prlimit findmnt setpriv | tests, benchmarks

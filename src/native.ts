@@ -3,7 +3,7 @@ import * as path from 'node:path';
 
 /**
  * Compression codecs as the addon takes and reports them (native/core/codec.h, one numbering for
- * every engine; test/addon-arguments.test.ts holds it equal to the addon's `enums.Codec`). Not a
+ * every engine; test/package/addon-arguments.test.ts holds it equal to the addon's `enums.Codec`). Not a
  * file format: qcow2's compression_type and a VM state chunk's codec byte are mapped to it.
  */
 export const Codec = { None: 0, Deflate: 1, Zstd: 2 } as const;

@@ -1,6 +1,6 @@
 /**
- * Mutants of QEMU-made images, for the hardening tests (test/hardening.test.ts, in-process with
- * fast-check) and the mutant runs (test/mutants.test.ts, the CLI in separate processes).
+ * Mutants of QEMU-made images, for the hardening tests (test/qcow2/hardening.test.ts, in-process with
+ * fast-check) and the mutant runs (test/qcow2/mutants.test.ts, the CLI in separate processes).
  *
  * Seeds are real images made with qemu-img and qemu-io in a scratch folder (v2, v3 with 4 KiB
  * clusters and 1-bit refcounts, zstd and zlib compressed, extended L2 with 64-bit refcounts, internal
@@ -16,62 +16,14 @@ import { spawnSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
+import { Random } from './prng';
 
 // ---------------------------------------------------------------------------------------------
 // Randomness
 
-/** mulberry32: a small deterministic PRNG, returns [0, 1). */
-export function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
-
 /** A 32-bit seed derived from any string (the run seed and the mutant's index). */
 export function seedOf(text: string): number {
   return createHash('sha256').update(text).digest().readUInt32BE(0);
-}
-
-export class Random {
-  private readonly next: () => number;
-  constructor(seed: number) {
-    this.next = prng(seed);
-  }
-  float(): number {
-    return this.next();
-  }
-  /** Integer in [min, max] (inclusive). */
-  int(min: number, max: number): number {
-    return min + Math.floor(this.next() * (max - min + 1));
-  }
-  pick<T>(items: readonly T[]): T {
-    return items[Math.floor(this.next() * items.length)]!;
-  }
-  chance(p: number): boolean {
-    return this.next() < p;
-  }
-  weighted<T>(items: readonly { weight: number; value: T }[]): T {
-    const total = items.reduce((sum, item) => sum + item.weight, 0);
-    let x = this.next() * total;
-    for (const item of items) {
-      x -= item.weight;
-      if (x < 0) return item.value;
-    }
-    return items[items.length - 1]!.value;
-  }
-  bytes(length: number): Buffer {
-    const out = Buffer.alloc(length);
-    for (let i = 0; i < length; i += 4) {
-      const word = Math.floor(this.next() * 4294967296) >>> 0;
-      for (let j = 0; j < 4 && i + j < length; j++) out[i + j] = (word >>> (j * 8)) & 0xff;
-    }
-    return out;
-  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -591,7 +543,7 @@ const regionWeights: Record<RegionName, number> = {
 };
 
 function pickRegion(random: Random, layout: Layout): Region {
-  return random.weighted(layout.regions.map((r) => ({ weight: regionWeights[r.name], value: r })));
+  return random.weighted(layout.regions.map((r) => [r, regionWeights[r.name]] as const));
 }
 
 function byteFlip(random: Random, bytes: Buffer, layout: Layout): Patch {
@@ -612,11 +564,11 @@ export function randomPatches(random: Random, seed: Seed, selfName: string): Pat
   const { bytes, layout } = seed;
   const patches: Patch[] = [];
   const kind = random.weighted([
-    { weight: 50, value: 'flips' },
-    { weight: 28, value: 'fields' },
-    { weight: 12, value: 'truncate' },
-    { weight: 10, value: 'append' },
-    { weight: layout.strings.length > 0 ? 8 : 0, value: 'names' },
+    ['flips', 50],
+    ['fields', 28],
+    ['truncate', 12],
+    ['append', 10],
+    ['names', layout.strings.length > 0 ? 8 : 0],
   ] as const);
   switch (kind) {
     case 'flips':

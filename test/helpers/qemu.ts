@@ -12,6 +12,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { expect } from 'vitest';
 import type { ImageInfo, MapEntry } from '../../src/index';
+import { prng } from './prng';
 
 export const KiB = 1024;
 export const MiB = 1024 * 1024;
@@ -146,18 +147,6 @@ export function textBytes(seed: string, length: number): Buffer {
     at += text.copy(out, at);
   }
   return out;
-}
-
-/** A small deterministic PRNG for offsets and lengths (mulberry32). */
-export function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
 }
 
 export interface Region {

@@ -1,5 +1,5 @@
 /**
- * Seeded random qcow2 images for the differential test (test/differential.test.ts).
+ * Seeded random qcow2 images for the differential test (test/qcow2/differential.test.ts).
  *
  * From a seed, randomImage() picks qcow2 creation options (compat, cluster size, compression type,
  * extended L2, refcount width, lazy refcounts, preallocation=metadata, external data file with or
@@ -15,7 +15,15 @@
 import { spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { KiB, MiB, prng, qemuImg, qemuIo, randomBytes, textBytes } from './qemu';
+import { Random as SeededRandom } from './prng';
+import { KiB, MiB, qemuImg, qemuIo, randomBytes, textBytes } from './qemu';
+
+/** The generator of a seed: mulberry32 from seed * 2654435761 (Knuth's multiplicative hash spreads small seeds). */
+class Random extends SeededRandom {
+  constructor(seed: number) {
+    super(seed * 2654435761);
+  }
+}
 
 export interface RandomLayer {
   /** File name in the folder. */
@@ -62,35 +70,6 @@ let sourceBytes: { rand: Buffer; text: Buffer } | undefined;
 
 function shellQuote(word: string): string {
   return /^[A-Za-z0-9_.,=/:+-]+$/.test(word) ? word : `'${word.replace(/'/g, `'\\''`)}'`;
-}
-
-class Random {
-  private readonly next: () => number;
-  constructor(seed: number) {
-    this.next = prng(seed * 2654435761);
-  }
-  float(): number {
-    return this.next();
-  }
-  /** An integer in [lo, hi]. */
-  int(lo: number, hi: number): number {
-    return lo + Math.floor(this.next() * (hi - lo + 1));
-  }
-  chance(p: number): boolean {
-    return this.next() < p;
-  }
-  pick<T>(items: readonly T[]): T {
-    return items[Math.floor(this.next() * items.length)]!;
-  }
-  /** Picks by weight: [[item, weight], ...]. */
-  weighted<T>(items: readonly (readonly [T, number])[]): T {
-    const total = items.reduce((sum, [, w]) => sum + w, 0);
-    let at = this.next() * total;
-    for (const [item, weight] of items) {
-      if ((at -= weight) < 0) return item;
-    }
-    return items[items.length - 1]![0];
-  }
 }
 
 interface Qcow2Choice {

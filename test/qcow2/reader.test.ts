@@ -7,7 +7,7 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { type Image, type OpenOptions, Qcow2Error, load, open } from '../src/index';
+import { type Image, type OpenOptions, Qcow2Error, load, open } from '../../src/index';
 import {
   type Fixture,
   type RefusalFiles,
@@ -28,7 +28,7 @@ import {
   refusalFixtures,
   run,
   sha256File,
-} from './helpers/qemu';
+} from '../helpers/qemu';
 
 const scratch = fs.mkdtempSync(path.join(os.tmpdir(), 'qcow2img-reader-'));
 afterAll(() => fs.rmSync(scratch, { recursive: true, force: true }));

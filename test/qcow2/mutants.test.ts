@@ -29,9 +29,10 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { type Patch, type Seed, Random, applyPatches, buildSeeds, formatPatches, randomPatches, seedOf } from './helpers/mutate';
+import { type Patch, type Seed, applyPatches, buildSeeds, formatPatches, randomPatches, seedOf } from '../helpers/mutate';
+import { Random } from '../helpers/prng';
 
-const repoRoot = path.resolve(__dirname, '..');
+const repoRoot = path.resolve(__dirname, '..', '..');
 const cli = path.join(repoRoot, 'dist', 'cli', 'main.js');
 const mutantCount = Number(process.env.QCOW2IMG_MUTANTS ?? 200);
 const runSeed = process.env.QCOW2IMG_MUTANT_SEED ?? 'qcow2img-mutants-2026';
@@ -45,7 +46,7 @@ const concurrency = 2;
 const compareInProcessMax = 256 * 1024 ** 2;
 
 // The library as the CLI runs it (dist), for the error codes of the CLI's failures.
-type Library = typeof import('../src/index');
+type Library = typeof import('../../src/index');
 let library: Library;
 
 let scratch: string;

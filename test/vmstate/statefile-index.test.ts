@@ -9,11 +9,11 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { Qcow2Error, restoreMemory, StateFile, writeState } from '../src/index';
-import { SPAN_PAGES } from '../src/vmstate/format';
-import { native } from '../src/native';
-import { sampleCpuState as cpu } from './helpers/cpu';
-import { makeRamDump } from './helpers/ram';
+import { Qcow2Error, restoreMemory, StateFile, writeState } from '../../src/index';
+import { SPAN_PAGES } from '../../src/vmstate/format';
+import { native } from '../../src/native';
+import { sampleCpuState as cpu } from '../helpers/cpu';
+import { makeRamDump } from '../helpers/ram';
 
 const MiB = 1024 * 1024;
 const HEADER = 64;

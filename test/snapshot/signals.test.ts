@@ -9,8 +9,8 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { cliPath as cli } from './helpers/qemu';
-import { interruptedCli } from './helpers/signals';
+import { cliPath as cli } from '../helpers/qemu';
+import { interruptedCli } from '../helpers/signals';
 
 const MiB = 1024 * 1024;
 let dir: string;

@@ -9,8 +9,8 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
-import { BenchEngine, Codec, native, PlanKind, UnitKind, ZeroMode } from '../src/native';
-import { PageState } from '../src/vmstate/format';
+import { BenchEngine, Codec, native, PlanKind, UnitKind, ZeroMode } from '../../src/native';
+import { PageState } from '../../src/vmstate/format';
 
 const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'qcow2img-addon-'));
 afterAll(() => fs.rmSync(dir, { recursive: true, force: true }));

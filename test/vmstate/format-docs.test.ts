@@ -17,10 +17,11 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import * as zlib from 'node:zlib';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { createSnapshot, inspectSnapshot, writeState } from '../src/index';
-import { sampleCpuState } from './helpers/cpu';
+import { createSnapshot, inspectSnapshot, writeState } from '../../src/index';
+import { sampleCpuState } from '../helpers/cpu';
+import { mulberry32 } from '../helpers/prng';
 
-const root = path.join(__dirname, '..');
+const root = path.join(__dirname, '..', '..');
 const addon = createRequire(path.join(root, 'package.json'))('node-gyp-build')(root) as {
   hash64(data: Uint8Array): bigint;
   hash128(data: Uint8Array): Buffer;
@@ -444,19 +445,10 @@ function readPage(p: Parsed, page: number, slot: number, pageAddress: number, pa
 const PAGE = 4096;
 type Kind = 'zero' | 'random' | 'text' | { dup: number };
 
-function xorshift(seed: number) {
-  let s = seed >>> 0 || 1;
-  return () => {
-    s ^= s << 13; s >>>= 0;
-    s ^= s >>> 17;
-    s ^= s << 5; s >>>= 0;
-    return s;
-  };
-}
 
 /** A dump of `pages` pages; `kind(p)` says what dump page p holds (`dup` copies an earlier dump page). */
 function makeDump(pages: number, seed: number, kind: (p: number) => Kind, base?: Buffer): Buffer {
-  const next = xorshift(seed);
+  const next = mulberry32(seed);
   const out = base ? Buffer.from(base) : Buffer.alloc(pages * PAGE);
   for (let p = 0; p < pages; p++) {
     const k = kind(p);

@@ -9,13 +9,13 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { type CaptureOptions, type CaptureResult, Qcow2Error, capture, load, open } from '../src/index';
-import { noise, text } from './helpers/damage';
-import { type LoopDevice, attachLoop, loopUnavailable } from './helpers/loop';
+import { type CaptureOptions, type CaptureResult, Qcow2Error, capture, load, open } from '../../src/index';
+import { noise, text } from '../helpers/damage';
+import { type LoopDevice, attachLoop, loopUnavailable } from '../helpers/loop';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
-const repoRoot = path.resolve(__dirname, '..');
+const repoRoot = path.resolve(__dirname, '..', '..');
 const cli = path.join(repoRoot, 'dist', 'cli', 'main.js');
 const work = fs.mkdtempSync(path.join(os.tmpdir(), 'qcow2img-capture-'));
 const loopSkip = loopUnavailable();

@@ -4,10 +4,10 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { bench, Qcow2Error } from '../src/index';
-import { native } from '../src/native';
-import { type LoopDevice, loopUnavailable, makeLoop } from './helpers/loop';
-import { interruptedCli } from './helpers/signals';
+import { bench, Qcow2Error } from '../../src/index';
+import { native } from '../../src/native';
+import { type LoopDevice, loopUnavailable, makeLoop } from '../helpers/loop';
+import { interruptedCli } from '../helpers/signals';
 
 const MiB = 1024 * 1024;
 let dir: string;
@@ -52,7 +52,7 @@ describe('bench', () => {
   });
 
   it('the CLI prints the JSON keys scripts rely on', () => {
-    const cli = path.join(__dirname, '..', 'dist', 'cli', 'main.js');
+    const cli = path.join(__dirname, '..', '..', 'dist', 'cli', 'main.js');
     const run = spawnSync(process.execPath, [cli, 'bench', dir, '--size', '8M', '--block-size', '1M', '--queue-depth', '2', '--json'], { encoding: 'utf8' });
     expect(run.status).toBe(0);
     const json = JSON.parse(run.stdout) as Record<string, unknown>;
@@ -121,7 +121,7 @@ describe('bench', () => {
   });
 
   it('the CLI refuses a time that is not a finite number of seconds', () => {
-    const cli = path.join(__dirname, '..', 'dist', 'cli', 'main.js');
+    const cli = path.join(__dirname, '..', '..', 'dist', 'cli', 'main.js');
     for (const time of ['Infinity', '1e400', '0', '-1', 'soon']) {
       const run = spawnSync(process.execPath, [cli, 'bench', dir, '--size', '8M', `--time=${time}`], { encoding: 'utf8' });
       expect(run.status, time).toBe(1);

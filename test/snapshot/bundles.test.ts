@@ -1,15 +1,15 @@
 /**
- * Snapshot bundles and the VM state file: round trips of memory, CPU state,
- * devices and disk; incremental chains; random reads; damage caught by verify.
+ * Snapshot bundles: round trips of memory, CPU state, devices and disk; incremental chains;
+ * damage caught by verify. The VM state file alone is in test/vmstate/state-file.test.ts.
  */
 import { execFileSync, spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { createSnapshot, inspectSnapshot, Qcow2Error, restoreSnapshot, StateFile, verifySnapshot, writeState } from '../src/index';
-import { sampleCpuState as cpu } from './helpers/cpu';
-import { makeRamDump } from './helpers/ram';
+import { createSnapshot, inspectSnapshot, Qcow2Error, restoreSnapshot, StateFile, verifySnapshot } from '../../src/index';
+import { sampleCpuState as cpu } from '../helpers/cpu';
+import { makeRamDump } from '../helpers/ram';
 
 const MiB = 1024 * 1024;
 let dir: string;
@@ -40,51 +40,6 @@ beforeAll(() => {
 
 afterAll(() => {
   if (dir) fs.rmSync(dir, { recursive: true, force: true });
-});
-
-describe('the VM state file', () => {
-  it('drops zero and duplicate pages, and round-trips every byte', async () => {
-    const statePath = path.join(dir, 'alone.qvms');
-    const written = await writeState(statePath, { memory: path.join(dir, 'ram1.raw'), cpu: cpu as never });
-    const pages = 64 * 256;
-    expect(written.pages.zero + written.pages.data + written.pages.duplicate).toBe(pages);
-    expect(written.pages.zero / pages).toBeGreaterThan(0.8);
-    expect(written.pages.duplicate).toBeGreaterThan(0);
-    // Smaller than the non-zero pages it holds.
-    expect(written.bytes).toBeLessThan((written.pages.data + written.pages.duplicate) * 4096);
-    const state = await StateFile.open(statePath);
-    try {
-      expect(await state.verify()).toEqual([]);
-      expect(await state.cpu()).toEqual(cpu);
-      // Random reads at odd addresses and lengths, across pages and chunks.
-      for (const [address, length] of [[0, 100], [4095, 2], [123 * 4096 + 7, 3 * 4096], [2 * MiB - 10, 20], [64 * MiB - 5000, 5000], [30 * MiB + 1, MiB + 3]] as const) {
-        const buffer = Buffer.alloc(length);
-        await state.readGuest(buffer, address);
-        expect(buffer.equals(ram1.subarray(address, address + length))).toBe(true);
-      }
-      await expect(state.readGuest(Buffer.alloc(10), 64 * MiB - 5)).rejects.toMatchObject({ code: 'INVALID_ARGUMENT' });
-    } finally {
-      await state.close();
-    }
-  });
-
-  it('maps a dump that is not one range from zero', async () => {
-    const statePath = path.join(dir, 'regions.qvms');
-    const regions = [
-      { guestBase: 0, size: 16 * MiB, dumpOffset: 0 },
-      { guestBase: 4096 * MiB, size: 48 * MiB, dumpOffset: 16 * MiB },
-    ];
-    await writeState(statePath, { memory: path.join(dir, 'ram1.raw'), regions });
-    const state = await StateFile.open(statePath);
-    try {
-      const buffer = Buffer.alloc(8192);
-      await state.readGuest(buffer, 4096 * MiB + 5 * MiB);
-      expect(buffer.equals(ram1.subarray(21 * MiB, 21 * MiB + 8192))).toBe(true);
-      await expect(state.readGuest(buffer, 20 * MiB)).rejects.toMatchObject({ code: 'INVALID_ARGUMENT' });
-    } finally {
-      await state.close();
-    }
-  });
 });
 
 describe('snapshot bundles', () => {
@@ -144,7 +99,7 @@ describe('snapshot bundles', () => {
     const stateProblem = problems.find((p) => p.part === 'CHUNK 2');
     expect(stateProblem?.file).toBe(statePath);
     expect(stateProblem?.guestRanges?.[0]?.start).toBe(chunk.firstSpan * 512 * 4096);
-    const cli = spawnSync(process.execPath, [path.join(__dirname, '..', 'dist', 'cli', 'main.js'), 'snapshot', 'verify', bundle], { encoding: 'utf8' });
+    const cli = spawnSync(process.execPath, [path.join(__dirname, '..', '..', 'dist', 'cli', 'main.js'), 'snapshot', 'verify', bundle], { encoding: 'utf8' });
     expect(cli.status).toBe(1);
     expect(cli.stderr).toContain('state.qvms: CHUNK 2');
     expect(cli.stderr).toContain('guest-physical 0x');

@@ -8,11 +8,11 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
-import { type Image, Qcow2Error, load, open } from '../src/index';
-import { copyImage } from '../src/load/copy';
-import { native, PlanKind, planRunFields, ZeroMode } from '../src/native';
-import { parseLayout } from './helpers/damage';
-import { MiB, KiB, cliPath, qemuImg, qemuIo, randomBytes, run } from './helpers/qemu';
+import { type Image, Qcow2Error, load, open } from '../../src/index';
+import { copyImage } from '../../src/load/copy';
+import { native, PlanKind, planRunFields, ZeroMode } from '../../src/native';
+import { parseLayout } from '../helpers/damage';
+import { MiB, KiB, cliPath, qemuImg, qemuIo, randomBytes, run } from '../helpers/qemu';
 
 const work = fs.mkdtempSync(path.join(os.tmpdir(), 'qcow2img-load-edges-'));
 afterAll(() => fs.rmSync(work, { recursive: true, force: true }));

@@ -11,10 +11,11 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import type { ImageInfo, MapEntry } from '../src/index';
-import { open } from '../src/index';
-import { MiB, type Ran, checkCountKeys, cliPath, expectInfoAgrees, expectMapAgrees, firstDifference, interestingReads, parseJsonOutput, prng, qemuInfoChain, qemuMap, runAsync } from './helpers/qemu';
-import { type RandomImage, randomImage } from './helpers/random-image';
+import type { ImageInfo, MapEntry } from '../../src/index';
+import { open } from '../../src/index';
+import { MiB, type Ran, checkCountKeys, cliPath, expectInfoAgrees, expectMapAgrees, firstDifference, interestingReads, parseJsonOutput, qemuInfoChain, qemuMap, runAsync } from '../helpers/qemu';
+import { prng } from '../helpers/prng';
+import { type RandomImage, randomImage } from '../helpers/random-image';
 
 /**
  * Seeds 1-30, then seeds for what those lack (commit, rebase, a dirty image, resizes after a

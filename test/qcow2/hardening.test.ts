@@ -16,7 +16,7 @@
  * field of cluster 0, the snapshot table and the bitmap directory (open..read and check).
  * Targeted: check() of an L1 table that runs over data clusters, against the bound.
  *
- * Reproduce a failure with the seed fast-check prints: QCOW2IMG_FC_SEED=<seed> npx vitest run test/hardening.test.ts
+ * Reproduce a failure with the seed fast-check prints: QCOW2IMG_FC_SEED=<seed> npx vitest run test/qcow2/hardening.test.ts
  * More runs: QCOW2IMG_FC_RUNS=<factor> (multiplies the default counts).
  */
 import { spawnSync } from 'node:child_process';
@@ -25,9 +25,9 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import fc from 'fast-check';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { Qcow2Error, check, open } from '../src/index';
-import { headerReadSize, parseHeader } from '../src/qcow2/header';
-import { parseSnapshotTable, snapshotTableReadSize } from '../src/qcow2/snapshots';
+import { Qcow2Error, check, open } from '../../src/index';
+import { headerReadSize, parseHeader } from '../../src/qcow2/header';
+import { parseSnapshotTable, snapshotTableReadSize } from '../../src/qcow2/snapshots';
 import {
   type Field,
   type Patch,
@@ -42,7 +42,7 @@ import {
   hostileNames,
   readField,
   stringPatches,
-} from './helpers/mutate';
+} from '../helpers/mutate';
 
 const fcSeed = Number(process.env.QCOW2IMG_FC_SEED ?? 0x9a4d1e5);
 const runFactor = Number(process.env.QCOW2IMG_FC_RUNS ?? 1);
@@ -53,7 +53,7 @@ const rssLimit = 1.5 * 1024 ** 3;
 
 /** Every Qcow2ErrorCode, read from the union in src/errors.ts so the list cannot fall behind. */
 const knownCodes: ReadonlySet<string> = (() => {
-  const source = fs.readFileSync(path.join(__dirname, '..', 'src', 'errors.ts'), 'utf8');
+  const source = fs.readFileSync(path.join(__dirname, '..', '..', 'src', 'errors.ts'), 'utf8');
   const union = /export type Qcow2ErrorCode =([\s\S]*?);/.exec(source)?.[1] ?? '';
   return new Set([...union.matchAll(/'([A-Z0-9_]+)'/g)].map((m) => m[1]!));
 })();

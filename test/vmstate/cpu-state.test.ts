@@ -7,9 +7,9 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
-import { Qcow2Error, StateFile, writeState } from '../src/index';
-import { decodeCpuState, encodeCpuState, parseCpuState } from '../src/vmstate/cpu';
-import { sampleCpuState } from './helpers/cpu';
+import { Qcow2Error, StateFile, writeState } from '../../src/index';
+import { decodeCpuState, encodeCpuState, parseCpuState } from '../../src/vmstate/cpu';
+import { sampleCpuState } from '../helpers/cpu';
 
 const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'qcow2img-cpu-state-'));
 afterAll(() => fs.rmSync(dir, { recursive: true, force: true }));

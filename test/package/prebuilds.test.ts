@@ -8,7 +8,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { beforeAll, describe, expect, it } from 'vitest';
 
-const root = path.join(__dirname, '..');
+const root = path.join(__dirname, '..', '..');
 /** Node 20's own floor (its official Linux builds need glibc 2.28): Debian 10, Ubuntu 20.04, RHEL 8. */
 const glibcFloor = '2.28';
 const allowedLibraries = new Set(['libc.so.6', 'libm.so.6', 'libpthread.so.0', 'libdl.so.2', 'librt.so.1', 'ld-linux-x86-64.so.2', 'ld-linux-aarch64.so.1']);

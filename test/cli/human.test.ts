@@ -8,8 +8,8 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
-import { percent } from '../src/cli/format';
-import { cliPath, makeCorruptRefcountImage } from './helpers/qemu';
+import { percent } from '../../src/cli/format';
+import { cliPath, makeCorruptRefcountImage } from '../helpers/qemu';
 
 const work = fs.mkdtempSync(path.join(os.tmpdir(), 'qcow2img-cli-human-'));
 afterAll(() => fs.rmSync(work, { recursive: true, force: true }));

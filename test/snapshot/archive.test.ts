@@ -8,11 +8,11 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { createSnapshot, inspectSnapshot, Qcow2Error, restoreSnapshot, verifySnapshot } from '../src/index';
-import { ChunkReader, entryData, tarEntries, TarWriter } from '../src/snapshot/tar';
-import { sampleCpuState as cpu } from './helpers/cpu';
-import { makeRamDump } from './helpers/ram';
-import { qemuImg, writeRaw, mixedRegions } from './helpers/qemu';
+import { createSnapshot, inspectSnapshot, Qcow2Error, restoreSnapshot, verifySnapshot } from '../../src/index';
+import { ChunkReader, entryData, tarEntries, TarWriter } from '../../src/snapshot/tar';
+import { sampleCpuState as cpu } from '../helpers/cpu';
+import { makeRamDump } from '../helpers/ram';
+import { qemuImg, writeRaw, mixedRegions } from '../helpers/qemu';
 
 const MiB = 1024 * 1024;
 const kinds = ['tar', 'tar.gz', 'tar.zst'] as const;
@@ -210,7 +210,7 @@ describe('snapshot archives', () => {
     fs.writeFileSync(path.join(bundle, 'disk.qcow2'), randomBytes(16 << 20));
     const archive = path.join(hostile, 'stranger.tar.gz');
     tarTool(['-czf', archive, '-C', bundle, 'snapshot.json', 'state.qvms', 'extra.txt', 'disk.qcow2']);
-    const cli = path.join(__dirname, '..', 'dist', 'cli', 'main.js');
+    const cli = path.join(__dirname, '..', '..', 'dist', 'cli', 'main.js');
     const ran = spawnSync(process.execPath, [cli, 'snapshot', 'restore', archive, '--memory', path.join(hostile, 'ram.raw'), '--temp-dir', hostile], { encoding: 'utf8', timeout: 60_000 });
     expect(ran.signal, 'the CLI did not exit by itself').toBeNull();
     expect(ran.status).toBe(1);
@@ -223,7 +223,7 @@ describe('snapshot archives', () => {
     const folder = fs.mkdtempSync(path.join(dir, 'failed-gz-'));
     const empty = path.join(folder, 'empty.raw');
     fs.writeFileSync(empty, '');
-    const cli = path.join(__dirname, '..', 'dist', 'cli', 'main.js');
+    const cli = path.join(__dirname, '..', '..', 'dist', 'cli', 'main.js');
     const ran = spawnSync(process.execPath, [cli, 'snapshot', 'create', path.join(folder, 'out.tar.gz'), '--memory', empty], { encoding: 'utf8', timeout: 60_000 });
     expect(ran.signal, 'the CLI did not exit by itself').toBeNull();
     expect(ran.status).toBe(1);
@@ -248,7 +248,7 @@ describe('snapshot archives', () => {
   });
 
   it('CLI: create an archive, verify it, restore from it', () => {
-    const cli = path.join(__dirname, '..', 'dist', 'cli', 'main.js');
+    const cli = path.join(__dirname, '..', '..', 'dist', 'cli', 'main.js');
     const archive = path.join(dir, 'cli.tar.zst');
     const created = spawnSync(process.execPath, [cli, 'snapshot', 'create', archive, '--memory', path.join(dir, 'ram.raw'), '--cpu', path.join(dir, 'cpu.json'), '--archive-level', '1'], { encoding: 'utf8' });
     expect(created.status, created.stderr).toBe(0);

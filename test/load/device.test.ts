@@ -8,9 +8,9 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { load, Qcow2Error } from '../src/index';
-import { loadWith } from '../src/load/index';
-import { attachLoop, type LoopDevice, loopUnavailable, makeLoop, partition, partitionsOf, readRange } from './helpers/loop';
+import { load, Qcow2Error } from '../../src/index';
+import { loadWith } from '../../src/load/index';
+import { attachLoop, type LoopDevice, loopUnavailable, makeLoop, partition, partitionsOf, readRange } from '../helpers/loop';
 
 const skip = loopUnavailable();
 if (skip) console.warn(`skipping device tests: ${skip}`);
@@ -242,7 +242,7 @@ describe.skipIf(skip !== undefined)('load onto block devices', () => {
     fs.writeFileSync(disk, randomBytes(48 * MiB));
     partition(disk, 'label: gpt\n,4M\n,30M\n');
     const p2 = partitionsOf(disk).get(2)!;
-    const cli = path.join(__dirname, '..', 'dist', 'cli', 'main.js');
+    const cli = path.join(__dirname, '..', '..', 'dist', 'cli', 'main.js');
     const ok = spawnSync(process.execPath, [cli, 'load', image, disk, '--partition', '2', '--verify', '--progress=none'], { encoding: 'utf8' });
     expect(ok.stderr).toContain('verified');
     expect(ok.status).toBe(0);

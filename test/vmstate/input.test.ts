@@ -8,8 +8,8 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { createSnapshot, Qcow2Error, StateFile, writeState } from '../src/index';
-import { makeRamDump } from './helpers/ram';
+import { createSnapshot, Qcow2Error, StateFile, writeState } from '../../src/index';
+import { makeRamDump } from '../helpers/ram';
 
 const MiB = 1024 * 1024;
 let dir: string;

@@ -8,8 +8,8 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { type EncryptionInfo, load, open, Qcow2Error } from '../src/index';
-import { cliPath, qemuImgCreateEncrypted } from './helpers/qemu';
+import { type EncryptionInfo, load, open, Qcow2Error } from '../../src/index';
+import { cliPath, qemuImgCreateEncrypted } from '../helpers/qemu';
 
 const work = fs.mkdtempSync(path.join(os.tmpdir(), 'qcow2img-encrypted-'));
 afterAll(() => fs.rmSync(work, { recursive: true, force: true }));

@@ -11,7 +11,7 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 
-const root = path.join(__dirname, '..');
+const root = path.join(__dirname, '..', '..');
 const MiB = 1024 * 1024;
 /** TypeScript 7 (the native compiler), pinned; TypeScript 5 is the version this repository builds with. */
 const typescript7 = '7.0.2';

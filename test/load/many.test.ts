@@ -8,9 +8,9 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { Qcow2Error, load, loadMany } from '../src/index';
-import { MiB, cliPath, expectSameFile, qemuConvert, qemuImg, randomBytes, runAsync } from './helpers/qemu';
-import { type LoopDevice, loopUnavailable, makeLoop } from './helpers/loop';
+import { Qcow2Error, load, loadMany } from '../../src/index';
+import { MiB, cliPath, expectSameFile, qemuConvert, qemuImg, randomBytes, runAsync } from '../helpers/qemu';
+import { type LoopDevice, loopUnavailable, makeLoop } from '../helpers/loop';
 
 const work = fs.mkdtempSync(path.join(os.tmpdir(), 'qcow2img-load-many-'));
 const small = path.join(work, 'small-fs');

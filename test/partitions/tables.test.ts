@@ -1,9 +1,8 @@
 /**
- * Hostile input to `load --partition` (partition tables, safety checks, partition nodes) and to
- * snapshot archives (tar layer, gzip stream, cancellation), each case a bug a review found, and
- * the behaviour Linux, sfdisk, libblkid or GNU tar show for the same input. Only files and loop
- * devices this file makes are touched; loop devices (and the partition entries and device nodes
- * made for them) are removed in finally blocks.
+ * Hostile input to `load --partition` (partition tables of disk image files: GPT, MBR, EBR chains),
+ * each case a bug a review found, and the behaviour Linux, sfdisk and libblkid show for the same
+ * input. Only files this file makes are touched. Block-device safety cases are in
+ * test/safety/devices.test.ts, snapshot archives in test/snapshot/hostile-archives.test.ts.
  */
 import { execFileSync, spawnSync } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
@@ -11,23 +10,11 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { crc32 } from 'node:zlib';
-import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
-import { load, Qcow2Error, restoreSnapshot } from '../src/index';
-import { findPartition } from '../src/load/partitions';
-import { ChunkReader, tarEntries } from '../src/snapshot/tar';
-import { attachLoop, type LoopDevice, loopUnavailable, partition, partitionsOf, readRange } from './helpers/loop';
-import { cliPath, qemuImg, qemuIo, repoRoot } from './helpers/qemu';
-
-/** /proc/self/mountinfo as safety.ts reads it, when a test stands in for it. */
-const mountinfo = vi.hoisted(() => ({ fake: undefined as string | undefined }));
-vi.mock('node:fs/promises', async (importOriginal) => {
-  const actual = await importOriginal<typeof import('node:fs/promises')>();
-  const readFile = ((file: unknown, ...rest: unknown[]) =>
-    file === '/proc/self/mountinfo' && mountinfo.fake !== undefined
-      ? Promise.resolve(mountinfo.fake)
-      : (actual.readFile as (...a: unknown[]) => Promise<unknown>)(file, ...rest)) as typeof actual.readFile;
-  return { ...actual, readFile, default: { ...actual, readFile } };
-});
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { load, Qcow2Error } from '../../src/index';
+import { findPartition } from '../../src/load/partitions';
+import { partition, partitionsOf, readRange } from '../helpers/loop';
+import { cliPath, qemuImg, qemuIo } from '../helpers/qemu';
 
 const MiB = 1024 * 1024;
 const SECTOR = 512;
@@ -398,87 +385,6 @@ describe('more partition tables of disk image files', () => {
   });
 });
 
-// ---------------------------------------------------------------------------------------------
-
-const loopSkip = loopUnavailable() ?? (spawnSync('partx', ['--version']).status === 0 ? undefined : 'partx is not installed');
-
-describe.skipIf(loopSubjectSkip())('block devices (loop devices this file makes)', () => {
-  const loops: LoopDevice[] = [];
-  afterAll(() => {
-    for (const loop of loops.reverse()) {
-      try {
-        loop.detach();
-      } catch {
-        // already detached
-      }
-    }
-  });
-  function loopOver(name: string, size: number): LoopDevice {
-    const file = oldDisk(name, size);
-    const loop = attachLoop(file);
-    loops.push(loop);
-    return loop;
-  }
-
-  it('writes through a partition node only when it is the device sysfs names for the partition', async () => {
-    // /dev/<name> is trusted by name: a stale node (a static /dev in a container, minors of
-    // major 259 handed out again) leads the write to another device.
-    const disk = loopOver('node-disk.img', 32 * MiB);
-    const victim = loopOver('node-victim.img', 32 * MiB);
-    partition(disk.device, 'label: gpt\n,8M\n,\n');
-    const p1 = partitionsOf(disk.device).get(1)!;
-    const node = `${disk.device}p1`;
-    execFileSync('partx', ['-a', disk.device]);
-    try {
-      expect(fs.statSync(node).isBlockDevice()).toBe(true);
-      const [major, minor] = execFileSync('stat', ['-c', '%t %T', victim.device], { encoding: 'utf8' }).trim().split(' ').map((h) => parseInt(h, 16));
-      fs.rmSync(node);
-      execFileSync('mknod', [node, 'b', String(major), String(minor)]);
-      const victimBefore = sha(readRange(victim.device, 0, 32 * MiB));
-      await load(image, disk.device, { partition: 1 }).catch(() => undefined);
-      expect(sha(readRange(victim.device, 0, 32 * MiB)), 'another device was written through the stale node').toBe(victimBefore);
-      // Written where the table says, through the whole disk (or the real node).
-      expect(sha(readRange(disk.device, p1.start, MiB))).toBe(sha(expected));
-    } finally {
-      fs.rmSync(node, { force: true });
-      spawnSync('partx', ['-d', disk.device]);
-      fs.rmSync(node, { force: true });
-    }
-  });
-
-  /**
-   * With `mountLine` added to /proc/self/mountinfo as a mount at /, a forced load onto `device`
-   * is refused as the root filesystem's, and its `size` bytes stay as they were.
-   */
-  async function expectRootRefused(device: string, size: number, mountLine: string): Promise<void> {
-    const real = fs.readFileSync('/proc/self/mountinfo', 'utf8');
-    mountinfo.fake = `${real.trimEnd()}\n${mountLine}\n`;
-    const before = sha(readRange(device, 0, size));
-    try {
-      const error = await failure(load(image, device, { force: true }));
-      expect(error.code).toBe('TARGET_IN_USE');
-      expect(error.message).toContain('root filesystem');
-    } finally {
-      mountinfo.fake = undefined;
-    }
-    expect(sha(readRange(device, 0, size)), 'a device of the root filesystem was written').toBe(before);
-  }
-
-  it('--force still refuses the disk that holds / when / is btrfs (mountinfo shows 0:N, the device only as the source)', async () => {
-    // btrfs (and bcachefs) report an anonymous st_dev; /proc/self/mountinfo has 0:N in field 3
-    // and the block device only after " - btrfs ". Fedora's default root looks like this.
-    const disk = loopOver('btrfs-root.img', 32 * MiB);
-    await expectRootRefused(disk.device, 32 * MiB, `4242 1 0:4242 /root / rw,relatime shared:1 - btrfs ${disk.device} rw,ssd,space_cache=v2,subvolid=256,subvol=/root`);
-  });
-
-  it('--force still refuses a member of a multi-device bcachefs root (mount source "/dev/A:/dev/B")', async () => {
-    // A multi-device bcachefs lists its members joined by ":" as its source; stat() of the whole fails.
-    const a = loopOver('member-a.img', 8 * MiB);
-    const b = loopOver('member-b.img', 8 * MiB);
-    await expectRootRefused(b.device, 8 * MiB, `4243 1 0:4243 / / rw,relatime shared:1 - bcachefs ${a.device}:${b.device} rw`);
-  });
-});
-
 describe('partition tables as Linux, sfdisk and libblkid number them', () => {
   it('numbers an EBR whose data entry has type 0 but a size, as sfdisk, libblkid and Linux do (they test the size, not the type)', async () => {
     // block/partitions/msdos.c parse_extended: `if (!nr_sects(p) || is_extended_partition(p)) continue;`
@@ -520,137 +426,6 @@ describe('partition tables as Linux, sfdisk and libblkid number them', () => {
     const found = await partitionOf(disk, 2).catch((e: unknown) => e);
     expect(found, String(found)).not.toBeInstanceOf(Error);
     expect(found).toMatchObject({ scheme: 'gpt', start: sfdisk.get(2)!.start, sizeBytes: sfdisk.get(2)!.size });
-  });
-});
-
-function loopSubjectSkip(): boolean {
-  if (loopSkip) console.warn(`skipping loop device tests: ${loopSkip}`);
-  return loopSkip !== undefined;
-}
-
-// ---------------------------------------------------------------------------------------------
-// tar, made by hand.
-
-function tarHeader(name: string, size: number, type = '0'): Buffer {
-  const block = Buffer.alloc(512);
-  block.write(name, 0, 100, 'utf8');
-  block.write('0000644\0', 100, 'ascii');
-  block.write('0000000\0', 108, 'ascii');
-  block.write('0000000\0', 116, 'ascii');
-  block.write(`${Math.min(size, 8 ** 11 - 1).toString(8).padStart(11, '0')}\0`, 124, 'ascii');
-  block.write('00000000000\0', 136, 'ascii');
-  block.write(type, 156, 'ascii');
-  block.write('ustar\u000000', 257, 'ascii');
-  block.fill(0x20, 148, 156);
-  let sum = 0;
-  for (const byte of block) sum += byte;
-  block.write(`${sum.toString(8).padStart(6, '0')}\0 `, 148, 'ascii');
-  return block;
-}
-
-function paxRecord(key: string, value: string): string {
-  const body = ` ${key}=${value}\n`;
-  let length = Buffer.byteLength(body) + 1;
-  while (String(length).length + Buffer.byteLength(body) !== length) length = String(length).length + Buffer.byteLength(body);
-  return `${length}${body}`;
-}
-
-function paxEntry(records: string): Buffer {
-  const data = Buffer.from(records);
-  return Buffer.concat([tarHeader('PaxHeaders/x', data.length, 'x'), data, Buffer.alloc((512 - (data.length % 512)) % 512)]);
-}
-
-async function entriesOf(tar: Buffer): Promise<{ name: string; size: number }[]> {
-  async function* chunks(): AsyncGenerator<Buffer> {
-    yield tar;
-  }
-  const reader = new ChunkReader(chunks());
-  const seen: { name: string; size: number }[] = [];
-  for await (const entry of tarEntries(reader, 'hostile.tar')) {
-    seen.push({ name: entry.name, size: entry.size });
-    await reader.exactly(entry.size + ((512 - (entry.size % 512)) % 512));
-  }
-  return seen;
-}
-
-describe('snapshot archives', () => {
-  it('a pax size that is not a plain decimal byte count (0x200, 1e3, empty) is BAD_ARCHIVE', async () => {
-    // Number() takes "0x200", "1e3", " 512 " and "" (as 0); GNU tar refuses all of them
-    // ("Malformed extended header: invalid size="), and POSIX makes an empty value mean
-    // "use the ustar field", never 0.
-    // The member's 512 bytes of data look like a header: read with a size of 0, they become
-    // an entry of their own.
-    const data = tarHeader('b/state.qvms', 0);
-    for (const value of ['0x200', '1e3', '']) {
-      const tar = Buffer.concat([paxEntry(paxRecord('size', value)), tarHeader('b/snapshot.json', 512), data, Buffer.alloc(1024)]);
-      const result = await entriesOf(tar).then(
-        (entries) => entries,
-        (e: unknown) => e,
-      );
-      if (value === '' && !(result instanceof Qcow2Error)) {
-        // POSIX: an empty value deletes the record, and the ustar size (512) holds.
-        expect(result, 'size= (empty)').toEqual([{ name: 'b/snapshot.json', size: 512 }]);
-        continue;
-      }
-      expect(result, `size=${value}`).toBeInstanceOf(Qcow2Error);
-      expect((result as Qcow2Error).code).toBe('BAD_ARCHIVE');
-    }
-  });
-
-  it('gunzip holds a bounded amount of memory however well a member compresses', () => {
-    // fflate inflates each pushed input chunk (4 MiB here) into one output buffer: a chunk of
-    // deflated zeros becomes up to ~4 GiB at once, and four chunks may be queued. 512 MiB of
-    // zeros (2.3 MiB of gzip -1) peaked at about 1.1 GiB RSS when fflate got 4 MiB pushes; the same as .tar.zst at ~0.1 GiB.
-    const member = 512 * MiB;
-    const folder = fs.mkdtempSync(path.join(dir, 'bomb-'));
-    const header = path.join(folder, 'header');
-    const end = path.join(folder, 'end');
-    fs.writeFileSync(header, tarHeader('b/disk.qcow2', member));
-    fs.writeFileSync(end, Buffer.alloc(1024));
-    const archive = path.join(folder, 'bomb.tar.gz');
-    execFileSync('sh', ['-c', `{ cat "$1"; head -c ${member} /dev/zero; cat "$2"; } | gzip -1 > "$3"`, 'sh', header, end, archive]);
-    expect(fs.statSync(archive).size).toBeLessThan(4 * MiB);
-    const script = `require(${JSON.stringify(path.join(repoRoot, 'dist', 'index.js'))}).inspectSnapshot(process.argv[1], { tempDir: process.argv[2] })
-      .catch((e) => e).then((r) => console.log(JSON.stringify({ code: r && r.code, maxRssMiB: process.resourceUsage().maxRSS / 1024 })))`;
-    const ran = spawnSync(process.execPath, ['-e', script, archive, folder], { encoding: 'utf8', timeout: 120_000 });
-    expect(ran.status, ran.stderr).toBe(0);
-    const result = JSON.parse(ran.stdout.trim()) as { code: string; maxRssMiB: number };
-    // The archive holds no snapshot.json: refused, after the whole stream was read.
-    expect(result.code).toBe('BAD_ARCHIVE');
-    expect(result.maxRssMiB, 'peak RSS in MiB').toBeLessThan(400);
-  });
-
-  it('an abort while a skipped member streams by stops the restore promptly', async () => {
-    // extractMembers checks the signal only when it writes a wanted member: skipping an 8 GiB
-    // disk.qcow2 to reach state.qvms (restore --memory of an archive made by qcow2img, where the
-    // disk comes first) goes on to the end of the member after SIGINT/SIGTERM.
-    const folder = fs.mkdtempSync(path.join(dir, 'abort-'));
-    const unit = 256 * MiB;
-    const units = 32;
-    const zstd = (data: Buffer) => execFileSync('zstd', ['-q', '-c'], { input: data, maxBuffer: 64 * MiB });
-    const zeros = execFileSync('sh', ['-c', `head -c ${unit} /dev/zero | zstd -q -19 -c`], { maxBuffer: 64 * MiB });
-    const size = unit * units;
-    const first = zstd(Buffer.concat([paxEntry(paxRecord('size', String(size))), tarHeader('b/disk.qcow2', size)]));
-    const last = zstd(Buffer.alloc(1024));
-    const archive = path.join(folder, 'big.tar.zst');
-    fs.writeFileSync(archive, Buffer.concat([first, ...Array.from({ length: units }, () => zeros), last]));
-    const temp = path.join(folder, 'temp');
-    fs.mkdirSync(temp);
-    const controller = new AbortController();
-    const started = Date.now();
-    let abortedAt = 0;
-    const timer = setTimeout(() => {
-      abortedAt = Date.now();
-      controller.abort();
-    }, 300);
-    const error = await failure(restoreSnapshot(archive, { memory: path.join(folder, 'ram.raw'), tempDir: temp, signal: controller.signal }));
-    clearTimeout(timer);
-    const stoppedAfter = Date.now() - (abortedAt || started);
-    expect(abortedAt, 'the restore ended before the abort').toBeGreaterThan(0);
-    expect(error.code).toBe('CANCELLED');
-    expect(stoppedAfter, 'ms from abort to rejection').toBeLessThan(2000);
-    expect(fs.readdirSync(temp)).toEqual([]);
-    expect(fs.existsSync(path.join(folder, 'ram.raw'))).toBe(false);
   });
 });
 

@@ -7,8 +7,8 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
-import { capture, Qcow2Error } from '../src/index';
-import { noise } from './helpers/damage';
+import { capture, Qcow2Error } from '../../src/index';
+import { noise } from '../helpers/damage';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;

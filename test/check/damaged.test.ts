@@ -4,19 +4,20 @@
  * for the exit status and the counts; nothing here decides what a defect should mean.
  *
  * Also records, for the hardening work, what `info` and `load` do with each defect (CLI exit
- * status and message, library error code) in .cache/damage-report.json; the only assertion on
- * those for now is "no crash".
+ * status and message, library error code) in .cache/damage-report.json; the library's codes are
+ * held to test/helpers/damage-expectations.ts, and each expectation whose oracle is qemu-img to
+ * qemu-img's verdict on the same image (`qemu-img info` for open, `qemu-img convert` for load).
  */
-import { expectedCodes } from './helpers/damage-expectations';
+import { expectedCodes } from '../helpers/damage-expectations';
 import { spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { baseImages, buildImages, defects, extraCleanImages, makeDamagedImages, type ManifestEntry, plannedImages } from './helpers/damage';
-import { checkCountKeys, parseJsonOutput, type Ran, runAsync } from './helpers/qemu';
+import { baseImages, buildImages, defects, extraCleanImages, makeDamagedImages, type ManifestEntry, plannedImages } from '../helpers/damage';
+import { checkCountKeys, parseJsonOutput, type Ran, runAsync } from '../helpers/qemu';
 
-const repoRoot = path.resolve(__dirname, '..');
+const repoRoot = path.resolve(__dirname, '..', '..');
 const cli = path.join(repoRoot, 'dist', 'cli', 'main.js');
 const reportFile = path.join(repoRoot, '.cache', 'damage-report.json');
 
@@ -90,6 +91,8 @@ const checks = new Map<string, CheckPair>();
 const cleanHuman = new Map<string, { qemu: string; ours: string }>();
 const infos = new Map<string, CliRun>();
 const loads = new Map<string, CliRun>();
+/** qemu-img's verdict on the first image of each defect: info for open(), convert -O raw for load(). */
+const qemuReads = new Map<string, { info: Ran; convert: Ran }>();
 let library: { status: number | null; signal: string | null; stderr: string; results: Map<string, { open: string; load: string }> } | undefined;
 
 /** Runs the library on every damaged image in one child process: open() and load(), each 'ok' or the error code. */
@@ -141,6 +144,12 @@ beforeAll(async () => {
     infos.set(entry.file, cliRun(await runAsync(process.execPath, [cli, 'info', '--json', image])));
     loads.set(entry.file, cliRun(await runAsync(process.execPath, [cli, 'load', image, target, '--overwrite', '--progress=none'])));
     fs.rmSync(target, { force: true });
+    // In the image's folder, as checkBoth: a relative external data file resolves against it.
+    const cwd = path.dirname(image);
+    const info = await runAsync('qemu-img', ['info', '--output=json', image], cwd);
+    const convert = await runAsync('qemu-img', ['convert', '-O', 'raw', image, target], cwd);
+    fs.rmSync(target, { force: true });
+    qemuReads.set(entry.file, { info, convert });
   });
   const list = path.join(work, 'library-list.json');
   fs.writeFileSync(list, JSON.stringify(probed.map((entry) => path.join(damagedDir, entry.file))));
@@ -166,6 +175,9 @@ afterAll(() => {
       info: infos.get(entry.file),
       load: loads.get(entry.file),
       library: library?.results.get(entry.file),
+      qemuReads: qemuReads.has(entry.file)
+        ? { info: qemuReads.get(entry.file)!.info.status, convert: qemuReads.get(entry.file)!.convert.status }
+        : undefined,
     };
   });
   fs.mkdirSync(path.dirname(reportFile), { recursive: true });
@@ -293,7 +305,19 @@ describe('damaged images: info and load do not crash (one image per defect)', ()
   it.each(probed)('$defect gives its expected codes', ({ defect, file }) => {
     const expected = expectedCodes[defect];
     expect(expected, `no expectation recorded for defect ${defect}`).toBeDefined();
-    expect(library?.results.get(file)).toEqual(expected);
+    expect(library?.results.get(file)).toEqual({ open: expected!.open, load: expected!.load });
+  });
+
+  it.each(probed)('$defect: its expectation reads where qemu-img reads and refuses where it refuses (oracle qemu-img)', ({ defect, file }) => {
+    const expected = expectedCodes[defect];
+    expect(expected, `no expectation recorded for defect ${defect}`).toBeDefined();
+    // An entry qemu-img cannot answer says so (oracle "none: ..."): only review holds it.
+    if (expected!.oracle !== 'qemu-img') return;
+    const qemu = qemuReads.get(file);
+    expect(qemu, 'qemu-img was not run').toBeDefined();
+    const firstLine = (ran: Ran) => ran.stderr.split('\n').find((line) => line.trim() !== '') ?? '';
+    expect(expected!.open === 'ok', `open "${expected!.open}"; qemu-img info exit ${qemu!.info.status}: ${firstLine(qemu!.info)}`).toBe(qemu!.info.status === 0);
+    expect(expected!.load === 'ok', `load "${expected!.load}"; qemu-img convert exit ${qemu!.convert.status}: ${firstLine(qemu!.convert)}`).toBe(qemu!.convert.status === 0);
   });
 });
 

@@ -7,7 +7,7 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import type { ImageInfo, MapEntry } from '../src/index';
+import type { ImageInfo, MapEntry } from '../../src/index';
 import {
   type Fixture,
   type RefusalFiles,
@@ -28,7 +28,7 @@ import {
   refusalFixtures,
   repoRoot,
   run,
-} from './helpers/qemu';
+} from '../helpers/qemu';
 
 const scratch = fs.mkdtempSync(path.join(os.tmpdir(), 'qcow2img-cli-'));
 afterAll(() => fs.rmSync(scratch, { recursive: true, force: true }));
@@ -218,12 +218,12 @@ describe('qcow2img errors: exit 1, one line naming the file', () => {
   });
 
   it('bad magic, a file cut inside its header', () => {
-    // A file cut after its header reads as QEMU reads it, zeros past the end (test/reader.test.ts).
+    // A file cut after its header reads as QEMU reads it, zeros past the end (test/qcow2/reader.test.ts).
     expectCliError(['info', f.badMagic], f.badMagic);
     expectCliError(['info', f.truncatedHeader], f.truncatedHeader);
   });
 
-  it('encrypted images (info describes them: test/encrypted-info.test.ts)', () => {
+  it('encrypted images (info describes them: test/qcow2/encrypted-info.test.ts)', () => {
     expect(expectCliError(['map', f.luks], f.luks)).toMatch(/encrypt/i);
     expect(expectCliError(['load', f.aes, outputPath('aes')], f.aes)).toMatch(/encrypt/i);
   });

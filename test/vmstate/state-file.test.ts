@@ -1,0 +1,68 @@
+/**
+ * The VM state file on its own: zero and duplicate pages dropped, every byte round-tripped,
+ * random reads, and a dump mapped as more than one range. (Split from test/snapshot.test.ts.)
+ */
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { StateFile, writeState } from '../../src/index';
+import { sampleCpuState as cpu } from '../helpers/cpu';
+import { makeRamDump } from '../helpers/ram';
+
+const MiB = 1024 * 1024;
+let dir: string;
+let ram1: Buffer;
+beforeAll(() => {
+  dir = fs.mkdtempSync(path.join(os.tmpdir(), 'qcow2img-state-file-'));
+  ram1 = makeRamDump(path.join(dir, 'ram1.raw'), 64 * MiB, 1);
+});
+
+afterAll(() => {
+  if (dir) fs.rmSync(dir, { recursive: true, force: true });
+});
+
+describe('the VM state file', () => {
+  it('drops zero and duplicate pages, and round-trips every byte', async () => {
+    const statePath = path.join(dir, 'alone.qvms');
+    const written = await writeState(statePath, { memory: path.join(dir, 'ram1.raw'), cpu: cpu as never });
+    const pages = 64 * 256;
+    expect(written.pages.zero + written.pages.data + written.pages.duplicate).toBe(pages);
+    expect(written.pages.zero / pages).toBeGreaterThan(0.8);
+    expect(written.pages.duplicate).toBeGreaterThan(0);
+    // Smaller than the non-zero pages it holds.
+    expect(written.bytes).toBeLessThan((written.pages.data + written.pages.duplicate) * 4096);
+    const state = await StateFile.open(statePath);
+    try {
+      expect(await state.verify()).toEqual([]);
+      expect(await state.cpu()).toEqual(cpu);
+      // Random reads at odd addresses and lengths, across pages and chunks.
+      for (const [address, length] of [[0, 100], [4095, 2], [123 * 4096 + 7, 3 * 4096], [2 * MiB - 10, 20], [64 * MiB - 5000, 5000], [30 * MiB + 1, MiB + 3]] as const) {
+        const buffer = Buffer.alloc(length);
+        await state.readGuest(buffer, address);
+        expect(buffer.equals(ram1.subarray(address, address + length))).toBe(true);
+      }
+      await expect(state.readGuest(Buffer.alloc(10), 64 * MiB - 5)).rejects.toMatchObject({ code: 'INVALID_ARGUMENT' });
+    } finally {
+      await state.close();
+    }
+  });
+
+  it('maps a dump that is not one range from zero', async () => {
+    const statePath = path.join(dir, 'regions.qvms');
+    const regions = [
+      { guestBase: 0, size: 16 * MiB, dumpOffset: 0 },
+      { guestBase: 4096 * MiB, size: 48 * MiB, dumpOffset: 16 * MiB },
+    ];
+    await writeState(statePath, { memory: path.join(dir, 'ram1.raw'), regions });
+    const state = await StateFile.open(statePath);
+    try {
+      const buffer = Buffer.alloc(8192);
+      await state.readGuest(buffer, 4096 * MiB + 5 * MiB);
+      expect(buffer.equals(ram1.subarray(21 * MiB, 21 * MiB + 8192))).toBe(true);
+      await expect(state.readGuest(buffer, 20 * MiB)).rejects.toMatchObject({ code: 'INVALID_ARGUMENT' });
+    } finally {
+      await state.close();
+    }
+  });
+});
