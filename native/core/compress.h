@@ -16,8 +16,8 @@ namespace qcow2img {
 
 class ClusterCompressor {
  public:
-  // level: deflate 0..3 (ISA-L's levels), 4 (ISA-L's 3, then zlib's 6 on the clusters it left
-  // at 55-85% of their size) or 5..9 (zlib's); zstd 1..19 (negative: fast modes).
+  // level: deflate 0..3 (ISA-L's levels), 4 (ISA-L's 3, then zlib's 5 on the clusters it left
+  // at 59-82% of their size) or 5..9 (zlib's); zstd 1..19 (negative: fast modes).
   ClusterCompressor(Codec codec, int level);
   ~ClusterCompressor();
   ClusterCompressor(const ClusterCompressor&) = delete;

@@ -27,8 +27,8 @@ export interface CaptureOptions extends Omit<OpenOptions, 'snapshot' | 'metadata
   compress?: 'zlib' | 'zstd';
   /**
    * Compression level: zlib 0-3 (ISA-L's levels: fastest, about 6% larger than qemu-img's
-   * output), 4 (default: ISA-L's 3, then zlib's 6 on the clusters ISA-L shrank least; about
-   * 4% larger, half ISA-L's speed) or 5-9 (zlib's own: 6 matches qemu-img's size at zlib's
+   * output), 4 (default: ISA-L's 3, then zlib's 5 on the clusters ISA-L left at 59-82% of
+   * their size; at most 5% larger, about 1.7x ISA-L's CPU) or 5-9 (zlib's own: 6 matches qemu-img's size at zlib's
    * speed); zstd -7 to 19 (default 1).
    */
   level?: number;
