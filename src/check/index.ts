@@ -94,6 +94,7 @@ class Checker {
   private readonly tooLarge: boolean;
   private readonly overflow = new Map<number, number>();
   private readonly clusterSize: number;
+  /** The refcount blocks' offsets, by refcount table index. */
   private reftable: Float64Array = new Float64Array(0);
   /** QEMU stops counting at the largest refcount the width holds, reporting each overflow. */
   private readonly refcountMax: number;
