@@ -32,10 +32,10 @@ export const BITMAP_TABLE_RESERVED_MASK = 0xff000000000001fen;
 export const BITMAP_ALL_ONES = 1n;
 /** A compressed descriptor counts its length in sectors of this size. */
 export const COMPRESSED_SECTOR_BYTES = 512;
-/** An extended L2 entry: the standard entry, then a u64 whose low half says which subclusters are allocated, its high half which read as zeros. */
-export const SUBCLUSTERS_PER_CLUSTER = 32;
-export const EXTENDED_L2_ENTRY_BYTES = 16;
 export const STANDARD_L2_ENTRY_BYTES = 8;
+/** An extended L2 entry: the standard entry, then a u64 whose low half says which subclusters are allocated, its high half which read as zeros. */
+export const EXTENDED_L2_ENTRY_BYTES = 16;
+export const SUBCLUSTERS_PER_CLUSTER = 32;
 
 const hiWord = (mask: bigint): number => Number(mask >> 32n);
 const loWord = (mask: bigint): number => Number(mask & 0xffffffffn);

@@ -9,7 +9,7 @@ import { limits } from '../limits';
 import { lockAsQemu } from '../locks';
 import { native, UnitKind, l2RunFields } from '../native';
 import { checkBitmapTable, parseBitmapDirectory } from './bitmaps';
-import { isCopied, readEntryOffset, readRefcount, readRefcountBlockOffset } from './entries';
+import { isCopied, readEntryOffset, readRefcount, readRefcountBlockOffset, SUBCLUSTERS_PER_CLUSTER } from './entries';
 import { type Qcow2Header, headerReadSize, parseHeader, checkTableOffset } from './header';
 import { type Qcow2Snapshot, parseSnapshotTable, snapshotTableReadSize } from './snapshots';
 
@@ -244,7 +244,7 @@ export class Qcow2Layer implements Layer {
     const l1 = await this.loadL1();
     const { clusterSize, clusterBits, l2EntryCount, extendedL2, hasExternalDataFile, l2EntryBytes } = this.header;
     const tableSpan = l2EntryCount * clusterSize;
-    const unitSize = extendedL2 ? clusterSize / 32 : clusterSize;
+    const unitSize = extendedL2 ? clusterSize / SUBCLUSTERS_PER_CLUSTER : clusterSize;
     const dataFile = this.dataFile ?? this.file;
     for (let l1Index = Math.floor(start / tableSpan); l1Index * tableSpan < end; l1Index++) {
       const tableStart = l1Index * tableSpan;
