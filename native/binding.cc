@@ -171,6 +171,23 @@ Napi::Object enumsObject(Napi::Env env) {
   return enums;
 }
 
+// The L2 entry bits walkL2 reads (core/l2_walk.h), exported (`l2EntryBits`) for
+// test/qcow2/entries.test.ts to hold equal to src/qcow2/entries.ts. Masks are BigInts: a double
+// does not hold 56 bits. compressedOffsetBits is indexed by cluster bits (9 to 21).
+Napi::Object l2EntryBitsObject(Napi::Env env) {
+  Napi::Object bits = Napi::Object::New(env);
+  bits.Set("copied", Napi::BigInt::New(env, kL2CopiedBit));
+  bits.Set("compressed", Napi::BigInt::New(env, kL2CompressedBit));
+  bits.Set("zero", Napi::BigInt::New(env, kL2ZeroBit));
+  bits.Set("offsetMask", Napi::BigInt::New(env, kL2OffsetMask));
+  bits.Set("subclustersPerCluster", kSubclustersPerCluster);
+  bits.Set("compressedSectorBytes", static_cast<double>(kCompressedSectorBytes));
+  Napi::Object offsetBits = Napi::Object::New(env);
+  for (uint32_t clusterBits = 9; clusterBits <= 21; clusterBits++) offsetBits.Set(clusterBits, compressedOffsetBits(clusterBits));
+  bits.Set("compressedOffsetBits", offsetBits);
+  return bits;
+}
+
 // Every element a whole number from 0 to 2^53 (plans, spans, offsets that become uint64_t).
 void checkUnsignedElements(Napi::Env env, const Napi::Float64Array& array, const char* name) {
   const double* data = array.Data();
@@ -899,6 +916,7 @@ void exportJob(Napi::Env env, Napi::Object exports) {
 
 Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("enums", enumsObject<Codec, ZeroMode, RunKind, BenchEngine, PageState, UnitKind>(env));
+  exports.Set("l2EntryBits", l2EntryBitsObject(env));
   exports.Set("walkL2", Napi::Function::New(env, WalkL2, "walkL2"));
   exportJob<CopyWorker>(env, exports);
   exportJob<VerifyWorker>(env, exports);

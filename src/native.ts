@@ -183,6 +183,17 @@ export interface NativeRestoreBatch {
 export interface NativeAddon {
   /** The native enums' values by name (native/binding.cc EnumTable), to compare with the copies here. */
   enums: Record<'Codec' | 'ZeroMode' | 'RunKind' | 'BenchEngine' | 'PageState' | 'UnitKind', Record<string, number>>;
+  /** The L2 entry bits walkL2 reads (native/core/l2_walk.h), to compare with src/qcow2/entries.ts. */
+  l2EntryBits: {
+    copied: bigint;
+    compressed: bigint;
+    zero: bigint;
+    offsetMask: bigint;
+    subclustersPerCluster: number;
+    compressedSectorBytes: number;
+    /** By cluster bits, 9 to 21. */
+    compressedOffsetBits: Record<number, number>;
+  };
   walkL2(
     table: Buffer,
     firstEntry: number,

@@ -3,11 +3,6 @@
 namespace qcow2img {
 namespace {
 
-constexpr uint64_t kCopiedBit = 1ULL << 63;
-constexpr uint64_t kCompressedBit = 1ULL << 62;
-constexpr uint64_t kZeroBit = 1ULL;
-constexpr uint64_t kOffsetMask = 0x00FFFFFFFFFFFE00ULL;
-
 uint64_t readBigEndian64(const uint8_t* p) {
   uint64_t value = 0;
   for (int i = 0; i < 8; i++) value = (value << 8) | p[i];
@@ -72,12 +67,11 @@ L2WalkResult walkL2(const L2WalkParams& p, double* runs, size_t runCapacity) {
   RunWriter writer(runs, runCapacity);
   const uint64_t clusterSize = 1ULL << p.clusterBits;
   const uint64_t clusterMask = clusterSize - 1;
-  // Compressed descriptor: offset in the low x bits, extra sector count above.
-  const uint32_t offsetBits = 62 - (p.clusterBits - 8);
+  const uint32_t offsetBits = compressedOffsetBits(p.clusterBits);
   const uint64_t compressedOffsetMask = (1ULL << offsetBits) - 1;
   const uint64_t sectorFieldMask = (1ULL << (p.clusterBits - 8)) - 1;
   const size_t entryBytes = p.extendedL2 ? 16 : 8;
-  const uint64_t subclusterSize = clusterSize / 32;
+  const uint64_t subclusterSize = clusterSize / kSubclustersPerCluster;
 
   auto fail = [&](L2Defect defect, size_t entry) {
     result.defect = defect;
@@ -91,25 +85,25 @@ L2WalkResult walkL2(const L2WalkParams& p, double* runs, size_t runCapacity) {
     const uint64_t entry = readBigEndian64(raw);
     const uint64_t bitmap = p.extendedL2 ? readBigEndian64(raw + 8) : 0;
 
-    if (entry & kCompressedBit) {
+    if (entry & kL2CompressedBit) {
       if (p.externalDataFile) return fail(L2Defect::CompressedWithExternalData, i);
       uint64_t hostOffset = entry & compressedOffsetMask;
       uint64_t sectors = ((entry >> offsetBits) & sectorFieldMask) + 1;
-      uint64_t compressedBytes = sectors * 512 - (hostOffset & 511);
-      size_t firstUnit = p.extendedL2 ? i * 32 : i;
+      uint64_t compressedBytes = sectors * kCompressedSectorBytes - hostOffset % kCompressedSectorBytes;
+      size_t firstUnit = p.extendedL2 ? i * kSubclustersPerCluster : i;
       // With extended L2 a compressed cluster is one run of 32 subclusters.
       if (!writer.add(firstUnit, UnitKind::Compressed, hostOffset, 0, compressedBytes)) break;
-      if (p.extendedL2) runs[(writer.count() - 1) * kL2RunFields + 1] = 32;
+      if (p.extendedL2) runs[(writer.count() - 1) * kL2RunFields + 1] = kSubclustersPerCluster;
       continue;
     }
-    uint64_t hostOffset = entry & kOffsetMask;
+    uint64_t hostOffset = entry & kL2OffsetMask;
     if (hostOffset & clusterMask) return fail(L2Defect::UnalignedOffset, i);
     // External data files map offset 0 when COPIED is set: it is a real cluster.
-    bool hasHost = hostOffset != 0 || (p.externalDataFile && (entry & kCopiedBit));
+    bool hasHost = hostOffset != 0 || (p.externalDataFile && (entry & kL2CopiedBit));
 
     if (!p.extendedL2) {
       UnitKind kind;
-      if (entry & kZeroBit) {
+      if (entry & kL2ZeroBit) {
         // The zero flag comes first (qcow2_get_cluster_type): offset 0 is a plain zero
         // cluster, even with COPIED in an image with an external data file.
         kind = hostOffset != 0 ? UnitKind::ZeroAllocated : UnitKind::Zero;
@@ -125,7 +119,7 @@ L2WalkResult walkL2(const L2WalkParams& p, double* runs, size_t runCapacity) {
     const uint32_t zero = static_cast<uint32_t>(bitmap >> 32);
     if (allocated & zero) return fail(L2Defect::InvalidSubclusters, i);
     if (!hasHost && allocated != 0) return fail(L2Defect::InvalidSubclusters, i);
-    for (uint32_t s = 0; s < 32; s++) {
+    for (uint32_t s = 0; s < kSubclustersPerCluster; s++) {
       UnitKind kind;
       uint64_t unitHost = 0;
       if (zero & (1U << s)) {
@@ -137,7 +131,7 @@ L2WalkResult walkL2(const L2WalkParams& p, double* runs, size_t runCapacity) {
       } else {
         kind = UnitKind::Unallocated;
       }
-      if (!writer.add(i * 32 + s, kind, unitHost, subclusterSize, 0)) {
+      if (!writer.add(i * kSubclustersPerCluster + s, kind, unitHost, subclusterSize, 0)) {
         result.runCount = writer.count();
         return result;
       }

@@ -6,6 +6,18 @@
 
 namespace qcow2img {
 
+// The bits of an L2 entry the walker reads; src/qcow2/entries.ts is the TypeScript home of the
+// same facts, and test/qcow2/entries.test.ts holds the two equal (the addon exports these).
+constexpr uint64_t kL2CopiedBit = 1ULL << 63;
+constexpr uint64_t kL2CompressedBit = 1ULL << 62;
+constexpr uint64_t kL2ZeroBit = 1ULL;
+constexpr uint64_t kL2OffsetMask = 0x00FFFFFFFFFFFE00ULL;
+constexpr uint32_t kSubclustersPerCluster = 32;
+constexpr uint64_t kCompressedSectorBytes = 512;
+
+// A compressed descriptor: the host offset in its low x bits, the extra sector count above.
+constexpr uint32_t compressedOffsetBits(uint32_t clusterBits) { return 62 - (clusterBits - 8); }
+
 // Kinds of a run of clusters (or subclusters, with extended L2).
 enum class UnitKind : int {
   Unallocated = 0,  // read from the backing file, or zeros without one

@@ -159,6 +159,103 @@ bool decompressChunk(Codec codec, const uint8_t* stored, size_t storedLength, ui
   return false;
 }
 
+namespace {
+
+constexpr uint8_t stateByte(PageState state) { return static_cast<uint8_t>(state); }
+
+// Phase 1 of a dump batch, parallel: zero pages, unchanged pages, hashes of the rest.
+bool classifyPages(const DumpBatch& b, const uint8_t* pages, std::vector<uint8_t>& states,
+                   std::vector<XXH128_hash_t>& hashes) {
+  const uint64_t pagesPerTask = 256;
+  return parallelFor((b.pageCount + pagesPerTask - 1) / pagesPerTask, b.threads, [&](uint64_t task) {
+    uint64_t end = std::min(b.pageCount, (task + 1) * pagesPerTask);
+    for (uint64_t i = task * pagesPerTask; i < end; i++) {
+      const uint8_t* page = pages + i * b.pageSize;
+      if (b.incremental) {
+        bool unchanged = b.dirty ? !((b.dirty[i / 8] >> (i % 8)) & 1)
+                                 : memcmp(page, b.parent + i * b.pageSize, b.pageSize) == 0;
+        if (unchanged) {
+          states[i] = stateByte(PageState::Parent);
+          continue;
+        }
+      }
+      if (isAllZero(page, b.pageSize)) continue;
+      states[i] = stateByte(PageState::Data);
+      if (b.dedup) hashes[i] = XXH3_128bits(page, b.pageSize);
+    }
+  });
+}
+
+// Phase 2, in page order: the first occurrence of some contents is DATA, a later one with
+// the same bytes (hash, then memcmp against `source`, the whole dump) is its DUPLICATE.
+void markDuplicates(const DumpBatch& b, const Mapping& source, const uint8_t* pages,
+                    const std::vector<XXH128_hash_t>& hashes, DumpBatchResult& result) {
+  for (uint64_t i = 0; i < b.pageCount; i++) {
+    if (result.states[i] != stateByte(PageState::Data)) continue;
+    uint64_t offset = b.dumpOffset + i * b.pageSize;
+    const DedupTable::Entry* first =
+        b.dedup->findOrInsert(hashes[i].low64, hashes[i].high64, b.firstPage + i, offset);
+    // The table belongs to one dump; an offset outside this file's mapping is not a match.
+    if (first && first->dumpOffset <= source.length && b.pageSize <= source.length - first->dumpOffset &&
+        memcmp(source.data + first->dumpOffset, pages + i * b.pageSize, b.pageSize) == 0) {
+      result.states[i] = stateByte(PageState::Duplicate);
+      result.duplicates.push_back(b.firstPage + i);
+      result.duplicates.push_back(first->page);
+    }
+  }
+}
+
+// A chunk to be: a run of spans (batch-relative) and the DATA pages they hold.
+struct ChunkPlan {
+  uint64_t firstSpan, spanCount, dataPages;
+};
+
+// Phase 3: runs of spans into chunks of about chunkTargetBytes of data; spans without data
+// pages make no chunk.
+std::vector<ChunkPlan> planChunks(const DumpBatch& b, const std::vector<uint8_t>& states) {
+  const uint64_t spanCount = (b.pageCount + b.spanPages - 1) / b.spanPages;
+  std::vector<ChunkPlan> plans;
+  ChunkPlan current{0, 0, 0};
+  for (uint64_t s = 0; s < spanCount; s++) {
+    uint64_t end = std::min(b.pageCount, (s + 1) * b.spanPages);
+    for (uint64_t i = s * b.spanPages; i < end; i++) current.dataPages += states[i] == stateByte(PageState::Data);
+    current.spanCount++;
+    if (current.dataPages * b.pageSize >= b.chunkTargetBytes || s + 1 == spanCount) {
+      if (current.dataPages > 0) plans.push_back(current);
+      current = ChunkPlan{s + 1, 0, 0};
+    }
+  }
+  return plans;
+}
+
+// Phase 4, one chunk: its DATA pages gathered, then compressed (or stored as they are).
+void fillChunk(const DumpBatch& b, const uint8_t* pages, const std::vector<uint8_t>& states,
+               const ChunkPlan& plan, DumpChunk& chunk) {
+  chunk.firstSpan = b.firstSpan + plan.firstSpan;
+  chunk.spanCount = static_cast<uint32_t>(plan.spanCount);
+  chunk.rawLength = static_cast<uint32_t>(plan.dataPages * b.pageSize);
+  std::vector<uint8_t> raw(chunk.rawLength);
+  uint8_t* at = raw.data();
+  uint64_t end = std::min(b.pageCount, (plan.firstSpan + plan.spanCount) * b.spanPages);
+  for (uint64_t i = plan.firstSpan * b.spanPages; i < end; i++) {
+    if (states[i] != stateByte(PageState::Data)) continue;
+    memcpy(at, pages + i * b.pageSize, b.pageSize);
+    at += b.pageSize;
+  }
+  chunk.rawChecksum = XXH3_64bits(raw.data(), raw.size());
+  size_t n = b.codec == Codec::None ? 0 : compressChunk(b.codec, b.level, raw.data(), raw.size(), chunk.stored);
+  if (n > 0 && n < raw.size()) {
+    chunk.stored.resize(n);
+    chunk.codec = b.codec;
+  } else {
+    // Incompressible (or not asked to compress): stored as is.
+    chunk.stored = std::move(raw);
+    chunk.codec = Codec::None;
+  }
+}
+
+}  // namespace
+
 DumpBatchResult processDumpBatch(const DumpBatch& b) {
   DumpBatchResult result;
   const uint64_t batchBytes = b.pageCount * b.pageSize;
@@ -174,271 +271,272 @@ DumpBatchResult processDumpBatch(const DumpBatch& b) {
     return result;
   }
   const uint8_t* pages = batch.data;
-  result.states.assign(b.pageCount, static_cast<uint8_t>(PageState::Zero));
+  result.states.assign(b.pageCount, stateByte(PageState::Zero));
   std::vector<XXH128_hash_t> hashes(b.pageCount);
-
-  // Phase 1, parallel: zero pages, unchanged pages, hashes of the rest.
-  const uint64_t pagesPerTask = 256;
-  bool completed = parallelFor((b.pageCount + pagesPerTask - 1) / pagesPerTask, b.threads, [&](uint64_t task) {
-    uint64_t end = std::min(b.pageCount, (task + 1) * pagesPerTask);
-    for (uint64_t i = task * pagesPerTask; i < end; i++) {
-      const uint8_t* page = pages + i * b.pageSize;
-      if (b.incremental) {
-        bool unchanged = b.dirty ? !((b.dirty[i / 8] >> (i % 8)) & 1)
-                                 : memcmp(page, b.parent + i * b.pageSize, b.pageSize) == 0;
-        if (unchanged) {
-          result.states[i] = static_cast<uint8_t>(PageState::Parent);
-          continue;
-        }
-      }
-      if (isAllZero(page, b.pageSize)) continue;
-      result.states[i] = static_cast<uint8_t>(PageState::Data);
-      if (b.dedup) hashes[i] = XXH3_128bits(page, b.pageSize);
-    }
-  });
-  if (!completed) {
+  if (!classifyPages(b, pages, result.states, hashes)) {
     result.error = "out of memory";
     return result;
   }
-
-  // Phase 2, in page order: the first occurrence of some contents is DATA, a
-  // later one with the same bytes (hash, then memcmp) is its DUPLICATE.
-  if (b.dedup) {
-    for (uint64_t i = 0; i < b.pageCount; i++) {
-      if (result.states[i] != static_cast<uint8_t>(PageState::Data)) continue;
-      uint64_t offset = b.dumpOffset + i * b.pageSize;
-      const DedupTable::Entry* first =
-          b.dedup->findOrInsert(hashes[i].low64, hashes[i].high64, b.firstPage + i, offset);
-      // The table belongs to one dump; an offset outside this file's mapping is not a match.
-      if (first && first->dumpOffset <= source.length && b.pageSize <= source.length - first->dumpOffset &&
-          memcmp(source.data + first->dumpOffset, pages + i * b.pageSize, b.pageSize) == 0) {
-        result.states[i] = static_cast<uint8_t>(PageState::Duplicate);
-        result.duplicates.push_back(b.firstPage + i);
-        result.duplicates.push_back(first->page);
-      }
-    }
-  }
-
-  // Phase 3: runs of spans into chunks of about chunkTargetBytes of data.
-  const uint64_t spanCount = (b.pageCount + b.spanPages - 1) / b.spanPages;
-  struct ChunkPlan {
-    uint64_t firstSpan, spanCount, dataPages;
-  };
-  std::vector<ChunkPlan> plans;
-  ChunkPlan current{0, 0, 0};
-  for (uint64_t s = 0; s < spanCount; s++) {
-    uint64_t end = std::min(b.pageCount, (s + 1) * b.spanPages);
-    for (uint64_t i = s * b.spanPages; i < end; i++) {
-      current.dataPages += result.states[i] == static_cast<uint8_t>(PageState::Data);
-    }
-    current.spanCount++;
-    if (current.dataPages * b.pageSize >= b.chunkTargetBytes || s + 1 == spanCount) {
-      if (current.dataPages > 0) plans.push_back(current);
-      current = ChunkPlan{s + 1, 0, 0};
-    }
-  }
-
-  // Phase 4, parallel: gather each chunk's data pages and compress them.
+  if (b.dedup) markDuplicates(b, source, pages, hashes, result);
+  std::vector<ChunkPlan> plans = planChunks(b, result.states);
   result.chunks.resize(plans.size());
-  completed = parallelFor(plans.size(), b.threads, [&](uint64_t c) {
-    const ChunkPlan& plan = plans[c];
-    DumpChunk& chunk = result.chunks[c];
-    chunk.firstSpan = b.firstSpan + plan.firstSpan;
-    chunk.spanCount = static_cast<uint32_t>(plan.spanCount);
-    chunk.rawLength = static_cast<uint32_t>(plan.dataPages * b.pageSize);
-    std::vector<uint8_t> raw(chunk.rawLength);
-    uint8_t* at = raw.data();
-    uint64_t end = std::min(b.pageCount, (plan.firstSpan + plan.spanCount) * b.spanPages);
-    for (uint64_t i = plan.firstSpan * b.spanPages; i < end; i++) {
-      if (result.states[i] != static_cast<uint8_t>(PageState::Data)) continue;
-      memcpy(at, pages + i * b.pageSize, b.pageSize);
-      at += b.pageSize;
-    }
-    chunk.rawChecksum = XXH3_64bits(raw.data(), raw.size());
-    size_t n = b.codec == Codec::None ? 0 : compressChunk(b.codec, b.level, raw.data(), raw.size(), chunk.stored);
-    if (n > 0 && n < raw.size()) {
-      chunk.stored.resize(n);
-      chunk.codec = b.codec;
-    } else {
-      // Incompressible (or not asked to compress): stored as is.
-      chunk.stored = std::move(raw);
-      chunk.codec = Codec::None;
-    }
+  bool completed = parallelFor(plans.size(), b.threads, [&](uint64_t c) {
+    fillChunk(b, pages, result.states, plans[c], result.chunks[c]);
   });
   if (!completed) result.error = "out of memory";
   return result;
 }
 
-RestoreBatchResult restoreBatch(const RestoreBatch& b) {
-  RestoreBatchResult result;
-  std::vector<uint64_t> spanFirstPage(b.spanPageCounts.size() + 1, 0);
-  for (size_t s = 0; s < b.spanPageCounts.size(); s++) spanFirstPage[s + 1] = spanFirstPage[s] + b.spanPageCounts[s];
-  std::mutex mutex;
-  std::atomic<bool> failed{false};
-  auto fail = [&](const std::string& message, int64_t chunk) {
-    std::lock_guard<std::mutex> lock(mutex);
-    if (result.error.empty()) {
-      result.error = message;
-      result.badChunk = chunk;
+namespace {
+
+// The 32-byte header of a CHUNK payload (docs/formats/vmstate.md); byte 0 is the codec.
+struct ChunkHeader {
+  uint32_t spanCount;
+  uint64_t firstSpan;
+  uint32_t rawLength;
+  uint64_t rawChecksum;
+};
+
+ChunkHeader parseChunkHeader(const uint8_t* payload) {
+  ChunkHeader h;
+  memcpy(&h.spanCount, payload + 4, 4);
+  memcpy(&h.firstSpan, payload + 8, 8);
+  memcpy(&h.rawLength, payload + 16, 4);
+  memcpy(&h.rawChecksum, payload + 24, 8);
+  return h;
+}
+
+// One restore batch: chunks' DATA pages, then ZERO pages, then duplicates, into an fd or
+// memory. The first failure is kept (with its chunk) and stops the tasks not yet started.
+class BatchRestorer {
+ public:
+  explicit BatchRestorer(const RestoreBatch& b) : b_(b), spanFirstPage_(b.spanPageCounts.size() + 1, 0) {
+    for (size_t s = 0; s < b.spanPageCounts.size(); s++) spanFirstPage_[s + 1] = spanFirstPage_[s] + b.spanPageCounts[s];
+  }
+
+  RestoreBatchResult run() {
+    if (!mapOutput()) return result_;
+    if (!parallelFor(b_.chunks.size(), b_.threads, [&](uint64_t c) { restoreChunk(c); })) fail("out of memory", -1);
+    if (!failed_ && b_.punchZeros) zeroPages();
+    // Duplicates last: their sources are DATA pages written above (or by an earlier batch),
+    // never other duplicates, so the copies are independent of each other.
+    if (!failed_) copyDuplicates();
+    result_.dataBytes = dataBytes_;
+    if (mapping_ != MAP_FAILED) munmap(mapping_, b_.outputLength);
+    if (!failed_ && memory_ == nullptr && b_.startWriteback && !b_.spanDumpOffsets.empty()) startWriteback();
+    return result_;
+  }
+
+ private:
+  void fail(const std::string& message, int64_t chunk) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (result_.error.empty()) {
+      result_.error = message;
+      result_.badChunk = chunk;
     }
-    failed = true;
-  };
-  std::atomic<uint64_t> dataBytes{0};
+    failed_ = true;
+  }
 
   // Memory output: the caller's, or outputFd mapped shared for this batch.
-  uint8_t* memory = b.outputMemory;
-  void* mapping = MAP_FAILED;
-  if (memory == nullptr && b.mapOutput) {
-    if (b.outputLength == 0) {
-      result.error = "nothing to map: the output is empty";
-      return result;
+  bool mapOutput() {
+    memory_ = b_.outputMemory;
+    if (memory_ != nullptr || !b_.mapOutput) return true;
+    if (b_.outputLength == 0) {
+      result_.error = "nothing to map: the output is empty";
+      return false;
     }
-    mapping = mmap(nullptr, b.outputLength, PROT_READ | PROT_WRITE, MAP_SHARED, b.outputFd, 0);
-    if (mapping == MAP_FAILED) {
-      result.error = std::string("cannot map the output: ") + strerror(errno);
-      return result;
+    mapping_ = mmap(nullptr, b_.outputLength, PROT_READ | PROT_WRITE, MAP_SHARED, b_.outputFd, 0);
+    if (mapping_ == MAP_FAILED) {
+      result_.error = std::string("cannot map the output: ") + strerror(errno);
+      return false;
     }
-    memory = static_cast<uint8_t*>(mapping);
+    memory_ = static_cast<uint8_t*>(mapping_);
+    return true;
   }
-  auto inOutput = [&](uint64_t offset, uint64_t length) {
-    return offset <= b.outputLength && length <= b.outputLength - offset;
-  };
+
+  bool inOutput(uint64_t offset, uint64_t length) const {
+    return offset <= b_.outputLength && length <= b_.outputLength - offset;
+  }
+
   // ZERO pages of an fd: holes, or written zeros where the file system punches none.
-  auto zeroRange = [&](uint64_t offset, uint64_t length) -> bool {
-    if (fallocate(b.outputFd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, static_cast<off_t>(offset), static_cast<off_t>(length)) == 0) return true;
+  bool zeroRange(uint64_t offset, uint64_t length) {
+    if (fallocate(b_.outputFd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, static_cast<off_t>(offset), static_cast<off_t>(length)) == 0) return true;
     if (errno != EOPNOTSUPP && errno != ENOTSUP && errno != ENODEV && errno != EINVAL) return false;
     static const std::vector<uint8_t> zeros(1 << 20, 0);
     for (uint64_t done = 0; done < length;) {
       uint64_t n = std::min<uint64_t>(zeros.size(), length - done);
-      if (!pwriteFully(b.outputFd, zeros.data(), n, offset + done)) return false;
+      if (!pwriteFully(b_.outputFd, zeros.data(), n, offset + done)) return false;
       done += n;
     }
     return true;
-  };
+  }
+
+  // Pages [offset, offset + length) in `state`: DATA from `source` at *sourceCursor, ZERO punched or zeroed.
+  bool writeRun(PageState state, uint64_t offset, uint64_t length, const uint8_t* source, uint64_t* sourceCursor) {
+    if (state == PageState::Data) {
+      if (memory_ != nullptr) {
+        memcpy(memory_ + offset, source + *sourceCursor, length);
+      } else if (!pwriteFully(b_.outputFd, source + *sourceCursor, length, offset)) {
+        return false;
+      }
+      *sourceCursor += length;
+      dataBytes_ += length;
+      return true;
+    }
+    if (memory_ != nullptr) {
+      memset(memory_ + offset, 0, length);
+      return true;
+    }
+    return zeroRange(offset, length);
+  }
 
   // Writes runs of consecutive pages in `state` of span s from `source` (or punches them);
-  // the caller has checked that `source` holds every DATA page of the span.
-  auto writeRuns = [&](size_t s, PageState state, const uint8_t* source, uint64_t* sourceCursor) -> bool {
-    const uint8_t* states = b.states + spanFirstPage[s];
-    uint32_t count = b.spanPageCounts[s];
+  // the caller has checked that `source` holds every DATA page of the span. False with errno
+  // set on a failed write; a page outside the output fails the batch and returns true.
+  bool writeRuns(size_t s, PageState state, const uint8_t* source, uint64_t* sourceCursor) {
+    const uint8_t* states = b_.states + spanFirstPage_[s];
+    uint32_t count = b_.spanPageCounts[s];
     for (uint32_t i = 0; i < count;) {
-      if (states[i] != static_cast<uint8_t>(state)) {
+      if (states[i] != stateByte(state)) {
         i++;
         continue;
       }
       uint32_t j = i;
-      while (j < count && states[j] == static_cast<uint8_t>(state)) j++;
-      uint64_t offset = b.spanDumpOffsets[s] + static_cast<uint64_t>(i) * b.pageSize;
-      uint64_t length = static_cast<uint64_t>(j - i) * b.pageSize;
-      if (memory != nullptr && !inOutput(offset, length)) {
-        fail("a page at dump offset " + std::to_string(offset) + " lies outside the output (" + std::to_string(b.outputLength) + " bytes)", -1);
+      while (j < count && states[j] == stateByte(state)) j++;
+      uint64_t offset = b_.spanDumpOffsets[s] + static_cast<uint64_t>(i) * b_.pageSize;
+      uint64_t length = static_cast<uint64_t>(j - i) * b_.pageSize;
+      if (memory_ != nullptr && !inOutput(offset, length)) {
+        fail("a page at dump offset " + std::to_string(offset) + " lies outside the output (" + std::to_string(b_.outputLength) + " bytes)", -1);
         return true;
       }
-      if (state == PageState::Data) {
-        if (memory != nullptr) {
-          memcpy(memory + offset, source + *sourceCursor, length);
-        } else if (!pwriteFully(b.outputFd, source + *sourceCursor, length, offset)) {
-          return false;
-        }
-        *sourceCursor += length;
-        dataBytes += length;
-      } else if (memory != nullptr) {
-        memset(memory + offset, 0, length);
-      } else if (!zeroRange(offset, length)) {
-        return false;
-      }
+      if (!writeRun(state, offset, length, source, sourceCursor)) return false;
       i = j;
     }
     return true;
-  };
+  }
 
-  bool completed = parallelFor(b.chunks.size(), b.threads, [&](uint64_t c) {
-    if (failed) return;
-    const RestoreChunk& chunk = b.chunks[c];
+  // DATA pages of the batch's spans [first, first + count), to compare with a chunk's raw length.
+  uint64_t dataPagesOf(uint64_t first, uint64_t count) const {
+    uint64_t dataPages = 0;
+    for (uint64_t s = first; s < first + count; s++) {
+      const uint8_t* states = b_.states + spanFirstPage_[s];
+      for (uint32_t i = 0; i < b_.spanPageCounts[s]; i++) dataPages += states[i] == stateByte(PageState::Data);
+    }
+    return dataPages;
+  }
+
+  // The chunk's payload, read and held to its section checksum; empty (after fail) when it is not.
+  std::vector<uint8_t> readPayload(uint64_t c) {
+    const RestoreChunk& chunk = b_.chunks[c];
     std::vector<uint8_t> payload(chunk.payloadLength);
-    if (chunk.payloadLength < 32 || preadFully(b.stateFd, payload.data(), payload.size(), chunk.payloadOffset) != static_cast<int64_t>(payload.size())) {
-      return fail("cannot read a chunk", static_cast<int64_t>(c));
+    if (chunk.payloadLength < 32 || preadFully(b_.stateFd, payload.data(), payload.size(), chunk.payloadOffset) != static_cast<int64_t>(payload.size())) {
+      fail("cannot read a chunk", static_cast<int64_t>(c));
+      return {};
     }
     if (XXH3_64bits(payload.data(), payload.size()) != chunk.checksum) {
-      return fail("chunk checksum mismatch", static_cast<int64_t>(c));
+      fail("chunk checksum mismatch", static_cast<int64_t>(c));
+      return {};
     }
-    uint32_t spanCount, rawLength;
-    uint64_t firstSpan, rawChecksum;
-    memcpy(&spanCount, payload.data() + 4, 4);
-    memcpy(&firstSpan, payload.data() + 8, 8);
-    memcpy(&rawLength, payload.data() + 16, 4);
-    memcpy(&rawChecksum, payload.data() + 24, 8);
+    return payload;
+  }
+
+  // A chunk's header against the batch: its spans inside it, and the raw length they imply
+  // (checked before allocating what the chunk claims). False after fail.
+  bool checkChunkHeader(const ChunkHeader& h, uint64_t c) {
     // Compared by subtraction: a hostile header's firstSpan + spanCount may wrap.
-    const uint64_t batchSpans = b.spanPageCounts.size();
-    if (firstSpan < b.firstSpan || firstSpan - b.firstSpan > batchSpans ||
-        spanCount > batchSpans - (firstSpan - b.firstSpan)) {
-      return fail("chunk outside its batch", static_cast<int64_t>(c));
+    const uint64_t batchSpans = b_.spanPageCounts.size();
+    if (h.firstSpan < b_.firstSpan || h.firstSpan - b_.firstSpan > batchSpans ||
+        h.spanCount > batchSpans - (h.firstSpan - b_.firstSpan)) {
+      fail("chunk outside its batch", static_cast<int64_t>(c));
+      return false;
     }
-    // The raw length the index implies, before allocating what the chunk claims.
-    uint64_t dataPages = 0;
-    for (uint64_t s = firstSpan - b.firstSpan; s < firstSpan - b.firstSpan + spanCount; s++) {
-      const uint8_t* states = b.states + spanFirstPage[s];
-      for (uint32_t i = 0; i < b.spanPageCounts[s]; i++) dataPages += states[i] == static_cast<uint8_t>(PageState::Data);
+    uint64_t dataPages = dataPagesOf(h.firstSpan - b_.firstSpan, h.spanCount);
+    if (h.rawLength != dataPages * b_.pageSize) {
+      fail(h.rawLength < dataPages * b_.pageSize ? "chunk holds fewer pages than its spans need"
+                                                 : "chunk holds more pages than its spans need",
+           static_cast<int64_t>(c));
+      return false;
     }
-    if (rawLength != dataPages * b.pageSize) {
-      return fail(rawLength < dataPages * b.pageSize ? "chunk holds fewer pages than its spans need"
-                                                     : "chunk holds more pages than its spans need",
-                  static_cast<int64_t>(c));
-    }
-    std::vector<uint8_t> raw(rawLength);
+    return true;
+  }
+
+  void restoreChunk(uint64_t c) {
+    if (failed_) return;
+    std::vector<uint8_t> payload = readPayload(c);
+    if (payload.empty()) return;
+    const ChunkHeader h = parseChunkHeader(payload.data());
+    if (!checkChunkHeader(h, c)) return;
+    std::vector<uint8_t> raw(h.rawLength);
     Codec codec;
     if (!codecFromChunkByte(payload[0], &codec) ||
-        !decompressChunk(codec, payload.data() + 32, payload.size() - 32, raw.data(), rawLength) ||
-        XXH3_64bits(raw.data(), raw.size()) != rawChecksum) {
+        !decompressChunk(codec, payload.data() + 32, payload.size() - 32, raw.data(), h.rawLength) ||
+        XXH3_64bits(raw.data(), raw.size()) != h.rawChecksum) {
       return fail("chunk does not decompress to its checksum", static_cast<int64_t>(c));
     }
     uint64_t cursor = 0;
-    for (uint64_t s = firstSpan - b.firstSpan; s < firstSpan - b.firstSpan + spanCount; s++) {
+    for (uint64_t s = h.firstSpan - b_.firstSpan; s < h.firstSpan - b_.firstSpan + h.spanCount; s++) {
       if (!writeRuns(s, PageState::Data, raw.data(), &cursor)) return fail(strerror(errno), static_cast<int64_t>(c));
     }
-  });
-  if (!completed) fail("out of memory", -1);
-  if (!failed && b.punchZeros) {
-    completed = parallelFor(b.spanPageCounts.size(), b.threads, [&](uint64_t s) {
+  }
+
+  void zeroPages() {
+    bool completed = parallelFor(b_.spanPageCounts.size(), b_.threads, [&](uint64_t s) {
       uint64_t unused = 0;
-      if (!failed && !writeRuns(s, PageState::Zero, nullptr, &unused)) fail(strerror(errno), -1);
+      if (!failed_ && !writeRuns(s, PageState::Zero, nullptr, &unused)) fail(strerror(errno), -1);
     });
     if (!completed) fail("out of memory", -1);
   }
-  // Duplicates last: their sources are DATA pages written above (or by an earlier batch),
-  // never other duplicates, so the copies are independent of each other.
-  if (!failed) {
-    const uint64_t pairs = b.duplicates.size() / 2;
+
+  // One duplicate page from its source: in memory, or read back from the fd into `page`.
+  bool copyDuplicate(uint64_t pair, std::vector<uint8_t>& page) {
+    const uint64_t target = b_.duplicates[pair * 2];
+    const uint64_t source = b_.duplicates[pair * 2 + 1];
+    if (memory_ != nullptr) {
+      if (!inOutput(target, b_.pageSize) || !inOutput(source, b_.pageSize)) {
+        fail("a duplicate page lies outside the output", -1);
+        return false;
+      }
+      memcpy(memory_ + target, memory_ + source, b_.pageSize);
+    } else if (preadFully(b_.outputFd, page.data(), b_.pageSize, source) != static_cast<int64_t>(b_.pageSize) ||
+               !pwriteFully(b_.outputFd, page.data(), b_.pageSize, target)) {
+      fail("cannot copy a duplicate page", -1);
+      return false;
+    }
+    dataBytes_ += b_.pageSize;
+    return true;
+  }
+
+  void copyDuplicates() {
+    const uint64_t pairs = b_.duplicates.size() / 2;
     const uint64_t pairsPerTask = 256;
-    completed = parallelFor((pairs + pairsPerTask - 1) / pairsPerTask, b.threads, [&](uint64_t task) {
-      std::vector<uint8_t> page(b.pageSize);
-      for (uint64_t pair = task * pairsPerTask; pair < std::min(pairs, (task + 1) * pairsPerTask) && !failed; pair++) {
-        if (memory != nullptr) {
-          if (!inOutput(b.duplicates[pair * 2], b.pageSize) || !inOutput(b.duplicates[pair * 2 + 1], b.pageSize)) {
-            return fail("a duplicate page lies outside the output", -1);
-          }
-          memcpy(memory + b.duplicates[pair * 2], memory + b.duplicates[pair * 2 + 1], b.pageSize);
-          dataBytes += b.pageSize;
-          continue;
-        }
-        if (preadFully(b.outputFd, page.data(), b.pageSize, b.duplicates[pair * 2 + 1]) != static_cast<int64_t>(b.pageSize) ||
-            !pwriteFully(b.outputFd, page.data(), b.pageSize, b.duplicates[pair * 2])) {
-          return fail("cannot copy a duplicate page", -1);
-        }
-        dataBytes += b.pageSize;
+    bool completed = parallelFor((pairs + pairsPerTask - 1) / pairsPerTask, b_.threads, [&](uint64_t task) {
+      std::vector<uint8_t> page(b_.pageSize);
+      for (uint64_t pair = task * pairsPerTask; pair < std::min(pairs, (task + 1) * pairsPerTask) && !failed_; pair++) {
+        if (!copyDuplicate(pair, page)) return;
       }
     });
     if (!completed) fail("out of memory", -1);
   }
-  result.dataBytes = dataBytes;
-  if (mapping != MAP_FAILED) munmap(mapping, b.outputLength);
-  if (!failed && memory == nullptr && b.startWriteback && !b.spanDumpOffsets.empty()) {
-    uint64_t start = b.spanDumpOffsets.front();
-    uint64_t end = b.spanDumpOffsets.back() + static_cast<uint64_t>(b.spanPageCounts.back()) * b.pageSize;
+
+  void startWriteback() {
+    uint64_t start = b_.spanDumpOffsets.front();
+    uint64_t end = b_.spanDumpOffsets.back() + static_cast<uint64_t>(b_.spanPageCounts.back()) * b_.pageSize;
     // Advisory: a refusal only leaves more for the fdatasync.
-    sync_file_range(b.outputFd, static_cast<off_t>(start), static_cast<off_t>(end - start), SYNC_FILE_RANGE_WRITE);
+    sync_file_range(b_.outputFd, static_cast<off_t>(start), static_cast<off_t>(end - start), SYNC_FILE_RANGE_WRITE);
   }
-  return result;
-}
+
+  const RestoreBatch& b_;
+  RestoreBatchResult result_;
+  std::vector<uint64_t> spanFirstPage_;
+  std::mutex mutex_;
+  std::atomic<bool> failed_{false};
+  std::atomic<uint64_t> dataBytes_{0};
+  uint8_t* memory_ = nullptr;
+  void* mapping_ = MAP_FAILED;
+};
+
+}  // namespace
+
+RestoreBatchResult restoreBatch(const RestoreBatch& b) { return BatchRestorer(b).run(); }
 
 }  // namespace qcow2img

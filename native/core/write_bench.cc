@@ -166,104 +166,127 @@ class WriteBench {
     if (job_.counters) __atomic_fetch_add(&job_.counters->dataBytes, bytes, __ATOMIC_RELAXED);
   }
 
-  // false: io_uring unavailable here (the caller falls back to threads).
-  bool runIoUring() {
-    io_uring ring;
-    if (io_uring_queue_init(job_.queueDepth, &ring, 0) != 0) {
-      failed("io_uring", "io_uring is not available", ENOSYS);
-      return false;
-    }
-    AlignedBuffers buffers(job_.queueDepth, job_.blockSize, job_.seed);
-    if (!buffers.ok(job_.queueDepth)) {
-      io_uring_queue_exit(&ring);
-      failed("memory", "out of memory", ENOMEM);
-      return true;
-    }
+  // One io_uring run: the ring, a slot for each write in flight (its buffer is the slot's).
+  struct UringRun {
     struct Slot {
       Clock::time_point issued;
       uint64_t offset;
       uint32_t done;
     };
-    std::vector<Slot> slots(job_.queueDepth);
+    io_uring ring;
+    std::vector<Slot> slots;
     std::vector<uint32_t> freeSlots;
-    for (uint32_t i = 0; i < job_.queueDepth; i++) freeSlots.push_back(i);
     uint64_t issued = 0;
     uint32_t inFlight = 0;
-    auto submit = [&](uint32_t slot, uint64_t offset, uint32_t done) {
-      io_uring_sqe* sqe = io_uring_get_sqe(&ring);
-      io_uring_prep_write(sqe, job_.fd, buffers.buffers[slot] + done, job_.blockSize - done, offset + done);
-      io_uring_sqe_set_data64(sqe, slot);
-      slots[slot].offset = offset;
-      slots[slot].done = done;
-    };
+  };
+
+  // false: io_uring unavailable here (the caller falls back to threads).
+  bool runIoUring() {
+    UringRun run;
+    if (io_uring_queue_init(job_.queueDepth, &run.ring, 0) != 0) {
+      failed("io_uring", "io_uring is not available", ENOSYS);
+      return false;
+    }
+    AlignedBuffers buffers(job_.queueDepth, job_.blockSize, job_.seed);
+    if (!buffers.ok(job_.queueDepth)) {
+      io_uring_queue_exit(&run.ring);
+      failed("memory", "out of memory", ENOMEM);
+      return true;
+    }
+    run.slots.resize(job_.queueDepth);
+    for (uint32_t i = 0; i < job_.queueDepth; i++) run.freeSlots.push_back(i);
+    if (!writeWithUring(run, buffers)) drainUring(run);
+    io_uring_queue_exit(&run.ring);
+    result_.engine = "io_uring";
+    return true;
+  }
+
+  // Prepares the write of slot's block from byte `done` on (submitted with the next round).
+  void prepareWrite(UringRun& run, const AlignedBuffers& buffers, uint32_t slot, uint64_t offset, uint32_t done) {
+    io_uring_sqe* sqe = io_uring_get_sqe(&run.ring);
+    io_uring_prep_write(sqe, job_.fd, buffers.buffers[slot] + done, job_.blockSize - done, offset + done);
+    io_uring_sqe_set_data64(sqe, slot);
+    run.slots[slot].offset = offset;
+    run.slots[slot].done = done;
+  }
+
+  // Keeps every slot writing until the plan or the time runs out; false after a failure.
+  bool writeWithUring(UringRun& run, const AlignedBuffers& buffers) {
     bool ok = true;
     while (ok) {
-      while (!freeSlots.empty() && more(issued)) {
-        uint32_t slot = freeSlots.back();
-        freeSlots.pop_back();
-        slots[slot].issued = Clock::now();
-        submit(slot, offsetOf(issued), 0);
-        issued++;
-        inFlight++;
+      while (!run.freeSlots.empty() && more(run.issued)) {
+        uint32_t slot = run.freeSlots.back();
+        run.freeSlots.pop_back();
+        run.slots[slot].issued = Clock::now();
+        prepareWrite(run, buffers, slot, offsetOf(run.issued), 0);
+        run.issued++;
+        run.inFlight++;
       }
-      if (inFlight == 0) break;
-      if (io_uring_submit(&ring) < 0) {
+      if (run.inFlight == 0) break;
+      if (io_uring_submit(&run.ring) < 0) {
         failed("io_uring", "submit failed", EIO);
-        ok = false;
-        break;
+        return false;
       }
       io_uring_cqe* cqe = nullptr;
-      int wait = io_uring_wait_cqe(&ring, &cqe);
+      int wait = io_uring_wait_cqe(&run.ring, &cqe);
       if (wait < 0) {
         if (wait == -EINTR) continue;
         failed("io_uring", strerror(-wait), -wait);
+        return false;
+      }
+      ok = reapCompletions(run, buffers);
+    }
+    return ok;
+  }
+
+  // The completions ready: a finished write frees its slot, a short one continues; false
+  // after a failed write.
+  bool reapCompletions(UringRun& run, const AlignedBuffers& buffers) {
+    bool ok = true;
+    io_uring_cqe* cqe = nullptr;
+    unsigned head;
+    unsigned seen = 0;
+    io_uring_for_each_cqe(&run.ring, head, cqe) {
+      seen++;
+      uint32_t slot = static_cast<uint32_t>(io_uring_cqe_get_data64(cqe));
+      // A failed write is over too: it no longer counts as in flight.
+      if (cqe->res < 0) {
+        failed("write", strerror(-cqe->res), -cqe->res);
         ok = false;
-        break;
+        run.inFlight--;
+        continue;
       }
-      unsigned head;
-      unsigned seen = 0;
-      io_uring_for_each_cqe(&ring, head, cqe) {
-        seen++;
-        uint32_t slot = static_cast<uint32_t>(io_uring_cqe_get_data64(cqe));
-        // A failed write is over too: it no longer counts as in flight.
-        if (cqe->res < 0) {
-          failed("write", strerror(-cqe->res), -cqe->res);
-          ok = false;
-          inFlight--;
-          continue;
-        }
-        uint32_t done = slots[slot].done + static_cast<uint32_t>(cqe->res);
-        if (cqe->res == 0) {
-          failed("write", "short write", EIO);
-          ok = false;
-          inFlight--;
-        } else if (done < job_.blockSize) {
-          submit(slot, slots[slot].offset, done);  // finish a short write
-        } else {
-          histogram_.add(static_cast<uint64_t>(
-              std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - slots[slot].issued).count()));
-          account(job_.blockSize);
-          freeSlots.push_back(slot);
-          inFlight--;
-        }
-      }
-      io_uring_cq_advance(&ring, seen);
-    }
-    // After an error, wait for what is still in flight (its buffers are freed below); the
-    // continuations of short writes prepared in the last round are submitted first.
-    if (!ok && inFlight > 0 && io_uring_submit(&ring) >= 0) {
-      while (inFlight > 0) {
-        io_uring_cqe* cqe = nullptr;
-        int wait = io_uring_wait_cqe(&ring, &cqe);
-        if (wait == -EINTR) continue;
-        if (wait < 0) break;
-        io_uring_cqe_seen(&ring, cqe);
-        inFlight--;
+      uint32_t done = run.slots[slot].done + static_cast<uint32_t>(cqe->res);
+      if (cqe->res == 0) {
+        failed("write", "short write", EIO);
+        ok = false;
+        run.inFlight--;
+      } else if (done < job_.blockSize) {
+        prepareWrite(run, buffers, slot, run.slots[slot].offset, done);  // finish a short write
+      } else {
+        histogram_.add(static_cast<uint64_t>(
+            std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - run.slots[slot].issued).count()));
+        account(job_.blockSize);
+        run.freeSlots.push_back(slot);
+        run.inFlight--;
       }
     }
-    io_uring_queue_exit(&ring);
-    result_.engine = "io_uring";
-    return true;
+    io_uring_cq_advance(&run.ring, seen);
+    return ok;
+  }
+
+  // After an error, waits for what is still in flight (its buffers are freed after); the
+  // continuations of short writes prepared in the last round are submitted first.
+  void drainUring(UringRun& run) {
+    if (run.inFlight == 0 || io_uring_submit(&run.ring) < 0) return;
+    while (run.inFlight > 0) {
+      io_uring_cqe* cqe = nullptr;
+      int wait = io_uring_wait_cqe(&run.ring, &cqe);
+      if (wait == -EINTR) continue;
+      if (wait < 0) break;
+      io_uring_cqe_seen(&run.ring, cqe);
+      run.inFlight--;
+    }
   }
 
   void runThreads() {

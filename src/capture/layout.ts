@@ -9,7 +9,8 @@ import * as fs from 'node:fs/promises';
 import { ioError } from '../errors';
 import { PendingFile } from '../files';
 import { native } from '../native';
-import { COPIED, compressedClusters, compressedEntry, encodeHeaderCluster, type HeaderFields, refcountLayout } from '../qcow2/writer';
+import { encodeCompressedEntry, encodeDataEntry, encodeL1Entry, encodeRefcountTableEntry, encodeZeroEntry, writeRefcount } from '../qcow2/entries';
+import { compressedClusters, encodeHeaderCluster, type HeaderFields, refcountLayout, WRITTEN_REFCOUNT_BITS } from '../qcow2/writer';
 
 /** The header's fields but the table offsets, known only at the end. */
 export type HeaderStart = Omit<HeaderFields, 'l1TableOffset' | 'refcountTableOffset' | 'refcountTableClusters'>;
@@ -130,16 +131,16 @@ export class CaptureOutput {
   private entryOf(kind: number, host: number, bytes: number): bigint {
     if (kind === Stored.Zero) {
       this.counts.zeroClusters++;
-      return 1n; // reads as zero, hides the backing file
+      return encodeZeroEntry(); // hides the backing file
     }
     if (kind === Stored.Data) {
       this.counts.dataClusters++;
-      return BigInt(host) | COPIED;
+      return encodeDataEntry(host, true);
     }
     const [firstTouched, lastTouched] = compressedClusters(this.clusterSize, host, bytes);
     for (let c = firstTouched; c <= lastTouched; c++) this.touch(c);
     this.counts.compressedClusters++;
-    return compressedEntry(this.header.clusterBits, host, bytes);
+    return encodeCompressedEntry(this.header.clusterBits, host, bytes);
   }
 
   private touch(cluster: number): void {
@@ -155,7 +156,7 @@ export class CaptureOutput {
     const l1Offset = this.alignUp(this.position);
     const l1Buffer = Buffer.alloc(this.alignUp(this.header.l1Size * 8));
     this.l1.forEach((offset, i) => {
-      if (offset !== 0) l1Buffer.writeBigUInt64BE(BigInt(offset) | COPIED, i * 8);
+      if (offset !== 0) l1Buffer.writeBigUInt64BE(encodeL1Entry(offset, true), i * 8);
     });
     await this.writeAt(l1Buffer, l1Offset);
     return l1Offset;
@@ -163,10 +164,11 @@ export class CaptureOutput {
 
   /** The refcount table and blocks from cluster `firstFree` on, which count themselves. */
   private async writeRefcounts(firstFree: number): Promise<{ tableOffset: number; tableClusters: number; totalClusters: number }> {
-    const layout = refcountLayout(firstFree, this.clusterSize, 16);
+    const bits = WRITTEN_REFCOUNT_BITS;
+    const layout = refcountLayout(firstFree, this.clusterSize, bits);
     const tableOffset = firstFree * this.clusterSize;
     const blocksOffset = tableOffset + layout.tableClusters * this.clusterSize;
-    const entriesPerBlock = this.clusterSize / 2;
+    const entriesPerBlock = (this.clusterSize * 8) / bits;
     const refcountTable = Buffer.alloc(layout.tableClusters * this.clusterSize);
     for (let block = 0; block < layout.blockCount; block++) {
       const buffer = Buffer.alloc(this.clusterSize);
@@ -174,11 +176,11 @@ export class CaptureOutput {
         const cluster = block * entriesPerBlock + i;
         if (cluster >= layout.totalClusters) break;
         // Every cluster up to the end is in use once, except those holding compressed streams.
-        buffer.writeUInt16BE(cluster < this.touches.length && this.touches[cluster]! > 0 ? this.touches[cluster]! : 1, i * 2);
+        writeRefcount(buffer, i, bits, cluster < this.touches.length && this.touches[cluster]! > 0 ? this.touches[cluster]! : 1);
       }
       const blockOffset = blocksOffset + block * this.clusterSize;
       await this.writeAt(buffer, blockOffset);
-      refcountTable.writeBigUInt64BE(BigInt(blockOffset), block * 8);
+      refcountTable.writeBigUInt64BE(encodeRefcountTableEntry(blockOffset), block * 8);
     }
     await this.writeAt(refcountTable, tableOffset);
     return { tableOffset, tableClusters: layout.tableClusters, totalClusters: layout.totalClusters };

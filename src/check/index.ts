@@ -12,7 +12,22 @@ import { JobCounters, ProgressSampler, type ProgressCallback } from '../jobs';
 import { limits } from '../limits';
 import { lockAsQemu } from '../locks';
 import { checkBitmapTable, parseBitmapDirectory } from '../qcow2/bitmaps';
-import { entryOffset } from '../qcow2/bytes';
+import {
+  allocatedSubclusters,
+  compressedByteCount,
+  compressedHostOffset,
+  entryOffset,
+  hasL1ReservedBits,
+  hasL2ReservedBits,
+  hasRefcountTableReservedBits,
+  hasZeroFlag,
+  isCompressed,
+  isCopied,
+  readEntryOffset,
+  readRefcount,
+  refcountBlockOffset,
+  zeroSubclusters,
+} from '../qcow2/entries';
 import { type Qcow2Header, headerReadSize, parseHeader } from '../qcow2/header';
 import { type Qcow2Snapshot, parseSnapshotTable, snapshotTableBytes, snapshotTableReadSize } from '../qcow2/snapshots';
 
@@ -70,9 +85,6 @@ interface TableSummary {
   compressed: number;
   fragmented: number;
 }
-const L1_OFFSET_MASK_HI = 0x00ffffff;
-const COPIED_HI = 0x80000000;
-const COMPRESSED_HI = 0x40000000;
 
 class Checker {
   readonly result: CheckResult;
@@ -82,6 +94,7 @@ class Checker {
   private readonly tooLarge: boolean;
   private readonly overflow = new Map<number, number>();
   private readonly clusterSize: number;
+  /** The refcount blocks' offsets, by refcount table index. */
   private reftable: Float64Array = new Float64Array(0);
   /** QEMU stops counting at the largest refcount the width holds, reporting each overflow. */
   private readonly refcountMax: number;
@@ -229,10 +242,10 @@ class Checker {
       const rawLo = l1.readUInt32BE(i * 8 + 4);
       // QEMU skips only an all-zero entry: COPIED with offset 0 walks cluster 0 as a table.
       if (rawHi === 0 && rawLo === 0) continue;
-      if ((rawHi & 0x7f000000) !== 0 || (rawLo & 0x1ff) !== 0) {
+      if (hasL1ReservedBits(rawHi, rawLo)) {
         this.report('corruption', `L1 entry ${i} has reserved bits set`, { offset: l1Offset + i * 8 });
       }
-      const l2Offset = (rawHi & L1_OFFSET_MASK_HI) * 2 ** 32 + ((rawLo & 0xfffffe00) >>> 0);
+      const l2Offset = entryOffset(rawHi, rawLo);
       this.reference(l2Offset, this.clusterSize);
       if (l2Offset % this.clusterSize !== 0) {
         this.report('corruption', `L2 table offset ${l2Offset} is not cluster aligned; L1 entry ${i} corrupted`, { offset: l1Offset + i * 8 });
@@ -290,17 +303,16 @@ class Checker {
     };
     const table = await this.read(l2Offset, this.clusterSize);
     const entryBytes = h.l2EntryBytes;
-    const offsetBits = 62 - (h.clusterBits - 8);
     let nextContiguous = 0;
     for (let i = 0; i < h.l2EntryCount; i++) {
       const at = i * entryBytes;
       const hi = table.readUInt32BE(at);
       const lo = table.readUInt32BE(at + 4);
-      const bitmapAllocated = h.extendedL2 ? table.readUInt32BE(at + 12) : 0;
-      const bitmapZero = h.extendedL2 ? table.readUInt32BE(at + 8) : 0;
+      const bitmapAllocated = h.extendedL2 ? allocatedSubclusters(table, at) : 0;
+      const bitmapZero = h.extendedL2 ? zeroSubclusters(table, at) : 0;
       const where = { offset: l2Offset + at };
-      if (hi & COMPRESSED_HI) {
-        if (hi & COPIED_HI) corrupt(() => `compressed cluster entry ${i} of the L2 table at ${l2Offset} has the COPIED flag`, where);
+      if (isCompressed(hi)) {
+        if (isCopied(hi)) corrupt(() => `compressed cluster entry ${i} of the L2 table at ${l2Offset} has the COPIED flag`, where);
         if (h.hasExternalDataFile) {
           corrupt(() => `compressed cluster entry ${i} of the L2 table at ${l2Offset} in an image with an external data file`, where);
           continue;
@@ -309,21 +321,18 @@ class Checker {
           corrupt(() => `compressed cluster entry ${i} of the L2 table at ${l2Offset} has a subcluster bitmap`, where);
           continue;
         }
-        const entry = (BigInt(hi) << 32n) | BigInt(lo >>> 0);
-        const hostOffset = Number(entry & ((1n << BigInt(offsetBits)) - 1n));
-        const sectors = Number((entry >> BigInt(offsetBits)) & ((1n << BigInt(h.clusterBits - 8)) - 1n)) + 1;
-        refer(hostOffset, sectors * 512 - (hostOffset % 512));
+        refer(compressedHostOffset(hi, lo, h.clusterBits), compressedByteCount(hi, lo, h.clusterBits));
         summary.allocated++;
         summary.compressed++;
         summary.fragmented++;
         continue;
       }
-      if ((hi & 0x3f000000) !== 0 || (lo & 0x1fe) !== 0) {
+      if (hasL2ReservedBits(hi, lo)) {
         corrupt(() => `entry ${i} of the L2 table at ${l2Offset} has reserved bits set`, where);
       }
-      const hostOffset = (hi & L1_OFFSET_MASK_HI) * 2 ** 32 + ((lo & 0xfffffe00) >>> 0);
-      const zeroFlag = !h.extendedL2 && (lo & 1) === 1;
-      const copied = (hi & COPIED_HI) !== 0;
+      const hostOffset = entryOffset(hi, lo);
+      const zeroFlag = !h.extendedL2 && hasZeroFlag(lo);
+      const copied = isCopied(hi);
       // As qcow2_get_cluster_type: the zero flag comes first, so offset 0 with it is a plain zero
       // cluster even with COPIED and an external data file.
       const isData = hostOffset !== 0 || (h.hasExternalDataFile && copied && !zeroFlag);
@@ -362,7 +371,7 @@ class Checker {
       const table = await this.read(entry.tableOffset, entry.tableSize * 8);
       if (!entry.inUse) checkBitmapTable(table, entry, clusterSize, virtualSize, this.path);
       for (let i = 0; i < entry.tableSize; i++) {
-        const dataOffset = entryOffset(table, i * 8);
+        const dataOffset = readEntryOffset(table, i * 8);
         if (dataOffset > 1) this.reference(dataOffset, this.clusterSize);
       }
     }
@@ -377,9 +386,9 @@ class Checker {
     for (let i = 0; i < entries; i++) {
       const hi = raw.readUInt32BE(i * 8);
       const lo = raw.readUInt32BE(i * 8 + 4);
-      const offset = hi * 2 ** 32 + ((lo & 0xfffffe00) >>> 0);
-      this.reftable[i] = hi * 2 ** 32 + (lo >>> 0);
-      if ((lo & 0x1ff) !== 0) {
+      const offset = refcountBlockOffset(hi, lo);
+      this.reftable[i] = offset;
+      if (hasRefcountTableReservedBits(lo)) {
         this.report('corruption', `refcount table entry ${i} has reserved bits set`, { offset: h.refcountTableOffset + i * 8 });
         continue;
       }
@@ -406,8 +415,7 @@ class Checker {
     const perBlock = (this.clusterSize * 8) / bits;
     const index = Math.floor(cluster / perBlock);
     if (index >= this.reftable.length) return 0;
-    const entry = this.reftable[index]!;
-    const blockOffset = entry - (entry % 512);
+    const blockOffset = this.reftable[index]!;
     if (blockOffset === 0) return 0;
     if (blockOffset % this.clusterSize !== 0) return undefined;
     let block = this.refblockCache.get(blockOffset);
@@ -416,21 +424,7 @@ class Checker {
       if (this.refblockCache.size > 64) this.refblockCache.clear();
       this.refblockCache.set(blockOffset, block);
     }
-    const i = cluster % perBlock;
-    switch (bits) {
-      case 64:
-        return Number(block.readBigUInt64BE(i * 8));
-      case 32:
-        return block.readUInt32BE(i * 4);
-      case 16:
-        return block.readUInt16BE(i * 2);
-      case 8:
-        return block[i]!;
-      default: {
-        const perByte = 8 / bits;
-        return (block[Math.floor(i / perByte)]! >> ((i % perByte) * bits)) & ((1 << bits) - 1);
-      }
-    }
+    return readRefcount(block, cluster % perBlock, bits);
   }
 
   private async compare(): Promise<void> {
@@ -457,11 +451,11 @@ class Checker {
     const l1 = await this.read(h.l1TableOffset, h.l1Size * 8);
     for (let i = 0; i < h.l1Size; i++) {
       const l1Hi = l1.readUInt32BE(i * 8);
-      const l2Offset = (l1Hi & L1_OFFSET_MASK_HI) * 2 ** 32 + ((l1.readUInt32BE(i * 8 + 4) & 0xfffffe00) >>> 0);
+      const l2Offset = entryOffset(l1Hi, l1.readUInt32BE(i * 8 + 4));
       if (l2Offset === 0) continue;
       const l2Refcount = await this.stored(Math.floor(l2Offset / this.clusterSize));
       if (l2Refcount === undefined) continue;
-      if ((l2Refcount === 1) !== ((l1Hi & COPIED_HI) !== 0)) {
+      if ((l2Refcount === 1) !== isCopied(l1Hi)) {
         // qemu-img's words for it.
         this.report('corruption', `OFLAG_COPIED L2 cluster: l1_index=${i} l1_entry=${l1.readBigUInt64BE(i * 8).toString(16)} refcount=${l2Refcount}`, { offset: h.l1TableOffset + i * 8 });
       }
@@ -484,9 +478,9 @@ class Checker {
       const at = j * h.l2EntryBytes;
       const hi = table.readUInt32BE(at);
       const lo = table.readUInt32BE(at + 4);
-      if (hi & COMPRESSED_HI) continue;
-      const dataOffset = (hi & L1_OFFSET_MASK_HI) * 2 ** 32 + ((lo & 0xfffffe00) >>> 0);
-      const copied = (hi & COPIED_HI) !== 0;
+      if (isCompressed(hi)) continue;
+      const dataOffset = entryOffset(hi, lo);
+      const copied = isCopied(hi);
       const isData = dataOffset !== 0 || (h.hasExternalDataFile && copied);
       if (!isData) continue;
       const refcount = h.hasExternalDataFile ? 1 : await this.stored(Math.floor(dataOffset / this.clusterSize));

@@ -6,7 +6,7 @@
  * (`BAD_EXTENSION`). Layout: docs/formats/qcow2.md ("Header extensions"); QEMU docs/interop/qcow2.rst.
  */
 import { Qcow2Error } from '../errors';
-import { entryOffset } from './bytes';
+import { entryOffset, hasBitmapTableReservedBits, isAllOnesBitmapCluster } from './entries';
 import type { BitmapsExtension } from './header';
 
 export interface BitmapDirectoryEntry {
@@ -35,9 +35,6 @@ const dirtyTrackingType = 1;
 /** BME_FLAG_IN_USE and BME_FLAG_AUTO; the other flag bits are reserved (BME_RESERVED_FLAGS). */
 const inUseFlag = 1;
 const knownFlags = 3;
-/** BME_TABLE_ENTRY_RESERVED_MASK (bits 1-8 and 56-63), as its high and low words. */
-const tableEntryReservedHi = 0xff000000;
-const tableEntryReservedLo = 0x1fe;
 
 /**
  * The directory (`directory` holds its `extension.directorySize` bytes), as bitmap_list_load and
@@ -107,9 +104,9 @@ export function checkBitmapTable(table: Buffer, entry: BitmapDirectoryEntry, clu
   for (let i = 0; i < entry.tableSize; i++) {
     const hi = table.readUInt32BE(i * 8);
     const lo = table.readUInt32BE(i * 8 + 4);
-    if ((hi & tableEntryReservedHi) !== 0 || (lo & tableEntryReservedLo) !== 0) fail(`table entry ${i} has reserved bits set`);
-    const offset = entryOffset(table, i * 8);
-    // Bit 0 (all ones) only without a data cluster.
-    if (offset !== 0 && ((lo & 1) !== 0 || offset % clusterSize !== 0)) fail(`table entry ${i} is not valid`);
+    if (hasBitmapTableReservedBits(hi, lo)) fail(`table entry ${i} has reserved bits set`);
+    const offset = entryOffset(hi, lo);
+    // All ones only without a data cluster.
+    if (offset !== 0 && (isAllOnesBitmapCluster(lo) || offset % clusterSize !== 0)) fail(`table entry ${i} is not valid`);
   }
 }

@@ -21,17 +21,3 @@ export function u64Safe(buffer: Buffer, offset: number, path: string, field: str
   }
   return Number(value);
 }
-
-/** Bits 9-55 of the big-endian table entry at `at`: the offset an L1, L2, refcount or bitmap table entry holds. */
-export function entryOffset(table: Buffer, at: number): number {
-  return (table.readUInt32BE(at) & 0x00ffffff) * 2 ** 32 + ((table.readUInt32BE(at + 4) & 0xfffffe00) >>> 0);
-}
-
-/** hi * 2^32 + lo of an entry whose masked value is known to be below 2^56. */
-export function u64Parts(buffer: Buffer, offset: number): { hi: number; lo: number } {
-  return { hi: buffer.readUInt32BE(offset), lo: buffer.readUInt32BE(offset + 4) };
-}
-
-export function isPowerOfTwoAligned(value: number, alignment: number): boolean {
-  return value % alignment === 0;
-}

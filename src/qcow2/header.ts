@@ -5,6 +5,7 @@
 import { Qcow2Error } from '../errors';
 import { limits } from '../limits';
 import { u32, u64BigInt, u64Safe } from './bytes';
+import { EXTENDED_L2_ENTRY_BYTES, STANDARD_L2_ENTRY_BYTES } from './entries';
 
 export const QCOW2_MAGIC = 0x514649fb;
 
@@ -253,7 +254,7 @@ export function parseHeader(start: Buffer, path: string, fileSize: number, optio
   if (virtualSize > limits.maxVirtualSize) {
     throw new Qcow2Error('VIRTUAL_SIZE_TOO_LARGE', `virtual size ${headerSize} is too large`, { path, offset: 24 });
   }
-  const l2EntryBytes = extendedL2 ? 16 : 8;
+  const l2EntryBytes = extendedL2 ? EXTENDED_L2_ENTRY_BYTES : STANDARD_L2_ENTRY_BYTES;
   const l2EntryCount = clusterSize / l2EntryBytes;
   const bytesPerL1Entry = l2EntryCount * clusterSize;
   const l1EntriesNeeded = Math.ceil(virtualSize / bytesPerL1Entry);

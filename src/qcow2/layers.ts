@@ -9,7 +9,7 @@ import { limits } from '../limits';
 import { lockAsQemu } from '../locks';
 import { native, UnitKind, l2RunFields } from '../native';
 import { checkBitmapTable, parseBitmapDirectory } from './bitmaps';
-import { entryOffset } from './bytes';
+import { isCopied, readEntryOffset, readRefcount, readRefcountBlockOffset, SUBCLUSTERS_PER_CLUSTER } from './entries';
 import { type Qcow2Header, headerReadSize, parseHeader, checkTableOffset } from './header';
 import { type Qcow2Snapshot, parseSnapshotTable, snapshotTableReadSize } from './snapshots';
 
@@ -223,7 +223,7 @@ export class Qcow2Layer implements Layer {
     for (let i = 0; i < entries; i++) {
       // As QEMU reads it: the offset is bits 9-55, the reserved bits (0-8, 56-62) are ignored
       // (qemu-img check reports them), and a table past the end of the file reads as zeros.
-      const offset = entryOffset(raw, i * 8);
+      const offset = readEntryOffset(raw, i * 8);
       if (offset % this.header.clusterSize !== 0) {
         throw new Qcow2Error('UNALIGNED_OFFSET', `L1 entry ${i} points at L2 table offset ${offset}, not cluster aligned`, {
           path: this.file.path,
@@ -244,7 +244,7 @@ export class Qcow2Layer implements Layer {
     const l1 = await this.loadL1();
     const { clusterSize, clusterBits, l2EntryCount, extendedL2, hasExternalDataFile, l2EntryBytes } = this.header;
     const tableSpan = l2EntryCount * clusterSize;
-    const unitSize = extendedL2 ? clusterSize / 32 : clusterSize;
+    const unitSize = extendedL2 ? clusterSize / SUBCLUSTERS_PER_CLUSTER : clusterSize;
     const dataFile = this.dataFile ?? this.file;
     for (let l1Index = Math.floor(start / tableSpan); l1Index * tableSpan < end; l1Index++) {
       const tableStart = l1Index * tableSpan;
@@ -339,18 +339,12 @@ export class Qcow2Layer implements Layer {
     const table = await readExactly(this.file, refcountTableOffset, refcountTableClusters * clusterSize, 'refcount table');
     let count = 0;
     for (let index = 0; index * perBlock < endCluster && index * 8 < table.length && count < threshold; index++) {
-      const blockOffset = entryOffset(table, index * 8);
+      const blockOffset = readRefcountBlockOffset(table, index * 8);
       if (blockOffset === 0) continue;
       const block = await readExactly(this.file, blockOffset, clusterSize, 'refcount block');
       const entries = Math.min(perBlock, endCluster - index * perBlock);
       for (let i = 0; i < entries && count < threshold; i++) {
-        if (refcountBits >= 8) {
-          const width = refcountBits / 8;
-          if (block.subarray(i * width, (i + 1) * width).some((b) => b !== 0)) count++;
-        } else {
-          const perByte = 8 / refcountBits;
-          if (((block[Math.floor(i / perByte)]! >> ((i % perByte) * refcountBits)) & ((1 << refcountBits) - 1)) !== 0) count++;
-        }
+        if (readRefcount(block, i, refcountBits) !== 0) count++;
       }
     }
     // As QEMU: preallocated once the clusters in use reach the threshold (not pass it).
@@ -367,8 +361,8 @@ export class Qcow2Layer implements Layer {
       const index = Math.floor((at - tableStart) / clusterSize);
       const clusterStart = tableStart + index * clusterSize;
       const pieceEnd = Math.min(end, clusterStart + clusterSize);
-      const host = entryOffset(table, index * l2EntryBytes);
-      const hasHost = host !== 0 || (hasExternalDataFile && (table.readUInt32BE(index * l2EntryBytes) & 0x80000000) !== 0);
+      const host = readEntryOffset(table, index * l2EntryBytes);
+      const hasHost = host !== 0 || (hasExternalDataFile && isCopied(table.readUInt32BE(index * l2EntryBytes)));
       if (hasHost && hasExternalDataFile) this.checkDataFileOffset(host, clusterStart, l2Offset, tableStart);
       pushRun(out, {
         start: at,

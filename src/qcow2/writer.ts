@@ -2,10 +2,11 @@
  * Encoding what qcow2img writes: header, L1/L2 entries, refcount structures.
  * Layout reference: docs/formats/qcow2.md ("What capture writes").
  */
+import { COMPRESSED_SECTOR_BYTES } from './entries';
 import { ExtensionType, QCOW2_MAGIC } from './header';
 
-export const COPIED = 1n << 63n;
-const COMPRESSED = 1n << 62n;
+/** The refcount width capture writes (refcount_order 4). */
+export const WRITTEN_REFCOUNT_BITS = 16;
 
 export interface HeaderFields {
   version: 2 | 3;
@@ -42,7 +43,7 @@ export function encodeHeaderCluster(fields: HeaderFields): Buffer {
     cluster.writeBigUInt64BE(zstd ? 1n << 3n : 0n, 72); // incompatible: compression type
     cluster.writeBigUInt64BE(0n, 80);
     cluster.writeBigUInt64BE(0n, 88);
-    cluster.writeUInt32BE(4, 96); // refcount_order 4: 16-bit refcounts
+    cluster.writeUInt32BE(Math.log2(WRITTEN_REFCOUNT_BITS), 96); // refcount_order
     cluster.writeUInt32BE(headerLength, 100);
     if (zstd) cluster[104] = 1;
   }
@@ -67,20 +68,11 @@ export function encodeHeaderCluster(fields: HeaderFields): Buffer {
   return cluster;
 }
 
-/** Bits of a compressed descriptor's host offset field: 62 - (clusterBits - 8). */
-export function compressedOffsetBits(clusterBits: number): number {
-  return 62 - (clusterBits - 8);
-}
-
-export function compressedEntry(clusterBits: number, hostOffset: number, compressedBytes: number): bigint {
-  const extraSectors = Math.floor((hostOffset + compressedBytes - 1) / 512) - Math.floor(hostOffset / 512);
-  return COMPRESSED | (BigInt(extraSectors) << BigInt(compressedOffsetBits(clusterBits))) | BigInt(hostOffset);
-}
-
-/** Host clusters a compressed stream touches, as QEMU counts them: whole 512-byte sectors. */
+/** Host clusters a compressed stream touches, as QEMU counts them: whole sectors. */
 export function compressedClusters(clusterSize: number, hostOffset: number, compressedBytes: number): [first: number, last: number] {
-  const sectorStart = Math.floor(hostOffset / 512) * 512;
-  const sectorEnd = Math.floor((hostOffset + compressedBytes - 1) / 512) * 512 + 512;
+  const sector = COMPRESSED_SECTOR_BYTES;
+  const sectorStart = Math.floor(hostOffset / sector) * sector;
+  const sectorEnd = Math.floor((hostOffset + compressedBytes - 1) / sector) * sector + sector;
   return [Math.floor(sectorStart / clusterSize), Math.floor((sectorEnd - 1) / clusterSize)];
 }
 
