@@ -593,6 +593,7 @@ async function main() {
   }
   rm(restored, libBundle);
   const lm = (list, key) => median(list.map((x) => x[key]));
+  const worst = (list, key) => Math.max(...list.map((x) => x[key]));
   const loadOf = (name) => median(startup.load.map((x) => x.loads[name]));
   console.log(`## Start-up and the library alone (in a child node, timed inside it; median of ${runs})`);
   console.log('');
