@@ -1,7 +1,6 @@
 #include "copy_engine.h"
 
 #include "io.h"
-#include "window_pipeline.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -87,11 +86,7 @@ class Engine {
     }
     uint32_t threadCount = std::max<uint32_t>(1, std::min<uint32_t>(job_.threads, 64));
     if (tasks_.size() < threadCount) threadCount = std::max<size_t>(1, tasks_.size());
-    if (toMemory()) {
-      runOnThreads(threadCount, [this](uint32_t) { fillInPlace(); }, [this] { fail("memory", "out of memory", ENOMEM, -1, 0, 0); });
-    } else {
-      runPipelined(threadCount);
-    }
+    runOnThreads(threadCount, [this](uint32_t) { worker(); }, [this] { fail("memory", "out of memory", ENOMEM, -1, 0, 0); });
     if (!error_.failed && cancelled()) {
       error_.failed = true;
       error_.cancelled = true;
@@ -236,114 +231,50 @@ class Engine {
                      [](const Task& a, const Task& b) { return a.start < b.start; });
   }
 
+  void worker() {
+    Scratch scratch;
+    for (;;) {
+      if (stopping()) return;
+      size_t index = nextTask_.fetch_add(1, std::memory_order_relaxed);
+      if (index >= tasks_.size()) return;
+      const Task& task = tasks_[index];
+      if (task.zero) {
+        zeroRange(task.start, task.end);
+      } else if (!scratch.ready(job_, maxClusterSize_)) {
+        fail("memory", "out of memory", ENOMEM, -1, task.start, 0);
+      } else {
+        copyWindow(task, scratch);
+      }
+    }
+  }
+
+  struct Scratch {
+    std::unique_ptr<AlignedBuffer> window;
+    std::unique_ptr<AlignedBuffer> cluster;
+    std::vector<uint8_t> compressed;
+    std::unique_ptr<ClusterDecompressor> decompressor;
+    bool ready(const CopyJob& job, uint64_t clusterSize) {
+      if (!decompressor) {
+        decompressor = std::make_unique<ClusterDecompressor>();
+        cluster = std::make_unique<AlignedBuffer>(clusterSize);
+        if (job.memory == nullptr) window = std::make_unique<AlignedBuffer>(job.windowSize);
+      }
+      return cluster->data && (job.memory != nullptr || window->data);
+    }
+  };
+
+  uint8_t* destinationFor(uint64_t guest, uint64_t windowStart, Scratch& scratch) {
+    if (toMemory()) return job_.memory + (guest - job_.memoryGuestOffset);
+    return scratch.window->data + (guest - windowStart);
+  }
+
   struct Piece {
     PlanRun run;
     uint64_t start;  // guest, clipped to the window
     uint64_t end;
   };
 
-  // Memory targets: each thread decodes its windows straight into the caller's buffer.
-  void fillInPlace() {
-    Scratch scratch;
-    for (const Task* task; (task = nextTask()) != nullptr;) {
-      if (!scratch.ready(maxClusterSize_)) return fail("memory", "out of memory", ENOMEM, -1, task->start, 0);
-      std::vector<Piece> pieces = piecesOf(*task);
-      if (fillPieces(pieces, task->start, nullptr, scratch)) addProgress(pieces);
-    }
-  }
-
-  // fd targets: `fillers` threads read and decode windows into a bounded pool while as many
-  // writer threads write the windows filled before, so a decode never waits for a write.
-  void runPipelined(uint32_t fillers) {
-    const uint32_t writers = fillers;
-    Pipeline pipeline(windowPoolSize(fillers, writers), job_.windowSize, fillers);
-    runOnThreads(
-        fillers + writers,
-        [this, fillers, &pipeline](uint32_t i) {
-          if (i < fillers) {
-            fillWindows(pipeline);
-          } else {
-            writeWindows(pipeline);
-          }
-        },
-        [this] { fail("memory", "out of memory", ENOMEM, -1, 0, 0); });
-  }
-
-  // Enough windows that every writer has one in flight while every filler fills one, and
-  // a few queued besides; at most 256 MiB.
-  size_t windowPoolSize(uint32_t fillers, uint32_t writers) const {
-    size_t wanted = static_cast<size_t>(fillers) * 2 + writers;
-    size_t cap = std::max<size_t>(2, (256ULL << 20) / job_.windowSize);
-    return std::min(wanted, cap);
-  }
-
-  const Task* nextTask() {
-    if (stopping()) return nullptr;
-    size_t index = nextTask_.fetch_add(1, std::memory_order_relaxed);
-    return index < tasks_.size() ? &tasks_[index] : nullptr;
-  }
-
-  struct Filled {
-    const Task* task = nullptr;
-    uint8_t* window = nullptr;
-    std::vector<Piece> pieces;
-  };
-  using Pipeline = WindowPipeline<Filled>;
-
-  void fillWindows(Pipeline& pipeline) {
-    FillerDone<Pipeline> done(pipeline);
-    Scratch scratch;
-    auto stop = [this] { return stopping(); };
-    for (const Task* task; (task = nextTask()) != nullptr;) {
-      if (task->zero) {
-        zeroRange(task->start, task->end);
-        continue;
-      }
-      Filled item{task, nullptr, piecesOf(*task)};
-      if (item.pieces.empty()) continue;
-      if (!scratch.ready(maxClusterSize_) || (item.window = pipeline.acquire(stop)) == nullptr) {
-        if (!stopping()) fail("memory", "out of memory", ENOMEM, -1, task->start, 0);
-        return;
-      }
-      if (!fillPieces(item.pieces, task->start, item.window, scratch)) return pipeline.release(item.window);
-      if (job_.windowHashes) hashWindow(*task, item.pieces, item.window);
-      pipeline.publish(std::move(item));
-    }
-  }
-
-  void writeWindows(Pipeline& pipeline) {
-    Filled item;
-    while (pipeline.next(item, [this] { return stopping(); })) {
-      for (size_t t = 0; t < targets_.size(); t++) {
-        if (!targetFailed(t)) writeWindow(t, *item.task, item.pieces, item.window);
-      }
-      addProgress(item.pieces);
-      pipeline.release(item.window);
-    }
-  }
-
-  struct Scratch {
-    std::unique_ptr<AlignedBuffer> cluster;
-    std::vector<uint8_t> compressed;
-    std::unique_ptr<ClusterDecompressor> decompressor;
-    bool ready(uint64_t clusterSize) {
-      if (!decompressor) {
-        decompressor = std::make_unique<ClusterDecompressor>();
-        cluster = std::make_unique<AlignedBuffer>(clusterSize);
-      }
-      return cluster->data != nullptr;
-    }
-  };
-
-  // Where guest byte `guest` goes: the caller's buffer, or the window being filled.
-  uint8_t* destinationFor(uint64_t guest, uint64_t windowStart, uint8_t* window) {
-    if (toMemory()) return job_.memory + (guest - job_.memoryGuestOffset);
-    return window + (guest - windowStart);
-  }
-
-  // The runs of a window, clipped to it; zero runs only for memory targets (fd targets have
-  // them as zero tasks or know them zero).
-  std::vector<Piece> piecesOf(const Task& task) const {
+  void copyWindow(const Task& task, Scratch& scratch) {
     std::vector<Piece> pieces;
     for (size_t i = task.firstRun; i < job_.runCount; i++) {
       PlanRun r = runAt(job_, i);
@@ -353,7 +284,19 @@ class Engine {
       uint64_t end = std::min(r.guest + r.length, task.end);
       if (start < end) pieces.push_back(Piece{r, start, end});
     }
-    return pieces;
+    if (pieces.empty()) return;
+    if (!fillPieces(pieces, task.start, scratch)) return;
+    if (toMemory()) {
+      addProgress(pieces);
+      return;
+    }
+    if (job_.windowHashes) hashWindow(task, pieces, scratch.window->data);
+
+    for (size_t t = 0; t < targets_.size(); t++) {
+      if (targetFailed(t)) continue;
+      writeWindow(t, task, pieces, scratch.window->data);
+    }
+    addProgress(pieces);
   }
 
   // Writes the pieces of a filled window to target `t`: spans rounded out to its O_DIRECT unit.
@@ -409,11 +352,11 @@ class Engine {
     if (zero) __atomic_fetch_add(&job_.counters->zeroBytes, zero, __ATOMIC_RELAXED);
   }
 
-  bool fillPieces(const std::vector<Piece>& pieces, uint64_t windowStart, uint8_t* window, Scratch& scratch) {
+  bool fillPieces(const std::vector<Piece>& pieces, uint64_t windowStart, Scratch& scratch) {
     size_t i = 0;
     while (i < pieces.size()) {
       const Piece& p = pieces[i];
-      uint8_t* out = destinationFor(p.start, windowStart, window);
+      uint8_t* out = destinationFor(p.start, windowStart, scratch);
       if (p.run.kind == RunKind::Zero) {
         memset(out, 0, p.end - p.start);
         i++;
@@ -434,7 +377,7 @@ class Engine {
           groupLimit = std::max(groupLimit, n.host + n.compressedBytes);
           groupEnd++;
         }
-        if (!decompressGroup(pieces, i, groupEnd, groupStart, groupLimit, windowStart, window, scratch)) {
+        if (!decompressGroup(pieces, i, groupEnd, groupStart, groupLimit, windowStart, scratch)) {
           return false;
         }
         i = groupEnd;
@@ -462,7 +405,7 @@ class Engine {
 
   bool decompressGroup(const std::vector<Piece>& pieces, size_t first, size_t last,
                        uint64_t groupStart, uint64_t groupEnd, uint64_t windowStart,
-                       uint8_t* window, Scratch& scratch) {
+                       Scratch& scratch) {
     const int sourceIndex = pieces[first].run.source;
     const Source& source = job_.sources[static_cast<size_t>(sourceIndex)];
     // Past the end of the file QEMU reads zeros, which do not decompress: a decompression failure.
@@ -493,7 +436,7 @@ class Engine {
       uint64_t offsetInCluster = p.run.offsetInCluster + (p.start - p.run.guest);
       uint64_t length = p.end - p.start;
       bool whole = offsetInCluster == 0 && length == source.clusterSize;
-      uint8_t* out = destinationFor(p.start, windowStart, window);
+      uint8_t* out = destinationFor(p.start, windowStart, scratch);
       uint8_t* target = whole ? out : scratch.cluster->data;
       DecompressStatus status = scratch.decompressor->decompress(
           source.codec, scratch.compressed.data() + at, inputSize, target, source.clusterSize);
