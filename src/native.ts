@@ -118,6 +118,13 @@ export interface NativeWriteBenchResult {
   engine: 'io_uring' | 'threads';
 }
 
+/** What a batch of a dump became: a state per page, duplicate references, and chunks of stored pages. */
+export interface NativeDumpBatchResult {
+  states: Uint8Array;
+  duplicates: Float64Array;
+  chunks: NativeDumpChunk[];
+}
+
 export interface NativeDumpChunk {
   firstSpan: number;
   spanCount: number;
@@ -211,7 +218,7 @@ export interface NativeAddon {
   writeBench(job: NativeWriteBenchJob): Promise<NativeWriteBenchResult>;
   DedupTable: new () => NativeDedupTable;
   /** Classifies and compresses one batch of RAM pages. */
-  processDumpBatch(batch: NativeDumpBatch): Promise<{ states: Uint8Array; duplicates: Float64Array; chunks: NativeDumpChunk[] }>;
+  processDumpBatch(batch: NativeDumpBatch): Promise<NativeDumpBatchResult>;
   /** Writes the pages of a batch of spans back into a RAM dump; resolves to bytes written. */
   restoreBatch(batch: NativeRestoreBatch): Promise<number>;
   decompressChunk(codec: Codec, stored: Buffer, rawLength: number): Promise<Buffer>;

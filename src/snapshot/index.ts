@@ -64,7 +64,7 @@ export interface CreateSnapshotOptions {
   compress?: 'zstd' | 'deflate' | 'none';
   /** Compression level of `compress`, for the disk and the state file (default: each one's own, as `capture` and `writeState` take it). */
   level?: number;
-  /** Native worker threads, 1 to 64 (default: 4 a CPU, at least 8). */
+  /** Native worker threads, 1 to 64 (default: for the disk 4 a CPU, at least 8; for the RAM one a CPU). */
   threads?: number;
   /** Compression level of a .tar.zst (default 3) or .tar.gz (default 6) archive. */
   archiveLevel?: number;

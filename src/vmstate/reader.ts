@@ -590,7 +590,7 @@ export type MemoryTarget = { fd: number } | ArrayBuffer | SharedArrayBuffer | Ui
 
 /** How a RAM dump is restored into memory that already exists. */
 export interface RestoreMemoryOptions {
-  /** Native worker threads, 1 to 64 (default: 4 a CPU, at least 8). */
+  /** Native worker threads, 1 to 64 (default: one a CPU). */
   threads?: number;
   /** Stops between batches of pages; the target is then partly restored. */
   signal?: AbortSignal;

@@ -4,12 +4,13 @@
  * footer. Memory stays bounded by one batch of guest RAM plus the index.
  */
 import * as fs from 'node:fs/promises';
+import * as os from 'node:os';
 import * as nodePath from 'node:path';
 import { randomUUID } from 'node:crypto';
 import { Qcow2Error, ioError, throwIfCancelled } from '../errors';
 import { openToRead, PendingFile } from '../files';
 import { JobCounters, jobError, ProgressSampler, threadCount, type ProgressCallback } from '../jobs';
-import { Codec, native, type NativeDedupTable, type NativeDumpChunk } from '../native';
+import { Codec, native, type NativeDedupTable, type NativeDumpBatchResult, type NativeDumpChunk } from '../native';
 import { type CpuState, encodeCpuState } from './cpu';
 import {
   CHUNK_HEADER_BYTES, chunkCodecByte, type ChunkMapEntry, encodeFooter, encodeHeader, encodeIndex, encodeRegions,
@@ -48,7 +49,7 @@ export interface WriteStateOptions {
   compress?: 'zstd' | 'deflate' | 'none';
   /** zstd 1-19 (default 2), deflate 1-12 (default 6). */
   level?: number;
-  /** Native worker threads, 1 to 64 (default: 4 a CPU, at least 8). */
+  /** Native worker threads, 1 to 64 (default: one a CPU). */
   threads?: number;
   /** Stops between batches of pages; the state file is then not written. */
   signal?: AbortSignal;
@@ -279,9 +280,9 @@ async function parentInput(options: WriteStateOptions, batch: PageBatch): Promis
   return { parent };
 }
 
-/** Classifies and compresses one batch of pages (native), and writes the CHUNK sections it made. */
-async function writeBatch(out: StateOutput, index: PageIndex, source: fs.FileHandle, batch: PageBatch, dedup: NativeDedupTable, options: WriteStateOptions, path: string): Promise<void> {
-  const result = await native().processDumpBatch({
+/** Classifies and compresses one batch of pages (native); the CHUNK sections it made are written by writeChunks. */
+async function processBatch(source: fs.FileHandle, batch: PageBatch, dedup: NativeDedupTable, options: WriteStateOptions, path: string): Promise<NativeDumpBatchResult> {
+  return native().processDumpBatch({
     sourceFd: source.fd,
     dumpOffset: batch.region.dumpOffset + batch.done * PAGE_SIZE,
     firstPage: batch.region.firstPage + batch.done,
@@ -296,10 +297,14 @@ async function writeBatch(out: StateOutput, index: PageIndex, source: fs.FileHan
     // zstd 2: measured on a real guest's RAM, smaller than `zstd -3` of the whole dump for 0.02 s more than level 1.
     level: options.level ?? (options.compress === 'deflate' ? 6 : 2),
     chunkTargetBytes: 1 << 20,
-    threads: threadCount(options.threads, path),
+    // Scanning and compressing are CPU work: more threads than cores only add contention (measured).
+    threads: options.threads === undefined ? os.availableParallelism() : threadCount(options.threads, path),
   }).catch((error: unknown) => {
     throw jobError('pages', error, { path: options.memory ?? path });
   });
+}
+
+async function writeChunks(out: StateOutput, index: PageIndex, result: NativeDumpBatchResult, batch: PageBatch): Promise<void> {
   index.add(result.states, result.duplicates, batch.firstSpan);
   for (const chunk of result.chunks) {
     index.chunks.push({ firstSpan: chunk.firstSpan, section: out.sections.length, spanCount: chunk.spanCount });
@@ -325,19 +330,27 @@ async function writePages(out: StateOutput, source: fs.FileHandle | undefined, r
   const sampler = new ProgressSampler(counters, regions.reduce((n, r) => n + r.size, 0), options.onProgress);
   const pagesPerBatch = batchBytes / PAGE_SIZE;
   sampler.start();
+  // A batch's chunks are written while the next batch is scanned and compressed: the batches
+  // themselves run one after another (the dedup table is filled in dump order).
+  let writing: Promise<void> | undefined;
   try {
     let regionFirstSpan = 0;
     for (const region of regions) {
       const regionPages = region.size / PAGE_SIZE;
       for (let done = 0; done < regionPages; done += pagesPerBatch) {
         throwIfCancelled(options.signal, path);
-        const pageCount = Math.min(pagesPerBatch, regionPages - done);
-        await writeBatch(out, index, source!, { region, done, pageCount, firstSpan: regionFirstSpan + done / SPAN_PAGES }, dedup, options, path);
-        counters.dataBytes = (region.firstPage + done + pageCount) * PAGE_SIZE;
+        const batch = { region, done, pageCount: Math.min(pagesPerBatch, regionPages - done), firstSpan: regionFirstSpan + done / SPAN_PAGES };
+        const result = await processBatch(source!, batch, dedup, options, path);
+        await writing;
+        writing = writeChunks(out, index, result, batch);
+        counters.dataBytes = (region.firstPage + done + batch.pageCount) * PAGE_SIZE;
       }
       regionFirstSpan += Math.ceil(regionPages / SPAN_PAGES);
     }
+    await writing;
   } finally {
+    // A failed batch: the writes under way finish (or fail) before the output is abandoned.
+    await writing?.catch(() => {});
     sampler.stop();
   }
   return index;
