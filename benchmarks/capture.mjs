@@ -4,7 +4,7 @@
  * 2 GiB OS disk (.cache/bench/os.raw, see realistic-image.mjs), uncompressed, zlib and zstd, in one
  * run so the ratios hold when the machine's speed drifts. Then the same from a read-only loop device
  * over os.raw (uncompressed and zstd). zlib at three levels: the default 4 (ISA-L's level 3, then
- * zlib's 6 on the clusters ISA-L shrank least), 3 (ISA-L alone: fastest) and 6 (zlib's own encoder:
+ * zlib's 5 on the clusters ISA-L left at 59-82%), 3 (ISA-L alone: fastest) and 6 (zlib's own encoder:
  * the size of qemu-img's output).
  *
  *   node benchmarks/capture.mjs [--runs 3] [--quiet-timeout 10] [--no-device] [--cache-dir DIR]
@@ -254,7 +254,7 @@ async function main() {
   console.log(`- source: ${disk}, ${humanBytes(diskStats.size)} GPT disk, ext4 root partition of real files; ${humanBytes(diskStats.blocks * 512)} allocated (sparse: both tools skip holes)`);
   console.log('- file rows: os.raw is read into the page cache before every run, so both tools read it from memory (warm source)');
   console.log(`- device rows: \`losetup -r -f --show os.raw\` (no loop direct I/O: the loop driver reads os.raw's cached pages); qcow2img reads the device with O_DIRECT; qemu-img ${sourceCacheNone ? 'with -T none (O_DIRECT)' : 'with its default source cache'}; a device has no holes, so both read all 2 GiB`);
-  console.log('- commands: `qemu-img convert -f raw [-T none] -O qcow2 [-c] [-o compression_type=zstd] -W -m 16 SRC OUT`; `qcow2img capture SRC OUT [--compress zlib|zstd] --progress=none --overwrite` (default threads, zlib level 4 = ISA-L level 3 + zlib 6 on clusters ISA-L left at 55-85%, zstd level 1)');
+  console.log('- commands: `qemu-img convert -f raw [-T none] -O qcow2 [-c] [-o compression_type=zstd] -W -m 16 SRC OUT`; `qcow2img capture SRC OUT [--compress zlib|zstd] --progress=none --overwrite` (default threads, zlib level 4 = ISA-L level 3 + zlib 5 on clusters ISA-L left at 59-82%, zstd level 1)');
   console.log(`- s = median of ${runs} runs, wall clock of the whole process (node start-up included); outputs on the same filesystem, removed before each run`);
   console.log('- qemu-img convert writes with cache=unsafe (no flush at the end); qcow2img fdatasyncs. "speedup +sync" adds the `sync` run right after each process (the dirty pages the tool left) to both. The "qemu-img -t none" row runs qemu-img with O_DIRECT writes and its flush at the end, the promise qcow2img makes');
   console.log('- speedup = qemu-img s / qcow2img s (above 1: qcow2img faster); size = output file size (st_size); size ratio = qcow2img / qemu-img');
