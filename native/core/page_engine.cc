@@ -107,18 +107,43 @@ struct Mapping {
   Mapping& operator=(const Mapping&) = delete;
 };
 
-size_t compressChunk(Codec codec, int level, const uint8_t* raw, size_t rawLength,
-                     std::vector<uint8_t>& out) {
+// A thread's buffers and zstd context for the chunks it fills: a fresh zero-filled buffer and
+// context per ~1 MiB chunk cost more than compressing a mostly-zero dump's data (measured).
+struct ChunkScratch {
+  std::unique_ptr<uint8_t[]> raw;
+  size_t rawCapacity = 0;
+  std::unique_ptr<uint8_t[]> out;
+  size_t outCapacity = 0;
+  ZSTD_CCtx* zstd = nullptr;
+  ~ChunkScratch() { ZSTD_freeCCtx(zstd); }
+
+  static uint8_t* sized(std::unique_ptr<uint8_t[]>& buffer, size_t& capacity, size_t length) {
+    if (capacity < length) {
+      buffer.reset(new uint8_t[length]);
+      capacity = length;
+    }
+    return buffer.get();
+  }
+  uint8_t* rawFor(size_t length) { return sized(raw, rawCapacity, length); }
+  uint8_t* outFor(size_t length) { return sized(out, outCapacity, length); }
+};
+
+thread_local ChunkScratch chunkScratch;
+
+// Compresses `raw` into the thread's output buffer; the compressed length, or 0.
+size_t compressChunk(Codec codec, int level, const uint8_t* raw, size_t rawLength) {
+  ChunkScratch& scratch = chunkScratch;
   if (codec == Codec::Zstd) {
-    out.resize(ZSTD_compressBound(rawLength));
-    size_t n = ZSTD_compress(out.data(), out.size(), raw, rawLength, level);
+    if (!scratch.zstd && !(scratch.zstd = ZSTD_createCCtx())) return 0;
+    size_t bound = ZSTD_compressBound(rawLength);
+    size_t n = ZSTD_compressCCtx(scratch.zstd, scratch.outFor(bound), bound, raw, rawLength, level);
     return ZSTD_isError(n) ? 0 : n;
   }
   if (codec == Codec::Deflate) {
     libdeflate_compressor* c = libdeflate_alloc_compressor(std::clamp(level, 1, 12));
     if (!c) return 0;
-    out.resize(libdeflate_deflate_compress_bound(c, rawLength));
-    size_t n = libdeflate_deflate_compress(c, raw, rawLength, out.data(), out.size());
+    size_t bound = libdeflate_deflate_compress_bound(c, rawLength);
+    size_t n = libdeflate_deflate_compress(c, raw, rawLength, scratch.outFor(bound), bound);
     libdeflate_free_compressor(c);
     return n;
   }
@@ -234,22 +259,22 @@ void fillChunk(const DumpBatch& b, const uint8_t* pages, const std::vector<uint8
   chunk.firstSpan = b.firstSpan + plan.firstSpan;
   chunk.spanCount = static_cast<uint32_t>(plan.spanCount);
   chunk.rawLength = static_cast<uint32_t>(plan.dataPages * b.pageSize);
-  std::vector<uint8_t> raw(chunk.rawLength);
-  uint8_t* at = raw.data();
+  uint8_t* raw = chunkScratch.rawFor(chunk.rawLength);
+  uint8_t* at = raw;
   uint64_t end = std::min(b.pageCount, (plan.firstSpan + plan.spanCount) * b.spanPages);
   for (uint64_t i = plan.firstSpan * b.spanPages; i < end; i++) {
     if (states[i] != stateByte(PageState::Data)) continue;
     memcpy(at, pages + i * b.pageSize, b.pageSize);
     at += b.pageSize;
   }
-  chunk.rawChecksum = XXH3_64bits(raw.data(), raw.size());
-  size_t n = b.codec == Codec::None ? 0 : compressChunk(b.codec, b.level, raw.data(), raw.size(), chunk.stored);
-  if (n > 0 && n < raw.size()) {
-    chunk.stored.resize(n);
+  chunk.rawChecksum = XXH3_64bits(raw, chunk.rawLength);
+  size_t n = b.codec == Codec::None ? 0 : compressChunk(b.codec, b.level, raw, chunk.rawLength);
+  if (n > 0 && n < chunk.rawLength) {
+    chunk.stored.assign(chunkScratch.out.get(), chunkScratch.out.get() + n);
     chunk.codec = b.codec;
   } else {
     // Incompressible (or not asked to compress): stored as is.
-    chunk.stored = std::move(raw);
+    chunk.stored.assign(raw, raw + chunk.rawLength);
     chunk.codec = Codec::None;
   }
 }
