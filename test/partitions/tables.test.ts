@@ -5,7 +5,7 @@
  * test/safety/devices.test.ts, snapshot archives in test/snapshot/hostile-archives.test.ts.
  */
 import { execFileSync, spawnSync } from 'node:child_process';
-import { createHash, randomBytes } from 'node:crypto';
+import { randomBytes } from 'node:crypto';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
@@ -14,36 +14,24 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { load, Qcow2Error } from '../../src/index';
 import { findPartition } from '../../src/load/partitions';
 import { partition, partitionsOf, readRange } from '../helpers/loop';
-import { cliPath, qemuImg, qemuIo } from '../helpers/qemu';
+import { cliPath } from '../helpers/qemu';
+import { abBytes, abImage, failure, oldDisk, sha } from '../helpers/fixtures';
 
 const MiB = 1024 * 1024;
 const SECTOR = 512;
 let dir: string;
 /** A 1 MiB qcow2 image of 0xab bytes. */
 let image: string;
-const expected = Buffer.alloc(MiB, 0xab);
+const expected = abBytes;
 
 beforeAll(() => {
   dir = fs.mkdtempSync(path.join(os.tmpdir(), 'qcow2img-review-'));
-  image = path.join(dir, 'image.qcow2');
-  qemuImg(['create', '-q', '-f', 'qcow2', image, '1M']);
-  qemuIo(image, ['write -P 0xab 0 1M']);
+  image = abImage(dir);
 });
 
 afterAll(() => {
   if (dir) fs.rmSync(dir, { recursive: true, force: true });
 });
-
-function sha(data: Buffer): string {
-  return createHash('sha256').update(data).digest('hex');
-}
-
-/** A disk image of `size` bytes holding old data (0x5c) everywhere. */
-function oldDisk(name: string, size: number): string {
-  const file = path.join(dir, name);
-  fs.writeFileSync(file, Buffer.alloc(size, 0x5c));
-  return file;
-}
 
 function patch(file: string, offset: number, bytes: Buffer): void {
   const fd = fs.openSync(file, 'r+');
@@ -59,15 +47,6 @@ function sfdiskPartitions(target: string): Map<number, { start: number; size: nu
   const out = execFileSync('sfdisk', ['--json', target], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'ignore'] });
   const dump = JSON.parse(out.slice(out.indexOf('{'))) as { partitiontable: { partitions: { node: string; start: number; size: number }[] } };
   return new Map(dump.partitiontable.partitions.map((p) => [Number(/(\d+)$/.exec(p.node)![1]), { start: p.start * SECTOR, size: p.size * SECTOR }]));
-}
-
-async function failure(promise: Promise<unknown>): Promise<Qcow2Error> {
-  const error = await promise.then(
-    () => undefined,
-    (e: unknown) => e,
-  );
-  expect(error, 'expected a refusal').toBeInstanceOf(Qcow2Error);
-  return error as Qcow2Error;
 }
 
 /** Partitions as libblkid (partx) numbers them. */
@@ -210,7 +189,7 @@ describe('partition tables of disk image files', () => {
   it('numbers a logical partition after an EBR with an empty data entry as sfdisk and Linux do, and writes only that one', async () => {
     // Linux (block/partitions/msdos.c parse_extended), libblkid (partx, lsblk) and sfdisk give a
     // number only to an EBR that holds a data partition; qcow2img counts every EBR visited.
-    const disk = oldDisk('ebr-gap.img', 64 * MiB);
+    const disk = oldDisk(dir, 'ebr-gap.img', 64 * MiB);
     partition(disk, `label: dos\n${disk}1 : size=4M, type=83\n${disk}2 : size=40M, type=5\n${disk}5 : size=2M, type=83\n${disk}6 : size=3M, type=83\n${disk}7 : size=24M, type=83\n`);
     // Empty the data entry of the first EBR (as after deleting the first logical partition
     // with some tools); its link to the next EBR stays.
@@ -243,7 +222,7 @@ describe('partition tables of disk image files', () => {
       // behind a protective MBR. A disk re-labelled DOS by a tool (or dd of an MBR image) that left
       // the GPT at the end of the disk is an MBR disk to all of them.
       const size = 64 * MiB;
-      const disk = oldDisk(`stale-gpt-${primary}.img`, size);
+      const disk = oldDisk(dir, `stale-gpt-${primary}.img`, size);
       writeGpt(disk, gptLayout(size, [{ first: 2048, last: 18431 }, { first: 18432, last: 79871 }]), { primary: primary === 'intact' });
       patch(disk, 0, dosMbr(size, 'label: dos\n,20M,83\n,30M,83\n'));
       const parts = partitionsOf(disk);
@@ -262,7 +241,7 @@ describe('partition tables of disk image files', () => {
   /** A load into `number` of a 64 MiB GPT disk of `parts`: INVALID_ARGUMENT naming the disk, the disk unchanged. */
   async function refusedGptLoad(name: string, parts: readonly GptPart[], number: number): Promise<Qcow2Error> {
     const size = 64 * MiB;
-    const disk = oldDisk(name, size);
+    const disk = oldDisk(dir, name, size);
     writeGpt(disk, gptLayout(size, parts));
     const before = sha(fs.readFileSync(disk));
     const error = await failure(load(image, disk, { partition: number }));
@@ -288,7 +267,7 @@ describe('partition tables of disk image files', () => {
     // file position": the array is then read from offset 0 of a fresh handle, where a forged
     // entry can sit in the protective MBR's boot code.
     const size = 64 * MiB;
-    const disk = oldDisk('gpt-far-array.img', size);
+    const disk = oldDisk(dir, 'gpt-far-array.img', size);
     const layout = gptLayout(size, [{ first: 2048, last: 18431 }, { first: 18432, last: 79871 }]);
     writeGpt(disk, layout);
     const forged = Buffer.alloc(128);
@@ -318,7 +297,7 @@ describe('partition tables of disk image files', () => {
 describe('more partition tables of disk image files', () => {
   it('falls back to the backup GPT when the primary header CRC is wrong, as sfdisk does', async () => {
     const size = 64 * MiB;
-    const disk = oldDisk('gpt-backup.img', size);
+    const disk = oldDisk(dir, 'gpt-backup.img', size);
     writeGpt(disk, gptLayout(size, [{ first: 2048, last: 18431 }, { first: 18432, last: 79871 }]));
     patch(disk, SECTOR + 24, Buffer.from([0x7f])); // my_lba changed, CRC not updated
     expect(partitionsOf(disk).get(2)).toEqual({ start: 18432 * SECTOR, size: 61440 * SECTOR });
@@ -332,7 +311,7 @@ describe('more partition tables of disk image files', () => {
 
   it('hostile entry counts and sizes, a looping EBR chain and a protective MBR alone end at once with a result or INVALID_ARGUMENT', async () => {
     const size = 64 * MiB;
-    const disk = oldDisk('gpt-hostile-counts.img', size);
+    const disk = oldDisk(dir, 'gpt-hostile-counts.img', size);
     const layout = gptLayout(size, [{ first: 2048, last: 18431 }]);
     writeGpt(disk, layout);
     for (const [count, entrySize] of [
@@ -365,7 +344,7 @@ describe('more partition tables of disk image files', () => {
     }
 
     // An EBR whose link points back at itself.
-    const looping = oldDisk('ebr-loop.img', 64 * MiB);
+    const looping = oldDisk(dir, 'ebr-loop.img', 64 * MiB);
     partition(looping, `label: dos\n${looping}1 : size=4M, type=83\n${looping}2 : size=40M, type=5\n${looping}5 : size=2M, type=83\n${looping}6 : size=3M, type=83\n`);
     const extendedStart = readRange(looping, 0, SECTOR).readUInt32LE(446 + 16 + 8);
     // The second (last) EBR gets a link to itself.
@@ -431,7 +410,7 @@ describe('partition tables as Linux, sfdisk and libblkid number them', () => {
 
 describe('CLI', () => {
   it('a negative --partition is refused in one line', () => {
-    const target = oldDisk('cli-target.img', 8 * MiB);
+    const target = oldDisk(dir, 'cli-target.img', 8 * MiB);
     const ran = spawnSync(process.execPath, [cliPath, 'load', image, target, '--partition', '-1'], { encoding: 'utf8' });
     expect(ran.status).toBe(1);
     expect(ran.stderr.trim().split('\n'), ran.stderr).toHaveLength(1);

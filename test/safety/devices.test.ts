@@ -6,14 +6,13 @@
  * removed in finally blocks. (Split from test/hostile-input.test.ts.)
  */
 import { execFileSync, spawnSync } from 'node:child_process';
-import { createHash } from 'node:crypto';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
-import { load, Qcow2Error } from '../../src/index';
+import { load } from '../../src/index';
 import { attachLoop, type LoopDevice, loopUnavailable, partition, partitionsOf, readRange } from '../helpers/loop';
-import { qemuImg, qemuIo } from '../helpers/qemu';
+import { abBytes, abImage, failure, oldDisk, sha } from '../helpers/fixtures';
 
 /** /proc/self/mountinfo as safety.ts reads it, when a test stands in for it. */
 const mountinfo = vi.hoisted(() => ({ fake: undefined as string | undefined }));
@@ -30,38 +29,16 @@ const MiB = 1024 * 1024;
 let dir: string;
 /** A 1 MiB qcow2 image of 0xab bytes. */
 let image: string;
-const expected = Buffer.alloc(MiB, 0xab);
+const expected = abBytes;
 
 beforeAll(() => {
   dir = fs.mkdtempSync(path.join(os.tmpdir(), 'qcow2img-review-'));
-  image = path.join(dir, 'image.qcow2');
-  qemuImg(['create', '-q', '-f', 'qcow2', image, '1M']);
-  qemuIo(image, ['write -P 0xab 0 1M']);
+  image = abImage(dir);
 });
 
 afterAll(() => {
   if (dir) fs.rmSync(dir, { recursive: true, force: true });
 });
-
-function sha(data: Buffer): string {
-  return createHash('sha256').update(data).digest('hex');
-}
-
-/** A disk image of `size` bytes holding old data (0x5c) everywhere. */
-function oldDisk(name: string, size: number): string {
-  const file = path.join(dir, name);
-  fs.writeFileSync(file, Buffer.alloc(size, 0x5c));
-  return file;
-}
-
-async function failure(promise: Promise<unknown>): Promise<Qcow2Error> {
-  const error = await promise.then(
-    () => undefined,
-    (e: unknown) => e,
-  );
-  expect(error, 'expected a refusal').toBeInstanceOf(Qcow2Error);
-  return error as Qcow2Error;
-}
 
 const loopSkip = loopUnavailable() ?? (spawnSync('partx', ['--version']).status === 0 ? undefined : 'partx is not installed');
 
@@ -77,7 +54,7 @@ describe.skipIf(loopSubjectSkip())('block devices (loop devices this file makes)
     }
   });
   function loopOver(name: string, size: number): LoopDevice {
-    const file = oldDisk(name, size);
+    const file = oldDisk(dir, name, size);
     const loop = attachLoop(file);
     loops.push(loop);
     return loop;

@@ -11,6 +11,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { Qcow2Error, restoreSnapshot } from '../../src/index';
 import { ChunkReader, tarEntries } from '../../src/snapshot/tar';
 import { repoRoot } from '../helpers/qemu';
+import { failure } from '../helpers/fixtures';
 
 const MiB = 1024 * 1024;
 let dir: string;
@@ -22,15 +23,6 @@ beforeAll(() => {
 afterAll(() => {
   if (dir) fs.rmSync(dir, { recursive: true, force: true });
 });
-
-async function failure(promise: Promise<unknown>): Promise<Qcow2Error> {
-  const error = await promise.then(
-    () => undefined,
-    (e: unknown) => e,
-  );
-  expect(error, 'expected a refusal').toBeInstanceOf(Qcow2Error);
-  return error as Qcow2Error;
-}
 
 // ---------------------------------------------------------------------------------------------
 // tar, made by hand.
