@@ -4,7 +4,7 @@
  * realistic-image.mjs), from the file and from a block device, every capture variant passes
  * `qemu-img check` with nothing to report and `qemu-img compare` as identical.
  *
- *   node benchmarks/verify-capture.mjs [--source PATH] [--only a,b] [--no-device] [--build-source] [--cache-dir DIR]
+ *   node scripts/verify-capture.mjs [--source PATH] [--only a,b] [--no-device] [--build-source] [--cache-dir DIR]
  *
  * Variants: uncompressed, zlib, zstd, compat-0.10, cluster-4k, cluster-2m-zstd, backing. Each runs
  * from the source file, then from a read-only loop device over it. For "backing", the source is
@@ -27,9 +27,9 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { parseArgs } from 'node:util';
-import { ensureFreeSpace, formatCommand, humanBytes, isAlive, machineFacts, markdownTable, printFacts, repoRoot, run } from './common.mjs';
-import { Cleanup, detachLoop, loadableBuild } from './harness.mjs';
-import { buildRealisticImages, defaultCacheDir } from './realistic-image.mjs';
+import { ensureFreeSpace, formatCommand, humanBytes, isAlive, machineFacts, markdownTable, printFacts, repoRoot, run } from '../benchmarks/common.mjs';
+import { Cleanup, detachLoop, loadableBuild } from '../benchmarks/harness.mjs';
+import { buildRealisticImages, defaultCacheDir } from '../benchmarks/realistic-image.mjs';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -263,7 +263,7 @@ async function main() {
     },
   });
   if (values.help) {
-    console.log('usage: node benchmarks/verify-capture.mjs [--source PATH] [--only NAME,...] [--no-device] [--build-source] [--cache-dir DIR]');
+    console.log('usage: node scripts/verify-capture.mjs [--source PATH] [--only NAME,...] [--no-device] [--build-source] [--cache-dir DIR]');
     console.log(`variants: ${variantNames.join(', ')}`);
     console.log('--source: a raw disk file, a multiple of 512 bytes, at least 16 MiB (default CACHE/os.raw)');
     console.log('--build-source: build CACHE/os.raw with realistic-image.mjs when it is missing (minutes, all cores)');

@@ -3,7 +3,7 @@
  * Checks that `qcow2img load` writes exactly what `qemu-img convert -O raw` writes, on every
  * realistic variant (see realistic-image.mjs) and every internal snapshot of them.
  *
- *   node benchmarks/verify-load.mjs [--only a,b] [--threads N] [--keep-mismatches] [--cache-dir DIR]
+ *   node scripts/verify-load.mjs [--only a,b] [--threads N] [--keep-mismatches] [--cache-dir DIR]
  *
  * Prints a table and exits 1 on any mismatch or error. For a mismatch it also prints the guest
  * ranges that differ and what `qemu-img map` and `qcow2img map` say is there. Outputs are 2 GiB
@@ -12,8 +12,8 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { parseArgs } from 'node:util';
-import { ensureFreeSpace, formatCommand, freezeBuild, humanBytes, machineFacts, markdownTable, printFacts, repoRoot, run } from './common.mjs';
-import { buildRealisticImages, defaultCacheDir, variantNames } from './realistic-image.mjs';
+import { ensureFreeSpace, formatCommand, freezeBuild, humanBytes, machineFacts, markdownTable, printFacts, repoRoot, run } from '../benchmarks/common.mjs';
+import { buildRealisticImages, defaultCacheDir, variantNames } from '../benchmarks/realistic-image.mjs';
 
 const MiB = 1024 * 1024;
 const sectorSize = 512;
@@ -170,7 +170,7 @@ async function main() {
     },
   });
   if (values.help) {
-    console.log('usage: node benchmarks/verify-load.mjs [--only NAME,...] [--threads N] [--keep-mismatches] [--cache-dir DIR]');
+    console.log('usage: node scripts/verify-load.mjs [--only NAME,...] [--threads N] [--keep-mismatches] [--cache-dir DIR]');
     console.log(`variants: ${variantNames.join(', ')}`);
     return 0;
   }
