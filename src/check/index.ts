@@ -67,6 +67,12 @@ export function checkExitCode(result: CheckResult): number {
 
 const maxIssues = 1000;
 
+/** An L2 table's data entries whose COPIED flag disagrees with their refcount: how many, and the first maxIssues. */
+interface CopiedSummary {
+  count: number;
+  issues: CheckIssue[];
+}
+
 /** Keeps the most recent summaries only: enough for tables referenced over and over. */
 function remember<V>(cache: Map<number, V>, key: number, value: V): void {
   if (cache.size >= 64) cache.delete(cache.keys().next().value as number);
@@ -100,7 +106,7 @@ class Checker {
   private readonly refcountMax: number;
   private readonly refblockCache = new Map<number, Buffer>();
   private readonly tableSummaries = new Map<number, TableSummary>();
-  private readonly copiedSummaries = new Map<number, { count: number; first: CheckIssue | undefined }>();
+  private readonly copiedSummaries = new Map<number, CopiedSummary>();
 
   constructor(
     private readonly handle: fs.FileHandle,
@@ -464,16 +470,19 @@ class Checker {
         copied = await this.summarizeCopied(l2Offset);
         remember(this.copiedSummaries, l2Offset, copied);
       }
-      if (copied.first) this.report(copied.first.kind, copied.first.message, { offset: copied.first.offset! });
-      if (copied.count > 1) this.reportCount('corruption', copied.count - 1);
+      // Each listed as qemu-img lists them, up to the issues kept; the rest counted.
+      const room = Math.max(0, maxIssues - this.result.issues.length);
+      for (const issue of copied.issues.slice(0, room)) this.report(issue.kind, issue.message, { offset: issue.offset! });
+      const unlisted = copied.count - Math.min(room, copied.issues.length);
+      if (unlisted > 0) this.reportCount('corruption', unlisted);
     }
   }
 
-  private async summarizeCopied(l2Offset: number): Promise<{ count: number; first: CheckIssue | undefined }> {
+  private async summarizeCopied(l2Offset: number): Promise<CopiedSummary> {
     const h = this.header;
     const table = await this.read(l2Offset, this.clusterSize);
     let count = 0;
-    let first: CheckIssue | undefined;
+    const issues: CheckIssue[] = [];
     for (let j = 0; j < h.l2EntryCount; j++) {
       const at = j * h.l2EntryBytes;
       const hi = table.readUInt32BE(at);
@@ -487,10 +496,10 @@ class Checker {
       if (refcount === undefined) continue;
       if ((refcount === 1) !== copied) {
         count++;
-        first ??= { kind: 'corruption', message: `OFLAG_COPIED data cluster: l2_entry=${table.readBigUInt64BE(at).toString(16)} refcount=${refcount}`, offset: l2Offset + at };
+        if (issues.length < maxIssues) issues.push({ kind: 'corruption', message: `OFLAG_COPIED data cluster: l2_entry=${table.readBigUInt64BE(at).toString(16)} refcount=${refcount}`, offset: l2Offset + at });
       }
     }
-    return { count, first };
+    return { count, issues };
   }
 }
 
