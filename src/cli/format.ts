@@ -79,7 +79,7 @@ function formatInfo(info: ImageInfo, name: string): string {
     `image: ${name}`,
     `file format: ${info.format}`,
     `virtual size: ${qemuSize(info.virtualSize)} (${info.virtualSize} bytes)`,
-    `disk size: ${qemuSize(info.allocatedBytes)}`,
+    `disk size: ${info.allocatedBytes === undefined ? 'unavailable' : qemuSize(info.allocatedBytes)}`,
   ];
   if (info.encrypted) lines.push('encrypted: yes');
   if (info.clusterSize !== undefined) lines.push(`cluster_size: ${info.clusterSize}`);

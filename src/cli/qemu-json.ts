@@ -93,7 +93,14 @@ function encryptDict(encryption: EncryptionInfo): QDict {
 
 /** ImageInfo (qapi/block-core.json), as bdrv_query_image_info fills it for a file named `name`. */
 function infoDict(info: ImageInfo, name: string): QDict {
-  const dict: QDict = { filename: name, format: info.format, 'dirty-flag': info.dirty ?? false, 'actual-size': info.allocatedBytes, 'virtual-size': info.virtualSize };
+  // actual-size: left out where the driver cannot say (an http(s) image), as qemu-img does.
+  const dict: QDict = {
+    filename: name,
+    format: info.format,
+    'dirty-flag': info.dirty ?? false,
+    ...(info.allocatedBytes !== undefined ? { 'actual-size': info.allocatedBytes } : {}),
+    'virtual-size': info.virtualSize,
+  };
   if (info.clusterSize !== undefined) dict['cluster-size'] = info.clusterSize;
   if (info.encrypted) dict['encrypted'] = true;
   if (info.backingFile !== undefined) {

@@ -59,19 +59,29 @@ class TryError extends Error {
     message: string,
     readonly retry: boolean,
     readonly final?: Qcow2Error,
+    /** Where a redirect of the opening request points. */
+    readonly redirect?: URL,
   ) {
     super(message);
   }
 }
 
+/** Redirects followed while a file is opened, as curl (QEMU's http driver) follows them. */
+const maxRedirects = 10;
+const redirectStatuses = new Set([301, 302, 303, 307, 308]);
+
 export class HttpFile {
   readonly shown: string;
+  /** Where requests go: the URL given, or where its redirects led when the file was opened. */
+  private target: URL;
+  private redirects = 0;
   /** Size of the file, from the first response's Content-Range. */
   size = 0;
   private etag: string | undefined;
   private lastModified: string | undefined;
-  private readonly agent: http.Agent;
-  private readonly headers: Record<string, string>;
+  private agent: http.Agent;
+  private headers: Record<string, string>;
+  private readonly connections: number;
   private readonly timeoutMs: number;
   private readonly tries: number;
   private readonly retryDelayMs: number;
@@ -85,12 +95,34 @@ export class HttpFile {
     options: HttpOptions,
   ) {
     this.shown = shownUrl(url);
+    this.target = url;
     this.headers = parseHeaders(options.headers, this.shown);
     this.timeoutMs = options.timeoutMs ?? 30000;
     this.tries = options.tries ?? 6;
     this.retryDelayMs = options.retryDelayMs ?? 200;
-    const agentOptions = { keepAlive: true, maxSockets: options.connections ?? 8, maxFreeSockets: options.connections ?? 8, scheduling: 'lifo' as const };
-    this.agent = url.protocol === 'https:' ? new https.Agent(agentOptions) : new http.Agent(agentOptions);
+    this.connections = options.connections ?? 8;
+    this.agent = this.agentFor(url);
+  }
+
+  private agentFor(url: URL): http.Agent {
+    const agentOptions = { keepAlive: true, maxSockets: this.connections, maxFreeSockets: this.connections, scheduling: 'lifo' as const };
+    return url.protocol === 'https:' ? new https.Agent(agentOptions) : new http.Agent(agentOptions);
+  }
+
+  /**
+   * Follows a redirect of the opening request: later requests go where it points. Headers given
+   * for the image's origin are not sent to another origin, and https never leads to http.
+   */
+  private follow(to: URL): void {
+    if (++this.redirects > maxRedirects) throw this.error('HTTP_ERROR', `more than ${maxRedirects} redirects`);
+    if (to.protocol !== 'http:' && to.protocol !== 'https:') throw this.error('HTTP_ERROR', `a redirect to a ${to.protocol} URL is not followed`);
+    if (this.target.protocol === 'https:' && to.protocol === 'http:') throw this.error('HTTP_ERROR', 'a redirect from https to http is not followed');
+    if (to.origin !== this.target.origin) this.headers = {};
+    if (to.protocol !== this.target.protocol) {
+      this.agent.destroy();
+      this.agent = this.agentFor(to);
+    }
+    this.target = to;
   }
 
   /** Opens the file: a first ranged GET of up to `firstBytes` bytes, which pins it. Resolves with those bytes too. */
@@ -137,6 +169,10 @@ export class HttpFile {
         });
       } catch (error) {
         if (!(error instanceof TryError)) throw error;
+        if (error.redirect) {
+          this.follow(error.redirect);
+          continue;
+        }
         if (!error.retry) throw error.final ?? this.error('HTTP_ERROR', error.message);
         if (position > before) failures = 0;
         failures++;
@@ -153,7 +189,7 @@ export class HttpFile {
     const headers: Record<string, string> = { ...this.headers, range: `bytes=${from}-${to - 1}`, 'accept-encoding': 'identity' };
     if (this.etag !== undefined && !this.etag.startsWith('W/')) headers['if-match'] = this.etag;
     else if (this.lastModified !== undefined) headers['if-unmodified-since'] = this.lastModified;
-    const request = this.url.protocol === 'https:' ? https.request : http.request;
+    const request = this.target.protocol === 'https:' ? https.request : http.request;
     this.requests++;
     return new Promise<void>((resolve, reject) => {
       let settled = false;
@@ -163,7 +199,7 @@ export class HttpFile {
         req.destroy();
         reject(error);
       };
-      const req = request(this.url, { method: 'GET', headers, agent: this.agent }, (res) => {
+      const req = request(this.target, { method: 'GET', headers, agent: this.agent }, (res) => {
         const status = res.statusCode ?? 0;
         if (status !== 206) {
           res.resume();
@@ -229,7 +265,13 @@ export class HttpFile {
     if (status === 412) return new TryError('', false, this.error('SOURCE_CHANGED', 'the file on the server changed since it was opened (412 Precondition Failed)'));
     if (status === 416) return new TryError('', false, this.error('SOURCE_CHANGED', 'the file on the server is shorter than when it was opened (416)'));
     if (status >= 500 || status === 408 || status === 429) return new TryError(`HTTP ${status}`, true);
-    if (status >= 300 && status < 400) return new TryError('', false, this.error('HTTP_ERROR', `HTTP ${status}: redirects are not followed; give the final URL`));
+    const location = res.headers.location;
+    if (redirectStatuses.has(status) && location !== undefined && this.size === 0) {
+      // Only while opening: a file already pinned does not move.
+      const to = URL.canParse(location, this.target.href) ? new URL(location, this.target) : undefined;
+      if (to) return new TryError('', false, undefined, to);
+    }
+    if (status >= 300 && status < 400) return new TryError('', false, this.error('HTTP_ERROR', `HTTP ${status}${this.size === 0 ? ' without a usable Location' : ': the file moved while it was read'}`));
     return new TryError('', false, this.error('HTTP_ERROR', `HTTP ${status}${res.statusMessage ? ` ${res.statusMessage}` : ''}`));
   }
 

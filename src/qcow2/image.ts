@@ -80,8 +80,8 @@ export interface ImageInfo {
   clusterSize?: number;
   /** Bytes in the image file. */
   fileSize: number;
-  /** Bytes the image file occupies on disk (qemu-img's actual-size). */
-  allocatedBytes: number;
+  /** Bytes the image file occupies on disk (qemu-img's actual-size); undefined for an http(s) image, whose server does not say. */
+  allocatedBytes?: number;
   compressionType?: CompressionType;
   extendedL2?: boolean;
   refcountBits?: number;

@@ -137,11 +137,11 @@ async function nextInChain(layer: Qcow2Layer, depth: number, options: OpenOption
   }
 }
 
-async function allocatedBytes(path: string): Promise<number> {
-  // A remote file: its size (qemu-img's curl driver reports no actual size at all).
-  if (isUrl(path)) return 0;
+async function allocatedBytes(path: string): Promise<{ allocatedBytes?: number }> {
+  // A remote file: unknown, as qemu-img's curl driver says ("disk size: unavailable").
+  if (isUrl(path)) return {};
   const stats = await fs.stat(path);
-  return stats.blocks * 512;
+  return { allocatedBytes: stats.blocks * 512 };
 }
 
 /** How qemu-img names a remote image's backing file: resolved against its URL (shown without a query). */
@@ -156,7 +156,7 @@ function fullRemoteName(referrer: string, name: string): string {
 }
 
 async function rawInfo(file: OpenFile, virtualSize: number): Promise<ImageInfo> {
-  return { format: 'raw', filename: file.path, virtualSize, fileSize: file.size, allocatedBytes: await allocatedBytes(file.path) };
+  return { format: 'raw', filename: file.path, virtualSize, fileSize: file.size, ...(await allocatedBytes(file.path)) };
 }
 
 function snapshotInfo(snapshot: Qcow2Snapshot): SnapshotInfo {
@@ -195,7 +195,7 @@ async function qcow2Info(layer: Qcow2Layer): Promise<ImageInfo> {
     virtualSize: layer.virtualSize,
     clusterSize: h.clusterSize,
     fileSize: layer.file.size,
-    allocatedBytes: await allocatedBytes(layer.file.path),
+    ...(await allocatedBytes(layer.file.path)),
     compressionType: h.compressionType,
     extendedL2: h.extendedL2,
     refcountBits: h.refcountBits,

@@ -76,6 +76,7 @@ describe('reading over HTTP', () => {
       const here = await open(local);
       try {
         expect(remote.path).toBe(`${nginx.http}/images/${path.basename(local)}`);
+        expect(remote.info.allocatedBytes).toBeUndefined();
         expect({ ...remote.info, filename: '', allocatedBytes: 0 }).toEqual({ ...here.info, filename: '', allocatedBytes: 0 });
         const strip = (entries: { filename?: string }[]) => entries.map((e) => ({ ...e, filename: undefined }));
         expect(strip(await remote.extents())).toEqual(strip(await here.extents()));

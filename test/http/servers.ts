@@ -67,7 +67,7 @@ export interface Nginx {
 
 /**
  * nginx serving `root` at / (Range on) and at /norange/ (max_ranges 0: ranged GETs get 200),
- * over HTTP and HTTPS. Its own config, pid and logs under `dir`; never the system service.
+ * over HTTP and HTTPS; /moved/X redirects (302) to /X, /loop to itself, /to-http/X to http://.../X. Its own config, pid and logs under `dir`; never the system service.
  */
 export async function startNginx(root: string, dir: string): Promise<Nginx> {
   fs.mkdirSync(dir, { recursive: true });
@@ -76,7 +76,10 @@ export async function startNginx(root: string, dir: string): Promise<Nginx> {
   const log = path.join(dir, 'error.log');
   const locations = `
     root ${root};
-    location /norange/ { alias ${root}/; max_ranges 0; }`;
+    location /norange/ { alias ${root}/; max_ranges 0; }
+    location /moved/ { rewrite ^/moved/(.*)$ /$1 redirect; }
+    location = /loop { return 302 /loop; }
+    location /to-http/ { rewrite ^/to-http/(.*)$ http://127.0.0.1:${plain}/$1 redirect; }`;
   const config = `
 daemon off;
 master_process off;
