@@ -50,7 +50,19 @@ export interface HeaderExtension {
   length: number;
 }
 
-export interface Qcow2Header {
+/** What the header extensions say (docs/formats/qcow2.md, "Header extensions"). */
+interface ParsedExtensions {
+  backingFormat: string | undefined;
+  externalDataFile: string | undefined;
+  featureNames: FeatureName[];
+  /** The bitmaps extension, while autoclear bit 0 says the bitmaps are consistent (QEMU ignores them otherwise). */
+  bitmaps: BitmapsExtension | undefined;
+  /** Full-disk encryption header pointer (LUKS), if present. */
+  encryptionHeader: { offset: number; length: number } | undefined;
+  extensions: HeaderExtension[];
+}
+
+export interface Qcow2Header extends ParsedExtensions {
   version: 2 | 3;
   backingFileOffset: number;
   backingFileSize: number;
@@ -83,14 +95,6 @@ export interface Qcow2Header {
   lazyRefcounts: boolean;
   hasExternalDataFile: boolean;
   dataFileRaw: boolean;
-  backingFormat: string | undefined;
-  externalDataFile: string | undefined;
-  featureNames: FeatureName[];
-  /** The bitmaps extension, while autoclear bit 0 says the bitmaps are consistent (QEMU ignores them otherwise). */
-  bitmaps: BitmapsExtension | undefined;
-  /** Full-disk encryption header pointer (LUKS), if present. */
-  encryptionHeader: { offset: number; length: number } | undefined;
-  extensions: HeaderExtension[];
   /** Bytes per L2 entry: 8, or 16 with extended L2. */
   l2EntryBytes: number;
   /** Entries per L2 table (one cluster). */
@@ -338,15 +342,6 @@ function cString(bytes: Buffer, encoding: 'utf8' | 'latin1'): string {
   return bytes.toString(encoding, 0, nul < 0 ? bytes.length : nul);
 }
 
-interface ParsedExtensions {
-  backingFormat: string | undefined;
-  externalDataFile: string | undefined;
-  featureNames: FeatureName[];
-  /** The bitmaps extension, while autoclear bit 0 says the bitmaps are consistent (QEMU ignores them otherwise). */
-  bitmaps: BitmapsExtension | undefined;
-  encryptionHeader: { offset: number; length: number } | undefined;
-  extensions: HeaderExtension[];
-}
 
 function parseExtensions(start: Buffer, path: string, from: number, end: number, clusterSize: number, autoclearFeatures: bigint, cryptMethod: number): ParsedExtensions {
   const result: ParsedExtensions = {

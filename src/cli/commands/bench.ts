@@ -1,19 +1,14 @@
 /** `qcow2img bench TARGET`: write bandwidth, IOPS and latency, as fio measures them. */
-import { bench } from '../../bench/index';
+import { bench, type BenchOptions } from '../../bench/index';
 import { humanBytes } from '../format';
 import { defined, type OpenFlags, openOptions } from '../options';
 import { type ProgressFlags, clearProgress, printJson, progressMode, progressReporter, untilInterrupted } from '../terminal';
 
-export interface BenchFlags extends OpenFlags, ProgressFlags {
-  size?: number;
-  blockSize?: number;
-  queueDepth?: number;
-  pattern?: 'seq' | 'rand';
-  time?: number;
-  direct?: 'always' | 'never';
-  engine?: 'auto' | 'io_uring' | 'threads';
-  force?: boolean;
-  image?: string;
+/** The API's options as flags (commander's names), plus how to print. */
+export interface BenchFlags
+  extends OpenFlags,
+    ProgressFlags,
+    Pick<BenchOptions, 'size' | 'blockSize' | 'queueDepth' | 'pattern' | 'time' | 'direct' | 'engine' | 'force' | 'image'> {
   json?: boolean;
 }
 

@@ -1,20 +1,15 @@
 /** `qcow2img capture SOURCE OUT.qcow2`: a raw file or block device into a qcow2 image. */
-import { capture } from '../../capture/index';
+import { capture, type CaptureOptions } from '../../capture/index';
 import { humanBytes } from '../format';
 import { UsageError } from '../usage';
 import { defined, type OpenFlags, openOptions } from '../options';
 import { type ProgressFlags, progressMode, progressReporter, reportResult, untilInterrupted } from '../terminal';
 
-export interface CaptureFlags extends OpenFlags, ProgressFlags {
-  compress?: 'zlib' | 'zstd';
-  level?: number;
-  clusterSize?: number;
-  compat?: '0.10' | '1.1';
-  backing?: string;
-  backingFormat?: 'qcow2' | 'raw';
-  size?: number;
-  threads?: number;
-  overwrite?: boolean;
+/** The API's options as flags (commander's names), plus how to print. */
+export interface CaptureFlags
+  extends OpenFlags,
+    ProgressFlags,
+    Pick<CaptureOptions, 'compress' | 'level' | 'clusterSize' | 'compat' | 'backing' | 'backingFormat' | 'size' | 'threads' | 'overwrite'> {
   json?: boolean;
 }
 
