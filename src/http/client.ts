@@ -66,6 +66,17 @@ class TryError extends Error {
   }
 }
 
+/** Waits `ms`, or less when `signal` fires (the caller then sees it aborted). */
+function abortableDelay(ms: number, signal: AbortSignal | undefined): Promise<void> {
+  return new Promise((resolve) => {
+    const timer = setTimeout(resolve, ms);
+    signal?.addEventListener('abort', () => {
+      clearTimeout(timer);
+      resolve();
+    }, { once: true });
+  });
+}
+
 /** Redirects followed while a file is opened, as curl (QEMU's http driver) follows them. */
 const maxRedirects = 10;
 const redirectStatuses = new Set([301, 302, 303, 307, 308]);
@@ -145,15 +156,16 @@ export class HttpFile {
     this.agent.destroy();
   }
 
-  private error(code: 'HTTP_ERROR' | 'SOURCE_CHANGED' | 'RANGE_NOT_SUPPORTED' | 'CLOSED', message: string): Qcow2Error {
+  private error(code: 'HTTP_ERROR' | 'SOURCE_CHANGED' | 'RANGE_NOT_SUPPORTED' | 'CLOSED' | 'CANCELLED', message: string): Qcow2Error {
     return new Qcow2Error(code, message, { path: this.shown });
   }
 
   /**
    * GETs bytes [offset, offset + length) (clipped to the file once its size is known), handing
    * each chunk to `sink` in order with its file offset. Retries and resumes as the file says.
+   * `signal` cuts the request in flight (and a wait between tries): CANCELLED.
    */
-  async fetch(offset: number, length: number, sink: (chunk: Buffer, position: number) => void): Promise<void> {
+  async fetch(offset: number, length: number, sink: (chunk: Buffer, position: number) => void, signal?: AbortSignal): Promise<void> {
     let end = offset + length;
     let position = offset;
     let failures = 0;
@@ -161,12 +173,13 @@ export class HttpFile {
       if (this.size > 0) end = Math.min(end, this.size);
       if (position >= end) return;
       if (this.closed) throw this.error('CLOSED', 'closed while reading');
+      if (signal?.aborted) throw this.error('CANCELLED', 'cancelled');
       const before = position;
       try {
         await this.once(position, end, (chunk, at) => {
           sink(chunk, at);
           position = at + chunk.length;
-        });
+        }, signal);
       } catch (error) {
         if (!(error instanceof TryError)) throw error;
         if (error.redirect) {
@@ -178,13 +191,13 @@ export class HttpFile {
         failures++;
         if (failures >= this.tries) throw this.error('HTTP_ERROR', `${error.message}; gave up after ${this.tries} tries at byte ${position}`);
         const delay = Math.min(5000, this.retryDelayMs * 2 ** (failures - 1));
-        await new Promise((resolve) => setTimeout(resolve, delay));
+        await abortableDelay(delay, signal);
       }
     }
   }
 
   /** One request for [from, to): resolves when the body is complete, rejects with a TryError. */
-  private once(from: number, end: number, sink: (chunk: Buffer, position: number) => void): Promise<void> {
+  private once(from: number, end: number, sink: (chunk: Buffer, position: number) => void, signal?: AbortSignal): Promise<void> {
     let to = end;
     const headers: Record<string, string> = { ...this.headers, range: `bytes=${from}-${to - 1}`, 'accept-encoding': 'identity' };
     if (this.etag !== undefined && !this.etag.startsWith('W/')) headers['if-match'] = this.etag;
@@ -193,12 +206,16 @@ export class HttpFile {
     this.requests++;
     return new Promise<void>((resolve, reject) => {
       let settled = false;
+      const onAbort = () => fail(new TryError('', false, this.error('CANCELLED', 'cancelled')));
       const fail = (error: TryError) => {
         if (settled) return;
         settled = true;
         req.destroy();
         reject(error);
       };
+      signal?.addEventListener('abort', onAbort, { once: true });
+      // However the request ends, the listener goes with it.
+      const done = () => signal?.removeEventListener('abort', onAbort);
       const req = request(this.target, { method: 'GET', headers, agent: this.agent }, (res) => {
         const status = res.statusCode ?? 0;
         if (status !== 206) {
@@ -249,6 +266,7 @@ export class HttpFile {
         else if (error.code === 'ENOTFOUND' || error.code === 'EAI_AGAIN') fail(new TryError(`cannot resolve the host (${error.code})`, error.code === 'EAI_AGAIN'));
         else fail(new TryError(`request failed (${error.code ?? 'error'})`, true));
       });
+      req.on('close', done);
       req.end();
     });
   }

@@ -20,8 +20,8 @@ export function hasRemote(files: readonly OpenFile[]): boolean {
   return files.some((f) => remoteOf(f) !== undefined);
 }
 
-/** Starts fetching the remote ranges of `runs` (a native plan over `files`, as Image.plan makes it). */
-export function prefetchPlan(files: readonly OpenFile[], runs: Float64Array): Prefetch {
+/** Starts fetching the remote ranges of `runs` (a native plan over `files`, as Image.plan makes it); `signal` stops it (CANCELLED). */
+export function prefetchPlan(files: readonly OpenFile[], runs: Float64Array, signal?: AbortSignal): Prefetch {
   if (!hasRemote(files)) return none;
   const wanted = new Map<number, Range[]>();
   for (let at = 0; at < runs.length; at += planRunFields) {
@@ -38,7 +38,7 @@ export function prefetchPlan(files: readonly OpenFile[], runs: Float64Array): Pr
   const held: { handle: NonNullable<ReturnType<typeof remoteOf>>; token: Promise<Range[]> }[] = [];
   for (const [source, ranges] of wanted) {
     const handle = remoteOf(files[source]!)!;
-    const token = handle.ensure(ranges);
+    const token = handle.ensure(ranges, signal);
     token.catch(() => {});
     held.push({ handle, token });
   }

@@ -139,16 +139,16 @@ export class RemoteHandle {
    * Fetches `ranges` (file offsets) into the memfd, coalesced, with several requests in flight,
    * and holds them until `release` is called with the returned token.
    */
-  ensure(ranges: Range[]): Promise<Range[]> {
+  ensure(ranges: Range[], signal?: AbortSignal): Promise<Range[]> {
     // One at a time: a later ensure then never takes as present what an earlier one still fetches.
-    const run = this.queue.then(() => this.ensureNow(ranges));
+    const run = this.queue.then(() => this.ensureNow(ranges, signal));
     this.queue = run.catch(() => {});
     return run;
   }
 
   private queue: Promise<unknown> = Promise.resolve();
 
-  private async ensureNow(ranges: Range[]): Promise<Range[]> {
+  private async ensureNow(ranges: Range[], signal: AbortSignal | undefined): Promise<Range[]> {
     const wanted = mergeRanges(
       ranges.map(([a, b]) => [Math.max(0, a), Math.min(b, this.http.size)] as Range),
       coalesceGap,
@@ -173,7 +173,7 @@ export class RemoteHandle {
               // ENOMEM/ENOSPC of the memory file: a Qcow2Error naming the URL, not a raw errno.
               throw ioError(error, this.http.shown, 'cannot hold the fetched bytes in memory');
             }
-          });
+          }, signal);
         }
       };
       try {

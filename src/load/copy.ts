@@ -113,7 +113,7 @@ export async function copyImage(image: Image, target: CopyTarget, options: CopyO
   const release = counters.cancelOn(options.signal);
   sampler.start();
   try {
-    await copyBatches(image, target, counters, options.threads);
+    await copyBatches(image, target, counters, options.threads, options.signal);
   } finally {
     sampler.stop();
     release();
@@ -126,7 +126,7 @@ export async function copyImage(image: Image, target: CopyTarget, options: CopyO
  * The batches of a copy, each planned while the one before it is written. Any failure stops
  * the running job and waits for it: the caller closes the descriptors it writes by number next.
  */
-async function copyBatches(image: Image, target: CopyTarget, counters: JobCounters, threads: number | undefined): Promise<void> {
+async function copyBatches(image: Image, target: CopyTarget, counters: JobCounters, threads: number | undefined, signal: AbortSignal | undefined): Promise<void> {
   const size = image.virtualSize;
   const windowSize = copyWindowSize(image, target.alignment);
   const incomplete = () => new Qcow2Error('CANCELLED', 'cancelled; the target is incomplete', { path: image.path });
@@ -141,7 +141,7 @@ async function copyBatches(image: Image, target: CopyTarget, counters: JobCounte
     for (let start = 0; start < size; start += step) {
       const plan = image.plan(await image.copyRuns(start, Math.min(size, start + step)));
       if (target.preallocate) preallocateData(target, plan.runs, size);
-      if (remote) fetching = prefetchPlan(image.files, plan.runs);
+      if (remote) fetching = prefetchPlan(image.files, plan.runs, signal);
       else readAhead(plan.runs, plan.sources);
       if (pending) await pending;
       fetched?.release();
@@ -178,7 +178,8 @@ async function copyBatches(image: Image, target: CopyTarget, counters: JobCounte
     counters.cancel();
     await pending?.catch(() => {});
     await fetching?.ready.catch(() => {});
-    throw error;
+    // A fetch cut by the signal says "cancelled": what matters to the user is the target.
+    throw error instanceof Qcow2Error && error.code === 'CANCELLED' ? incomplete() : error;
   } finally {
     fetched?.release();
     fetching?.release();

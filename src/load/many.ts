@@ -153,7 +153,7 @@ async function copyToAll(
   try {
     for (let start = 0; start < size; start += step) {
       const plan = image.plan(await image.copyRuns(start, Math.min(size, start + step)));
-      fetching = remote ? prefetchPlan(image.files, plan.runs) : undefined;
+      fetching = remote ? prefetchPlan(image.files, plan.runs, options.signal) : undefined;
       await settle();
       const live = liveTargets();
       if (live.length === 0 || counters.cancelled) break;
@@ -193,7 +193,8 @@ async function copyToAll(
     await pending?.job.catch(() => {});
     pending?.fetched?.release();
     await fetching?.ready.catch(() => {});
-    throw error;
+    // A fetch cut by the signal says "cancelled": what matters to the user is the targets.
+    throw error instanceof Qcow2Error && error.code === 'CANCELLED' ? new Qcow2Error('CANCELLED', 'cancelled; the targets are incomplete', { path: image.path }) : error;
   } finally {
     fetching?.release();
   }
