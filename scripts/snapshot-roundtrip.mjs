@@ -5,7 +5,7 @@
  * bit through a folder bundle and through a .tar.zst bundle, and `snapshot verify` names the file in
  * which one byte was changed.
  *
- *   node benchmarks/snapshot-roundtrip.mjs [--vm-dir .cache/vm] [--disk .cache/bench/os.raw]
+ *   node scripts/snapshot-roundtrip.mjs [--vm-dir .cache/vm] [--disk .cache/bench/os.raw]
  *
  * Inputs (made once, never here): VM_DIR/ram.raw and VM_DIR/cpu.json (benchmarks/ram-dump.mjs) and
  * os.raw (benchmarks/realistic-image.mjs). Everything is done with the CLI as a user would
@@ -44,10 +44,10 @@ import {
   printFacts,
   repoRoot,
   run,
-} from './common.mjs';
-import { Cleanup, loadAverage, loadableBuild } from './harness.mjs';
+} from '../benchmarks/common.mjs';
+import { Cleanup, loadAverage, loadableBuild } from '../benchmarks/harness.mjs';
 
-const usage = 'usage: node benchmarks/snapshot-roundtrip.mjs [--vm-dir .cache/vm] [--disk .cache/bench/os.raw]';
+const usage = 'usage: node scripts/snapshot-roundtrip.mjs [--vm-dir .cache/vm] [--disk .cache/bench/os.raw]';
 const f2 = (value) => (Number.isFinite(value) ? value.toFixed(2) : '-');
 const log = (line) => console.error(line);
 
