@@ -67,11 +67,6 @@ export function checkExitCode(result: CheckResult): number {
 
 const maxIssues = 1000;
 
-/** An L2 table's data entries whose COPIED flag disagrees with their refcount: how many, and the first maxIssues. */
-interface CopiedSummary {
-  count: number;
-  issues: CheckIssue[];
-}
 
 /** Keeps the most recent summaries only: enough for tables referenced over and over. */
 function remember<V>(cache: Map<number, V>, key: number, value: V): void {
@@ -83,10 +78,14 @@ function remember<V>(cache: Map<number, V>, key: number, value: V): void {
 const maxCheckedClusters = 2 ** 31 - 1;
 
 /** What one L2 table contributes: references by cluster, issues, counters. */
-interface TableSummary {
-  references: Map<number, number>;
+/** Problems a table walk found: the first maxIssues in full, the corruptions past them counted. */
+interface IssueSummary {
   issues: { kind: CheckIssue['kind']; message: string; where: { offset: number } }[];
   moreCorruptions: number;
+}
+
+interface TableSummary extends IssueSummary {
+  references: Map<number, number>;
   allocated: number;
   compressed: number;
   fragmented: number;
@@ -106,7 +105,7 @@ class Checker {
   private readonly refcountMax: number;
   private readonly refblockCache = new Map<number, Buffer>();
   private readonly tableSummaries = new Map<number, TableSummary>();
-  private readonly copiedSummaries = new Map<number, CopiedSummary>();
+  private readonly copiedSummaries = new Map<number, IssueSummary>();
 
   constructor(
     private readonly handle: fs.FileHandle,
@@ -146,6 +145,14 @@ class Checker {
     else if (kind === 'leak') this.result.leaks += count;
     else this.result.checkErrors += count;
     this.result.issueCount += count;
+  }
+
+  /** A table's summary replayed: its issues listed while the result keeps fewer than maxIssues, the rest counted. */
+  private replayIssues(summary: IssueSummary): void {
+    const room = Math.max(0, maxIssues - this.result.issues.length);
+    for (const issue of summary.issues.slice(0, room)) this.report(issue.kind, issue.message, issue.where);
+    const unreported = Math.max(0, summary.issues.length - room) + summary.moreCorruptions;
+    if (unreported > 0) this.reportCount('corruption', unreported);
   }
 
   private report(kind: CheckIssue['kind'], message: string, where: { cluster?: number; offset?: number } = {}): void {
@@ -278,10 +285,7 @@ class Checker {
       summary = await this.summarizeL2(l2Offset);
       remember(this.tableSummaries, l2Offset, summary);
     }
-    const room = Math.max(0, maxIssues - this.result.issues.length);
-    for (const issue of summary.issues.slice(0, room)) this.report(issue.kind, issue.message, issue.where);
-    const unreported = Math.max(0, summary.issues.length - room) + summary.moreCorruptions;
-    if (unreported > 0) this.reportCount('corruption', unreported);
+    this.replayIssues(summary);
     for (const [cluster, count] of summary.references) this.addReferences(cluster, count);
     if (active) {
       this.result.allocatedClusters += summary.allocated;
@@ -470,19 +474,14 @@ class Checker {
         copied = await this.summarizeCopied(l2Offset);
         remember(this.copiedSummaries, l2Offset, copied);
       }
-      // Each listed as qemu-img lists them, up to the issues kept; the rest counted.
-      const room = Math.max(0, maxIssues - this.result.issues.length);
-      for (const issue of copied.issues.slice(0, room)) this.report(issue.kind, issue.message, { offset: issue.offset! });
-      const unlisted = copied.count - Math.min(room, copied.issues.length);
-      if (unlisted > 0) this.reportCount('corruption', unlisted);
+      this.replayIssues(copied);
     }
   }
 
-  private async summarizeCopied(l2Offset: number): Promise<CopiedSummary> {
+  private async summarizeCopied(l2Offset: number): Promise<IssueSummary> {
     const h = this.header;
     const table = await this.read(l2Offset, this.clusterSize);
-    let count = 0;
-    const issues: CheckIssue[] = [];
+    const summary: IssueSummary = { issues: [], moreCorruptions: 0 };
     for (let j = 0; j < h.l2EntryCount; j++) {
       const at = j * h.l2EntryBytes;
       const hi = table.readUInt32BE(at);
@@ -495,11 +494,12 @@ class Checker {
       const refcount = h.hasExternalDataFile ? 1 : await this.stored(Math.floor(dataOffset / this.clusterSize));
       if (refcount === undefined) continue;
       if ((refcount === 1) !== copied) {
-        count++;
-        if (issues.length < maxIssues) issues.push({ kind: 'corruption', message: `OFLAG_COPIED data cluster: l2_entry=${table.readBigUInt64BE(at).toString(16)} refcount=${refcount}`, offset: l2Offset + at });
+        // Each listed, as qemu-img lists them.
+        if (summary.issues.length < maxIssues) summary.issues.push({ kind: 'corruption', message: `OFLAG_COPIED data cluster: l2_entry=${table.readBigUInt64BE(at).toString(16)} refcount=${refcount}`, where: { offset: l2Offset + at } });
+        else summary.moreCorruptions++;
       }
     }
-    return { count, issues };
+    return summary;
   }
 }
 
