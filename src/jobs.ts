@@ -26,6 +26,14 @@ function defaultThreads(): number {
 }
 
 /**
+ * threadCount for work that keeps its threads on the CPU (RAM pages: scanning, compressing,
+ * restoring): one a core by default, since more only add contention (measured).
+ */
+export function cpuThreadCount(threads: number | undefined, path: string): number {
+  return threads === undefined ? os.availableParallelism() : threadCount(threads, path);
+}
+
+/**
  * The four words a native job shares with its threads, used in place:
  * `[dataBytes, zeroBytes, cancel, reserved]`. Every worker polls `cancel` between tasks.
  */

@@ -9,8 +9,7 @@ import * as nodePath from 'node:path';
 import { Qcow2Error, ioError, throwIfCancelled } from '../errors';
 import { openToRead, PendingFile } from '../files';
 import { native } from '../native';
-import { JobCounters, jobError, ProgressSampler, threadCount, type ProgressCallback } from '../jobs';
-import * as os from 'node:os';
+import { JobCounters, jobError, ProgressSampler, cpuThreadCount, type ProgressCallback } from '../jobs';
 import { type CpuState, decodeCpuState } from './cpu';
 import {
   CHUNK_HEADER_BYTES, codecOfChunkByte, decodeFooter, decodeHeader, decodeIndex, decodeRegions, FOOTER_BYTES, HEADER_BYTES,
@@ -563,8 +562,7 @@ export class StateFile {
         ...(options.mapOutput ? { mapOutput: true, outputLength: options.mapOutput.length } : {}),
         // The batch's pages go to the disk while the next batch decompresses, not all at the final fdatasync.
         startWriteback: options.writeback !== false,
-        // Restore is memory-bound: more threads than cores only add contention (measured).
-        threads: options.threads === undefined ? os.availableParallelism() : threadCount(options.threads, this.path),
+        threads: cpuThreadCount(options.threads, this.path),
       });
     } catch (error) {
       throw jobError('restore', error, { path: this.path, describeChunk });

@@ -4,12 +4,11 @@
  * footer. Memory stays bounded by one batch of guest RAM plus the index.
  */
 import * as fs from 'node:fs/promises';
-import * as os from 'node:os';
 import * as nodePath from 'node:path';
 import { randomUUID } from 'node:crypto';
 import { Qcow2Error, ioError, throwIfCancelled } from '../errors';
 import { openToRead, PendingFile } from '../files';
-import { JobCounters, jobError, ProgressSampler, threadCount, type ProgressCallback } from '../jobs';
+import { JobCounters, jobError, ProgressSampler, cpuThreadCount, type ProgressCallback } from '../jobs';
 import { Codec, native, type NativeDedupTable, type NativeDumpBatchResult, type NativeDumpChunk } from '../native';
 import { type CpuState, encodeCpuState } from './cpu';
 import {
@@ -297,8 +296,7 @@ async function processBatch(source: fs.FileHandle, batch: PageBatch, dedup: Nati
     // zstd 2: measured on a real guest's RAM, smaller than `zstd -3` of the whole dump for 0.02 s more than level 1.
     level: options.level ?? (options.compress === 'deflate' ? 6 : 2),
     chunkTargetBytes: 1 << 20,
-    // Scanning and compressing are CPU work: more threads than cores only add contention (measured).
-    threads: options.threads === undefined ? os.availableParallelism() : threadCount(options.threads, path),
+    threads: cpuThreadCount(options.threads, path),
   }).catch((error: unknown) => {
     throw jobError('pages', error, { path: options.memory ?? path });
   });
