@@ -163,22 +163,19 @@ async function copyBatches(image: Image, target: CopyTarget, counters: JobCounte
         windowSize,
         counters: counters.words,
         ...(target.windowHashes ? { windowHashes: target.windowHashes, hashedSize: size } : {}),
-      }, target.path).catch((error: unknown) => {
-        // A job stopped by the signal says "cancelled": what matters to the user is the target.
-        throw error instanceof Qcow2Error && error.code === 'CANCELLED' ? incomplete() : error;
-      });
+      }, target.path);
       // A rejection is awaited on the next turn or below; do not let it go unhandled meanwhile.
       pending.catch(() => {});
     }
     if (pending) await pending;
     if (counters.cancelled) throw incomplete();
   } catch (error) {
-    // Planning the next batch failed while a job runs: stop it and wait, for the caller
-    // closes the target's and the image's descriptors next, and the job writes by number.
+    // Whatever failed (a job, planning the next batch, a fetch), stop the job and wait: the
+    // caller closes the target's and the image's descriptors next, and the job writes by number.
     counters.cancel();
     await pending?.catch(() => {});
     await fetching?.ready.catch(() => {});
-    // A fetch cut by the signal says "cancelled": what matters to the user is the target.
+    // A job or a fetch stopped by the signal says "cancelled": what matters to the user is the target.
     throw error instanceof Qcow2Error && error.code === 'CANCELLED' ? incomplete() : error;
   } finally {
     fetched?.release();

@@ -133,6 +133,7 @@ async function copyToAll(
   const remote = hasRemote(image.files);
   const step = remote ? remoteBatchBytes : batchBytes;
   const liveTargets = () => opened.flatMap((t, i) => (t ? [i] : []));
+  const incomplete = () => new Qcow2Error('CANCELLED', 'cancelled; the targets are incomplete', { path: image.path });
   // The job running and the targets it writes; the next batch is planned (and fetched) meanwhile.
   let pending: { job: Promise<(object | null)[]>; live: number[]; fetched: Prefetch | undefined } | undefined;
   let fetching: Prefetch | undefined;
@@ -186,7 +187,7 @@ async function copyToAll(
       pending = { job: running, live, fetched };
     }
     await settle();
-    if (counters.cancelled) throw new Qcow2Error('CANCELLED', 'cancelled; the targets are incomplete', { path: image.path });
+    if (counters.cancelled) throw incomplete();
   } catch (error) {
     // Stop the running job and wait: the caller closes the descriptors it writes by number next.
     counters.cancel();
@@ -194,7 +195,7 @@ async function copyToAll(
     pending?.fetched?.release();
     await fetching?.ready.catch(() => {});
     // A fetch cut by the signal says "cancelled": what matters to the user is the targets.
-    throw error instanceof Qcow2Error && error.code === 'CANCELLED' ? new Qcow2Error('CANCELLED', 'cancelled; the targets are incomplete', { path: image.path }) : error;
+    throw error instanceof Qcow2Error && error.code === 'CANCELLED' ? incomplete() : error;
   } finally {
     fetching?.release();
   }
