@@ -107,7 +107,7 @@ struct Mapping {
   Mapping& operator=(const Mapping&) = delete;
 };
 
-// A thread's buffers and zstd context for the chunks it fills: a fresh zero-filled buffer and
+// A thread's buffers and compressor contexts for the chunks it fills: a fresh zero-filled buffer and
 // context per ~1 MiB chunk cost more than compressing a mostly-zero dump's data (measured).
 struct ChunkScratch {
   std::unique_ptr<uint8_t[]> raw;
@@ -115,7 +115,22 @@ struct ChunkScratch {
   std::unique_ptr<uint8_t[]> out;
   size_t outCapacity = 0;
   ZSTD_CCtx* zstd = nullptr;
-  ~ChunkScratch() { ZSTD_freeCCtx(zstd); }
+  libdeflate_compressor* deflate = nullptr;
+  int deflateLevel = 0;
+  ~ChunkScratch() {
+    ZSTD_freeCCtx(zstd);
+    libdeflate_free_compressor(deflate);
+  }
+
+  // libdeflate fixes the level at allocation: a new compressor only when it changes.
+  libdeflate_compressor* deflateAt(int level) {
+    if (!deflate || deflateLevel != level) {
+      libdeflate_free_compressor(deflate);
+      deflate = libdeflate_alloc_compressor(level);
+      deflateLevel = level;
+    }
+    return deflate;
+  }
 
   static uint8_t* sized(std::unique_ptr<uint8_t[]>& buffer, size_t& capacity, size_t length) {
     if (capacity < length) {
@@ -140,12 +155,10 @@ size_t compressChunk(Codec codec, int level, const uint8_t* raw, size_t rawLengt
     return ZSTD_isError(n) ? 0 : n;
   }
   if (codec == Codec::Deflate) {
-    libdeflate_compressor* c = libdeflate_alloc_compressor(std::clamp(level, 1, 12));
+    libdeflate_compressor* c = scratch.deflateAt(std::clamp(level, 1, 12));
     if (!c) return 0;
     size_t bound = libdeflate_deflate_compress_bound(c, rawLength);
-    size_t n = libdeflate_deflate_compress(c, raw, rawLength, scratch.outFor(bound), bound);
-    libdeflate_free_compressor(c);
-    return n;
+    return libdeflate_deflate_compress(c, raw, rawLength, scratch.outFor(bound), bound);
   }
   return 0;
 }
