@@ -64,6 +64,9 @@ import { timed, timedSync, warmPageCache } from './harness.mjs';
 const f2 = (value) => (Number.isFinite(value) ? value.toFixed(2) : '-');
 const f3 = (value) => (Number.isFinite(value) ? value.toFixed(3) : '-');
 const mb = (bytes) => `${(bytes / 1e6).toFixed(1)} MB`;
+/** The median, and the largest, of one field over a list of runs. */
+const m = (list, key) => median(list.map((x) => x[key]));
+const worst = (list, key) => Math.max(...list.map((x) => x[key]));
 const thisFile = new URL(import.meta.url).pathname;
 
 // ---- helpers (as in capture.mjs) ----
@@ -296,8 +299,6 @@ async function compare({ label, ram, cpu, build, outDir, runs, speedBar }) {
     rm(restored, zstOut);
   }
 
-  const m = (list, key) => median(list.map((x) => x[key]));
-  const worst = (list, key) => Math.max(...list.map((x) => x[key]));
   const row = (name, list) => [name, f2(m(list, 'seconds')), f2(m(list, 'sync')), f2(m(list, 'cpuSeconds')), humanBytes(m(list, 'rssBytes')), `${f2(worst(list, 'othersCpuSeconds'))} (${list.reduce((n, x) => n + x.attempts, 0)} runs)`];
   const header = ['command', 'seconds', 'sync after', 'CPU s', 'peak RSS', 'others\' CPU s (worst)'];
   const ourCreate = m(ours.create, 'seconds');
@@ -544,8 +545,8 @@ async function main() {
   console.log('');
   let makeup = '';
   try {
-    const m = JSON.parse(fs.readFileSync(path.join(dir, 'meta.json'), 'utf8')).makeup;
-    makeup = `; ${((100 * m.zero) / m.pages).toFixed(1)}% zero pages, ${((100 * m.duplicate) / m.nonZero).toFixed(1)}% of the non-zero ones duplicates`;
+    const counts = JSON.parse(fs.readFileSync(path.join(dir, 'meta.json'), 'utf8')).makeup;
+    makeup = `; ${((100 * counts.zero) / counts.pages).toFixed(1)}% zero pages, ${((100 * counts.duplicate) / counts.nonZero).toFixed(1)}% of the non-zero ones duplicates`;
   } catch {
     // made elsewhere: no make-up to show
   }
@@ -592,8 +593,6 @@ async function main() {
     lib.restore.push(await child({ mode: 'restore', dist, state: stateOut, output: restored, options: {} }, () => rm(restored)));
   }
   rm(restored, libBundle);
-  const lm = (list, key) => median(list.map((x) => x[key]));
-  const worst = (list, key) => Math.max(...list.map((x) => x[key]));
   const loadOf = (name) => median(startup.load.map((x) => x.loads[name]));
   console.log(`## Start-up and the library alone (in a child node, timed inside it; median of ${runs})`);
   console.log('');
@@ -601,22 +600,22 @@ async function main() {
     markdownTable(
       ['what', 'seconds', 'CPU s of the process', 'peak RSS of the process', 'others\' CPU s (worst)'],
       [
-        ['node -e 0 (start-up)', f3(lm(startup.node0, 'seconds')), f2(lm(startup.node0, 'cpuSeconds')), humanBytes(lm(startup.node0, 'rssBytes')), f2(worst(startup.node0, 'othersCpuSeconds'))],
-        ['node dist/cli/main.js --help (start-up + loading the CLI)', f3(lm(startup.cliHelp, 'seconds')), f2(lm(startup.cliHelp, 'cpuSeconds')), humanBytes(lm(startup.cliHelp, 'rssBytes')), f2(worst(startup.cliHelp, 'othersCpuSeconds'))],
-        ['node dist/cli/main.js snapshot inspect OUT (+ the snapshot code, valibot, the addon; reads snapshot.json and the index)', f3(lm(startup.inspect, 'seconds')), f2(lm(startup.inspect, 'cpuSeconds')), humanBytes(lm(startup.inspect, 'rssBytes')), f2(worst(startup.inspect, 'othersCpuSeconds'))],
+        ['node -e 0 (start-up)', f3(m(startup.node0, 'seconds')), f2(m(startup.node0, 'cpuSeconds')), humanBytes(m(startup.node0, 'rssBytes')), f2(worst(startup.node0, 'othersCpuSeconds'))],
+        ['node dist/cli/main.js --help (start-up + loading the CLI)', f3(m(startup.cliHelp, 'seconds')), f2(m(startup.cliHelp, 'cpuSeconds')), humanBytes(m(startup.cliHelp, 'rssBytes')), f2(worst(startup.cliHelp, 'othersCpuSeconds'))],
+        ['node dist/cli/main.js snapshot inspect OUT (+ the snapshot code, valibot, the addon; reads snapshot.json and the index)', f3(m(startup.inspect, 'seconds')), f2(m(startup.inspect, 'cpuSeconds')), humanBytes(m(startup.inspect, 'rssBytes')), f2(worst(startup.inspect, 'othersCpuSeconds'))],
         ['  of which require("valibot")', f3(loadOf('valibot')), '-', '-', f2(worst(startup.load, 'othersCpuSeconds'))],
         ['  of which require(dist/vmstate/writer.js) after valibot (addon, load/copy)', f3(loadOf('writer')), '-', '-', ''],
         ['  of which require(dist/snapshot/index.js) after those (capture, load, check)', f3(loadOf('snapshot')), '-', '-', ''],
-        ['writeState(state.qvms, {memory, cpu})', f3(lm(lib.write, 'seconds')), f2(lm(lib.write, 'cpuSeconds')), humanBytes(lm(lib.write, 'rssBytes')), f2(worst(lib.write, 'othersCpuSeconds'))],
-        ['createSnapshot(dir, {memory, cpu}) (writeState + reopen + hash + snapshot.json + fsyncs)', f3(lm(lib.bundle, 'seconds')), f2(lm(lib.bundle, 'cpuSeconds')), humanBytes(lm(lib.bundle, 'rssBytes')), f2(worst(lib.bundle, 'othersCpuSeconds'))],
-        ['StateFile.open + restoreMemory(state, out.raw)', f3(lm(lib.restore, 'seconds')), f2(lm(lib.restore, 'cpuSeconds')), humanBytes(lm(lib.restore, 'rssBytes')), f2(worst(lib.restore, 'othersCpuSeconds'))],
+        ['writeState(state.qvms, {memory, cpu})', f3(m(lib.write, 'seconds')), f2(m(lib.write, 'cpuSeconds')), humanBytes(m(lib.write, 'rssBytes')), f2(worst(lib.write, 'othersCpuSeconds'))],
+        ['createSnapshot(dir, {memory, cpu}) (writeState + reopen + hash + snapshot.json + fsyncs)', f3(m(lib.bundle, 'seconds')), f2(m(lib.bundle, 'cpuSeconds')), humanBytes(m(lib.bundle, 'rssBytes')), f2(worst(lib.bundle, 'othersCpuSeconds'))],
+        ['StateFile.open + restoreMemory(state, out.raw)', f3(m(lib.restore, 'seconds')), f2(m(lib.restore, 'cpuSeconds')), humanBytes(m(lib.restore, 'rssBytes')), f2(worst(lib.restore, 'othersCpuSeconds'))],
       ],
     ),
   );
   const pages = lib.write[0].pages;
   console.log('');
   console.log(`- pages as writeState classified them: ${pages.zero} zero, ${pages.data} data, ${pages.duplicate} duplicate (of ${pages.zero + pages.data + pages.duplicate + pages.parent})`);
-  console.log(`- writeState alone vs zstd -T2 -3: ${f2(zstdCreate / lm(lib.write, 'seconds'))}x; restoreMemory alone vs zstd -d: ${f2(zstdRestore / lm(lib.restore, 'seconds'))}x (CPU seconds of the child include node start-up)`);
+  console.log(`- writeState alone vs zstd -T2 -3: ${f2(zstdCreate / m(lib.write, 'seconds'))}x; restoreMemory alone vs zstd -d: ${f2(zstdRestore / m(lib.restore, 'seconds'))}x (CPU seconds of the child include node start-up)`);
   console.log('');
 
   if (values.profile || (!values['no-profile'] && (!createBar || !restoreBar))) await profileRun({ dist, ram, cpu, outDir, stateOut, restored, zstdCreate, runs });
