@@ -13,6 +13,7 @@
 #include "core/codec.h"
 #include "core/copy_engine.h"
 #include "core/file_ops.h"
+#include "core/http_get.h"
 #include "core/l2_walk.h"
 #include "core/page_engine.h"
 #include "core/write_bench.h"
@@ -365,6 +366,28 @@ void checkPlanRuns(Napi::Env env, const Napi::Float64Array& runs) {
 
 // copy(job) -> Promise<void>
 class CopyWorker : public PromiseWorker {
+  // A source's `stage` (a Buffer) and `extents` (Float64Array: fileOffset, length and offset in
+  // the stage, per extent, sorted and disjoint): where its bytes are read from instead of fd.
+  void stagedExtents(Napi::Env env, const Napi::Object& s, Source& source) {
+    Napi::Value stage = s.Get("stage");
+    if (stage.IsUndefined()) return;
+    if (!stage.IsBuffer()) throw Napi::TypeError::New(env, "stage must be a Buffer");
+    auto buffer = keep(stage.As<Napi::Buffer<uint8_t>>());
+    auto extents = float64Field(s, "extents");
+    checkUnsignedElements(env, extents, "extents");
+    const double* e = extents.Data();
+    uint64_t previousEnd = 0;
+    for (size_t i = 0; i + 3 <= extents.ElementLength(); i += 3) {
+      uint64_t file = static_cast<uint64_t>(e[i]), length = static_cast<uint64_t>(e[i + 1]);
+      uint64_t at = static_cast<uint64_t>(e[i + 2]);
+      if (at > buffer.Length() || length > buffer.Length() - at || file < previousEnd) {
+        throw Napi::RangeError::New(env, "extents: an extent lies outside its stage or out of order");
+      }
+      source.staged.push_back(StagedExtent{file, length, buffer.Data() + at});
+      previousEnd = file + length;
+    }
+  }
+
  public:
   static constexpr const char* kFunction = "copy";
   CopyWorker(Napi::Env env, const Napi::Object& spec) : PromiseWorker(env, "qcow2img:copy") {
@@ -384,7 +407,9 @@ class CopyWorker : public PromiseWorker {
                                     unsignedField(s, "size"),
                                     enumField(s, "codec", Codec::Deflate),
                                     unsignedField(s, "clusterSize", 65536),
-                                    unsignedField(s, "base")});
+                                    unsignedField(s, "base"),
+                                    {}});
+      stagedExtents(env, s, job_.sources.back());
     }
     job_.targetFd = intField(spec, "targetFd", -1);
     job_.targetTailFd = intField(spec, "targetTailFd", -1);
@@ -751,6 +776,68 @@ Napi::Value DecompressChunkFn(const Napi::CallbackInfo& info) {
   return start<DecompressChunkWorker>(info.Env(), codec, info[1].As<Napi::Buffer<uint8_t>>(), static_cast<size_t>(rawLength));
 }
 
+// httpGet({family, address, port, idle, connections, timeoutMs, counters, pieces: [{request, into}]})
+//   -> Promise<{pieces: [{head, received, failure}], idle}>: ranged GETs whose bodies go into
+// `into` (each Buffer's length is the body expected); `idle` are kept-alive sockets, in and out.
+class HttpGetWorker : public PromiseWorker {
+ public:
+  static constexpr const char* kFunction = "httpGet";
+  HttpGetWorker(Napi::Env env, const Napi::Object& spec) : PromiseWorker(env, "qcow2img:http") {
+    job_.family = intField(spec, "family", 4);
+    Napi::Value address = spec.Get("address");
+    if (!address.IsString()) throw Napi::TypeError::New(env, "address must be a string");
+    job_.address = address.As<Napi::String>().Utf8Value();
+    job_.port = intField(spec, "port", 80);
+    job_.connections = uint32Field(spec, "connections", 8);
+    job_.timeoutMs = intField(spec, "timeoutMs", 30000);
+    CopyCounters* counters = countersField(spec);
+    if (counters != nullptr) job_.cancel = &counters->cancel;
+    Napi::Value idle = spec.Get("idle");
+    if (idle.IsArray()) {
+      auto list = idle.As<Napi::Array>();
+      for (uint32_t i = 0; i < list.Length(); i++) job_.idle.push_back(list.Get(i).As<Napi::Number>().Int32Value());
+    }
+    Napi::Value pieces = spec.Get("pieces");
+    if (!pieces.IsArray()) throw Napi::TypeError::New(env, "pieces must be an array");
+    auto list = pieces.As<Napi::Array>();
+    for (uint32_t i = 0; i < list.Length(); i++) {
+      Napi::Value entry = list.Get(i);
+      if (!entry.IsObject()) throw Napi::TypeError::New(env, "pieces must hold objects");
+      Napi::Object p = entry.As<Napi::Object>();
+      if (!p.Get("request").IsBuffer() || !p.Get("into").IsBuffer()) throw Napi::TypeError::New(env, "a piece needs request and into Buffers");
+      auto request = keep(p.Get("request").As<Napi::Buffer<uint8_t>>());
+      auto into = keep(p.Get("into").As<Napi::Buffer<uint8_t>>());
+      HttpPiece piece;
+      piece.request = request.Data();
+      piece.requestLength = request.Length();
+      piece.into = into.Data();
+      piece.length = into.Length();
+      job_.pieces.push_back(std::move(piece));
+    }
+  }
+  void Execute() override { runHttpGets(job_); }
+  Napi::Value Result(Napi::Env env) override {
+    Napi::Object result = Napi::Object::New(env);
+    Napi::Array pieces = Napi::Array::New(env, job_.pieces.size());
+    for (size_t i = 0; i < job_.pieces.size(); i++) {
+      const HttpPiece& piece = job_.pieces[i];
+      Napi::Object p = Napi::Object::New(env);
+      p.Set("head", piece.head);
+      p.Set("received", static_cast<double>(piece.received));
+      p.Set("failure", piece.failure);
+      pieces.Set(static_cast<uint32_t>(i), p);
+    }
+    Napi::Array idle = Napi::Array::New(env, job_.idle.size());
+    for (size_t i = 0; i < job_.idle.size(); i++) idle.Set(static_cast<uint32_t>(i), job_.idle[i]);
+    result.Set("pieces", pieces);
+    result.Set("idle", idle);
+    return result;
+  }
+
+ private:
+  HttpGetJob job_;
+};
+
 // hashFile(fd, offset = 0, length = to the end) -> Promise<bigint>: XXH3-64 of those bytes.
 class HashFileWorker : public PromiseWorker {
  public:
@@ -845,12 +932,6 @@ Napi::Value RangeFn(const Napi::CallbackInfo& info) {
   return Napi::Number::New(info.Env(), Operation(fd, offset, length));
 }
 
-// memoryFile(name) -> fd or -errno.
-Napi::Value MemoryFile(const Napi::CallbackInfo& info) {
-  if (info.Length() < 1 || !info[0].IsString()) throw Napi::TypeError::New(info.Env(), "memoryFile(name)");
-  return Napi::Number::New(info.Env(), memoryFile(info[0].As<Napi::String>().Utf8Value().c_str()));
-}
-
 // new ZstdStream(compress, level, workers); stream.step(input, output, end)
 //   -> Promise<{consumed, produced, finished}>. One step in flight at a time (the
 //   JS side awaits each); the step runs on a worker thread, buffers used in place.
@@ -922,6 +1003,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exportJob<VerifyWorker>(env, exports);
   exportJob<CaptureWorker>(env, exports);
   exportJob<WriteBenchWorker>(env, exports);
+  exportJob<HttpGetWorker>(env, exports);
   Napi::Function dedup = DedupTableWrap::Define(env);
   // Per environment (worker threads load the addon again), freed with it.
   env.SetInstanceData<Napi::FunctionReference>(new Napi::FunctionReference(Napi::Persistent(dedup)));
@@ -941,8 +1023,6 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("willNeed", Napi::Function::New(env, RangeFn<willNeed>, "willNeed"));
   exports.Set("lockByte", Napi::Function::New(env, ByteLockFn<lockByte>, "lockByte"));
   exports.Set("byteLocked", Napi::Function::New(env, ByteLockFn<byteLocked>, "byteLocked"));
-  exports.Set("memoryFile", Napi::Function::New(env, MemoryFile, "memoryFile"));
-  exports.Set("punchHole", Napi::Function::New(env, RangeFn<punchHole>, "punchHole"));
   exports.Set("directIoAlignment", Napi::Function::New(env, DirectIoAlignment, "directIoAlignment"));
   return exports;
 }

@@ -28,6 +28,10 @@ export interface NativeSource {
   clusterSize: number;
   /** Where the image's byte 0 sits in fd (an image that is a member of an uncompressed tar). */
   base?: number;
+  /** Read from here instead of fd (a remote file's fetched ranges): the bytes of `extents`. */
+  stage?: Buffer;
+  /** fileOffset, length, offset in `stage`: per extent, sorted and disjoint. */
+  extents?: Float64Array;
 }
 
 export interface NativeCopyJob {
@@ -245,10 +249,32 @@ export interface NativeAddon {
   willNeed(fd: number, offset: number, length: number): number;
   /** Drops cached pages of the range (and a block device's buffer cache); 0 or errno. */
   dropCache(fd: number, offset: number, length: number): number;
-  /** An anonymous memory file (memfd_create, close-on-exec): its fd, or -errno. */
-  memoryFile(name: string): number;
-  /** fallocate PUNCH_HOLE|KEEP_SIZE of the range; 0 or errno. */
-  punchHole(fd: number, offset: number, length: number): number;
+  /** Ranged GETs over plain HTTP, bodies straight into memory; src/http/direct.ts judges the heads. */
+  httpGet(job: NativeHttpGetJob): Promise<NativeHttpGetResult>;
+}
+
+export interface NativeHttpGetJob {
+  family: 4 | 6;
+  /** Numeric address of the server. */
+  address: string;
+  port: number;
+  /** Kept-alive sockets to use first (the result's `idle` of an earlier job). */
+  idle: number[];
+  /** Connections at once, one native thread each. */
+  connections: number;
+  /** Milliseconds without a byte before a piece stops. */
+  timeoutMs: number;
+  /** JobCounters words: its cancel flag stops every piece. */
+  counters: BigUint64Array;
+  /** The whole request of each piece, and where its body goes (as long as the body asked for). */
+  pieces: { request: Buffer; into: Buffer }[];
+}
+
+export interface NativeHttpGetResult {
+  /** Per piece: the response head (without its empty line; '' if none came), body bytes in `into`, and why it stopped short ('' when complete). */
+  pieces: { head: string; received: number; failure: string }[];
+  /** Sockets still usable for the next job (the caller closes them when done). */
+  idle: number[];
 }
 
 /** Run kinds of the copy plan (native/core/copy_engine.h RunKind). */

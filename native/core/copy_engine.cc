@@ -394,7 +394,7 @@ class Engine {
       fail("read", "data beyond the end of the file", 0, p.run.source, p.start, host);
       return false;
     }
-    int64_t n = preadFully(source.fd, out, length, source.base + host);
+    int64_t n = readSource(source, out, length, host);
     if (n < 0 || static_cast<uint64_t>(n) != length) {
       fail("read", n < 0 ? strerror(errno) : "unexpected end of file", n < 0 ? errno : 0,
            p.run.source, p.start, host);
@@ -418,7 +418,7 @@ class Engine {
     // file: the stream itself ends before it, so a short read is expected.
     uint64_t readLength = std::min(groupEnd, source.sizeBytes) - groupStart;
     scratch.compressed.resize(readLength);
-    int64_t n = preadFully(source.fd, scratch.compressed.data(), readLength, source.base + groupStart);
+    int64_t n = readSource(source, scratch.compressed.data(), readLength, groupStart);
     if (n < 0) {
       fail("read", strerror(errno), errno, sourceIndex, pieces[first].start, groupStart);
       return false;
@@ -654,6 +654,23 @@ CopyError runCopyJob(const CopyJob& job, std::vector<CopyError>* targetErrors) {
 VerifyResult runVerifyJob(const VerifyJob& job) {
   Verifier verifier(job);
   return verifier.run();
+}
+
+}  // namespace qcow2img
+
+namespace qcow2img {
+
+int64_t readSource(const Source& source, uint8_t* out, uint64_t length, uint64_t offset) {
+  if (source.staged.empty()) return preadFully(source.fd, out, length, source.base + offset);
+  // The extent holding `offset`: the last one starting at or before it.
+  auto after = std::upper_bound(source.staged.begin(), source.staged.end(), offset,
+                                [](uint64_t at, const StagedExtent& e) { return at < e.fileOffset; });
+  if (after == source.staged.begin()) return 0;
+  const StagedExtent& extent = *(after - 1);
+  if (offset >= extent.fileOffset + extent.length) return 0;
+  uint64_t take = std::min(length, extent.fileOffset + extent.length - offset);
+  std::memcpy(out, extent.memory + (offset - extent.fileOffset), take);
+  return static_cast<int64_t>(take);
 }
 
 }  // namespace qcow2img

@@ -29,13 +29,27 @@ enum class ZeroMode : int {
   PunchHole = 3, // fallocate(PUNCH_HOLE) on a file, written zeros where refused
 };
 
+// Bytes [fileOffset, fileOffset + length) of a source, held in memory at `memory` (a remote
+// file's ranges a job reads, fetched before it runs).
+struct StagedExtent {
+  uint64_t fileOffset = 0;
+  uint64_t length = 0;
+  const uint8_t* memory = nullptr;
+};
+
 struct Source {
   int fd = -1;
   uint64_t sizeBytes = 0;  // reads past it are errors, except compressed tails
   Codec codec = Codec::Deflate;   // of its compressed clusters
   uint64_t clusterSize = 65536;   // decompressed size of its compressed clusters
   uint64_t base = 0;  // where the image's byte 0 sits in fd (an image inside a .tar); offsets add it
+  // When not empty, the source is read from these (sorted, disjoint) instead of fd; a read
+  // running past an extent stops there, as a read past a file's end does.
+  std::vector<StagedExtent> staged;
 };
+
+// Reads like preadFully, from fd or from the source's staged extents.
+int64_t readSource(const Source& source, uint8_t* out, uint64_t length, uint64_t offset);
 
 // Counters shared with JavaScript, which polls them for progress and sets cancel.
 struct CopyCounters {

@@ -77,16 +77,4 @@ int byteLocked(int fd, uint64_t offset) {
   return lock.l_type == F_UNLCK ? 0 : 1;
 }
 
-int memoryFile(const char* name) {
-  int fd = memfd_create(name, MFD_CLOEXEC);
-  return fd >= 0 ? fd : -errno;
-}
-
-int punchHole(int fd, uint64_t offset, uint64_t length) {
-  return fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, static_cast<off_t>(offset),
-                   static_cast<off_t>(length)) == 0
-             ? 0
-             : errno;
-}
-
 }  // namespace qcow2img

@@ -41,10 +41,4 @@ int lockByte(int fd, uint64_t offset);
 // -errno on failure.
 int byteLocked(int fd, uint64_t offset);
 
-// An anonymous memory file (memfd_create, close-on-exec): an fd, or -errno.
-int memoryFile(const char* name);
-
-// Frees [offset, offset + length) of a file, keeping its size (fallocate PUNCH_HOLE): 0 or errno.
-int punchHole(int fd, uint64_t offset, uint64_t length);
-
 }  // namespace qcow2img

@@ -549,7 +549,8 @@ export async function check(
     });
     // As open() says it: a folder or a character device is refused before it is read.
     if (!remote && !stats.isFile() && !stats.isBlockDevice()) throw new Qcow2Error('NOT_A_REGULAR_FILE', `image is ${stats.isDirectory() ? 'a folder' : 'not a regular file or block device'}`, { path });
-    await lockAsQemu(handle.fd, path, options.forceShare ? 'shared-read' : 'read');
+    // A remote file has no lock to take: nothing on this host writes it.
+    if (!remote) await lockAsQemu(handle.fd, path, options.forceShare ? 'shared-read' : 'read');
     const wholeFile = stats.size;
     const base = options.region?.offset ?? 0;
     const fileSize = options.region?.length ?? wholeFile;

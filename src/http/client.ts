@@ -12,8 +12,19 @@
  */
 import * as http from 'node:http';
 import * as https from 'node:https';
+import * as fs from 'node:fs';
 import { Qcow2Error } from '../errors';
+import { JobCounters } from '../jobs';
+import { native } from '../native';
+import { numericAddress, parseHead, requestBytes, type ResponseHead } from './direct';
 import { shownUrl } from './url';
+
+/** Bytes [from, to) of the file, to be fetched into `into` (as long as the range). */
+export interface Piece {
+  from: number;
+  to: number;
+  into: Buffer;
+}
 
 /** How http(s) images are fetched: headers for tokens, and the patience of each request. */
 export interface HttpOptions {
@@ -101,7 +112,12 @@ export class HttpFile {
   private closed = false;
   /** Bytes received, all requests (for benchmarks and tests). */
   bytesReceived = 0;
+  /** Of those, the bytes native threads received (the plain-HTTP fast path). */
+  directBytes = 0;
   requests = 0;
+  /** Kept-alive sockets of the plain-HTTP fast path, between its jobs. */
+  private idle: number[] = [];
+  private address: Promise<{ address: string; family: 4 | 6 } | undefined> | undefined;
 
   private constructor(
     readonly url: URL,
@@ -131,6 +147,7 @@ export class HttpFile {
     if (to.protocol !== 'http:' && to.protocol !== 'https:') throw this.error('HTTP_ERROR', `a redirect to a ${to.protocol} URL is not followed`);
     if (this.target.protocol === 'https:' && to.protocol === 'http:') throw this.error('HTTP_ERROR', 'a redirect from https to http is not followed');
     if (to.origin !== this.target.origin) this.headers = {};
+    this.address = undefined;
     if (to.protocol !== this.target.protocol) {
       this.agent.destroy();
       this.agent = this.agentFor(to);
@@ -156,6 +173,7 @@ export class HttpFile {
   close(): void {
     this.closed = true;
     this.agent.destroy();
+    for (const fd of this.idle.splice(0)) fs.closeSync(fd);
   }
 
   private error(code: 'HTTP_ERROR' | 'SOURCE_CHANGED' | 'RANGE_NOT_SUPPORTED' | 'CLOSED' | 'CANCELLED', message: string): Qcow2Error {
@@ -198,12 +216,56 @@ export class HttpFile {
     }
   }
 
-  /** One request for [from, to): resolves when the body is complete, rejects with a TryError. */
-  private once(from: number, end: number, sink: (chunk: Buffer, position: number) => void, signal?: AbortSignal): Promise<void> {
-    let to = end;
+  /** The headers of a ranged GET: the user's, the range, and the pin (If-Match, or If-Unmodified-Since without a strong ETag). */
+  private rangeHeaders(from: number, to: number): Record<string, string> {
     const headers: Record<string, string> = { ...this.headers, range: `bytes=${from}-${to - 1}`, 'accept-encoding': 'identity' };
     if (this.etag !== undefined && !this.etag.startsWith('W/')) headers['if-match'] = this.etag;
     else if (this.lastModified !== undefined) headers['if-unmodified-since'] = this.lastModified;
+    return headers;
+  }
+
+  /**
+   * The plain-HTTP fast path: one try of every piece on native threads, bodies read straight
+   * into `into`, heads judged here as fetch() judges them. Resolves with what is left to fetch()
+   * (a piece cut short, refused or never answered is retried there, with its backoff and its
+   * errors); rejects only on what no retry mends (the file changed) or on cancel.
+   */
+  async fetchDirect(pieces: Piece[], signal?: AbortSignal): Promise<Piece[]> {
+    if (this.target.protocol !== 'http:' || this.size === 0 || pieces.length === 0 || this.closed) return pieces;
+    const server = await (this.address ??= numericAddress(this.target));
+    if (!server) return pieces;
+    const counters = new JobCounters();
+    const release = counters.cancelOn(signal);
+    const port = Number(this.target.port || 80);
+    const requests = pieces.map((p) => ({ request: requestBytes(this.target, { ...this.rangeHeaders(p.from, p.to), connection: 'keep-alive' }), into: p.into }));
+    this.requests += pieces.length;
+    const result = await native()
+      .httpGet({ ...server, port, idle: this.idle.splice(0), connections: this.connections, timeoutMs: this.timeoutMs, counters: counters.words, pieces: requests })
+      .finally(release);
+    if (this.closed) for (const fd of result.idle) fs.closeSync(fd);
+    else this.idle.push(...result.idle);
+    if (signal?.aborted) throw this.error('CANCELLED', 'cancelled');
+    const left: Piece[] = [];
+    pieces.forEach((piece, i) => {
+      const { head, received } = result.pieces[i]!;
+      const response = head ? parseHead(head) : undefined;
+      let valid = 0;
+      if (response?.statusCode === 206) {
+        const pinError = this.checkPin(response, piece.from);
+        if (pinError) throw pinError;
+        valid = received;
+        this.bytesReceived += received;
+        this.directBytes += received;
+      }
+      if (piece.from + valid < piece.to) left.push({ from: piece.from + valid, to: piece.to, into: piece.into.subarray(valid) });
+    });
+    return left;
+  }
+
+  /** One request for [from, to): resolves when the body is complete, rejects with a TryError. */
+  private once(from: number, end: number, sink: (chunk: Buffer, position: number) => void, signal?: AbortSignal): Promise<void> {
+    let to = end;
+    const headers = this.rangeHeaders(from, to);
     const request = this.target.protocol === 'https:' ? https.request : http.request;
     this.requests++;
     return new Promise<void>((resolve, reject) => {
@@ -273,7 +335,7 @@ export class HttpFile {
     });
   }
 
-  private statusError(res: http.IncomingMessage): TryError {
+  private statusError(res: ResponseHead | http.IncomingMessage): TryError {
     const status = res.statusCode ?? 0;
     if (status === 200) {
       const etag = res.headers.etag;
@@ -296,7 +358,7 @@ export class HttpFile {
   }
 
   /** The first 206 pins the file; later ones must match it. Returns the error, if any. */
-  private checkPin(res: http.IncomingMessage, from: number): Qcow2Error | undefined {
+  private checkPin(res: ResponseHead | http.IncomingMessage, from: number): Qcow2Error | undefined {
     const range = /^bytes (\d+)-(\d+)\/(\d+|\*)$/.exec(res.headers['content-range'] ?? '');
     if (!range || Number(range[1]) !== from) return this.error('HTTP_ERROR', 'the server answered a ranged GET with a Content-Range that does not match the request');
     const total = range[3] === '*' ? NaN : Number(range[3]);

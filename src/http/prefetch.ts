@@ -1,28 +1,25 @@
 /**
- * What a native copy job of a plan reads from remote files, fetched into their memfds
- * before the job runs and punched out after.
+ * What a native copy job of a plan reads from remote files, fetched into stage buffers before
+ * the job runs (the job reads those files from them) and given back after.
  */
-import { planRunFields, PlanKind } from '../native';
+import { type NativeSource, planRunFields, PlanKind } from '../native';
 import type { OpenFile } from '../qcow2/layers';
-import { type Range, remoteOf } from './remote';
+import { type Range, type RemoteHandle, remoteOf } from './remote';
 
 export interface Prefetch {
-  /** Settles when every byte the plan reads from a remote file is in its memfd. */
-  ready: Promise<void>;
-  /** Frees those bytes (after the job that read them is done). */
+  /** The plan's sources, remote ones read from their stages, once every byte is fetched. */
+  ready: Promise<NativeSource[]>;
+  /** Gives the stages back (after the job that read them is done). */
   release(): void;
 }
-
-const none: Prefetch = { ready: Promise.resolve(), release: () => {} };
 
 /** True when any file of the image is remote. */
 export function hasRemote(files: readonly OpenFile[]): boolean {
   return files.some((f) => remoteOf(f) !== undefined);
 }
 
-/** Starts fetching the remote ranges of `runs` (a native plan over `files`, as Image.plan makes it); `signal` stops it (CANCELLED). */
-export function prefetchPlan(files: readonly OpenFile[], runs: Float64Array, signal?: AbortSignal): Prefetch {
-  if (!hasRemote(files)) return none;
+/** The file byte ranges each remote source of `runs` reads. */
+function remoteRanges(files: readonly OpenFile[], runs: Float64Array): Map<number, Range[]> {
   const wanted = new Map<number, Range[]>();
   for (let at = 0; at < runs.length; at += planRunFields) {
     const kind = runs[at + 2]!;
@@ -35,20 +32,32 @@ export function prefetchPlan(files: readonly OpenFile[], runs: Float64Array, sig
     if (!list) wanted.set(source, (list = []));
     list.push([from, from + length]);
   }
-  const held: { handle: NonNullable<ReturnType<typeof remoteOf>>; token: Promise<Range[]> }[] = [];
-  for (const [source, ranges] of wanted) {
+  return wanted;
+}
+
+/**
+ * Starts fetching the remote ranges of `plan` (a native plan over `files`, as Image.plan makes
+ * it); `signal` stops it (CANCELLED).
+ */
+export function prefetchPlan(files: readonly OpenFile[], plan: { runs: Float64Array; sources: NativeSource[] }, signal?: AbortSignal): Prefetch {
+  const staged = [...remoteRanges(files, plan.runs)].map(([source, ranges]) => {
     const handle = remoteOf(files[source]!)!;
-    const token = handle.ensure(ranges, signal);
-    token.catch(() => {});
-    held.push({ handle, token });
-  }
+    const stage = handle.stage(ranges, signal);
+    stage.catch(() => {});
+    return { source, handle, stage };
+  });
+  if (staged.length === 0) return { ready: Promise.resolve(plan.sources), release: () => {} };
   let released = false;
   return {
-    ready: Promise.all(held.map((h) => h.token)).then(() => {}),
+    ready: Promise.all(staged.map((s) => s.stage)).then((stages) => {
+      const sources = [...plan.sources];
+      staged.forEach(({ source }, i) => (sources[source] = { ...sources[source]!, stage: stages[i]!.buffer, extents: stages[i]!.extents }));
+      return sources;
+    }),
     release() {
       if (released) return;
       released = true;
-      for (const { handle, token } of held) token.then((t) => handle.release(t), () => {});
+      for (const { handle, stage } of staged) stage.then((s) => (handle as RemoteHandle).unstage(s), () => {});
     },
   };
 }

@@ -4,18 +4,15 @@
  * - `read()` (header, L1/L2 tables, refcounts, snapshot tables: what the TypeScript reader and
  *   `check` read through FileHandle.read) goes through a bounded LRU of 1 MiB blocks, so
  *   metadata is fetched once and neighbouring tables come with one request.
- * - `fd` is a memfd as large as the remote file and sparse. Before a native copy job runs,
- *   the byte ranges its plan reads are fetched into the memfd at their file offsets
- *   (coalesced, several requests in flight: `ensure`), so the native engine preads it as it
- *   preads a local image; once the job is done they are punched out (`release`), which bounds
- *   the memory to the batches in flight.
+ * - `stage()`: before a native copy job runs, the byte ranges its plan reads are fetched
+ *   (coalesced, several requests in flight) into one buffer, which the job reads as the file's
+ *   extents. Buffers go back to a small pool when the job is done and are filled again by the
+ *   next batch: their pages are touched once, not allocated and freed per batch.
  */
-import * as fs from 'node:fs';
+import type * as fs from 'node:fs';
 import type { FileHandle } from 'node:fs/promises';
-import { Qcow2Error, ioError } from '../errors';
-import { native } from '../native';
 import type { OpenFile } from '../qcow2/layers';
-import { HttpFile, type HttpOptions } from './client';
+import { HttpFile, type HttpOptions, type Piece } from './client';
 import { parseUrl } from './url';
 
 const blockSize = 1 << 20;
@@ -24,6 +21,17 @@ const cachedBlocks = 32;
 const coalesceGap = 256 * 1024;
 /** Largest single request: a large range is split so that several connections share it. */
 const pieceBytes = 8 * 1024 * 1024;
+/** Stage buffers kept for the next batches once returned. */
+const pooledStages = 2;
+/** A new stage buffer has this much room beyond the bytes asked for, so that the next batch's usually fits. */
+const stageSlack = 1.25;
+
+/** Bytes of a remote file fetched into memory for one native job. */
+export interface Stage {
+  buffer: Buffer;
+  /** fileOffset, length, offset in buffer: per fetched range, sorted. */
+  extents: Float64Array;
+}
 
 export type Range = [start: number, end: number];
 
@@ -39,37 +47,21 @@ export function mergeRanges(ranges: Range[], gap = 0): Range[] {
   return out;
 }
 
-/** `ranges` minus `remove` (both merged and sorted). */
-export function subtractRanges(ranges: readonly Range[], remove: readonly Range[]): Range[] {
-  const out: Range[] = [];
-  let j = 0;
-  for (const [a0, b] of ranges) {
-    let a = a0;
-    while (j < remove.length && remove[j]![1] <= a) j++;
-    let k = j;
-    while (a < b && k < remove.length && remove[k]![0] < b) {
-      const [ra, rb] = remove[k]!;
-      if (ra > a) out.push([a, Math.min(ra, b)]);
-      a = Math.max(a, rb);
-      k++;
-    }
-    if (a < b) out.push([a, b]);
-  }
-  return out;
-}
-
 /** One identity per URL shown, so a backing chain that loops through URLs is caught. */
 const inodes = new Map<string, number>();
 
-/** A FileHandle-shaped view of a remote file (read, stat, close, fd). */
+/** A FileHandle-shaped view of a remote file (read, stat, close; no descriptor). */
 export class RemoteHandle {
-  readonly fd: number;
+  /** No descriptor: native jobs read a remote file from its stages. */
+  readonly fd = -1;
   readonly remote = true;
   private readonly blocks = new Map<number, Promise<Buffer>>();
-  /** Ranges fetched into the memfd and not yet punched. */
-  private present: Range[] = [];
-  /** Ranges each prefetch in flight holds. */
-  private readonly holds = new Set<Range[]>();
+  /** Stage buffers free for the next batch. */
+  private readonly pool: Buffer[] = [];
+  /** Bytes of the stages lent out and not yet returned. */
+  private lent = 0;
+  /** The largest stage buffer made: a new one is no smaller. */
+  private largestStage = 0;
   private readonly connections: number;
 
   private constructor(
@@ -77,13 +69,6 @@ export class RemoteHandle {
     head: Buffer,
     options: HttpOptions,
   ) {
-    const fd = native().memoryFile(`qcow2img:${http.url.host}`);
-    if (fd < 0) {
-      http.close();
-      throw new Qcow2Error('IO_ERROR', `memfd_create failed (errno ${-fd})`, { path: http.shown });
-    }
-    this.fd = fd;
-    fs.ftruncateSync(fd, http.size);
     this.connections = options.connections ?? 8;
     if (head.length >= Math.min(blockSize, http.size)) this.blocks.set(0, Promise.resolve(head.subarray(0, Math.min(blockSize, http.size))));
   }
@@ -136,78 +121,99 @@ export class RemoteHandle {
   }
 
   /**
-   * Fetches `ranges` (file offsets) into the memfd, coalesced, with several requests in flight,
-   * and holds them until `release` is called with the returned token.
+   * Fetches `ranges` (file offsets, clipped to the file) into a stage buffer, coalesced, with
+   * several requests in flight. Give the stage back with `unstage` once its job is done.
    */
-  ensure(ranges: Range[], signal?: AbortSignal): Promise<Range[]> {
-    // One at a time: a later ensure then never takes as present what an earlier one still fetches.
-    const run = this.queue.then(() => this.ensureNow(ranges, signal));
-    this.queue = run.catch(() => {});
-    return run;
-  }
-
-  private queue: Promise<unknown> = Promise.resolve();
-
-  private async ensureNow(ranges: Range[], signal: AbortSignal | undefined): Promise<Range[]> {
-    const wanted = mergeRanges(
-      ranges.map(([a, b]) => [Math.max(0, a), Math.min(b, this.http.size)] as Range),
-      coalesceGap,
-    );
-    this.holds.add(wanted);
+  async stage(ranges: Range[], signal?: AbortSignal): Promise<Stage> {
+    const clipped = ranges.map(([a, b]) => [Math.max(0, a), Math.min(b, this.http.size)] as Range);
+    const exact = mergeRanges(clipped);
+    const wanted = exact.reduce((sum, [a, b]) => sum + b - a, 0);
+    // Reading through small gaps saves requests, unless the gaps would outweigh the bytes wanted.
+    const coalesced = mergeRanges(exact, coalesceGap);
+    const extents = coalesced.reduce((sum, [a, b]) => sum + b - a, 0) <= 2 * wanted ? coalesced : exact;
+    const stage = this.takeStage(extents.reduce((sum, [a, b]) => sum + b - a, 0), extents);
     try {
-      const missing = subtractRanges(wanted, this.present);
-      // Claimed before fetching: a concurrent ensure of the same bytes waits on none of them,
-      // but the copy that needs them awaits this ensure.
-      this.present = mergeRanges([...this.present, ...missing]);
-      const pieces: Range[] = [];
-      for (const [a, b] of missing) for (let at = a; at < b; at += pieceBytes) pieces.push([at, Math.min(b, at + pieceBytes)]);
-      let next = 0;
-      const worker = async () => {
-        while (next < pieces.length) {
-          const [a, b] = pieces[next++]!;
-          await this.http.fetch(a, b - a, (chunk, at) => {
-            let written = 0;
-            try {
-              while (written < chunk.length) written += fs.writeSync(this.fd, chunk, written, chunk.length - written, at + written);
-            } catch (error) {
-              // ENOMEM/ENOSPC of the memory file: a Qcow2Error naming the URL, not a raw errno.
-              throw ioError(error, this.http.shown, 'cannot hold the fetched bytes in memory');
-            }
-          }, signal);
-        }
-      };
-      try {
-        await Promise.all(Array.from({ length: Math.min(this.connections, pieces.length) }, worker));
-      } catch (error) {
-        next = pieces.length;
-        this.present = subtractRanges(this.present, missing);
-        throw error;
-      }
-      return wanted;
+      await this.fill(stage, signal);
+      return stage;
     } catch (error) {
-      this.holds.delete(wanted);
+      this.unstage(stage);
       throw error;
     }
   }
 
-  /** Punches out what `ensure` fetched for `token`, except what another prefetch in flight holds. */
-  release(token: Range[]): void {
-    if (!this.holds.delete(token)) return;
-    const others = mergeRanges([...this.holds].flat().map(([a, b]) => [a, b] as Range));
-    const free = subtractRanges(token, others);
-    for (const [a, b] of free) native().punchHole(this.fd, a, b - a);
-    this.present = subtractRanges(this.present, free);
+  /** Returns a stage's buffer to the pool, which keeps the largest. */
+  unstage(stage: Stage): void {
+    this.lent -= stage.buffer.length;
+    this.pool.push(stage.buffer);
+    this.pool.sort((x, y) => y.length - x.length);
+    this.pool.length = Math.min(this.pool.length, pooledStages);
   }
 
-  /** Bytes held in the memfd now (for tests of the memory bound). */
+  /** Bytes of stages lent out now (for tests of the memory bound). */
   heldBytes(): number {
-    return this.present.reduce((sum, [a, b]) => sum + b - a, 0);
+    return this.lent;
+  }
+
+  private takeStage(bytes: number, ranges: Range[]): Stage {
+    const fits = this.pool.filter((b) => b.length >= bytes).sort((x, y) => x.length - y.length)[0];
+    if (fits) this.pool.splice(this.pool.indexOf(fits), 1);
+    const buffer = fits ?? Buffer.allocUnsafeSlow(Math.max(this.largestStage, Math.ceil((bytes * stageSlack) / 65536) * 65536));
+    this.largestStage = Math.max(this.largestStage, buffer.length);
+    this.lent += buffer.length;
+    const extents = new Float64Array(ranges.length * 3);
+    let at = 0;
+    ranges.forEach(([a, b], i) => {
+      extents.set([a, b - a, at], i * 3);
+      at += b - a;
+    });
+    return { buffer, extents };
+  }
+
+  /**
+   * Fetches every extent of `stage` into its buffer, in pieces: over plain HTTP first on native
+   * threads (fetchDirect), then what that left over the node:http connections, with retries.
+   */
+  private async fill(stage: Stage, signal: AbortSignal | undefined): Promise<void> {
+    const all: Piece[] = [];
+    for (let i = 0; i < stage.extents.length; i += 3) {
+      const [file, length, into] = [stage.extents[i]!, stage.extents[i + 1]!, stage.extents[i + 2]!];
+      for (let at = 0; at < length; at += pieceBytes) {
+        const size = Math.min(pieceBytes, length - at);
+        all.push({ from: file + at, to: file + at + size, into: stage.buffer.subarray(into + at, into + at + size) });
+      }
+    }
+    const pieces = await this.http.fetchDirect(all, signal);
+    // The first failure cuts the other requests, and all of them end before the buffer can go
+    // back to the pool: none may write into it once another batch has it.
+    const cut = new AbortController();
+    const onAbort = () => cut.abort();
+    signal?.addEventListener('abort', onAbort, { once: true });
+    if (signal?.aborted) cut.abort();
+    let next = 0;
+    let failure: { error: unknown } | undefined;
+    const worker = async () => {
+      while (next < pieces.length && !failure) {
+        const { from, to, into } = pieces[next++]!;
+        try {
+          await this.http.fetch(from, to - from, (chunk, at) => chunk.copy(into, at - from), cut.signal);
+        } catch (error) {
+          failure ??= { error };
+          cut.abort();
+        }
+      }
+    };
+    try {
+      await Promise.all(Array.from({ length: Math.min(this.connections, pieces.length) }, worker));
+    } finally {
+      signal?.removeEventListener('abort', onAbort);
+    }
+    if (failure) throw failure.error;
   }
 
   async close(): Promise<void> {
     this.http.close();
     this.blocks.clear();
-    fs.closeSync(this.fd);
+    this.pool.length = 0;
   }
 }
 

@@ -10,10 +10,13 @@ import { native, type NativeSource, planRunFields, PlanKind } from '../native';
 import { hasRemote, type Prefetch, prefetchPlan } from '../http/prefetch';
 import { JobCounters, ProgressSampler, threadCount, type ProgressCallback } from '../jobs';
 
-/** Guest bytes planned per batch. */
-const batchBytes = 1024 * 1024 * 1024;
-/** Guest bytes per batch from an http(s) image: two batches' source bytes are held in memory. */
-const remoteBatchBytes = 256 * 1024 * 1024;
+/**
+ * Guest bytes planned per batch: 1 GiB, or 64 MiB from an http(s) image, whose batches' source
+ * bytes are held in memory (the one being written and the one being fetched).
+ */
+export function batchGuestBytes(remote: boolean): number {
+  return remote ? 64 * 1024 * 1024 : 1024 * 1024 * 1024;
+}
 
 export interface CopyTarget {
   /** What errors of writing name. */
@@ -134,24 +137,23 @@ async function copyBatches(image: Image, target: CopyTarget, counters: JobCounte
   // Remote files: the next batch is fetched (into memfds) while this one is written; smaller
   // batches bound the memory that holds.
   const remote = hasRemote(image.files);
-  const step = remote ? remoteBatchBytes : batchBytes;
+  const step = batchGuestBytes(remote);
   let fetched: Prefetch | undefined;
   let fetching: Prefetch | undefined;
   try {
     for (let start = 0; start < size; start += step) {
       const plan = image.plan(await image.copyRuns(start, Math.min(size, start + step)));
       if (target.preallocate) preallocateData(target, plan.runs, size);
-      if (remote) fetching = prefetchPlan(image.files, plan.runs, signal);
+      if (remote) fetching = prefetchPlan(image.files, plan, signal);
       else readAhead(plan.runs, plan.sources);
       if (pending) await pending;
       fetched?.release();
       fetched = fetching;
       fetching = undefined;
       if (counters.cancelled) break;
-      if (fetched) await fetched.ready;
       pending = image.runCopy({
         runs: plan.runs,
-        sources: plan.sources,
+        sources: fetched ? await fetched.ready : plan.sources,
         targetFd: target.fd,
         targetTailFd: target.tailFd ?? -1,
         targetBase: target.base,

@@ -11,7 +11,7 @@ import { JobCounters, jobError, ProgressSampler, threadCount } from '../jobs';
 import type { NativeCopyJob } from '../native';
 import type { Image } from '../qcow2/image';
 import { open } from '../qcow2/open';
-import { copyWindowSize, preallocateData } from './copy';
+import { batchGuestBytes, copyWindowSize, preallocateData } from './copy';
 import { type LoadHooks, type LoadOptions, type LoadResult, verifyTarget } from './index';
 import { openTarget, type OpenTarget } from './target';
 
@@ -28,8 +28,6 @@ export interface LoadManyResult {
   seconds: number;
 }
 
-const batchBytes = 1024 * 1024 * 1024;
-const remoteBatchBytes = 256 * 1024 * 1024;
 
 function asError(error: unknown, path: string): Qcow2Error {
   return error instanceof Qcow2Error ? error : new Qcow2Error('IO_ERROR', (error as Error)?.message ?? String(error), { path });
@@ -131,7 +129,7 @@ async function copyToAll(
 ): Promise<void> {
   const size = image.virtualSize;
   const remote = hasRemote(image.files);
-  const step = remote ? remoteBatchBytes : batchBytes;
+  const step = batchGuestBytes(remote);
   const liveTargets = () => opened.flatMap((t, i) => (t ? [i] : []));
   const incomplete = () => new Qcow2Error('CANCELLED', 'cancelled; the targets are incomplete', { path: image.path });
   // The job running and the targets it writes; the next batch is planned (and fetched) meanwhile.
@@ -154,7 +152,7 @@ async function copyToAll(
   try {
     for (let start = 0; start < size; start += step) {
       const plan = image.plan(await image.copyRuns(start, Math.min(size, start + step)));
-      fetching = remote ? prefetchPlan(image.files, plan.runs, options.signal) : undefined;
+      fetching = remote ? prefetchPlan(image.files, plan, options.signal) : undefined;
       await settle();
       const live = liveTargets();
       if (live.length === 0 || counters.cancelled) break;
@@ -164,11 +162,11 @@ async function copyToAll(
       }
       const fetched = fetching;
       fetching = undefined;
-      if (fetched) await fetched.ready;
+      const sources = fetched ? await fetched.ready.catch((error: unknown) => (fetched.release(), Promise.reject(error))) : plan.sources;
       const [first, ...rest] = live.map((i) => opened[i]!);
       const job: NativeCopyJob & { extraTargets: object[] } = {
         runs: plan.runs,
-        sources: plan.sources,
+        sources,
         targetFd: first!.fd,
         targetTailFd: first!.tailFd,
         targetBase: first!.base,

@@ -344,12 +344,11 @@ export class Image {
     const runs = await this.resolve(offset, end);
     const target = Buffer.isBuffer(buffer) ? buffer : Buffer.from(buffer.buffer, buffer.byteOffset, buffer.byteLength);
     const plan = this.plan(runs);
-    const fetched = prefetchPlan(this.files, plan.runs);
+    const fetched = prefetchPlan(this.files, plan);
     try {
-      await fetched.ready;
       await this.runCopy({
         runs: plan.runs,
-        sources: plan.sources,
+        sources: await fetched.ready,
         memory: target.subarray(0, end - offset),
         memoryGuestOffset: offset,
         threads: Math.min(4, Math.max(1, Math.ceil((end - offset) / (1 << 20)))),
