@@ -161,13 +161,14 @@ bool readHead(int fd, HttpPiece& piece, const HttpGetJob& job) {
     }
     raw.append(reinterpret_cast<char*>(buffer), static_cast<size_t>(n));
     size_t end = raw.find("\r\n\r\n");
-    if (end == std::string::npos) {
-      if (raw.size() > kMaxHead) {
-        piece.failure = "the response head is longer than 64 KiB";
-        return false;
-      }
-      continue;
+    // Judged on where the head ends, not only while it is incomplete: a long head whose empty
+    // line came in the same read as its last 16 KiB is as long. Incomplete, it ends at the
+    // earliest 3 bytes before what came (part of its empty line may be there).
+    if (end == std::string::npos ? raw.size() > kMaxHead + 3 : end > kMaxHead) {
+      piece.failure = "the response head is longer than 64 KiB";
+      return false;
     }
+    if (end == std::string::npos) continue;
     piece.head = raw.substr(0, end);
     size_t extra = std::min<size_t>(raw.size() - end - 4, piece.length);
     std::memcpy(piece.into, raw.data() + end + 4, extra);
