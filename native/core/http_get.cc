@@ -28,7 +28,8 @@ bool waitFor(int fd, short events, const HttpGetJob& job, std::string& why) {
       return false;
     }
     if (waited >= job.timeoutMs) {
-      why = "no data for " + std::to_string(job.timeoutMs / 1000) + " s";
+      why = job.timeoutMs % 1000 == 0 ? "no data for " + std::to_string(job.timeoutMs / 1000) + " s"
+                                      : "no data for " + std::to_string(job.timeoutMs) + " ms";
       return false;
     }
     pollfd p{fd, events, 0};
@@ -148,14 +149,15 @@ HeadFacts readFacts(const std::string& head) {
   return facts;
 }
 
-// Reads the response head; body bytes that came with it go to the piece. False (with the piece's
-// failure set) when no complete head came.
-bool readHead(int fd, HttpPiece& piece, const HttpGetJob& job) {
+// Reads the response head into the piece; body bytes that came with it go to `early`. False
+// (with the piece's failure set, and `closed` when the server closed first) without a whole head.
+bool readHead(int fd, HttpPiece& piece, const HttpGetJob& job, std::string& early, bool& closed) {
   std::string raw;
   uint8_t buffer[16384];
   for (;;) {
     ssize_t n = receive(fd, buffer, sizeof buffer, job, piece.failure);
     if (n <= 0) {
+      closed = n == 0 && raw.empty();
       if (n == 0) piece.failure = "the connection closed before a response";
       return false;
     }
@@ -170,33 +172,40 @@ bool readHead(int fd, HttpPiece& piece, const HttpGetJob& job) {
     }
     if (end == std::string::npos) continue;
     piece.head = raw.substr(0, end);
-    size_t extra = std::min<size_t>(raw.size() - end - 4, piece.length);
-    std::memcpy(piece.into, raw.data() + end + 4, extra);
-    piece.received = extra;
+    early = raw.substr(end + 4);
     return true;
   }
 }
 
-// One piece on one connection; true when the connection can carry the next request.
-bool getPiece(int fd, HttpPiece& piece, const HttpGetJob& job) {
-  if (!sendAll(fd, piece.request, piece.requestLength, job, piece.failure)) return false;
-  if (!readHead(fd, piece, job)) return false;
+enum class Outcome {
+  Reusable,              // complete, and the connection can carry the next request
+  Ended,                 // complete or not, the connection is done
+  ClosedBeforeResponse,  // the server closed it before a byte of response (a stale kept-alive one)
+};
+
+// One piece on one connection. The body is read into place only once the head is judged usable.
+Outcome getPiece(int fd, HttpPiece& piece, const HttpGetJob& job) {
+  if (!sendAll(fd, piece.request, piece.requestLength, job, piece.failure)) return Outcome::ClosedBeforeResponse;
+  std::string early;
+  bool closed = false;
+  if (!readHead(fd, piece, job, early, closed)) return closed ? Outcome::ClosedBeforeResponse : Outcome::Ended;
   HeadFacts facts = readFacts(piece.head);
   if (facts.status != 206 || !facts.framedByLength || facts.contentLength != static_cast<int64_t>(piece.length)) {
     // JavaScript judges the head; the body, if any, stays unread.
-    piece.received = 0;
     piece.failure = "not a 206 response of the length asked for";
-    return false;
+    return Outcome::Ended;
   }
+  piece.received = std::min<uint64_t>(early.size(), piece.length);
+  std::memcpy(piece.into, early.data(), piece.received);
   while (piece.received < piece.length) {
     ssize_t n = receive(fd, piece.into + piece.received, piece.length - piece.received, job, piece.failure);
     if (n <= 0) {
       if (n == 0) piece.failure = "the connection ended";
-      return false;
+      return Outcome::Ended;
     }
     piece.received += static_cast<uint64_t>(n);
   }
-  return facts.keepAlive;
+  return facts.keepAlive ? Outcome::Reusable : Outcome::Ended;
 }
 
 // One connection's thread: pieces in turn, reconnecting after a connection that cannot go on.
@@ -205,14 +214,15 @@ void connectionLoop(HttpGetJob& job, std::atomic<size_t>& next, std::mutex& idle
     HttpPiece& piece = job.pieces[i];
     bool reused = fd >= 0;
     if (fd < 0 && (fd = connectTo(job, piece.failure)) < 0) continue;
-    bool usable = getPiece(fd, piece, job);
+    Outcome outcome = getPiece(fd, piece, job);
     // A kept-alive connection the server closed meanwhile: once more on a new one.
-    if (!usable && reused && piece.head.empty() && piece.received == 0 && piece.failure != "cancelled") {
+    if (outcome == Outcome::ClosedBeforeResponse && reused) {
       close(fd);
       piece.failure.clear();
       fd = connectTo(job, piece.failure);
-      usable = fd >= 0 && getPiece(fd, piece, job);
+      if (fd >= 0) outcome = getPiece(fd, piece, job);
     }
+    bool usable = outcome == Outcome::Reusable;
     if (!usable && fd >= 0) {
       close(fd);
       fd = -1;

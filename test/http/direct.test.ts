@@ -234,10 +234,14 @@ describe('native().httpGet', () => {
 
   it('a 200 (Range ignored): received 0, the head handed back for JavaScript to judge', async () => {
     server.answer = (_request, socket) => socket.write(Buffer.concat([Buffer.from(`HTTP/1.1 200 OK\r\nContent-Length: ${size}\r\nETag: "v1"\r\n\r\n`), content]));
-    const result = await httpGet([piece(8192, 8192 + 4096)]);
+    const asked = piece(8192, 8192 + 4096);
+    asked.into.fill(0xa5);
+    const result = await httpGet([asked]);
     expect(result.pieces[0]!.received).toBe(0);
     expect(result.pieces[0]!.failure).not.toBe('');
     expect(result.pieces[0]!.head).toBe(`HTTP/1.1 200 OK\r\nContent-Length: ${size}\r\nETag: "v1"`);
+    // The body that came with the head is not the range asked for: none of it lands in `into`.
+    expect(asked.into.every((b) => b === 0xa5)).toBe(true);
     // The whole file's body was left unread: the connection cannot carry another request.
     expect(result.idle).toEqual([]);
   });
