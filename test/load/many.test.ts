@@ -10,9 +10,9 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { type Progress, Qcow2Error, load, loadMany } from '../../src/index';
-import { MiB, cliPath, expectSameFile, firstDifference, qemuConvert, qemuImg, randomBytes, runAsync } from '../helpers/qemu';
-import { type LoopDevice, loopUnavailable, makeLoop, partition, partitionsOf } from '../helpers/loop';
-import { oldDisk } from '../helpers/fixtures';
+import { MiB, cliPath, expectSameFile, qemuConvert, qemuImg, randomBytes, runAsync } from '../helpers/qemu';
+import { type LoopDevice, loopUnavailable, makeLoop, partitionsOf } from '../helpers/loop';
+import { expectPlaced, gptDisk, oldDisk } from '../helpers/fixtures';
 
 const work = fs.mkdtempSync(path.join(os.tmpdir(), 'qcow2img-load-many-'));
 const small = path.join(work, 'small-fs');
@@ -124,28 +124,11 @@ describe('many targets', () => {
   });
 });
 
-/** A 24 MiB disk image file of old bytes (0x5c) with a GPT of two 8 MiB partitions. */
-function gptDisk(name: string): string {
-  const disk = oldDisk(work, name, 24 * MiB);
-  partition(disk, 'label: gpt\n,8M\n,8M\n');
-  return disk;
-}
-
-/** `file` is what it held `before` with the raw disk `expected` at `at`, and not a byte else changed. */
-function expectPlaced(file: string, before: Buffer, at: number, expected: string): void {
-  const disk = fs.readFileSync(expected);
-  const want = Buffer.from(before);
-  disk.copy(want, at);
-  const actual = fs.readFileSync(file);
-  expect(actual.length, file).toBe(want.length);
-  expect(firstDifference(actual, want), `first byte of ${file} that differs`).toBe(-1);
-}
-
 describe('targets with their own place', () => {
   it('each target in its own partition or at its own offset; a plain path takes the shared offset', async () => {
     const expected = qemuConvert(smallImage);
-    const a = gptDisk('place-a.img');
-    const b = gptDisk('place-b.img');
+    const a = gptDisk(work, 'place-a.img');
+    const b = gptDisk(work, 'place-b.img');
     const c = oldDisk(work, 'place-c.img', 12 * MiB);
     const d = oldDisk(work, 'place-d.img', 12 * MiB);
     const before = new Map([a, b, c, d].map((f) => [f, fs.readFileSync(f)]));
@@ -168,7 +151,7 @@ describe('targets with their own place', () => {
 
   it('a target with both a partition and an offset, or a bad offset, is refused before anything is written', async () => {
     const first = path.join(work, 'refused-first.raw');
-    const both = gptDisk('refused-both.img');
+    const both = gptDisk(work, 'refused-both.img');
     const kept = fs.readFileSync(both);
     const error = (await loadMany(smallImage, [first, { path: both, partition: 1, offset: 0 }]).catch((e: unknown) => e)) as Qcow2Error;
     expect(error).toBeInstanceOf(Qcow2Error);
@@ -180,7 +163,7 @@ describe('targets with their own place', () => {
   });
 
   it("a target's own offset replaces a shared partition (no combination to refuse)", async () => {
-    const disk = gptDisk('own-offset.img');
+    const disk = gptDisk(work, 'own-offset.img');
     const before = fs.readFileSync(disk);
     const result = await loadMany(smallImage, [{ path: disk, offset: 2 * MiB }], { partition: 1 });
     expect(result.targets[0]!.ok && result.targets[0]!.result.offset).toBe(2 * MiB);
