@@ -71,7 +71,7 @@ function loadOptions(flags: LoadFlags, onProgress: LoadOptions['onProgress'], si
 /** Several targets: progress and a summary line per target, and exit status 1 when any failed. */
 async function runMany(image: string, targets: LoadTarget[], flags: LoadFlags): Promise<number> {
   const mode = progressMode(flags, 'load');
-  const onProgress = progressReporter(mode);
+  const onProgress = progressReporter(mode, 'targets');
   const result = await untilInterrupted((signal) => loadMany(image, targets, loadOptions(flags, onProgress, signal)));
   clearProgress();
   const json = {
