@@ -5,10 +5,9 @@
  * (`qemu-img convert -O raw -t none -m 1 URL`, Debian package qemu-block-extra), in one run.
  *
  *   node benchmarks/http-load.mjs [--images uncompressed,zlib] [--runs 5] [--quiet-timeout 20]
- *                                 [--cache-dir DIR] [--no-qemu] [--no-many]
+ *                                 [--cache-dir DIR] [--no-qemu]
  *
- * Then (unless --no-many) the many-target load of the zlib image from the local file: one, two and
- * four new files written from one decode, each time against one target.
+ * (Loads onto several targets: benchmarks/load-many.mjs.)
  *
  * Warm runs: the image is in the page cache (nginx serves it from there, and the local load reads it
  * from there), so the figures compare the HTTP path with the local one, not two disks. The tools
@@ -31,8 +30,6 @@ const { values } = parseArgs({
     'quiet-timeout': { type: 'string', default: '20' },
     'cache-dir': { type: 'string' },
     'no-qemu': { type: 'boolean' },
-    'no-many': { type: 'boolean' },
-    'only-many': { type: 'boolean' },
   },
 });
 const runs = Number(values.runs);
@@ -79,7 +76,7 @@ const nginx = await startNginx(path.join(cacheDir, 'variants'), path.join(cacheD
 const rows = [];
 let others = 0;
 try {
-  for (const variant of values['only-many'] ? [] : variants) {
+  for (const variant of variants) {
     const relative = path.relative(path.join(cacheDir, 'variants'), variant.image);
     const url = `${nginx.url}/${relative}`;
     const output = path.join(out, `${variant.name}.raw`);
@@ -116,26 +113,6 @@ try {
 } finally {
   nginx.stop();
 }
-const manyRows = [];
-if (!values['no-many'] && variants.some((v) => v.name === 'zlib')) {
-  const variant = variants.find((v) => v.name === 'zlib');
-  const counts = [1, 2, 4];
-  const times = Object.fromEntries(counts.map((c) => [c, []]));
-  for (let r = 0; r < runs; r++) {
-    for (const count of [...counts.slice(r % counts.length), ...counts.slice(0, r % counts.length)]) {
-      const outputs = Array.from({ length: count }, (_, i) => path.join(out, `many-${i}.raw`));
-      for (const o of outputs) fs.rmSync(o, { force: true });
-      const result = await timed(process.execPath, [cliPath, 'load', variant.image, ...outputs, '--overwrite', '--progress=none'], { quietTimeout, beforeRun: () => warmPageCache(variant.image) });
-      times[count].push(result.seconds);
-      others += result.othersCpuSeconds;
-      console.error(`zlib ${count} target(s) run ${r + 1}: ${result.seconds.toFixed(2)} s (others used ${result.othersCpuSeconds.toFixed(1)} CPU s)`);
-      for (const o of outputs) fs.rmSync(o, { force: true });
-    }
-  }
-  const one = median(times[1]);
-  for (const count of counts) manyRows.push([`${count}`, `${median(times[count]).toFixed(2)} s`, `${(median(times[count]) / one).toFixed(2)}x`]);
-}
 const header = ['image', 'local load', 'HTTP load', ...(values['no-qemu'] ? [] : ['qemu-img curl']), 'HTTP vs local', 'qemu-img curl / HTTP'];
 console.log(markdownTable(header, rows));
-if (manyRows.length) console.log('\n' + markdownTable(['targets (zlib, local)', 'load', 'vs one target'], manyRows));
 console.log(`\nMedians of ${runs} warm runs (image in the page cache, nginx on 127.0.0.1). Other processes used ${others.toFixed(1)} CPU seconds during the timed runs.`);

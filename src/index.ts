@@ -12,7 +12,7 @@ export { Image, type ImageInfo, type MapEntry, type OpenOptions, type ReadStream
 export type { PathPolicy } from './qcow2/paths';
 export type { CompressionType } from './qcow2/header';
 export type { EncryptionInfo, LuksInfo, LuksSlot } from './qcow2/luks';
-export { loadMany, type LoadManyResult, type TargetOutcome } from './load/many';
+export { loadMany, type LoadManyResult, type LoadTarget, type TargetOutcome } from './load/many';
 export type { HttpOptions } from './http/client';
 export { load, type LoadOptions, type LoadResult, type Progress, type ProgressCallback, type DirectMode, type TargetOptions } from './load/index';
 export { loadToStream, type LoadToStreamOptions, type LoadToStreamResult } from './load/stream';

@@ -4,7 +4,7 @@
  * them, and the one mapping from a failed job to a Qcow2Error.
  */
 import * as os from 'node:os';
-import { Qcow2Error } from './errors';
+import { Qcow2Error, type Qcow2ErrorCode } from './errors';
 import type { NativeCopyError } from './native';
 
 /**
@@ -77,8 +77,11 @@ export class JobCounters {
 
 /** Progress of a long operation, as events for the API and lines for the CLI. */
 export interface Progress {
-  /** check reports 'check': bytesDone counts the guest bytes whose tables were walked. */
-  phase: 'write' | 'flush' | 'verify' | 'check' | 'done';
+  /**
+   * check reports 'check': bytesDone counts the guest bytes whose tables were walked. 'verify'
+   * counts the bytes read back. 'failed' (many-target loads only): `target` stopped, `error` says why.
+   */
+  phase: 'write' | 'flush' | 'verify' | 'check' | 'done' | 'failed';
   /** Guest bytes handled so far (data written plus zero ranges handled). */
   bytesDone: number;
   /** The disk's size: bytesDone's end. For a bench run bounded by time, an estimate: the bytes done plus the current pace over the time left. */
@@ -93,6 +96,14 @@ export interface Progress {
   bytesPerSecond: number;
   /** Seconds left at the current pace; undefined before there is a pace. */
   etaSeconds: number | undefined;
+  /**
+   * Many-target loads (loadMany, or load with an array): the target the event is about, as it
+   * was given (made absolute). The write phase's counts are the same for every target (one job
+   * writes them all); flush, verify, done and failed are each target's own.
+   */
+  target?: string;
+  /** Phase 'failed': the error that stopped the target (its code, its one-line message and the file it names). */
+  error?: { code: Qcow2ErrorCode; message: string; path?: string };
 }
 
 /** Receives Progress events; called on the main thread, so it should return quickly. */

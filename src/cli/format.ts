@@ -168,6 +168,55 @@ export function progressLine(p: Progress, columns = 80): string {
   return `[${'#'.repeat(filled)}${'-'.repeat(barWidth - filled)}] ${words}`;
 }
 
+/**
+ * The progress of a many-target load: one line per target (its latest event, in the order given),
+ * each fitting `columns`: the target's path (its end, when long), then what it is doing. Past
+ * `rows` lines, the last says how many more there are and how they stand.
+ */
+export function targetProgressLines(events: readonly Progress[], columns = 80, rows = 24): string[] {
+  const width = Math.max(1, columns - 1);
+  const shown = events.length > rows ? events.slice(0, Math.max(0, rows - 1)) : events;
+  const nameWidth = Math.max(8, Math.min(Math.max(...shown.map((e) => (e.target ?? '').length)), Math.floor(width / 2)));
+  const lines = shown.map((p) => {
+    const name = p.target ?? '';
+    const fitted = name.length > nameWidth ? `...${name.slice(name.length - nameWidth + 3)}` : name.padEnd(nameWidth);
+    return `${fitted}  ${targetState(p)}`.slice(0, width);
+  });
+  const rest = events.slice(shown.length);
+  if (rest.length > 0) {
+    const count = (phase: Progress['phase']) => rest.filter((p) => p.phase === phase).length;
+    lines.push(`... and ${rest.length} more: ${count('done')} done, ${count('failed')} failed`.slice(0, width));
+  }
+  return lines;
+}
+
+/** writing or verifying with its percent and bytes, flushing, done, or failed and why. */
+function targetState(p: Progress): string {
+  const counts = () => {
+    const percent = p.bytesTotal > 0 ? (100 * p.bytesDone) / p.bytesTotal : 100;
+    const rate = p.bytesPerSecond > 0 ? ` ${humanBytes(p.bytesPerSecond)}/s` : '';
+    return `${percent.toFixed(1).padStart(5)}% ${humanBytes(p.bytesDone)}/${humanBytes(p.bytesTotal)}${rate}`;
+  };
+  switch (p.phase) {
+    case 'write':
+      return `writing   ${counts()}`;
+    case 'verify':
+      return `verifying ${counts()}`;
+    case 'flush':
+      return 'flushing';
+    case 'done':
+      return 'done';
+    case 'failed': {
+      // The message names its file first; the line already names the target.
+      const message = p.error?.message ?? 'failed';
+      const prefix = p.error?.path !== undefined ? `${p.error.path}: ` : undefined;
+      return `failed: ${prefix && message.startsWith(prefix) ? message.slice(prefix.length) : message}`;
+    }
+    default:
+      return p.phase;
+  }
+}
+
 /** n·100.0/d as C's printf("%0.2f") prints it (qemu-img check's percentages). */
 export function percent(n: number, d: number): string {
   return cFixed((n * 100) / d, 2);

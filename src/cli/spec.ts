@@ -93,6 +93,13 @@ const targetOptions: OptionSpec[] = [
   { long: 'overwrite', help: 'replace an existing target file' },
 ];
 
+/**
+ * load's --partition and --offset: one value for every TARGET, or one for each TARGET in order
+ * (commands/load.ts holds the count to that).
+ */
+const perTarget = ' (repeatable: once for every TARGET, or once for each TARGET in order)';
+const loadTargetOptions: OptionSpec[] = targetOptions.map((o) => (o.long === 'partition' || o.long === 'offset' ? { ...o, repeatable: true, help: o.help + perTarget } : o));
+
 const codecs = ['zlib', 'zstd'] as const;
 
 // The commands ---------------------------------------------------------------------------------
@@ -126,12 +133,12 @@ export const commands: readonly CommandSpec[] = [
     args: ['IMAGE', 'TARGET...'],
     summary: 'write the raw virtual disk of IMAGE to TARGET at disk speed',
     details: [
-      'IMAGE may be an http(s) URL (ranged reads; --header for tokens). With several TARGETs the image is read and decoded once and written to each; a target that fails stops only itself, the others finish, and the exit status is 1 if any failed.',
+      'IMAGE may be an http(s) URL (ranged reads; --header for tokens). With several TARGETs the image is read and decoded once and written to each; a target that fails stops only itself, the others finish, and the exit status is 1 if any failed. --partition and --offset given once apply to every TARGET; given once for each TARGET, the first goes with the first TARGET, and so on. The progress bar shows one line per TARGET.',
       'TARGET is a file (written under a temporary name, then renamed; a symbolic link is written through, as cp and dd do), a block device, a disk or disk image with --partition N or --offset SIZE, or - for stdout.',
       'A summary line goes to stderr at the end; --json prints the result on stdout instead.',
     ],
     options: [
-      ...targetOptions,
+      ...loadTargetOptions,
       { long: 'snapshot', value: 'ID|NAME', help: 'read the disk as it was at this internal snapshot' },
       threads,
       { long: 'direct', value: 'MODE', ...choice(['auto', 'always', 'never']), default: 'auto', help: 'O_DIRECT writes: always, never, or where the target allows' },
@@ -144,6 +151,7 @@ export const commands: readonly CommandSpec[] = [
       { command: 'qcow2img load disk.qcow2 /dev/vg/guest', does: 'write the disk onto a logical volume' },
       { command: "qcow2img load -H 'Authorization: Bearer TOKEN' https://images.example/arch.qcow2 /dev/sdb", does: 'straight from an image server, with ranged reads' },
       { command: 'qcow2img load disk.qcow2 /dev/sdb /dev/sdc /dev/sdd', does: 'one read and decode, three disks written' },
+      { command: 'qcow2img load disk.qcow2 /dev/sdb /dev/sdc --partition 2 --partition 3', does: 'into partition 2 of /dev/sdb and partition 3 of /dev/sdc' },
       { command: 'qcow2img load -p --verify disk.qcow2 /dev/sdb --partition 2', does: 'into partition 2 of /dev/sdb, with a progress bar, then read back' },
       { command: 'qcow2img load disk.qcow2 disk.img --offset 1M --overwrite', does: 'into a disk image, 1 MiB in' },
       { command: 'qcow2img load disk.qcow2 - | ssh host dd of=/dev/sdb bs=4M', does: 'the raw disk on stdout, in order, zeros included' },

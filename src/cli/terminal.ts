@@ -1,20 +1,31 @@
 /**
- * What the CLI writes to the terminal besides its results: the progress bar (only on a
- * terminal, as wide as it is, cleared before any other line on stderr), progress as JSON
- * lines, notices, and the interrupt handling of long commands.
+ * What the CLI writes to the terminal besides its results: the progress bar, or for a load onto
+ * several targets one line per target (only on a terminal, as wide as it is, redrawn in place and
+ * cleared before any other line on stderr), progress as JSON lines, notices, and the interrupt
+ * handling of long commands.
  */
 import type { Progress } from '../load/progress';
-import { progressLine } from './format';
+import { progressLine, targetProgressLines } from './format';
 import { UsageError } from './usage';
 
-let barShown = false;
+/** Lines of progress drawn last on stderr: the bar's one, or one per target; the cursor is at the end of the last. */
+let drawnLines = 0;
 
-/** Removes the progress bar's line, if one is drawn: before any other line on stderr. */
+/** Removes the progress lines, if any are drawn: before any other line on stderr. */
 export function clearProgress(): void {
-  if (barShown) {
-    process.stderr.write('\r\x1b[K');
-    barShown = false;
-  }
+  if (drawnLines === 0) return;
+  // Back to the first line drawn, then erase to the end of the screen.
+  process.stderr.write(drawnLines === 1 ? '\r\x1b[K' : `\r\x1b[${drawnLines - 1}A\x1b[J`);
+  drawnLines = 0;
+}
+
+/** Draws `lines` over the progress lines drawn last (in place: back up to the first, each rewritten). */
+function draw(lines: readonly string[]): void {
+  // ESC[0A would move up one line in many terminals: only from a second line.
+  const up = drawnLines > 1 ? `\x1b[${drawnLines - 1}A` : '';
+  const shorter = lines.length < drawnLines ? '\x1b[J' : '';
+  process.stderr.write(`\r${up}${lines.map((line) => `${line}\x1b[K`).join('\n')}${shorter}`);
+  drawnLines = lines.length;
 }
 
 /** One line on stderr, after clearing the bar. */
@@ -56,14 +67,22 @@ export function progressMode(flags: ProgressFlags, command: string, fallback: 'a
   return process.stderr.isTTY ? 'bar' : 'none';
 }
 
-export function progressReporter(mode: 'bar' | 'json' | 'none'): ((p: Progress) => void) | undefined {
+/**
+ * What shows each Progress event: a JSON line on stdout (with a many-target load's `target` in
+ * it), or on a terminal the bar, or for `lines: 'targets'` one line per target, each redrawn in
+ * place (the line for an event's `target`, added in the order the targets first report).
+ */
+export function progressReporter(mode: 'bar' | 'json' | 'none', lines: 'one' | 'targets' = 'one'): ((p: Progress) => void) | undefined {
   if (mode === 'json') return (p) => process.stdout.write(JSON.stringify(p) + '\n');
-  if (mode === 'bar') {
+  if (mode === 'bar' && lines === 'targets') {
+    const latest = new Map<string | undefined, Progress>();
     return (p) => {
-      process.stderr.write(`\r${progressLine(p, process.stderr.columns || 80)}\x1b[K`);
-      barShown = true;
+      latest.set(p.target, p);
+      // One row short of the screen: the cursor must be able to go back up to the first line.
+      draw(targetProgressLines([...latest.values()], process.stderr.columns || 80, (process.stderr.rows || 24) - 1));
     };
   }
+  if (mode === 'bar') return (p) => draw([progressLine(p, process.stderr.columns || 80)]);
   return undefined;
 }
 

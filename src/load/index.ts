@@ -6,9 +6,9 @@ import { native } from '../native';
 import type { Image, OpenOptions } from '../qcow2/image';
 import { open } from '../qcow2/open';
 import { copyImage, copyWindowSize, type CopyOptions } from './copy';
-import { JobCounters, jobError, threadCount } from '../jobs';
+import { JobCounters, jobError, ProgressSampler, threadCount, type ProgressCallback } from '../jobs';
 import { openTarget, type OpenTarget, type TargetOptions } from './target';
-import { loadMany, type LoadManyResult } from './many';
+import { loadMany, type LoadManyResult, type LoadTarget } from './many';
 
 export type { Progress, ProgressCallback } from '../jobs';
 export type { DirectMode, TargetOptions } from './target';
@@ -56,9 +56,9 @@ export interface LoadResult {
  * await load('disk.qcow2', '/dev/sdb', { partition: 2, verify: true, onProgress: (p) => console.log(p.bytesDone) });
  */
 export async function load(source: string | Image, target: string, options?: LoadOptions): Promise<LoadResult>;
-/** Many targets: the image is read and decoded once and written to each; see loadMany. */
-export async function load(source: string | Image, targets: readonly string[], options?: LoadOptions): Promise<LoadManyResult>;
-export async function load(source: string | Image, target: string | readonly string[], options: LoadOptions = {}): Promise<LoadResult | LoadManyResult> {
+/** Many targets (paths, or LoadTargets with their own partition or offset): the image is read and decoded once and written to each; see loadMany. */
+export async function load(source: string | Image, targets: readonly (string | LoadTarget)[], options?: LoadOptions): Promise<LoadManyResult>;
+export async function load(source: string | Image, target: string | readonly (string | LoadTarget)[], options: LoadOptions = {}): Promise<LoadResult | LoadManyResult> {
   if (typeof target !== 'string') return loadMany(source, target, options);
   return loadWith(source, target, options);
 }
@@ -109,12 +109,18 @@ export async function loadWith(source: string | Image, target: string, options: 
   }
 }
 
-/** @internal */
-export async function verifyTarget(image: Image, target: OpenTarget, windowHashes: BigUint64Array, windowSize: number, options: LoadOptions): Promise<void> {
+/**
+ * Reads `target` back and compares it with the hashes taken while writing. `onProgress`: phase
+ * 'verify' events of the read-back (many-target loads report each target's; a single load none).
+ * @internal
+ */
+export async function verifyTarget(image: Image, target: OpenTarget, windowHashes: BigUint64Array, windowSize: number, options: LoadOptions, onProgress?: ProgressCallback): Promise<void> {
   const reader = await target.openForVerify();
   try {
     const counters = new JobCounters();
     const release = counters.cancelOn(options.signal);
+    const sampler = new ProgressSampler(counters, image.virtualSize, onProgress);
+    sampler.start('verify');
     let firstBad: number;
     try {
       firstBad = await native().verify({
@@ -130,8 +136,10 @@ export async function verifyTarget(image: Image, target: OpenTarget, windowHashe
     } catch (error) {
       throw jobError('verify', error, { path: target.path, cancelled: 'cancelled during verification; the target is written but unverified' });
     } finally {
+      sampler.stop();
       release();
     }
+    sampler.emit('verify');
     if (firstBad >= 0) {
       const offset = await firstDifference(image, reader.fd, target.base, firstBad * windowSize, windowSize);
       throw new Qcow2Error('VERIFY_FAILED', `verification failed: the target differs from the image at byte ${offset} of the disk (target offset ${target.base + offset})`, {

@@ -72,18 +72,23 @@ async function openMaybeDirect(path: string, flags: number, mode: DirectMode, no
   return { handle: await fs.open(path, flags, 0o644), direct: false };
 }
 
-function checkOffset(offset: number | undefined, path: string): void {
+/**
+ * Refuses an offset that is not a byte position, and an offset given with a partition; before
+ * anything is opened (loadMany checks every target's with it before the first is written).
+ */
+export function checkPlacement(options: Pick<TargetOptions, 'partition' | 'offset'>, path: string): void {
+  const { offset } = options;
   if (offset !== undefined && (!Number.isSafeInteger(offset) || offset < 0)) {
     throw new Qcow2Error('INVALID_ARGUMENT', `offset ${offset} is not a non-negative integer`, { path });
+  }
+  if (offset !== undefined && options.partition !== undefined) {
+    throw new Qcow2Error('INVALID_ARGUMENT', '--offset and --partition cannot be combined', { path });
   }
 }
 
 export async function openTarget(image: Image, targetPath: string, options: TargetOptions): Promise<OpenTarget> {
   const path = nodePath.resolve(targetPath);
-  checkOffset(options.offset, path);
-  if (options.offset !== undefined && options.partition !== undefined) {
-    throw new Qcow2Error('INVALID_ARGUMENT', '--offset and --partition cannot be combined', { path });
-  }
+  checkPlacement(options, path);
   const stats = await fs.stat(path).catch(() => undefined);
   if (stats && image.files.some((f) => f.device === stats.dev && f.inode === stats.ino)) {
     throw new Qcow2Error('TARGET_IS_SOURCE', 'target is the image itself or one of its backing or data files', { path });

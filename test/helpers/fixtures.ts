@@ -4,7 +4,8 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { expect } from 'vitest';
 import { Qcow2Error } from '../../src/index';
-import { qemuImg, qemuIo } from './qemu';
+import { partition } from './loop';
+import { firstDifference, qemuImg, qemuIo } from './qemu';
 
 /** The bytes of abImage's disk. */
 export const abBytes = Buffer.alloc(1024 * 1024, 0xab);
@@ -22,6 +23,22 @@ export function oldDisk(dir: string, name: string, size: number): string {
   const file = path.join(dir, name);
   fs.writeFileSync(file, Buffer.alloc(size, 0x5c));
   return file;
+}
+
+/** A 24 MiB disk image file of old bytes (0x5c) with a GPT of two 8 MiB partitions (sfdisk), in `dir`. */
+export function gptDisk(dir: string, name: string): string {
+  const disk = oldDisk(dir, name, 24 * 1024 * 1024);
+  partition(disk, 'label: gpt\n,8M\n,8M\n');
+  return disk;
+}
+
+/** `file` holds what it held `before` with the raw disk file `expected` at byte `at`, and not a byte else changed. */
+export function expectPlaced(file: string, before: Buffer, at: number, expected: string): void {
+  const want = Buffer.from(before);
+  fs.readFileSync(expected).copy(want, at);
+  const actual = fs.readFileSync(file);
+  expect(actual.length, file).toBe(want.length);
+  expect(firstDifference(actual, want), `first byte of ${file} that differs`).toBe(-1);
 }
 
 export function sha(data: Buffer): string {

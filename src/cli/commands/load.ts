@@ -1,6 +1,6 @@
-/** `qcow2img load IMAGE TARGET`: the raw virtual disk onto a file, device or partition. */
+/** `qcow2img load IMAGE TARGET...`: the raw virtual disk onto files, devices or partitions. */
 import { load, type LoadOptions } from '../../load/index';
-import { loadMany } from '../../load/many';
+import { loadMany, type LoadTarget } from '../../load/many';
 import type { DirectMode } from '../../load/target';
 import { loadToStream } from '../../load/stream';
 import { humanBytes } from '../format';
@@ -13,8 +13,9 @@ export interface LoadFlags extends OpenFlags, ProgressFlags {
   threads?: number;
   overwrite?: boolean;
   direct?: DirectMode;
-  partition?: number;
-  offset?: number;
+  /** Repeatable: one for every target, or one for each. */
+  partition?: number[];
+  offset?: number[];
   verify?: boolean;
   targetIsZero?: boolean;
   force?: boolean;
@@ -24,12 +25,15 @@ export interface LoadFlags extends OpenFlags, ProgressFlags {
 export async function run([image, targetArg]: (string | string[])[], flags: LoadFlags): Promise<number | void> {
   const targets = Array.isArray(targetArg) ? targetArg : [targetArg!];
   if (targets.length === 1 && targets[0] === '-') return toStdout(image as string, flags);
-  if (targets.length > 1) return runMany(image as string, targets, flags);
-  const target = targets[0]!;
+  const partitions = perTarget(flags.partition, targets.length, '--partition');
+  const offsets = perTarget(flags.offset, targets.length, '--offset');
+  const placed = targets.map((path, i) => ({ path, ...defined({ partition: partitions[i], offset: offsets[i] }) }));
+  if (targets.length > 1) return runMany(image as string, placed, flags);
+  const { path: target, ...place } = placed[0]!;
   const mode = progressMode(flags, 'load');
   const onProgress = progressReporter(mode);
   const result = await untilInterrupted((signal) =>
-    load(image as string, target, loadOptions(flags, onProgress, signal)),
+    load(image as string, target, { ...loadOptions(flags, onProgress, signal), ...place }),
   );
   reportResult(mode, flags, result, () => {
     const rate = result.seconds > 0 ? result.virtualSize / result.seconds : 0;
@@ -37,10 +41,23 @@ export async function run([image, targetArg]: (string | string[])[], flags: Load
   });
 }
 
+/**
+ * --partition or --offset for each of `count` targets: given once, the same for every one; given
+ * once for each, in order. Any other count is a usage error.
+ */
+function perTarget(values: number[] | undefined, count: number, option: string): (number | undefined)[] {
+  if (values === undefined) return Array.from({ length: count }, () => undefined);
+  if (values.length === 1) return Array.from({ length: count }, () => values[0]);
+  if (values.length === count) return values;
+  const targets = count === 1 ? '1 TARGET' : `${count} TARGETs`;
+  throw new UsageError(`${option} is given ${values.length} times for ${targets}: give it once (for every TARGET) or once for each TARGET`, 'load');
+}
+
+/** The options every target shares; a target's partition or offset goes with the target. */
 function loadOptions(flags: LoadFlags, onProgress: LoadOptions['onProgress'], signal: AbortSignal): LoadOptions {
   return {
     ...openOptions(flags),
-    ...defined({ snapshot: flags.snapshot, threads: flags.threads, onProgress, partition: flags.partition, offset: flags.offset }),
+    ...defined({ snapshot: flags.snapshot, threads: flags.threads, onProgress }),
     verify: flags.verify === true,
     targetIsZero: flags.targetIsZero === true,
     force: flags.force === true,
@@ -51,10 +68,10 @@ function loadOptions(flags: LoadFlags, onProgress: LoadOptions['onProgress'], si
   };
 }
 
-/** Several targets: one line per target, and exit status 1 when any failed. */
-async function runMany(image: string, targets: string[], flags: LoadFlags): Promise<number> {
+/** Several targets: progress and a summary line per target, and exit status 1 when any failed. */
+async function runMany(image: string, targets: LoadTarget[], flags: LoadFlags): Promise<number> {
   const mode = progressMode(flags, 'load');
-  const onProgress = progressReporter(mode);
+  const onProgress = progressReporter(mode, 'targets');
   const result = await untilInterrupted((signal) => loadMany(image, targets, loadOptions(flags, onProgress, signal)));
   clearProgress();
   const json = {
