@@ -366,24 +366,29 @@ void checkPlanRuns(Napi::Env env, const Napi::Float64Array& runs) {
 
 // copy(job) -> Promise<void>
 class CopyWorker : public PromiseWorker {
-  // A source's `stage` (a Buffer) and `extents` (Float64Array: fileOffset, length and offset in
-  // the stage, per extent, sorted and disjoint): where its bytes are read from instead of fd.
+  // A source's `stage` (Buffers) and `extents` (Float64Array: fileOffset, length, index in stage
+  // and offset there, per extent, sorted and disjoint): where its bytes are read from, not fd.
   void stagedExtents(Napi::Env env, const Napi::Object& s, Source& source) {
-    Napi::Value stage = s.Get("stage");
-    if (stage.IsUndefined()) return;
-    if (!stage.IsBuffer()) throw Napi::TypeError::New(env, "stage must be a Buffer");
-    auto buffer = keep(stage.As<Napi::Buffer<uint8_t>>());
+    Napi::Value stageValue = s.Get("stage");
+    if (stageValue.IsUndefined()) return;
+    if (!stageValue.IsArray()) throw Napi::TypeError::New(env, "stage must be an array of Buffers");
+    auto stage = stageValue.As<Napi::Array>();
+    std::vector<Napi::Buffer<uint8_t>> chunks;
+    for (uint32_t i = 0; i < stage.Length(); i++) {
+      if (!stage.Get(i).IsBuffer()) throw Napi::TypeError::New(env, "stage must be an array of Buffers");
+      chunks.push_back(keep(stage.Get(i).As<Napi::Buffer<uint8_t>>()));
+    }
     auto extents = float64Field(s, "extents");
     checkUnsignedElements(env, extents, "extents");
     const double* e = extents.Data();
     uint64_t previousEnd = 0;
-    for (size_t i = 0; i + 3 <= extents.ElementLength(); i += 3) {
+    for (size_t i = 0; i + 4 <= extents.ElementLength(); i += 4) {
       uint64_t file = static_cast<uint64_t>(e[i]), length = static_cast<uint64_t>(e[i + 1]);
-      uint64_t at = static_cast<uint64_t>(e[i + 2]);
-      if (at > buffer.Length() || length > buffer.Length() - at || file < previousEnd) {
+      uint64_t chunk = static_cast<uint64_t>(e[i + 2]), at = static_cast<uint64_t>(e[i + 3]);
+      if (chunk >= chunks.size() || at > chunks[chunk].Length() || length > chunks[chunk].Length() - at || file < previousEnd) {
         throw Napi::RangeError::New(env, "extents: an extent lies outside its stage or out of order");
       }
-      source.staged.push_back(StagedExtent{file, length, buffer.Data() + at});
+      source.staged.push_back(StagedExtent{file, length, chunks[chunk].Data() + at});
       previousEnd = file + length;
     }
   }

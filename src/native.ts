@@ -28,9 +28,9 @@ export interface NativeSource {
   clusterSize: number;
   /** Where the image's byte 0 sits in fd (an image that is a member of an uncompressed tar). */
   base?: number;
-  /** Read from here instead of fd (a remote file's fetched ranges): the bytes of `extents`. */
-  stage?: Buffer;
-  /** fileOffset, length, offset in `stage`: per extent, sorted and disjoint. */
+  /** Read from these instead of fd (a remote file's fetched ranges): the bytes of `extents`. */
+  stage?: Buffer[];
+  /** fileOffset, length, index in `stage`, offset there: per extent, sorted and disjoint. */
   extents?: Float64Array;
 }
 

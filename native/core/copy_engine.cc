@@ -662,15 +662,22 @@ namespace qcow2img {
 
 int64_t readSource(const Source& source, uint8_t* out, uint64_t length, uint64_t offset) {
   if (source.staged.empty()) return preadFully(source.fd, out, length, source.base + offset);
-  // The extent holding `offset`: the last one starting at or before it.
-  auto after = std::upper_bound(source.staged.begin(), source.staged.end(), offset,
-                                [](uint64_t at, const StagedExtent& e) { return at < e.fileOffset; });
-  if (after == source.staged.begin()) return 0;
-  const StagedExtent& extent = *(after - 1);
-  if (offset >= extent.fileOffset + extent.length) return 0;
-  uint64_t take = std::min(length, extent.fileOffset + extent.length - offset);
-  std::memcpy(out, extent.memory + (offset - extent.fileOffset), take);
-  return static_cast<int64_t>(take);
+  // The extent holding `offset` (the last one starting at or before it), then those that
+  // continue it without a gap: a range is split where a stage chunk ends.
+  auto extent = std::upper_bound(source.staged.begin(), source.staged.end(), offset,
+                                 [](uint64_t at, const StagedExtent& e) { return at < e.fileOffset; });
+  if (extent == source.staged.begin()) return 0;
+  --extent;
+  uint64_t done = 0;
+  while (done < length && extent != source.staged.end() && offset + done >= extent->fileOffset &&
+         offset + done < extent->fileOffset + extent->length) {
+    uint64_t from = offset + done - extent->fileOffset;
+    uint64_t take = std::min(length - done, extent->length - from);
+    std::memcpy(out + done, extent->memory + from, take);
+    done += take;
+    ++extent;
+  }
+  return static_cast<int64_t>(done);
 }
 
 }  // namespace qcow2img

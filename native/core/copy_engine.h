@@ -44,7 +44,8 @@ struct Source {
   uint64_t clusterSize = 65536;   // decompressed size of its compressed clusters
   uint64_t base = 0;  // where the image's byte 0 sits in fd (an image inside a .tar); offsets add it
   // When not empty, the source is read from these (sorted, disjoint) instead of fd; a read
-  // running past an extent stops there, as a read past a file's end does.
+  // runs on into the next extent where it continues the file, and stops short at a gap, as a
+  // read past a file's end does.
   std::vector<StagedExtent> staged;
 };
 

@@ -51,7 +51,7 @@ export function prefetchPlan(files: readonly OpenFile[], plan: { runs: Float64Ar
   return {
     ready: Promise.all(staged.map((s) => s.stage)).then((stages) => {
       const sources = [...plan.sources];
-      staged.forEach(({ source }, i) => (sources[source] = { ...sources[source]!, stage: stages[i]!.buffer, extents: stages[i]!.extents }));
+      staged.forEach(({ source }, i) => (sources[source] = { ...sources[source]!, stage: stages[i]!.chunks, extents: stages[i]!.extents }));
       return sources;
     }),
     release() {

@@ -5,8 +5,8 @@
  *   `check` read through FileHandle.read) goes through a bounded LRU of 1 MiB blocks, so
  *   metadata is fetched once and neighbouring tables come with one request.
  * - `stage()`: before a native copy job runs, the byte ranges its plan reads are fetched
- *   (coalesced, several requests in flight) into one buffer, which the job reads as the file's
- *   extents. Buffers go back to a small pool when the job is done and are filled again by the
+ *   (coalesced, several requests in flight) into chunks of 8 MiB, which the job reads as the
+ *   file's extents. Chunks go back to a pool when the job is done and are filled again by the
  *   next batch: their pages are touched once, not allocated and freed per batch.
  */
 import type * as fs from 'node:fs';
@@ -19,19 +19,23 @@ const blockSize = 1 << 20;
 const cachedBlocks = 32;
 /** Ranges closer than this are fetched as one (the gap with them). */
 const coalesceGap = 256 * 1024;
-/** Largest single request: a large range is split so that several connections share it. */
-const pieceBytes = 8 * 1024 * 1024;
-/** Stage buffers kept for the next batches once returned. */
-const pooledStages = 2;
-/** A new stage buffer has this much room beyond the bytes asked for, so that the next batch's usually fits. */
-const stageSlack = 1.25;
+/**
+ * Stages are made of chunks of this size, so that every batch reuses the chunks the one before it
+ * gave back, whatever its size: none is allocated per batch, none outgrown.
+ */
+const chunkBytes = 8 * 1024 * 1024;
+/** Chunks kept for the next batches once given back (a batch of 64 MiB takes about 9). */
+const pooledChunks = 12;
 
 /** Bytes of a remote file fetched into memory for one native job. */
 export interface Stage {
-  buffer: Buffer;
-  /** fileOffset, length, offset in buffer: per fetched range, sorted. */
+  chunks: Buffer[];
+  /** fileOffset, length, chunk, offset in the chunk: per extent, sorted by file offset. A range longer than a chunk's room continues in the next extent. */
   extents: Float64Array;
 }
+
+/** Fields per extent of a Stage. */
+export const stageExtentFields = 4;
 
 export type Range = [start: number, end: number];
 
@@ -56,12 +60,10 @@ export class RemoteHandle {
   readonly fd = -1;
   readonly remote = true;
   private readonly blocks = new Map<number, Promise<Buffer>>();
-  /** Stage buffers free for the next batch. */
+  /** Stage chunks free for the next batch. */
   private readonly pool: Buffer[] = [];
   /** Bytes of the stages lent out and not yet returned. */
   private lent = 0;
-  /** The largest stage buffer made: a new one is no smaller. */
-  private largestStage = 0;
   private readonly connections: number;
 
   private constructor(
@@ -121,7 +123,7 @@ export class RemoteHandle {
   }
 
   /**
-   * Fetches `ranges` (file offsets, clipped to the file) into a stage buffer, coalesced, with
+   * Fetches `ranges` (file offsets, clipped to the file) into a stage, coalesced, with
    * several requests in flight. Give the stage back with `unstage` once its job is done.
    */
   async stage(ranges: Range[], signal?: AbortSignal): Promise<Stage> {
@@ -131,7 +133,7 @@ export class RemoteHandle {
     // Reading through small gaps saves requests, unless the gaps would outweigh the bytes wanted.
     const coalesced = mergeRanges(exact, coalesceGap);
     const extents = coalesced.reduce((sum, [a, b]) => sum + b - a, 0) <= 2 * wanted ? coalesced : exact;
-    const stage = this.takeStage(extents.reduce((sum, [a, b]) => sum + b - a, 0), extents);
+    const stage = this.takeStage(extents);
     try {
       await this.fill(stage, signal);
       return stage;
@@ -141,12 +143,10 @@ export class RemoteHandle {
     }
   }
 
-  /** Returns a stage's buffer to the pool, which keeps the largest. */
+  /** Gives a stage's chunks back to the pool. */
   unstage(stage: Stage): void {
-    this.lent -= stage.buffer.length;
-    this.pool.push(stage.buffer);
-    this.pool.sort((x, y) => y.length - x.length);
-    this.pool.length = Math.min(this.pool.length, pooledStages);
+    this.lent -= stage.chunks.length * chunkBytes;
+    this.pool.push(...stage.chunks.slice(0, Math.max(0, pooledChunks - this.pool.length)));
   }
 
   /** Bytes of stages lent out now (for tests of the memory bound). */
@@ -154,36 +154,37 @@ export class RemoteHandle {
     return this.lent;
   }
 
-  private takeStage(bytes: number, ranges: Range[]): Stage {
-    const fits = this.pool.filter((b) => b.length >= bytes).sort((x, y) => x.length - y.length)[0];
-    if (fits) this.pool.splice(this.pool.indexOf(fits), 1);
-    const buffer = fits ?? Buffer.allocUnsafeSlow(Math.max(this.largestStage, Math.ceil((bytes * stageSlack) / 65536) * 65536));
-    this.largestStage = Math.max(this.largestStage, buffer.length);
-    this.lent += buffer.length;
-    const extents = new Float64Array(ranges.length * 3);
+  /** Chunks enough for `ranges`, laid out one after the other, a range split where a chunk ends. */
+  private takeStage(ranges: Range[]): Stage {
+    const bytes = ranges.reduce((sum, [a, b]) => sum + b - a, 0);
+    const chunks = Array.from({ length: Math.ceil(bytes / chunkBytes) }, () => this.pool.pop() ?? Buffer.allocUnsafeSlow(chunkBytes));
+    this.lent += chunks.length * chunkBytes;
+    const extents: number[] = [];
     let at = 0;
-    ranges.forEach(([a, b], i) => {
-      extents.set([a, b - a, at], i * 3);
-      at += b - a;
-    });
-    return { buffer, extents };
+    for (const [a, b] of ranges) {
+      for (let from = a; from < b; ) {
+        const length = Math.min(b - from, chunkBytes - (at % chunkBytes));
+        extents.push(from, length, Math.floor(at / chunkBytes), at % chunkBytes);
+        from += length;
+        at += length;
+      }
+    }
+    return { chunks, extents: Float64Array.from(extents) };
   }
 
   /**
-   * Fetches every extent of `stage` into its buffer, in pieces: over plain HTTP first on native
-   * threads (fetchDirect), then what that left over the node:http connections, with retries.
+   * Fetches every extent of `stage` into its chunk (one request each, at most a chunk): over plain
+   * HTTP first on native threads (fetchDirect), then what that left over the node:http
+   * connections, with retries.
    */
   private async fill(stage: Stage, signal: AbortSignal | undefined): Promise<void> {
     const all: Piece[] = [];
-    for (let i = 0; i < stage.extents.length; i += 3) {
-      const [file, length, into] = [stage.extents[i]!, stage.extents[i + 1]!, stage.extents[i + 2]!];
-      for (let at = 0; at < length; at += pieceBytes) {
-        const size = Math.min(pieceBytes, length - at);
-        all.push({ from: file + at, to: file + at + size, into: stage.buffer.subarray(into + at, into + at + size) });
-      }
+    for (let i = 0; i < stage.extents.length; i += stageExtentFields) {
+      const [from, length, chunk, at] = stage.extents.subarray(i, i + stageExtentFields) as unknown as [number, number, number, number];
+      all.push({ from, to: from + length, into: stage.chunks[chunk]!.subarray(at, at + length) });
     }
     const pieces = await this.http.fetchDirect(all, signal);
-    // The first failure cuts the other requests, and all of them end before the buffer can go
+    // The first failure cuts the other requests, and all of them end before the chunks can go
     // back to the pool: none may write into it once another batch has it.
     const cut = new AbortController();
     const onAbort = () => cut.abort();

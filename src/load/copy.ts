@@ -11,11 +11,17 @@ import { hasRemote, type Prefetch, prefetchPlan } from '../http/prefetch';
 import { JobCounters, ProgressSampler, threadCount, type ProgressCallback } from '../jobs';
 
 /**
- * Guest bytes planned per batch: 1 GiB, or 64 MiB from an http(s) image, whose batches' source
- * bytes are held in memory (the one being written and the one being fetched).
+ * The guest ranges a copy plans one at a time: 1 GiB each, or from an http(s) image 64 MiB (their
+ * source bytes are held in memory: the batch being written and the one being fetched), the first
+ * of them 16 MiB, so that writing starts after a short fetch.
  */
-export function batchGuestBytes(remote: boolean): number {
-  return remote ? 64 * 1024 * 1024 : 1024 * 1024 * 1024;
+export function* batchRanges(size: number, remote: boolean): Generator<[start: number, end: number]> {
+  const step = remote ? 64 * 1024 * 1024 : 1024 * 1024 * 1024;
+  for (let start = 0, first = true; start < size; first = false) {
+    const end = Math.min(size, start + (remote && first ? step / 4 : step));
+    yield [start, end];
+    start = end;
+  }
 }
 
 export interface CopyTarget {
@@ -137,12 +143,11 @@ async function copyBatches(image: Image, target: CopyTarget, counters: JobCounte
   // Remote files: the next batch is fetched (into memfds) while this one is written; smaller
   // batches bound the memory that holds.
   const remote = hasRemote(image.files);
-  const step = batchGuestBytes(remote);
   let fetched: Prefetch | undefined;
   let fetching: Prefetch | undefined;
   try {
-    for (let start = 0; start < size; start += step) {
-      const plan = image.plan(await image.copyRuns(start, Math.min(size, start + step)));
+    for (const [start, end] of batchRanges(size, remote)) {
+      const plan = image.plan(await image.copyRuns(start, end));
       if (target.preallocate) preallocateData(target, plan.runs, size);
       if (remote) fetching = prefetchPlan(image.files, plan, signal);
       else readAhead(plan.runs, plan.sources);

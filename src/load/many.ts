@@ -11,7 +11,7 @@ import { JobCounters, jobError, type Progress, type ProgressCallback, ProgressSa
 import type { NativeCopyJob } from '../native';
 import type { Image } from '../qcow2/image';
 import { open } from '../qcow2/open';
-import { batchGuestBytes, copyWindowSize, preallocateData } from './copy';
+import { batchRanges, copyWindowSize, preallocateData } from './copy';
 import { type LoadHooks, type LoadOptions, type LoadResult, verifyTarget } from './index';
 import { checkPlacement, openTarget, type OpenTarget } from './target';
 
@@ -262,7 +262,6 @@ async function copyToAll(
 ): Promise<void> {
   const size = image.virtualSize;
   const remote = hasRemote(image.files);
-  const step = batchGuestBytes(remote);
   const liveTargets = () => opened.flatMap((t, i) => (t ? [i] : []));
   const incomplete = () => new Qcow2Error('CANCELLED', 'cancelled; the targets are incomplete', { path: image.path });
   // The job running and the targets it writes; the next batch is planned (and fetched) meanwhile.
@@ -283,8 +282,8 @@ async function copyToAll(
     }
   };
   try {
-    for (let start = 0; start < size; start += step) {
-      const plan = image.plan(await image.copyRuns(start, Math.min(size, start + step)));
+    for (const [start, end] of batchRanges(size, remote)) {
+      const plan = image.plan(await image.copyRuns(start, end));
       fetching = remote ? prefetchPlan(image.files, plan, options.signal) : undefined;
       await settle();
       const live = liveTargets();
