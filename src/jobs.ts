@@ -102,8 +102,15 @@ export interface Progress {
    * writes them all); flush, verify, done and failed are each target's own.
    */
   target?: string;
-  /** Phase 'failed': the error that stopped the target (its code, its one-line message and the file it names). */
-  error?: { code: Qcow2ErrorCode; message: string; path?: string };
+  /** Phase 'failed': the error that stopped the target. */
+  error?: {
+    /** Its stable code (Qcow2Error.code). */
+    code: Qcow2ErrorCode;
+    /** Its one-line message. */
+    message: string;
+    /** The file or device it names. */
+    path?: string;
+  };
 }
 
 /** Receives Progress events; called on the main thread, so it should return quickly. */
