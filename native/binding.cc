@@ -634,9 +634,10 @@ class DumpBatchWorker : public PromiseWorker {
     batch_.level = intField(spec, "level", 1);
     batch_.chunkTargetBytes = unsignedField(spec, "chunkTargetBytes", 1 << 20);
     batch_.threads = uint32Field(spec, "threads", 2);
-    size_t parentLength = 0, dirtyLength = 0;
+    size_t parentLength = 0, dirtyLength = 0, holesLength = 0;
     batch_.parent = optionalBytes(spec, "parent", &parentLength);
     batch_.dirty = optionalBytes(spec, "dirty", &dirtyLength);
+    batch_.holes = optionalBytes(spec, "holes", &holesLength);
     Napi::Value dedup = spec.Get("dedup");
     auto* dedupConstructor = env.GetInstanceData<Napi::FunctionReference>();
     if (dedup.IsObject() && dedupConstructor && dedup.As<Napi::Object>().InstanceOf(dedupConstructor->Value())) {
@@ -650,8 +651,9 @@ class DumpBatchWorker : public PromiseWorker {
           batch_.chunkTargetBytes <= (256ULL << 20) &&
           (!batch_.parent || parentLength >= batch_.pageCount * batch_.pageSize) &&
           (!batch_.dirty || dirtyLength >= (batch_.pageCount + 7) / 8) &&
+          (!batch_.holes || holesLength >= batch_.pageCount) &&
           (!batch_.incremental || batch_.parent || batch_.dirty))) {
-      throw Napi::RangeError::New(env, "processDumpBatch: inconsistent batch (sizes, parent or dirty bitmap)");
+      throw Napi::RangeError::New(env, "processDumpBatch: inconsistent batch (sizes, parent, dirty bitmap or holes)");
     }
   }
   void Execute() override { result_ = processDumpBatch(batch_); }

@@ -150,6 +150,8 @@ export interface NativeDumpBatch {
   incremental: boolean;
   parent?: Uint8Array;
   dirty?: Uint8Array;
+  /** One byte per page: 1 = inside a hole of the dump, a zero page without reading it. */
+  holes?: Uint8Array;
   dedup?: NativeDedupTable;
   codec: Codec;
   level: number;

@@ -201,7 +201,8 @@ namespace {
 
 constexpr uint8_t stateByte(PageState state) { return static_cast<uint8_t>(state); }
 
-// Phase 1 of a dump batch, parallel: zero pages, unchanged pages, hashes of the rest.
+// Phase 1 of a dump batch, parallel: zero pages, unchanged pages, hashes of the rest. A page in a
+// hole is classified as the zero page it reads as, without touching its bytes.
 bool classifyPages(const DumpBatch& b, const uint8_t* pages, std::vector<uint8_t>& states,
                    std::vector<XXH128_hash_t>& hashes) {
   const uint64_t pagesPerTask = 256;
@@ -209,15 +210,17 @@ bool classifyPages(const DumpBatch& b, const uint8_t* pages, std::vector<uint8_t
     uint64_t end = std::min(b.pageCount, (task + 1) * pagesPerTask);
     for (uint64_t i = task * pagesPerTask; i < end; i++) {
       const uint8_t* page = pages + i * b.pageSize;
+      const bool hole = b.holes && b.holes[i];
       if (b.incremental) {
-        bool unchanged = b.dirty ? !((b.dirty[i / 8] >> (i % 8)) & 1)
-                                 : memcmp(page, b.parent + i * b.pageSize, b.pageSize) == 0;
+        bool unchanged = b.dirty  ? !((b.dirty[i / 8] >> (i % 8)) & 1)
+                         : hole   ? isAllZero(b.parent + i * b.pageSize, b.pageSize)
+                                  : memcmp(page, b.parent + i * b.pageSize, b.pageSize) == 0;
         if (unchanged) {
           states[i] = stateByte(PageState::Parent);
           continue;
         }
       }
-      if (isAllZero(page, b.pageSize)) continue;
+      if (hole || isAllZero(page, b.pageSize)) continue;
       states[i] = stateByte(PageState::Data);
       if (b.dedup) hashes[i] = XXH3_128bits(page, b.pageSize);
     }

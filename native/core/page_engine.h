@@ -53,6 +53,9 @@ struct DumpBatch {
   uint64_t firstSpan = 0;       // the batch starts a span; spans are cut at pageCount
   const uint8_t* parent = nullptr;  // optional: the parent's bytes for the batch
   const uint8_t* dirty = nullptr;   // optional: 1 bit a page, LSB first; clear = unchanged
+  // Optional, one byte a page: 1 = the page lies inside a hole of the dump, so it is zero and is
+  // not read (reading a hole of a tmpfs file through the mapping would allocate it).
+  const uint8_t* holes = nullptr;
   bool incremental = false;     // unchanged pages (per parent or dirty) become PARENT
   DedupTable* dedup = nullptr;  // optional: duplicates are found only with it
   Codec codec = Codec::Zstd;

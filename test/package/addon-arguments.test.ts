@@ -61,6 +61,8 @@ describe('arguments', () => {
     ['restoreBatch with a negative span', () => addon.restoreBatch!({ spans: Float64Array.from([-1, 0]), states: new Uint8Array(1), chunks: new Float64Array(0), duplicates: new Float64Array(0) }), /spans: element 0/],
     ['writeBench for an endless time', () => addon.writeBench!({ fd, size: 4096, blockSize: 4096, seconds: Infinity }), /seconds must be/],
     ['processDumpBatch with a span of 4 GiB', () => addon.processDumpBatch!({ sourceFd: fd, pageCount: 1, pageSize: 2 ** 31, spanPages: 2 }), /inconsistent batch/],
+    // A hole map shorter than the batch would be read past its end for the last pages.
+    ['processDumpBatch with a hole map shorter than the batch', () => addon.processDumpBatch!({ sourceFd: fd, pageCount: 16, pageSize: 4096, spanPages: 512, holes: new Uint8Array(15) }), /inconsistent batch/],
     // 2^52 pages of 64 KiB is 2^68 bytes, which wraps to 0: a 4 KiB parent must not pass for it.
     ['processDumpBatch with a page count whose bytes wrap', () => addon.processDumpBatch!({ sourceFd: fd, pageCount: 2 ** 52, pageSize: 65536, spanPages: 2, incremental: true, parent: new Uint8Array(4096) }), /inconsistent batch/],
   ];
