@@ -128,8 +128,15 @@ function planRegions(requested: MemoryRegion[] | undefined, dumpSize: number, pa
   return regions;
 }
 
+/** The RAM dump, opened for mapping its pages: a regular file (whose holes are not read) or a block device. */
+interface Dump {
+  handle: fs.FileHandle;
+  size: number;
+  isFile: boolean;
+}
+
 /** The RAM dump, opened for mapping its pages: a regular file or a block device, and its size. */
-async function openDump(memory: string, regions: MemoryRegion[] | undefined): Promise<{ handle: fs.FileHandle; size: number }> {
+async function openDump(memory: string, regions: MemoryRegion[] | undefined): Promise<Dump> {
   const handle = await openToRead(memory, 'cannot open the RAM dump');
   try {
     const stats = await handle.stat();
@@ -141,7 +148,7 @@ async function openDump(memory: string, regions: MemoryRegion[] | undefined): Pr
     if (regions === undefined && size % PAGE_SIZE !== 0) {
       throw new Qcow2Error('INVALID_ARGUMENT', `the RAM dump's size (${size} bytes) is not a whole number of ${PAGE_SIZE}-byte pages; a memory map says which bytes are guest memory`, { path: memory });
     }
-    return { handle, size };
+    return { handle, size, isFile: stats.isFile() };
   } catch (error) {
     await handle.close().catch(() => {});
     throw error;
@@ -279,11 +286,54 @@ async function parentInput(options: WriteStateOptions, batch: PageBatch): Promis
   return { parent };
 }
 
+/** The next data (SEEK_DATA) or hole (SEEK_HOLE) of a file at or after `offset`, or -1 when there is none (ENXIO); throws when the file system cannot say. */
+export type Seek = (what: 'data' | 'hole', offset: number) => number;
+
+/**
+ * The pages of `[start, start + pageCount · pageSize)` that lie wholly inside holes of the file, one
+ * byte a page (1 = hole), or undefined when there are none. File systems report holes in their own
+ * blocks, which may be smaller than a page: a page with any data in it is read. An answer that cannot
+ * be trusted (an error, an offset that goes back, data with no hole after it, as when the file shrinks
+ * meanwhile) ends the search and the rest is read, as every page was before: reading a hole gives the
+ * same zeros, so only the cost differs.
+ */
+export function holePages(seek: Seek, start: number, pageCount: number, pageSize: number): Uint8Array | undefined {
+  const end = start + pageCount * pageSize;
+  let holes: Uint8Array | undefined;
+  let position = start;
+  try {
+    while (position < end) {
+      // -1: no data from here to the end of the file. A file that shrank below the batch is refused
+      // by the native batch, which checks the size before it maps the pages.
+      const data = seek('data', position);
+      if (data >= 0 && data < position) break;
+      const holeEnd = data < 0 ? end : Math.min(data, end);
+      for (let p = Math.ceil((position - start) / pageSize); start + (p + 1) * pageSize <= holeEnd; p++) (holes ??= new Uint8Array(pageCount))[p] = 1;
+      if (data < 0 || data >= end) break;
+      const hole = seek('hole', data);
+      if (hole <= data) break;
+      position = hole;
+    }
+  } catch {
+    // A file system that cannot say where its holes are: the rest of the batch is read.
+  }
+  return holes;
+}
+
+/** The holes of a regular file's batch; a block device's pages are all read. */
+function batchHoles(dump: Dump, dumpOffset: number, pageCount: number): { holes?: Uint8Array } {
+  if (!dump.isFile) return {};
+  const fd = dump.handle.fd;
+  const holes = holePages((what, offset) => (what === 'data' ? native().seekData(fd, offset) : native().seekHole(fd, offset)), dumpOffset, pageCount, PAGE_SIZE);
+  return holes ? { holes } : {};
+}
+
 /** Classifies and compresses one batch of pages (native); the CHUNK sections it made are written by writeChunks. */
-async function processBatch(source: fs.FileHandle, batch: PageBatch, dedup: NativeDedupTable, options: WriteStateOptions, path: string): Promise<NativeDumpBatchResult> {
+async function processBatch(dump: Dump, batch: PageBatch, dedup: NativeDedupTable, options: WriteStateOptions, path: string): Promise<NativeDumpBatchResult> {
+  const dumpOffset = batch.region.dumpOffset + batch.done * PAGE_SIZE;
   return native().processDumpBatch({
-    sourceFd: source.fd,
-    dumpOffset: batch.region.dumpOffset + batch.done * PAGE_SIZE,
+    sourceFd: dump.handle.fd,
+    dumpOffset,
     firstPage: batch.region.firstPage + batch.done,
     pageCount: batch.pageCount,
     pageSize: PAGE_SIZE,
@@ -291,6 +341,7 @@ async function processBatch(source: fs.FileHandle, batch: PageBatch, dedup: Nati
     firstSpan: batch.firstSpan,
     incremental: options.parent !== undefined,
     ...(await parentInput(options, batch)),
+    ...batchHoles(dump, dumpOffset, batch.pageCount),
     dedup,
     codec: codecs[options.compress ?? 'zstd'],
     // zstd 2: measured on a real guest's RAM, smaller than `zstd -3` of the whole dump for 0.02 s more than level 1.
@@ -321,7 +372,7 @@ function chunkHeader(chunk: NativeDumpChunk): Buffer {
 }
 
 /** Every page of every region, a batch at a time (whole spans, so that no chunk crosses batches); stops between batches when cancelled. */
-async function writePages(out: StateOutput, source: fs.FileHandle | undefined, regions: Region[], options: WriteStateOptions, path: string): Promise<PageIndex> {
+async function writePages(out: StateOutput, dump: Dump | undefined, regions: Region[], options: WriteStateOptions, path: string): Promise<PageIndex> {
   const index = new PageIndex(regions.reduce((n, r) => n + Math.ceil(r.size / PAGE_SIZE / SPAN_PAGES), 0));
   const dedup = new (native().DedupTable)();
   const counters = new JobCounters();
@@ -338,7 +389,7 @@ async function writePages(out: StateOutput, source: fs.FileHandle | undefined, r
       for (let done = 0; done < regionPages; done += pagesPerBatch) {
         throwIfCancelled(options.signal, path);
         const batch = { region, done, pageCount: Math.min(pagesPerBatch, regionPages - done), firstSpan: regionFirstSpan + done / SPAN_PAGES };
-        const result = await processBatch(source!, batch, dedup, options, path);
+        const result = await processBatch(dump!, batch, dedup, options, path);
         await writing;
         writing = writeChunks(out, index, result, batch);
         counters.dataBytes = (region.firstPage + done + batch.pageCount) * PAGE_SIZE;
@@ -377,7 +428,7 @@ export async function writeState(output: string, options: WriteStateOptions): Pr
     });
     await out.write(header);
     await writeDescription(out, regions, dump?.size ?? 0, options, path);
-    const index = await writePages(out, dump?.handle, regions, options, path);
+    const index = await writePages(out, dump, regions, options, path);
     throwIfCancelled(options.signal, path);
     const digest = await out.finish(header, index.encode(out.sections));
     return {
