@@ -10,12 +10,15 @@
  *
  *   node benchmarks/snapshot.mjs [--runs 3] [--cache-dir .cache/vm] [--quiet-timeout 15]
  *                                [--max-others-cpu 0.3] [--attempts 4] [--profile|--no-profile]
- *                                [--skip-busy] [--skip-library]
+ *                                [--skip-sparse] [--skip-busy] [--skip-library]
  *
- * Two dumps, side by side: the booted guest's (mostly zero pages) and a busy guest's (busy.raw,
- * made once from it by makeBusyDump: its zero pages, but for every 40th, filled page by page with the
- * host's files, as a busy guest's page cache holds them: real, compressible but varied data). The
- * summary table gives, for each dump, the time ratio and size ratio against zstd and both peak RSS.
+ * Three dumps, side by side: the booted guest's (mostly zero pages); the same as a sparse file
+ * (ram.sparse.raw, `cp --sparse=always` of it, made once: a guest's RAM file on tmpfs has holes where
+ * the guest never wrote; qcow2img does not read them, zstd reads the same file, holes as zeros); and
+ * a busy guest's (busy.raw, made once from it by makeBusyDump: its zero pages, but for every 40th,
+ * filled page by page with the host's files, as a busy guest's page cache holds them: real,
+ * compressible but varied data). The summary table gives, for each dump, the time ratio and size
+ * ratio against zstd and both peak RSS.
  *
  * The bars: create at least 2x faster than zstd on the mostly-zero dump and 1.2x on the busy one, and
  * no larger (our size = state.qvms);
@@ -345,6 +348,37 @@ async function compare({ label, ram, cpu, build, outDir, runs, speedBar }) {
   };
 }
 
+// ---- the mostly-zero dump as a sparse file ----
+
+/**
+ * ram.raw as a guest's RAM file on tmpfs holds it: pages never written are holes. `cp --sparse=always`
+ * makes a hole of every zero block, so the guest's zero pages are all holes here (a real guest's file
+ * also holds allocated zero pages, which are read). Made once next to ram.raw, again when ram.raw is newer.
+ */
+function makeSparseDump(dir, ram) {
+  const out = path.join(dir, 'ram.sparse.raw');
+  try {
+    const made = fs.statSync(out);
+    const source = fs.statSync(ram);
+    if (made.size === source.size && made.mtimeMs >= source.mtimeMs) return out;
+  } catch {
+    // made below
+  }
+  console.error('making the sparse copy of the RAM dump (once)...');
+  const temporary = `${out}.tmp`;
+  rm(temporary);
+  const copied = spawnSync('cp', ['--sparse=always', ram, temporary], { encoding: 'utf8' });
+  if (copied.status !== 0) throw new Error(`cp --sparse=always ${ram}: ${copied.stderr.trim()}`);
+  fs.renameSync(temporary, out);
+  return out;
+}
+
+function sparseDescription(sparseRam) {
+  const stats = fs.statSync(sparseRam);
+  const allocated = (100 * stats.blocks * 512) / stats.size;
+  return `ram.raw copied with cp --sparse=always (${allocated.toFixed(1)}% allocated, every zero page a hole), as a guest's RAM file on tmpfs leaves the pages it never touched; zstd reads the same file`;
+}
+
 // ---- the busy guest's RAM dump ----
 
 /** Host folders whose files fill the busy dump, in this order (sorted walk): binaries, libraries, text. */
@@ -503,6 +537,7 @@ async function main() {
       attempts: { type: 'string', default: String(runOptions.attempts) },
       profile: { type: 'boolean' },
       'no-profile': { type: 'boolean' },
+      'skip-sparse': { type: 'boolean' },
       'skip-busy': { type: 'boolean' },
       'skip-library': { type: 'boolean' },
       child: { type: 'string' },
@@ -511,7 +546,7 @@ async function main() {
   });
   if (values.child) return childMain(JSON.parse(values.child));
   if (values.help) {
-    console.log('usage: node benchmarks/snapshot.mjs [--runs 3] [--cache-dir .cache/vm] [--quiet-timeout 15] [--max-others-cpu 0.3] [--attempts 4] [--profile|--no-profile] [--skip-busy] [--skip-library]');
+    console.log('usage: node benchmarks/snapshot.mjs [--runs 3] [--cache-dir .cache/vm] [--quiet-timeout 15] [--max-others-cpu 0.3] [--attempts 4] [--profile|--no-profile] [--skip-sparse] [--skip-busy] [--skip-library]');
     return;
   }
   const runs = Math.max(1, Number(values.runs));
@@ -569,6 +604,11 @@ async function main() {
   const mostlyZero = await compare({ label: `mostly-zero: ${path.basename(ram)}, the booted guest${makeup}`, ram, cpu, build, outDir, runs, speedBar: 2 });
   const { zstdCreate, zstdRestore, createBar, restoreBar } = { zstdCreate: mostlyZero.createSeconds[1], zstdRestore: mostlyZero.restoreSeconds[1], createBar: mostlyZero.createBar, restoreBar: mostlyZero.restoreBar };
   const results = [mostlyZero];
+  if (!values['skip-sparse']) {
+    const sparseRam = makeSparseDump(dir, ram);
+    results.push(await compare({ label: `mostly-zero, sparse: ${path.basename(sparseRam)}, ${sparseDescription(sparseRam)}`, ram: sparseRam, cpu, build, outDir, runs, speedBar: 2 }));
+    warmFiles.delete(sparseRam);
+  }
   if (!values['skip-busy']) {
     const busyRam = makeBusyDump(dir, ram);
     results.push(await compare({ label: `busy: ${path.basename(busyRam)}, ${busyDescription(busyRam)}`, ram: busyRam, cpu, build, outDir, runs, speedBar: 1.2 }));
