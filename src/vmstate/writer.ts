@@ -128,7 +128,7 @@ function planRegions(requested: MemoryRegion[] | undefined, dumpSize: number, pa
   return regions;
 }
 
-/** The RAM dump, opened for mapping its pages: a regular file (whose holes are not read) or a block device. */
+/** An open RAM dump: its size, and whether it is a regular file (whose holes are not read) or a block device. */
 interface Dump {
   handle: fs.FileHandle;
   size: number;
