@@ -140,6 +140,22 @@ export function timedSync() {
   return (performance.now() - started) / 1000;
 }
 
+/** The parseArgs options of a benchmark whose runs are timed with timedBest (and its cache and help). */
+export const timedRunArgs = {
+  'quiet-timeout': { type: 'string', default: '30' },
+  'max-others-cpu': { type: 'string', default: '0.5' },
+  attempts: { type: 'string', default: '3' },
+  'cache-dir': { type: 'string' },
+  help: { type: 'boolean', short: 'h' },
+};
+
+/** timedBest's options from timedRunArgs' values; throws (with `usage`) on one that is not a number. */
+export function timedRunOptions(values, usage) {
+  const options = { quietTimeout: Number(values['quiet-timeout']), maxOthersCpu: Number(values['max-others-cpu']), attempts: Number(values.attempts) };
+  if (!Object.values(options).every(Number.isFinite)) throw new Error(`bad arguments\n${usage}`);
+  return options;
+}
+
 /**
  * `timed`, redone (up to `attempts` times) while the rest of the machine used more than
  * `maxOthersCpu` CPU seconds during the run; the least disturbed attempt is kept.

@@ -30,7 +30,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { parseArgs } from 'node:util';
 import { ensureFreeSpace, formatCommand, humanBytes, machineFacts, markdownTable, median, printFacts, run, seconds } from './common.mjs';
-import { Cleanup, gnuTime, loadAverage, loadableBuild, timedBest, warmPageCache } from './harness.mjs';
+import { Cleanup, gnuTime, loadAverage, loadableBuild, timedBest, timedRunArgs, timedRunOptions, warmPageCache } from './harness.mjs';
 import { buildRealisticImages, defaultCacheDir } from './realistic-image.mjs';
 
 const MiB = 1024 * 1024;
@@ -142,19 +142,15 @@ async function main() {
       counts: { type: 'string', default: '1,2,4' },
       modes: { type: 'string', default: 'disk,memory' },
       runs: { type: 'string', default: '5' },
-      'quiet-timeout': { type: 'string', default: '30' },
-      'max-others-cpu': { type: 'string', default: '0.5' },
-      attempts: { type: 'string', default: '3' },
-      'cache-dir': { type: 'string' },
-      help: { type: 'boolean', short: 'h' },
+      ...timedRunArgs,
     },
   });
   if (values.help) return console.log(usage());
   const runs = Number(values.runs);
   const counts = values.counts.split(',').map(Number);
   const modes = values.modes.split(',');
-  const runOptions = { quietTimeout: Number(values['quiet-timeout']), maxOthersCpu: Number(values['max-others-cpu']), attempts: Number(values.attempts) };
-  if (!Number.isInteger(runs) || runs < 1 || !Object.values(runOptions).every(Number.isFinite)) throw new Error(`bad arguments\n${usage()}`);
+  const runOptions = timedRunOptions(values, usage());
+  if (!Number.isInteger(runs) || runs < 1) throw new Error(`bad arguments\n${usage()}`);
   if (!counts.includes(1) || counts.some((c) => !Number.isInteger(c) || c < 1)) throw new Error('--counts takes whole numbers, 1 among them (the ratios are to one target)');
   if (modes.some((m) => !['disk', 'memory', 'memory-new'].includes(m))) throw new Error('--modes takes disk, memory and memory-new');
   if (!fs.existsSync(gnuTime)) throw new Error(`${gnuTime} is missing: run npm run setup`);

@@ -27,7 +27,7 @@ import * as path from 'node:path';
 import { parseArgs } from 'node:util';
 import { dropCaches, ensureFreeSpace, formatCommand, humanBytes, machineFacts, markdownTable, median, printFacts, run, seconds } from './common.mjs';
 import { buildRealisticImages, defaultCacheDir } from './realistic-image.mjs';
-import { Cleanup, detachLoop, gnuTime, loadAverage, loadableBuild, timedBest, warmPageCache } from './harness.mjs';
+import { Cleanup, detachLoop, gnuTime, loadAverage, loadableBuild, timedBest, timedRunArgs, timedRunOptions, warmPageCache } from './harness.mjs';
 
 const MiB = 1024 * 1024;
 const GiB = 1024 * MiB;
@@ -148,17 +148,13 @@ async function main() {
       runs: { type: 'string', default: '3' },
       cold: { type: 'boolean' },
       threads: { type: 'string' },
-      'quiet-timeout': { type: 'string', default: '30' },
-      'max-others-cpu': { type: 'string', default: '0.5' },
-      attempts: { type: 'string', default: '3' },
-      'cache-dir': { type: 'string' },
-      help: { type: 'boolean', short: 'h' },
+      ...timedRunArgs,
     },
   });
   if (values.help) return console.log(usage());
   const runs = Number(values.runs);
-  const runOptions = { quietTimeout: Number(values['quiet-timeout']), maxOthersCpu: Number(values['max-others-cpu']), attempts: Number(values.attempts) };
-  if (!Number.isInteger(runs) || runs < 1 || !Object.values(runOptions).every(Number.isFinite)) throw new Error(`bad arguments\n${usage()}`);
+  const runOptions = timedRunOptions(values, usage());
+  if (!Number.isInteger(runs) || runs < 1) throw new Error(`bad arguments\n${usage()}`);
   const targetNames = values.targets.split(',');
   if (targetNames.some((name) => !['file', 'device'].includes(name))) throw new Error('--targets takes file and/or device');
   if (!fs.existsSync(gnuTime)) throw new Error(`${gnuTime} is missing: run npm run setup`);
