@@ -166,14 +166,57 @@ async function renameIntoPlace(temporary: string, target: string, what: string):
   await syncFolder(nodePath.dirname(target));
 }
 
+/** The next data (SEEK_DATA) or hole (SEEK_HOLE) of a file at or after `offset`, or -1 when there is none (ENXIO); throws when the file system cannot say. */
+export type Seek = (what: 'data' | 'hole', offset: number) => number;
+
+/** Seek over an open file's descriptor. */
+export function seekOf(fd: number): Seek {
+  return (what, offset) => (what === 'data' ? native().seekData(fd, offset) : native().seekHole(fd, offset));
+}
+
 /**
- * The next data (SEEK_DATA) or hole (SEEK_HOLE) of the file at or after `offset`, or -1 when
- * there is none; a failure (a file system that cannot say) is an error naming `path`.
+ * The data ranges of `[start, end)` of a file, sorted; the rest is holes (past the file's end too).
+ * An answer that cannot be trusted (an error, an offset that goes back, data with no hole after it,
+ * as when the file shrinks meanwhile) makes everything from there on data: reading a hole gives the
+ * same zeros, so only the cost of reading it differs.
  */
-export function seekIn(fd: number, what: 'data' | 'hole', offset: number, path: string): number {
+export function dataRanges(seek: Seek, start: number, end: number): [from: number, to: number][] {
+  const ranges: [number, number][] = [];
+  // Everything before `position` is known.
+  let position = start;
   try {
-    return what === 'data' ? native().seekData(fd, offset) : native().seekHole(fd, offset);
-  } catch (error) {
-    throw ioError(error, path, 'cannot find the holes of the file');
+    while (position < end) {
+      const data = seek('data', position);
+      if (data < 0 || data >= end) return ranges;
+      if (data < position) break;
+      position = data;
+      const hole = seek('hole', data);
+      if (hole <= data) break;
+      ranges.push([data, Math.min(hole, end)]);
+      position = hole;
+    }
+  } catch {
+    // A file system that cannot say where its holes are: the rest is read.
   }
+  if (position < end) ranges.push([position, end]);
+  return ranges;
+}
+
+/**
+ * The units of `[start, start + count · unitSize)` that lie wholly inside holes of a file, one byte
+ * a unit (1 = hole), or undefined when there are none. File systems report holes in their own
+ * blocks, which may be smaller than a unit: a unit with any data in it is read.
+ */
+export function holeUnits(seek: Seek, start: number, count: number, unitSize: number): Uint8Array | undefined {
+  let holes: Uint8Array | undefined;
+  const mark = (from: number, to: number) => {
+    for (let u = Math.ceil((from - start) / unitSize); start + (u + 1) * unitSize <= to; u++) (holes ??= new Uint8Array(count))[u] = 1;
+  };
+  let position = start;
+  for (const [from, to] of dataRanges(seek, start, start + count * unitSize)) {
+    mark(position, from);
+    position = to;
+  }
+  mark(position, start + count * unitSize);
+  return holes;
 }

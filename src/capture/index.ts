@@ -11,7 +11,7 @@ import { randomBytes } from 'node:crypto';
 import * as os from 'node:os';
 import * as nodePath from 'node:path';
 import { Qcow2Error, ioError } from '../errors';
-import { openToRead, seekIn } from '../files';
+import { holeUnits, openToRead, seekOf } from '../files';
 import { JobCounters, jobError, ProgressSampler, threadCount, type ProgressCallback } from '../jobs';
 import { limits } from '../limits';
 import { holdLocks, lockAsQemu } from '../locks';
@@ -420,22 +420,6 @@ function setSize(geometry: Geometry, sourceSize: number, clusterSize: number, ou
   Object.assign(geometry, { virtualSize, l1Size, clusterTotal: Math.ceil(virtualSize / clusterSize) });
 }
 
-/** Marks clusters that lie wholly inside holes of a sparse file (SEEK_DATA/SEEK_HOLE). */
-function holeMap(fd: number, start: number, clusterCount: number, clusterSize: number, sourceSize: number, path: string): Uint8Array {
-  const holes = new Uint8Array(clusterCount);
-  const end = start + clusterCount * clusterSize;
-  let position = start;
-  while (position < end) {
-    const data = position < sourceSize ? seekIn(fd, 'data', position, path) : -1;
-    const holeEnd = data < 0 ? end : Math.min(data, end);
-    // Clusters fully inside [position, holeEnd) are holes.
-    for (let c = Math.ceil((position - start) / clusterSize); (c + 1) * clusterSize + start <= holeEnd; c++) holes[c] = 1;
-    if (data < 0 || data >= end) break;
-    position = Math.min(seekIn(fd, 'hole', data, path), end);
-  }
-  return holes;
-}
-
 /** Everything the stages of one capture share. */
 interface Run {
   settings: Settings;
@@ -517,7 +501,8 @@ async function captureBatch(run: Run, firstCluster: number, count: number, resul
     sourceSize = got;
     readFrom = 0;
   }
-  const holes = source.isFile ? holeMap(source.handle.fd, guestStart, count, settings.clusterSize, source.size, source.path) : undefined;
+  // Clusters wholly inside holes of a sparse file are not read.
+  const holes = source.isFile ? holeUnits(seekOf(source.handle.fd), guestStart, count, settings.clusterSize) : undefined;
   const baseBytes = baseBuffer?.subarray(0, count * settings.clusterSize);
   if (baseBytes) await run.base!.read(baseBytes, guestStart);
   out.reserve(count);

@@ -3,7 +3,7 @@
  */
 import { Readable } from 'node:stream';
 import { Qcow2Error } from '../errors';
-import { seekIn } from '../files';
+import { dataRanges, seekOf } from '../files';
 import type { HttpOptions } from '../http/client';
 import { prefetchPlan } from '../http/prefetch';
 import { jobError } from '../jobs';
@@ -273,18 +273,19 @@ export class Image {
     const layer = this.layers[run.depth];
     if (run.kind !== 'data' || !run.file || !(layer instanceof Qcow2Layer) || !(await layer.metadataPreallocated())) return [{ piece: run, hole: false }];
     // metadataPreallocated() is false for an image inside an archive: file offsets are the image's here.
-    const fd = run.file.handle.fd;
-    const size = run.file.size;
     const pieces: { piece: ResolvedRun; hole: boolean }[] = [];
     const end = run.hostOffset + run.length;
-    const path = run.file.path;
-    for (let host = run.hostOffset; host < end; ) {
-      const dataAt = host < size ? seekIn(fd, 'data', host, path) : -1;
-      const hole = dataAt !== host;
-      const pieceEnd = hole ? (dataAt < 0 ? end : Math.min(end, dataAt)) : Math.min(end, Math.max(host + 1, seekIn(fd, 'hole', host, path)));
-      pieces.push({ piece: { ...run, start: run.start + (host - run.hostOffset), length: pieceEnd - host, hostOffset: host }, hole });
-      host = pieceEnd;
+    let host = run.hostOffset;
+    const piece = (to: number, hole: boolean) => {
+      if (to > host) pieces.push({ piece: { ...run, start: run.start + (host - run.hostOffset), length: to - host, hostOffset: host }, hole });
+      host = Math.max(host, to);
+    };
+    // Past the end of the file: a hole too.
+    for (const [from, to] of dataRanges(seekOf(run.file.handle.fd), run.hostOffset, Math.min(end, run.file.size))) {
+      piece(from, true);
+      piece(to, false);
     }
+    piece(end, true);
     return pieces;
   }
 

@@ -5,6 +5,7 @@
 import type { FileHandle } from 'node:fs/promises';
 import * as fs from 'node:fs/promises';
 import { Qcow2Error, ioError } from '../errors';
+import { dataRanges, seekOf } from '../files';
 import { limits } from '../limits';
 import { lockAsQemu } from '../locks';
 import { native, UnitKind, l2RunFields } from '../native';
@@ -427,34 +428,20 @@ export class RawLayer implements Layer {
   }
 
   async status(start: number, end: number, out: LayerRun[]): Promise<void> {
-    const fd = this.file.handle.fd;
-    const addon = native();
-    let position = start;
     const hole = (from: number, to: number) =>
       pushRun(out, { start: from, length: to - from, kind: 'zeroAllocated', file: this.file, hostOffset: from, compressedBytes: 0, clusterStart: 0 });
-    // A remote raw file has no holes to seek: all of it is data, past its end zeros.
-    if ((this.file.handle as { remote?: boolean }).remote === true) {
-      const dataEnd = Math.min(end, this.file.size);
-      if (position < dataEnd) pushRun(out, { start: position, length: dataEnd - position, kind: 'data', file: this.file, hostOffset: position, compressedBytes: 0, clusterStart: 0 });
-      if (Math.max(position, dataEnd) < end) hole(Math.max(position, dataEnd), end);
-      return;
+    // Past the file's end: zeros. A remote raw file has no holes to seek: all of it is data. (Raw
+    // layers are whole files: backing files are never opened as regions.)
+    const dataEnd = Math.min(end, this.file.size);
+    const remote = (this.file.handle as { remote?: boolean }).remote === true;
+    const ranges = remote ? (start < dataEnd ? [[start, dataEnd] as const] : []) : dataRanges(seekOf(this.file.handle.fd), start, dataEnd);
+    let position = start;
+    for (const [from, to] of ranges) {
+      if (from > position) hole(position, from);
+      pushRun(out, { start: from, length: to - from, kind: 'data', file: this.file, hostOffset: from, compressedBytes: 0, clusterStart: 0 });
+      position = to;
     }
-    while (position < end) {
-      // Raw layers are whole files: backing files are never opened as regions.
-      const dataAt = position < this.file.size ? addon.seekData(fd, position) : -1;
-      if (dataAt < 0 || dataAt >= end) {
-        hole(position, end);
-        break;
-      }
-      if (dataAt > position) {
-        hole(position, dataAt);
-        position = dataAt;
-        continue;
-      }
-      const holeAt = Math.min(addon.seekHole(fd, position), end, this.file.size);
-      pushRun(out, { start: position, length: holeAt - position, kind: 'data', file: this.file, hostOffset: position, compressedBytes: 0, clusterStart: 0 });
-      position = holeAt;
-    }
+    if (position < end) hole(position, end);
   }
 
   async close(): Promise<void> {

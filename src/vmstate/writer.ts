@@ -7,7 +7,7 @@ import * as fs from 'node:fs/promises';
 import * as nodePath from 'node:path';
 import { randomUUID } from 'node:crypto';
 import { Qcow2Error, ioError, throwIfCancelled } from '../errors';
-import { openToRead, PendingFile } from '../files';
+import { holeUnits, openToRead, PendingFile, seekOf } from '../files';
 import { JobCounters, jobError, ProgressSampler, cpuThreadCount, type ProgressCallback } from '../jobs';
 import { Codec, native, type NativeDedupTable, type NativeDumpBatchResult, type NativeDumpChunk } from '../native';
 import { type CpuState, encodeCpuState } from './cpu';
@@ -286,45 +286,11 @@ async function parentInput(options: WriteStateOptions, batch: PageBatch): Promis
   return { parent };
 }
 
-/** The next data (SEEK_DATA) or hole (SEEK_HOLE) of a file at or after `offset`, or -1 when there is none (ENXIO); throws when the file system cannot say. */
-export type Seek = (what: 'data' | 'hole', offset: number) => number;
-
-/**
- * The pages of `[start, start + pageCount · pageSize)` that lie wholly inside holes of the file, one
- * byte a page (1 = hole), or undefined when there are none. File systems report holes in their own
- * blocks, which may be smaller than a page: a page with any data in it is read. An answer that cannot
- * be trusted (an error, an offset that goes back, data with no hole after it, as when the file shrinks
- * meanwhile) ends the search and the rest is read, as every page was before: reading a hole gives the
- * same zeros, so only the cost differs.
- */
-export function holePages(seek: Seek, start: number, pageCount: number, pageSize: number): Uint8Array | undefined {
-  const end = start + pageCount * pageSize;
-  let holes: Uint8Array | undefined;
-  let position = start;
-  try {
-    while (position < end) {
-      // -1: no data from here to the end of the file. A file that shrank below the batch is refused
-      // by the native batch, which checks the size before it maps the pages.
-      const data = seek('data', position);
-      if (data >= 0 && data < position) break;
-      const holeEnd = data < 0 ? end : Math.min(data, end);
-      for (let p = Math.ceil((position - start) / pageSize); start + (p + 1) * pageSize <= holeEnd; p++) (holes ??= new Uint8Array(pageCount))[p] = 1;
-      if (data < 0 || data >= end) break;
-      const hole = seek('hole', data);
-      if (hole <= data) break;
-      position = hole;
-    }
-  } catch {
-    // A file system that cannot say where its holes are: the rest of the batch is read.
-  }
-  return holes;
-}
-
 /** The holes of a regular file's batch; a block device's pages are all read. */
 function batchHoles(dump: Dump, dumpOffset: number, pageCount: number): { holes?: Uint8Array } {
   if (!dump.isFile) return {};
-  const fd = dump.handle.fd;
-  const holes = holePages((what, offset) => (what === 'data' ? native().seekData(fd, offset) : native().seekHole(fd, offset)), dumpOffset, pageCount, PAGE_SIZE);
+  // A file that shrank below the batch is refused by the native batch, which checks the size before it maps the pages.
+  const holes = holeUnits(seekOf(dump.handle.fd), dumpOffset, pageCount, PAGE_SIZE);
   return holes ? { holes } : {};
 }
 

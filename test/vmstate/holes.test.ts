@@ -14,7 +14,8 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { Codec, native } from '../../src/native';
 import { PageState } from '../../src/vmstate/format';
 import { restoreMemory, StateFile } from '../../src/vmstate/reader';
-import { holePages, type Seek, writeState } from '../../src/vmstate/writer';
+import { holeUnits, type Seek } from '../../src/files';
+import { writeState } from '../../src/vmstate/writer';
 import { mulberry32 } from '../helpers/prng';
 
 const PAGE = 4096;
@@ -250,7 +251,7 @@ describe('the hole map of a batch', () => {
         const start = (next() % 128) * PAGE;
         const pageCount = 1 + (next() % (256 - start / PAGE));
         const want = expectedHoles(blockSize, data, start, pageCount);
-        const got = holePages(fakeFile(blockSize, data), start, pageCount, PAGE);
+        const got = holeUnits(fakeFile(blockSize, data), start, pageCount, PAGE);
         expect(got ? [...got] : want.map(() => 0)).toEqual(want);
         holesSeen += want.filter((h) => h === 1).length;
         const blocksOf = (p: number) => data.slice((start + p * PAGE) / blockSize, (start + (p + 1) * PAGE) / blockSize);
@@ -264,9 +265,9 @@ describe('the hole map of a batch', () => {
 
   it('takes the end of the file after the last data (ENXIO) as a hole, and says nothing when there is no hole', () => {
     const blocks = [false, false, true, ...Array.from({ length: 13 }, () => false)];
-    expect([...holePages(fakeFile(PAGE, blocks), 0, 16, PAGE)!]).toEqual([1, 1, 0, ...Array.from({ length: 13 }, () => 1)]);
-    expect(holePages(fakeFile(PAGE, blocks.map(() => true)), 0, 16, PAGE)).toBeUndefined();
-    expect(holePages(fakeFile(1024, [false, false, false, true, true, false, false, false]), 0, 2, PAGE)).toBeUndefined();
+    expect([...holeUnits(fakeFile(PAGE, blocks), 0, 16, PAGE)!]).toEqual([1, 1, 0, ...Array.from({ length: 13 }, () => 1)]);
+    expect(holeUnits(fakeFile(PAGE, blocks.map(() => true)), 0, 16, PAGE)).toBeUndefined();
+    expect(holeUnits(fakeFile(1024, [false, false, false, true, true, false, false, false]), 0, 2, PAGE)).toBeUndefined();
   });
 
   it('reads the rest of the batch after an answer it cannot trust: an error, no hole after data, an offset going back', () => {
@@ -274,11 +275,11 @@ describe('the hole map of a batch', () => {
     const file = fakeFile(PAGE, [false, false, true, false, false, false, false, false]);
     const odd = (answer: (what: 'data' | 'hole', offset: number) => number): Seek => (what, offset) => (what === 'hole' ? answer(what, offset) : file(what, offset));
     const before = [1, 1, 0, 0, 0, 0, 0, 0];
-    expect([...holePages(odd(() => { throw new Error('Invalid argument'); }), 0, 8, PAGE)!]).toEqual(before);
-    expect([...holePages(odd(() => -1), 0, 8, PAGE)!]).toEqual(before);
-    expect([...holePages(odd((_, offset) => offset), 0, 8, PAGE)!]).toEqual(before);
+    expect([...holeUnits(odd(() => { throw new Error('Invalid argument'); }), 0, 8, PAGE)!]).toEqual(before);
+    expect([...holeUnits(odd(() => -1), 0, 8, PAGE)!]).toEqual(before);
+    expect([...holeUnits(odd((_, offset) => offset), 0, 8, PAGE)!]).toEqual(before);
     // SEEK_DATA answering before where it was asked: nothing after it is trusted.
     const backwards: Seek = (what, offset) => (what === 'data' ? (offset === 0 ? 2 * PAGE : 0) : 3 * PAGE);
-    expect([...holePages(backwards, 0, 8, PAGE)!]).toEqual(before);
+    expect([...holeUnits(backwards, 0, 8, PAGE)!]).toEqual(before);
   });
 });
