@@ -262,6 +262,39 @@ export class HttpFile {
     return left;
   }
 
+  /**
+   * Fetches every piece into its `into`: over plain HTTP first on native threads (fetchDirect),
+   * then what that left with fetch() over the connections, with its retries. The first failure
+   * cuts the other requests, and all of them have ended when this settles: none writes into a
+   * piece's memory afterwards.
+   */
+  async fetchAll(all: Piece[], signal?: AbortSignal): Promise<void> {
+    const pieces = await this.fetchDirect(all, signal);
+    const cut = new AbortController();
+    const onAbort = () => cut.abort();
+    signal?.addEventListener('abort', onAbort, { once: true });
+    if (signal?.aborted) cut.abort();
+    let next = 0;
+    let failure: { error: unknown } | undefined;
+    const worker = async () => {
+      while (next < pieces.length && !failure) {
+        const { from, to, into } = pieces[next++]!;
+        try {
+          await this.fetch(from, to - from, (chunk, at) => chunk.copy(into, at - from), cut.signal);
+        } catch (error) {
+          failure ??= { error };
+          cut.abort();
+        }
+      }
+    };
+    try {
+      await Promise.all(Array.from({ length: Math.min(this.connections, pieces.length) }, worker));
+    } finally {
+      signal?.removeEventListener('abort', onAbort);
+    }
+    if (failure) throw failure.error;
+  }
+
   /** One request for [from, to): resolves when the body is complete, rejects with a TryError. */
   private once(from: number, end: number, sink: (chunk: Buffer, position: number) => void, signal?: AbortSignal): Promise<void> {
     let to = end;

@@ -4,7 +4,7 @@
  */
 import { type NativeSource, planRunFields, PlanKind } from '../native';
 import type { OpenFile } from '../qcow2/layers';
-import { type Range, type RemoteHandle, remoteOf } from './remote';
+import { type Range, remoteOf } from './remote';
 
 export interface Prefetch {
   /** The plan's sources, remote ones read from their stages, once every byte is fetched. */
@@ -57,7 +57,7 @@ export function prefetchPlan(files: readonly OpenFile[], plan: { runs: Float64Ar
     release() {
       if (released) return;
       released = true;
-      for (const { handle, stage } of staged) stage.then((s) => (handle as RemoteHandle).unstage(s), () => {});
+      for (const { handle, stage } of staged) stage.then((s) => handle.unstage(s), () => {});
     },
   };
 }

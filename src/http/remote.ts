@@ -64,20 +64,17 @@ export class RemoteHandle {
   private readonly pool: Buffer[] = [];
   /** Bytes of the stages lent out and not yet returned. */
   private lent = 0;
-  private readonly connections: number;
 
   private constructor(
     readonly http: HttpFile,
     head: Buffer,
-    options: HttpOptions,
   ) {
-    this.connections = options.connections ?? 8;
     if (head.length >= Math.min(blockSize, http.size)) this.blocks.set(0, Promise.resolve(head.subarray(0, Math.min(blockSize, http.size))));
   }
 
   static async open(url: URL, options: HttpOptions): Promise<RemoteHandle> {
     const { file, head } = await HttpFile.open(url, options, blockSize);
-    return new RemoteHandle(file, head, options);
+    return new RemoteHandle(file, head);
   }
 
   private block(index: number): Promise<Buffer> {
@@ -172,43 +169,14 @@ export class RemoteHandle {
     return { chunks, extents: Float64Array.from(extents) };
   }
 
-  /**
-   * Fetches every extent of `stage` into its chunk (one request each, at most a chunk): over plain
-   * HTTP first on native threads (fetchDirect), then what that left over the node:http
-   * connections, with retries.
-   */
+  /** Fetches every extent of `stage` into its chunk: one request each, at most a chunk. */
   private async fill(stage: Stage, signal: AbortSignal | undefined): Promise<void> {
     const all: Piece[] = [];
     for (let i = 0; i < stage.extents.length; i += stageExtentFields) {
       const [from, length, chunk, at] = stage.extents.subarray(i, i + stageExtentFields) as unknown as [number, number, number, number];
       all.push({ from, to: from + length, into: stage.chunks[chunk]!.subarray(at, at + length) });
     }
-    const pieces = await this.http.fetchDirect(all, signal);
-    // The first failure cuts the other requests, and all of them end before the chunks can go
-    // back to the pool: none may write into it once another batch has it.
-    const cut = new AbortController();
-    const onAbort = () => cut.abort();
-    signal?.addEventListener('abort', onAbort, { once: true });
-    if (signal?.aborted) cut.abort();
-    let next = 0;
-    let failure: { error: unknown } | undefined;
-    const worker = async () => {
-      while (next < pieces.length && !failure) {
-        const { from, to, into } = pieces[next++]!;
-        try {
-          await this.http.fetch(from, to - from, (chunk, at) => chunk.copy(into, at - from), cut.signal);
-        } catch (error) {
-          failure ??= { error };
-          cut.abort();
-        }
-      }
-    };
-    try {
-      await Promise.all(Array.from({ length: Math.min(this.connections, pieces.length) }, worker));
-    } finally {
-      signal?.removeEventListener('abort', onAbort);
-    }
-    if (failure) throw failure.error;
+    await this.http.fetchAll(all, signal);
   }
 
   async close(): Promise<void> {

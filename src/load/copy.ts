@@ -140,7 +140,7 @@ async function copyBatches(image: Image, target: CopyTarget, counters: JobCounte
   const windowSize = copyWindowSize(image, target.alignment);
   const incomplete = () => new Qcow2Error('CANCELLED', 'cancelled; the target is incomplete', { path: image.path });
   let pending: Promise<void> | undefined;
-  // Remote files: the next batch is fetched (into memfds) while this one is written; smaller
+  // Remote files: the next batch is fetched (into stage chunks) while this one is written; smaller
   // batches bound the memory that holds.
   const remote = hasRemote(image.files);
   let fetched: Prefetch | undefined;
