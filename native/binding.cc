@@ -382,7 +382,7 @@ class CopyWorker : public PromiseWorker {
     checkUnsignedElements(env, extents, "extents");
     const double* e = extents.Data();
     uint64_t previousEnd = 0;
-    for (size_t i = 0; i + 4 <= extents.ElementLength(); i += 4) {
+    for (size_t i = 0; i + kStagedExtentFields <= extents.ElementLength(); i += kStagedExtentFields) {
       uint64_t file = static_cast<uint64_t>(e[i]), length = static_cast<uint64_t>(e[i + 1]);
       uint64_t chunk = static_cast<uint64_t>(e[i + 2]), at = static_cast<uint64_t>(e[i + 3]);
       if (chunk >= chunks.size() || at > chunks[chunk].Length() || length > chunks[chunk].Length() - at || file < previousEnd) {

@@ -283,6 +283,8 @@ export interface NativeHttpGetResult {
 export const PlanKind = { Zero: 0, Data: 1, Compressed: 2 } as const;
 /** Fields per plan run. */
 export const planRunFields = 7;
+/** Fields per staged extent of a source (fileOffset, length, chunk, offset in the chunk; copy_engine.h kStagedExtentFields). */
+export const stagedExtentFields = 4;
 /** Unit kinds of walkL2 output (native/core/l2_walk.h UnitKind). */
 export const UnitKind = { Unallocated: 0, Zero: 1, ZeroAllocated: 2, Data: 3, Compressed: 4 } as const;
 export const l2RunFields = 5;

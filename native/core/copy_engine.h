@@ -21,6 +21,8 @@ enum class RunKind : int { Zero = 0, Data = 1, Compressed = 2 };
 // hostOffset (compressedBytes an upper bound) decompresses to the source's clusterSize bytes, of
 // which `length` bytes from offsetInCluster belong here. Runs are in guest order.
 constexpr size_t kPlanRunFields = 7;
+// Numbers per staged extent as JavaScript passes them: fileOffset, length, chunk, offset in it.
+constexpr size_t kStagedExtentFields = 4;
 
 enum class ZeroMode : int {
   Skip = 0,      // target already reads zeros there (new file, known-zero device)

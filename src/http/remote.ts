@@ -11,6 +11,7 @@
  */
 import type * as fs from 'node:fs';
 import type { FileHandle } from 'node:fs/promises';
+import { stagedExtentFields } from '../native';
 import type { OpenFile } from '../qcow2/layers';
 import { HttpFile, type HttpOptions, type Piece } from './client';
 import { parseUrl } from './url';
@@ -33,9 +34,6 @@ export interface Stage {
   /** fileOffset, length, chunk, offset in the chunk: per extent, sorted by file offset. A range longer than a chunk's room continues in the next extent. */
   extents: Float64Array;
 }
-
-/** Fields per extent of a Stage. */
-export const stageExtentFields = 4;
 
 export type Range = [start: number, end: number];
 
@@ -172,8 +170,8 @@ export class RemoteHandle {
   /** Fetches every extent of `stage` into its chunk: one request each, at most a chunk. */
   private async fill(stage: Stage, signal: AbortSignal | undefined): Promise<void> {
     const all: Piece[] = [];
-    for (let i = 0; i < stage.extents.length; i += stageExtentFields) {
-      const [from, length, chunk, at] = stage.extents.subarray(i, i + stageExtentFields) as unknown as [number, number, number, number];
+    for (let i = 0; i < stage.extents.length; i += stagedExtentFields) {
+      const [from, length, chunk, at] = stage.extents.subarray(i, i + stagedExtentFields) as unknown as [number, number, number, number];
       all.push({ from, to: from + length, into: stage.chunks[chunk]!.subarray(at, at + length) });
     }
     await this.http.fetchAll(all, signal);
