@@ -292,9 +292,10 @@ async function copyToAll(
         const t = opened[i]!;
         if (t.kind === 'file' && t.direct) preallocateData({ path: t.path, fd: t.fd, base: t.base, alignment: t.alignment, zeroMode: t.zeroMode }, plan.runs, size);
       }
+      // Still `fetching` while it is awaited: a failed fetch is released with the others below.
+      const sources = fetching ? await fetching.ready : plan.sources;
       const fetched = fetching;
       fetching = undefined;
-      const sources = fetched ? await fetched.ready.catch((error: unknown) => (fetched.release(), Promise.reject(error))) : plan.sources;
       const [first, ...rest] = live.map((i) => opened[i]!);
       const job: NativeCopyJob & { extraTargets: object[] } = {
         runs: plan.runs,
