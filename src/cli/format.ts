@@ -153,15 +153,25 @@ export function formatMap(entries: MapEntry[]): string {
   return [header, ...rows].join('\n');
 }
 
+/** Percent of an event's bytes done (100 when there are none to do). */
+function percentDone(p: Progress): number {
+  return p.bytesTotal > 0 ? (100 * p.bytesDone) / p.bytesTotal : 100;
+}
+
+/** How far an event is: " 42.0% 1.2 GiB/2.0 GiB". */
+function doneText(p: Progress): string {
+  return `${percentDone(p).toFixed(1).padStart(5)}% ${humanBytes(p.bytesDone)}/${humanBytes(p.bytesTotal)}`;
+}
+
 /**
  * One line of progress that fits `columns` (the terminal's width) without wrapping: the bar
  * takes what the words leave; under 40 columns only the percentage and what fits of the rest.
  */
 export function progressLine(p: Progress, columns = 80): string {
   const width = Math.max(1, columns - 1);
-  const percent = p.bytesTotal > 0 ? (100 * p.bytesDone) / p.bytesTotal : 100;
+  const percent = percentDone(p);
   const eta = p.etaSeconds !== undefined && Number.isFinite(p.etaSeconds) ? ` ETA ${Math.ceil(p.etaSeconds)}s` : '';
-  const words = `${percent.toFixed(1).padStart(5)}% ${humanBytes(p.bytesDone)}/${humanBytes(p.bytesTotal)} ${humanBytes(p.bytesPerSecond)}/s${eta} ${p.phase}`;
+  const words = `${doneText(p)} ${humanBytes(p.bytesPerSecond)}/s${eta} ${p.phase}`;
   const barWidth = Math.min(30, width - words.length - 3);
   if (columns < 40 || barWidth < 10) return words.slice(0, width);
   const filled = Math.round((percent / 100) * barWidth);
@@ -192,11 +202,7 @@ export function targetProgressLines(events: readonly Progress[], columns = 80, r
 
 /** writing or verifying with its percent and bytes, flushing, done, or failed and why. */
 function targetState(p: Progress): string {
-  const counts = () => {
-    const percent = p.bytesTotal > 0 ? (100 * p.bytesDone) / p.bytesTotal : 100;
-    const rate = p.bytesPerSecond > 0 ? ` ${humanBytes(p.bytesPerSecond)}/s` : '';
-    return `${percent.toFixed(1).padStart(5)}% ${humanBytes(p.bytesDone)}/${humanBytes(p.bytesTotal)}${rate}`;
-  };
+  const counts = () => `${doneText(p)}${p.bytesPerSecond > 0 ? ` ${humanBytes(p.bytesPerSecond)}/s` : ''}`;
   switch (p.phase) {
     case 'write':
       return `writing   ${counts()}`;
