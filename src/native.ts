@@ -241,6 +241,8 @@ export interface NativeAddon {
   seekHole(fd: number, offset: number): number;
   blockDeviceInfo(fd: number): { sizeBytes: number; logicalBlockSize: number; physicalBlockSize: number };
   directIoAlignment(fd: number): number;
+  /** A Buffer of `bytes` starting on a 4 KiB boundary (writable with O_DIRECT as it lies). */
+  alignedBuffer(bytes: number): Buffer;
   /** Takes a shared OFD lock on one byte; 0 or errno (EAGAIN/EACCES: held exclusively elsewhere). */
   lockByte(fd: number, offset: number): number;
   /** 1 when another open file description holds a lock on the byte, 0 when none, -errno on failure. */

@@ -28,6 +28,40 @@ constexpr uint64_t kMaxCompressedGroup = 4ULL << 20;// one coalesced compressed 
 constexpr uint64_t kCompressedGap = 4096;           // gap still worth reading through
 constexpr uint64_t kMaxClusterSize = 2ULL << 20;
 
+// Calls take(memory, length) for the staged bytes of `source` from `offset` on, in file order,
+// for up to `length` bytes, as far as they run without a gap (a range is split where a stage
+// chunk ends); returns the bytes covered.
+template <typename Take>
+uint64_t walkStaged(const Source& source, uint64_t offset, uint64_t length, Take take) {
+  // The extent holding `offset` is the last one starting at or before it.
+  auto extent = std::upper_bound(source.staged.begin(), source.staged.end(), offset,
+                                 [](uint64_t at, const StagedExtent& e) { return at < e.fileOffset; });
+  if (extent == source.staged.begin()) return 0;
+  --extent;
+  uint64_t done = 0;
+  while (done < length && extent != source.staged.end() && offset + done >= extent->fileOffset &&
+         offset + done < extent->fileOffset + extent->length) {
+    uint64_t from = offset + done - extent->fileOffset;
+    uint64_t n = std::min(length - done, extent->length - from);
+    take(extent->memory + from, n);
+    done += n;
+    ++extent;
+  }
+  return done;
+}
+
+// Staged bytes [offset, offset + length) where they lie in one piece of memory, as far as they
+// run (fewer at a gap or the file's end, as a short read): their address, or nullptr when they
+// cross into another chunk or nothing is staged there.
+const uint8_t* stagedView(const Source& source, uint64_t offset, uint64_t length, uint64_t* covered) {
+  const uint8_t* first = nullptr;
+  int pieces = 0;
+  *covered = walkStaged(source, offset, length, [&](const uint8_t* memory, uint64_t) {
+    if (pieces++ == 0) first = memory;
+  });
+  return pieces == 1 ? first : nullptr;
+}
+
 struct PlanRun {
   uint64_t guest;
   uint64_t length;
@@ -285,6 +319,12 @@ class Engine {
       if (start < end) pieces.push_back(Piece{r, start, end});
     }
     if (pieces.empty()) return;
+    std::vector<Segment> segments;
+    if (stagedInPlace(task, pieces, segments)) {
+      writeSegments(task, segments);
+      addProgress(pieces);
+      return;
+    }
     if (!fillPieces(pieces, task.start, scratch)) return;
     if (toMemory()) {
       addProgress(pieces);
@@ -297,6 +337,64 @@ class Engine {
       writeWindow(t, task, pieces, scratch.window->data);
     }
     addProgress(pieces);
+  }
+
+  struct Segment {
+    const uint8_t* memory;
+    uint64_t length;
+  };
+
+  // A window that is data of staged sources from end to end, in memory each target can write
+  // from as it lies (whole O_DIRECT units, inside every target's limits): its bytes in guest
+  // order, as `segments`. A remote uncompressed image's windows mostly are; they are written
+  // from the stage with no copy into a window.
+  bool stagedInPlace(const Task& task, const std::vector<Piece>& pieces, std::vector<Segment>& segments) {
+    if (toMemory() || pieces.front().start != task.start || pieces.back().end != task.end) return false;
+    if (job_.windowHashes && task.end > job_.hashedSize) return false;
+    uint64_t unit = 1;
+    for (const ExtraTarget& t : targets_) {
+      if (t.base + task.start < t.limitStart || t.base + task.end > t.limitEnd) return false;
+      unit = std::max<uint64_t>(unit, t.alignment);
+    }
+    uint64_t cursor = task.start;
+    for (const Piece& p : pieces) {
+      if (p.run.kind != RunKind::Data || p.start != cursor) return false;
+      const Source& source = job_.sources[static_cast<size_t>(p.run.source)];
+      const uint64_t host = p.run.host + (p.start - p.run.guest);
+      const uint64_t length = p.end - p.start;
+      if (source.staged.empty() || host > source.sizeBytes || length > source.sizeBytes - host) return false;
+      bool whole = true;
+      uint64_t covered = walkStaged(source, host, length, [&](const uint8_t* memory, uint64_t n) {
+        whole = whole && reinterpret_cast<uintptr_t>(memory) % unit == 0 && n % unit == 0;
+        if (!segments.empty() && segments.back().memory + segments.back().length == memory) {
+          segments.back().length += n;
+        } else {
+          segments.push_back(Segment{memory, n});
+        }
+      });
+      if (!whole || covered != length) return false;
+      cursor = p.end;
+    }
+    return true;
+  }
+
+  // Writes (and hashes) a window held in staged memory as `segments`.
+  void writeSegments(const Task& task, const std::vector<Segment>& segments) {
+    size_t index = static_cast<size_t>(task.start / job_.windowSize);
+    if (job_.windowHashes && index < job_.windowHashCount) {
+      XXH3_state_t state;
+      XXH3_64bits_reset(&state);
+      for (const Segment& s : segments) XXH3_64bits_update(&state, s.memory, s.length);
+      job_.windowHashes[index * 2] = 1;
+      job_.windowHashes[index * 2 + 1] = XXH3_64bits_digest(&state);
+    }
+    for (size_t t = 0; t < targets_.size(); t++) {
+      uint64_t guest = task.start;
+      for (const Segment& s : segments) {
+        if (targetFailed(t) || !writeSpan(t, guest, guest + s.length, s.memory)) break;
+        guest += s.length;
+      }
+    }
   }
 
   // Writes the pieces of a filled window to target `t`: spans rounded out to its O_DIRECT unit.
@@ -417,13 +515,19 @@ class Engine {
     // The last compressed cluster's sector range may run past the end of the
     // file: the stream itself ends before it, so a short read is expected.
     uint64_t readLength = std::min(groupEnd, source.sizeBytes) - groupStart;
-    scratch.compressed.resize(readLength);
-    int64_t n = readSource(source, scratch.compressed.data(), readLength, groupStart);
-    if (n < 0) {
-      fail("read", strerror(errno), errno, sourceIndex, pieces[first].start, groupStart);
-      return false;
+    uint64_t available = 0;
+    // Staged bytes in one piece are decoded where they lie.
+    const uint8_t* compressed = source.staged.empty() ? nullptr : stagedView(source, groupStart, readLength, &available);
+    if (compressed == nullptr) {
+      scratch.compressed.resize(readLength);
+      int64_t n = readSource(source, scratch.compressed.data(), readLength, groupStart);
+      if (n < 0) {
+        fail("read", strerror(errno), errno, sourceIndex, pieces[first].start, groupStart);
+        return false;
+      }
+      compressed = scratch.compressed.data();
+      available = static_cast<uint64_t>(n);
     }
-    const uint64_t available = static_cast<uint64_t>(n);
     for (size_t i = first; i < last; i++) {
       const Piece& p = pieces[i];
       uint64_t at = p.run.host - groupStart;
@@ -439,7 +543,7 @@ class Engine {
       uint8_t* out = destinationFor(p.start, windowStart, scratch);
       uint8_t* target = whole ? out : scratch.cluster->data;
       DecompressStatus status = scratch.decompressor->decompress(
-          source.codec, scratch.compressed.data() + at, inputSize, target, source.clusterSize);
+          source.codec, compressed + at, inputSize, target, source.clusterSize);
       if (status != DecompressStatus::Ok) {
         fail("decompress", decompressStatusName(status), 0, sourceIndex, p.start, p.run.host);
         return false;
@@ -662,21 +766,11 @@ namespace qcow2img {
 
 int64_t readSource(const Source& source, uint8_t* out, uint64_t length, uint64_t offset) {
   if (source.staged.empty()) return preadFully(source.fd, out, length, source.base + offset);
-  // The extent holding `offset` (the last one starting at or before it), then those that
-  // continue it without a gap: a range is split where a stage chunk ends.
-  auto extent = std::upper_bound(source.staged.begin(), source.staged.end(), offset,
-                                 [](uint64_t at, const StagedExtent& e) { return at < e.fileOffset; });
-  if (extent == source.staged.begin()) return 0;
-  --extent;
   uint64_t done = 0;
-  while (done < length && extent != source.staged.end() && offset + done >= extent->fileOffset &&
-         offset + done < extent->fileOffset + extent->length) {
-    uint64_t from = offset + done - extent->fileOffset;
-    uint64_t take = std::min(length - done, extent->length - from);
-    std::memcpy(out + done, extent->memory + from, take);
-    done += take;
-    ++extent;
-  }
+  walkStaged(source, offset, length, [&](const uint8_t* memory, uint64_t n) {
+    std::memcpy(out + done, memory, n);
+    done += n;
+  });
   return static_cast<int64_t>(done);
 }
 

@@ -7,11 +7,13 @@
  * - `stage()`: before a native copy job runs, the byte ranges its plan reads are fetched
  *   (coalesced, several requests in flight) into chunks of 8 MiB, which the job reads as the
  *   file's extents. Chunks go back to a pool when the job is done and are filled again by the
- *   next batch: their pages are touched once, not allocated and freed per batch.
+ *   next batch: their pages are touched once, not allocated and freed per batch. They start on
+ *   4 KiB boundaries, so the engine writes whole aligned data windows from them as they lie and
+ *   decodes compressed clusters where they lie.
  */
 import type * as fs from 'node:fs';
 import type { FileHandle } from 'node:fs/promises';
-import { stagedExtentFields } from '../native';
+import { native, stagedExtentFields } from '../native';
 import type { OpenFile } from '../qcow2/layers';
 import { HttpFile, type HttpOptions, type Piece } from './client';
 import { parseUrl } from './url';
@@ -152,7 +154,7 @@ export class RemoteHandle {
   /** Chunks enough for `ranges`, laid out one after the other, a range split where a chunk ends. */
   private takeStage(ranges: Range[]): Stage {
     const bytes = ranges.reduce((sum, [a, b]) => sum + b - a, 0);
-    const chunks = Array.from({ length: Math.ceil(bytes / chunkBytes) }, () => this.pool.pop() ?? Buffer.allocUnsafeSlow(chunkBytes));
+    const chunks = Array.from({ length: Math.ceil(bytes / chunkBytes) }, () => this.pool.pop() ?? native().alignedBuffer(chunkBytes));
     this.lent += chunks.length * chunkBytes;
     const extents: number[] = [];
     let at = 0;
