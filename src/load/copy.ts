@@ -10,17 +10,83 @@ import { native, type NativeSource, planRunFields, PlanKind } from '../native';
 import { hasRemote, type Prefetch, prefetchPlan } from '../http/prefetch';
 import { JobCounters, ProgressSampler, threadCount, type ProgressCallback } from '../jobs';
 
+/** A copy is planned a span of the guest disk at a time. */
+const planSpan = 1024 * 1024 * 1024;
 /**
- * The guest ranges a copy plans one at a time: 1 GiB each, or from an http(s) image 64 MiB (their
- * source bytes are held in memory: the batch being written and the one being fetched), the first
- * of them 16 MiB, so that writing starts after a short fetch.
+ * From an http(s) image a span is written in batches of 64 MiB (their source bytes are held in
+ * memory: the batch being written and the one being fetched), the first of them 16 MiB, so that
+ * writing starts after a short fetch.
  */
-export function* batchRanges(size: number, remote: boolean): Generator<[start: number, end: number]> {
-  const step = remote ? 64 * 1024 * 1024 : 1024 * 1024 * 1024;
-  for (let start = 0, first = true; start < size; first = false) {
-    const end = Math.min(size, start + (remote && first ? step / 4 : step));
-    yield [start, end];
-    start = end;
+const remoteBatch = 64 * 1024 * 1024;
+
+export type Plan = { runs: Float64Array; sources: NativeSource[] };
+
+export interface Batch {
+  start: number;
+  end: number;
+  plan: Plan;
+}
+
+/** The runs of `runs` (a plan's, in guest order) inside guest [start, end), cut at its edges. */
+export function slicePlanRuns(runs: Float64Array, start: number, end: number): Float64Array {
+  const out: number[] = [];
+  for (let at = 0; at < runs.length; at += planRunFields) {
+    const guest = runs[at]!;
+    const from = Math.max(guest, start);
+    const to = Math.min(guest + runs[at + 1]!, end);
+    if (from >= to) continue;
+    const kind = runs[at + 2]!;
+    const cut = from - guest;
+    out.push(from, to - from, kind, runs[at + 3]!, runs[at + 4]! + (kind === PlanKind.Data ? cut : 0), runs[at + 5]!, runs[at + 6]! + (kind === PlanKind.Compressed ? cut : 0));
+  }
+  return Float64Array.from(out);
+}
+
+/**
+ * The batches of a copy in guest order, each with its plan. Plans are made a span (1 GiB) at a
+ * time, and `onSpan` gets each span's runs before any batch of it is handed out (new file
+ * targets are preallocated from them: each fallocate waits for the direct writes in flight,
+ * ext4's inode_dio_wait, so once a span rather than once a batch). A remote image's spans are
+ * cut into batches, and the next span is planned when a span's second batch is asked for,
+ * while its first is written: no batch waits for 1 GiB to be planned.
+ */
+export async function* plannedBatches(image: Image, remote: boolean, onSpan: (runs: Float64Array) => void): AsyncGenerator<Batch> {
+  const size = image.virtualSize;
+  const planAt = async (start: number) => {
+    const end = Math.min(size, start + planSpan);
+    const plan = image.plan(await image.copyRuns(start, end));
+    onSpan(plan.runs);
+    return { start, end, plan };
+  };
+  let next: Promise<Batch> | undefined;
+  const planFrom = (start: number) => {
+    if (next || start >= size) return;
+    next = planAt(start);
+    // Awaited when its span is reached, or in `finally`: not unhandled meanwhile.
+    next.catch(() => {});
+  };
+  try {
+    planFrom(0);
+    while (next) {
+      const span: Batch = await next;
+      next = undefined;
+      if (!remote) {
+        yield span;
+        planFrom(span.end);
+        continue;
+      }
+      for (let start = span.start; start < span.end; ) {
+        const end = Math.min(span.end, start + (start === 0 ? remoteBatch / 4 : remoteBatch));
+        if (start > span.start) planFrom(span.end);
+        yield { start, end, plan: { runs: slicePlanRuns(span.plan.runs, start, end), sources: span.plan.sources } };
+        start = end;
+      }
+      planFrom(span.end);
+    }
+  } finally {
+    // A caller that stops early closes the targets next: no span may be planned (and
+    // preallocated) after that.
+    await next?.catch(() => {});
   }
 }
 
@@ -93,7 +159,7 @@ function readAhead(runs: Float64Array, sources: readonly NativeSource[]): void {
  * out to the O_DIRECT unit (as the writes are). Zero runs stay holes. Best effort: a
  * filesystem that refuses only loses the speed-up.
  */
-function preallocateData(target: CopyTarget, runs: Float64Array, size: number): void {
+export function preallocateData(target: CopyTarget, runs: Float64Array, size: number): void {
   const unit = Math.max(target.alignment, 512);
   let from = -1;
   let to = -1;
@@ -113,27 +179,6 @@ function preallocateData(target: CopyTarget, runs: Float64Array, size: number): 
     }
   }
   flush();
-}
-
-/** Preallocation runs ahead of the batches in spans of this many guest bytes. */
-const preallocationSpan = 1024 * 1024 * 1024;
-
-/**
- * Allocates new file targets' data ranges a span ahead of the batches that write them: each
- * fallocate waits for the direct writes in flight (ext4's inode_dio_wait), so one per 64 MiB
- * remote batch would drain the writes, and hold up the next fetch, 32 times on a 2 GiB disk.
- * Returns the step to take before each batch, given its range and runs (reused when the batch
- * is the whole span, as local batches are).
- */
-export function preallocator(image: Image, size: number): (start: number, end: number, runs: Float64Array, targets: readonly CopyTarget[]) => Promise<void> {
-  let allocatedTo = 0;
-  return async (start, end, runs, targets) => {
-    if (end <= allocatedTo || targets.length === 0) return;
-    const to = Math.min(size, allocatedTo + preallocationSpan);
-    const spanRuns = start === allocatedTo && end >= to ? runs : image.plan(await image.copyRuns(allocatedTo, to)).runs;
-    for (const target of targets) preallocateData(target, spanRuns, size);
-    allocatedTo = to;
-  };
 }
 
 export async function copyImage(image: Image, target: CopyTarget, options: CopyOptions = {}): Promise<{ dataBytes: number; zeroBytes: number; seconds: number }> {
@@ -166,11 +211,8 @@ async function copyBatches(image: Image, target: CopyTarget, counters: JobCounte
   const remote = hasRemote(image.files);
   let fetched: Prefetch | undefined;
   let fetching: Prefetch | undefined;
-  const preallocate = preallocator(image, size);
   try {
-    for (const [start, end] of batchRanges(size, remote)) {
-      const plan = image.plan(await image.copyRuns(start, end));
-      await preallocate(start, end, plan.runs, target.preallocate ? [target] : []);
+    for await (const { plan } of plannedBatches(image, remote, (runs) => target.preallocate && preallocateData(target, runs, size))) {
       if (remote) fetching = prefetchPlan(image.files, plan, signal);
       else readAhead(plan.runs, plan.sources);
       if (pending) await pending;

@@ -11,7 +11,7 @@ import { JobCounters, jobError, type Progress, type ProgressCallback, ProgressSa
 import type { NativeCopyJob } from '../native';
 import type { Image } from '../qcow2/image';
 import { open } from '../qcow2/open';
-import { batchRanges, copyWindowSize, preallocator } from './copy';
+import { copyWindowSize, plannedBatches, preallocateData } from './copy';
 import { type LoadHooks, type LoadOptions, type LoadResult, verifyTarget } from './index';
 import { checkPlacement, openTarget, type OpenTarget } from './target';
 
@@ -281,16 +281,18 @@ async function copyToAll(
       fetched?.release();
     }
   };
-  const preallocate = preallocator(image, size);
+  // Preallocated: the new files written with O_DIRECT that have not failed.
+  const preallocate = (runs: Float64Array) => {
+    for (const t of liveTargets().map((i) => opened[i]!)) {
+      if (t.kind === 'file' && t.direct) preallocateData({ path: t.path, fd: t.fd, base: t.base, alignment: t.alignment, zeroMode: t.zeroMode }, runs, size);
+    }
+  };
   try {
-    for (const [start, end] of batchRanges(size, remote)) {
-      const plan = image.plan(await image.copyRuns(start, end));
+    for await (const { plan } of plannedBatches(image, remote, preallocate)) {
       fetching = remote ? prefetchPlan(image.files, plan, options.signal) : undefined;
       await settle();
       const live = liveTargets();
       if (live.length === 0 || counters.cancelled) break;
-      const newFiles = live.map((i) => opened[i]!).filter((t) => t.kind === 'file' && t.direct);
-      await preallocate(start, end, plan.runs, newFiles.map((t) => ({ path: t.path, fd: t.fd, base: t.base, alignment: t.alignment, zeroMode: t.zeroMode })));
       // Still `fetching` while it is awaited: a failed fetch is released with the others below.
       const sources = fetching ? await fetching.ready : plan.sources;
       const fetched = fetching;

@@ -3,6 +3,7 @@
  * made at test time, and a fault proxy in front (connections cut mid-range, 503s, stalls, a file
  * replaced mid-load). Every load is compared byte for byte with `qemu-img convert` of the local file.
  */
+import { spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
@@ -26,7 +27,7 @@ function make(name: string, size: string, writes: readonly string[], extra: read
   return file;
 }
 
-/** Writes spread over a 600 MiB disk: more than two of the 256 MiB batches a remote load takes. */
+/** Writes spread over a 600 MiB disk: across several of the 64 MiB batches a remote load takes. */
 const spread = ['write -P 0x11 0 3M', 'write -P 0x22 100M 1M', 'write -P 0x33 255M 2M', 'write -P 0x44 300M 64k', 'write -P 0x55 511M 3M', 'write -P 0x66 599M 1M', 'write -z 20M 1M'];
 
 let plain: string;
@@ -68,6 +69,28 @@ async function loadAndCompare(source: string, local: string, options: Parameters
 describe('reading over HTTP', () => {
   it('load of uncompressed, zlib and zstd images equals qemu-img convert of the local file, across several batches', async () => {
     for (const local of [plain, zlib, zstd]) await loadAndCompare(url(path.basename(local)), local);
+  });
+
+  it('a disk past 1 GiB (a remote load plans 1 GiB spans and cuts them into batches) loads as qemu-img converts it, runs across both edges', async () => {
+    // Data and compressed clusters across the 1 GiB span edge and 64 MiB batch edges, and a zero run across the span edge.
+    const raw = path.join(work, 'span.raw');
+    const fd = fs.openSync(raw, 'w');
+    fs.ftruncateSync(fd, 1100 * MiB);
+    for (const [at, seed] of [[63.5, 'span-a'], [1023, 'span-b'], [1087.75, 'span-c']] as const) fs.writeSync(fd, textBytes(seed, 2 * MiB), 0, 2 * MiB, at * MiB);
+    fs.closeSync(fd);
+    const plainSpan = path.join(images, 'span-plain.qcow2');
+    const zlibSpan = path.join(images, 'span-zlib.qcow2');
+    qemuImg(['convert', '-q', '-f', 'raw', '-O', 'qcow2', raw, plainSpan]);
+    qemuImg(['convert', '-q', '-c', '-f', 'raw', '-O', 'qcow2', raw, zlibSpan]);
+    qemuIo(plainSpan, ['write -z 1022M 4M', 'write -P 0x77 1025M 1M']);
+    for (const local of [plainSpan, zlibSpan]) {
+      const target = path.join(work, `out-${path.basename(local)}.raw`);
+      await load(url(path.basename(local)), target);
+      // cmp streams: the disks are sparse, 1.1 GiB each.
+      const compared = spawnSync('cmp', [target, qemuConvert(local)], { encoding: 'utf8' });
+      expect(compared.status, compared.stdout + compared.stderr).toBe(0);
+      fs.rmSync(target);
+    }
   });
 
   it('info, map and check over HTTP say what they say of the local file, naming the URL without its query', async () => {
