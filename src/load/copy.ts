@@ -29,17 +29,33 @@ export interface Batch {
 
 /** The runs of `runs` (a plan's, in guest order) inside guest [start, end), cut at its edges. */
 export function slicePlanRuns(runs: Float64Array, start: number, end: number): Float64Array {
-  const out: number[] = [];
-  for (let at = 0; at < runs.length; at += planRunFields) {
-    const guest = runs[at]!;
+  const count = runs.length / planRunFields;
+  // The first run ending after `start`, and the first starting at or after `end`.
+  const first = firstRun(count, (i) => runs[i * planRunFields]! + runs[i * planRunFields + 1]! > start);
+  const last = firstRun(count, (i) => runs[i * planRunFields]! >= end);
+  const out = runs.slice(first * planRunFields, Math.max(first, last) * planRunFields);
+  for (const at of out.length ? [0, out.length - planRunFields] : []) {
+    const guest = out[at]!;
     const from = Math.max(guest, start);
-    const to = Math.min(guest + runs[at + 1]!, end);
-    if (from >= to) continue;
-    const kind = runs[at + 2]!;
     const cut = from - guest;
-    out.push(from, to - from, kind, runs[at + 3]!, runs[at + 4]! + (kind === PlanKind.Data ? cut : 0), runs[at + 5]!, runs[at + 6]! + (kind === PlanKind.Compressed ? cut : 0));
+    out[at] = from;
+    out[at + 1] = Math.min(guest + out[at + 1]!, end) - from;
+    if (out[at + 2] === PlanKind.Data) out[at + 4]! += cut;
+    if (out[at + 2] === PlanKind.Compressed) out[at + 6]! += cut;
   }
-  return Float64Array.from(out);
+  return out;
+}
+
+/** The lowest index in [0, count) for which `after` holds (it holds from some index on), or count. */
+function firstRun(count: number, after: (index: number) => boolean): number {
+  let low = 0;
+  let high = count;
+  while (low < high) {
+    const middle = (low + high) >>> 1;
+    if (after(middle)) high = middle;
+    else low = middle + 1;
+  }
+  return low;
 }
 
 /**
