@@ -27,8 +27,11 @@ const coalesceGap = 256 * 1024;
  * gave back, whatever its size: none is allocated per batch, none outgrown.
  */
 const chunkBytes = 8 * 1024 * 1024;
-/** Chunks kept for the next batches once given back (a batch of 64 MiB takes about 9). */
-const pooledChunks = 12;
+/**
+ * Chunks kept for the next batches once given back: a load holds three stages of a 48 MiB batch
+ * (two being written, one being fetched), 6 or 7 chunks each.
+ */
+const pooledChunks = 20;
 
 /** Bytes of a remote file fetched into memory for one native job. */
 export interface Stage {

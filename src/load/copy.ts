@@ -13,11 +13,12 @@ import { JobCounters, ProgressSampler, threadCount, type ProgressCallback } from
 /** A copy is planned a span of the guest disk at a time. */
 const planSpan = 1024 * 1024 * 1024;
 /**
- * From an http(s) image a span is written in batches of 64 MiB (their source bytes are held in
- * memory: the batch being written and the one being fetched), the first of them 16 MiB, so that
- * writing starts after a short fetch.
+ * From an http(s) image a span is written in batches of 48 MiB (their source bytes are held in
+ * memory: two batches being written, one being fetched), the first of them 12 MiB, so that
+ * writing starts after a short fetch. (64 MiB measured no faster and 294 MiB at peak; 32 MiB
+ * slower by a tenth.)
  */
-const remoteBatch = 64 * 1024 * 1024;
+const remoteBatch = 48 * 1024 * 1024;
 
 export type Plan = { runs: Float64Array; sources: NativeSource[] };
 
@@ -221,22 +222,34 @@ async function copyBatches(image: Image, target: CopyTarget, counters: JobCounte
   const size = image.virtualSize;
   const windowSize = copyWindowSize(image, target.alignment);
   const incomplete = () => new Qcow2Error('CANCELLED', 'cancelled; the target is incomplete', { path: image.path });
-  let pending: Promise<void> | undefined;
-  // Remote files: the next batch is fetched (into stage chunks) while this one is written; smaller
-  // batches bound the memory that holds.
+  // Remote files: the next batch is fetched (into stage chunks) while the ones before it are
+  // written, and a batch's job starts beside the tail of the one before (two at once), so the
+  // disk's queue does not drain at every batch's end.
   const remote = hasRemote(image.files);
-  let fetched: Prefetch | undefined;
+  const jobsAtOnce = remote ? 2 : 1;
+  const running: { job: Promise<void>; fetched: Prefetch | undefined }[] = [];
+  const settleOldest = async () => {
+    const { job, fetched } = running[0]!;
+    try {
+      await job;
+    } finally {
+      fetched?.release();
+      running.shift();
+    }
+  };
   let fetching: Prefetch | undefined;
   try {
     for await (const { plan } of plannedBatches(image, remote, (runs) => target.preallocate && preallocateData(target, runs, size))) {
       if (remote) fetching = prefetchPlan(image.files, plan, signal);
       else readAhead(plan.runs, plan.sources);
-      if (pending) await pending;
-      fetched?.release();
-      fetched = fetching;
-      fetching = undefined;
+      while (running.length >= jobsAtOnce) await settleOldest();
       if (counters.cancelled) break;
-      pending = image.runCopy({
+      const fetched = fetching;
+      fetching = undefined;
+      // Running (to be released) from here, also if its fetch fails.
+      const entry = { job: Promise.resolve(), fetched };
+      running.push(entry);
+      entry.job = image.runCopy({
         runs: plan.runs,
         sources: fetched ? await fetched.ready : plan.sources,
         targetFd: target.fd,
@@ -251,21 +264,21 @@ async function copyBatches(image: Image, target: CopyTarget, counters: JobCounte
         counters: counters.words,
         ...(target.windowHashes ? { windowHashes: target.windowHashes, hashedSize: size } : {}),
       }, target.path);
-      // A rejection is awaited on the next turn or below; do not let it go unhandled meanwhile.
-      pending.catch(() => {});
+      // A rejection is awaited later or below; do not let it go unhandled meanwhile.
+      entry.job.catch(() => {});
     }
-    if (pending) await pending;
+    while (running.length > 0) await settleOldest();
     if (counters.cancelled) throw incomplete();
   } catch (error) {
-    // Whatever failed (a job, planning the next batch, a fetch), stop the job and wait: the
-    // caller closes the target's and the image's descriptors next, and the job writes by number.
+    // Whatever failed (a job, planning the next batch, a fetch), stop the jobs and wait: the
+    // caller closes the target's and the image's descriptors next, and the jobs write by number.
     counters.cancel();
-    await pending?.catch(() => {});
+    await Promise.allSettled(running.map((r) => r.job));
     await fetching?.ready.catch(() => {});
     // A job or a fetch stopped by the signal says "cancelled": what matters to the user is the target.
     throw error instanceof Qcow2Error && error.code === 'CANCELLED' ? incomplete() : error;
   } finally {
-    fetched?.release();
+    for (const { fetched } of running) fetched?.release();
     fetching?.release();
   }
 }

@@ -41,7 +41,7 @@ describe('slicePlanRuns', () => {
 });
 
 describe('plannedBatches', () => {
-  it('of a remote-sized 2.5 GiB disk: a 16 MiB batch, then 64 MiB ones cut from 1 GiB spans, each span given before its batches, the cut runs adding up to the span', async () => {
+  it('of a remote-sized 2.5 GiB disk: a 12 MiB batch, then 48 MiB ones cut from 1 GiB spans, each span given before its batches, the cut runs adding up to the span', async () => {
     const file = path.join(work, 'disk.qcow2');
     qemuImg(['create', '-q', '-f', 'qcow2', file, '2560M']);
     qemuIo(file, ['write -P 0x11 1000M 100M', 'write -P 0x22 2047M 2M']);
@@ -63,14 +63,14 @@ describe('plannedBatches', () => {
         }
       }
       const batches = events.filter((e) => e.startsWith('batch'));
-      expect(batches[0]).toBe('batch 0-16');
-      expect(batches[1]).toBe('batch 16-80');
-      expect(batches.at(-1)).toBe('batch 2496-2560');
-      expect(batches.length).toBe(1 + Math.ceil((1024 - 16) / 64) + 16 + 8);
+      expect(batches[0]).toBe('batch 0-12');
+      expect(batches[1]).toBe('batch 12-60');
+      expect(batches.at(-1)).toBe('batch 2528-2560');
+      expect(batches.length).toBe(1 + Math.ceil((1024 - 12) / 48) + Math.ceil(1024 / 48) + Math.ceil(512 / 48));
       // A span is given while its predecessor's second batch is written, never after its own first.
-      expect(events.indexOf('span 1')).toBeLessThan(events.indexOf('batch 1024-1088'));
+      expect(events.indexOf('span 1')).toBeLessThan(events.indexOf('batch 1024-1072'));
       expect(events.indexOf('span 1')).toBeGreaterThan(events.indexOf('batch 0-16'));
-      expect(events.indexOf('span 2')).toBeLessThan(events.indexOf('batch 2048-2112'));
+      expect(events.indexOf('span 2')).toBeLessThan(events.indexOf('batch 2048-2096'));
       // Put back together, the batches' runs cover each span as its own plan does, byte for byte.
       const bytesOf = (all: Float64Array[]) => all.flatMap(rows).filter((r) => r[2] !== PlanKind.Zero).map((r) => [r[0]!, r[1]!, r[4]!]);
       const merged = (list: number[][]) => list.reduce<number[][]>((out, [g, l, h]) => {
