@@ -668,7 +668,8 @@ async function main() {
 async function profileRun({ dist, ram, cpu, outDir, stateOut, restored, zstdCreate, runs }) {
   console.log('## Profile: where the time goes');
   console.log('');
-  const defaultThreads = Math.max(8, os.availableParallelism() * 4);
+  // writeState's default (cpuThreadCount in src/jobs.ts): one thread a CPU.
+  const defaultThreads = os.availableParallelism();
   const describe = (r) => {
     const p = r.profile;
     const native = p.batches.reduce((n, b) => n + b.seconds, 0);
