@@ -1,7 +1,7 @@
 /**
  * A copy's plan cut into batches: runs cut at a batch's edges keep pointing at the same bytes,
- * and the batches of a remote image cover the disk in order, each span's runs given (for
- * preallocation) before any of its batches.
+ * and the batches of a remote image cover the disk in order, each span's runs (for
+ * preallocation) carried by its first batch.
  */
 import * as fs from 'node:fs';
 import * as os from 'node:os';
@@ -41,7 +41,7 @@ describe('slicePlanRuns', () => {
 });
 
 describe('plannedBatches', () => {
-  it('of a remote-sized 2.5 GiB disk: a 12 MiB batch, then 48 MiB ones cut from 1 GiB spans, each span given before its batches, the cut runs adding up to the span', async () => {
+  it('of a remote-sized 2.5 GiB disk: a 12 MiB batch, then 48 MiB ones cut from 1 GiB spans, the runs of each span on its first batch, the cut runs adding up to the span', async () => {
     const file = path.join(work, 'disk.qcow2');
     qemuImg(['create', '-q', '-f', 'qcow2', file, '2560M']);
     qemuIo(file, ['write -P 0x11 1000M 100M', 'write -P 0x22 2047M 2M']);
@@ -50,11 +50,12 @@ describe('plannedBatches', () => {
       const events: string[] = [];
       const spans: Float64Array[] = [];
       const pieces: Float64Array[][] = [];
-      for await (const batch of plannedBatches(image, true, (runs) => {
-        spans.push(runs);
-        pieces.push([]);
-        events.push(`span ${spans.length - 1}`);
-      })) {
+      for await (const batch of plannedBatches(image, true)) {
+        if (batch.spanRuns) {
+          spans.push(batch.spanRuns);
+          pieces.push([]);
+          events.push(`span ${spans.length - 1}`);
+        }
         events.push(`batch ${batch.start / MiB}-${batch.end / MiB}`);
         pieces[Math.floor(batch.start / (1024 * MiB))]!.push(batch.plan.runs);
         for (const [guest, length] of rows(batch.plan.runs)) {
