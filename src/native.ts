@@ -34,6 +34,12 @@ export interface NativeSource {
   extents?: Float64Array;
 }
 
+/** A copy plan as the engine takes it: runs (planRunFields numbers each) over the image's files. */
+export interface NativePlan {
+  runs: Float64Array;
+  sources: NativeSource[];
+}
+
 export interface NativeCopyJob {
   /** 7 numbers per run: guestOffset, length, kind (0 zero, 1 data, 2 compressed), source, hostOffset, compressedBytes, offsetInCluster. */
   runs: Float64Array;

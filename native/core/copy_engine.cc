@@ -349,13 +349,8 @@ class Engine {
   // order, as `segments`. A remote uncompressed image's windows mostly are; they are written
   // from the stage with no copy into a window.
   bool stagedInPlace(const Task& task, const std::vector<Piece>& pieces, std::vector<Segment>& segments) {
-    if (toMemory() || pieces.front().start != task.start || pieces.back().end != task.end) return false;
-    if (job_.windowHashes && task.end > job_.hashedSize) return false;
-    uint64_t unit = 1;
-    for (const ExtraTarget& t : targets_) {
-      if (t.base + task.start < t.limitStart || t.base + task.end > t.limitEnd) return false;
-      unit = std::max<uint64_t>(unit, t.alignment);
-    }
+    const uint64_t unit = wholeWindowUnit(task);
+    if (unit == 0 || pieces.front().start != task.start || pieces.back().end != task.end) return false;
     uint64_t cursor = task.start;
     for (const Piece& p : pieces) {
       if (p.run.kind != RunKind::Data || p.start != cursor) return false;
@@ -378,6 +373,24 @@ class Engine {
     return true;
   }
 
+  // The largest O_DIRECT unit of the targets (at least 1) when every target takes the whole
+  // window as one write and its hash covers all of it; 0 otherwise.
+  uint64_t wholeWindowUnit(const Task& task) const {
+    if (toMemory() || (job_.windowHashes && task.end > job_.hashedSize)) return 0;
+    uint64_t unit = 1;
+    for (const ExtraTarget& t : targets_) {
+      if (t.base + task.start < t.limitStart || t.base + task.end > t.limitEnd) return 0;
+      unit = std::max<uint64_t>(unit, t.alignment);
+    }
+    return unit;
+  }
+
+  // Window `index` holds data whose bytes hash to `hash` (read back by the Verifier).
+  void recordHash(size_t index, uint64_t hash) {
+    job_.windowHashes[index * 2] = 1;
+    job_.windowHashes[index * 2 + 1] = hash;
+  }
+
   // Writes (and hashes) a window held in staged memory as `segments`.
   void writeSegments(const Task& task, const std::vector<Segment>& segments) {
     size_t index = static_cast<size_t>(task.start / job_.windowSize);
@@ -385,8 +398,7 @@ class Engine {
       XXH3_state_t state;
       XXH3_64bits_reset(&state);
       for (const Segment& s : segments) XXH3_64bits_update(&state, s.memory, s.length);
-      job_.windowHashes[index * 2] = 1;
-      job_.windowHashes[index * 2 + 1] = XXH3_64bits_digest(&state);
+      recordHash(index, XXH3_64bits_digest(&state));
     }
     for (size_t t = 0; t < targets_.size(); t++) {
       uint64_t guest = task.start;
@@ -438,8 +450,7 @@ class Engine {
       cursor = p.end;
     }
     if (cursor < end) memset(window + (cursor - task.start), 0, end - cursor);
-    job_.windowHashes[index * 2] = 1;
-    job_.windowHashes[index * 2 + 1] = XXH3_64bits(window, end - task.start);
+    recordHash(index, XXH3_64bits(window, end - task.start));
   }
 
   void addProgress(const std::vector<Piece>& pieces) {

@@ -2,7 +2,7 @@
  * What a native copy job of a plan reads from remote files, fetched into stage buffers before
  * the job runs (the job reads those files from them) and given back after.
  */
-import { type NativeSource, planRunFields, PlanKind } from '../native';
+import { type NativePlan, type NativeSource, planRunFields, PlanKind } from '../native';
 import type { OpenFile } from '../qcow2/layers';
 import { type Range, remoteOf } from './remote';
 
@@ -39,7 +39,7 @@ function remoteRanges(files: readonly OpenFile[], runs: Float64Array): Map<numbe
  * Starts fetching the remote ranges of `plan` (a native plan over `files`, as Image.plan makes
  * it); `signal` stops it (CANCELLED).
  */
-export function prefetchPlan(files: readonly OpenFile[], plan: { runs: Float64Array; sources: NativeSource[] }, signal?: AbortSignal): Prefetch {
+export function prefetchPlan(files: readonly OpenFile[], plan: NativePlan, signal?: AbortSignal): Prefetch {
   const staged = [...remoteRanges(files, plan.runs)].map(([source, ranges]) => {
     const handle = remoteOf(files[source]!)!;
     const stage = handle.stage(ranges, signal);

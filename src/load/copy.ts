@@ -6,7 +6,7 @@
 import { Qcow2Error } from '../errors';
 import type { Image } from '../qcow2/image';
 import { Qcow2Layer } from '../qcow2/layers';
-import { native, type NativeSource, planRunFields, PlanKind } from '../native';
+import { native, type NativePlan, type NativeSource, planRunFields, PlanKind } from '../native';
 import { hasRemote, type Prefetch, prefetchPlan } from '../http/prefetch';
 import { JobCounters, ProgressSampler, threadCount, type ProgressCallback } from '../jobs';
 
@@ -20,12 +20,10 @@ const planSpan = 1024 * 1024 * 1024;
  */
 const remoteBatch = 48 * 1024 * 1024;
 
-export type Plan = { runs: Float64Array; sources: NativeSource[] };
-
 export interface Batch {
   start: number;
   end: number;
-  plan: Plan;
+  plan: NativePlan;
   /** On a span's first batch: the whole span's runs (what new file targets preallocate). */
   spanRuns?: Float64Array;
 }
@@ -70,10 +68,12 @@ function firstRun(count: number, after: (index: number) => boolean): number {
  * and the next span is planned when a span's second batch is asked for, while its first is
  * written: no batch waits for 1 GiB to be planned.
  */
-export async function* plannedBatches(image: Image, remote: boolean): AsyncGenerator<Batch> {
+export async function* plannedBatches(image: Image, remote: boolean, windowSize: number): AsyncGenerator<Batch> {
   const size = image.virtualSize;
+  // Batch edges fall on the engine's windows: two jobs never write (or hash) the same window.
+  const onWindows = (bytes: number) => Math.ceil(bytes / windowSize) * windowSize;
   const planAt = async (start: number): Promise<Batch> => {
-    const end = Math.min(size, start + planSpan);
+    const end = Math.min(size, start + onWindows(planSpan));
     return { start, end, plan: image.plan(await image.copyRuns(start, end)) };
   };
   let next: Promise<Batch> | undefined;
@@ -94,7 +94,7 @@ export async function* plannedBatches(image: Image, remote: boolean): AsyncGener
         continue;
       }
       for (let start = span.start; start < span.end; ) {
-        const end = Math.min(span.end, start + (start === 0 ? remoteBatch / 4 : remoteBatch));
+        const end = Math.min(span.end, start + onWindows(start === 0 ? remoteBatch / 4 : remoteBatch));
         if (start > span.start) planFrom(span.end);
         const plan = { runs: slicePlanRuns(span.plan.runs, start, end), sources: span.plan.sources };
         yield { start, end, plan, ...(start === span.start ? { spanRuns: span.plan.runs } : {}) };
@@ -216,8 +216,9 @@ export async function copyImage(image: Image, target: CopyTarget, options: CopyO
 }
 
 /**
- * The batches of a copy, each planned while the one before it is written. Any failure stops
- * the running job and waits for it: the caller closes the descriptors it writes by number next.
+ * The batches of a copy (plannedBatches), each written by a native job: one at a time from local
+ * files, two side by side from remote ones. Any failure stops the running jobs and waits for
+ * them: the caller closes the descriptors they write by number next.
  */
 async function copyBatches(image: Image, target: CopyTarget, counters: JobCounters, threads: number | undefined, signal: AbortSignal | undefined): Promise<void> {
   const size = image.virtualSize;
@@ -239,12 +240,15 @@ async function copyBatches(image: Image, target: CopyTarget, counters: JobCounte
     }
   };
   let fetching: Prefetch | undefined;
+  // A job that fails while an older one still runs stops the loop before the next batch.
+  let failed: { error: unknown } | undefined;
   try {
-    for await (const { plan, spanRuns } of plannedBatches(image, remote)) {
+    for await (const { plan, spanRuns } of plannedBatches(image, remote, windowSize)) {
       if (remote) fetching = prefetchPlan(image.files, plan, signal);
       else readAhead(plan.runs, plan.sources);
       // A new span's preallocation waits for every job: fallocate beside running writes stalls them.
       while (running.length >= (spanRuns && target.preallocate ? 1 : jobsAtOnce)) await settleOldest();
+      if (failed) throw failed.error;
       if (counters.cancelled) break;
       if (spanRuns && target.preallocate) preallocateData(target, spanRuns, size);
       const fetched = fetching;
@@ -268,7 +272,7 @@ async function copyBatches(image: Image, target: CopyTarget, counters: JobCounte
         ...(target.windowHashes ? { windowHashes: target.windowHashes, hashedSize: size } : {}),
       }, target.path);
       // A rejection is awaited later or below; do not let it go unhandled meanwhile.
-      entry.job.catch(() => {});
+      entry.job.catch((error: unknown) => (failed ??= { error }));
     }
     while (running.length > 0) await settleOldest();
     if (counters.cancelled) throw incomplete();

@@ -282,14 +282,16 @@ async function copyToAll(
     }
   };
   try {
-    for await (const { plan, spanRuns } of plannedBatches(image, remote)) {
+    for await (const { plan, spanRuns } of plannedBatches(image, remote, windowSize)) {
       fetching = remote ? prefetchPlan(image.files, plan, options.signal) : undefined;
       await settle();
       const live = liveTargets();
       if (live.length === 0 || counters.cancelled) break;
       // No job runs here (settled above): the new files written with O_DIRECT are preallocated.
-      for (const t of spanRuns ? live.map((i) => opened[i]!) : []) {
-        if (t.kind === 'file' && t.direct) preallocateData({ path: t.path, fd: t.fd, base: t.base, alignment: t.alignment, zeroMode: t.zeroMode }, spanRuns!, size);
+      if (spanRuns) {
+        for (const t of live.map((i) => opened[i]!)) {
+          if (t.kind === 'file' && t.direct) preallocateData({ path: t.path, fd: t.fd, base: t.base, alignment: t.alignment, zeroMode: t.zeroMode }, spanRuns, size);
+        }
       }
       // Still `fetching` while it is awaited: a failed fetch is released with the others below.
       const sources = fetching ? await fetching.ready : plan.sources;

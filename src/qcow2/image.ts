@@ -7,7 +7,7 @@ import { dataRanges, seekOf } from '../files';
 import type { HttpOptions } from '../http/client';
 import { prefetchPlan } from '../http/prefetch';
 import { jobError } from '../jobs';
-import { Codec, type NativeCopyJob, type NativeSource, native, planRunFields, PlanKind } from '../native';
+import { Codec, type NativeCopyJob, type NativePlan, type NativeSource, native, planRunFields, PlanKind } from '../native';
 import { type CompressionType, encryptedError } from './header';
 import { type Layer, type LayerRun, type OpenFile, Qcow2Layer } from './layers';
 import type { EncryptionInfo } from './luks';
@@ -401,7 +401,7 @@ export class Image {
    * data from one file merged where host offsets continue.
    * @internal
    */
-  plan(runs: readonly ResolvedRun[]): { runs: Float64Array; sources: NativeSource[] } {
+  plan(runs: readonly ResolvedRun[]): NativePlan {
     const files = this.files;
     const sourceIndex = new Map<OpenFile, number>(files.map((f, i) => [f, i]));
     const codecOf = new Map<OpenFile, { codec: Codec; clusterSize: number }>();

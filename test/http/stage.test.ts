@@ -119,10 +119,17 @@ describe('a staged data window written as it lies', () => {
     }
   });
 
-  it('alignedBuffer gives memory on a 4 KiB boundary, and refuses sizes it cannot give', () => {
+  it('alignedBuffer gives memory an O_DIRECT write takes as it lies, and refuses sizes it cannot give', () => {
     const buffer = native().alignedBuffer(8192);
     expect(buffer.length).toBe(8192);
-    expect(buffer.byteOffset).toBe(0);
+    const fd = fs.openSync(path.join(work, 'direct.bin'), fs.constants.O_RDWR | fs.constants.O_CREAT | fs.constants.O_DIRECT);
+    try {
+      expect(fs.writeSync(fd, buffer, 0, 8192, 0)).toBe(8192);
+      // The control: memory one byte off a boundary is refused here, so the write above proves the alignment.
+      expect(() => fs.writeSync(fd, Buffer.alloc(8193).subarray(1), 0, 8192, 0)).toThrow(/EINVAL/);
+    } finally {
+      fs.closeSync(fd);
+    }
     expect(() => native().alignedBuffer(0)).toThrow(/1 to 1 GiB/);
     expect(() => native().alignedBuffer(2 ** 31)).toThrow(/1 to 1 GiB/);
   });
