@@ -250,6 +250,13 @@ async function finishTarget(many: ManyLoad, i: number, windowHashes: BigUint64Ar
   }
 }
 
+/** Preallocates the span's data ranges in the new files among `targets` written with O_DIRECT. */
+function preallocateNewFiles(targets: readonly OpenTarget[], runs: Float64Array, size: number): void {
+  for (const t of targets) {
+    if (t.kind === 'file' && t.direct) preallocateData({ path: t.path, fd: t.fd, base: t.base, alignment: t.alignment, zeroMode: t.zeroMode }, runs, size);
+  }
+}
+
 /** The batches of the copy, each one native job writing every live target. */
 async function copyToAll(
   image: Image,
@@ -287,12 +294,8 @@ async function copyToAll(
       await settle();
       const live = liveTargets();
       if (live.length === 0 || counters.cancelled) break;
-      // No job runs here (settled above): the new files written with O_DIRECT are preallocated.
-      if (spanRuns) {
-        for (const t of live.map((i) => opened[i]!)) {
-          if (t.kind === 'file' && t.direct) preallocateData({ path: t.path, fd: t.fd, base: t.base, alignment: t.alignment, zeroMode: t.zeroMode }, spanRuns, size);
-        }
-      }
+      // No job runs here (settled above).
+      if (spanRuns) preallocateNewFiles(live.map((i) => opened[i]!), spanRuns, size);
       // Still `fetching` while it is awaited: a failed fetch is released with the others below.
       const sources = fetching ? await fetching.ready : plan.sources;
       const fetched = fetching;
