@@ -745,6 +745,7 @@ class RestoreBatchWorker : public PromiseWorker {
     if (!result_.error.empty()) {
       Napi::Error error = Napi::Error::New(env, result_.error);
       error.Set("badChunk", Napi::Number::New(env, static_cast<double>(result_.badChunk)));
+      if (result_.outputFailed) error.Set("operation", "write");
       throw error;
     }
     return Napi::Number::New(env, static_cast<double>(result_.dataBytes));

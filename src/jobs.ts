@@ -183,7 +183,7 @@ export interface JobErrorContext {
   cancelled?: string;
   /** copy: the files of the plan's sources, by source index. */
   sources?: readonly { path: string }[];
-  /** copy, capture: the file written, named by a failure to write it. */
+  /** copy, capture, restore: the file written, named by a failure to write it. */
   target?: string;
   /** capture: the file read, named by a failure to read it. */
   source?: string;
@@ -213,6 +213,8 @@ export function jobError(job: NativeJob, error: unknown, context: JobErrorContex
     case 'pages':
       return new Qcow2Error('IO_ERROR', String(e.message), { path: context.path });
     case 'restore': {
+      // Writing the output failed (a full tmpfs, too few huge pages): the output is named.
+      if (e.operation === 'write') return new Qcow2Error('IO_ERROR', `cannot restore the RAM dump into it: ${e.message}`, { path: context.target ?? context.path });
       const where = e.badChunk !== undefined && e.badChunk >= 0 && context.describeChunk ? ` (${context.describeChunk(e.badChunk)})` : '';
       return new Qcow2Error(where ? 'CHECKSUM_MISMATCH' : 'IO_ERROR', `restore failed: ${e.message}${where}`, { path: context.path });
     }

@@ -369,14 +369,18 @@ class BatchRestorer {
   }
 
  private:
-  void fail(const std::string& message, int64_t chunk) {
+  void fail(const std::string& message, int64_t chunk, bool output = false) {
     std::lock_guard<std::mutex> lock(mutex_);
     if (result_.error.empty()) {
       result_.error = message;
       result_.badChunk = chunk;
+      result_.outputFailed = output;
     }
     failed_ = true;
   }
+
+  // A failure of writing the output (errno says why): it names the output, not the state file.
+  void failOutput(const char* what) { fail(std::string(what) + ": " + strerror(errno), -1, true); }
 
   // Memory output: the caller's, or outputFd mapped shared for this batch.
   bool mapOutput() {
@@ -388,7 +392,8 @@ class BatchRestorer {
     }
     mapping_ = mmap(nullptr, b_.outputLength, PROT_READ | PROT_WRITE, MAP_SHARED, b_.outputFd, 0);
     if (mapping_ == MAP_FAILED) {
-      result_.error = std::string("cannot map the output: ") + strerror(errno);
+      // hugetlbfs reserves the file's huge pages here: ENOMEM when too few are free.
+      failOutput(errno == ENOMEM ? "mapping it (too few free huge pages?)" : "mapping it");
       return false;
     }
     memory_ = static_cast<uint8_t*>(mapping_);
@@ -516,14 +521,14 @@ class BatchRestorer {
     }
     uint64_t cursor = 0;
     for (uint64_t s = h.firstSpan - b_.firstSpan; s < h.firstSpan - b_.firstSpan + h.spanCount; s++) {
-      if (!writeRuns(s, PageState::Data, raw.data(), &cursor)) return fail(strerror(errno), static_cast<int64_t>(c));
+      if (!writeRuns(s, PageState::Data, raw.data(), &cursor)) return failOutput("writing its pages");
     }
   }
 
   void zeroPages() {
     bool completed = parallelFor(b_.spanPageCounts.size(), b_.threads, [&](uint64_t s) {
       uint64_t unused = 0;
-      if (!failed_ && !writeRuns(s, PageState::Zero, nullptr, &unused)) fail(strerror(errno), -1);
+      if (!failed_ && !writeRuns(s, PageState::Zero, nullptr, &unused)) failOutput("zeroing its zero pages");
     });
     if (!completed) fail("out of memory", -1);
   }
@@ -540,7 +545,7 @@ class BatchRestorer {
       memcpy(memory_ + target, memory_ + source, b_.pageSize);
     } else if (preadFully(b_.outputFd, page.data(), b_.pageSize, source) != static_cast<int64_t>(b_.pageSize) ||
                !pwriteFully(b_.outputFd, page.data(), b_.pageSize, target)) {
-      fail("cannot copy a duplicate page", -1);
+      failOutput("copying a duplicate page within it");
       return false;
     }
     dataBytes_ += b_.pageSize;

@@ -115,6 +115,7 @@ struct RestoreBatch {
 
 struct RestoreBatchResult {
   std::string error;   // empty on success
+  bool outputFailed = false;  // the error is writing (or reading back) the output, not the state file
   int64_t badChunk = -1;  // index in chunks of a chunk that failed its checksums
   uint64_t dataBytes = 0;
 };

@@ -468,7 +468,7 @@ export class StateFile {
    * Writes the RAM dump into the open file `outputFd` (already sized): the parent
    * chain first, then this file's pages over it. Zero pages stay holes in a new file.
    */
-  async restoreInto(outputFd: number, options: { threads?: number; fresh: boolean; counters?: BigUint64Array; writeback?: boolean; signal?: AbortSignal; outputBuffer?: Uint8Array; mapOutput?: { length: number } }): Promise<number> {
+  async restoreInto(outputFd: number, options: { threads?: number; fresh: boolean; counters?: BigUint64Array; writeback?: boolean; signal?: AbortSignal; outputBuffer?: Uint8Array; mapOutput?: { length: number }; target?: string }): Promise<number> {
     let written = 0;
     // A parent's pages may be overwritten by its child's: only the last layer starts writeback.
     if (this.parent) written += await this.parent.restoreInto(outputFd, { ...options, writeback: false });
@@ -565,7 +565,7 @@ export class StateFile {
         threads: cpuThreadCount(options.threads, this.path),
       });
     } catch (error) {
-      throw jobError('restore', error, { path: this.path, describeChunk });
+      throw jobError('restore', error, { path: this.path, describeChunk, ...(options.target !== undefined ? { target: options.target } : {}) });
     }
   }
 
@@ -622,7 +622,7 @@ async function isHugetlbfs(path: string): Promise<boolean> {
 }
 
 /** Runs `state.restoreInto` with progress sampled from its counters. */
-async function restoreWithProgress(state: StateFile, outputFd: number, options: RestoreMemoryOptions, extra: { fresh: boolean; outputBuffer?: Uint8Array; mapOutput?: { length: number } }): Promise<number> {
+async function restoreWithProgress(state: StateFile, outputFd: number, options: RestoreMemoryOptions, extra: { fresh: boolean; outputBuffer?: Uint8Array; mapOutput?: { length: number }; target?: string }): Promise<number> {
   const counters = new JobCounters();
   const sampler = new ProgressSampler(counters, state.dumpSize, options.onProgress);
   sampler.start();
@@ -634,6 +634,7 @@ async function restoreWithProgress(state: StateFile, outputFd: number, options: 
       ...(options.signal ? { signal: options.signal } : {}),
       ...(extra.outputBuffer ? { outputBuffer: extra.outputBuffer } : {}),
       ...(extra.mapOutput ? { mapOutput: extra.mapOutput } : {}),
+      ...(extra.target !== undefined ? { target: extra.target } : {}),
     });
     counters.dataBytes = state.dumpSize;
     sampler.emit('done');
@@ -679,7 +680,7 @@ async function restoreIntoFd(state: StateFile, fd: number, path: string, options
   const size = stats.isBlockDevice() ? native().blockDeviceInfo(fd).sizeBytes : stats.size;
   if (size < state.dumpSize) throw new Qcow2Error('INVALID_ARGUMENT', `the memory target holds ${size} bytes, the RAM dump ${state.dumpSize}`, { path });
   const mapped = stats.isFile() && (await isHugetlbfs(path));
-  const dataBytes = await restoreWithProgress(state, fd, options, { fresh: options.zeroed === true, ...(mapped ? { mapOutput: { length: size } } : {}) });
+  const dataBytes = await restoreWithProgress(state, fd, options, { fresh: options.zeroed === true, target: path, ...(mapped ? { mapOutput: { length: size } } : {}) });
   if (!mapped) {
     await new Promise<void>((resolve, reject) => fsSync.fdatasync(fd, (error) => (error ? reject(ioError(error, path, 'cannot flush the memory target')) : resolve())));
   }
@@ -720,7 +721,7 @@ export async function restoreMemory(state: StateFile, output: string, options: R
   const file = await PendingFile.create(path, { create: 'cannot create the memory file', flush: 'cannot flush the memory file', rename: 'cannot rename the finished memory file into place' }, (temporary) => fs.open(temporary, 'wx+', 0o644));
   try {
     await file.handle.truncate(state.dumpSize);
-    const dataBytes = await restoreWithProgress(state, file.handle.fd, options, { fresh: true });
+    const dataBytes = await restoreWithProgress(state, file.handle.fd, options, { fresh: true, target: path });
     await file.commit();
     return { path, bytes: state.dumpSize, dataBytes, method: 'write' };
   } finally {
