@@ -482,8 +482,25 @@ async function createWithChain(target: string, kind: ArchiveKind | undefined, cp
     await staging.abandon();
     // Whichever step noticed, what matters is the snapshot.
     if (error instanceof Qcow2Error && error.code === 'CANCELLED') throw new Qcow2Error('CANCELLED', 'cancelled; no snapshot was written', { path: target });
-    throw error;
+    throw renamedUnder(error, staging.temporary, kind ? `${target}:` : target + nodePath.sep);
   }
+}
+
+/**
+ * `error` with the paths under the temporary folder `dir` (in its path and message) starting
+ * with `shown` instead (`ARCHIVE:`, or the bundle folder and a separator): users know the bundle
+ * they named, not the folders it passes through.
+ */
+function renamedUnder(error: unknown, dir: string, shown: string): unknown {
+  const prefix = dir + nodePath.sep;
+  if (!(error instanceof Qcow2Error) || !error.message.includes(prefix)) return error;
+  const rename = (text: string) => text.split(prefix).join(shown);
+  const message = error.path !== undefined && error.message.startsWith(`${error.path}: `) ? error.message.slice(error.path.length + 2) : error.message;
+  return new Qcow2Error(error.code, rename(message), {
+    ...(error.path !== undefined ? { path: rename(error.path) } : {}),
+    ...(error.offset !== undefined ? { offset: error.offset } : {}),
+    cause: error,
+  });
 }
 
 const MEMBERS: readonly string[] = [DISK_FILE, STATE_FILE, METADATA_FILE];
@@ -615,16 +632,7 @@ async function openBundle(bundle: string, members: string[], tempDir?: string, s
     for (const [dir, archive] of extracted) if (p.startsWith(dir + nodePath.sep)) return `${archive}:${p.slice(dir.length + 1)}`;
     return p;
   };
-  const mapError = (error: unknown) => {
-    if (!(error instanceof Qcow2Error) || ![...extracted.keys()].some((dir) => error.message.includes(dir))) return error;
-    let message = error.path !== undefined && error.message.startsWith(`${error.path}: `) ? error.message.slice(error.path.length + 2) : error.message;
-    for (const [dir, archive] of extracted) message = message.split(dir + nodePath.sep).join(`${archive}:`);
-    return new Qcow2Error(error.code, message, {
-      ...(error.path !== undefined ? { path: displayName(error.path) } : {}),
-      ...(error.offset !== undefined ? { offset: error.offset } : {}),
-      cause: error,
-    });
-  };
+  const mapError = (error: unknown) => [...extracted].reduce((e, [dir, archive]) => renamedUnder(e, dir, `${archive}:`), error);
   const close = async () => {
     if (root) await fs.rm(root, { recursive: true, force: true }).catch(() => {});
   };

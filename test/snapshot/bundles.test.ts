@@ -9,6 +9,7 @@ import * as path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createSnapshot, inspectSnapshot, Qcow2Error, restoreSnapshot, StateFile, verifySnapshot } from '../../src/index';
 import { sampleCpuState as cpu } from '../helpers/cpu';
+import { Random } from '../helpers/prng';
 import { makeRamDump } from '../helpers/ram';
 
 const MiB = 1024 * 1024;
@@ -142,5 +143,32 @@ describe('snapshot bundles', () => {
     await expect(createSnapshot(out, { memory: path.join(dir, 'no-such.raw') })).rejects.toBeInstanceOf(Qcow2Error);
     expect(fs.existsSync(out)).toBe(false);
     expect(fs.readdirSync(dir).filter((f) => f.includes('.failed.'))).toEqual([]);
+  });
+});
+
+describe('a snapshot that does not fit where it is written (a 1 MiB tmpfs)', () => {
+  it('names the member of the bundle the user named (not a temporary folder), and leaves nothing behind, as a folder and as an archive', async () => {
+    const mnt = path.join(dir, 'small');
+    fs.mkdirSync(mnt);
+    const mounted = spawnSync('mount', ['-t', 'tmpfs', '-o', 'size=1m', 'tmpfs', mnt], { encoding: 'utf8' });
+    expect(mounted.status, mounted.stderr).toBe(0);
+    // Random bytes: they do not compress, so the state file needs 4 MiB.
+    const noise = path.join(dir, 'noise.raw');
+    fs.writeFileSync(noise, new Random(5).bytes(4 * MiB));
+    try {
+      for (const [target, shown] of [
+        [path.join(mnt, 'snap'), path.join(mnt, 'snap', 'state.qvms')],
+        [path.join(mnt, 'snap.tar.zst'), `${path.join(mnt, 'snap.tar.zst')}:state.qvms`],
+      ]) {
+        const error = await createSnapshot(target!, { memory: noise, cpu }).catch((e: unknown) => e);
+        expect(error).toBeInstanceOf(Qcow2Error);
+        expect(error).toMatchObject({ code: 'IO_ERROR', path: shown });
+        expect((error as Error).message).toMatch(/no space left/i);
+        expect((error as Error).message).not.toMatch(/qcow2img-\d+-/);
+        expect(fs.readdirSync(mnt)).toEqual([]);
+      }
+    } finally {
+      execFileSync('umount', [mnt]);
+    }
   });
 });
