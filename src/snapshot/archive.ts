@@ -40,13 +40,15 @@ export class FileSink implements ByteSink {
   constructor(
     private readonly handle: fs.FileHandle,
     private readonly path: string,
+    /** What a failed write could not do. */
+    private readonly what = 'cannot write the archive',
   ) {}
 
   async write(data: Buffer): Promise<void> {
     let done = 0;
     while (done < data.length) {
       const { bytesWritten } = await this.handle.write(data, done, data.length - done, this.bytes + done).catch((error) => {
-        throw ioError(error, this.path, 'cannot write the archive');
+        throw ioError(error, this.path, this.what);
       });
       done += bytesWritten;
     }

@@ -590,7 +590,7 @@ async function extractMembers(archivePath: string, kind: ArchiveKind, dir: strin
       const file = nodePath.join(dir, member);
       const out = await fs.open(file, 'wx', 0o600);
       try {
-        const sink = new FileSink(out, file);
+        const sink = new FileSink(out, file, 'cannot extract it into the temporary folder (tempDir, --temp-dir; TMPDIR by default)');
         await entryData(reader, entry.size, archivePath, {
           write: (data) => {
             throwIfCancelled(signal, archivePath);

@@ -267,6 +267,29 @@ describe('snapshot archives', () => {
   });
 });
 
+describe('an archive whose members do not fit in the temporary folder (a 1 MiB tmpfs)', () => {
+  it('names the member as ARCHIVE:MEMBER, says it could not be extracted there and why, and leaves nothing behind', async () => {
+    const mnt = path.join(dir, 'small-temp');
+    fs.mkdirSync(mnt);
+    const mounted = spawnSync('mount', ['-t', 'tmpfs', '-o', 'size=1m', 'tmpfs', mnt], { encoding: 'utf8' });
+    expect(mounted.status, mounted.stderr).toBe(0);
+    try {
+      // Random bytes do not compress: the state file is over 1 MiB once extracted.
+      const noise = path.join(dir, 'noise.raw');
+      fs.writeFileSync(noise, randomBytes(3 * MiB));
+      const archive = path.join(dir, 'noise.tar.zst');
+      await createSnapshot(archive, { memory: noise });
+      const error = await restoreSnapshot(archive, { memory: path.join(dir, 'noise-out.raw'), tempDir: mnt }).catch((e: unknown) => e);
+      expect(error).toBeInstanceOf(Qcow2Error);
+      expect(error).toMatchObject({ code: 'IO_ERROR', path: `${archive}:state.qvms` });
+      expect((error as Error).message).toMatch(/cannot extract it into the temporary folder .*no space left/i);
+      expect(fs.readdirSync(mnt)).toEqual([]);
+    } finally {
+      execFileSync('umount', [mnt]);
+    }
+  });
+});
+
 describe('tar layer', () => {
   it('writes a pax size record for a member over 8 GiB and reads it back', async () => {
     const size = 9 * 1024 * MiB + 123;
