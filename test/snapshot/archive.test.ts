@@ -12,6 +12,7 @@ import { createSnapshot, inspectSnapshot, Qcow2Error, restoreSnapshot, verifySna
 import { ChunkReader, entryData, tarEntries, TarWriter } from '../../src/snapshot/tar';
 import { sampleCpuState as cpu } from '../helpers/cpu';
 import { makeRamDump } from '../helpers/ram';
+import { withTmpfs } from '../helpers/tmpfs';
 import { qemuImg, writeRaw, mixedRegions } from '../helpers/qemu';
 
 const MiB = 1024 * 1024;
@@ -270,10 +271,7 @@ describe('snapshot archives', () => {
 describe('an archive whose members do not fit in the temporary folder (a 1 MiB tmpfs)', () => {
   it('names the member as ARCHIVE:MEMBER, says it could not be extracted there and why, and leaves nothing behind', async () => {
     const mnt = path.join(dir, 'small-temp');
-    fs.mkdirSync(mnt);
-    const mounted = spawnSync('mount', ['-t', 'tmpfs', '-o', 'size=1m', 'tmpfs', mnt], { encoding: 'utf8' });
-    expect(mounted.status, mounted.stderr).toBe(0);
-    try {
+    await withTmpfs(mnt, '1m', async () => {
       // Random bytes do not compress: the state file is over 1 MiB once extracted.
       const noise = path.join(dir, 'noise.raw');
       fs.writeFileSync(noise, randomBytes(3 * MiB));
@@ -284,9 +282,7 @@ describe('an archive whose members do not fit in the temporary folder (a 1 MiB t
       expect(error).toMatchObject({ code: 'IO_ERROR', path: `${archive}:state.qvms` });
       expect((error as Error).message).toMatch(/cannot extract it into the temporary folder .*no space left/i);
       expect(fs.readdirSync(mnt)).toEqual([]);
-    } finally {
-      execFileSync('umount', [mnt]);
-    }
+    });
   });
 });
 

@@ -11,6 +11,7 @@ import { createSnapshot, inspectSnapshot, Qcow2Error, restoreSnapshot, StateFile
 import { sampleCpuState as cpu } from '../helpers/cpu';
 import { Random } from '../helpers/prng';
 import { makeRamDump } from '../helpers/ram';
+import { withTmpfs } from '../helpers/tmpfs';
 
 const MiB = 1024 * 1024;
 let dir: string;
@@ -149,13 +150,10 @@ describe('snapshot bundles', () => {
 describe('a snapshot that does not fit where it is written (a 1 MiB tmpfs)', () => {
   it('names the member of the bundle the user named (not a temporary folder), and leaves nothing behind, as a folder and as an archive', async () => {
     const mnt = path.join(dir, 'small');
-    fs.mkdirSync(mnt);
-    const mounted = spawnSync('mount', ['-t', 'tmpfs', '-o', 'size=1m', 'tmpfs', mnt], { encoding: 'utf8' });
-    expect(mounted.status, mounted.stderr).toBe(0);
     // Random bytes: they do not compress, so the state file needs 4 MiB.
     const noise = path.join(dir, 'noise.raw');
     fs.writeFileSync(noise, new Random(5).bytes(4 * MiB));
-    try {
+    await withTmpfs(mnt, '1m', async () => {
       for (const [target, shown] of [
         [path.join(mnt, 'snap'), path.join(mnt, 'snap', 'state.qvms')],
         [path.join(mnt, 'snap.tar.zst'), `${path.join(mnt, 'snap.tar.zst')}:state.qvms`],
@@ -167,8 +165,6 @@ describe('a snapshot that does not fit where it is written (a 1 MiB tmpfs)', () 
         expect((error as Error).message).not.toMatch(/qcow2img-\d+-/);
         expect(fs.readdirSync(mnt)).toEqual([]);
       }
-    } finally {
-      execFileSync('umount', [mnt]);
-    }
+    });
   });
 });
