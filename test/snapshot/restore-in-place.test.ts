@@ -13,6 +13,7 @@ import { Qcow2Error } from '../../src/errors';
 import type { Progress } from '../../src/jobs';
 import { createSnapshot, restoreSnapshot } from '../../src/snapshot';
 import { makeRamDump } from '../helpers/ram';
+import { withTmpfs } from '../helpers/tmpfs';
 
 const MiB = 1024 * 1024;
 const SIZE = 8 * MiB;
@@ -64,33 +65,25 @@ function mount(type: string, options: string, where: string): string | undefined
 }
 
 describe('into a tmpfs too small for the dump', () => {
-  let mnt: string;
-  let mountError: string | undefined;
-  beforeAll(() => {
-    mnt = path.join(dir, 'small');
-    mountError = mount('tmpfs', 'size=1m', mnt);
-  });
-  afterAll(() => {
-    if (!mountError) execFileSync('umount', [mnt]);
-  });
-
   it('is an IO_ERROR naming the memory file (not the state file) and saying why, as a new file (none left behind) and in place', async () => {
-    expect(mountError).toBeUndefined();
-    const fresh = path.join(mnt, 'new.ram');
-    const error = await restoreSnapshot(parentBundle, { memory: fresh }).catch((e: unknown) => e);
-    expect(error).toBeInstanceOf(Qcow2Error);
-    expect(error).toMatchObject({ code: 'IO_ERROR', path: fresh });
-    expect((error as Error).message).toMatch(/cannot restore the RAM dump into it: .*No space left on device/);
-    expect(fs.readdirSync(mnt)).toEqual([]);
-    const sparse = path.join(mnt, 'sparse.ram');
-    fs.closeSync(fs.openSync(sparse, 'w'));
-    fs.truncateSync(sparse, SIZE);
-    const inPlace = await restoreSnapshot(parentBundle, { memory: sparse, memoryInPlace: true }).catch((e: unknown) => e);
-    expect(inPlace).toMatchObject({ code: 'IO_ERROR', path: sparse });
-    expect((inPlace as Error).message).toMatch(/No space left on device/);
-    const run = spawnSync(process.execPath, [cli, 'snapshot', 'restore', parentBundle, '--memory', sparse, '--in-place'], { encoding: 'utf8' });
-    expect(run.status).not.toBe(0);
-    expect(run.stderr.trim().split('\n')).toEqual([expect.stringMatching(new RegExp(`^qcow2img: ${sparse}: cannot restore the RAM dump into it: .*No space left on device$`))]);
+    const mnt = path.join(dir, 'small');
+    await withTmpfs(mnt, '1m', async () => {
+      const fresh = path.join(mnt, 'new.ram');
+      const error = await restoreSnapshot(parentBundle, { memory: fresh }).catch((e: unknown) => e);
+      expect(error).toBeInstanceOf(Qcow2Error);
+      expect(error).toMatchObject({ code: 'IO_ERROR', path: fresh });
+      expect((error as Error).message).toMatch(/cannot restore the RAM dump into it: .*No space left on device/);
+      expect(fs.readdirSync(mnt)).toEqual([]);
+      const sparse = path.join(mnt, 'sparse.ram');
+      fs.closeSync(fs.openSync(sparse, 'w'));
+      fs.truncateSync(sparse, SIZE);
+      const inPlace = await restoreSnapshot(parentBundle, { memory: sparse, memoryInPlace: true }).catch((e: unknown) => e);
+      expect(inPlace).toMatchObject({ code: 'IO_ERROR', path: sparse });
+      expect((inPlace as Error).message).toMatch(/No space left on device/);
+      const run = spawnSync(process.execPath, [cli, 'snapshot', 'restore', parentBundle, '--memory', sparse, '--in-place'], { encoding: 'utf8' });
+      expect(run.status).not.toBe(0);
+      expect(run.stderr.trim().split('\n')).toEqual([expect.stringMatching(new RegExp(`^qcow2img: ${sparse}: cannot restore the RAM dump into it: .*No space left on device$`))]);
+    });
   });
 });
 
