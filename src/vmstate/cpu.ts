@@ -61,13 +61,22 @@ export function parseCpuState(json: unknown, path: string): CpuState {
 const Tag = { null: 0, false: 1, true: 2, hex: 3, string: 4, bytes: 5, array: 6, object: 7, number: 8 } as const;
 const blobKeys = new Set(['xsave', 'lapic']);
 
+/** The CPU section's bytes, appended to one buffer that doubles as it fills. */
 class Writer {
-  private chunks: Buffer[] = [];
-  u8(v: number) { this.chunks.push(Buffer.from([v])); }
-  u16(v: number) { const b = Buffer.alloc(2); b.writeUInt16LE(v); this.chunks.push(b); }
-  u32(v: number) { const b = Buffer.alloc(4); b.writeUInt32LE(v); this.chunks.push(b); }
-  bytes(b: Buffer) { this.chunks.push(b); }
-  done() { return Buffer.concat(this.chunks); }
+  private buffer = Buffer.alloc(4096);
+  private at = 0;
+  u8(v: number) { this.room(1); this.buffer[this.at++] = v; }
+  u16(v: number) { this.room(2); this.at = this.buffer.writeUInt16LE(v, this.at); }
+  u32(v: number) { this.room(4); this.at = this.buffer.writeUInt32LE(v, this.at); }
+  f64(v: number) { this.room(8); this.at = this.buffer.writeDoubleLE(v, this.at); }
+  bytes(b: Uint8Array) { this.room(b.length); this.buffer.set(b, this.at); this.at += b.length; }
+  done() { return Buffer.from(this.buffer.subarray(0, this.at)); }
+  private room(n: number) {
+    if (this.at + n <= this.buffer.length) return;
+    const bigger = Buffer.alloc(Math.max(2 * this.buffer.length, this.at + n));
+    this.buffer.copy(bigger, 0, 0, this.at);
+    this.buffer = bigger;
+  }
 }
 
 /**
@@ -91,10 +100,8 @@ function encodeValue(w: Writer, value: unknown, place: Place, depth: number, pat
   if (value === false) return w.u8(Tag.false);
   if (value === true) return w.u8(Tag.true);
   if (typeof value === 'number') {
-    const b = Buffer.alloc(8);
-    b.writeDoubleLE(value);
     w.u8(Tag.number);
-    return w.bytes(b);
+    return w.f64(value);
   }
   if (typeof value === 'string') {
     const raw = place === 'blob' ? Buffer.from(value, 'base64') : undefined;
