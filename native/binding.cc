@@ -871,7 +871,7 @@ Napi::Value HashFileFn(const Napi::CallbackInfo& info) {
   return start<HashFileWorker>(info.Env(), fd, offset, length);
 }
 
-// hash64(buffer) -> bigint; hash128(buffer) -> Buffer of 16 bytes (low then high, little-endian)
+// hash64(buffer | buffers) -> bigint (of the buffers one after another); hash128(buffer) -> Buffer of 16 bytes (low then high, little-endian)
 Napi::Uint8Array bytesArg(const Napi::CallbackInfo& info) {
   if (info.Length() < 1 || !info[0].IsTypedArray() || info[0].As<Napi::TypedArray>().TypedArrayType() != napi_uint8_array) {
     throw Napi::TypeError::New(info.Env(), "a Uint8Array or Buffer is expected");
@@ -880,6 +880,19 @@ Napi::Uint8Array bytesArg(const Napi::CallbackInfo& info) {
 }
 
 Napi::Value Hash64(const Napi::CallbackInfo& info) {
+  if (info.Length() >= 1 && info[0].IsArray()) {
+    Napi::Array array = info[0].As<Napi::Array>();
+    std::vector<ByteSpan> parts;
+    for (uint32_t i = 0; i < array.Length(); i++) {
+      Napi::Value part = array.Get(i);
+      if (!part.IsTypedArray() || part.As<Napi::TypedArray>().TypedArrayType() != napi_uint8_array) {
+        throw Napi::TypeError::New(info.Env(), "hash64: parts must be Uint8Arrays or Buffers");
+      }
+      auto bytes = part.As<Napi::Uint8Array>();
+      parts.push_back(ByteSpan{bytes.Data(), bytes.ByteLength()});
+    }
+    return Napi::BigInt::New(info.Env(), hash64(parts));
+  }
   auto buffer = bytesArg(info);
   return Napi::BigInt::New(info.Env(), hash64(buffer.Data(), buffer.ByteLength()));
 }
@@ -942,7 +955,7 @@ Napi::Value ByteLockFn(const Napi::CallbackInfo& info) {
   return Napi::Number::New(info.Env(), Operation(intArg(info, 0, "fd"), unsignedArg(info, 1, "offset")));
 }
 
-// allocate / willNeed / dropCache(fd, offset, length) -> 0 or errno.
+// allocate / willNeed / startWriteback / dropCache(fd, offset, length) -> 0 or errno.
 template <int (*Operation)(int, uint64_t, uint64_t)>
 Napi::Value RangeFn(const Napi::CallbackInfo& info) {
   int fd = intArg(info, 0, "fd");
@@ -1040,6 +1053,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("allocate", Napi::Function::New(env, RangeFn<allocate>, "allocate"));
   exports.Set("dropCache", Napi::Function::New(env, RangeFn<dropCache>, "dropCache"));
   exports.Set("willNeed", Napi::Function::New(env, RangeFn<willNeed>, "willNeed"));
+  exports.Set("startWriteback", Napi::Function::New(env, RangeFn<startWriteback>, "startWriteback"));
   exports.Set("lockByte", Napi::Function::New(env, ByteLockFn<lockByte>, "lockByte"));
   exports.Set("byteLocked", Napi::Function::New(env, ByteLockFn<byteLocked>, "byteLocked"));
   exports.Set("alignedBuffer", Napi::Function::New(env, AlignedBufferFn, "alignedBuffer"));

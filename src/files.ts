@@ -12,6 +12,11 @@ function temporaryPathFor(target: string): string {
   return nodePath.join(nodePath.dirname(target), `.${nodePath.basename(target)}.qcow2img-${process.pid}-${randomBytes(4).toString('hex')}.tmp`);
 }
 
+/** A file's XXH3-64 as snapshot.json records it: 16 hex digits. */
+export function xxh3Hex(hash: bigint): string {
+  return hash.toString(16).padStart(16, '0');
+}
+
 /** Opens `path` for reading; a failure is an IO_ERROR naming it, saying `what` could not be done. */
 export async function openToRead(path: string, what: string): Promise<fs.FileHandle> {
   return fs.open(path, 'r').catch((error) => {

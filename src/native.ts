@@ -236,7 +236,8 @@ export interface NativeAddon {
   decompressChunk(codec: Codec, stored: Buffer, rawLength: number): Promise<Buffer>;
   /** Streaming zstd (compress: level and libzstd worker threads; else a decoder of any zstd stream). */
   ZstdStream: new (compress: boolean, level: number, workers: number) => NativeZstdStream;
-  hash64(data: Uint8Array): bigint;
+  /** XXH3-64 of the bytes; of several buffers, of their bytes one after another (not joined in memory). */
+  hash64(data: Uint8Array | readonly Uint8Array[]): bigint;
   /** XXH3-64 of a file's bytes [offset, offset + length) (default: all of it). */
   hashFile(fd: number, offset?: number, length?: number): Promise<bigint>;
   /** XXH3-128: 16 bytes, low half first, little-endian. */
@@ -257,6 +258,8 @@ export interface NativeAddon {
   allocate(fd: number, offset: number, length: number): number;
   /** Starts reading the range into the page cache (posix_fadvise WILLNEED); 0 or errno. */
   willNeed(fd: number, offset: number, length: number): number;
+  /** Starts writing the range's dirty pages to the disk without waiting (sync_file_range WRITE); 0 or errno. */
+  startWriteback(fd: number, offset: number, length: number): number;
   /** Drops cached pages of the range (and a block device's buffer cache); 0 or errno. */
   dropCache(fd: number, offset: number, length: number): number;
   /** Ranged GETs over plain HTTP, bodies straight into memory; src/http/direct.ts judges the heads. */

@@ -49,6 +49,11 @@ int willNeed(int fd, uint64_t offset, uint64_t length) {
   return posix_fadvise(fd, static_cast<off_t>(offset), static_cast<off_t>(length), POSIX_FADV_WILLNEED);
 }
 
+int startWriteback(int fd, uint64_t offset, uint64_t length) {
+  return sync_file_range(fd, static_cast<off_t>(offset), static_cast<off_t>(length), SYNC_FILE_RANGE_WRITE) == 0 ? 0
+                                                                                                               : errno;
+}
+
 int dropCache(int fd, uint64_t offset, uint64_t length) {
   struct stat st {};
   if (fstat(fd, &st) == 0 && S_ISBLK(st.st_mode)) ioctl(fd, BLKFLSBUF, 0);

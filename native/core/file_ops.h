@@ -28,6 +28,10 @@ int allocate(int fd, uint64_t offset, uint64_t length);
 // (posix_fadvise WILLNEED): 0 or errno.
 int willNeed(int fd, uint64_t offset, uint64_t length);
 
+// Starts writing the dirty pages of [offset, offset + length) to the disk without waiting
+// (sync_file_range WRITE), so that a later fdatasync has little left to do: 0 or errno.
+int startWriteback(int fd, uint64_t offset, uint64_t length);
+
 // Drops cached pages of [offset, offset + length) so a read-back sees the device
 // (posix_fadvise DONTNEED; BLKFLSBUF as well on block devices). 0 or errno.
 int dropCache(int fd, uint64_t offset, uint64_t length);

@@ -30,6 +30,14 @@ const DedupTable::Entry* DedupTable::findOrInsert(uint64_t low, uint64_t high, u
 
 uint64_t hash64(const uint8_t* data, size_t length) { return XXH3_64bits(data, length); }
 
+uint64_t hash64(const std::vector<ByteSpan>& parts) {
+  XXH3_state_t state;
+  XXH3_INITSTATE(&state);
+  XXH3_64bits_reset(&state);
+  for (const ByteSpan& part : parts) XXH3_64bits_update(&state, part.data, part.length);
+  return XXH3_64bits_digest(&state);
+}
+
 bool hashFile(int fd, uint64_t offset, uint64_t length, uint64_t* hash) {
   XXH3_state_t* state = XXH3_createState();
   if (!state) return false;

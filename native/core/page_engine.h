@@ -127,6 +127,12 @@ bool hashFile(int fd, uint64_t offset, uint64_t length, uint64_t* hash);
 
 // XXH3 of a buffer (section checksums, digests).
 uint64_t hash64(const uint8_t* data, size_t length);
+// The hash64 of the parts one after another, without joining them.
+struct ByteSpan {
+  const uint8_t* data;
+  size_t length;
+};
+uint64_t hash64(const std::vector<ByteSpan>& parts);
 void hash128(const uint8_t* data, size_t length, uint64_t* low, uint64_t* high);
 
 // Decompresses one chunk's stored bytes into `output` (rawLength bytes); false on any mismatch.

@@ -10,7 +10,7 @@ import { tmpdir } from 'node:os';
 import * as nodePath from 'node:path';
 import { Qcow2Error, ioError, throwIfCancelled } from '../errors';
 import type { LoadOptions, LoadResult } from '../load/index';
-import { openToRead, PendingFile, PendingFolder } from '../files';
+import { openToRead, PendingFile, PendingFolder, xxh3Hex } from '../files';
 import { native } from '../native';
 import { type CpuState, parseCpuState } from '../vmstate/cpu';
 import { stateOf, stateLimits } from '../vmstate/format';
@@ -150,7 +150,7 @@ async function hashFile(path: string, region?: { offset: number; length: number 
   try {
     const size = region?.length ?? (await handle.stat()).size;
     const hash = await native().hashFile(handle.fd, region?.offset ?? 0, size);
-    return { size, xxh3: hash.toString(16).padStart(16, '0') };
+    return { size, xxh3: xxh3Hex(hash) };
   } finally {
     await handle.close();
   }
@@ -389,7 +389,7 @@ async function snapshotState(staging: string, chain: SnapshotChainLink[], cpu: C
       ...(options.threads ? { threads: options.threads } : {}),
       ...(options.signal ? { signal: options.signal } : {}),
     });
-    const entry = { ...(await hashFile(statePath)), snapshotId: written.snapshotId, digest: written.digest };
+    const entry = { size: written.bytes, xxh3: written.xxh3, snapshotId: written.snapshotId, digest: written.digest };
     await archive?.addStagedFile(statePath, STATE_FILE, options.signal);
     return { entry, regions: written.regions.map((r) => ({ guestBase: r.guestBase, size: r.size, dumpOffset: r.dumpOffset })) };
   } finally {

@@ -212,22 +212,22 @@ export interface Index {
 export function encodeIndex(index: Index): Buffer {
   const statesBytes = index.states.length;
   const out = Buffer.alloc(32 + 32 * index.sections.length + 16 * index.chunks.length + statesBytes + 8 * index.duplicates.length);
-  out.writeBigUInt64LE(BigInt(index.sections.length), 0);
-  out.writeBigUInt64LE(BigInt(index.spanCount), 8);
-  out.writeBigUInt64LE(BigInt(index.chunks.length), 16);
-  out.writeBigUInt64LE(BigInt(index.duplicates.length / 2), 24);
+  writeU64(out, index.sections.length, 0);
+  writeU64(out, index.spanCount, 8);
+  writeU64(out, index.chunks.length, 16);
+  writeU64(out, index.duplicates.length / 2, 24);
   let at = 32;
   for (const s of index.sections) {
     out.writeUInt32LE(s.type, at);
     out.writeUInt16LE(s.flags, at + 4);
     out.writeUInt16LE(s.version, at + 6);
-    out.writeBigUInt64LE(BigInt(s.offset), at + 8);
-    out.writeBigUInt64LE(BigInt(s.length), at + 16);
+    writeU64(out, s.offset, at + 8);
+    writeU64(out, s.length, at + 16);
     out.writeBigUInt64LE(s.checksum, at + 24);
     at += 32;
   }
   for (const c of index.chunks) {
-    out.writeBigUInt64LE(BigInt(c.firstSpan), at);
+    writeU64(out, c.firstSpan, at);
     out.writeUInt32LE(c.section, at + 8);
     out.writeUInt32LE(c.spanCount, at + 12);
     at += 16;
@@ -235,10 +235,16 @@ export function encodeIndex(index: Index): Buffer {
   index.states.copy(out, at);
   at += statesBytes;
   for (let i = 0; i < index.duplicates.length; i++) {
-    out.writeBigUInt64LE(BigInt(index.duplicates[i]!), at);
+    writeU64(out, index.duplicates[i]!, at);
     at += 8;
   }
   return out;
+}
+
+/** A u64 that is a safe integer (a count, an offset, a page number), little-endian, without a BigInt. */
+function writeU64(out: Buffer, value: number, at: number): void {
+  out.writeUInt32LE(value % 2 ** 32, at);
+  out.writeUInt32LE(Math.floor(value / 2 ** 32), at + 4);
 }
 
 export function decodeIndex(payload: Buffer, path: string, totalPagesInSpans: number): Index {

@@ -7,13 +7,13 @@ import * as fs from 'node:fs/promises';
 import * as nodePath from 'node:path';
 import { randomUUID } from 'node:crypto';
 import { Qcow2Error, ioError, throwIfCancelled } from '../errors';
-import { holeUnits, openToRead, PendingFile, seekOf } from '../files';
+import { holeUnits, openToRead, PendingFile, seekOf, xxh3Hex } from '../files';
 import { JobCounters, jobError, ProgressSampler, cpuThreadCount, type ProgressCallback } from '../jobs';
 import { Codec, native, type NativeDedupTable, type NativeDumpBatchResult, type NativeDumpChunk } from '../native';
 import { type CpuState, encodeCpuState } from './cpu';
 import {
   CHUNK_HEADER_BYTES, chunkCodecByte, type ChunkMapEntry, encodeFooter, encodeHeader, encodeIndex, encodeRegions,
-  encodeSectionHeader, PAGE_SIZE, padding, packStates, type Region, type SectionEntry,
+  encodeSectionHeader, PAGE_SIZE, padding, packStates, PageState, type Region, type SectionEntry,
   sameRegions, SECTION_VERSION, SectionType, SPAN_PAGES, stateLimits,
 } from './format';
 import type { StateFile } from './reader';
@@ -59,6 +59,8 @@ export interface WriteStateOptions {
 export interface WriteStateResult {
   path: string;
   bytes: number;
+  /** The whole file's XXH3-64, 16 hex digits (what snapshot.json records of it). */
+  xxh3: string;
   snapshotId: string;
   digest: string;
   /** Guest memory as stored: where each region sits in guest-physical space and in the dump. */
@@ -170,48 +172,63 @@ function checkParent(options: WriteStateOptions, regions: Region[], dumpSize: nu
   }
 }
 
+/** What pads a section to 8 bytes. */
+const zeroPadding = Buffer.alloc(8);
+
 /** The state file as it is written: sections appended one after another, each listed for the index. */
 class StateOutput {
   position = 0;
+  private writebackFrom = 0;
   readonly sections: SectionEntry[] = [];
 
   private constructor(private readonly file: PendingFile) {}
 
   static async create(path: string): Promise<StateOutput> {
-    return new StateOutput(await PendingFile.create(path, { create: 'cannot create the state file', flush: 'cannot flush the state file', rename: 'cannot rename the finished state file into place' }));
+    const messages = { create: 'cannot create the state file', flush: 'cannot flush the state file', rename: 'cannot rename the finished state file into place' };
+    // Read as well as written: the finished file is hashed while it is flushed.
+    return new StateOutput(await PendingFile.create(path, messages, (temporary) => fs.open(temporary, 'wx+', 0o644)));
   }
 
-  async write(buffer: Buffer): Promise<void> {
-    for (let done = 0; done < buffer.length; ) {
-      const { bytesWritten } = await this.file.handle.write(buffer, done, buffer.length - done, this.position + done).catch((error) => {
+  /** The buffers one after another at the end of the file, in as few calls as the kernel takes them. */
+  async write(buffers: Buffer[]): Promise<void> {
+    let rest = buffers.filter((b) => b.length > 0);
+    while (rest.length > 0) {
+      let { bytesWritten } = await this.file.handle.writev(rest, this.position).catch((error) => {
         throw ioError(error, this.file.target, 'cannot write the state file');
       });
-      done += bytesWritten;
+      if (bytesWritten === 0) throw new Qcow2Error('IO_ERROR', 'cannot write the state file: the system wrote nothing', { path: this.file.target });
+      this.position += bytesWritten;
+      // A short write: on from the first byte not written.
+      while (rest.length > 0 && bytesWritten >= rest[0]!.length) bytesWritten -= rest.shift()!.length;
+      if (bytesWritten > 0) rest[0] = rest[0]!.subarray(bytesWritten);
     }
-    this.position += buffer.length;
   }
 
-  /** A section: header with the payload's checksum, the payload, padding to 8 bytes. Listed unless it is the index. */
-  async writeSection(type: number, parts: Buffer[]): Promise<Buffer> {
-    const payload = parts.length === 1 ? parts[0]! : Buffer.concat(parts);
-    const checksum = native().hash64(payload);
-    const sectionHeader = encodeSectionHeader(type, payload.length, checksum);
-    if (type !== SectionType.index) this.sections.push({ type, flags: sectionHeader.readUInt16LE(6), version: SECTION_VERSION, offset: this.position, length: payload.length, checksum });
-    await this.write(sectionHeader);
-    await this.write(payload);
-    const pad = padding(payload.length);
-    if (pad) await this.write(Buffer.alloc(pad));
-    return payload;
+  /** Starts writing what was written since the last call to the disk: the final flush then waits for little. */
+  startWriteback(): void {
+    native().startWriteback(this.file.handle.fd, this.writebackFrom, this.position - this.writebackFrom);
+    this.writebackFrom = this.position;
   }
 
-  /** The INDEX section, the footer with the digest of header and index, and the rename into place. Returns the digest. */
-  async finish(header: Buffer, index: Buffer): Promise<Buffer> {
+  /** A section: header with the payload's checksum, the payload (`parts` one after another), padding to 8 bytes. Listed unless it is the index. */
+  async writeSection(type: number, parts: Buffer[]): Promise<void> {
+    const length = parts.reduce((n, part) => n + part.length, 0);
+    const checksum = native().hash64(parts);
+    const sectionHeader = encodeSectionHeader(type, length, checksum);
+    if (type !== SectionType.index) this.sections.push({ type, flags: sectionHeader.readUInt16LE(6), version: SECTION_VERSION, offset: this.position, length, checksum });
+    await this.write([sectionHeader, ...parts, zeroPadding.subarray(0, padding(length))]);
+  }
+
+  /** The INDEX section, the footer with the digest of header and index, and the rename into place. Returns the digest and the whole file's XXH3-64. */
+  async finish(header: Buffer, index: Buffer): Promise<{ digest: Buffer; fileHash: bigint }> {
     const indexOffset = this.position;
     await this.writeSection(SectionType.index, [index]);
     const digest = native().hash128(Buffer.concat([header, index]));
-    await this.write(encodeFooter({ indexOffset, indexLength: index.length, digest, dataEnd: this.position }));
+    await this.write([encodeFooter({ indexOffset, indexLength: index.length, digest, dataEnd: this.position })]);
+    // The file is read back for its hash while it is flushed, not after.
+    const [fileHash] = await Promise.all([native().hashFile(this.file.handle.fd, 0, this.position), this.file.flush()]);
     await this.file.commit();
-    return digest;
+    return { digest, fileHash };
   }
 
   abandon(): Promise<void> {
@@ -251,7 +268,12 @@ class PageIndex {
 
   add(states: Uint8Array, duplicates: Float64Array, firstSpan: number): void {
     packStates(states, this.states, firstSpan * SPAN_PAGES);
-    for (const s of states) this.pages[(['zero', 'data', 'duplicate', 'parent'] as const)[s]!]++;
+    const counts = [0, 0, 0, 0];
+    for (let i = 0; i < states.length; i++) counts[states[i]!]!++;
+    this.pages.zero += counts[PageState.zero]!;
+    this.pages.data += counts[PageState.data]!;
+    this.pages.duplicate += counts[PageState.duplicate]!;
+    this.pages.parent += counts[PageState.parent]!;
     for (const d of duplicates) this.duplicates.push(d);
   }
 
@@ -325,6 +347,7 @@ async function writeChunks(out: StateOutput, index: PageIndex, result: NativeDum
     index.chunks.push({ firstSpan: chunk.firstSpan, section: out.sections.length, spanCount: chunk.spanCount });
     await out.writeSection(SectionType.chunk, [chunkHeader(chunk), chunk.stored]);
   }
+  if (result.chunks.length > 0) out.startWriteback();
 }
 
 function chunkHeader(chunk: NativeDumpChunk): Buffer {
@@ -345,30 +368,47 @@ async function writePages(out: StateOutput, dump: Dump | undefined, regions: Reg
   const sampler = new ProgressSampler(counters, regions.reduce((n, r) => n + r.size, 0), options.onProgress);
   const pagesPerBatch = batchBytes / PAGE_SIZE;
   sampler.start();
-  // A batch's chunks are written while the next batch is scanned and compressed: the batches
-  // themselves run one after another (the dedup table is filled in dump order).
+  // The next batch starts as soon as one is done, and its chunks are written meanwhile: the
+  // native threads never wait for the writes or the index. The batches themselves run one after
+  // another (the dedup table is filled in dump order).
+  const batches = pageBatches(regions, pagesPerBatch);
+  const start = (batch: PageBatch | undefined) => {
+    if (!batch) return undefined;
+    throwIfCancelled(options.signal, path);
+    const job = processBatch(dump!, batch, dedup, options, path);
+    job.catch(() => {}); // awaited below; a failure is not unhandled meanwhile
+    return { batch, job };
+  };
   let writing: Promise<void> | undefined;
+  let running = start(batches.next().value);
   try {
-    let regionFirstSpan = 0;
-    for (const region of regions) {
-      const regionPages = region.size / PAGE_SIZE;
-      for (let done = 0; done < regionPages; done += pagesPerBatch) {
-        throwIfCancelled(options.signal, path);
-        const batch = { region, done, pageCount: Math.min(pagesPerBatch, regionPages - done), firstSpan: regionFirstSpan + done / SPAN_PAGES };
-        const result = await processBatch(dump!, batch, dedup, options, path);
-        await writing;
-        writing = writeChunks(out, index, result, batch);
-        counters.dataBytes = (region.firstPage + done + batch.pageCount) * PAGE_SIZE;
-      }
-      regionFirstSpan += Math.ceil(regionPages / SPAN_PAGES);
+    while (running) {
+      const { batch, job } = running;
+      const result = await job;
+      running = start(batches.next().value);
+      await writing;
+      writing = writeChunks(out, index, result, batch);
+      counters.dataBytes = (batch.region.firstPage + batch.done + batch.pageCount) * PAGE_SIZE;
     }
     await writing;
   } finally {
-    // A failed batch: the writes under way finish (or fail) before the output is abandoned.
-    await writing?.catch(() => {});
+    // A failed batch or write: what is under way finishes (or fails) before the output is abandoned.
+    await Promise.allSettled([writing, running?.job]);
     sampler.stop();
   }
   return index;
+}
+
+/** The batches of every region in dump order: whole spans, so that no chunk crosses batches. */
+function* pageBatches(regions: Region[], pagesPerBatch: number): Generator<PageBatch> {
+  let regionFirstSpan = 0;
+  for (const region of regions) {
+    const regionPages = region.size / PAGE_SIZE;
+    for (let done = 0; done < regionPages; done += pagesPerBatch) {
+      yield { region, done, pageCount: Math.min(pagesPerBatch, regionPages - done), firstSpan: regionFirstSpan + done / SPAN_PAGES };
+    }
+    regionFirstSpan += Math.ceil(regionPages / SPAN_PAGES);
+  }
 }
 
 /**
@@ -392,14 +432,15 @@ export async function writeState(output: string, options: WriteStateOptions): Pr
       parentId: options.parent ? options.parent.header.snapshotId : Buffer.alloc(16),
       parentDigest: options.parent ? options.parent.digest : Buffer.alloc(16),
     });
-    await out.write(header);
+    await out.write([header]);
     await writeDescription(out, regions, dump?.size ?? 0, options, path);
     const index = await writePages(out, dump, regions, options, path);
     throwIfCancelled(options.signal, path);
-    const digest = await out.finish(header, index.encode(out.sections));
+    const { digest, fileHash } = await out.finish(header, index.encode(out.sections));
     return {
       path,
       bytes: out.position,
+      xxh3: xxh3Hex(fileHash),
       snapshotId,
       digest: digest.toString('hex'),
       regions: regions.map((r) => ({ guestBase: r.guestBase, size: r.size, dumpOffset: r.dumpOffset })),

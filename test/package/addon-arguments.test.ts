@@ -57,6 +57,7 @@ describe('arguments', () => {
     ['decompressChunk with a huge raw length', () => addon.decompressChunk!(1, Buffer.alloc(4), 2 ** 31), /raw length out of range/],
     ['hashFile with a string fd', () => addon.hashFile!('3'), /fd must be a number/],
     ['hash64 of a number', () => addon.hash64!(5), /Uint8Array or Buffer/],
+    ['hash64 of a list holding a string', () => addon.hash64!([Buffer.alloc(1), 'a']), /parts must be Uint8Arrays or Buffers/],
     ['blockDeviceInfo of a regular file', () => addon.blockDeviceInfo!(fd), /Inappropriate ioctl/],
     ['restoreBatch with a negative span', () => addon.restoreBatch!({ spans: Float64Array.from([-1, 0]), states: new Uint8Array(1), chunks: new Float64Array(0), duplicates: new Float64Array(0) }), /spans: element 0/],
     ['writeBench for an endless time', () => addon.writeBench!({ fd, size: 4096, blockSize: 4096, seconds: Infinity }), /seconds must be/],
@@ -125,6 +126,25 @@ describe('arguments', () => {
     const first = stream.step(Buffer.alloc(10), Buffer.alloc(100), false);
     expect((await failure(() => stream.step(Buffer.alloc(10), Buffer.alloc(100), false))).message).toMatch(/already running/);
     await first;
+  });
+
+  it('hash64 of parts is the hash64 of their bytes one after another', () => {
+    const bytes = Buffer.from(Array.from({ length: 5000 }, (_, i) => (i * 31) & 0xff));
+    const parts = [bytes.subarray(0, 1), bytes.subarray(1, 1), bytes.subarray(1, 4097), bytes.subarray(4097)];
+    expect(addon.hash64!(parts)).toBe(addon.hash64!(bytes));
+    expect(addon.hash64!([bytes.subarray(0, 4096)])).not.toBe(addon.hash64!(bytes));
+  });
+
+  it('startWriteback: 0 on a file, the errno on a pipe', () => {
+    expect(addon.startWriteback!(fd, 0, 4096)).toBe(0);
+    const fifo = path.join(dir, 'writeback-pipe');
+    execFileSync('mkfifo', [fifo]);
+    const pipeFd = fs.openSync(fifo, 'r+');
+    try {
+      expect(addon.startWriteback!(pipeFd, 0, 4096)).toBe(os.constants.errno.ESPIPE);
+    } finally {
+      fs.closeSync(pipeFd);
+    }
   });
 
   it('seekData on a pipe is an error', async () => {

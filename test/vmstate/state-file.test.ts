@@ -7,6 +7,7 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { StateFile, writeState } from '../../src/index';
+import { native } from '../../src/native';
 import { sampleCpuState as cpu } from '../helpers/cpu';
 import { makeRamDump } from '../helpers/ram';
 
@@ -32,6 +33,14 @@ describe('the VM state file', () => {
     expect(written.pages.duplicate).toBeGreaterThan(0);
     // Smaller than the non-zero pages it holds.
     expect(written.bytes).toBeLessThan((written.pages.data + written.pages.duplicate) * 4096);
+    // The file's hash, taken while it was flushed, is that of the file as it lies.
+    expect(fs.statSync(statePath).size).toBe(written.bytes);
+    const handle = fs.openSync(statePath, 'r');
+    try {
+      expect(written.xxh3).toBe((await native().hashFile(handle)).toString(16).padStart(16, '0'));
+    } finally {
+      fs.closeSync(handle);
+    }
     const state = await StateFile.open(statePath);
     try {
       expect(await state.verify()).toEqual([]);
