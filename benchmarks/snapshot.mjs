@@ -153,7 +153,7 @@ async function childMain(spec) {
     const probe = await fs.promises.open(thisFile, 'r');
     const proto = Object.getPrototypeOf(probe);
     await probe.close();
-    for (const name of ['write', 'datasync', 'sync']) {
+    for (const name of ['write', 'writev', 'datasync', 'sync']) {
       const original = proto[name];
       proto[name] = async function (...args) {
         const start = now();
@@ -161,10 +161,10 @@ async function childMain(spec) {
           return await original.apply(this, args);
         } finally {
           const seconds = now() - start;
-          if (name === 'write') {
+          if (name === 'write' || name === 'writev') {
             profile.writeSeconds += seconds;
             profile.writeCalls += 1;
-            profile.writeBytes += args[0]?.length ?? 0;
+            profile.writeBytes += name === 'writev' ? args[0].reduce((n, b) => n + b.length, 0) : (args[0]?.length ?? 0);
           } else profile.syncSeconds += seconds;
         }
       };
@@ -708,7 +708,7 @@ async function profileRun({ dist, ram, cpu, outDir, stateOut, restored, zstdCrea
   const rows = [];
   let shipped;
   for (const [name, options] of [
-    ['as shipped (zstd 1, default threads)', {}],
+    ['as shipped (zstd 2, default threads)', {}],
     ['threads: 2', { threads: 2 }],
     ['threads: 4', { threads: 4 }],
     ['compress: none', { compress: 'none' }],
@@ -733,14 +733,14 @@ async function profileRun({ dist, ram, cpu, outDir, stateOut, restored, zstdCrea
   for (const [name, spec] of [
     ['scan + gather (codec none, no dedup), 64 MiB batches', { codec: 0, dedup: false }],
     ['scan + dedup + gather (codec none), 64 MiB batches', { codec: 0, dedup: true }],
-    ['scan + dedup + zstd 1, 64 MiB batches (as writeState)', { codec: 1, dedup: true }],
+    ['scan + dedup + zstd 2, 64 MiB batches (as writeState)', { codec: 1, dedup: true }],
     ['same, threads 2', { codec: 1, dedup: true, threads: 2 }],
     ['same, one 1 GiB batch, threads 2', { codec: 1, dedup: true, threads: 2, batchBytes: 1 << 30 }],
     ['scan + gather, one 1 GiB batch, threads 2', { codec: 0, dedup: false, threads: 2, batchBytes: 1 << 30 }],
-    ['scan + dedup + zstd 1, 4 MiB chunks', { codec: 1, dedup: true, chunkTargetBytes: 4 << 20 }],
-    ['scan + dedup + zstd 1, 256 KiB chunks', { codec: 1, dedup: true, chunkTargetBytes: 256 << 10 }],
+    ['scan + dedup + zstd 2, 4 MiB chunks', { codec: 1, dedup: true, chunkTargetBytes: 4 << 20 }],
+    ['scan + dedup + zstd 2, 256 KiB chunks', { codec: 1, dedup: true, chunkTargetBytes: 256 << 10 }],
   ]) {
-    const r = await medianRun({ mode: 'batch', dist, memory: ram, level: 1, threads: defaultThreads, ...spec });
+    const r = await medianRun({ mode: 'batch', dist, memory: ram, level: 2, threads: defaultThreads, ...spec });
     const p = r.profile.batches.map((b) => b.seconds);
     batchRows.push([name, f3(r.seconds), f3(Math.max(...p)), mb(r.bytes), f2(r.othersCpuSeconds)]);
   }
