@@ -261,6 +261,9 @@ async function child(spec, prepare) {
   return { ...JSON.parse(line), processSeconds: result.seconds, cpuSeconds: result.cpuSeconds, rssBytes: result.rssBytes, othersCpuSeconds: result.othersCpuSeconds, attempts: result.attempts };
 }
 
+/** Byte for byte (cmp). */
+const same = (a, b) => spawnSync('cmp', ['-s', a, b]).status === 0;
+
 /**
  * Create and restore of one RAM dump, each tool in turn, `runs` times: prints the two tables and
  * returns the medians for the side-by-side summary.
@@ -280,33 +283,43 @@ async function compare({ label, ram, cpu, build, outDir, shmDir, runs, speedBar 
   const ours = { create: [], restore: [], restoreShm: [] };
   const zstd = { create: [], restore: [], restoreShm: [] };
   let verified;
+  // The tmpfs outputs, checked after every run (each is removed before the other tool runs).
+  const shmSame = { ours: true, zstd: true };
   for (let r = 0; r < runs; r++) {
     const doOurs = async () => {
       const c = await measured(() => rm(bundle), process.execPath, [build.cliPath, 'snapshot', 'create', bundle, '--memory', ram, '--cpu', cpu]);
       c.bytes = fs.statSync(path.join(bundle, 'state.qvms')).size;
       ours.create.push(c);
       ours.restore.push(await measured(() => rm(restored), process.execPath, [build.cliPath, 'snapshot', 'restore', bundle, '--memory', restored]));
-      if (shmDir) ours.restoreShm.push(await measured(() => rm(restoredShm), process.execPath, [build.cliPath, 'snapshot', 'restore', bundle, '--memory', restoredShm]));
+      if (shmDir) {
+        ours.restoreShm.push(await measured(() => rm(restoredShm), process.execPath, [build.cliPath, 'snapshot', 'restore', bundle, '--memory', restoredShm]));
+        shmSame.ours &&= same(ram, restoredShm);
+        // Gone before the other tool runs: tmpfs pages stay in memory (no swap here), the page cache's can be reclaimed.
+        rm(restoredShm);
+      }
     };
     const doZstd = async () => {
       const c = await measured(() => rm(zst), 'zstd', ['-q', '-T2', '-3', '-f', ram, '-o', zst]);
       c.bytes = fs.statSync(zst).size;
       zstd.create.push(c);
       zstd.restore.push(await measured(() => rm(zstOut), 'zstd', ['-q', '-d', '-f', zst, '-o', zstOut]));
-      if (shmDir) zstd.restoreShm.push(await measured(() => rm(zstOutShm), 'zstd', ['-q', '-d', '-f', zst, '-o', zstOutShm]));
+      if (shmDir) {
+        zstd.restoreShm.push(await measured(() => rm(zstOutShm), 'zstd', ['-q', '-d', '-f', zst, '-o', zstOutShm]));
+        shmSame.zstd &&= same(ram, zstOutShm);
+        rm(zstOutShm);
+      }
     };
     // The tools take turns at going first.
     for (const step of r % 2 === 0 ? [doOurs, doZstd] : [doZstd, doOurs]) await step();
     if (!verified) {
       // Once, untimed: the RAM byte for byte, the CPU JSON back equal, zstd's output too.
-      const same = (a, b) => spawnSync('cmp', ['-s', a, b]).status === 0;
       rm(cpuOut);
       await run(process.execPath, [build.cliPath, 'snapshot', 'restore', bundle, '--cpu', cpuOut]);
       const cpuBack = isDeepStrictEqual(JSON.parse(fs.readFileSync(cpuOut, 'utf8')), JSON.parse(fs.readFileSync(cpu, 'utf8')));
       const verify = await run(process.execPath, [build.cliPath, 'snapshot', 'verify', bundle], { allowFailure: true });
-      verified = { ram: same(ram, restored) && (!shmDir || same(ram, restoredShm)), cpu: cpuBack, zstd: same(ram, zstOut) && (!shmDir || same(ram, zstOutShm)), verify: verify.code === 0 };
+      verified = { ram: same(ram, restored), cpu: cpuBack, zstd: same(ram, zstOut), verify: verify.code === 0 };
     }
-    rm(restored, zstOut, ...(shmDir ? [restoredShm, zstOutShm] : []));
+    rm(restored, zstOut);
   }
 
   const row = (name, list) => [name, f2(m(list, 'seconds')), f2(m(list, 'sync')), f2(m(list, 'cpuSeconds')), humanBytes(m(list, 'rssBytes')), `${f2(worst(list, 'othersCpuSeconds'))} (${list.reduce((n, x) => n + x.attempts, 0)} runs)`];
@@ -320,6 +333,8 @@ async function compare({ label, ram, cpu, build, outDir, shmDir, runs, speedBar 
   const pass = (ok) => (ok ? 'PASS' : 'FAIL');
   const createBar = zstdCreate / ourCreate >= speedBar && ourBytes <= zstdBytes;
   const restoreBar = ourRestore <= zstdRestore;
+  verified.ram &&= shmSame.ours;
+  verified.zstd &&= shmSame.zstd;
   const ourRestoreShm = shmDir ? m(ours.restoreShm, 'seconds') : undefined;
   const zstdRestoreShm = shmDir ? m(zstd.restoreShm, 'seconds') : undefined;
 
