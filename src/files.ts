@@ -174,9 +174,20 @@ async function renameIntoPlace(temporary: string, target: string, what: string):
 /** The next data (SEEK_DATA) or hole (SEEK_HOLE) of a file at or after `offset`, or -1 when there is none (ENXIO); throws when the file system cannot say. */
 export type Seek = (what: 'data' | 'hole', offset: number) => number;
 
-/** Seek over an open file's descriptor. */
+/**
+ * Seek over an open file's descriptor. It remembers the last data range it found: batches walk a
+ * file in order, and on tmpfs a SEEK_HOLE from inside a data range walks the page cache to the
+ * range's end each time (16 batches of a fully allocated 1 GiB RAM file: 75 ms, against none).
+ */
 export function seekOf(fd: number): Seek {
-  return (what, offset) => (what === 'data' ? native().seekData(fd, offset) : native().seekHole(fd, offset));
+  let known: [from: number, to: number] | undefined;
+  return (what, offset) => {
+    if (known && offset >= known[0] && offset < known[1]) return what === 'data' ? offset : known[1];
+    if (what === 'data') return native().seekData(fd, offset);
+    const hole = native().seekHole(fd, offset);
+    if (hole > offset) known = [offset, hole];
+    return hole;
+  };
 }
 
 /**

@@ -11,7 +11,7 @@ import { randomBytes } from 'node:crypto';
 import * as os from 'node:os';
 import * as nodePath from 'node:path';
 import { Qcow2Error, ioError } from '../errors';
-import { holeUnits, openToRead, seekOf } from '../files';
+import { holeUnits, openToRead, type Seek, seekOf } from '../files';
 import { JobCounters, jobError, ProgressSampler, threadCount, type ProgressCallback } from '../jobs';
 import { limits } from '../limits';
 import { holdLocks, lockAsQemu } from '../locks';
@@ -240,8 +240,8 @@ function validate(options: CaptureOptions, output: string): Settings {
 interface Source {
   path: string;
   handle: fs.FileHandle;
-  /** A regular file, whose holes are not read. */
-  isFile: boolean;
+  /** A regular file's holes, which are not read. */
+  seek: Seek | undefined;
   /** Bytes of the disk; -1 for a stream read to its end. */
   size: number;
   /** A pipe: read in order, a batch at a time, through a staging file the native engine can pread. */
@@ -283,7 +283,7 @@ async function openSource(path: string, clusterSize: number, options: CaptureOpt
       await opened.close().catch(() => {});
       await locks.close().catch(() => {});
     };
-    return { path, handle: opened, isFile: stats.isFile(), size, alignment, device: stats.dev, inode: stats.ino, close };
+    return { path, handle: opened, seek: stats.isFile() ? seekOf(opened.fd) : undefined, size, alignment, device: stats.dev, inode: stats.ino, close };
   } catch (error) {
     await handle?.close().catch(() => {});
     await locks.close().catch(() => {});
@@ -372,7 +372,7 @@ async function openStream(path: string, stats: Stats, options: CaptureOptions): 
     await input.close();
     throw error;
   });
-  return { path, handle: input, isFile: false, size: options.size ?? -1, stream, alignment: 0, device: stats.dev, inode: stats.ino, close: () => stream.close() };
+  return { path, handle: input, seek: undefined, size: options.size ?? -1, stream, alignment: 0, device: stats.dev, inode: stats.ino, close: () => stream.close() };
 }
 
 /** An existing output is refused unless `overwrite`, and always when it is the source itself. */
@@ -502,7 +502,7 @@ async function captureBatch(run: Run, firstCluster: number, count: number, resul
     readFrom = 0;
   }
   // Clusters wholly inside holes of a sparse file are not read.
-  const holes = source.isFile ? holeUnits(seekOf(source.handle.fd), guestStart, count, settings.clusterSize) : undefined;
+  const holes = source.seek ? holeUnits(source.seek, guestStart, count, settings.clusterSize) : undefined;
   const baseBytes = baseBuffer?.subarray(0, count * settings.clusterSize);
   if (baseBytes) await run.base!.read(baseBytes, guestStart);
   out.reserve(count);

@@ -7,7 +7,7 @@ import * as fs from 'node:fs/promises';
 import * as nodePath from 'node:path';
 import { randomUUID } from 'node:crypto';
 import { Qcow2Error, ioError, throwIfCancelled } from '../errors';
-import { holeUnits, openToRead, PendingFile, seekOf, xxh3Hex } from '../files';
+import { holeUnits, openToRead, PendingFile, type Seek, seekOf, xxh3Hex } from '../files';
 import { JobCounters, jobError, ProgressSampler, cpuThreadCount, type ProgressCallback } from '../jobs';
 import { Codec, native, type NativeDedupTable, type NativeDumpBatchResult, type NativeDumpChunk } from '../native';
 import { type CpuState, encodeCpuState } from './cpu';
@@ -134,7 +134,8 @@ function planRegions(requested: MemoryRegion[] | undefined, dumpSize: number, pa
 interface Dump {
   handle: fs.FileHandle;
   size: number;
-  isFile: boolean;
+  /** A regular file's holes, which are not read (a block device's pages are all read). */
+  seek: Seek | undefined;
 }
 
 /** The RAM dump, opened for mapping its pages: a regular file or a block device, and its size. */
@@ -150,7 +151,7 @@ async function openDump(memory: string, regions: MemoryRegion[] | undefined): Pr
     if (regions === undefined && size % PAGE_SIZE !== 0) {
       throw new Qcow2Error('INVALID_ARGUMENT', `the RAM dump's size (${size} bytes) is not a whole number of ${PAGE_SIZE}-byte pages; a memory map says which bytes are guest memory`, { path: memory });
     }
-    return { handle, size, isFile: stats.isFile() };
+    return { handle, size, seek: stats.isFile() ? seekOf(handle.fd) : undefined };
   } catch (error) {
     await handle.close().catch(() => {});
     throw error;
@@ -310,9 +311,9 @@ async function parentInput(options: WriteStateOptions, batch: PageBatch): Promis
 
 /** The holes of a regular file's batch; a block device's pages are all read. */
 function batchHoles(dump: Dump, dumpOffset: number, pageCount: number): { holes?: Uint8Array } {
-  if (!dump.isFile) return {};
+  if (!dump.seek) return {};
   // A file that shrank below the batch is refused by the native batch, which checks the size before it maps the pages.
-  const holes = holeUnits(seekOf(dump.handle.fd), dumpOffset, pageCount, PAGE_SIZE);
+  const holes = holeUnits(dump.seek, dumpOffset, pageCount, PAGE_SIZE);
   return holes ? { holes } : {};
 }
 

@@ -10,11 +10,11 @@ import { execFileSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 import { Codec, native } from '../../src/native';
 import { PageState } from '../../src/vmstate/format';
 import { restoreMemory, StateFile } from '../../src/vmstate/reader';
-import { holeUnits, type Seek } from '../../src/files';
+import { holeUnits, type Seek, seekOf } from '../../src/files';
 import { writeState } from '../../src/vmstate/writer';
 import { mulberry32 } from '../helpers/prng';
 
@@ -281,5 +281,39 @@ describe('the hole map of a batch', () => {
     // SEEK_DATA answering before where it was asked: nothing after it is trusted.
     const backwards: Seek = (what, offset) => (what === 'data' ? (offset === 0 ? 2 * PAGE : 0) : 3 * PAGE);
     expect([...holeUnits(backwards, 0, 8, PAGE)!]).toEqual(before);
+  });
+});
+
+describe('seekOf', () => {
+  it('answers as the system does, and asks SEEK_HOLE once a data range when batches walk the file in order', () => {
+    // tmpfs, where a SEEK_HOLE from inside a data range walks the page cache to its end.
+    const dir = scratch(fs.existsSync('/dev/shm') ? '/dev/shm' : os.tmpdir());
+    const file = path.join(dir, 'ram.raw');
+    const bytes = Buffer.alloc(8 * MiB);
+    for (let p = 0; p < bytes.length / PAGE; p++) if (p < 1024 || p >= 1280) textPage(p).copy(bytes, p * PAGE);
+    writeSparse(file, bytes); // data, a 1 MiB hole at 4 MiB, data
+    const fd = fs.openSync(file, 'r');
+    const system: Seek = (what, offset) => (what === 'data' ? native().seekData(fd, offset) : native().seekHole(fd, offset));
+    try {
+      const batches = Array.from({ length: 16 }, (_, b) => b * 128 * PAGE);
+      const want = batches.map((start) => holeUnits(system, start, 128, PAGE));
+      const seek = seekOf(fd);
+      const seekHole = vi.spyOn(native(), 'seekHole');
+      try {
+        expect(batches.map((start) => holeUnits(seek, start, 128, PAGE))).toEqual(want);
+        // Once for the data before the hole, once for the data after it.
+        expect(seekHole).toHaveBeenCalledTimes(2);
+      } finally {
+        seekHole.mockRestore();
+      }
+      const next = mulberry32(3);
+      for (let i = 0; i < 200; i++) {
+        const what = next() % 2 === 0 ? 'data' : 'hole';
+        const offset = (next() % (bytes.length / 512)) * 512;
+        expect(seek(what, offset), `${what} at ${offset}`).toBe(system(what, offset));
+      }
+    } finally {
+      fs.closeSync(fd);
+    }
   });
 });
