@@ -12,9 +12,11 @@
  *
  *   node benchmarks/snapshot.mjs [--runs 3] [--cache-dir .cache/vm] [--quiet-timeout 15]
  *                                [--max-others-cpu 0.3] [--attempts 4] [--profile|--no-profile]
- *                                [--skip-sparse] [--skip-busy] [--skip-library]
+ *                                [--skip-sparse] [--skip-tmpfs] [--skip-busy] [--skip-library]
  *
- * Three dumps, side by side: the booted guest's (mostly zero pages); the same as a sparse file
+ * Four dumps, side by side: the booted guest's (mostly zero pages); the same copied into /dev/shm,
+ * fully allocated (a guest's RAM file in tmpfs once it has touched all its memory; when /dev/shm
+ * has room); the same as a sparse file
  * (ram.sparse.raw, `cp --sparse=always` of it, made once: a guest's RAM file on tmpfs has holes where
  * the guest never wrote; qcow2img does not read them, zstd reads the same file, holes as zeros); and
  * a busy guest's (busy.raw, made once from it by makeBusyDump: its zero pages, but for every 40th,
@@ -572,6 +574,7 @@ async function main() {
       profile: { type: 'boolean' },
       'no-profile': { type: 'boolean' },
       'skip-sparse': { type: 'boolean' },
+      'skip-tmpfs': { type: 'boolean' },
       'skip-busy': { type: 'boolean' },
       'skip-library': { type: 'boolean' },
       child: { type: 'string' },
@@ -580,7 +583,7 @@ async function main() {
   });
   if (values.child) return childMain(JSON.parse(values.child));
   if (values.help) {
-    console.log('usage: node benchmarks/snapshot.mjs [--runs 3] [--cache-dir .cache/vm] [--quiet-timeout 15] [--max-others-cpu 0.3] [--attempts 4] [--profile|--no-profile] [--skip-sparse] [--skip-busy] [--skip-library]');
+    console.log('usage: node benchmarks/snapshot.mjs [--runs 3] [--cache-dir .cache/vm] [--quiet-timeout 15] [--max-others-cpu 0.3] [--attempts 4] [--profile|--no-profile] [--skip-sparse] [--skip-tmpfs] [--skip-busy] [--skip-library]');
     return;
   }
   const runs = Math.max(1, Number(values.runs));
@@ -641,6 +644,13 @@ async function main() {
   const mostlyZero = await compare({ label: `mostly-zero: ${path.basename(ram)}, the booted guest${makeup}`, ram, cpu, build, outDir, runs, speedBar: 2, shmDir });
   const { zstdCreate, zstdRestore, createBar, restoreBar } = { zstdCreate: mostlyZero.createSeconds[1], zstdRestore: mostlyZero.restoreSeconds[1], createBar: mostlyZero.createBar, restoreBar: mostlyZero.restoreBar };
   const results = [mostlyZero];
+  if (!values['skip-tmpfs'] && shmDir) {
+    const shmRam = path.join(shmDir, 'ram.raw');
+    fs.copyFileSync(ram, shmRam);
+    results.push(await compare({ label: `mostly-zero, in tmpfs: ${shmRam}, ${path.basename(ram)} copied into /dev/shm, fully allocated, as a guest's RAM file there once the guest has touched all of it`, ram: shmRam, cpu, build, outDir, runs, speedBar: 2, shmDir }));
+    warmFiles.delete(shmRam);
+    rm(shmRam);
+  }
   if (!values['skip-sparse']) {
     const sparseRam = makeSparseDump(dir, ram);
     results.push(await compare({ label: `mostly-zero, sparse: ${path.basename(sparseRam)}, ${sparseDescription(sparseRam)}`, ram: sparseRam, cpu, build, outDir, runs, speedBar: 2, shmDir }));
