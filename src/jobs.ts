@@ -35,7 +35,8 @@ export function cpuThreadCount(threads: number | undefined, path: string): numbe
 
 /**
  * The four words a native job shares with its threads, used in place:
- * `[dataBytes, zeroBytes, cancel, reserved]`. Every worker polls `cancel` between tasks.
+ * `[dataBytes, zeroBytes, cancel, stagedBytes]` (the last: a copy's bytes written from a remote
+ * file's stage as they lie, without a copy through a window). Every worker polls `cancel` between tasks.
  */
 export class JobCounters {
   readonly words = new BigUint64Array(4);

@@ -56,7 +56,7 @@ export interface NativeCopyJob {
   zeroMode?: number;
   threads?: number;
   windowSize?: number;
-  /** [dataBytes, zeroBytes, cancel, reserved], shared with the native threads. */
+  /** [dataBytes, zeroBytes, cancel, stagedBytes], shared with the native threads. */
   counters?: BigUint64Array;
   /** Two words per window of the guest disk: [written, xxh3-64], for verification. */
   windowHashes?: BigUint64Array;

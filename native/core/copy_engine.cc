@@ -323,6 +323,7 @@ class Engine {
     if (stagedInPlace(task, pieces, segments)) {
       writeSegments(task, segments);
       addProgress(pieces);
+      if (job_.counters) __atomic_fetch_add(&job_.counters->stagedBytes, task.end - task.start, __ATOMIC_RELAXED);
       return;
     }
     if (!fillPieces(pieces, task.start, scratch)) return;

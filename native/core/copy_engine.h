@@ -59,7 +59,7 @@ struct CopyCounters {
   uint64_t dataBytes;     // guest bytes of data and compressed runs written
   uint64_t zeroBytes;     // guest bytes of zero runs handled
   uint64_t cancel;        // set non-zero by JavaScript to stop
-  uint64_t reserved;
+  uint64_t stagedBytes;   // of dataBytes, those written from a remote stage as they lie (no copy)
 };
 
 // A further fd target of a job (load onto many targets): written from the same decoded windows

@@ -70,19 +70,20 @@ describe('a staged data window written as it lies', () => {
   ].flat());
   const expected = Buffer.concat([file.subarray(0, MiB), file.subarray(3.5 * MiB), file.subarray(1.5 * MiB)]);
 
-  /** Copies the plan to a new O_DIRECT file with window hashes; the target's bytes and the hashes. */
-  async function copyToDirectFile(source: object, name: string): Promise<{ bytes: Buffer; hashes: BigUint64Array }> {
+  /** Copies the plan to a new O_DIRECT file with window hashes; the target's bytes, the hashes and the bytes written from the stage as they lie. */
+  async function copyToDirectFile(source: object, name: string): Promise<{ bytes: Buffer; hashes: BigUint64Array; stagedBytes: bigint }> {
     const target = path.join(work, name);
     fs.writeFileSync(target, Buffer.alloc(0));
     fs.truncateSync(target, size);
     const targetFd = fs.openSync(target, fs.constants.O_RDWR | fs.constants.O_DIRECT);
     const windowHashes = new BigUint64Array(8);
+    const counters = new BigUint64Array(4);
     try {
-      await native().copy({ runs, sources: [source as never], targetFd, targetTailFd: -1, targetBase: 0, limitStart: 0, limitEnd: size, alignment: 4096, zeroMode: 0, threads: 2, windowSize: MiB, windowHashes, hashedSize: size });
+      await native().copy({ runs, sources: [source as never], targetFd, targetTailFd: -1, targetBase: 0, limitStart: 0, limitEnd: size, alignment: 4096, zeroMode: 0, threads: 2, windowSize: MiB, windowHashes, hashedSize: size, counters });
     } finally {
       fs.closeSync(targetFd);
     }
-    return { bytes: fs.readFileSync(target), hashes: windowHashes };
+    return { bytes: fs.readFileSync(target), hashes: windowHashes, stagedBytes: counters[3]! };
   }
 
   /** The whole file staged in chunks of 1.25 MiB at `skew` bytes into each (windows cross chunk ends). */
@@ -117,6 +118,10 @@ describe('a staged data window written as it lies', () => {
       expect(copy.bytes.equals(expected)).toBe(true);
       expect(copy.hashes).toEqual(fromFile.hashes);
     }
+    // Every window of the aligned stage was written from it as it lies; none of the others.
+    expect(aligned.stagedBytes).toBe(BigInt(size));
+    expect(unaligned.stagedBytes).toBe(0n);
+    expect(fromFile.stagedBytes).toBe(0n);
   });
 
   it('alignedBuffer gives memory an O_DIRECT write takes as it lies, and refuses sizes it cannot give', () => {
