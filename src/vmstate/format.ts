@@ -95,7 +95,7 @@ export function encodeSectionHeader(type: number, payloadLength: number, checksu
   out.writeUInt32LE(type, 0);
   out.writeUInt16LE(SECTION_VERSION, 4);
   out.writeUInt16LE(requiredTypes.has(type) ? SECTION_REQUIRED : 0, 6);
-  out.writeBigUInt64LE(BigInt(payloadLength), 8);
+  writeU64(out, payloadLength, 8);
   out.writeBigUInt64LE(checksum, 16);
   return out;
 }
@@ -107,6 +107,12 @@ export function isRequired(flags: number): boolean {
 export function sectionName(type: number): string {
   const names: Record<number, string> = { 1: 'REGIONS', 2: 'CPU', 3: 'DEVICE', 4: 'CHUNK', 5: 'INDEX' };
   return names[type] ?? `type ${type}`;
+}
+
+/** A u64 that is a safe integer (a count, an offset, a page number), little-endian, without a BigInt. */
+function writeU64(out: Buffer, value: number, at: number): void {
+  out.writeUInt32LE(value % 2 ** 32, at);
+  out.writeUInt32LE(Math.floor(value / 2 ** 32), at + 4);
 }
 
 export function padding(length: number): number {
@@ -128,12 +134,12 @@ export function encodeRegions(regions: readonly Region[], dumpSize: number): Buf
   out.writeUInt32LE(SPAN_PAGES, 8);
   regions.forEach((r, i) => {
     const at = 16 + 32 * i;
-    out.writeBigUInt64LE(BigInt(r.guestBase), at);
-    out.writeBigUInt64LE(BigInt(r.size), at + 8);
-    out.writeBigUInt64LE(BigInt(r.dumpOffset), at + 16);
-    out.writeBigUInt64LE(BigInt(r.firstPage), at + 24);
+    writeU64(out, r.guestBase, at);
+    writeU64(out, r.size, at + 8);
+    writeU64(out, r.dumpOffset, at + 16);
+    writeU64(out, r.firstPage, at + 24);
   });
-  out.writeBigUInt64LE(BigInt(dumpSize), 16 + 32 * regions.length);
+  writeU64(out, dumpSize, 16 + 32 * regions.length);
   return out;
 }
 
@@ -241,12 +247,6 @@ export function encodeIndex(index: Index): Buffer {
   return out;
 }
 
-/** A u64 that is a safe integer (a count, an offset, a page number), little-endian, without a BigInt. */
-function writeU64(out: Buffer, value: number, at: number): void {
-  out.writeUInt32LE(value % 2 ** 32, at);
-  out.writeUInt32LE(Math.floor(value / 2 ** 32), at + 4);
-}
-
 export function decodeIndex(payload: Buffer, path: string, totalPagesInSpans: number): Index {
   const fail = (message: string): never => {
     throw new Qcow2Error('BAD_HEADER_FIELD', `INDEX: ${message}`, { path });
@@ -304,10 +304,10 @@ export interface Footer {
 export function encodeFooter(footer: Footer): Buffer {
   const out = Buffer.alloc(FOOTER_BYTES);
   out.write(FOOTER_MAGIC, 0, 'latin1');
-  out.writeBigUInt64LE(BigInt(footer.indexOffset), 8);
-  out.writeBigUInt64LE(BigInt(footer.indexLength), 16);
+  writeU64(out, footer.indexOffset, 8);
+  writeU64(out, footer.indexLength, 16);
   footer.digest.copy(out, 24);
-  out.writeBigUInt64LE(BigInt(footer.dataEnd), 40);
+  writeU64(out, footer.dataEnd, 40);
   return out;
 }
 
