@@ -13,6 +13,7 @@
  *   node benchmarks/snapshot.mjs [--runs 3] [--cache-dir .cache/vm] [--quiet-timeout 15]
  *                                [--max-others-cpu 0.3] [--attempts 4] [--profile|--no-profile]
  *                                [--skip-sparse] [--skip-tmpfs] [--skip-busy] [--skip-library]
+ *   (--skip-tmpfs leaves out the dump copied into /dev/shm; the restores into /dev/shm still run)
  *
  * Four dumps, side by side: the booted guest's (mostly zero pages); the same copied into /dev/shm,
  * fully allocated (a guest's RAM file in tmpfs once it has touched all its memory; when /dev/shm
@@ -125,7 +126,8 @@ async function childMain(spec) {
   const writer = require(path.join(spec.dist, 'vmstate', 'writer.js'));
   const reader = require(path.join(spec.dist, 'vmstate', 'reader.js'));
   const snapshot = require(path.join(spec.dist, 'snapshot', 'index.js'));
-  const addon = require(path.join(spec.dist, 'native.js')).native();
+  const { native, Codec } = require(path.join(spec.dist, 'native.js'));
+  const addon = native();
   const loadSeconds = (performance.now() - loadStarted) / 1000;
 
   // Instrumentation from outside: wrap the addon's batch calls and FileHandle writes and syncs.
@@ -201,7 +203,7 @@ async function childMain(spec) {
       const start = now();
       const result = await addon.processDumpBatch({
         sourceFd: handle.fd, dumpOffset: page * 4096, firstPage: page, pageCount: Math.min(batchPages, size / 4096 - page), pageSize: 4096, spanPages: 512,
-        firstSpan: page / 512, incremental: false, ...(dedup ? { dedup } : {}), codec: spec.codec, level: spec.level, chunkTargetBytes: spec.chunkTargetBytes ?? 1 << 20, threads: spec.threads,
+        firstSpan: page / 512, incremental: false, ...(dedup ? { dedup } : {}), codec: spec.codec === 'zstd' ? Codec.Zstd : Codec.None, level: spec.level, chunkTargetBytes: spec.chunkTargetBytes ?? 1 << 20, threads: spec.threads,
       });
       stored += result.chunks.reduce((n, c) => n + c.stored.length + 64, 0);
       profile.batches.push({ name: 'processDumpBatch', start, end: now(), seconds: now() - start, chunks: result.chunks.length });
@@ -603,7 +605,18 @@ async function main() {
   ensureFreeSpace(outDir, ramSize * 3, 'the restored RAM files');
   // Restores into tmpfs as well, as a hypervisor's RAM file is (skipped where /dev/shm has no room).
   const shmDir = fs.existsSync('/dev/shm') && fs.statfsSync('/dev/shm').bavail * fs.statfsSync('/dev/shm').bsize > ramSize * 2.5 ? fs.mkdtempSync('/dev/shm/qcow2img-bench-') : undefined;
-  if (shmDir) process.once('exit', () => fs.rmSync(shmDir, { recursive: true, force: true }));
+  if (shmDir) {
+    // tmpfs is memory: its files go also when the run is interrupted.
+    const removeShm = () => fs.rmSync(shmDir, { recursive: true, force: true });
+    process.once('exit', removeShm);
+    for (const signal of ['SIGINT', 'SIGTERM']) {
+      process.once(signal, () => {
+        killRunningChildren();
+        removeShm();
+        process.exit(130);
+      });
+    }
+  }
   // A private copy of the build: others rebuild the addon in the tree.
   const build = await freezeBuild(work);
   const dist = path.join(build.dir, 'dist');
@@ -756,14 +769,14 @@ async function profileRun({ dist, ram, cpu, outDir, stateOut, restored, zstdCrea
   // processDumpBatch alone (nothing written): scan, dedup and compression apart; batch size and threads.
   const batchRows = [];
   for (const [name, spec] of [
-    ['scan + gather (codec none, no dedup), 64 MiB batches', { codec: 0, dedup: false }],
-    ['scan + dedup + gather (codec none), 64 MiB batches', { codec: 0, dedup: true }],
-    ['scan + dedup + zstd 2, 64 MiB batches (as writeState)', { codec: 1, dedup: true }],
-    ['same, threads 2', { codec: 1, dedup: true, threads: 2 }],
-    ['same, one 1 GiB batch, threads 2', { codec: 1, dedup: true, threads: 2, batchBytes: 1 << 30 }],
-    ['scan + gather, one 1 GiB batch, threads 2', { codec: 0, dedup: false, threads: 2, batchBytes: 1 << 30 }],
-    ['scan + dedup + zstd 2, 4 MiB chunks', { codec: 1, dedup: true, chunkTargetBytes: 4 << 20 }],
-    ['scan + dedup + zstd 2, 256 KiB chunks', { codec: 1, dedup: true, chunkTargetBytes: 256 << 10 }],
+    ['scan + gather (codec none, no dedup), 64 MiB batches', { codec: 'none', dedup: false }],
+    ['scan + dedup + gather (codec none), 64 MiB batches', { codec: 'none', dedup: true }],
+    ['scan + dedup + zstd 2, 64 MiB batches (as writeState)', { codec: 'zstd', dedup: true }],
+    ['same, threads 2', { codec: 'zstd', dedup: true, threads: 2 }],
+    ['same, one 1 GiB batch, threads 2', { codec: 'zstd', dedup: true, threads: 2, batchBytes: 1 << 30 }],
+    ['scan + gather, one 1 GiB batch, threads 2', { codec: 'none', dedup: false, threads: 2, batchBytes: 1 << 30 }],
+    ['scan + dedup + zstd 2, 4 MiB chunks', { codec: 'zstd', dedup: true, chunkTargetBytes: 4 << 20 }],
+    ['scan + dedup + zstd 2, 256 KiB chunks', { codec: 'zstd', dedup: true, chunkTargetBytes: 256 << 10 }],
   ]) {
     const r = await medianRun({ mode: 'batch', dist, memory: ram, level: 2, threads: defaultThreads, ...spec });
     const p = r.profile.batches.map((b) => b.seconds);

@@ -784,6 +784,26 @@ Napi::Value DecompressChunkFn(const Napi::CallbackInfo& info) {
   return start<DecompressChunkWorker>(info.Env(), codec, info[1].As<Napi::Buffer<uint8_t>>(), static_cast<size_t>(rawLength));
 }
 
+// startWriteback(fd, offset, length) -> Promise<0 or errno>, off the JavaScript thread:
+// sync_file_range may wait for a congested device's queue.
+class WritebackWorker : public PromiseWorker {
+ public:
+  WritebackWorker(Napi::Env env, int fd, uint64_t offset, uint64_t length)
+      : PromiseWorker(env, "qcow2img:writeback"), fd_(fd), offset_(offset), length_(length) {}
+  void Execute() override { errno_ = startWriteback(fd_, offset_, length_); }
+  Napi::Value Result(Napi::Env env) override { return Napi::Number::New(env, errno_); }
+
+ private:
+  int fd_;
+  uint64_t offset_;
+  uint64_t length_;
+  int errno_ = 0;
+};
+
+Napi::Value StartWritebackFn(const Napi::CallbackInfo& info) {
+  return start<WritebackWorker>(info.Env(), intArg(info, 0, "fd"), unsignedArg(info, 1, "offset"), unsignedArg(info, 2, "length"));
+}
+
 // httpGet({family, address, port, idle, connections, timeoutMs, counters, pieces: [{request, into}]})
 //   -> Promise<{pieces: [{head, received, failure}], idle}>: ranged GETs whose bodies go into
 // `into` (each Buffer's length is the body expected); `idle` are kept-alive sockets, in and out.
@@ -955,7 +975,7 @@ Napi::Value ByteLockFn(const Napi::CallbackInfo& info) {
   return Napi::Number::New(info.Env(), Operation(intArg(info, 0, "fd"), unsignedArg(info, 1, "offset")));
 }
 
-// allocate / willNeed / startWriteback / dropCache(fd, offset, length) -> 0 or errno.
+// allocate / willNeed / dropCache(fd, offset, length) -> 0 or errno.
 template <int (*Operation)(int, uint64_t, uint64_t)>
 Napi::Value RangeFn(const Napi::CallbackInfo& info) {
   int fd = intArg(info, 0, "fd");
@@ -1053,7 +1073,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("allocate", Napi::Function::New(env, RangeFn<allocate>, "allocate"));
   exports.Set("dropCache", Napi::Function::New(env, RangeFn<dropCache>, "dropCache"));
   exports.Set("willNeed", Napi::Function::New(env, RangeFn<willNeed>, "willNeed"));
-  exports.Set("startWriteback", Napi::Function::New(env, RangeFn<startWriteback>, "startWriteback"));
+  exports.Set("startWriteback", Napi::Function::New(env, StartWritebackFn, "startWriteback"));
   exports.Set("lockByte", Napi::Function::New(env, ByteLockFn<lockByte>, "lockByte"));
   exports.Set("byteLocked", Napi::Function::New(env, ByteLockFn<byteLocked>, "byteLocked"));
   exports.Set("alignedBuffer", Napi::Function::New(env, AlignedBufferFn, "alignedBuffer"));

@@ -258,8 +258,8 @@ export interface NativeAddon {
   allocate(fd: number, offset: number, length: number): number;
   /** Starts reading the range into the page cache (posix_fadvise WILLNEED); 0 or errno. */
   willNeed(fd: number, offset: number, length: number): number;
-  /** Starts writing the range's dirty pages to the disk without waiting (sync_file_range WRITE); 0 or errno. */
-  startWriteback(fd: number, offset: number, length: number): number;
+  /** Starts writing the range's dirty pages to the disk without waiting for them (sync_file_range WRITE, on a worker thread); 0 or errno. */
+  startWriteback(fd: number, offset: number, length: number): Promise<number>;
   /** Drops cached pages of the range (and a block device's buffer cache); 0 or errno. */
   dropCache(fd: number, offset: number, length: number): number;
   /** Ranged GETs over plain HTTP, bodies straight into memory; src/http/direct.ts judges the heads. */

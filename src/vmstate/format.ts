@@ -111,6 +111,7 @@ export function sectionName(type: number): string {
 
 /** A u64 that is a safe integer (a count, an offset, a page number), little-endian, without a BigInt. */
 function writeU64(out: Buffer, value: number, at: number): void {
+  if (!Number.isSafeInteger(value) || value < 0) throw new RangeError(`not a u64 that a number holds exactly: ${value}`);
   out.writeUInt32LE(value % 2 ** 32, at);
   out.writeUInt32LE(Math.floor(value / 2 ** 32), at + 4);
 }

@@ -1,7 +1,8 @@
 /**
  * Writing a VM state file in one pass: header, REGIONS, CPU and DEVICE sections,
  * then CHUNK sections as the native engine produces them, then the INDEX and the
- * footer. Memory stays bounded by one batch of guest RAM plus the index.
+ * footer. Memory stays bounded by two batches of guest RAM (one being written, the next one's
+ * result) plus the index, while a third batch is read by the native engine.
  */
 import * as fs from 'node:fs/promises';
 import * as nodePath from 'node:path';
@@ -180,6 +181,7 @@ const zeroPadding = Buffer.alloc(8);
 class StateOutput {
   position = 0;
   private writebackFrom = 0;
+  private writeback: Promise<void> = Promise.resolve();
   readonly sections: SectionEntry[] = [];
 
   private constructor(private readonly file: PendingFile) {}
@@ -207,8 +209,10 @@ class StateOutput {
 
   /** Starts writing what was written since the last call to the disk: the final flush then waits for little. */
   startWriteback(): void {
-    native().startWriteback(this.file.handle.fd, this.writebackFrom, this.position - this.writebackFrom);
+    const from = this.writebackFrom;
     this.writebackFrom = this.position;
+    // One at a time, and always settled before the descriptor is flushed or closed (finish, abandon).
+    this.writeback = this.writeback.then(() => native().startWriteback(this.file.handle.fd, from, this.position - from)).then(() => {}, () => {});
   }
 
   /** A section: header with the payload's checksum, the payload (`parts` one after another), padding to 8 bytes. Listed unless it is the index. */
@@ -226,14 +230,20 @@ class StateOutput {
     await this.writeSection(SectionType.index, [index]);
     const digest = native().hash128(Buffer.concat([header, index]));
     await this.write([encodeFooter({ indexOffset, indexLength: index.length, digest, dataEnd: this.position })]);
-    // The file is read back for its hash while it is flushed, not after.
-    const [fileHash] = await Promise.all([native().hashFile(this.file.handle.fd, 0, this.position), this.file.flush()]);
+    await this.writeback;
+    // The file is read back for its hash while it is flushed, not after; both settle before the
+    // descriptor can be closed (a failed flush abandons the file).
+    const [hashed, flushed] = await Promise.allSettled([native().hashFile(this.file.handle.fd, 0, this.position), this.file.flush()]);
+    if (flushed.status === 'rejected') throw flushed.reason;
+    if (hashed.status === 'rejected') throw ioError(hashed.reason, this.file.target, 'cannot read the state file back for its hash');
+    // commit flushes again: nothing is left to write by then.
     await this.file.commit();
-    return { digest, fileHash };
+    return { digest, fileHash: hashed.value };
   }
 
-  abandon(): Promise<void> {
-    return this.file.abandon();
+  async abandon(): Promise<void> {
+    await this.writeback;
+    await this.file.abandon();
   }
 }
 
@@ -381,14 +391,16 @@ async function writePages(out: StateOutput, dump: Dump | undefined, regions: Reg
     return { batch, job };
   };
   let writing: Promise<void> | undefined;
-  let running = start(batches.next().value);
+  let running: ReturnType<typeof start> | undefined;
   try {
+    running = start(batches.next().value);
     while (running) {
       const { batch, job } = running;
       const result = await job;
       running = start(batches.next().value);
       await writing;
       writing = writeChunks(out, index, result, batch);
+      writing.catch(() => {}); // awaited below; a failed write is not unhandled while a batch runs
       counters.dataBytes = (batch.region.firstPage + batch.done + batch.pageCount) * PAGE_SIZE;
     }
     await writing;

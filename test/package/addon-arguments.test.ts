@@ -56,6 +56,7 @@ describe('arguments', () => {
     ['decompressChunk with a codec that is a string', () => addon.decompressChunk!('1', Buffer.alloc(4), 10), /codec must be a number/],
     ['decompressChunk with a huge raw length', () => addon.decompressChunk!(1, Buffer.alloc(4), 2 ** 31), /raw length out of range/],
     ['hashFile with a string fd', () => addon.hashFile!('3'), /fd must be a number/],
+    ['startWriteback with a string fd', () => addon.startWriteback!('3', 0, 4096), /fd must be a number/],
     ['hash64 of a number', () => addon.hash64!(5), /Uint8Array or Buffer/],
     ['hash64 of a list holding a string', () => addon.hash64!([Buffer.alloc(1), 'a']), /parts must be Uint8Arrays or Buffers/],
     ['blockDeviceInfo of a regular file', () => addon.blockDeviceInfo!(fd), /Inappropriate ioctl/],
@@ -135,13 +136,13 @@ describe('arguments', () => {
     expect(addon.hash64!([bytes.subarray(0, 4096)])).not.toBe(addon.hash64!(bytes));
   });
 
-  it('startWriteback: 0 on a file, the errno on a pipe', () => {
-    expect(addon.startWriteback!(fd, 0, 4096)).toBe(0);
+  it('startWriteback: 0 on a file, the errno on a pipe (off the JavaScript thread)', async () => {
+    expect(await addon.startWriteback!(fd, 0, 4096)).toBe(0);
     const fifo = path.join(dir, 'writeback-pipe');
     execFileSync('mkfifo', [fifo]);
     const pipeFd = fs.openSync(fifo, 'r+');
     try {
-      expect(addon.startWriteback!(pipeFd, 0, 4096)).toBe(os.constants.errno.ESPIPE);
+      expect(await addon.startWriteback!(pipeFd, 0, 4096)).toBe(os.constants.errno.ESPIPE);
     } finally {
       fs.closeSync(pipeFd);
     }

@@ -9,7 +9,9 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { StateFile, writeState } from '../../src/index';
 import { native } from '../../src/native';
 import { sampleCpuState as cpu } from '../helpers/cpu';
+import { Random } from '../helpers/prng';
 import { makeRamDump } from '../helpers/ram';
+import { withTmpfs } from '../helpers/tmpfs';
 
 const MiB = 1024 * 1024;
 let dir: string;
@@ -73,5 +75,36 @@ describe('the VM state file', () => {
     } finally {
       await state.close();
     }
+  });
+});
+
+describe('a state file that fails part-way', () => {
+  it('out of space (a 1 MiB tmpfs) on its first chunks while the next batch runs: one IO_ERROR, nothing left behind, no progress after', async () => {
+    // Three batches of random pages: the first batch's chunks fill the tmpfs while the second is read.
+    const noise = path.join(dir, 'noise.raw');
+    fs.writeFileSync(noise, new Random(9).bytes(160 * MiB));
+    const mnt = path.join(dir, 'small');
+    await withTmpfs(mnt, '1m', async () => {
+      let calls = 0;
+      const error = await writeState(path.join(mnt, 'state.qvms'), { memory: noise, onProgress: () => calls++ }).catch((e: unknown) => e);
+      expect(error).toMatchObject({ code: 'IO_ERROR', path: path.join(mnt, 'state.qvms') });
+      expect((error as Error).message).toMatch(/no space left/i);
+      expect(fs.readdirSync(mnt)).toEqual([]);
+      const after = calls;
+      await new Promise((resolve) => setTimeout(resolve, 600));
+      expect(calls).toBe(after);
+    });
+  });
+
+  it('cancelled before its first batch: CANCELLED, nothing left behind, no progress after', async () => {
+    const controller = new AbortController();
+    controller.abort();
+    let calls = 0;
+    const target = path.join(dir, 'cancelled.qvms');
+    await expect(writeState(target, { memory: path.join(dir, 'ram1.raw'), signal: controller.signal, onProgress: () => calls++ })).rejects.toMatchObject({ code: 'CANCELLED' });
+    expect(fs.readdirSync(dir).filter((f) => f.includes('cancelled'))).toEqual([]);
+    const after = calls;
+    await new Promise((resolve) => setTimeout(resolve, 600));
+    expect(calls).toBe(after);
   });
 });
