@@ -5,7 +5,7 @@
 import type { FileHandle } from 'node:fs/promises';
 import * as fs from 'node:fs/promises';
 import { Qcow2Error, ioError } from '../errors';
-import { dataRanges, type Seek, seekOf } from '../files';
+import { dataRanges, seekOf } from '../files';
 import { limits } from '../limits';
 import { lockAsQemu } from '../locks';
 import { native, UnitKind, l2RunFields } from '../native';
@@ -423,8 +423,6 @@ export function pushRun(out: LayerRun[], run: LayerRun): void {
 export class RawLayer implements Layer {
   readonly format = 'raw' as const;
   readonly virtualSize: number;
-  /** One for the layer's life: it remembers the data range it found last (see seekOf). */
-  private seek: Seek | undefined;
   constructor(readonly file: OpenFile) {
     this.virtualSize = Math.ceil(file.size / 512) * 512;
   }
@@ -436,7 +434,7 @@ export class RawLayer implements Layer {
     // layers are whole files: backing files are never opened as regions.)
     const dataEnd = Math.min(end, this.file.size);
     const remote = (this.file.handle as { remote?: boolean }).remote === true;
-    const ranges = remote ? (start < dataEnd ? [[start, dataEnd] as const] : []) : dataRanges((this.seek ??= seekOf(this.file.handle.fd)), start, dataEnd);
+    const ranges = remote ? (start < dataEnd ? [[start, dataEnd] as const] : []) : dataRanges(seekOf(this.file.handle.fd), start, dataEnd);
     let position = start;
     for (const [from, to] of ranges) {
       if (from > position) hole(position, from);
