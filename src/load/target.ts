@@ -325,8 +325,24 @@ async function partitionNode(diskRdev: number, partition: Partition): Promise<{ 
   return undefined;
 }
 
+/**
+ * A loop device (or a partition of one) that writes through its backing file's page cache
+ * (losetup without --direct-io=on): its kernel worker copies every block on the cores a load
+ * decodes on (zstd image, measured: 1.86 s against 1.05 s with direct I/O).
+ */
+async function bufferedLoop(rdev: number): Promise<boolean> {
+  const sysfs = await fs.realpath(`/sys/dev/block/${majorMinor(rdev)}`).catch(() => undefined);
+  if (!sysfs) return false;
+  for (const folder of [sysfs, nodePath.dirname(sysfs)]) {
+    const dio = await fs.readFile(nodePath.join(folder, 'loop', 'dio'), 'utf8').catch(() => undefined);
+    if (dio !== undefined) return dio.trim() === '0';
+  }
+  return false;
+}
+
 async function openDevice(image: Image, path: string, rdev: number, options: TargetOptions): Promise<OpenTarget> {
   const notice = options.onNotice ?? (() => {});
+  if (await bufferedLoop(rdev)) notice(`${path}: a loop device without direct I/O: its writes are copied through the backing file's page cache, which slows loads (losetup --direct-io=on makes it faster)`);
   let devicePath = path;
   let deviceRdev = rdev;
   let base = options.offset ?? 0;

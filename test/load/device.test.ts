@@ -129,6 +129,20 @@ describe.skipIf(skip !== undefined)('load onto block devices', () => {
     expect(sha(after.subarray(offset + expected.length))).toBe(sha(before.subarray(offset + expected.length)));
   });
 
+  it('says when a loop device writes through its backing file\'s page cache, and not once it uses direct I/O', async () => {
+    const loop = newLoop('buffered.img', 24 * MiB);
+    const noticesOf = async () => {
+      const notices: string[] = [];
+      await load(image, loop.device, { onNotice: (m) => notices.push(m) });
+      expect(sha(readRange(loop.device, 0, expected.length))).toBe(sha(expected));
+      return notices.filter((n) => n.includes('loop device without direct I/O'));
+    };
+    expect(await noticesOf()).toEqual([`${loop.device}: a loop device without direct I/O: its writes are copied through the backing file's page cache, which slows loads (losetup --direct-io=on makes it faster)`]);
+    execFileSync('losetup', ['--direct-io=on', loop.device]);
+    expect(fs.readFileSync(`/sys/block/${path.basename(loop.device)}/loop/dio`, 'utf8').trim()).toBe('1');
+    expect(await noticesOf()).toEqual([]);
+  });
+
   it('writes at an offset inside a sector through the page cache, keeping the device claimed', async () => {
     const loop = newLoop('unaligned.img', 40 * MiB, 'random');
     const before = readRange(loop.device, 0, 40 * MiB);
