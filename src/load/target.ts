@@ -342,7 +342,6 @@ async function bufferedLoop(rdev: number): Promise<boolean> {
 
 async function openDevice(image: Image, path: string, rdev: number, options: TargetOptions): Promise<OpenTarget> {
   const notice = options.onNotice ?? (() => {});
-  if (await bufferedLoop(rdev)) notice(`${path}: a loop device without direct I/O: its writes are copied through the backing file's page cache, which slows loads (losetup --direct-io=on makes it faster)`);
   let devicePath = path;
   let deviceRdev = rdev;
   let base = options.offset ?? 0;
@@ -382,6 +381,8 @@ async function openDevice(image: Image, path: string, rdev: number, options: Tar
   let tail: fs.FileHandle | undefined;
   const direct = options.direct ?? 'auto';
   try {
+    // Said once the device is ours to write: a refusal stays one line.
+    if (await bufferedLoop(rdev)) notice(`${path}: a loop device without direct I/O: its writes are copied through the backing file's page cache, which slows loads (losetup --direct-io=on makes it faster)`);
     let alignment = claimed.direct ? native().blockDeviceInfo(main.fd).logicalBlockSize : 0;
     if (alignment && base % alignment !== 0) {
       if (direct === 'always') throw new Qcow2Error('INVALID_ARGUMENT', `offset ${base} is not a multiple of the logical block size ${alignment}`, { path });
