@@ -892,8 +892,12 @@ Napi::Value HashFileFn(const Napi::CallbackInfo& info) {
 }
 
 // hash64(buffer | buffers) -> bigint (of the buffers one after another); hash128(buffer) -> Buffer of 16 bytes (low then high, little-endian)
+bool isBytes(const Napi::Value& value) {
+  return value.IsTypedArray() && value.As<Napi::TypedArray>().TypedArrayType() == napi_uint8_array;
+}
+
 Napi::Uint8Array bytesArg(const Napi::CallbackInfo& info) {
-  if (info.Length() < 1 || !info[0].IsTypedArray() || info[0].As<Napi::TypedArray>().TypedArrayType() != napi_uint8_array) {
+  if (info.Length() < 1 || !isBytes(info[0])) {
     throw Napi::TypeError::New(info.Env(), "a Uint8Array or Buffer is expected");
   }
   return info[0].As<Napi::Uint8Array>();
@@ -905,7 +909,7 @@ Napi::Value Hash64(const Napi::CallbackInfo& info) {
     std::vector<ByteSpan> parts;
     for (uint32_t i = 0; i < array.Length(); i++) {
       Napi::Value part = array.Get(i);
-      if (!part.IsTypedArray() || part.As<Napi::TypedArray>().TypedArrayType() != napi_uint8_array) {
+      if (!isBytes(part)) {
         throw Napi::TypeError::New(info.Env(), "hash64: parts must be Uint8Arrays or Buffers");
       }
       auto bytes = part.As<Napi::Uint8Array>();

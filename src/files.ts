@@ -90,9 +90,9 @@ export class PendingFile {
     }
   }
 
-  /** Flushes, closes and renames the file into place. */
-  async commit(): Promise<void> {
-    await this.flush();
+  /** Flushes (unless the caller just did, with nothing written since), closes and renames the file into place. */
+  async commit(options: { flushed?: boolean } = {}): Promise<void> {
+    if (!options.flushed) await this.flush();
     await this.close().catch((error) => {
       throw ioError(error, this.target, this.messages.flush ?? 'cannot flush the file');
     });

@@ -236,8 +236,7 @@ class StateOutput {
     const [hashed, flushed] = await Promise.allSettled([native().hashFile(this.file.handle.fd, 0, this.position), this.file.flush()]);
     if (flushed.status === 'rejected') throw flushed.reason;
     if (hashed.status === 'rejected') throw ioError(hashed.reason, this.file.target, 'cannot read the state file back for its hash');
-    // commit flushes again: nothing is left to write by then.
-    await this.file.commit();
+    await this.file.commit({ flushed: true });
     return { digest, fileHash: hashed.value };
   }
 
@@ -281,10 +280,7 @@ class PageIndex {
     packStates(states, this.states, firstSpan * SPAN_PAGES);
     const counts = [0, 0, 0, 0];
     for (let i = 0; i < states.length; i++) counts[states[i]!]!++;
-    this.pages.zero += counts[PageState.zero]!;
-    this.pages.data += counts[PageState.data]!;
-    this.pages.duplicate += counts[PageState.duplicate]!;
-    this.pages.parent += counts[PageState.parent]!;
+    for (const name of ['zero', 'data', 'duplicate', 'parent'] as const) this.pages[name] += counts[PageState[name]]!;
     for (const d of duplicates) this.duplicates.push(d);
   }
 
