@@ -19,6 +19,7 @@
 
 #include "compress.h"
 #include "io.h"
+#include "mapped_guard.h"
 
 namespace qcow2img {
 
@@ -209,35 +210,44 @@ namespace {
 
 constexpr uint8_t stateByte(PageState state) { return static_cast<uint8_t>(state); }
 
-// Phase 1 of a dump batch, parallel: zero pages, unchanged pages, hashes of the rest. A page in a
-// hole is classified as the zero page it reads as, without touching its bytes.
+// Pages [first, end) of a batch: zero, unchanged or data (hashed). A page in a hole is the zero
+// page it reads as, and its bytes are not touched.
+void classifyTask(const DumpBatch& b, const uint8_t* pages, std::vector<uint8_t>& states,
+                  std::vector<XXH128_hash_t>& hashes, uint64_t first, uint64_t end) {
+  for (uint64_t i = first; i < end; i++) {
+    const uint8_t* page = pages + i * b.pageSize;
+    const bool hole = b.holes && b.holes[i];
+    if (b.incremental) {
+      bool unchanged = b.dirty  ? !((b.dirty[i / 8] >> (i % 8)) & 1)
+                       : hole   ? isAllZero(b.parent + i * b.pageSize, b.pageSize)
+                                : memcmp(page, b.parent + i * b.pageSize, b.pageSize) == 0;
+      if (unchanged) {
+        states[i] = stateByte(PageState::Parent);
+        continue;
+      }
+    }
+    if (hole || isAllZero(page, b.pageSize)) continue;
+    states[i] = stateByte(PageState::Data);
+    if (b.dedup) hashes[i] = XXH3_128bits(page, b.pageSize);
+  }
+}
+
+// Phase 1 of a dump batch, parallel. False when a task threw (out of memory); `cutShort` is set
+// when the dump's pages ended under the mapping (the file was truncated meanwhile).
 bool classifyPages(const DumpBatch& b, const uint8_t* pages, std::vector<uint8_t>& states,
-                   std::vector<XXH128_hash_t>& hashes) {
+                   std::vector<XXH128_hash_t>& hashes, std::atomic<bool>& cutShort) {
   const uint64_t pagesPerTask = 256;
   return parallelFor((b.pageCount + pagesPerTask - 1) / pagesPerTask, b.threads, [&](uint64_t task) {
-    uint64_t end = std::min(b.pageCount, (task + 1) * pagesPerTask);
-    for (uint64_t i = task * pagesPerTask; i < end; i++) {
-      const uint8_t* page = pages + i * b.pageSize;
-      const bool hole = b.holes && b.holes[i];
-      if (b.incremental) {
-        bool unchanged = b.dirty  ? !((b.dirty[i / 8] >> (i % 8)) & 1)
-                         : hole   ? isAllZero(b.parent + i * b.pageSize, b.pageSize)
-                                  : memcmp(page, b.parent + i * b.pageSize, b.pageSize) == 0;
-        if (unchanged) {
-          states[i] = stateByte(PageState::Parent);
-          continue;
-        }
-      }
-      if (hole || isAllZero(page, b.pageSize)) continue;
-      states[i] = stateByte(PageState::Data);
-      if (b.dedup) hashes[i] = XXH3_128bits(page, b.pageSize);
-    }
+    const uint64_t first = task * pagesPerTask;
+    const uint64_t end = std::min(b.pageCount, first + pagesPerTask);
+    if (cutShort || !guardMapped([&] { classifyTask(b, pages, states, hashes, first, end); })) cutShort = true;
   });
 }
 
 // Phase 2, in page order: the first occurrence of some contents is DATA, a later one with
 // the same bytes (hash, then memcmp against `source`, the whole dump) is its DUPLICATE.
-void markDuplicates(const DumpBatch& b, const Mapping& source, const uint8_t* pages,
+// False when the dump's pages ended under the mapping.
+bool markDuplicates(const DumpBatch& b, const Mapping& source, const uint8_t* pages,
                     const std::vector<XXH128_hash_t>& hashes, DumpBatchResult& result) {
   for (uint64_t i = 0; i < b.pageCount; i++) {
     if (result.states[i] != stateByte(PageState::Data)) continue;
@@ -245,13 +255,16 @@ void markDuplicates(const DumpBatch& b, const Mapping& source, const uint8_t* pa
     const DedupTable::Entry* first =
         b.dedup->findOrInsert(hashes[i].low64, hashes[i].high64, b.firstPage + i, offset);
     // The table belongs to one dump; an offset outside this file's mapping is not a match.
-    if (first && first->dumpOffset <= source.length && b.pageSize <= source.length - first->dumpOffset &&
-        memcmp(source.data + first->dumpOffset, pages + i * b.pageSize, b.pageSize) == 0) {
+    if (!first || first->dumpOffset > source.length || b.pageSize > source.length - first->dumpOffset) continue;
+    bool same = false;
+    if (!guardMapped([&] { same = memcmp(source.data + first->dumpOffset, pages + i * b.pageSize, b.pageSize) == 0; })) return false;
+    if (same) {
       result.states[i] = stateByte(PageState::Duplicate);
       result.duplicates.push_back(b.firstPage + i);
       result.duplicates.push_back(first->page);
     }
   }
+  return true;
 }
 
 // A chunk to be: a run of spans (batch-relative) and the DATA pages they hold.
@@ -278,19 +291,23 @@ std::vector<ChunkPlan> planChunks(const DumpBatch& b, const std::vector<uint8_t>
 }
 
 // Phase 4, one chunk: its DATA pages gathered, then compressed (or stored as they are).
-void fillChunk(const DumpBatch& b, const uint8_t* pages, const std::vector<uint8_t>& states,
+// False when the dump's pages ended under the mapping.
+bool fillChunk(const DumpBatch& b, const uint8_t* pages, const std::vector<uint8_t>& states,
                const ChunkPlan& plan, DumpChunk& chunk) {
   chunk.firstSpan = b.firstSpan + plan.firstSpan;
   chunk.spanCount = static_cast<uint32_t>(plan.spanCount);
   chunk.rawLength = static_cast<uint32_t>(plan.dataPages * b.pageSize);
   uint8_t* raw = chunkScratch.rawFor(chunk.rawLength);
-  uint8_t* at = raw;
-  uint64_t end = std::min(b.pageCount, (plan.firstSpan + plan.spanCount) * b.spanPages);
-  for (uint64_t i = plan.firstSpan * b.spanPages; i < end; i++) {
-    if (states[i] != stateByte(PageState::Data)) continue;
-    memcpy(at, pages + i * b.pageSize, b.pageSize);
-    at += b.pageSize;
-  }
+  const uint64_t end = std::min(b.pageCount, (plan.firstSpan + plan.spanCount) * b.spanPages);
+  const bool gathered = guardMapped([&] {
+    uint8_t* at = raw;
+    for (uint64_t i = plan.firstSpan * b.spanPages; i < end; i++) {
+      if (states[i] != stateByte(PageState::Data)) continue;
+      memcpy(at, pages + i * b.pageSize, b.pageSize);
+      at += b.pageSize;
+    }
+  });
+  if (!gathered) return false;
   chunk.rawChecksum = XXH3_64bits(raw, chunk.rawLength);
   size_t n = b.codec == Codec::None ? 0 : compressChunk(b.codec, b.level, raw, chunk.rawLength);
   if (n > 0 && n < chunk.rawLength) {
@@ -301,6 +318,7 @@ void fillChunk(const DumpBatch& b, const uint8_t* pages, const std::vector<uint8
     chunk.stored.assign(raw, raw + chunk.rawLength);
     chunk.codec = Codec::None;
   }
+  return true;
 }
 
 }  // namespace
@@ -322,17 +340,23 @@ DumpBatchResult processDumpBatch(const DumpBatch& b) {
   const uint8_t* pages = batch.data;
   result.states.assign(b.pageCount, stateByte(PageState::Zero));
   std::vector<XXH128_hash_t> hashes(b.pageCount);
-  if (!classifyPages(b, pages, result.states, hashes)) {
+  std::atomic<bool> cutShort{false};
+  const char* const cutShortError = "the RAM dump was cut short while it was read (truncated by another process?)";
+  if (!classifyPages(b, pages, result.states, hashes, cutShort)) {
     result.error = "out of memory";
     return result;
   }
-  if (b.dedup) markDuplicates(b, source, pages, hashes, result);
+  if (cutShort || (b.dedup && !markDuplicates(b, source, pages, hashes, result))) {
+    result.error = cutShortError;
+    return result;
+  }
   std::vector<ChunkPlan> plans = planChunks(b, result.states);
   result.chunks.resize(plans.size());
   bool completed = parallelFor(plans.size(), b.threads, [&](uint64_t c) {
-    fillChunk(b, pages, result.states, plans[c], result.chunks[c]);
+    if (cutShort || !fillChunk(b, pages, result.states, plans[c], result.chunks[c])) cutShort = true;
   });
   if (!completed) result.error = "out of memory";
+  else if (cutShort) result.error = cutShortError;
   return result;
 }
 
@@ -390,6 +414,9 @@ class BatchRestorer {
   // A failure of writing the output (errno says why): it names the output, not the state file.
   void failOutput(const char* what) { fail(std::string(what) + ": " + strerror(errno), -1, true); }
 
+  // The mapped output ended under a write (truncated by another process): the batch fails naming the output.
+  void outputCutShort() { fail("it was cut short while it was written (truncated by another process?)", -1, true); }
+
   // Memory output: the caller's, or outputFd mapped shared for this batch.
   bool mapOutput() {
     memory_ = b_.outputMemory;
@@ -429,7 +456,7 @@ class BatchRestorer {
   bool writeRun(PageState state, uint64_t offset, uint64_t length, const uint8_t* source, uint64_t* sourceCursor) {
     if (state == PageState::Data) {
       if (memory_ != nullptr) {
-        memcpy(memory_ + offset, source + *sourceCursor, length);
+        if (!guardMapped([&] { memcpy(memory_ + offset, source + *sourceCursor, length); })) outputCutShort();
       } else if (!pwriteFully(b_.outputFd, source + *sourceCursor, length, offset)) {
         return false;
       }
@@ -438,7 +465,7 @@ class BatchRestorer {
       return true;
     }
     if (memory_ != nullptr) {
-      memset(memory_ + offset, 0, length);
+      if (!guardMapped([&] { memset(memory_ + offset, 0, length); })) outputCutShort();
       return true;
     }
     return zeroRange(offset, length);
@@ -464,6 +491,7 @@ class BatchRestorer {
         return true;
       }
       if (!writeRun(state, offset, length, source, sourceCursor)) return false;
+      if (failed_) return true;  // reported by writeRun (a mapped output cut short)
       i = j;
     }
     return true;
@@ -550,7 +578,10 @@ class BatchRestorer {
         fail("a duplicate page lies outside the output", -1);
         return false;
       }
-      memcpy(memory_ + target, memory_ + source, b_.pageSize);
+      if (!guardMapped([&] { memcpy(memory_ + target, memory_ + source, b_.pageSize); })) {
+        outputCutShort();
+        return false;
+      }
     } else if (preadFully(b_.outputFd, page.data(), b_.pageSize, source) != static_cast<int64_t>(b_.pageSize) ||
                !pwriteFully(b_.outputFd, page.data(), b_.pageSize, target)) {
       failOutput("copying a duplicate page within it");

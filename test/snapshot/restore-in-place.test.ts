@@ -12,6 +12,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { Qcow2Error } from '../../src/errors';
 import type { Progress } from '../../src/jobs';
 import { createSnapshot, restoreSnapshot } from '../../src/snapshot';
+import { StateFile } from '../../src/vmstate/reader';
 import { makeRamDump } from '../helpers/ram';
 import { withTmpfs } from '../helpers/tmpfs';
 
@@ -213,6 +214,25 @@ describe('into a file on hugetlbfs (mmap: hugetlbfs takes no write())', () => {
     const second = await restoreSnapshot(parentBundle, { memory: target, memoryInPlace: true });
     expect(second.memory!.method).toBe('mmap');
     expect(fs.readFileSync(target).equals(ram)).toBe(true);
+  });
+});
+
+describe('through a mapping the file no longer fills (another process truncated it)', () => {
+  it('is an IO_ERROR naming the memory file, not a SIGBUS that kills the process', async () => {
+    // The mapping is as long as the dump; the file behind it one page: as if cut short mid-restore.
+    const target = path.join(dir, 'cut-short.ram');
+    fs.writeFileSync(target, Buffer.alloc(4096));
+    const state = await StateFile.open(path.join(parentBundle, 'state.qvms'));
+    const fd = fs.openSync(target, 'r+');
+    try {
+      const error = await state.restoreInto(fd, { fresh: false, mapOutput: { length: SIZE }, target }).catch((e: unknown) => e);
+      expect(error).toBeInstanceOf(Qcow2Error);
+      expect(error).toMatchObject({ code: 'IO_ERROR', path: target });
+      expect((error as Error).message).toMatch(/cut short while it was written/);
+    } finally {
+      fs.closeSync(fd);
+      await state.close();
+    }
   });
 });
 

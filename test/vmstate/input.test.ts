@@ -4,12 +4,14 @@
  * dump laid out differently from its parent, two device blobs of one name.
  */
 import { execFileSync } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createSnapshot, Qcow2Error, StateFile, writeState } from '../../src/index';
 import { makeRamDump } from '../helpers/ram';
+import { cliDuring } from '../helpers/signals';
 
 const MiB = 1024 * 1024;
 let dir: string;
@@ -90,6 +92,34 @@ describe('an incremental dump', () => {
     } finally {
       await parent.close();
     }
+  });
+});
+
+/** Bytes of every file under `folder`, recursively. */
+function bytesUnder(folder: string): number {
+  return fs.readdirSync(folder, { recursive: true, withFileTypes: true }).reduce((n, entry) => (entry.isFile() ? n + fs.statSync(path.join(entry.parentPath ?? entry.path, entry.name)).size : n), 0);
+}
+
+describe('a RAM dump cut short by another process while it is read', () => {
+  it('is one error naming the dump, not a crash (SIGBUS through the mapping), and nothing is left', async () => {
+    // Four batches of incompressible pages at deflate's level 6: the second batch is still being
+    // compressed (its pages still read through the mapping) when the first one's chunks land.
+    const dump = path.join(dir, 'shrinking.raw');
+    fs.writeFileSync(dump, randomBytes(256 * MiB));
+    const outDir = path.join(dir, 'shrinking');
+    fs.mkdirSync(outDir);
+    const out = path.join(outDir, 'snap');
+    const ran = await cliDuring(
+      ['snapshot', 'create', out, '--memory', dump, '--compress', 'deflate', '--level', '6'],
+      () => fs.existsSync(outDir) && bytesUnder(outDir) > 4 * MiB,
+      () => fs.truncateSync(dump, 64 * MiB),
+    );
+    expect(ran.signal, ran.stderr).toBeNull();
+    expect(ran.status, ran.stderr).toBe(1);
+    expect(ran.stderr.trim().split('\n')).toHaveLength(1);
+    expect(ran.stderr).toContain(dump);
+    expect(ran.stderr).toMatch(/cut short|shorter than its regions/);
+    expect(fs.readdirSync(outDir)).toEqual([]);
   });
 });
 
