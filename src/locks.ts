@@ -103,10 +103,9 @@ async function lockHolders(path: string, byte: number): Promise<string[]> {
   const target = await fs.stat(path).catch(() => undefined);
   if (!target) return [];
   const pids = new Set<number>();
-  for await (const { pid, fd } of otherDescriptors()) {
+  for await (const { pid, fd, stats } of otherDescriptors()) {
     if (pids.has(pid)) continue;
-    const stats = await fs.stat(`/proc/${pid}/fd/${fd}`).catch(() => undefined);
-    if (!stats || stats.dev !== target.dev || stats.ino !== target.ino) continue;
+    if (stats.dev !== target.dev || stats.ino !== target.ino) continue;
     const fdinfo = await fs.readFile(`/proc/${pid}/fdinfo/${fd}`, 'utf8').catch(() => '');
     // "lock:\t1: OFDLCK ADVISORY  READ -1 fe:00:2164857 100 101": the last two fields are the range.
     const covers = fdinfo.split('\n').some((line) => {

@@ -162,10 +162,9 @@ async function parentDisk(sysfs: string | undefined): Promise<string[]> {
  */
 async function deviceWriters(devices: ReadonlySet<string>): Promise<string[]> {
   const pids = new Set<number>();
-  for await (const { pid, fd } of otherDescriptors()) {
+  for await (const { pid, fd, stats } of otherDescriptors()) {
     if (pids.has(pid)) continue;
-    const stats = await fs.stat(`/proc/${pid}/fd/${fd}`).catch(() => undefined);
-    if (!stats?.isBlockDevice() || !devices.has(majorMinor(stats.rdev))) continue;
+    if (!stats.isBlockDevice() || !devices.has(majorMinor(stats.rdev))) continue;
     const fdinfo = await fs.readFile(`/proc/${pid}/fdinfo/${fd}`, 'utf8').catch(() => '');
     const flags = /^flags:\s+([0-7]+)/m.exec(fdinfo);
     // The access mode (O_ACCMODE): 1 is O_WRONLY, 2 O_RDWR.
