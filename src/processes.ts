@@ -1,7 +1,6 @@
 /** Other processes as /proc shows them: their open descriptors, and a name for messages. */
-import * as fsSync from 'node:fs';
+import type { Stats } from 'node:fs';
 import * as fs from 'node:fs/promises';
-import { setImmediate as nextTurn } from 'node:timers/promises';
 
 /** A process as a message names it: "PID 123 (qemu-system-x86_64 -m 1G ...)". */
 export async function describeProcess(pid: number): Promise<string> {
@@ -15,45 +14,27 @@ export async function describeProcess(pid: number): Promise<string> {
 export interface OtherDescriptor {
   pid: number;
   fd: string;
-  stats: fsSync.Stats;
+  stats: Stats;
 }
 
 /**
- * Every open descriptor of every process but this one. A process's descriptors are looked at
- * synchronously, then the event loop gets its turn: an awaited stat costs 0.08 ms, a synchronous
- * one 0.01 ms (27 ms against 3 ms for this machine's 325 descriptors; a host running many VMs has
- * tens of thousands). Descriptors closed meanwhile, or not ours to look at, are left out.
+ * Every open descriptor of every process but this one. Stats are asked for many at a time (one
+ * awaited after another took 27 ms for this machine's 325 descriptors, 11 ms so); they stay
+ * asynchronous, since one may wait on a file system's server (NFS, FUSE) and the event loop must
+ * not. Descriptors closed meanwhile, or not ours to look at, are left out.
  */
 export async function* otherDescriptors(): AsyncGenerator<OtherDescriptor> {
   for (const entry of await fs.readdir('/proc').catch(() => [] as string[])) {
     const pid = Number(entry);
     if (!Number.isInteger(pid) || pid === process.pid) continue;
-    yield* descriptorsOf(pid);
-    await nextTurn();
+    const fds = await fs.readdir(`/proc/${pid}/fd`).catch(() => [] as string[]);
+    for (let at = 0; at < fds.length; at += STATS_AT_ONCE) {
+      const group = fds.slice(at, at + STATS_AT_ONCE);
+      const stats = await Promise.all(group.map((fd) => fs.stat(`/proc/${pid}/fd/${fd}`).catch(() => undefined)));
+      for (const [i, fd] of group.entries()) if (stats[i]) yield { pid, fd, stats: stats[i] };
+    }
   }
 }
 
-function descriptorsOf(pid: number): OtherDescriptor[] {
-  const found: OtherDescriptor[] = [];
-  for (const fd of readdirOrNone(`/proc/${pid}/fd`)) {
-    const stats = statOrNone(`/proc/${pid}/fd/${fd}`);
-    if (stats) found.push({ pid, fd, stats });
-  }
-  return found;
-}
-
-function readdirOrNone(path: string): string[] {
-  try {
-    return fsSync.readdirSync(path);
-  } catch {
-    return [];
-  }
-}
-
-function statOrNone(path: string): fsSync.Stats | undefined {
-  try {
-    return fsSync.statSync(path, { throwIfNoEntry: false });
-  } catch {
-    return undefined;
-  }
-}
+/** Stats of one process's descriptors asked for at once: bounded for a process holding a million. */
+const STATS_AT_ONCE = 64;

@@ -341,7 +341,7 @@ DumpBatchResult processDumpBatch(const DumpBatch& b) {
   result.states.assign(b.pageCount, stateByte(PageState::Zero));
   std::vector<XXH128_hash_t> hashes(b.pageCount);
   std::atomic<bool> cutShort{false};
-  const char* const cutShortError = "the RAM dump was cut short while it was read (truncated by another process?)";
+  const char* const cutShortError = "reading the RAM dump through its mapping failed (SIGBUS): was it cut short by another process?";
   if (!classifyPages(b, pages, result.states, hashes, cutShort)) {
     result.error = "out of memory";
     return result;
@@ -414,8 +414,8 @@ class BatchRestorer {
   // A failure of writing the output (errno says why): it names the output, not the state file.
   void failOutput(const char* what) { fail(std::string(what) + ": " + strerror(errno), -1, true); }
 
-  // The mapped output ended under a write (truncated by another process): the batch fails naming the output.
-  void outputCutShort() { fail("it was cut short while it was written (truncated by another process?)", -1, true); }
+  // A write through the output's mapping faulted: the batch fails naming the output.
+  void outputCutShort() { fail("writing it through its mapping failed (SIGBUS): cut short by another process, or out of huge pages?", -1, true); }
 
   // Memory output: the caller's, or outputFd mapped shared for this batch.
   bool mapOutput() {
@@ -556,7 +556,7 @@ class BatchRestorer {
       return fail("chunk does not decompress to its checksum", static_cast<int64_t>(c));
     }
     uint64_t cursor = 0;
-    for (uint64_t s = h.firstSpan - b_.firstSpan; s < h.firstSpan - b_.firstSpan + h.spanCount; s++) {
+    for (uint64_t s = h.firstSpan - b_.firstSpan; s < h.firstSpan - b_.firstSpan + h.spanCount && !failed_; s++) {
       if (!writeRuns(s, PageState::Data, raw.data(), &cursor)) return failOutput("writing its pages");
     }
   }

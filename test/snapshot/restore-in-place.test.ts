@@ -228,11 +228,42 @@ describe('through a mapping the file no longer fills (another process truncated 
       const error = await state.restoreInto(fd, { fresh: false, mapOutput: { length: SIZE }, target }).catch((e: unknown) => e);
       expect(error).toBeInstanceOf(Qcow2Error);
       expect(error).toMatchObject({ code: 'IO_ERROR', path: target });
-      expect((error as Error).message).toMatch(/cut short while it was written/);
+      expect((error as Error).message).toMatch(/writing it through its mapping failed \(SIGBUS\)/);
     } finally {
       fs.closeSync(fd);
       await state.close();
     }
+  });
+
+  it('a SIGBUS another process sends still reaches the app\'s own listener, and the guard works after it', () => {
+    // In a child: the listener (node's handler) was there first, so the guard passes it on.
+    const target = path.join(dir, 'cut-short-child.ram');
+    const script = `
+      const fs = require('node:fs');
+      const { StateFile } = require(${JSON.stringify(path.resolve(__dirname, '../../dist/vmstate/reader.js'))});
+      let heard = 0;
+      process.on('SIGBUS', () => heard++);
+      const restore = async () => {
+        fs.writeFileSync(${JSON.stringify(target)}, Buffer.alloc(4096));
+        const state = await StateFile.open(${JSON.stringify(path.join(parentBundle, 'state.qvms'))});
+        const fd = fs.openSync(${JSON.stringify(target)}, 'r+');
+        const outcome = await state.restoreInto(fd, { fresh: false, mapOutput: { length: ${SIZE} } }).then(() => 'restored', (e) => e.message);
+        fs.closeSync(fd);
+        await state.close();
+        return outcome;
+      };
+      (async () => {
+        const before = await restore();
+        process.kill(process.pid, 'SIGBUS');
+        await new Promise((resolve) => setTimeout(resolve, 200));
+        console.log(JSON.stringify({ before, heard, after: await restore() }));
+      })();`;
+    const ran = spawnSync(process.execPath, ['-e', script], { encoding: 'utf8', timeout: 30_000 });
+    expect(ran.signal, ran.stderr).toBeNull();
+    const seen = JSON.parse(ran.stdout) as { before: string; heard: number; after: string };
+    expect(seen.before).toMatch(/mapping failed \(SIGBUS\)/);
+    expect(seen.heard).toBe(1);
+    expect(seen.after).toMatch(/mapping failed \(SIGBUS\)/);
   });
 });
 
