@@ -1,6 +1,7 @@
 #!/usr/bin/env node
 // Writes qcow2img.1 (roff) from the command descriptions in dist/cli/spec.js, the ones
-// `qcow2img CMD --help` prints. Run by `npm run compile`; `--stdout` prints it instead.
+// `qcow2img CMD --help` prints; `--stdout` prints it instead. Run it after changing the commands
+// (`npm run compile && node scripts/make-man.mjs`): test/cli/help.test.ts fails while qcow2img.1 is stale.
 import { createRequire } from 'node:module';
 import * as fs from 'node:fs';
 import * as path from 'node:path';

@@ -45,7 +45,7 @@ const size = { value: 'SIZE', parse: parseSize };
 // Shared groups of options -----------------------------------------------------------------
 
 const openOptions: OptionSpec[] = [
-  { long: 'allow-path', value: 'DIR', repeatable: true, help: 'follow backing and data file names into DIR (repeatable); by default only into the image\'s own folder' },
+  { long: 'allow-path', value: 'DIR|URL', repeatable: true, help: 'follow backing and data file names into DIR, or under a URL prefix (repeatable); by default only into the image\'s own folder (or, for a URL image, under its own URL\'s folder)' },
   { long: 'allow-any-path', help: 'follow backing and data file names anywhere' },
   {
     long: 'force-share',
@@ -83,6 +83,8 @@ const progressOptions: OptionSpec[] = [
 ];
 
 const threads: OptionSpec = { long: 'threads', value: 'N', parse: (text, option) => parseThreads(text, option), default: '4 a CPU, at least 8', help: 'native worker threads, 1 to 64' };
+/** The snapshot commands' threads: the disk's as load's and capture's, the RAM's one a CPU (its work is all CPU). */
+const snapshotThreads: OptionSpec = { ...threads, default: 'disk: 4 a CPU, at least 8; RAM: one a CPU' };
 
 const targetOptions: OptionSpec[] = [
   { long: 'partition', value: 'N', parse: (text, option) => parseInteger(text, option, 1), help: 'write into partition N (GPT or MBR) of the disk or disk image TARGET' },
@@ -247,7 +249,7 @@ export const commands: readonly CommandSpec[] = [
       { long: 'compress', value: 'CODEC', ...choice(['zstd', 'zlib', 'none'], { deflate: 'zlib' }), default: 'zstd', help: 'for the disk and the state file ("deflate" is accepted for zlib)' },
       { long: 'level', value: 'N', parse: (text, option) => parseInteger(text, option, -(2 ** 31)), help: 'compression level of the codec' },
       { long: 'machine', value: 'JSON', help: 'a free-form machine description kept in snapshot.json' },
-      threads,
+      snapshotThreads,
       { long: 'archive-level', value: 'N', parse: (text, option) => parseInteger(text, option, 0), default: '3 (.tar.zst), 6 (.tar.gz)', help: 'compression level of the archive' },
       { long: 'temp-dir', value: 'DIR', default: 'the system\'s', help: 'where a compressed parent archive\'s members are extracted' },
       { long: 'overwrite', help: 'replace an existing snapshot at OUT (a bundle folder or an archive file)' },
@@ -272,7 +274,7 @@ export const commands: readonly CommandSpec[] = [
       { long: 'cpu', value: 'FILE.json', help: 'where the vCPU state goes' },
       { long: 'device-dir', value: 'DIR', help: 'folder that receives one file a device blob' },
       ...targetOptions,
-      threads,
+      snapshotThreads,
       { long: 'temp-dir', value: 'DIR', default: 'the system\'s', help: 'where an archive\'s members are extracted' },
       json('what was restored'),
     ],
