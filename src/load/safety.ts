@@ -22,24 +22,26 @@ export function majorMinor(rdev: number): string {
   return `${major}:${minor}`;
 }
 
+/** The device's folder in sysfs (/sys/devices/...), or undefined when sysfs has none. */
+export async function sysfsFolder(rdev: number): Promise<string | undefined> {
+  return fs.realpath(`/sys/dev/block/${majorMinor(rdev)}`).catch(() => undefined);
+}
+
 /** maj:min of the device and of each of its partitions, and their sysfs folders. */
 async function deviceFamily(rdev: number): Promise<{ self: string; all: Set<string>; sysfs: string | undefined; folders: string[] }> {
   const self = majorMinor(rdev);
   const all = new Set([self]);
   const folders: string[] = [];
-  let sysfs: string | undefined;
-  try {
-    sysfs = await fs.realpath(`/sys/dev/block/${self}`);
-    folders.push(sysfs);
-    for (const entry of await fs.readdir(sysfs)) {
-      const dev = await fs.readFile(nodePath.join(sysfs, entry, 'dev'), 'utf8').catch(() => undefined);
-      if (dev && (await fs.stat(nodePath.join(sysfs, entry, 'partition')).catch(() => undefined))) {
-        all.add(dev.trim());
-        folders.push(nodePath.join(sysfs, entry));
-      }
+  const sysfs = await sysfsFolder(rdev);
+  // No sysfs entry: only the device itself can be checked.
+  if (!sysfs) return { self, all, sysfs, folders };
+  folders.push(sysfs);
+  for (const entry of await fs.readdir(sysfs).catch(() => [] as string[])) {
+    const dev = await fs.readFile(nodePath.join(sysfs, entry, 'dev'), 'utf8').catch(() => undefined);
+    if (dev && (await fs.stat(nodePath.join(sysfs, entry, 'partition')).catch(() => undefined))) {
+      all.add(dev.trim());
+      folders.push(nodePath.join(sysfs, entry));
     }
-  } catch {
-    // No sysfs entry: only the device itself can be checked.
   }
   return { self, all, sysfs, folders };
 }

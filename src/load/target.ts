@@ -13,7 +13,7 @@ import { holdLocks, type HeldLocks } from '../locks';
 import { native, ZeroMode } from '../native';
 import type { Image } from '../qcow2/image';
 import { findPartition, type Partition } from './partitions';
-import { deviceInUse, majorMinor, type SourceFile } from './safety';
+import { deviceInUse, majorMinor, type SourceFile, sysfsFolder } from './safety';
 
 export type DirectMode = 'auto' | 'always' | 'never';
 
@@ -306,8 +306,9 @@ async function openFileRegion(image: Image, path: string, exists: boolean, optio
  * for exactly the extent the table gives; else the whole disk and an offset.
  */
 async function partitionNode(diskRdev: number, partition: Partition): Promise<{ node: string; rdev: number } | undefined> {
+  const sysfs = await sysfsFolder(diskRdev);
+  if (!sysfs) return undefined;
   try {
-    const sysfs = await fs.realpath(`/sys/dev/block/${majorMinor(diskRdev)}`);
     for (const entry of await fs.readdir(sysfs)) {
       const read = (file: string) => fs.readFile(nodePath.join(sysfs, entry, file), 'utf8').then((v) => v.trim(), () => undefined);
       // sysfs counts start and size in 512-byte units whatever the sector size.
@@ -331,7 +332,7 @@ async function partitionNode(diskRdev: number, partition: Partition): Promise<{ 
  * decodes on (zstd image, measured: 1.86 s against 1.05 s with direct I/O).
  */
 async function bufferedLoop(rdev: number): Promise<boolean> {
-  const sysfs = await fs.realpath(`/sys/dev/block/${majorMinor(rdev)}`).catch(() => undefined);
+  const sysfs = await sysfsFolder(rdev);
   if (!sysfs) return false;
   for (const folder of [sysfs, nodePath.dirname(sysfs)]) {
     const dio = await fs.readFile(nodePath.join(folder, 'loop', 'dio'), 'utf8').catch(() => undefined);
