@@ -12,6 +12,18 @@ function temporaryPathFor(target: string): string {
   return nodePath.join(nodePath.dirname(target), `.${nodePath.basename(target)}.qcow2img-${process.pid}-${randomBytes(4).toString('hex')}.tmp`);
 }
 
+/** statfs f_type of the filesystems whose files behave unlike a disk's (linux/magic.h). */
+const filesystemMagic = { tmpfs: 0x01021994, hugetlbfs: 0x958458f6 } as const;
+
+/**
+ * Which of those filesystems holds `path`, if one does. tmpfs keeps files in memory (fallocate
+ * fills pages with zeros; there are no unwritten extents); hugetlbfs takes no write(), only mappings.
+ */
+export async function memoryFilesystem(path: string): Promise<keyof typeof filesystemMagic | undefined> {
+  const stats = await fs.statfs(path).catch(() => undefined);
+  return (Object.keys(filesystemMagic) as (keyof typeof filesystemMagic)[]).find((name) => filesystemMagic[name] === stats?.type);
+}
+
 /** A file's XXH3-64 as snapshot.json records it: 16 hex digits. */
 export function xxh3Hex(hash: bigint): string {
   return hash.toString(16).padStart(16, '0');

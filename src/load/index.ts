@@ -84,7 +84,7 @@ export async function loadWith(source: string | Image, target: string, options: 
           base: opened.base,
           alignment: opened.alignment,
           zeroMode: opened.zeroMode,
-          preallocate: opened.kind === 'file' && opened.direct,
+          preallocate: opened.preallocate,
           ...(windowHashes ? { windowHashes } : {}),
         },
         options,

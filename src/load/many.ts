@@ -250,10 +250,10 @@ async function finishTarget(many: ManyLoad, i: number, windowHashes: BigUint64Ar
   }
 }
 
-/** Preallocates the span's data ranges in the new files among `targets` written with O_DIRECT. */
+/** Preallocates the span's data ranges in the targets that preallocate (new files written with O_DIRECT, not on tmpfs). */
 function preallocateNewFiles(targets: readonly OpenTarget[], runs: Float64Array, size: number): void {
   for (const t of targets) {
-    if (t.kind === 'file' && t.direct) preallocateData({ path: t.path, fd: t.fd, base: t.base, alignment: t.alignment, zeroMode: t.zeroMode }, runs, size);
+    if (t.preallocate) preallocateData({ path: t.path, fd: t.fd, base: t.base, alignment: t.alignment, zeroMode: t.zeroMode }, runs, size);
   }
 }
 

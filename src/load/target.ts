@@ -8,7 +8,7 @@ import { constants as fsConstants } from 'node:fs';
 import * as fs from 'node:fs/promises';
 import * as nodePath from 'node:path';
 import { Qcow2Error, ioError } from '../errors';
-import { openToRead, PendingFile } from '../files';
+import { memoryFilesystem, openToRead, PendingFile } from '../files';
 import { holdLocks, type HeldLocks } from '../locks';
 import { native, ZeroMode } from '../native';
 import type { Image } from '../qcow2/image';
@@ -46,6 +46,12 @@ export interface OpenTarget {
   alignment: number;
   zeroMode: number;
   direct: boolean;
+  /**
+   * A new file written with O_DIRECT on a filesystem with unwritten extents: its data ranges are
+   * allocated before they are written (see CopyTarget.preallocate). Not on tmpfs, where fallocate
+   * fills pages with zeros only for the load to overwrite them.
+   */
+  preallocate: boolean;
   /** Opens the target for reading back what was written. */
   openForVerify(): Promise<{ fd: number; alignment: number; close(): Promise<void> }>;
   /** fdatasync: the bytes written so far are on the device. */
@@ -122,6 +128,7 @@ async function throughLinks(path: string): Promise<string> {
 
 async function openNewFile(image: Image, path: string, exists: boolean, options: TargetOptions): Promise<OpenTarget> {
   let direct = false;
+  let inMemory = false;
   // The file being replaced may be a running VM's disk: refused, and held until the rename so
   // that none starts on it meanwhile.
   const locks = exists ? await holdLocks(path, 'write') : undefined;
@@ -132,6 +139,7 @@ async function openNewFile(image: Image, path: string, exists: boolean, options:
     file = await PendingFile.create(path, { create: 'cannot create the target file', flush: 'flushing the target failed' }, async (temporary) => {
       const opened = await openMaybeDirect(temporary, fsConstants.O_WRONLY | fsConstants.O_CREAT | fsConstants.O_EXCL, options.direct ?? 'auto', options.onNotice ?? (() => {}), 'filesystem');
       direct = opened.direct;
+      inMemory = (await memoryFilesystem(temporary)) !== undefined;
       return opened.handle;
     });
     tail = await file.openAgain(fsConstants.O_WRONLY);
@@ -152,6 +160,7 @@ async function openNewFile(image: Image, path: string, exists: boolean, options:
     alignment: direct ? Math.max(native().directIoAlignment(pending.handle.fd), 512) : 0,
     zeroMode: ZeroMode.Skip,
     direct,
+    preallocate: direct && !inMemory,
     openForVerify: () => openReadBack(pending.temporary, direct, image.virtualSize, 0),
     flush: () => pending.flush(),
     async finish() {
@@ -228,6 +237,7 @@ function inPlaceTarget({ kind, path, main, tail, claim, locks, base, alignment, 
     alignment,
     zeroMode,
     direct,
+    preallocate: false,
     openForVerify: () => openReadBack(path, direct, length, base),
     flush: () => flushBoth(main, tail, path),
     async finish() {

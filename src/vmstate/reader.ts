@@ -7,7 +7,7 @@ import * as fs from 'node:fs/promises';
 import * as fsSync from 'node:fs';
 import * as nodePath from 'node:path';
 import { Qcow2Error, ioError, throwIfCancelled } from '../errors';
-import { openToRead, PendingFile } from '../files';
+import { memoryFilesystem, openToRead, PendingFile } from '../files';
 import { native } from '../native';
 import { JobCounters, jobError, ProgressSampler, cpuThreadCount, type ProgressCallback } from '../jobs';
 import { type CpuState, decodeCpuState } from './cpu';
@@ -613,12 +613,9 @@ export interface RestoreMemoryResult {
   method: 'write' | 'mmap' | 'memory';
 }
 
-/** hugetlbfs (linux/magic.h HUGETLBFS_MAGIC) takes no write(): its files are written through a mapping. */
-const HUGETLBFS_MAGIC = 0x958458f6;
-
+/** hugetlbfs takes no write(): its files are written through a mapping. */
 async function isHugetlbfs(path: string): Promise<boolean> {
-  const stats = await fs.statfs(path).catch(() => undefined);
-  return stats !== undefined && stats.type === HUGETLBFS_MAGIC;
+  return (await memoryFilesystem(path)) === 'hugetlbfs';
 }
 
 /** Runs `state.restoreInto` with progress sampled from its counters. */

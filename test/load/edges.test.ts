@@ -10,6 +10,7 @@ import * as path from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { type Image, Qcow2Error, load, open } from '../../src/index';
 import { copyImage } from '../../src/load/copy';
+import { openTarget } from '../../src/load/target';
 import { native, PlanKind, planRunFields, ZeroMode } from '../../src/native';
 import { parseLayout } from '../helpers/damage';
 import { MiB, KiB, cliPath, qemuImg, qemuIo, randomBytes, run } from '../helpers/qemu';
@@ -95,6 +96,25 @@ describe('preallocation of a new file', () => {
     expect(fs.statSync(target).size).toBe(virtualSize);
     const bytes = fs.readFileSync(target);
     expect(bytes.subarray(4 * MiB).every((b) => b === 0x11)).toBe(true);
+  });
+
+  // On tmpfs fallocate fills pages with zeros that the load then overwrites (and it waits for
+  // every running job first): only disk filesystems, whose unwritten extents it is for, get it.
+  it('is asked for on a disk filesystem, not on tmpfs', async () => {
+    const shm = fs.mkdtempSync('/dev/shm/qcow2img-edges-');
+    const img = await open(image('prealloc.qcow2', 4 * MiB, ['write -P 0x11 0 64k']));
+    try {
+      const decide = async (folder: string) => {
+        const target = await openTarget(img, path.join(folder, 'prealloc.raw'), {});
+        await target.abort();
+        return [target.direct, target.preallocate];
+      };
+      expect(await decide(work)).toEqual([true, true]);
+      expect(await decide(shm)).toEqual([true, false]);
+    } finally {
+      await img.close();
+      fs.rmSync(shm, { recursive: true, force: true });
+    }
   });
 });
 
