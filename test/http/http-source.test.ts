@@ -27,7 +27,7 @@ function make(name: string, size: string, writes: readonly string[], extra: read
   return file;
 }
 
-/** Writes spread over a 600 MiB disk: across several of the 48 MiB batches a remote load takes. */
+/** Writes spread over a 600 MiB disk: across the several batches a remote load takes (at most 192 MiB of guest bytes each). */
 const spread = ['write -P 0x11 0 3M', 'write -P 0x22 100M 1M', 'write -P 0x33 255M 2M', 'write -P 0x44 300M 64k', 'write -P 0x55 511M 3M', 'write -P 0x66 599M 1M', 'write -z 20M 1M'];
 
 let plain: string;

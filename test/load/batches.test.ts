@@ -1,14 +1,14 @@
 /**
  * A copy's plan cut into batches: runs cut at a batch's edges keep pointing at the same bytes,
- * and the batches of a remote image cover the disk in order, each span's runs (for
- * preallocation) carried by its first batch.
+ * a remote image's batches are sized by the bytes they fetch, and they cover the disk in order,
+ * each span's runs (for preallocation) carried by its first batch.
  */
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { open } from '../../src/index';
-import { plannedBatches, slicePlanRuns } from '../../src/load/copy';
+import { fetchedBatchEnd, plannedBatches, slicePlanRuns } from '../../src/load/copy';
 import { PlanKind, planRunFields } from '../../src/native';
 import { MiB, qemuImg, qemuIo } from '../helpers/qemu';
 
@@ -40,23 +40,48 @@ describe('slicePlanRuns', () => {
   });
 });
 
+describe('fetchedBatchEnd', () => {
+  const window = 1000;
+  const onWindows = (bytes: number) => Math.ceil(bytes / window) * window;
+  // [guest, length, kind, source, host, compressedBytes, offsetInCluster]
+  const runs = Float64Array.from([
+    [0, 5000, PlanKind.Zero, 0, 0, 0, 0],
+    [5000, 4000, PlanKind.Compressed, 0, 100, 700, 0],
+    [9000, 4000, PlanKind.Compressed, 0, 800, 900, 0],
+    [13000, 20000, PlanKind.Data, 0, 2000, 0, 0],
+  ].flat());
+
+  it('counts a compressed run its stored bytes, a zero run none, and ends on the window after the run that reaches the budget', () => {
+    expect(fetchedBatchEnd(runs, 0, 40000, 700, onWindows)).toBe(9000);
+    expect(fetchedBatchEnd(runs, 0, 40000, 1500, onWindows)).toBe(13000);
+  });
+
+  it('cuts a data run where the budget runs out, rounded up to a window, and never passes the span', () => {
+    expect(fetchedBatchEnd(runs, 0, 40000, 1600 + 4500, onWindows)).toBe(18000);
+    expect(fetchedBatchEnd(runs, 18000, 40000, 2500, onWindows)).toBe(21000);
+    expect(fetchedBatchEnd(runs, 18000, 30000, 100000, onWindows)).toBe(30000);
+    expect(fetchedBatchEnd(runs, 0, 4000, 100, onWindows)).toBe(4000);
+  });
+});
+
 describe('plannedBatches', () => {
   it('puts every batch edge on the copy window grid, whatever the window', async () => {
     const file = path.join(work, 'grid.qcow2');
     qemuImg(['create', '-q', '-f', 'qcow2', file, '1500M']);
+    qemuIo(file, ['write -P 0x11 0 200M']);
     const image = await open(file);
     try {
       const edges: number[] = [];
       for await (const batch of plannedBatches(image, true, 5 * MiB)) edges.push(batch.end);
-      expect(edges.slice(0, 3)).toEqual([15 * MiB, 65 * MiB, 115 * MiB]);
-      expect(edges.at(-1)).toBe(1500 * MiB);
-      expect(edges.slice(0, -1).filter((e) => e % (5 * MiB) !== 0)).toEqual([]);
+      // 12 and 48 MiB of data, rounded up to 5 MiB windows; past the data, at most 4 x 48 MiB of
+      // guest (195 MiB on the windows) a batch, to the end of each span (1 GiB on the windows).
+      expect(edges).toEqual([15, 65, 115, 165, 360, 555, 750, 945, 1025, 1220, 1415, 1500].map((m) => m * MiB));
     } finally {
       await image.close();
     }
   });
 
-  it('of a remote-sized 2.5 GiB disk: a 12 MiB batch, then 48 MiB ones cut from 1 GiB spans, the runs of each span on its first batch, the cut runs adding up to the span', async () => {
+  it('of a remote 2.5 GiB disk: batches that fetch 12 MiB, then 48 MiB (zeros fetch nothing; at most 4x that in guest bytes), cut from 1 GiB spans, the runs of each span on its first batch, the cut runs adding up to the span', async () => {
     const file = path.join(work, 'disk.qcow2');
     qemuImg(['create', '-q', '-f', 'qcow2', file, '2560M']);
     qemuIo(file, ['write -P 0x11 1000M 100M', 'write -P 0x22 2047M 2M']);
@@ -83,19 +108,15 @@ describe('plannedBatches', () => {
           expect(guest! + length!).toBeLessThanOrEqual(batch.end);
         }
       }
-      const batches = events.filter((e) => e.startsWith('batch'));
-      expect(batches[0]).toBe('batch 0-12');
-      expect(batches[1]).toBe('batch 12-60');
-      expect(batches.at(-1)).toBe('batch 2528-2560');
-      expect(batches.length).toBe(1 + Math.ceil((1024 - 12) / 48) + Math.ceil(1024 / 48) + Math.ceil(512 / 48));
-      // A span is planned when its predecessor's second batch is asked for (while the first is
-      // written), and its runs come with its own first batch, only there.
-      expect(events.slice(0, 3)).toEqual(['plan 0', 'span 0', 'batch 0-12']);
-      expect(events.slice(3, 5)).toEqual(['plan 1024', 'batch 12-60']);
-      expect(events.slice(events.indexOf('batch 1024-1072') - 1, events.indexOf('batch 1024-1072') + 3)).toEqual(['span 1', 'batch 1024-1072', 'plan 2048', 'batch 1072-1120']);
-      expect(events.indexOf('batch 2048-2096')).toBe(events.indexOf('span 2') + 1);
-      expect(events.filter((e) => e.startsWith('plan'))).toEqual(['plan 0', 'plan 1024', 'plan 2048']);
-      expect(events.filter((e) => e.startsWith('span'))).toEqual(['span 0', 'span 1', 'span 2']);
+      // Data at 1000-1100 MiB and 2047-2049 MiB. Over zeros a batch ends after 4 x its fetch
+      // budget in guest bytes (48 MiB first, then 192); the second span's first batch ends where
+      // it has fetched 48 MiB. A span is planned when its predecessor's second batch is asked for
+      // (while the first is written); its runs come with its own first batch, only there.
+      expect(events).toEqual([
+        'plan 0', 'span 0', 'batch 0-48', 'plan 1024', 'batch 48-240', 'batch 240-432', 'batch 432-624', 'batch 624-816', 'batch 816-1008', 'batch 1008-1024',
+        'span 1', 'batch 1024-1072', 'plan 2048', 'batch 1072-1264', 'batch 1264-1456', 'batch 1456-1648', 'batch 1648-1840', 'batch 1840-2032', 'batch 2032-2048',
+        'span 2', 'batch 2048-2240', 'batch 2240-2432', 'batch 2432-2560',
+      ]);
       // Put back together, the batches' runs cover each span as its own plan does, byte for byte.
       const bytesOf = (all: Float64Array[]) => all.flatMap(rows).filter((r) => r[2] !== PlanKind.Zero).map((r) => [r[0]!, r[1]!, r[4]!]);
       const merged = (list: number[][]) => list.reduce<number[][]>((out, [g, l, h]) => {
