@@ -28,8 +28,8 @@ const coalesceGap = 256 * 1024;
  */
 const chunkBytes = 8 * 1024 * 1024;
 /**
- * Chunks kept for the next batches once given back: a load holds three stages of a 48 MiB batch
- * (two being written, one being fetched), 6 or 7 chunks each.
+ * Chunks kept for the next batches once given back: a load holds three stages of a batch that
+ * fetches 48 MiB (two being written, one being fetched), 6 or 7 chunks each.
  */
 const pooledChunks = 20;
 

@@ -15,10 +15,10 @@ const planSpan = 1024 * 1024 * 1024;
 /**
  * From an http(s) image a span is written in batches that each fetch about 48 MiB (held in
  * memory: two batches being written, one being fetched), the first of them 12 MiB, so that
- * writing starts after a short fetch. Sized by the bytes fetched, not the guest bytes: a zlib
- * image's batch covers about three times the guest bytes, in a third as many jobs (1.70 s against
- * 1.82 s for the benchmark's zlib image). (64 MiB measured no faster and 294 MiB at peak; 32 MiB
- * slower by a tenth.)
+ * writing starts after a short fetch. (64 MiB measured no faster and 294 MiB at peak; 32 MiB
+ * slower by a tenth.) Sized by the bytes fetched, not the guest bytes: a zlib image's batch
+ * covers about three times the guest bytes, in a third as many jobs (the benchmark's zlib image:
+ * 1.77 s against 1.84 s, 3.15 against 3.25 CPU s).
  */
 const remoteBatchBytes = 48 * 1024 * 1024;
 /**
