@@ -16,8 +16,8 @@ function temporaryPathFor(target: string): string {
 const filesystemMagic = { tmpfs: 0x01021994, hugetlbfs: 0x958458f6 } as const;
 
 /**
- * Which of those filesystems holds `path`, if one does. tmpfs keeps files in memory (fallocate
- * fills pages with zeros; there are no unwritten extents); hugetlbfs takes no write(), only mappings.
+ * Which of those filesystems holds `path`, if one does. Both keep files in memory (no unwritten
+ * extents, nothing for fallocate to gain); hugetlbfs takes no write(), only mappings.
  */
 export async function memoryFilesystem(path: string): Promise<keyof typeof filesystemMagic | undefined> {
   const stats = await fs.statfs(path).catch(() => undefined);

@@ -294,6 +294,12 @@ export interface NativeHttpGetResult {
 export const PlanKind = { Zero: 0, Data: 1, Compressed: 2 } as const;
 /** Fields per plan run. */
 export const planRunFields = 7;
+
+/** Bytes of its file the plan run at `at` reads: a data run its length, a compressed one its stored cluster, a zero run none. */
+export function runFileBytes(runs: Float64Array, at: number): number {
+  const kind = runs[at + 2];
+  return kind === PlanKind.Data ? runs[at + 1]! : kind === PlanKind.Compressed ? runs[at + 5]! : 0;
+}
 /** Fields per staged extent of a source (fileOffset, length, chunk, offset in the chunk; copy_engine.h kStagedExtentFields). */
 export const stagedExtentFields = 4;
 /** Unit kinds of walkL2 output (native/core/l2_walk.h UnitKind). */

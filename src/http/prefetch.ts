@@ -2,7 +2,7 @@
  * What a native copy job of a plan reads from remote files, fetched into stage buffers before
  * the job runs (the job reads those files from them) and given back after.
  */
-import { type NativePlan, type NativeSource, planRunFields, PlanKind } from '../native';
+import { type NativePlan, type NativeSource, planRunFields, runFileBytes } from '../native';
 import type { OpenFile } from '../qcow2/layers';
 import { type Range, remoteOf } from './remote';
 
@@ -22,12 +22,11 @@ export function hasRemote(files: readonly OpenFile[]): boolean {
 function remoteRanges(files: readonly OpenFile[], runs: Float64Array): Map<number, Range[]> {
   const wanted = new Map<number, Range[]>();
   for (let at = 0; at < runs.length; at += planRunFields) {
-    const kind = runs[at + 2]!;
-    if (kind === PlanKind.Zero) continue;
+    const length = runFileBytes(runs, at);
+    if (length === 0) continue;
     const source = runs[at + 3]!;
     if (!remoteOf(files[source]!)) continue;
     const from = runs[at + 4]!;
-    const length = kind === PlanKind.Compressed ? runs[at + 5]! : runs[at + 1]!;
     let list = wanted.get(source);
     if (!list) wanted.set(source, (list = []));
     list.push([from, from + length]);

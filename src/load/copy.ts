@@ -6,7 +6,7 @@
 import { Qcow2Error } from '../errors';
 import type { Image } from '../qcow2/image';
 import { Qcow2Layer } from '../qcow2/layers';
-import { native, type NativePlan, type NativeSource, planRunFields, PlanKind } from '../native';
+import { native, type NativePlan, type NativeSource, planRunFields, PlanKind, runFileBytes } from '../native';
 import { hasRemote, type Prefetch, prefetchPlan } from '../http/prefetch';
 import { JobCounters, ProgressSampler, threadCount, type ProgressCallback } from '../jobs';
 
@@ -57,22 +57,21 @@ export function slicePlanRuns(runs: Float64Array, start: number, end: number): F
 
 /**
  * Where a batch of a remote image's span that starts at `start` (on a window edge) ends: on the
- * first window edge by which its runs read `budget` bytes (a compressed run its stored bytes, a
- * zero run none), or at the span's end.
+ * first window edge by which its runs read `budget` bytes of their files, or at `limit`.
  */
-export function fetchedBatchEnd(runs: Float64Array, start: number, spanEnd: number, budget: number, onWindows: (bytes: number) => number): number {
+export function fetchedBatchEnd(runs: Float64Array, start: number, limit: number, budget: number, onWindows: (bytes: number) => number): number {
   const count = runs.length / planRunFields;
   let read = 0;
-  for (let i = firstRun(count, (j) => runs[j * planRunFields]! + runs[j * planRunFields + 1]! > start); i < count; i++) {
+  for (let i = firstRun(count, (j) => runs[j * planRunFields]! + runs[j * planRunFields + 1]! > start); i < count && runs[i * planRunFields]! < limit; i++) {
     const at = i * planRunFields;
     const from = Math.max(runs[at]!, start);
     const to = runs[at]! + runs[at + 1]!;
-    if (runs[at + 2] === PlanKind.Data && read + (to - from) >= budget) return Math.min(spanEnd, start + onWindows(from + (budget - read) - start));
-    if (runs[at + 2] === PlanKind.Data) read += to - from;
-    if (runs[at + 2] === PlanKind.Compressed) read += runs[at + 5]!;
-    if (read >= budget) return Math.min(spanEnd, start + onWindows(to - start));
+    // A data run is cut where the budget runs out; a compressed cluster is read whole.
+    if (runs[at + 2] === PlanKind.Data && read + (to - from) >= budget) return Math.min(limit, start + onWindows(from + (budget - read) - start));
+    read += runs[at + 2] === PlanKind.Data ? to - from : runFileBytes(runs, at);
+    if (read >= budget) return Math.min(limit, start + onWindows(to - start));
   }
-  return spanEnd;
+  return limit;
 }
 
 /** The lowest index in [0, count) for which `after` holds (it holds from some index on), or count. */
@@ -123,7 +122,7 @@ export async function* plannedBatches(image: Image, remote: boolean, windowSize:
       }
       for (let start = span.start; start < span.end; ) {
         const budget = start === 0 ? remoteBatchBytes / 4 : remoteBatchBytes;
-        const end = Math.min(fetchedBatchEnd(span.plan.runs, start, span.end, budget, onWindows), start + onWindows(budget * remoteGuestPerFetched));
+        const end = fetchedBatchEnd(span.plan.runs, start, Math.min(span.end, start + onWindows(budget * remoteGuestPerFetched)), budget, onWindows);
         if (start > span.start) planFrom(span.end);
         const plan = { runs: slicePlanRuns(span.plan.runs, start, end), sources: span.plan.sources };
         yield { start, end, plan, ...(start === span.start ? { spanRuns: span.plan.runs } : {}) };
@@ -187,10 +186,11 @@ function readAhead(runs: Float64Array, sources: readonly NativeSource[]): void {
     if (range) native().willNeed(sources[source]!.fd, (sources[source]!.base ?? 0) + range.from, range.to - range.from);
   };
   for (let at = 0; at < runs.length; at += planRunFields) {
-    if (runs[at + 2] === PlanKind.Zero) continue;
+    const length = runFileBytes(runs, at);
+    if (length === 0) continue;
     const source = runs[at + 3]!;
     const from = runs[at + 4]!;
-    const to = from + (runs[at + 2] === PlanKind.Compressed ? runs[at + 5]! : runs[at + 1]!);
+    const to = from + length;
     const range = open.get(source);
     if (range && from >= range.from && from <= range.to + gap) range.to = Math.max(range.to, to);
     else {

@@ -47,9 +47,9 @@ export interface OpenTarget {
   zeroMode: number;
   direct: boolean;
   /**
-   * A new file written with O_DIRECT on a filesystem with unwritten extents: its data ranges are
-   * allocated before they are written (see CopyTarget.preallocate). Not on tmpfs, where fallocate
-   * fills pages with zeros only for the load to overwrite them.
+   * A new file written with O_DIRECT: its data ranges are allocated before they are written (see
+   * CopyTarget.preallocate). Not on tmpfs or hugetlbfs: in memory there are no unwritten extents to
+   * gain, fallocate only takes the pages early, and a load stops its jobs for it at every span.
    */
   preallocate: boolean;
   /** Opens the target for reading back what was written. */

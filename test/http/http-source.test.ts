@@ -72,12 +72,14 @@ describe('reading over HTTP', () => {
   });
 
   it('a disk past 1 GiB (a remote load plans 1 GiB spans and cuts them into batches) loads as qemu-img converts it, runs across both edges', async () => {
-    // Data and compressed clusters across the 1 GiB span edge and batch edges (12 + 48k MiB in the
-    // first span, 1024 + 48k after it), and a zero run across the span edge.
+    // Data and compressed clusters across the 1 GiB span edge and batch edges, and a zero run
+    // across the span edge. Batches end where they have fetched 12 MiB (then 48), or after 4x that
+    // in guest bytes: the uncompressed image's first batch inside its 14 MiB at 0, the zlib image's
+    // at 48 MiB; the second span's first batch at 1024 + 192 MiB in both.
     const raw = path.join(work, 'span.raw');
     const fd = fs.openSync(raw, 'w');
-    fs.ftruncateSync(fd, 1100 * MiB);
-    for (const [at, seed] of [[59, 'span-a'], [1023, 'span-b'], [1071, 'span-c']] as const) fs.writeSync(fd, textBytes(seed, 2 * MiB), 0, 2 * MiB, at * MiB);
+    fs.ftruncateSync(fd, 1300 * MiB);
+    for (const [at, seed, mib] of [[0, 'span-0', 14], [47, 'span-a', 2], [1023, 'span-b', 2], [1215, 'span-c', 2]] as const) fs.writeSync(fd, textBytes(seed, mib * MiB), 0, mib * MiB, at * MiB);
     fs.closeSync(fd);
     const plainSpan = path.join(images, 'span-plain.qcow2');
     const zlibSpan = path.join(images, 'span-zlib.qcow2');
@@ -87,7 +89,7 @@ describe('reading over HTTP', () => {
     for (const local of [plainSpan, zlibSpan]) {
       const target = path.join(work, `out-${path.basename(local)}.raw`);
       await load(url(path.basename(local)), target);
-      // cmp streams: the disks are sparse, 1.1 GiB each.
+      // cmp streams: the disks are sparse, 1.3 GiB each.
       const compared = spawnSync('cmp', [target, qemuConvert(local)], { encoding: 'utf8' });
       expect(compared.status, compared.stdout + compared.stderr).toBe(0);
       fs.rmSync(target);

@@ -47,20 +47,29 @@ describe('fetchedBatchEnd', () => {
   const runs = Float64Array.from([
     [0, 5000, PlanKind.Zero, 0, 0, 0, 0],
     [5000, 4000, PlanKind.Compressed, 0, 100, 700, 0],
-    [9000, 4000, PlanKind.Compressed, 0, 800, 900, 0],
+    [9000, 2500, PlanKind.Compressed, 0, 800, 900, 0],
+    [11500, 1500, PlanKind.Zero, 0, 0, 0, 0],
     [13000, 20000, PlanKind.Data, 0, 2000, 0, 0],
   ].flat());
 
-  it('counts a compressed run its stored bytes, a zero run none, and ends on the window after the run that reaches the budget', () => {
+  it('counts a compressed run its stored bytes and a zero run none, and ends on the first window edge after the run that reaches the budget', () => {
     expect(fetchedBatchEnd(runs, 0, 40000, 700, onWindows)).toBe(9000);
-    expect(fetchedBatchEnd(runs, 0, 40000, 1500, onWindows)).toBe(13000);
+    // The second cluster ends at 11500, inside a window.
+    expect(fetchedBatchEnd(runs, 0, 40000, 1500, onWindows)).toBe(12000);
   });
 
-  it('cuts a data run where the budget runs out, rounded up to a window, and never passes the span', () => {
+  it('cuts a data run where the budget runs out, rounded up to a window, and counts only its part after the start', () => {
     expect(fetchedBatchEnd(runs, 0, 40000, 1600 + 4500, onWindows)).toBe(18000);
     expect(fetchedBatchEnd(runs, 18000, 40000, 2500, onWindows)).toBe(21000);
+    // A budget that runs out exactly at a data run's end.
+    expect(fetchedBatchEnd(runs, 18000, 40000, 15000, onWindows)).toBe(33000);
+  });
+
+  it('never passes the limit, and ends there when the budget is not reached', () => {
     expect(fetchedBatchEnd(runs, 18000, 30000, 100000, onWindows)).toBe(30000);
     expect(fetchedBatchEnd(runs, 0, 4000, 100, onWindows)).toBe(4000);
+    expect(fetchedBatchEnd(runs, 0, 10000, 1500, onWindows)).toBe(10000);
+    expect(fetchedBatchEnd(new Float64Array(0), 0, 5000, 100, onWindows)).toBe(5000);
   });
 });
 
@@ -81,7 +90,7 @@ describe('plannedBatches', () => {
     }
   });
 
-  it('of a remote 2.5 GiB disk: batches that fetch 12 MiB, then 48 MiB (zeros fetch nothing; at most 4x that in guest bytes), cut from 1 GiB spans, the runs of each span on its first batch, the cut runs adding up to the span', async () => {
+  it('of a remote 2.5 GiB disk: batches that fetch up to 12 MiB, then 48 MiB, and cover at most 4x that in guest bytes (zeros fetch nothing), cut from 1 GiB spans, the runs of each span on its first batch, the cut runs adding up to the span', async () => {
     const file = path.join(work, 'disk.qcow2');
     qemuImg(['create', '-q', '-f', 'qcow2', file, '2560M']);
     qemuIo(file, ['write -P 0x11 1000M 100M', 'write -P 0x22 2047M 2M']);
