@@ -482,22 +482,28 @@ async function createWithChain(target: string, kind: ArchiveKind | undefined, cp
     await staging.abandon();
     // Whichever step noticed, what matters is the snapshot.
     if (error instanceof Qcow2Error && error.code === 'CANCELLED') throw new Qcow2Error('CANCELLED', 'cancelled; no snapshot was written', { path: target });
-    throw renamedUnder(error, staging.temporary, kind ? `${target}:` : target + nodePath.sep);
+    throw renamedError(error, (text) => underName(text, staging.temporary, kind ? `${target}:` : target + nodePath.sep));
   }
 }
 
+/** `text` with every path under the folder `dir` starting with `shown` instead. */
+function underName(text: string, dir: string, shown: string): string {
+  return text.split(dir + nodePath.sep).join(shown);
+}
+
 /**
- * `error` with the paths under the temporary folder `dir` (in its path and message) starting
- * with `shown` instead (`ARCHIVE:`, or the bundle folder and a separator): users know the bundle
+ * `error` with its path and message passed through `rename`: paths under a temporary folder
+ * shown as `ARCHIVE:MEMBER`, or under the bundle folder the user named. Users know the bundle
  * they named, not the folders it passes through.
  */
-function renamedUnder(error: unknown, dir: string, shown: string): unknown {
-  const prefix = dir + nodePath.sep;
-  if (!(error instanceof Qcow2Error) || !error.message.includes(prefix)) return error;
-  const rename = (text: string) => text.split(prefix).join(shown);
+function renamedError(error: unknown, rename: (text: string) => string): unknown {
+  if (!(error instanceof Qcow2Error)) return error;
   const message = error.path !== undefined && error.message.startsWith(`${error.path}: `) ? error.message.slice(error.path.length + 2) : error.message;
-  return new Qcow2Error(error.code, rename(message), {
-    ...(error.path !== undefined ? { path: rename(error.path) } : {}),
+  const path = error.path === undefined ? undefined : rename(error.path);
+  const renamed = rename(message);
+  if (renamed === message && path === error.path) return error;
+  return new Qcow2Error(error.code, renamed, {
+    ...(path !== undefined ? { path } : {}),
     ...(error.offset !== undefined ? { offset: error.offset } : {}),
     cause: error,
   });
@@ -628,11 +634,8 @@ async function openBundle(bundle: string, members: string[], tempDir?: string, s
   let root: string | undefined;
   /** Each extraction folder, and the archive whose members it holds. */
   const extracted = new Map<string, string>();
-  const displayName = (p: string) => {
-    for (const [dir, archive] of extracted) if (p.startsWith(dir + nodePath.sep)) return `${archive}:${p.slice(dir.length + 1)}`;
-    return p;
-  };
-  const mapError = (error: unknown) => [...extracted].reduce((e, [dir, archive]) => renamedUnder(e, dir, `${archive}:`), error);
+  const displayName = (text: string) => [...extracted].reduce((t, [dir, archive]) => underName(t, dir, `${archive}:`), text);
+  const mapError = (error: unknown) => renamedError(error, displayName);
   const close = async () => {
     if (root) await fs.rm(root, { recursive: true, force: true }).catch(() => {});
   };
