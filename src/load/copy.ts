@@ -39,8 +39,8 @@ export interface Batch {
 /** The runs of `runs` (a plan's, in guest order) inside guest [start, end), cut at its edges. */
 export function slicePlanRuns(runs: Float64Array, start: number, end: number): Float64Array {
   const count = runs.length / planRunFields;
-  // The first run ending after `start`, and the first starting at or after `end`.
-  const first = firstRun(count, (i) => runs[i * planRunFields]! + runs[i * planRunFields + 1]! > start);
+  const first = firstRunEndingAfter(runs, start);
+  // The first run starting at or after `end`.
   const last = firstRun(count, (i) => runs[i * planRunFields]! >= end);
   const out = runs.slice(first * planRunFields, Math.max(first, last) * planRunFields);
   for (const at of out.length ? [0, out.length - planRunFields] : []) {
@@ -62,7 +62,7 @@ export function slicePlanRuns(runs: Float64Array, start: number, end: number): F
 export function fetchedBatchEnd(runs: Float64Array, start: number, limit: number, budget: number, onWindows: (bytes: number) => number): number {
   const count = runs.length / planRunFields;
   let read = 0;
-  for (let i = firstRun(count, (j) => runs[j * planRunFields]! + runs[j * planRunFields + 1]! > start); i < count && runs[i * planRunFields]! < limit; i++) {
+  for (let i = firstRunEndingAfter(runs, start); i < count && runs[i * planRunFields]! < limit; i++) {
     const at = i * planRunFields;
     const from = Math.max(runs[at]!, start);
     const to = runs[at]! + runs[at + 1]!;
@@ -72,6 +72,11 @@ export function fetchedBatchEnd(runs: Float64Array, start: number, limit: number
     if (read >= budget) return Math.min(limit, start + onWindows(to - start));
   }
   return limit;
+}
+
+/** The index of the first run of `runs` (in guest order) that ends after guest offset `at`, or their count. */
+function firstRunEndingAfter(runs: Float64Array, at: number): number {
+  return firstRun(runs.length / planRunFields, (i) => runs[i * planRunFields]! + runs[i * planRunFields + 1]! > at);
 }
 
 /** The lowest index in [0, count) for which `after` holds (it holds from some index on), or count. */
